@@ -1,0 +1,215 @@
+"""The data plane interface that both engines implement.
+
+An engine moves IPv6 packets between a TUN device and ESP-in-UDP (RFC 4303 with
+AES-256-GCM per RFC 4106, inside UDP per RFC 3948). It owns its threads; Python only
+configures it (peers, SAs), sends and receives control packets, and reads counters.
+
+Wire format (both engines produce identical bytes for the same SA and sequence number):
+
+    UDP payload = SPI(4) | seq low 32 bits(4) | IV(8) | ciphertext | ICV(16)
+    IV          = the 64-bit extended sequence number, big endian (never repeats under a key)
+    nonce       = salt(4, last 4 bytes of the 36-byte keying material) | IV(8)
+    AAD         = SPI(4) | seq high 32 bits(4) | seq low 32 bits(4)   (RFC 4106 §5, ESN)
+    plaintext   = inner IPv6 packet | padding 1,2,3.. | pad length(1) | next header 41(1),
+                  padded so that len(plaintext) % 4 == 0
+
+A UDP payload that starts with four zero bytes is a control message (non-ESP marker): the
+engine strips the marker and hands the rest to Python with the source address. A payload of
+one 0xFF byte is a NAT keepalive: counted and dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+#: keying material = 32-byte AES-256 key + 4-byte salt (RFC 4106 §8.1)
+KEYMAT_LEN = 36
+ICV_LEN = 16
+IV_LEN = 8
+ESP_HEADER_LEN = 8
+#: next header value for an IPv6 inner packet
+NEXT_HEADER_IPV6 = 41
+CONTROL_MARKER = b"\x00\x00\x00\x00"
+KEEPALIVE = b"\xff"
+#: the replay window accepts a packet this many sequence numbers behind the highest seen
+REPLAY_WINDOW = 4096
+#: the last sequence number an SA may send; beyond it, the SA refuses (rekey first)
+SEQ_MAX = 2**64 - 1
+DEFAULT_PORT = 4500
+DEFAULT_MTU = 1420
+
+
+class DropReason(enum.IntEnum):
+    """Why a packet was dropped. The values are shared with the Rust engine."""
+
+    REPLAY = 1  #: sequence number already seen, or older than the window
+    AUTH = 2  #: ICV check failed
+    UNKNOWN_SPI = 3  #: no receive SA with this SPI (SPI 0 is never valid)
+    MALFORMED = 4  #: too short, bad padding, wrong next header, not IPv6, oversize
+    NO_ROUTE = 5  #: outbound packet to an inner address with no peer
+    SOURCE_MISMATCH = 6  #: inner source address is not the SA's peer
+    NO_SA = 7  #: outbound packet to a peer without a transmit SA or endpoint
+    SA_EXHAUSTED = 8  #: transmit SA used up its sequence space
+    CONTROL_OVERFLOW = 9  #: control/event queue to Python was full
+
+
+DROP_NAMES: dict[DropReason, str] = {r: r.name.lower() for r in DropReason}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An outer (underlay) UDP endpoint: IPv4 address and port."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Packet and byte counters; ``drops`` is keyed by ``DropReason`` name (lowercase)."""
+
+    packets_in: int = 0
+    bytes_in: int = 0  #: inner bytes delivered to the TUN
+    packets_out: int = 0
+    bytes_out: int = 0  #: inner bytes sealed and sent
+    keepalives_in: int = 0
+    control_in: int = 0
+    drops: dict[str, int] | None = None
+
+    def drop(self, reason: DropReason) -> int:
+        return (self.drops or {}).get(DROP_NAMES[reason], 0)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    inner: str  #: the peer's inner IPv6 address (compressed text form)
+    endpoint: Endpoint | None
+    tx_spi: int | None
+    rx_spis: tuple[int, ...]
+    counters: Counters
+
+
+@dataclass(frozen=True)
+class ControlPacket:
+    """A control message received on the engine's UDP socket (non-ESP marker stripped)."""
+
+    source: Endpoint
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PeerRoamed:
+    """An authenticated packet moved a peer's outer endpoint."""
+
+    inner: str
+    old: Endpoint | None
+    new: Endpoint
+
+
+@dataclass(frozen=True)
+class TxSaExhausted:
+    """A peer's transmit SA reached the end of its sequence space and now refuses to send."""
+
+    inner: str
+    spi: int
+
+
+EngineEvent = ControlPacket | PeerRoamed | TxSaExhausted
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to open an engine.
+
+    ``tun_name``: create the TUN device with this name, or attach to an existing persistent
+    one. ``tun_fd``: use an already open TUN file descriptor instead (the engine takes
+    ownership). ``listen``: the UDP socket's address; port 0 picks any free port.
+    """
+
+    tun_name: str | None = "btmm0"
+    tun_fd: int | None = None
+    listen: Endpoint = Endpoint("0.0.0.0", DEFAULT_PORT)
+    mtu: int = DEFAULT_MTU
+    event_queue: int = 4096
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What both engines do. All methods are safe to call from the asyncio thread."""
+
+    kind: str  #: "fast" or "python"
+
+    @property
+    def tun_name(self) -> str: ...
+    @property
+    def local_port(self) -> int: ...
+
+    def start(self) -> None:
+        """Start the packet threads. Idempotent."""
+
+    def stop(self) -> None:
+        """Stop the threads and close the TUN device and socket. Idempotent."""
+
+    def add_peer(self, inner: str, endpoint: Endpoint | None = None) -> None:
+        """Add a peer by inner IPv6 address (a /128). Re-adding an existing peer fails."""
+
+    def update_peer(self, inner: str, endpoint: Endpoint | None) -> None: ...
+
+    def remove_peer(self, inner: str) -> None:
+        """Remove the peer and every SA it has."""
+
+    def install_tx_sa(self, inner: str, spi: int, keymat: bytes, next_seq: int = 1) -> None:
+        """Replace the peer's transmit SA (make-before-break: install rx first, then tx)."""
+
+    def install_rx_sa(self, inner: str, spi: int, keymat: bytes) -> None:
+        """Add a receive SA. A peer keeps at most two (current and previous); installing a
+        third retires the oldest."""
+
+    def retire_rx_sa(self, inner: str, spi: int) -> None: ...
+
+    def send_control(self, destination: Endpoint, message: bytes) -> None:
+        """Send ``CONTROL_MARKER + message`` from the engine's UDP socket."""
+
+    def send_keepalive(self, inner: str) -> None:
+        """Send a one-byte 0xFF NAT keepalive to the peer's endpoint."""
+
+    def fileno(self) -> int:
+        """A file descriptor that is readable while events are queued (for loop.add_reader)."""
+
+    def drain(self, limit: int = 256) -> Sequence[EngineEvent]:
+        """Take queued events, oldest first, and clear the readiness of ``fileno()``."""
+
+    def counters(self) -> Counters:
+        """Totals over all peers, plus drops not attributable to a peer."""
+
+    def peers(self) -> Sequence[PeerInfo]: ...
+
+    def __enter__(self) -> Engine: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class TxCodec(Protocol):
+    """The bare outbound codec of one SA (for tests and benchmarks)."""
+
+    spi: int
+
+    @property
+    def next_seq(self) -> int: ...
+
+    def seal(self, inner: bytes) -> bytes:
+        """Encrypt one inner packet into a UDP payload; raises ``SaExhausted`` at the end."""
+
+
+@runtime_checkable
+class RxCodec(Protocol):
+    """The bare inbound codec of one SA, with its replay window."""
+
+    spi: int
+
+    def open(self, payload: bytes) -> bytes:
+        """Decrypt one UDP payload into the inner packet; raises ``PacketDropped``. The
+        replay window moves only after the ICV checks out."""

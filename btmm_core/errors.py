@@ -1,0 +1,53 @@
+"""The one error hierarchy of btmm.
+
+Every error says what happened and, where there is one, what to do about it. Code that
+catches errors from btmm catches ``BtmmError`` or one of its subclasses, never bare
+``Exception``.
+"""
+
+from __future__ import annotations
+
+
+class BtmmError(Exception):
+    """Base of every error raised by btmm."""
+
+    def __init__(self, what: str, *, hint: str | None = None) -> None:
+        self.what = what
+        self.hint = hint
+        super().__init__(what if hint is None else f"{what} ({hint})")
+
+
+class ConfigError(BtmmError):
+    """A configuration value is missing, malformed or contradictory."""
+
+
+class PermissionNeeded(BtmmError):
+    """An operation needs privileges (CAP_NET_ADMIN, root) that the process lacks."""
+
+
+class DataPlaneError(BtmmError):
+    """The data plane engine could not do what it was asked."""
+
+
+class EngineUnavailable(DataPlaneError):
+    """The requested data plane engine cannot be loaded (for example: not built)."""
+
+
+class TunError(DataPlaneError):
+    """Opening or configuring the TUN device failed."""
+
+
+class UnknownPeer(DataPlaneError):
+    """The inner address names no configured peer."""
+
+
+class SaExhausted(DataPlaneError):
+    """A transmit SA used up its sequence space; a new SA must be installed (rekey)."""
+
+
+class PacketDropped(DataPlaneError):
+    """The ESP codec refused a packet; ``reason`` says why (a ``DropReason``)."""
+
+    def __init__(self, reason: object, what: str) -> None:
+        self.reason = reason
+        super().__init__(what)

@@ -1,0 +1,1 @@
+"""Network-namespace labs: the tests', the benchmarks' and ``btmm lab``'s private networks."""
