@@ -1,0 +1,461 @@
+"""The pure-Python data plane engine: TUN <-> ESP (AES-256-GCM) <-> UDP.
+
+Standards: RFC 4303 (ESP), RFC 4106 (AES-GCM in ESP), RFC 3948 (ESP in UDP, the one-byte NAT
+keepalive and the non-ESP marker). The wire format and the drop rules are those of
+``btmm_core/dataplane/api.py``; the per-packet crypto is ``btmm_core.dataplane.esp``.
+
+This engine is the readable twin of the Rust one, meant for debugging and for machines where
+the extension is not built. It owns two threads: one reads the TUN device and sends ESP, the
+other reads the UDP socket and writes to the TUN. Both wait in ``poll`` together with a wake
+eventfd so that ``stop`` ends them promptly. One lock guards the peer and SA tables, the
+codecs' state and the counters; the asyncio thread only takes it for configuration calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ipaddress
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from btmm_core.dataplane.api import (
+    CONTROL_MARKER,
+    DROP_NAMES,
+    KEEPALIVE,
+    ControlPacket,
+    Counters,
+    DropReason,
+    Endpoint,
+    EngineConfig,
+    EngineEvent,
+    PeerInfo,
+    PeerRoamed,
+    TxSaExhausted,
+)
+from btmm_core.dataplane.esp import MIN_PAYLOAD, EspRxSa, EspTxSa
+from btmm_core.dataplane.tun import close_quietly, open_tun, set_mtu, tun_name_of
+from btmm_core.errors import (
+    ConfigError,
+    DataPlaneError,
+    PacketDropped,
+    SaExhausted,
+    UnknownPeer,
+)
+
+#: packets handled per wake-up before looking at the wake fd again
+BATCH = 64
+MAX_RX_SAS = 2
+_IPV6_HEADER = 40
+_UDP_MAX = 65535
+
+
+@dataclass
+class _Count:
+    """Mutable counters; snapshots are the frozen ``api.Counters``."""
+
+    packets_in: int = 0
+    bytes_in: int = 0
+    packets_out: int = 0
+    bytes_out: int = 0
+    keepalives_in: int = 0
+    control_in: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: DropReason) -> None:
+        name = DROP_NAMES[reason]
+        self.drops[name] = self.drops.get(name, 0) + 1
+
+    def snapshot(self) -> Counters:
+        return Counters(
+            packets_in=self.packets_in,
+            bytes_in=self.bytes_in,
+            packets_out=self.packets_out,
+            bytes_out=self.bytes_out,
+            keepalives_in=self.keepalives_in,
+            control_in=self.control_in,
+            drops=dict(self.drops),
+        )
+
+
+@dataclass
+class _Peer:
+    inner: ipaddress.IPv6Address
+    endpoint: Endpoint | None
+    tx: EspTxSa | None = None
+    tx_exhausted_reported: bool = False
+    rx: list[EspRxSa] = field(default_factory=list)  # oldest first
+    count: _Count = field(default_factory=_Count)
+
+    @property
+    def key(self) -> bytes:
+        return self.inner.packed
+
+
+def _parse_inner(inner: str) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(inner)
+    except ValueError as exc:
+        raise ConfigError(
+            f"peer inner address {inner!r} is not an IPv6 address",
+            hint="use the peer's ULA, for example fd00::2",
+        ) from exc
+
+
+class PythonEngine:
+    """A data plane engine in pure Python (``kind = "python"``); see ``api.Engine``."""
+
+    kind = "python"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        if config.tun_fd is not None:
+            self._tun_fd = config.tun_fd
+            os.set_blocking(self._tun_fd, False)
+            self._tun_name = tun_name_of(self._tun_fd)
+        elif config.tun_name is not None:
+            self._tun_fd, self._tun_name = open_tun(config.tun_name)
+        else:
+            raise ConfigError(
+                "the engine needs a TUN device", hint="set EngineConfig.tun_name or tun_fd"
+            )
+        try:
+            set_mtu(self._tun_name, config.mtu)
+            self._sock = self._open_socket(config.listen)
+        except BaseException:
+            close_quietly(self._tun_fd)
+            raise
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._events_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._events: collections.deque[EngineEvent] = collections.deque()
+        self._lock = threading.Lock()
+        self._peers: dict[bytes, _Peer] = {}
+        self._by_spi: dict[int, tuple[_Peer, EspRxSa]] = {}
+        self._total = _Count()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._closed = False
+
+    @staticmethod
+    def _open_socket(listen: Endpoint) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((listen.host, listen.port))
+        except OSError as exc:
+            sock.close()
+            raise DataPlaneError(
+                f"cannot bind the tunnel UDP socket to {listen.host}:{listen.port}: {exc.strerror}",
+                hint="choose another port (0 picks a free one) or stop whatever holds it",
+            ) from exc
+        sock.setblocking(False)
+        return sock
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def tun_name(self) -> str:
+        return self._tun_name
+
+    @property
+    def local_port(self) -> int:
+        return int(self._sock.getsockname()[1])
+
+    def start(self) -> None:
+        if self._closed:
+            raise DataPlaneError("the engine was stopped", hint="open a new engine")
+        if self._threads:
+            return
+        self._threads = [
+            threading.Thread(target=self._tun_loop, name="btmm-py-tun", daemon=True),
+            threading.Thread(target=self._udp_loop, name="btmm-py-udp", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        self._sock.close()
+        for fd in (self._tun_fd, self._wake, self._events_fd):
+            close_quietly(fd)
+
+    def __enter__(self) -> PythonEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def _peer(self, inner: str) -> _Peer:
+        peer = self._peers.get(_parse_inner(inner).packed)
+        if peer is None:
+            raise UnknownPeer(
+                f"no peer with inner address {inner}", hint="add it with add_peer first"
+            )
+        return peer
+
+    def add_peer(self, inner: str, endpoint: Endpoint | None = None) -> None:
+        addr = _parse_inner(inner)
+        with self._lock:
+            if addr.packed in self._peers:
+                raise DataPlaneError(
+                    f"peer {addr} already exists", hint="use update_peer to change its endpoint"
+                )
+            self._peers[addr.packed] = _Peer(addr, endpoint)
+
+    def update_peer(self, inner: str, endpoint: Endpoint | None) -> None:
+        with self._lock:
+            self._peer(inner).endpoint = endpoint
+
+    def remove_peer(self, inner: str) -> None:
+        with self._lock:
+            peer = self._peer(inner)
+            for sa in peer.rx:
+                del self._by_spi[sa.spi]
+            del self._peers[peer.key]
+
+    def install_tx_sa(self, inner: str, spi: int, keymat: bytes, next_seq: int = 1) -> None:
+        sa = EspTxSa(spi, keymat, next_seq)
+        with self._lock:
+            peer = self._peer(inner)
+            peer.tx = sa
+            peer.tx_exhausted_reported = False
+
+    def install_rx_sa(self, inner: str, spi: int, keymat: bytes) -> None:
+        sa = EspRxSa(spi, keymat)
+        with self._lock:
+            peer = self._peer(inner)
+            if spi in self._by_spi:
+                owner = self._by_spi[spi][0].inner
+                raise DataPlaneError(
+                    f"SPI {spi:#010x} is already in use by peer {owner}",
+                    hint="choose a fresh random SPI for every receive SA",
+                )
+            if len(peer.rx) >= MAX_RX_SAS:
+                old = peer.rx.pop(0)
+                del self._by_spi[old.spi]
+            peer.rx.append(sa)
+            self._by_spi[spi] = (peer, sa)
+
+    def retire_rx_sa(self, inner: str, spi: int) -> None:
+        with self._lock:
+            peer = self._peer(inner)
+            for i, sa in enumerate(peer.rx):
+                if sa.spi == spi:
+                    del peer.rx[i]
+                    del self._by_spi[spi]
+                    return
+            raise DataPlaneError(
+                f"peer {peer.inner} has no receive SA with SPI {spi:#010x}",
+                hint="see peers() for the SPIs it has",
+            )
+
+    # -- control traffic -------------------------------------------------------------------
+
+    def _send(self, payload: bytes, dest: Endpoint) -> None:
+        try:
+            self._sock.sendto(payload, (dest.host, dest.port))
+        except BlockingIOError:
+            # The socket buffer is full: wait briefly once, then give up like a lossy link.
+            select.select([], [self._sock], [], 0.05)
+            self._sock.sendto(payload, (dest.host, dest.port))
+
+    def send_control(self, destination: Endpoint, message: bytes) -> None:
+        try:
+            self._send(CONTROL_MARKER + message, destination)
+        except OSError as exc:
+            raise DataPlaneError(
+                f"sending a control message to {destination.host}:{destination.port} failed: "
+                f"{exc.strerror or exc}",
+                hint="check the address and that the network is up",
+            ) from exc
+
+    def send_keepalive(self, inner: str) -> None:
+        with self._lock:
+            peer = self._peer(inner)
+            endpoint = peer.endpoint
+        if endpoint is None:
+            raise DataPlaneError(
+                f"peer {inner} has no endpoint to send a keepalive to",
+                hint="set one with update_peer",
+            )
+        try:
+            self._send(KEEPALIVE, endpoint)
+        except OSError as exc:
+            raise DataPlaneError(
+                f"sending a keepalive to {endpoint.host}:{endpoint.port} failed: "
+                f"{exc.strerror or exc}",
+                hint="check the peer's endpoint and that the network is up",
+            ) from exc
+
+    # -- events and counters ---------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._events_fd
+
+    def _queue_event(self, event: EngineEvent) -> bool:
+        """Queue an event for Python (call with ``_lock`` held); False when the queue is full."""
+        if len(self._events) >= self._config.event_queue:
+            self._total.drop(DropReason.CONTROL_OVERFLOW)
+            return False
+        self._events.append(event)
+        os.eventfd_write(self._events_fd, 1)
+        return True
+
+    def drain(self, limit: int = 256) -> Sequence[EngineEvent]:
+        with self._lock:
+            out = [self._events.popleft() for _ in range(min(limit, len(self._events)))]
+            if not self._events:
+                # Cleared under the lock, so a producer cannot slip an event in between the
+                # last pop and the read and leave it queued with the fd not readable.
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._events_fd)
+        return out
+
+    def counters(self) -> Counters:
+        with self._lock:
+            return self._total.snapshot()
+
+    def peers(self) -> Sequence[PeerInfo]:
+        with self._lock:
+            return [
+                PeerInfo(
+                    inner=str(p.inner),
+                    endpoint=p.endpoint,
+                    tx_spi=p.tx.spi if p.tx else None,
+                    rx_spis=tuple(sa.spi for sa in p.rx),
+                    counters=p.count.snapshot(),
+                )
+                for p in self._peers.values()
+            ]
+
+    def _drop(self, reason: DropReason, peer: _Peer | None) -> None:
+        self._total.drop(reason)
+        if peer is not None:
+            peer.count.drop(reason)
+
+    # -- packet paths (called from the engine threads) -------------------------------------
+
+    def outbound(self, packet: bytes) -> tuple[bytes, Endpoint] | None:
+        """Seal one packet read from the TUN; return the UDP payload and where to send it, or
+        None when it is dropped (counted). Call with ``_lock`` held."""
+        if len(packet) < _IPV6_HEADER or packet[0] >> 4 != 6:
+            self._drop(DropReason.MALFORMED, None)
+            return None
+        peer = self._peers.get(packet[24:40])
+        if peer is None:
+            self._drop(DropReason.NO_ROUTE, None)
+            return None
+        if peer.tx is None or peer.endpoint is None:
+            self._drop(DropReason.NO_SA, peer)
+            return None
+        try:
+            payload = peer.tx.seal(packet)
+        except SaExhausted:
+            self._drop(DropReason.SA_EXHAUSTED, peer)
+            if not peer.tx_exhausted_reported:
+                peer.tx_exhausted_reported = True
+                self._queue_event(TxSaExhausted(str(peer.inner), peer.tx.spi))
+            return None
+        for c in (self._total, peer.count):
+            c.packets_out += 1
+            c.bytes_out += len(packet)
+        return payload, peer.endpoint
+
+    def inbound(self, payload: bytes, source: Endpoint) -> bytes | None:
+        """Handle one UDP payload; return the inner packet to write to the TUN, or None when
+        it was a control message, a keepalive or a drop (counted). Call with ``_lock`` held."""
+        if payload == KEEPALIVE:
+            self._total.keepalives_in += 1
+            return None
+        if payload[:4] == CONTROL_MARKER:
+            self._total.control_in += 1
+            self._queue_event(ControlPacket(source, payload[4:]))
+            return None
+        if len(payload) < MIN_PAYLOAD or (len(payload) - MIN_PAYLOAD) % 4:
+            # Checked before the SPI lookup, in the codec's own order.
+            self._drop(DropReason.MALFORMED, None)
+            return None
+        entry = self._by_spi.get(int.from_bytes(payload[:4], "big"))
+        if entry is None:
+            self._drop(DropReason.UNKNOWN_SPI, None)
+            return None
+        peer, sa = entry
+        before = sa.top
+        try:
+            inner = sa.open(payload)
+        except PacketDropped as exc:
+            assert isinstance(exc.reason, DropReason)
+            self._drop(exc.reason, peer)
+            return None
+        if sa.top != before and source != peer.endpoint:
+            # Only the holder of the key can move ``top``, so the peer is really there now.
+            old, peer.endpoint = peer.endpoint, source
+            self._queue_event(PeerRoamed(str(peer.inner), old, source))
+        if len(inner) < _IPV6_HEADER or inner[0] >> 4 != 6:
+            self._drop(DropReason.MALFORMED, peer)
+            return None
+        if inner[8:24] != peer.key:
+            self._drop(DropReason.SOURCE_MISMATCH, peer)
+            return None
+        for c in (self._total, peer.count):
+            c.packets_in += 1
+            c.bytes_in += len(inner)
+        return inner
+
+    def _waiter(self, fd: int) -> Callable[[], bool]:
+        """A function that blocks until ``fd`` is readable and returns False once the engine
+        is stopping."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+
+        def wait() -> bool:
+            while not self._stopping:
+                for ready, _ in poller.poll():
+                    if ready == fd:
+                        return not self._stopping
+            return False
+
+        return wait
+
+    def _tun_loop(self) -> None:
+        tun, bufsize = self._tun_fd, max(self._config.mtu, 1280) + 512
+        wait = self._waiter(tun)
+        while wait():
+            packets: list[bytes] = []
+            with contextlib.suppress(OSError):  # EAGAIN ends the batch
+                while len(packets) < BATCH:
+                    packets.append(os.read(tun, bufsize))
+            with self._lock:
+                sends = [s for s in map(self.outbound, packets) if s is not None]
+            for payload, dest in sends:
+                with contextlib.suppress(OSError):
+                    self._send(payload, dest)
+
+    def _udp_loop(self) -> None:
+        sock = self._sock
+        wait = self._waiter(sock.fileno())
+        while wait():
+            received: list[tuple[bytes, Endpoint]] = []
+            with contextlib.suppress(OSError):  # EAGAIN ends the batch
+                while len(received) < BATCH:
+                    data, addr = sock.recvfrom(_UDP_MAX)
+                    received.append((data, Endpoint(addr[0], addr[1])))
+            with self._lock:
+                inners = [i for i in (self.inbound(d, s) for d, s in received) if i is not None]
+            for inner in inners:
+                # A full TUN queue loses the packet like a congested link would.
+                with contextlib.suppress(OSError):
+                    os.write(self._tun_fd, inner)
