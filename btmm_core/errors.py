@@ -51,3 +51,23 @@ class PacketDropped(DataPlaneError):
     def __init__(self, reason: object, what: str) -> None:
         self.reason = reason
         super().__init__(what)
+
+
+class PortMapError(BtmmError):
+    """Asking the gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) failed."""
+
+
+class MalformedMessage(PortMapError):
+    """A NAT-PMP or PCP datagram could not be parsed; it is ignored."""
+
+
+class MappingRefused(PortMapError):
+    """The gateway answered, but refused the request; ``result`` is its result code."""
+
+    def __init__(self, what: str, *, result: object = None, hint: str | None = None) -> None:
+        self.result = result
+        super().__init__(what, hint=hint)
+
+
+class GatewayNotAnswering(PortMapError):
+    """No mapping protocol answered on the gateway (no reply before the retries ran out)."""
