@@ -27,3 +27,7 @@ for _module, _attr in _COMMANDS:
 
 def main() -> None:
     btmm()
+
+
+if __name__ == "__main__":  # `python3 -m btmm_core.cli` (the tests run commands this way)
+    main()
