@@ -1,0 +1,230 @@
+"""``btmm bench``: what the ESP codec (RFC 4303 / RFC 4106 AES-256-GCM) costs per engine.
+
+For each engine and inner packet size, one "operation" is seal + open of one packet by the
+engine's codec, set beside the bare AES-256-GCM encrypt + decrypt of the same plaintext (the
+ceiling: what the codec would cost if framing, replay window and copies were free). The fast
+engine's loops run in Rust (``_fast.bench_codec`` / ``_fast.bench_aead`` return seconds); the
+Python engine's loops run over ``EspTxSa.seal``/``EspRxSa.open`` and ``AESGCM``.
+
+The machine is shared and noisy (DESIGN.md §6): measurements are interleaved (each repetition
+visits every engine, size and system in turn) and reported as median with min-max, plus the
+ratio codec/ceiling. Throughput counts inner bytes only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import click
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from btmm_core.dataplane import KINDS, resolve_kind, rx_codec, tx_codec
+from btmm_core.dataplane.api import KEYMAT_LEN
+from btmm_core.errors import BtmmError
+
+SIZES = (64, 512, 1400)
+#: packets per measurement: Rust loops are ~100x faster than Python ones
+COUNTS = {"fast": 500_000, "python": 50_000}
+QUICK_COUNTS = {"fast": 2_000, "python": 300}
+REPETITIONS = 5
+QUICK_REPETITIONS = 2
+_SPI = 0x1234_5678
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Packets/s and Gbit/s (inner bytes) over the repetitions: median, min, max."""
+
+    pps_median: float
+    pps_min: float
+    pps_max: float
+    gbps_median: float
+    gbps_min: float
+    gbps_max: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float], size: int, count: int) -> Stat:
+        pps = [count / s for s in seconds]
+
+        def gbps(p: float) -> float:
+            return p * size * 8 / 1e9
+
+        med = statistics.median(pps)
+        return cls(med, min(pps), max(pps), gbps(med), gbps(min(pps)), gbps(max(pps)))
+
+
+@dataclass(frozen=True)
+class Row:
+    engine: str
+    size: int
+    count: int
+    repetitions: int
+    codec: Stat
+    aead: Stat
+    #: codec throughput / bare AES-GCM throughput (medians); 1.0 means the codec adds nothing
+    ratio: float
+
+
+def _packet(size: int) -> bytes:
+    # Shaped like an IPv6 packet (version nibble 6) so that no codec rejects it on sight.
+    body = os.urandom(size)
+    return b"\x60" + body[1:]
+
+
+def python_codec(size: int, count: int) -> float:
+    """Seconds for ``count`` seal+open pairs through the pure-Python ESP codec."""
+    key = os.urandom(KEYMAT_LEN)
+    tx, rx = tx_codec(_SPI, key, kind="python"), rx_codec(_SPI, key, kind="python")
+    packet = _packet(size)
+    seal, open_ = tx.seal, rx.open
+    start = time.perf_counter()
+    for _ in range(count):
+        out = open_(seal(packet))
+    elapsed = time.perf_counter() - start
+    if out != packet:
+        raise BtmmError("the Python codec did not give back the packet it sealed")
+    return elapsed
+
+
+def python_aead(size: int, count: int) -> float:
+    """Seconds for ``count`` bare AES-256-GCM encrypt+decrypt pairs (cryptography/OpenSSL),
+    with the codec's nonce and AAD sizes and its padded plaintext length."""
+    key = os.urandom(KEYMAT_LEN)
+    aead = AESGCM(key[:32])
+    plaintext = _packet(size) + bytes(-(size + 2) % 4 + 2)
+    salt, aad = key[32:], bytes(12)
+    encrypt, decrypt = aead.encrypt, aead.decrypt
+    start = time.perf_counter()
+    for seq in range(1, count + 1):
+        nonce = salt + seq.to_bytes(8, "big")
+        out = decrypt(nonce, encrypt(nonce, plaintext, aad), aad)
+    elapsed = time.perf_counter() - start
+    if out != plaintext:
+        raise BtmmError("AES-GCM did not give back the plaintext it encrypted")
+    return elapsed
+
+
+def _loops(engine: str) -> tuple[Callable[[int, int], float], Callable[[int, int], float]]:
+    if engine == "python":
+        return python_codec, python_aead
+    resolve_kind("fast")  # a clear EngineUnavailable when the extension is not built
+    fast = importlib.import_module("btmm_core._fast")
+
+    def codec(size: int, count: int) -> float:
+        return float(fast.bench_codec(size, count))
+
+    def aead(size: int, count: int) -> float:
+        return float(fast.bench_aead(size, count))
+
+    return codec, aead
+
+
+def run(
+    engines: Sequence[str],
+    sizes: Sequence[int] = SIZES,
+    repetitions: int = REPETITIONS,
+    counts: dict[str, int] | None = None,
+) -> list[Row]:
+    """Measure every (engine, size), interleaved over ``repetitions`` rounds."""
+    counts = counts or COUNTS
+    loops = {e: _loops(e) for e in engines}
+    codec_s: dict[tuple[str, int], list[float]] = {(e, s): [] for e in engines for s in sizes}
+    aead_s: dict[tuple[str, int], list[float]] = {(e, s): [] for e in engines for s in sizes}
+    for rep in range(repetitions):
+        for engine in engines:
+            codec, aead = loops[engine]
+            for size in sizes:
+                n = counts[engine]
+                # Alternate which system goes first so that neither always gets a warm cache.
+                if rep % 2:
+                    aead_s[engine, size].append(aead(size, n))
+                    codec_s[engine, size].append(codec(size, n))
+                else:
+                    codec_s[engine, size].append(codec(size, n))
+                    aead_s[engine, size].append(aead(size, n))
+    rows = []
+    for engine in engines:
+        for size in sizes:
+            n = counts[engine]
+            c = Stat.of(codec_s[engine, size], size, n)
+            a = Stat.of(aead_s[engine, size], size, n)
+            rows.append(Row(engine, size, n, repetitions, c, a, c.pps_median / a.pps_median))
+    return rows
+
+
+def to_json(rows: Sequence[Row]) -> dict[str, object]:
+    return {
+        "unit": {"pps": "inner packets per second", "gbps": "inner Gbit/s"},
+        "results": [asdict(r) for r in rows],
+    }
+
+
+def _table(rows: Sequence[Row]) -> object:
+    from rich.table import Table
+
+    table = Table(title="ESP codec: seal + open per packet, beside bare AES-256-GCM")
+    for col in ("engine", "size", "codec kpps", "codec Gbit/s", "AES-GCM Gbit/s", "codec/AES"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    for r in rows:
+        table.add_row(
+            r.engine,
+            str(r.size),
+            f"{r.codec.pps_median / 1e3:.1f} ({r.codec.pps_min / 1e3:.1f}-"
+            f"{r.codec.pps_max / 1e3:.1f})",
+            f"{r.codec.gbps_median:.3f} ({r.codec.gbps_min:.3f}-{r.codec.gbps_max:.3f})",
+            f"{r.aead.gbps_median:.3f} ({r.aead.gbps_min:.3f}-{r.aead.gbps_max:.3f})",
+            f"{r.ratio:.2f}",
+        )
+    return table
+
+
+@click.command("bench")
+@click.option(
+    "--engine",
+    "engines",
+    type=click.Choice([*KINDS, "all"]),
+    default="all",
+    show_default=True,
+    help="Which engine's codec to measure; all needs the Rust extension built.",
+)
+@click.option(
+    "--size",
+    "sizes",
+    type=click.IntRange(40, 65000),
+    multiple=True,
+    help="Inner packet size in bytes (repeatable); default 64, 512, 1400.",
+)
+@click.option(
+    "--repetitions",
+    type=click.IntRange(1, 100),
+    default=None,
+    help=f"Interleaved rounds (default {REPETITIONS}, {QUICK_REPETITIONS} with --quick).",
+)
+@click.option("--quick", is_flag=True, help="Few packets and rounds: a smoke run, not a figure.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(
+    engines: str, sizes: tuple[int, ...], repetitions: int | None, quick: bool, as_json: bool
+) -> None:
+    """Measure the ESP codec of each engine against bare AES-256-GCM."""
+    chosen = list(KINDS) if engines == "all" else [engines]
+    reps = repetitions or (QUICK_REPETITIONS if quick else REPETITIONS)
+    try:
+        rows = run(chosen, sizes or SIZES, reps, QUICK_COUNTS if quick else COUNTS)
+    except BtmmError as err:
+        raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(to_json(rows), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(_table(rows))
+
+
+def main() -> None:
+    bench()
