@@ -139,8 +139,31 @@ def test_exhausted_at_end_of_sequence_space(kind: str) -> None:
 def test_exhausted_single_last_packet(kind: str) -> None:
     tx = tx_codec(9, KEYMAT, SEQ_MAX, kind=kind)
     assert tx.seal(b"") == reference_seal(9, KEYMAT, SEQ_MAX, b"")
+    assert tx.next_seq == 2**64
     with pytest.raises(SaExhausted):
         tx.seal(b"")
+    assert tx.next_seq == 2**64
+
+
+def test_already_exhausted_sa(kind: str) -> None:
+    """next_seq = 2**64 describes an SA that has used up its space: it refuses at once."""
+    tx = tx_codec(9, KEYMAT, 2**64, kind=kind)
+    with pytest.raises(SaExhausted):
+        tx.seal(b"x")
+
+
+@pytest.mark.parametrize("next_seq", [0, 2**64 + 1])
+def test_next_seq_range_checked(kind: str, next_seq: int) -> None:
+    with pytest.raises(ValueError):
+        tx_codec(9, KEYMAT, next_seq, kind=kind)
+
+
+def test_spi_zero_refused(kind: str) -> None:
+    """SPI 0 is reserved (RFC 4303 §2.1) and marks control messages on our port."""
+    with pytest.raises(ValueError):
+        tx_codec(0, KEYMAT, kind=kind)
+    with pytest.raises(ValueError):
+        rx_codec(0, KEYMAT, kind=kind)
 
 
 @pytest.mark.parametrize("block", [0, 1, 5])

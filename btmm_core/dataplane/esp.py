@@ -121,8 +121,9 @@ class EspTxSa:
     def __init__(self, spi: int, keymat: bytes, next_seq: int = 1) -> None:
         self.spi = _check_spi(spi)
         self._aead, self._salt = _split_keymat(keymat)
-        if not 0 < next_seq <= SEQ_MAX:
-            raise ValueError(f"next_seq must be in 1..2**64-1 (0 is never sent), got {next_seq}")
+        # 2**64 is allowed: it stands for an SA that has already sent its last number.
+        if not 0 < next_seq <= SEQ_MAX + 1:
+            raise ValueError(f"next_seq must be in 1..2**64 (0 is never sent), got {next_seq}")
         self._next_seq = next_seq
 
     @property
