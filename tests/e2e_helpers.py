@@ -323,6 +323,32 @@ def _stderr(proc: subprocess.Popen[str]) -> str:
     return proc.stderr.read()[-2000:]
 
 
+def icmp6_echo(
+    src: str, dst: str, ident: int, seq: int, data: bytes, *, reply: bool = False
+) -> bytes:
+    """An IPv6 packet carrying an ICMPv6 echo request (or reply), checksum per RFC 4443 §2.3."""
+    import ipaddress
+    import struct
+
+    s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
+    body = struct.pack(">BBHHH", 129 if reply else 128, 0, 0, ident, seq) + data
+    pseudo = s + d + struct.pack(">I3xB", len(body), 58) + body
+    if len(pseudo) % 2:
+        pseudo += b"\0"
+    total = sum(struct.unpack(f">{len(pseudo) // 2}H", pseudo))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    body = body[:2] + struct.pack(">H", ~total & 0xFFFF) + body[4:]
+    header = struct.pack(">IHBB", 6 << 28, len(body), 58, 64) + s + d
+    return header + body
+
+
+def flat_counters(c: dict[str, Any]) -> dict[str, int]:
+    out = {k: int(v) for k, v in c.items() if k != "drops"}
+    out.update({f"drops.{k}": int(v) for k, v in (c.get("drops") or {}).items()})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Script mode: the traffic tools that run inside the namespaces.
 
