@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import REPO, Tunnel, env, pair_configs, two_hosts
+from e2e_helpers import REPO, LineReader, Tunnel, env, pair_configs, two_hosts, wait_for
 
 from btmm_core.dataplane.api import Endpoint
 from btmm_core.dataplane.runner import parse_config, parse_endpoint
@@ -141,3 +143,74 @@ def test_no_permission_for_the_tun_device(kind: str, tmp_path: Path) -> None:
         assert ready["ready"] is False
         assert "CAP_NET_ADMIN" in ready["error"] or "root" in ready["error"], ready
         assert "Traceback" not in log, log
+
+
+def _unix_request(path: Path, *requests: dict[str, Any]) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        f = s.makefile("rw")
+        answers = []
+        for r in requests:
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            answers.append(json.loads(f.readline()))
+        return answers
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("kind", ["fast", "python"])
+def test_unix_control_socket_and_sigterm(kind: str, tmp_path: Path) -> None:
+    with Lab() as lab:
+        a, _ = two_hosts(lab)
+        ca, _ = pair_configs(kind, kind)
+        cfg = tmp_path / "a.json"
+        cfg.write_text(json.dumps({**ca, "dataplane": kind}))
+        sock = tmp_path / "ctl.sock"
+        log = tmp_path / "a.log"
+        proc = a.popen(
+            [
+                sys.executable,
+                "-m",
+                "btmm_core.cli",
+                "tunnel",
+                str(cfg),
+                "--control",
+                f"unix:{sock}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+            env=env(),
+            cwd=str(REPO),
+        )
+        ready = json.loads(LineReader(proc.stdout).get(30, "the ready line"))
+        assert ready["ready"] is True and ready["port"] == 4500, (ready, log.read_text())
+        wait_for(sock.exists, 10, "the control socket")
+        # stdin is /dev/null (at its end at once): with a unix control socket that must not stop it.
+        counters, peers, bad, unknown = _unix_request(
+            sock,
+            {"cmd": "counters", "id": 1},
+            {"cmd": "peers"},
+            {"cmd": "update_peer", "inner": "fd00:b7:1::2", "endpoint": "192.0.2.2"},
+            {"cmd": "bogus"},
+        )
+        assert counters["ok"] is True and counters["id"] == 1
+        assert counters["counters"]["packets_in"] == 0
+        assert [p["inner"] for p in peers["peers"]] == ["fd00:b7:1::2"]
+        assert peers["peers"][0]["endpoint"] == "192.0.2.2:4500"
+        assert bad["ok"] is False and "host:port" in bad["error"]
+        assert unknown["ok"] is False and "unknown cmd" in unknown["error"]
+        (moved,) = _unix_request(
+            sock, {"cmd": "update_peer", "inner": "fd00:b7:1::2", "endpoint": "198.51.100.9:4501"}
+        )
+        assert moved["ok"] is True
+        (peers,) = _unix_request(sock, {"cmd": "peers"})
+        assert peers["peers"][0]["endpoint"] == "198.51.100.9:4501"
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+        text = log.read_text()
+        assert "stopping" in text and "Traceback" not in text, text
+        assert not sock.exists(), "the control socket was left behind"
