@@ -311,8 +311,8 @@ def transfer(
         if "sha256" in msg:
             received = msg
     assert acted, "the transfer ended before the mid-transfer action ran"
-    out, err = send.communicate(timeout=max(5.0, deadline - time.monotonic()))
-    assert send.returncode == 0, f"sender failed ({send.returncode}): {err[-2000:]}"
+    out, errors = send.communicate(timeout=max(5.0, deadline - time.monotonic()))
+    assert send.returncode == 0, f"sender failed ({send.returncode}): {errors[-2000:]}"
     recv.wait(timeout=10)
     return TransferResult(json.loads(out.strip().splitlines()[-1]), received)
 
@@ -417,7 +417,7 @@ def _udp(src_host: str, src_port: int, dst_host: str, dst_port: int, wait: float
     for p in payloads[:10_000]:
         sock.sendto(p, (dst_host, dst_port))
         time.sleep(0.01)
-    replies = []
+    replies: list[dict[str, str]] = []
     deadline = time.monotonic() + wait
     while len(replies) < 100:
         left = deadline - time.monotonic()

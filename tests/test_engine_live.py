@@ -110,7 +110,7 @@ def live(
     work: Path = tmp_path_factory.mktemp(f"live-{kind}")
     k_ca, k_ac = keymat(), keymat()
     spi_ca, spi_ac = 0x3000 + secrets.randbelow(1 << 16), 0x4000000 + secrets.randbelow(1 << 16)
-    extra = [
+    extra: list[dict[str, Any]] = [
         {
             "inner": C_INNER,
             "endpoint": C_ENDPOINT,
