@@ -1,0 +1,283 @@
+"""``btmm serve``: run the registry; ``btmm serve user ...``: manage accounts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import click
+import dns.name
+import structlog
+
+from btmm_core.errors import BtmmError, ConfigError
+from btmm_core.registry.accounts import add_user, algorithm_text, rotate_key, write_credentials
+from btmm_core.registry.handler import Policy, RegistryCore
+from btmm_core.registry.server import Listen, RegistryServer
+from btmm_core.registry.storage import SqliteStorage
+from btmm_core.registry.tls import ensure_self_signed, server_context
+from btmm_core.registry.update import NoLeasePolicy
+from btmm_core.registry.zones import ZoneConfig, ZoneStore
+
+DEFAULT_STATE = Path("/var/lib/btmm-registry")
+
+
+def _configure_logging(level: str) -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _domain(text: str) -> dns.name.Name:
+    try:
+        return dns.name.from_text(text)
+    except Exception as e:
+        raise ConfigError(f"--domain {text!r} is not a domain name: {e}") from e
+
+
+def _db(state_dir: Path, db: Path | None) -> Path:
+    return db if db is not None else state_dir / "registry.sqlite"
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, None]], event_loop: str) -> None:
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            structlog.get_logger("btmm.registry").warning(
+                "uvloop is not installed; running on plain asyncio",
+            )
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main())
+            return
+    asyncio.run(main())
+
+
+_state_option = click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_STATE,
+    show_default=True,
+    envvar="BTMM_REGISTRY_STATE",
+    help="Directory for the database, credentials and the self-signed DoT certificate.",
+)
+_db_option = click.option(
+    "--db",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="SQLite file (default: STATE_DIR/registry.sqlite).",
+)
+_domain_option = click.option(
+    "--domain",
+    required=True,
+    envvar="BTMM_REGISTRY_DOMAIN",
+    help="Parent domain, e.g. members.example.",
+)
+
+
+@click.group(invoke_without_command=True)
+@_state_option
+@_db_option
+@_domain_option
+@click.option("--listen", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=53, show_default=True, help="UDP and TCP port.")
+@click.option("--tls-port", type=int, default=853, show_default=True, help="DoT port; 0 disables.")
+@click.option("--tls-cert", type=click.Path(path_type=Path), default=None)
+@click.option("--tls-key", type=click.Path(path_type=Path), default=None)
+@click.option("--ns-name", default=None, help="Server's host name (default: ns.DOMAIN).")
+@click.option("--ns-address", multiple=True, help="Glue address of the server (repeatable).")
+@click.option(
+    "--public-port", type=int, default=None, help="Port in the discovery SRVs (default: --port)."
+)
+@click.option("--lease-min", type=int, default=1800, show_default=True)
+@click.option("--lease-max", type=int, default=7200, show_default=True)
+@click.option(
+    "--no-lease",
+    type=click.Choice([p.value for p in NoLeasePolicy]),
+    default=NoLeasePolicy.PERMANENT.value,
+    show_default=True,
+    help="What happens to updates that carry no update-lease option.",
+)
+@click.option("--default-lease", type=int, default=5400, show_default=True)
+@click.option("--fudge", type=int, default=300, show_default=True, help="TSIG fudge, at most 300.")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
+)
+@click.option(
+    "--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    state_dir: Path,
+    db: Path | None,
+    domain: str,
+    listen: str,
+    port: int,
+    tls_port: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    ns_name: str | None,
+    ns_address: tuple[str, ...],
+    public_port: int | None,
+    lease_min: int,
+    lease_max: int,
+    no_lease: str,
+    default_lease: int,
+    fudge: int,
+    log_level: str,
+    event_loop: str,
+) -> None:
+    """Run the registry: authoritative DNS for DOMAIN with TSIG-signed UPDATE and leases."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(
+        state_dir=state_dir,
+        db=_db(state_dir, db),
+        domain=_domain(domain),
+        port=port,
+        ns_name=ns_name,
+        listen=listen,
+    )
+    if ctx.invoked_subcommand is not None:
+        return
+    _configure_logging(log_level)
+    parent = _domain(domain)
+    try:
+        policy = Policy(
+            fudge=fudge,
+            lease_min=lease_min,
+            lease_max=lease_max,
+            no_lease=NoLeasePolicy(no_lease),
+            default_lease=default_lease,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    ns = dns.name.from_text(ns_name) if ns_name else dns.name.from_text("ns", origin=parent)
+    glue = ns_address or ((listen,) if listen not in ("0.0.0.0", "::") else ())
+    tls = None
+    if tls_port:
+        if (tls_cert is None) != (tls_key is None):
+            raise click.UsageError("give both --tls-cert and --tls-key, or neither")
+        if tls_cert is None or tls_key is None:
+            tls_cert, tls_key = ensure_self_signed(state_dir / "tls", ns.to_text(True), list(glue))
+        tls = server_context(tls_cert, tls_key)
+
+    async def main() -> None:
+        storage = SqliteStorage(_db(state_dir, db))
+        store = ZoneStore(storage, ZoneConfig(parent, ns, tuple(glue), public_port or port))
+        server = RegistryServer(
+            RegistryCore(store, policy),
+            Listen(listen, port, tls_port or None, tls),
+        )
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+
+    try:
+        _run(main, event_loop)
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {listen} port {port}/{tls_port}: {e}") from e
+
+
+@serve.group()
+def user() -> None:
+    """Manage user accounts (one zone and one TSIG key each)."""
+
+
+def _storage(ctx: click.Context) -> SqliteStorage:
+    try:
+        return SqliteStorage(ctx.obj["db"])
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _server_text(ctx: click.Context) -> str:
+    parent: dns.name.Name = ctx.obj["domain"]
+    ns = ctx.obj["ns_name"] or dns.name.from_text("ns", origin=parent).to_text()
+    return f"{ns} port {ctx.obj['port']}"
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--legacy-md5", is_flag=True, help="Make an hmac-md5 key (only for old clients).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Credentials file.")
+@click.pass_context
+def user_add(ctx: click.Context, name: str, legacy_md5: bool, out: Path | None) -> None:
+    """Create NAME's zone and TSIG key and write the credentials file for NAME's hosts."""
+    storage = _storage(ctx)
+    try:
+        account = add_user(storage, name, ctx.obj["domain"], legacy=legacy_md5)
+        path = out or ctx.obj["state_dir"] / "credentials" / f"{name}.key"
+        write_credentials(path, account, _server_text(ctx))
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        storage.close()
+    click.echo(
+        f"user {name}: zone {account.zone} key {algorithm_text(account.key)}; credentials in {path}"
+    )
+
+
+@user.command("list")
+@click.pass_context
+def user_list(ctx: click.Context) -> None:
+    """List users, their zones and key algorithms."""
+    storage = _storage(ctx)
+    try:
+        for a in storage.accounts():
+            click.echo(f"{a.user}\t{a.zone}\t{algorithm_text(a.key)}")
+    finally:
+        storage.close()
+
+
+@user.command("remove")
+@click.argument("name")
+@click.pass_context
+def user_remove(ctx: click.Context, name: str) -> None:
+    """Delete NAME's zone, records and key."""
+    storage = _storage(ctx)
+    try:
+        account = storage.remove_account(name)
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        storage.close()
+    click.echo(f"user {name} removed (zone {account.zone})")
+
+
+@user.command("rotate-key")
+@click.argument("name")
+@click.option("--legacy-md5", is_flag=True, help="Make the new key hmac-md5.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Credentials file.")
+@click.pass_context
+def user_rotate(ctx: click.Context, name: str, legacy_md5: bool, out: Path | None) -> None:
+    """Replace NAME's TSIG key; the old key stops working at once."""
+    storage = _storage(ctx)
+    try:
+        account = rotate_key(storage, name, ctx.obj["domain"], legacy=legacy_md5)
+        path = out or ctx.obj["state_dir"] / "credentials" / f"{name}.key"
+        write_credentials(path, account, _server_text(ctx))
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        storage.close()
+    click.echo(f"user {name}: new {algorithm_text(account.key)} key; credentials in {path}")

@@ -1,0 +1,439 @@
+"""The registry's message handler, sans-I/O: request bytes and ``now`` in, response bytes out.
+
+RFC 1034/1035 (authoritative answers), RFC 2136 (UPDATE), RFC 8945 (TSIG), RFC 6891 (EDNS0),
+RFC 9664 (update lease). The order of work for every request: parse (FORMERR on any failure),
+EDNS version, TSIG key/MAC/time/replay, then the opcode. Nothing in a zone changes before the
+TSIG checks pass, and an update is answered NOERROR only after ``ZoneStore.commit`` returned,
+i.e. after it is durable.
+
+Hooks for later features: ``option_handlers`` maps an EDNS option code (LLQ is 1) to a callable
+that may take over a request; ``response_handler`` receives messages with QR set (LLQ event
+acknowledgements), which are otherwise dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dns.edns
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import structlog
+
+from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.registry.model import ChangeSet, SeenMac
+from btmm_core.registry.storage import StorageError
+from btmm_core.registry.tsig import (
+    MAX_FUDGE,
+    ReplayGuard,
+    TsigError,
+    TsigKey,
+    TsigRecord,
+    TsigVerdict,
+    append_tsig,
+    last_rr_offset,
+    rr_size,
+    time_other_data,
+    verify,
+)
+from btmm_core.registry.update import Grant, NoLeasePolicy, plan_update
+from btmm_core.registry.zones import LLQ_SRV, UPDATE_SRV, Zone, ZoneStore
+
+log = structlog.get_logger("btmm.registry")
+
+
+class Transport(enum.IntEnum):
+    UDP = 1
+    TCP = 2
+    TLS = 3
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Server policy. Lease bounds default to the draft's 30 min .. 2 h."""
+
+    fudge: int = MAX_FUDGE
+    lease_min: int = 1800
+    lease_max: int = 7200
+    no_lease: NoLeasePolicy = NoLeasePolicy.PERMANENT
+    default_lease: int = 5400
+    udp_payload: int = 1232
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fudge <= MAX_FUDGE:
+            raise ValueError(f"fudge {self.fudge} s: it must be 1..{MAX_FUDGE}")
+        if not 0 < self.lease_min <= self.lease_max:
+            raise ValueError(
+                f"lease bounds {self.lease_min}..{self.lease_max}: need 0 < min <= max"
+            )
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What an option handler gets: the parsed request and who signed it."""
+
+    request: dns.message.Message
+    now: float
+    transport: Transport
+    peer: str
+    key: TsigKey | None
+    core: RegistryCore
+
+
+OptionHandler = Callable[[RequestContext], dns.message.Message | None]
+ResponseHandler = Callable[[dns.message.Message, float, Transport, str], bytes | None]
+
+
+def _header_only(wire: bytes, rcode: dns.rcode.Rcode) -> bytes:
+    """An answer to a message we could not parse: its ID and opcode, QR set, no sections."""
+    (qid, flags) = struct.unpack("!HH", wire[:4])
+    flags = dns.flags.QR | (flags & 0x7800) | (flags & dns.flags.RD) | int(rcode)
+    return struct.pack("!HHHHHH", qid, flags, 0, 0, 0, 0)
+
+
+class RegistryCore:
+    def __init__(self, store: ZoneStore, policy: Policy | None = None) -> None:
+        self.store = store
+        self.policy = policy or Policy()
+        self.replay = ReplayGuard.empty(self.policy.fudge)
+        for s in store.loaded_seen:
+            self.replay.remember(s.key, s.time_signed, s.mac)
+        self.option_handlers: dict[int, OptionHandler] = {}
+        self.response_handler: ResponseHandler | None = None
+        self._next_prune = 0.0
+
+    # ---- entry point -------------------------------------------------------------------
+
+    def handle(self, wire: bytes, now: float, transport: Transport, peer: str = "") -> bytes | None:
+        """Answer one DNS message; ``None`` means send nothing."""
+        if len(wire) < 12:
+            return None
+        (flags,) = struct.unpack("!H", wire[2:4])
+        opcode = (flags >> 11) & 0xF
+        try:
+            request = dns.message.from_wire(
+                wire,
+                keyring=False,
+                one_rr_per_rrset=opcode == dns.opcode.UPDATE,
+            )
+        except Exception as e:  # any parse failure of untrusted input is FORMERR
+            if flags & dns.flags.QR:
+                return None
+            log.debug("formerr", peer=peer, error=str(e) or type(e).__name__)
+            return _header_only(wire, dns.rcode.FORMERR)
+        if request.flags & dns.flags.QR:
+            if self.response_handler is not None:
+                return self.response_handler(request, now, transport, peer)
+            return None
+        limit = self._limit(request, transport)
+        if request.edns > 0:
+            response = dns.message.make_response(request, our_payload=self.policy.udp_payload)
+            response.use_edns(0, 0, self.policy.udp_payload)
+            response.set_rcode(dns.rcode.BADVERS)
+            return self._render(response, None, now, limit)
+
+        verdict: TsigVerdict | None = None
+        if request.had_tsig:
+            verdict = self._verify(wire, request, now)
+            if not verdict.ok:
+                return self._tsig_failure(request, verdict, now, limit)
+        key = verdict.key if verdict is not None else None
+
+        for option in request.options:
+            handler = self.option_handlers.get(int(option.otype))
+            if handler is not None:
+                taken = handler(RequestContext(request, now, transport, peer, key, self))
+                if taken is not None:
+                    return self._render(taken, verdict, now, limit)
+
+        op = request.opcode()
+        if op == dns.opcode.QUERY:
+            response = self.answer(request, key)
+        elif op == dns.opcode.UPDATE:
+            response = self._update(request, verdict, now, peer)
+        else:
+            response = self._response(request)
+            response.set_rcode(dns.rcode.NOTIMP)
+        return self._render(response, verdict, now, limit)
+
+    # ---- TSIG ----------------------------------------------------------------------------
+
+    def _verify(self, wire: bytes, request: dns.message.Message, now: float) -> TsigVerdict:
+        assert request.tsig is not None
+        rd = request.tsig[0]
+        record = TsigRecord(
+            request.tsig.name,
+            rd.algorithm,
+            rd.time_signed,
+            rd.fudge,
+            rd.mac,
+            rd.original_id,
+            rd.error,
+            rd.other,
+            last_rr_offset(wire),
+        )
+        verdict = verify(wire, record, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
+        if not verdict.ok or verdict.key is None:
+            return verdict
+        if not self.replay.check(record.key_name, record.time_signed, record.mac):
+            log.warning("tsig replay or older time signed", key=str(record.key_name))
+            return TsigVerdict(TsigError.BADTIME, verdict.key, record)
+        self.replay.remember(record.key_name, record.time_signed, record.mac)
+        return verdict
+
+    def _tsig_failure(
+        self, request: dns.message.Message, verdict: TsigVerdict, now: float, limit: int
+    ) -> bytes:
+        response = self._response(request)
+        if verdict.formerr:
+            response.set_rcode(dns.rcode.FORMERR)
+            return self._render(response, None, now, limit)
+        response.set_rcode(dns.rcode.NOTAUTH)
+        log.warning(
+            "tsig refused",
+            key=str(verdict.record.key_name),
+            error=verdict.error.name,
+        )
+        return self._render(response, verdict, now, limit)
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    def _response(self, request: dns.message.Message) -> dns.message.Message:
+        response = dns.message.make_response(request, our_payload=self.policy.udp_payload)
+        response.flags &= ~dns.flags.AA
+        return response
+
+    def _public(self, zone: Zone, qname: dns.name.Name, qtype: int) -> bool:
+        """The discovery records and the apex SOA/NS are readable by anyone."""
+        if zone.user is None:
+            return True
+        if qname == zone.name and qtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
+            return True
+        return qname in (UPDATE_SRV.concatenate(zone.name), LLQ_SRV.concatenate(zone.name))
+
+    def answer(self, request: dns.message.Message, key: TsigKey | None) -> dns.message.Message:
+        """The standard authoritative answer to a query (also usable by option handlers)."""
+        response = self._response(request)
+        if len(request.question) != 1:
+            response.set_rcode(dns.rcode.FORMERR)
+            return response
+        q = request.question[0]
+        if q.rdclass != dns.rdataclass.IN or q.rdtype in (
+            dns.rdatatype.AXFR,
+            dns.rdatatype.IXFR,
+            dns.rdatatype.MAILA,
+            dns.rdatatype.MAILB,
+        ):
+            response.set_rcode(dns.rcode.REFUSED)
+            return response
+        zone = self.store.find_zone(q.name)
+        if zone is None:
+            response.set_rcode(dns.rcode.REFUSED)
+            return response
+        if not self._public(zone, q.name, q.rdtype) and (key is None or key.zone != zone.name):
+            response.set_rcode(dns.rcode.REFUSED)
+            return response
+        response.flags |= dns.flags.AA
+        types = zone.types_at(q.name) if q.rdtype == dns.rdatatype.ANY else [q.rdtype]
+        found = False
+        for t in types:
+            found |= self._add(response, zone, q.name, t)
+        if not found and q.rdtype != dns.rdatatype.CNAME:
+            found = self._add(response, zone, q.name, dns.rdatatype.CNAME)
+        if found:
+            return response
+        if not zone.name_exists(q.name):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        soa = zone.soa()
+        rrset = dns.rrset.RRset(zone.name, dns.rdataclass.IN, dns.rdatatype.SOA)
+        rrset.add(soa, min(zone.config.soa_ttl, zone.config.negative_ttl))
+        response.authority.append(rrset)
+        return response
+
+    @staticmethod
+    def _add(response: dns.message.Message, zone: Zone, name: dns.name.Name, rdtype: int) -> bool:
+        rrs = zone.get(name, rdtype)
+        if not rrs:
+            return False
+        rrset = dns.rrset.RRset(name, dns.rdataclass.IN, rdtype)
+        ttl = min(t for _, t in rrs)
+        for rd, _ in rrs:
+            rrset.add(rd, ttl)
+        response.answer.append(rrset)
+        return True
+
+    # ---- updates -----------------------------------------------------------------------------
+
+    def _grant(self, request: dns.message.Message) -> tuple[Grant | None, UpdateLeaseOption | None]:
+        p = self.policy
+        for option in request.options:
+            if isinstance(option, UpdateLeaseOption):
+                lease = min(max(option.lease, p.lease_min), p.lease_max)
+                if option.key_lease is None:
+                    return Grant(lease, lease), UpdateLeaseOption(lease)
+                key_lease = min(max(option.key_lease, p.lease_min), p.lease_max)
+                return Grant(lease, key_lease), UpdateLeaseOption(lease, key_lease)
+        if p.no_lease == NoLeasePolicy.PERMANENT:
+            return Grant(None, None), None
+        if p.no_lease == NoLeasePolicy.DEFAULT_LEASE:
+            return Grant(p.default_lease, p.default_lease), None
+        return None, None
+
+    def _update(
+        self,
+        request: dns.message.Message,
+        verdict: TsigVerdict | None,
+        now: float,
+        peer: str,
+    ) -> dns.message.Message:
+        response = self._response(request)
+        if len(request.question) != 1 or request.question[0].rdtype != dns.rdatatype.SOA:
+            response.set_rcode(dns.rcode.FORMERR)
+            return response
+        zq = request.question[0]
+        zone = self.store.zones.get(zq.name)
+        if zq.rdclass != dns.rdataclass.IN or zone is None:
+            response.set_rcode(dns.rcode.NOTAUTH)
+            return response
+        key = verdict.key if verdict is not None else None
+        if key is None or zone.user is None or key.zone != zone.name:
+            log.warning(
+                "update refused",
+                zone=str(zone.name),
+                peer=peer,
+                key=None if key is None else str(key.name),
+            )
+            response.set_rcode(dns.rcode.REFUSED)
+            return response
+        assert verdict is not None
+        seen = SeenMac(key.name, verdict.record.time_signed, verdict.record.mac)
+        grant, option = self._grant(request)
+        if grant is None:
+            outcome_rcode = dns.rcode.REFUSED
+            change: ChangeSet | None = None
+            why = "updates without a lease are refused by policy"
+        else:
+            outcome = plan_update(zone, request, now=now, grant=grant, seen=seen)
+            outcome_rcode, change, why = outcome.rcode, outcome.change, outcome.why
+        if change is None:
+            # The MAC must stay spent even though nothing changed: a replay after a restart
+            # could otherwise succeed once the prerequisites happen to hold.
+            change = ChangeSet(zone.name, zone.serial, seen=(seen,))
+        try:
+            self.store.commit(change)
+        except (StorageError, OSError) as e:
+            log.error("commit failed", zone=str(zone.name), error=str(e))
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response
+        except Exception as e:  # sqlite3 errors: the update is not durable, say so
+            log.error("commit failed", zone=str(zone.name), error=repr(e))
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response
+        response.set_rcode(outcome_rcode)
+        log.info(
+            "update",
+            zone=str(zone.name),
+            peer=peer,
+            rcode=dns.rcode.to_text(outcome_rcode),
+            why=why or None,
+            serial=zone.serial,
+            added=len(change.upserts),
+            removed=len(change.deletes),
+        )
+        if outcome_rcode == dns.rcode.NOERROR and option is not None:
+            response.use_edns(0, 0, self.policy.udp_payload, options=[option])
+        return response
+
+    # ---- rendering ----------------------------------------------------------------------------
+
+    def _limit(self, request: dns.message.Message, transport: Transport) -> int:
+        if transport != Transport.UDP:
+            return 65535
+        if request.edns < 0:
+            return 512
+        return max(512, min(request.payload, self.policy.udp_payload))
+
+    def _render(
+        self,
+        response: dns.message.Message,
+        verdict: TsigVerdict | None,
+        now: float,
+        limit: int,
+    ) -> bytes:
+        reserve = 0
+        if verdict is not None:
+            reserve = rr_size(verdict.record.key_name, verdict.record.algorithm)
+        try:
+            wire = response.to_wire(max_size=limit - reserve)
+            if len(wire) + reserve > limit:
+                raise dns.exception.TooBig
+        except dns.exception.TooBig:
+            # RFC 1035 4.2.1 / RFC 7766: tell the client to retry over TCP.
+            response.answer.clear()
+            response.authority.clear()
+            response.additional.clear()
+            response.flags |= dns.flags.TC
+            wire = response.to_wire()
+        if verdict is None:
+            return wire
+        rec = verdict.record
+        t = int(now)
+        if verdict.error in (TsigError.BADKEY, TsigError.BADSIG):
+            # RFC 8945 5.3.2: never signed, MAC empty.
+            return append_tsig(
+                wire,
+                key=None,
+                key_name=rec.key_name,
+                algorithm=rec.algorithm,
+                request_mac=rec.mac,
+                time_signed=rec.time_signed,
+                fudge=self.policy.fudge,
+                error=verdict.error,
+            )
+        if verdict.error == TsigError.BADTIME:
+            return append_tsig(
+                wire,
+                key=verdict.key,
+                key_name=rec.key_name,
+                algorithm=rec.algorithm,
+                request_mac=rec.mac,
+                time_signed=rec.time_signed,
+                fudge=self.policy.fudge,
+                error=verdict.error,
+                other=time_other_data(t),
+            )
+        return append_tsig(
+            wire,
+            key=verdict.key,
+            key_name=rec.key_name,
+            algorithm=rec.algorithm,
+            request_mac=rec.mac,
+            time_signed=t,
+            fudge=self.policy.fudge,
+            error=verdict.error,
+        )
+
+    # ---- timers -------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        return self.store.next_expiry()
+
+    def expire(self, now: float) -> int:
+        """Drop RRs whose lease ran out; returns how many RRsets changed."""
+        events = self.store.expire(now)
+        if now >= self._next_prune:
+            self.replay.prune(int(now))
+            self._next_prune = now + 10.0
+        if events:
+            log.info("leases expired", rrsets=len(events))
+        return len(events)

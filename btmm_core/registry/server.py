@@ -1,0 +1,168 @@
+"""The registry's asyncio driver: UDP, TCP (RFC 7766) and DNS over TLS (RFC 7858) listeners,
+the lease timer and the account watcher. All protocol work is in ``RegistryCore``.
+
+TCP and TLS connections are bounded: at most ``max_connections`` at once, ``idle_timeout``
+seconds to send the next length prefix, ``read_timeout`` seconds to send a whole message. A
+zero length or a message too short for a header closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import struct
+import time
+from dataclasses import dataclass
+from typing import cast
+
+import structlog
+
+from btmm_core.registry.handler import RegistryCore, Transport
+
+log = structlog.get_logger("btmm.registry")
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+    tls_port: int | None = None
+    tls: ssl.SSLContext | None = None
+    max_connections: int = 256
+    idle_timeout: float = 10.0
+    read_timeout: float = 5.0
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, server: RegistryServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport is not a subclass of asyncio.DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        out = self.server.dispatch(data, Transport.UDP, addr)
+        if out is not None and self.transport is not None:
+            self.transport.sendto(out, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp error", error=str(exc))
+
+
+class RegistryServer:
+    def __init__(self, core: RegistryCore, listen: Listen) -> None:
+        self.core = core
+        self.listen = listen
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._tcp: list[asyncio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    def dispatch(self, data: bytes, transport: Transport, addr: tuple[str, int]) -> bytes | None:
+        peer = f"{addr[0]}#{addr[1]}"
+        try:
+            out = self.core.handle(data, time.time(), transport, peer)
+        except Exception:
+            # A bug, not bad input: bad input is FORMERR inside the core. Keep serving.
+            log.exception("internal error while handling a message", peer=peer)
+            return None
+        # A commit may have added a nearer lease deadline.
+        self._wake.set()
+        return out
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        lst = self.listen
+        udp, _ = await loop.create_datagram_endpoint(
+            lambda: _Udp(self), local_addr=(lst.host, lst.port)
+        )
+        self._udp.append(udp)
+        self.addresses["udp"] = udp.get_extra_info("sockname")[:2]
+        tcp = await asyncio.start_server(
+            lambda r, w: self._client(r, w, Transport.TCP), lst.host, lst.port, limit=70000
+        )
+        self._tcp.append(tcp)
+        self.addresses["tcp"] = tcp.sockets[0].getsockname()[:2]
+        if lst.tls is not None and lst.tls_port is not None:
+            dot = await asyncio.start_server(
+                lambda r, w: self._client(r, w, Transport.TLS),
+                lst.host,
+                lst.tls_port,
+                ssl=lst.tls,
+                ssl_handshake_timeout=lst.read_timeout,
+                limit=70000,
+            )
+            self._tcp.append(dot)
+            self.addresses["tls"] = dot.sockets[0].getsockname()[:2]
+        self._tasks.append(asyncio.create_task(self._timers()))
+        log.info("registry listening", **{k: f"{h}#{p}" for k, (h, p) in self.addresses.items()})
+
+    async def _client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: Transport
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= self.listen.max_connections:
+            writer.close()
+            return
+        self._connections.add(task)
+        addr = writer.get_extra_info("peername") or ("?", 0)
+        try:
+            while True:
+                prefix = await asyncio.wait_for(reader.readexactly(2), self.listen.idle_timeout)
+                (length,) = struct.unpack("!H", prefix)
+                if length < 12:
+                    break
+                data = await asyncio.wait_for(reader.readexactly(length), self.listen.read_timeout)
+                out = self.dispatch(data, kind, addr)
+                if out is not None:
+                    writer.write(struct.pack("!H", len(out)) + out)
+                    await asyncio.wait_for(writer.drain(), self.listen.read_timeout)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _timers(self) -> None:
+        store = self.core.store
+        next_accounts = 0.0
+        while True:
+            now = time.time()
+            try:
+                if now >= next_accounts:
+                    store.refresh_accounts()
+                    next_accounts = now + 1.0
+                self.core.expire(now)
+            except Exception:
+                log.exception("timer work failed; retrying in a second")
+            deadline = self.core.next_deadline()
+            delay = 1.0 if deadline is None else min(max(deadline - time.time(), 0.0), 1.0)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for s in self._tcp:
+            s.close()
+        for u in self._udp:
+            u.close()
+        for c in list(self._connections):
+            c.cancel()
+        for t in [*self._tasks, *self._connections]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for s in self._tcp:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 2.0)
+        self.core.store.storage.close()
+        log.info("registry stopped")

@@ -1,0 +1,306 @@
+"""Strict TSIG verification and signing for the registry, sans-I/O.
+
+RFC 8945 (Secret Key Transaction Authentication for DNS). The MAC is computed here rather than
+by dnspython's message code so that the time is always the caller's ``now`` and the fudge is
+always the server's own, whatever the message claims (section 5.2.3). Order of checks follows
+section 5.2: key (BADKEY), MAC size and MAC (FORMERR/BADSIG), time (BADTIME), truncation policy
+(BADTRUNC); replay and older-Time-Signed checks come last and also answer BADTIME.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
+
+HMAC_SHA256 = dns.name.from_text("hmac-sha256.")
+HMAC_MD5 = dns.name.from_text("hmac-md5.sig-alg.reg.int.")
+
+_DIGESTS: dict[dns.name.Name, tuple[str, int]] = {
+    HMAC_SHA256: ("sha256", 32),
+    HMAC_MD5: ("md5", 16),
+}
+
+#: The server's fudge: the most clock skew it tolerates, never more than 300 s (RFC 8945 10).
+MAX_FUDGE = 300
+
+
+class TsigError(enum.IntEnum):
+    """TSIG error field values (RFC 8945 section 3)."""
+
+    NOERROR = 0
+    BADSIG = 16
+    BADKEY = 17
+    BADTIME = 18
+    BADTRUNC = 22
+
+
+@dataclass(frozen=True)
+class TsigKey:
+    """A key as the server knows it: the algorithm is fixed per key."""
+
+    name: dns.name.Name
+    algorithm: dns.name.Name
+    secret: bytes
+    zone: dns.name.Name
+
+
+@dataclass(frozen=True)
+class TsigRecord:
+    """The fields of a received TSIG RR plus where it starts in the wire message."""
+
+    key_name: dns.name.Name
+    algorithm: dns.name.Name
+    time_signed: int
+    fudge: int
+    mac: bytes
+    original_id: int
+    error: int
+    other: bytes
+    start: int
+
+
+@dataclass(frozen=True)
+class TsigVerdict:
+    """Outcome of verifying a request.
+
+    ``error`` is NOERROR for a good request; ``formerr`` means answer FORMERR, unsigned.
+    ``key`` is set whenever the key was known (needed to sign BADTIME/BADTRUNC answers).
+    """
+
+    error: TsigError
+    key: TsigKey | None
+    record: TsigRecord
+    formerr: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error == TsigError.NOERROR and not self.formerr
+
+
+def algorithm_digest_size(algorithm: dns.name.Name) -> int | None:
+    entry = _DIGESTS.get(algorithm)
+    return None if entry is None else entry[1]
+
+
+def _skip_name(wire: bytes, p: int) -> int:
+    while True:
+        length = wire[p]
+        if length == 0:
+            return p + 1
+        if length & 0xC0 == 0xC0:
+            return p + 2
+        p += 1 + length
+
+
+def last_rr_offset(wire: bytes) -> int:
+    """Offset of the last RR of a well-formed message (the TSIG RR when there is one)."""
+    qd, an, ns, ar = struct.unpack("!HHHH", wire[4:12])
+    p = 12
+    for _ in range(qd):
+        p = _skip_name(wire, p) + 4
+    for _ in range(an + ns + ar - 1):
+        p = _skip_name(wire, p) + 8
+        (rdlen,) = struct.unpack("!H", wire[p : p + 2])
+        p += 2 + rdlen
+    return p
+
+
+def _variables(
+    key_name: dns.name.Name,
+    algorithm: dns.name.Name,
+    time_signed: int,
+    fudge: int,
+    error: int,
+    other: bytes,
+) -> bytes:
+    return (
+        key_name.canonicalize().to_wire()
+        + struct.pack("!HI", dns.rdataclass.ANY, 0)
+        + algorithm.canonicalize().to_wire()
+        + struct.pack("!HIH", (time_signed >> 32) & 0xFFFF, time_signed & 0xFFFFFFFF, fudge)
+        + struct.pack("!HH", error, len(other))
+        + other
+    )
+
+
+def compute_mac(
+    key: TsigKey,
+    message_without_tsig: bytes,
+    *,
+    original_id: int,
+    time_signed: int,
+    fudge: int,
+    error: int,
+    other: bytes,
+    request_mac: bytes | None,
+) -> bytes:
+    """HMAC over (request MAC), the message with its original ID, and the TSIG variables."""
+    digest_name, _ = _DIGESTS[key.algorithm]
+    h = hmac.new(key.secret, digestmod=digest_name)
+    if request_mac is not None:
+        h.update(struct.pack("!H", len(request_mac)) + request_mac)
+    h.update(struct.pack("!H", original_id) + message_without_tsig[2:])
+    h.update(_variables(key.name, key.algorithm, time_signed, fudge, error, other))
+    return h.digest()
+
+
+def strip_tsig(wire: bytes, start: int) -> bytes:
+    """The message as it was before the TSIG RR was appended (ARCOUNT one less)."""
+    (arcount,) = struct.unpack("!H", wire[10:12])
+    return wire[:10] + struct.pack("!H", arcount - 1) + wire[12:start]
+
+
+def verify(
+    wire: bytes,
+    record: TsigRecord,
+    lookup: Callable[[dns.name.Name], TsigKey | None],
+    *,
+    now: int,
+    fudge: int,
+) -> TsigVerdict:
+    """Check key, MAC and time of a request. Replay is the caller's (it owns the state)."""
+    key = lookup(record.key_name)
+    # An unknown key and a key used with another algorithm are the same answer: BADKEY
+    # (RFC 8945 5.2.1); the algorithm is a property of the key, not of the message.
+    if key is None or key.algorithm != record.algorithm:
+        return TsigVerdict(TsigError.BADKEY, None, record)
+    _, full = _DIGESTS[key.algorithm]
+    size = len(record.mac)
+    # RFC 8945 5.2.2.1: longer than the hash or shorter than max(10, half the hash) is FORMERR.
+    if size > full or size < max(10, full // 2):
+        return TsigVerdict(TsigError.NOERROR, key, record, formerr=True)
+    expected = compute_mac(
+        key,
+        strip_tsig(wire, record.start),
+        original_id=record.original_id,
+        time_signed=record.time_signed,
+        fudge=record.fudge,
+        error=record.error,
+        other=record.other,
+        request_mac=None,
+    )
+    if not hmac.compare_digest(expected[:size], record.mac):
+        return TsigVerdict(TsigError.BADSIG, None, record)
+    if abs(record.time_signed - now) > min(fudge, MAX_FUDGE):
+        return TsigVerdict(TsigError.BADTIME, key, record)
+    if size < full:
+        # Our local policy accepts no truncation at all (RFC 8945 5.2.4).
+        return TsigVerdict(TsigError.BADTRUNC, key, record)
+    return TsigVerdict(TsigError.NOERROR, key, record)
+
+
+def tsig_rr(
+    key_name: dns.name.Name,
+    algorithm: dns.name.Name,
+    *,
+    time_signed: int,
+    fudge: int,
+    mac: bytes,
+    original_id: int,
+    error: int,
+    other: bytes,
+) -> bytes:
+    """Wire form of a TSIG RR (names uncompressed, as section 4.2 requires)."""
+    rdata = (
+        algorithm.to_wire()
+        + struct.pack("!HIH", (time_signed >> 32) & 0xFFFF, time_signed & 0xFFFFFFFF, fudge)
+        + struct.pack("!H", len(mac))
+        + mac
+        + struct.pack("!HHH", original_id, error, len(other))
+        + other
+    )
+    return (
+        key_name.to_wire()
+        + struct.pack("!HHIH", dns.rdatatype.TSIG, dns.rdataclass.ANY, 0, len(rdata))
+        + rdata
+    )
+
+
+def rr_size(key_name: dns.name.Name, algorithm: dns.name.Name, other_len: int = 6) -> int:
+    """Upper bound of the bytes a TSIG RR adds to a response."""
+    mac = algorithm_digest_size(algorithm) or 64
+    return len(key_name.to_wire()) + 10 + len(algorithm.to_wire()) + 16 + mac + other_len
+
+
+def append_tsig(
+    response: bytes,
+    *,
+    key: TsigKey | None,
+    key_name: dns.name.Name,
+    algorithm: dns.name.Name,
+    request_mac: bytes,
+    time_signed: int,
+    fudge: int,
+    error: int,
+    other: bytes = b"",
+) -> bytes:
+    """Append a TSIG RR to a rendered response: signed when ``key`` is given, else MAC-less."""
+    (original_id,) = struct.unpack("!H", response[:2])
+    if key is None:
+        mac = b""
+    else:
+        mac = compute_mac(
+            key,
+            response,
+            original_id=original_id,
+            time_signed=time_signed,
+            fudge=fudge,
+            error=error,
+            other=other,
+            request_mac=request_mac,
+        )
+    rr = tsig_rr(
+        key_name,
+        algorithm,
+        time_signed=time_signed,
+        fudge=fudge,
+        mac=mac,
+        original_id=original_id,
+        error=error,
+        other=other,
+    )
+    (arcount,) = struct.unpack("!H", response[10:12])
+    return response[:10] + struct.pack("!H", arcount + 1) + response[12:] + rr
+
+
+def time_other_data(now: int) -> bytes:
+    """Other Data of a BADTIME answer: the server's time, 48 bits (RFC 8945 5.2.3)."""
+    return struct.pack("!HI", (now >> 32) & 0xFFFF, now & 0xFFFFFFFF)
+
+
+@dataclass
+class ReplayGuard:
+    """Refuses a MAC seen before and a Time Signed older than the newest seen for the key.
+
+    Entries older than the fudge window are forgotten: such messages fail the time check anyway.
+    """
+
+    fudge: int
+    last_time: dict[dns.name.Name, int]
+    seen: dict[tuple[dns.name.Name, bytes], int]
+
+    @classmethod
+    def empty(cls, fudge: int) -> ReplayGuard:
+        return cls(fudge, {}, {})
+
+    def check(self, key: dns.name.Name, time_signed: int, mac: bytes) -> bool:
+        if (key, mac) in self.seen:
+            return False
+        return time_signed >= self.last_time.get(key, 0)
+
+    def remember(self, key: dns.name.Name, time_signed: int, mac: bytes) -> None:
+        self.seen[(key, mac)] = time_signed
+        if time_signed > self.last_time.get(key, 0):
+            self.last_time[key] = time_signed
+
+    def prune(self, now: int) -> None:
+        horizon = now - 2 * self.fudge
+        for k in [k for k, t in self.seen.items() if t < horizon]:
+            del self.seen[k]

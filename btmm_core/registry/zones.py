@@ -1,0 +1,290 @@
+"""The registry's zones in memory, backed by a ``Storage``; the "RRset changed" hook lives here.
+
+Every committed change (an update or a lease expiry) is first made durable by the storage, then
+applied in memory, then announced to observers as one ``RRsetChange`` per RRset. LLQ (RFC 8764)
+subscribes with ``ZoneStore.add_observer``.
+
+Server-managed records are synthesized, not stored: the SOA (its serial is the zone's), the
+apex NS, and the discovery SRVs ``_dns-update._udp`` and ``_dns-llq._udp`` (DESIGN.md 2).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.NS
+import dns.rdtypes.ANY.SOA
+import dns.rdtypes.IN.SRV
+
+from btmm_core.registry.model import (
+    Cause,
+    ChangeSet,
+    Entry,
+    RecordKey,
+    RecordRow,
+    RRsetChange,
+    SeenMac,
+)
+from btmm_core.registry.storage import Storage
+from btmm_core.registry.tsig import TsigKey
+
+Observer = Callable[[RRsetChange], None]
+
+UPDATE_SRV = dns.name.from_text("_dns-update._udp", origin=None)
+LLQ_SRV = dns.name.from_text("_dns-llq._udp", origin=None)
+
+
+@dataclass(frozen=True)
+class ZoneConfig:
+    """What the synthesized records say and the bounds of a zone."""
+
+    parent: dns.name.Name
+    ns_name: dns.name.Name
+    ns_addresses: tuple[str, ...] = ()
+    public_port: int = 53
+    soa_ttl: int = 3600
+    negative_ttl: int = 60
+    max_records: int = 2000
+
+
+def next_serial(serial: int) -> int:
+    """RFC 1982 increment; 0 is skipped because some tools read it as "unset"."""
+    s = (serial + 1) & 0xFFFFFFFF
+    return s or 1
+
+
+@dataclass
+class Zone:
+    name: dns.name.Name
+    user: str | None
+    serial: int
+    config: ZoneConfig
+    rrsets: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]] = field(
+        default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        c = self.config
+        ns = dns.rdtypes.ANY.NS.NS(dns.rdataclass.IN, dns.rdatatype.NS, c.ns_name)
+        self.synth: dict[tuple[dns.name.Name, int], tuple[int, tuple[dns.rdata.Rdata, ...]]] = {
+            (self.name, dns.rdatatype.NS): (c.soa_ttl, (ns,))
+        }
+        if self.user is not None:
+            srv = dns.rdtypes.IN.SRV.SRV(
+                dns.rdataclass.IN, dns.rdatatype.SRV, 0, 0, c.public_port, c.ns_name
+            )
+            for label in (UPDATE_SRV, LLQ_SRV):
+                self.synth[(label.concatenate(self.name), dns.rdatatype.SRV)] = (
+                    c.soa_ttl,
+                    (srv,),
+                )
+        elif c.ns_name.is_subdomain(self.name):
+            for addr in c.ns_addresses:
+                rdtype = dns.rdatatype.AAAA if ":" in addr else dns.rdatatype.A
+                rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, addr)
+                ttl, old = self.synth.get((c.ns_name, rdtype), (c.soa_ttl, ()))
+                self.synth[(c.ns_name, rdtype)] = (ttl, (*old, rd))
+
+    def soa(self) -> dns.rdata.Rdata:
+        c = self.config
+        return dns.rdtypes.ANY.SOA.SOA(
+            dns.rdataclass.IN,
+            dns.rdatatype.SOA,
+            c.ns_name,
+            dns.name.from_text("hostmaster", origin=c.parent),
+            self.serial,
+            3600,
+            600,
+            86400,
+            c.negative_ttl,
+        )
+
+    def is_protected(self, name: dns.name.Name, rdtype: int) -> bool:
+        """Records the server manages itself: updates may not touch them."""
+        if rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
+            return True
+        return (name, rdtype) in self.synth
+
+    def get(self, name: dns.name.Name, rdtype: int) -> list[tuple[dns.rdata.Rdata, int]]:
+        if rdtype == dns.rdatatype.SOA and name == self.name:
+            return [(self.soa(), self.config.soa_ttl)]
+        synth = self.synth.get((name, rdtype))
+        if synth is not None:
+            return [(rd, synth[0]) for rd in synth[1]]
+        stored = self.rrsets.get((name, rdtype))
+        if not stored:
+            return []
+        return [(rd, e.ttl) for rd, e in stored.items()]
+
+    def types_at(self, name: dns.name.Name) -> list[int]:
+        types = {t for (n, t) in self.rrsets if n == name}
+        types.update(t for (n, t) in self.synth if n == name)
+        if name == self.name:
+            types.add(dns.rdatatype.SOA)
+        return sorted(types)
+
+    def name_exists(self, name: dns.name.Name) -> bool:
+        """True for owner names and for empty non-terminals above them."""
+        if name == self.name:
+            return True
+        for n, _ in self.rrsets:
+            if n.is_subdomain(name):
+                return True
+        return any(n.is_subdomain(name) for n, _ in self.synth)
+
+    def record_count(self) -> int:
+        return sum(len(v) for v in self.rrsets.values())
+
+
+class ZoneStore:
+    """Zones and keys in memory, every change durable first, observers told after."""
+
+    def __init__(self, storage: Storage, config: ZoneConfig) -> None:
+        self.storage = storage
+        self.config = config
+        self.zones: dict[dns.name.Name, Zone] = {}
+        self.keys: dict[dns.name.Name, TsigKey] = {}
+        self.loaded_seen: tuple[SeenMac, ...] = ()
+        self._observers: list[Observer] = []
+        self._leases: list[tuple[float, int, dns.name.Name, dns.name.Name, int, bytes]] = []
+        self._tiebreak = 0
+        self._generation = -1
+        self.storage.ensure_zone(config.parent, None)
+        self.reload()
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call ``observer`` for every RRset change after it is durable (updates and expiry)."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        self._observers.remove(observer)
+
+    def reload(self) -> None:
+        snap = self.storage.load()
+        self._generation = self.storage.generation()
+        self.zones = {z.name: Zone(z.name, z.user, z.serial, self.config) for z in snap.zones}
+        self.keys = {k.name: k for k in snap.keys}
+        self._leases = []
+        for r in snap.records:
+            zone = self.zones.get(r.zone)
+            if zone is None:
+                continue
+            zone.rrsets.setdefault((r.name, r.rdtype), {})[r.rdata] = r.entry
+            self._track_lease(r)
+        self.loaded_seen = snap.seen
+
+    def accounts_changed(self) -> bool:
+        return self.storage.generation() != self._generation
+
+    def refresh_accounts(self) -> None:
+        """Pick up users added, removed or re-keyed by ``btmm serve user`` in another process."""
+        if not self.accounts_changed():
+            return
+        snap = self.storage.load()
+        self._generation = self.storage.generation()
+        self.keys = {k.name: k for k in snap.keys}
+        names = {z.name for z in snap.zones}
+        for name in [n for n in self.zones if n not in names]:
+            del self.zones[name]
+        for z in snap.zones:
+            if z.name not in self.zones:
+                self.zones[z.name] = Zone(z.name, z.user, z.serial, self.config)
+
+    def find_zone(self, name: dns.name.Name) -> Zone | None:
+        """The most specific zone containing ``name``."""
+        n = name
+        while True:
+            zone = self.zones.get(n)
+            if zone is not None:
+                return zone
+            if n == dns.name.root or len(n) <= 1:
+                return None
+            n = n.parent()
+
+    def _track_lease(self, row: RecordRow) -> None:
+        if row.entry.expires is not None:
+            self._tiebreak += 1
+            heapq.heappush(
+                self._leases,
+                (
+                    row.entry.expires,
+                    self._tiebreak,
+                    row.zone,
+                    row.name,
+                    row.rdtype,
+                    row.rdata.to_digestable(),
+                ),
+            )
+
+    def commit(self, change: ChangeSet) -> list[RRsetChange]:
+        """Make ``change`` durable, apply it in memory, tell the observers."""
+        self.storage.commit(change)
+        zone = self.zones[change.zone]
+        before: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]] = {}
+        for key in [(d.name, d.rdtype) for d in change.deletes] + [
+            (u.name, u.rdtype) for u in change.upserts
+        ]:
+            if key not in before:
+                before[key] = dict(zone.rrsets.get(key, {}))
+        for d in change.deletes:
+            rs = zone.rrsets.get((d.name, d.rdtype))
+            if rs is not None:
+                rs.pop(d.rdata, None)
+                if not rs:
+                    del zone.rrsets[(d.name, d.rdtype)]
+        for u in change.upserts:
+            zone.rrsets.setdefault((u.name, u.rdtype), {})[u.rdata] = u.entry
+            self._track_lease(u)
+        zone.serial = change.serial
+        events = []
+        for (name, rdtype), old in before.items():
+            new = zone.rrsets.get((name, rdtype), {})
+            added = tuple(rd for rd in new if rd not in old)
+            removed = tuple(rd for rd in old if rd not in new)
+            ttl_changed = any(old[rd].ttl != new[rd].ttl for rd in new if rd in old)
+            if added or removed or ttl_changed:
+                events.append(
+                    RRsetChange(
+                        change.zone,
+                        name,
+                        rdtype,
+                        added,
+                        removed,
+                        tuple((rd, e.ttl) for rd, e in new.items()),
+                        change.serial,
+                        change.cause,
+                    )
+                )
+        for event in events:
+            for observer in list(self._observers):
+                observer(event)
+        return events
+
+    def next_expiry(self) -> float | None:
+        return self._leases[0][0] if self._leases else None
+
+    def expire(self, now: float) -> list[RRsetChange]:
+        """Remove every RR whose lease ran out by ``now``; one commit (serial bump) per zone."""
+        due: dict[dns.name.Name, list[RecordKey]] = {}
+        while self._leases and self._leases[0][0] <= now:
+            expires, _, zname, name, rdtype, digest = heapq.heappop(self._leases)
+            zone = self.zones.get(zname)
+            if zone is None:
+                continue
+            for rd, entry in zone.rrsets.get((name, rdtype), {}).items():
+                # A refreshed RR has a later deadline in the heap; this entry is stale then.
+                if rd.to_digestable() == digest and entry.expires == expires:
+                    due.setdefault(zname, []).append(RecordKey(zname, name, rdtype, rd))
+        events: list[RRsetChange] = []
+        for zname, keys in due.items():
+            zone = self.zones[zname]
+            events += self.commit(
+                ChangeSet(zname, next_serial(zone.serial), deletes=tuple(keys), cause=Cause.EXPIRY)
+            )
+        return events
