@@ -33,7 +33,7 @@ NAT_T = UDP(sport=4500, dport=4500)
 
 
 def scapy_sa() -> object:
-    return scapy_ipsec.SecurityAssociation(
+    return scapy_ipsec.SecurityAssociation(  # type: ignore[no-untyped-call]
         scapy_ipsec.ESP,
         spi=SPI,
         crypt_algo="AES-GCM",

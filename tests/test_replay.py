@@ -47,7 +47,8 @@ def outcome(rx: RxCodec, payload: bytes) -> DropReason | None:
     try:
         rx.open(payload)
     except PacketDropped as exc:
-        return DropReason(exc.reason)  # type: ignore[call-overload]
+        assert isinstance(exc.reason, int), exc.reason  # a DropReason value
+        return DropReason(exc.reason)
     return None
 
 
