@@ -1,0 +1,518 @@
+"""Per-peer SA lifecycle on a virtual clock: handshakes, rekeys, expiry, retries, keepalives.
+
+Timers follow WireGuard (Donenfeld, NDSS 2017, section 6.1; the constants are
+REKEY-AFTER-TIME 120 s, REJECT-AFTER-TIME 180 s, REKEY-TIMEOUT 5 s, REKEY-ATTEMPT-TIME 90 s)
+and the ESP rule that a sequence number never wraps (RFC 4303 section 3.3.3: rekey first).
+Messages are those of ``noise``.
+
+The engine keeps at most two receive SAs per peer and retires the oldest when a third is
+installed, so this module manages the receive SAs explicitly, make-before-break:
+
+* the responder installs the new receive SA *before* it sends its response, and switches its
+  transmit SA only when the initiator's confirm arrives (or, if the confirm is lost, once the
+  initiator has evidently stopped retrying: ``confirm_timeout`` without a newer initiation);
+* the initiator, on the response, installs the new receive SA and then the new transmit SA
+  (the responder already holds the matching receive SA), then sends the confirm;
+* before installing a receive SA, every receive SA except the one the peer is believed to be
+  sending on is retired, so the peer's current SA is never pushed out.
+
+If both sides initiate at once, the side with the lower public key yields: it abandons its
+own initiation and answers; the other side ignores the crossing initiation (its own will be
+answered). A transmit key older than ``reject_after_time`` (or past ``reject_after_messages``)
+is never used: the engine API cannot delete a lone transmit SA, so the peer's SAs are reset.
+
+Sans-I/O: every entry point takes ``now`` (monotonic seconds) and ``wall`` (Unix seconds, for
+the handshake timestamps) and returns actions for a driver to carry out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from btmm_core.dataplane.api import SEQ_MAX, Endpoint
+from btmm_core.errors import ConfigError
+from btmm_core.keyex.noise import (
+    SPI_MAX,
+    SPI_MIN,
+    Confirmed,
+    CookieStored,
+    HandshakeComplete,
+    Handshaker,
+    PeerInitiation,
+    Refused,
+    SaKeys,
+    SendReply,
+)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    rekey_after_time: float = 120.0
+    reject_after_time: float = 180.0
+    #: rekey once this many packets were sent under one key, far from the 2**64 sequence end
+    rekey_after_messages: int = 2**60
+    reject_after_messages: int = SEQ_MAX - 2**13
+    rekey_timeout: float = 5.0
+    rekey_attempt_time: float = 90.0
+    #: random extra delay added to each retry, up to this many seconds
+    rekey_jitter: float = 0.333
+    #: NAT keepalive interval; None (the default) sends none, for hosts not behind a NAT
+    keepalive_interval: float | None = None
+    #: the responder switches its transmit SA without a confirm after this long
+    confirm_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.rekey_timeout < self.rekey_after_time:
+            raise ConfigError(
+                "rekey_timeout must be positive and below rekey_after_time",
+                hint=f"got {self.rekey_timeout} and {self.rekey_after_time}",
+            )
+        if self.reject_after_time <= self.responder_rekey_after:
+            raise ConfigError(
+                "reject_after_time must exceed rekey_after_time + 2 * rekey_timeout, or keys "
+                "would expire before the backstop rekey",
+                hint=f"got reject {self.reject_after_time}, rekey {self.rekey_after_time}, "
+                f"timeout {self.rekey_timeout}",
+            )
+        if not self.confirm_timeout < self.rekey_after_time:
+            raise ConfigError("confirm_timeout must be below rekey_after_time")
+        if not 0 < self.rekey_after_messages < self.reject_after_messages <= SEQ_MAX:
+            raise ConfigError("need 0 < rekey_after_messages < reject_after_messages <= 2**64-1")
+        if self.keepalive_interval is not None and self.keepalive_interval <= 0:
+            raise ConfigError("keepalive_interval must be positive or None (off)")
+
+    @property
+    def responder_rekey_after(self) -> float:
+        """The side that answered the last handshake rekeys only as a backstop, later than the
+        initiator, so that the two rarely start crossing handshakes."""
+        return self.rekey_after_time + 2 * self.rekey_timeout
+
+
+# --- actions for the driver ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendControl:
+    destination: Endpoint
+    message: bytes
+
+
+@dataclass(frozen=True)
+class InstallRx:
+    inner: str
+    spi: int
+    keymat: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class InstallTx:
+    inner: str
+    spi: int
+    keymat: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RetireRx:
+    inner: str
+    spi: int
+
+
+@dataclass(frozen=True)
+class ResetPeer:
+    """Remove every SA of the peer (its transmit key expired) and re-add it at ``endpoint``."""
+
+    inner: str
+    endpoint: Endpoint | None
+
+
+@dataclass(frozen=True)
+class SetEndpoint:
+    inner: str
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True)
+class SendKeepalive:
+    inner: str
+
+
+@dataclass(frozen=True)
+class Established:
+    """A new SA pair is in use in both directions (as far as this side can tell)."""
+
+    inner: str
+    tx_spi: int
+    rx_spi: int
+    initiator: bool
+    confirmed: bool  #: False when the responder switched after ``confirm_timeout``
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    inner: str
+    what: str
+
+
+Action = (
+    SendControl
+    | InstallRx
+    | InstallTx
+    | RetireRx
+    | ResetPeer
+    | SetEndpoint
+    | SendKeepalive
+    | Established
+    | HandshakeFailed
+)
+
+
+@dataclass
+class _Rx:
+    spi: int
+    keymat: bytes = field(repr=False)
+    created: float
+
+
+@dataclass
+class _Tx:
+    spi: int
+    created: float
+    initiator: bool
+    packets_base: int
+
+
+@dataclass
+class _Responded:
+    keys: SaKeys
+    at: float
+
+
+class Session:
+    """The lifecycle of the SAs shared with one peer."""
+
+    def __init__(
+        self, owner: KeyExchange, peer: bytes, inner: str, endpoint: Endpoint | None
+    ) -> None:
+        self.owner = owner
+        self.peer = peer
+        self.inner = inner
+        self.endpoint = endpoint
+        self.want = False
+        self.rx: list[_Rx] = []
+        self.current_rx: int | None = None
+        self.tx: _Tx | None = None
+        self.pending: int | None = None
+        self.attempt_started: float | None = None
+        self.next_retry = float("inf")
+        self.responded: _Responded | None = None
+        self.packets_out = 0
+        self.next_keepalive = float("inf")
+        self.rekeys = 0
+        self.handshakes = 0
+        self.retries = 0
+        self.collisions = 0
+        self.failures = 0
+
+    @property
+    def cfg(self) -> SessionConfig:
+        return self.owner.config
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _send(self, message: bytes, to: Endpoint | None = None) -> list[Action]:
+        dest = to or self.endpoint
+        return [] if dest is None else [SendControl(dest, message)]
+
+    def _learn_endpoint(self, source: Endpoint) -> list[Action]:
+        if source == self.endpoint:
+            return []
+        self.endpoint = source
+        return [SetEndpoint(self.inner, source)]
+
+    def _make_room(self) -> list[Action]:
+        """Retire every receive SA except the one the peer currently sends on."""
+        out: list[Action] = []
+        keep = [r for r in self.rx if r.spi == self.current_rx]
+        for r in self.rx:
+            if r.spi != self.current_rx:
+                out.append(RetireRx(self.inner, r.spi))
+        self.rx = keep
+        return out
+
+    def _install_tx(self, keys: SaKeys, created: float, initiator: bool) -> list[Action]:
+        self.tx = _Tx(keys.tx_spi, created, initiator, self.packets_out)
+        self.current_rx = keys.rx_spi
+        if self.cfg.keepalive_interval is not None and self.next_keepalive == float("inf"):
+            # a rekey does not move the schedule: the NAT needs traffic every interval
+            self.next_keepalive = created + self.cfg.keepalive_interval
+        return [InstallTx(self.inner, keys.tx_spi, keys.tx_keymat)]
+
+    def busy(self) -> bool:
+        return self.pending is not None or self.responded is not None
+
+    # -- initiator -------------------------------------------------------------------
+
+    def start(self, now: float, wall: float) -> list[Action]:
+        if self.responded is not None:
+            return []  # the peer's handshake is about to complete; wait for it
+        hs = self.owner.handshaker
+        if self.pending is not None:
+            hs.cancel(self.pending)
+            self.retries += 1
+        if self.attempt_started is None:
+            self.attempt_started = now
+        spi = self.owner.allocate_spi()
+        msg = hs.initiate(self.peer, spi, now, self.owner.stamp(wall))
+        self.pending = spi
+        self.handshakes += 1
+        self.next_retry = now + self.cfg.rekey_timeout + self.owner.jitter()
+        return self._send(msg)
+
+    def on_complete(self, done: HandshakeComplete, now: float) -> list[Action]:
+        if done.keys.rx_spi != self.pending:
+            return []
+        self.pending = None
+        self.attempt_started = None
+        self.next_retry = float("inf")
+        out = self._learn_endpoint(done.source)
+        if self.responded is not None:
+            # a crossing handshake we answered loses to ours: the peer will drop its own
+            self.owner.handshaker.forget_awaiting(self.responded.keys.rx_spi)
+            self.responded = None
+        out += self._make_room()
+        keys = done.keys
+        self.rx.append(_Rx(keys.rx_spi, keys.rx_keymat, now))
+        out.append(InstallRx(self.inner, keys.rx_spi, keys.rx_keymat))
+        if self.tx is not None:
+            self.rekeys += 1
+        out += self._install_tx(keys, now, initiator=True)
+        out += self._send(done.confirm, done.source)
+        out.append(Established(self.inner, keys.tx_spi, keys.rx_spi, True, True))
+        return out
+
+    # -- responder -------------------------------------------------------------------
+
+    def on_initiation(self, init: PeerInitiation, now: float) -> list[Action]:
+        hs = self.owner.handshaker
+        if self.pending is not None:
+            if self.owner.handshaker.static.public > self.peer:
+                self.collisions += 1
+                return []  # ours wins; the peer yields when it sees our initiation
+            hs.cancel(self.pending)
+            self.pending = None
+            self.attempt_started = None
+            self.next_retry = float("inf")
+        out = self._learn_endpoint(init.source)
+        if self.responded is not None:
+            # superseded by the initiator's retry: it dropped the state this one belonged to
+            hs.forget_awaiting(self.responded.keys.rx_spi)
+            self.responded = None
+        out += self._make_room()
+        spi = self.owner.allocate_spi()
+        msg, keys = hs.respond(init, spi, now)
+        self.rx.append(_Rx(spi, keys.rx_keymat, now))
+        out.append(InstallRx(self.inner, spi, keys.rx_keymat))  # before the response leaves
+        self.responded = _Responded(keys, now)
+        out += self._send(msg, init.source)
+        return out
+
+    def on_confirmed(self, conf: Confirmed, now: float) -> list[Action]:
+        if self.responded is None or self.responded.keys.rx_spi != conf.keys.rx_spi:
+            return []
+        out = self._learn_endpoint(conf.source)
+        return out + self._switch_to_responded(confirmed=True)
+
+    def _switch_to_responded(self, *, confirmed: bool) -> list[Action]:
+        assert self.responded is not None
+        keys, at = self.responded.keys, self.responded.at
+        self.responded = None
+        if self.tx is not None:
+            self.rekeys += 1
+        out = self._install_tx(keys, at, initiator=False)
+        out.append(Established(self.inner, keys.tx_spi, keys.rx_spi, False, confirmed))
+        if self.pending is None:
+            self.attempt_started = None
+        return out
+
+    # -- time ------------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        cfg = self.cfg
+        times = [self.next_retry, self.next_keepalive]
+        if self.responded is not None:
+            times.append(self.responded.at + cfg.confirm_timeout)
+        if self.tx is not None:
+            times.append(self.tx.created + cfg.reject_after_time)
+            sent = self.packets_out - self.tx.packets_base
+            if sent >= cfg.reject_after_messages or (
+                sent >= cfg.rekey_after_messages and not self.busy()
+            ):
+                times.append(float("-inf"))  # the packet budget is spent: act now
+            if not self.busy():
+                after = cfg.rekey_after_time if self.tx.initiator else cfg.responder_rekey_after
+                times.append(self.tx.created + after)
+        times += [r.created + cfg.reject_after_time for r in self.rx]
+        if self.want and self.tx is None and not self.busy():
+            times.append(float("-inf"))
+        return min(times)
+
+    def on_timer(self, now: float, wall: float) -> list[Action]:
+        cfg = self.cfg
+        out: list[Action] = []
+        hs = self.owner.handshaker
+        if self.responded is not None and now >= self.responded.at + cfg.confirm_timeout:
+            hs.forget_awaiting(self.responded.keys.rx_spi)
+            out += self._switch_to_responded(confirmed=False)
+        # expiry first: a key past its lifetime is never used, whatever else happens
+        expired_rx = [r for r in self.rx if now >= r.created + cfg.reject_after_time]
+        for r in expired_rx:
+            out.append(RetireRx(self.inner, r.spi))
+            self.rx.remove(r)
+            if r.spi == self.current_rx:
+                self.current_rx = None
+        if self.tx is not None and (
+            now >= self.tx.created + cfg.reject_after_time
+            or self.packets_out - self.tx.packets_base >= cfg.reject_after_messages
+        ):
+            out += self._reset()
+        if self.pending is not None and now >= self.next_retry:
+            assert self.attempt_started is not None
+            if now >= self.attempt_started + cfg.rekey_attempt_time:
+                hs.cancel(self.pending)
+                self.pending = None
+                self.attempt_started = None
+                self.next_retry = float("inf")
+                self.want = False
+                self.failures += 1
+                out.append(
+                    HandshakeFailed(
+                        self.inner,
+                        f"no handshake answer from {self.endpoint or 'an unknown endpoint'} in "
+                        f"{cfg.rekey_attempt_time:.0f} s; check that the peer is up and its UDP "
+                        "port is reachable",
+                    )
+                )
+            else:
+                out += self.start(now, wall)
+        if self.tx is not None and not self.busy():
+            after = cfg.rekey_after_time if self.tx.initiator else cfg.responder_rekey_after
+            sent = self.packets_out - self.tx.packets_base
+            # compare as ``next_deadline`` computes (created + after), never as an age: the
+            # two round differently and a deadline that never fires would spin the driver
+            if now >= self.tx.created + after or sent >= cfg.rekey_after_messages:
+                out += self.start(now, wall)
+        if self.want and self.tx is None and not self.busy():
+            out += self.start(now, wall)
+        if self.tx is not None and now >= self.next_keepalive:
+            assert cfg.keepalive_interval is not None
+            out.append(SendKeepalive(self.inner))
+            self.next_keepalive = now + cfg.keepalive_interval
+        if self.tx is None:
+            self.next_keepalive = float("inf")
+        return out
+
+    def _reset(self) -> list[Action]:
+        """The transmit key expired: drop every SA (the engine cannot drop the lone tx SA)."""
+        self.tx = None
+        self.rx = []
+        self.current_rx = None
+        if self.responded is not None:
+            self.owner.handshaker.forget_awaiting(self.responded.keys.rx_spi)
+            self.responded = None
+        return [ResetPeer(self.inner, self.endpoint)]
+
+    def note_packets_out(self, total: int) -> None:
+        """The engine's count of packets sent to this peer (monotonic across SAs)."""
+        self.packets_out = total
+
+
+class KeyExchange:
+    """All sessions of one host: dispatches handshake messages and timers to them."""
+
+    def __init__(
+        self,
+        handshaker: Handshaker,
+        config: SessionConfig | None = None,
+        random: Callable[[int], bytes] | None = None,
+    ) -> None:
+        self.handshaker = handshaker
+        self.config = config or SessionConfig()
+        self.random = random or handshaker.random
+        self.sessions: dict[bytes, Session] = {}
+        self.by_inner: dict[str, Session] = {}
+        self._last_stamp = float("-inf")
+        self.refusals: list[Refused] = []
+
+    # -- configuration ---------------------------------------------------------------
+
+    def add_peer(self, public: bytes, inner: str, endpoint: Endpoint | None = None) -> Session:
+        if public in self.sessions or inner in self.by_inner:
+            raise ConfigError(f"peer {inner} is configured twice", hint="each key and address once")
+        self.handshaker.add_peer(public)
+        s = Session(self, public, inner, endpoint)
+        self.sessions[public] = s
+        self.by_inner[inner] = s
+        return s
+
+    def session(self, inner: str) -> Session:
+        return self.by_inner[inner]
+
+    def allocate_spi(self) -> int:
+        used = set(self.handshaker.pending) | set(self.handshaker.awaiting)
+        for s in self.sessions.values():
+            used.update(r.spi for r in s.rx)
+        while True:
+            spi = int.from_bytes(self.random(4), "big")
+            if SPI_MIN <= spi <= SPI_MAX and spi not in used:
+                return spi
+
+    def jitter(self) -> float:
+        return int.from_bytes(self.random(2), "big") / 65535 * self.config.rekey_jitter
+
+    def stamp(self, wall: float) -> float:
+        """Strictly increasing handshake timestamps even if the wall clock stalls or steps."""
+        self._last_stamp = max(wall, self._last_stamp + 1e-6)
+        return self._last_stamp
+
+    # -- entry points ------------------------------------------------------------------
+
+    def connect(self, inner: str, now: float, wall: float) -> list[Action]:
+        """Keep a session with this peer up from now on (start a handshake if none)."""
+        s = self.by_inner[inner]
+        s.want = True
+        if s.tx is None and not s.busy():
+            return s.start(now, wall)
+        return []
+
+    def receive(self, payload: bytes, source: Endpoint, now: float, wall: float) -> list[Action]:
+        out = self.handshaker.receive(payload, source, now, wall)
+        if isinstance(out, Refused):
+            self.refusals = [*self.refusals[-63:], out]
+            return []
+        if isinstance(out, SendReply):
+            return [SendControl(out.destination, out.message)]
+        if isinstance(out, CookieStored):
+            return []  # the next retry carries mac2
+        if isinstance(out, PeerInitiation):
+            return self.sessions[out.peer].on_initiation(out, now)
+        if isinstance(out, HandshakeComplete):
+            return self.sessions[out.keys.peer].on_complete(out, now)
+        if isinstance(out, Confirmed):
+            return self.sessions[out.keys.peer].on_confirmed(out, now)
+        raise AssertionError(f"unhandled outcome {out!r}")
+
+    def next_deadline(self) -> float | None:
+        times = [s.next_deadline() for s in self.sessions.values()]
+        t = min(times, default=float("inf"))
+        return None if t == float("inf") else t
+
+    def tick(self, now: float, wall: float) -> list[Action]:
+        out: list[Action] = []
+        for s in self.sessions.values():
+            if s.next_deadline() <= now:
+                out += s.on_timer(now, wall)
+        return out
+
+    def note_packets_out(self, inner: str, total: int) -> None:
+        self.by_inner[inner].note_packets_out(total)

@@ -1,0 +1,211 @@
+"""The SA lifecycle on a virtual clock: two hosts, a model engine, a lossy network."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from kx_sim import Sim
+
+from btmm_core.errors import ConfigError
+from btmm_core.keyex.noise import MessageType
+from btmm_core.keyex.session import (
+    InstallRx,
+    InstallTx,
+    ResetPeer,
+    RetireRx,
+    SendControl,
+    SessionConfig,
+)
+
+
+def test_first_handshake_installs_rx_before_tx_on_both_sides() -> None:
+    sim = Sim()
+    sim.connect("a")
+    sim.run_until(1.0)
+    assert sim.violations == []
+    a_est, b_est = sim.established(sim.a), sim.established(sim.b)
+    assert len(a_est) == len(b_est) == 1
+    assert a_est[0][1].initiator and not b_est[0][1].initiator and b_est[0][1].confirmed
+    assert sim.a.engine.tx in sim.b.engine.rx and sim.b.engine.tx in sim.a.engine.rx
+    # order on the responder: rx installed, then the response sent; tx only after the confirm
+    kinds = [type(a) for _, a in sim.b.events]
+    assert kinds.index(InstallRx) < kinds.index(SendControl) < kinds.index(InstallTx)
+    kinds = [type(a) for _, a in sim.a.events if not isinstance(a, SendControl)]
+    assert kinds.index(InstallRx) < kinds.index(InstallTx)
+
+
+def test_rekeys_every_two_minutes_without_a_gap() -> None:
+    sim = Sim()
+    sim.connect("a", "b")
+    sim.run_until(1000.0)
+    assert sim.violations == []
+    est = sim.established(sim.a)
+    # one first handshake then one rekey per ~120 s (the initiator of the last one rekeys)
+    assert 8 <= len(est) <= 9, [t for t, _ in est]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(est)]
+    assert all(119.9 <= g <= 121.0 for g in gaps), gaps
+    # never more than two receive SAs, never a key older than 180 s in use
+    assert len(sim.a.engine.rx) <= 2 and len(sim.b.engine.rx) <= 2
+    assert not [a for _, a in sim.a.events if isinstance(a, ResetPeer)]
+
+
+def test_packet_budget_triggers_rekey_before_time() -> None:
+    cfg = SessionConfig(rekey_after_messages=1000, reject_after_messages=2000)
+    sim = Sim(cfg)
+    sim.connect("a")
+    sim.run_until(10.0)
+    assert len(sim.established(sim.a)) == 1
+    sim.a.kx.note_packets_out("fd00::b", 1500)
+    sim.run_until(11.0)
+    assert len(sim.established(sim.a)) == 2
+    assert sim.violations == []
+
+
+def test_reject_after_messages_stops_transmission() -> None:
+    cfg = SessionConfig(rekey_after_messages=1000, reject_after_messages=2000)
+    sim = Sim(cfg, network=lambda src, msg, now: None if now > 5 else 0.01)
+    sim.connect("a")
+    sim.run_until(10.0)
+    sim.a.kx.note_packets_out("fd00::b", 2500)
+    sim.run_until(11.0)
+    assert sim.a.engine.tx is None
+    assert any(isinstance(a, ResetPeer) for _, a in sim.a.events)
+
+
+def test_peer_gone_retries_every_5s_rejects_at_180s_gives_up_after_90s() -> None:
+    sim = Sim(network=lambda src, msg, now: None if now > 10 else 0.01)
+    sim.connect("a")
+    sim.run_until(400.0)
+    inits = [t for t, src, m in sim.sent if src == "a" and m[0] == MessageType.INITIATION]
+    rekey_inits = [t for t in inits if t > 10]
+    assert rekey_inits[0] == pytest.approx(120.02, abs=0.01)  # established at 0.02
+    gaps = [b - a for a, b in itertools.pairwise(rekey_inits)]
+    assert all(5.0 <= g <= 5.34 for g in gaps), gaps
+    assert rekey_inits[-1] < 210.0 + 5.34
+    resets = [t for t, a in sim.a.events if isinstance(a, ResetPeer)]
+    assert resets == [pytest.approx(180.02, abs=0.01)]
+    assert sim.a.engine.tx is None and sim.a.engine.rx == []
+    failed = sim.failures(sim.a)
+    assert len(failed) == 1 and 210.0 <= failed[0][0] <= 215.4
+    assert "no handshake answer" in failed[0][1].what
+    # and afterwards it stays quiet until told to connect again
+    assert not [t for t in inits if t > failed[0][0]]
+
+
+def test_lost_initiation_is_retried() -> None:
+    dropped: list[float] = []
+
+    def net(src: str, msg: bytes, now: float) -> float | None:
+        if msg[0] == MessageType.INITIATION and not dropped:
+            dropped.append(now)
+            return None
+        return 0.01
+
+    sim = Sim(network=net)
+    sim.connect("a")
+    sim.run_until(20.0)
+    est = sim.established(sim.a)
+    assert len(est) == 1 and 5.0 <= est[0][0] <= 5.4
+    assert sim.violations == []
+
+
+def test_lost_response_retry_replaces_responders_pending_sa() -> None:
+    dropped: list[float] = []
+
+    def net(src: str, msg: bytes, now: float) -> float | None:
+        if msg[0] == MessageType.RESPONSE and not dropped:
+            dropped.append(now)
+            return None
+        return 0.01
+
+    sim = Sim(network=net)
+    sim.connect("a")
+    sim.run_until(20.0)
+    assert sim.violations == []
+    assert len(sim.established(sim.a)) == 1
+    # the first pending receive SA was retired explicitly before the second was installed
+    b_rx = [a for _, a in sim.b.events if isinstance(a, InstallRx | RetireRx)]
+    assert [type(a) for a in b_rx] == [InstallRx, RetireRx, InstallRx]
+    assert b_rx[0].spi == b_rx[1].spi
+
+
+def test_lost_confirm_responder_switches_after_timeout() -> None:
+    dropped: list[float] = []
+
+    def net(src: str, msg: bytes, now: float) -> float | None:
+        if msg[0] == MessageType.CONFIRM and not dropped:
+            dropped.append(now)
+            return None
+        return 0.01
+
+    sim = Sim(network=net)
+    sim.connect("a")
+    sim.run_until(30.0)
+    b_est = sim.established(sim.b)
+    assert len(b_est) == 1 and not b_est[0][1].confirmed
+    assert b_est[0][0] == pytest.approx(10.01, abs=0.05)
+    assert sim.violations == []
+    sim.run_until(600.0)
+    assert sim.violations == []
+
+
+def test_crossing_initiations_resolve_to_one_handshake() -> None:
+    sim = Sim()
+    sim.connect("a", "b")  # both at t=0: the initiations cross
+    sim.run_until(1.0)
+    assert sim.violations == []
+    a_est, b_est = sim.established(sim.a), sim.established(sim.b)
+    assert len(a_est) == len(b_est) == 1
+    assert a_est[0][1].initiator != b_est[0][1].initiator
+    loser = (
+        sim.a if sim.a.kx.handshaker.static.public > sim.b.kx.handshaker.static.public else sim.b
+    )
+    assert next(iter(loser.kx.sessions.values())).collisions == 1
+
+
+def test_crossing_rekeys_under_jittery_delays_keep_make_before_break() -> None:
+    import random
+
+    rng = random.Random(7)
+    cfg = SessionConfig(
+        rekey_after_time=4.0,
+        reject_after_time=9.0,
+        rekey_timeout=1.0,
+        rekey_attempt_time=30.0,
+        confirm_timeout=1.5,
+    )
+    sim = Sim(cfg, network=lambda s, m, now: rng.uniform(0.001, 0.3))
+    sim.connect("a", "b")
+    sim.run_until(300.0)
+    assert sim.violations == []
+    assert len(sim.established(sim.a)) >= 60
+    assert not [a for _, a in sim.a.events + sim.b.events if isinstance(a, ResetPeer)]
+
+
+def test_keepalives_off_by_default_and_on_schedule_when_set() -> None:
+    sim = Sim()
+    sim.connect("a")
+    sim.run_until(300.0)
+    assert sim.a.engine.keepalives == [] and sim.b.engine.keepalives == []
+    sim = Sim(SessionConfig(keepalive_interval=25.0))
+    sim.connect("a")
+    sim.run_until(300.0)
+    ka = sim.a.engine.keepalives
+    assert len(ka) == 11
+    assert all(b - a == pytest.approx(25.0, abs=0.2) for a, b in itertools.pairwise(ka))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rekey_after_time": 120, "reject_after_time": 125},
+        {"rekey_timeout": 0},
+        {"keepalive_interval": 0},
+        {"rekey_after_messages": 10, "reject_after_messages": 5},
+        {"confirm_timeout": 500},
+    ],
+)
+def test_bad_session_config_is_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        SessionConfig(**kwargs)  # type: ignore[arg-type]
