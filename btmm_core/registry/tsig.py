@@ -235,13 +235,16 @@ def append_tsig(
     key: TsigKey | None,
     key_name: dns.name.Name,
     algorithm: dns.name.Name,
-    request_mac: bytes,
+    request_mac: bytes | None,
     time_signed: int,
     fudge: int,
     error: int,
     other: bytes = b"",
 ) -> bytes:
-    """Append a TSIG RR to a rendered response: signed when ``key`` is given, else MAC-less."""
+    """Append a TSIG RR to a rendered message: signed when ``key`` is given, else MAC-less.
+
+    ``request_mac`` is None when signing a request, the request's MAC when signing a response.
+    """
     (original_id,) = struct.unpack("!H", response[:2])
     if key is None:
         mac = b""

@@ -1,0 +1,225 @@
+"""Helpers shared by the registry tests: a sans-I/O core on memory storage, request signing
+with a chosen time/fudge/MAC length, and a live ``btmm serve`` subprocess on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.message
+import dns.name
+import dns.query
+import dns.rdatatype
+import dns.tsig
+
+from btmm_core.registry.accounts import add_user
+from btmm_core.registry.handler import Policy, RegistryCore, Transport
+from btmm_core.registry.model import Account
+from btmm_core.registry.storage import MemoryStorage, Storage
+from btmm_core.registry.tsig import (
+    HMAC_MD5,
+    HMAC_SHA256,
+    TsigKey,
+    compute_mac,
+    tsig_rr,
+)
+from btmm_core.registry.zones import ZoneConfig, ZoneStore
+
+PARENT = dns.name.from_text("members.example.")
+NS = dns.name.from_text("ns.members.example.")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_core(
+    storage: Storage | None = None, policy: Policy | None = None, port: int = 5300
+) -> tuple[RegistryCore, dict[str, Account]]:
+    storage = storage or MemoryStorage()
+    storage.ensure_zone(PARENT, None)
+    accounts = {}
+    for user, legacy in (("bob", False), ("alice", False), ("carol", True)):
+        accounts[user] = add_user(storage, user, PARENT, legacy=legacy)
+    store = ZoneStore(storage, ZoneConfig(PARENT, NS, ("192.0.2.53",), port))
+    return RegistryCore(store, policy or Policy()), accounts
+
+
+def dnskey(account: Account) -> dns.tsig.Key:
+    alg = "hmac-md5" if account.key.algorithm == HMAC_MD5 else "hmac-sha256"
+    return dns.tsig.Key(account.key.name, account.key.secret, alg)
+
+
+def sign(
+    msg: dns.message.Message,
+    key: TsigKey,
+    time_signed: int,
+    *,
+    fudge: int = 300,
+    mac_len: int | None = None,
+    algorithm: dns.name.Name | None = None,
+) -> bytes:
+    """Sign a request as a client would, with everything chosen by the caller."""
+    wire = msg.to_wire()
+    alg = algorithm or key.algorithm
+    signing = TsigKey(key.name, alg, key.secret, key.zone)
+    mac = compute_mac(
+        signing,
+        wire,
+        original_id=msg.id,
+        time_signed=time_signed,
+        fudge=fudge,
+        error=0,
+        other=b"",
+        request_mac=None,
+    )
+    if mac_len is not None:
+        mac = mac[:mac_len]
+    rr = tsig_rr(
+        key.name,
+        alg,
+        time_signed=time_signed,
+        fudge=fudge,
+        mac=mac,
+        original_id=msg.id,
+        error=0,
+        other=b"",
+    )
+    (arcount,) = struct.unpack("!H", wire[10:12])
+    return wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr
+
+
+def parse(wire: bytes | None) -> dns.message.Message:
+    """Parse a response without validating its TSIG (the tests check the TSIG fields)."""
+    assert wire is not None
+    return dns.message.from_wire(wire, keyring=False)
+
+
+def tsig_error(msg: dns.message.Message) -> int:
+    assert msg.tsig is not None, "response carries no TSIG RR"
+    return int(msg.tsig[0].error)
+
+
+def ask(
+    core: RegistryCore, wire: bytes, now: float, transport: Transport = Transport.UDP
+) -> dns.message.Message:
+    return parse(core.handle(wire, now, transport, "test"))
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return int(port)
+    raise RuntimeError("no free port pair on 127.0.0.1")
+
+
+@dataclass
+class LiveRegistry:
+    state: Path
+    port: int
+    tls_port: int
+    args: tuple[str, ...]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["BTMM_REGISTRY_DOMAIN"] = PARENT.to_text()
+        env["BTMM_REGISTRY_STATE"] = str(self.state)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "btmm_core", "serve", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def keyfile(self, user: str) -> Path:
+        return self.state / "credentials" / f"{user}.key"
+
+    def start(self) -> None:
+        log = open(self.state / "server.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "btmm_core",
+                "serve",
+                "--port",
+                str(self.port),
+                "--tls-port",
+                str(self.tls_port),
+                *self.args,
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        q = dns.message.make_query(PARENT, dns.rdatatype.SOA)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"btmm serve exited: {self.log()}")
+            with contextlib.suppress(OSError, dns.exception.Timeout):
+                dns.query.udp(q, "127.0.0.1", port=self.port, timeout=0.3)
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"btmm serve did not answer in 20 s: {self.log()}")
+
+    def log(self) -> str:
+        return (self.state / "server.log").read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise
+        finally:
+            self.proc = None
+
+
+@contextlib.contextmanager
+def live_registry(
+    state: Path,
+    *args: str,
+    users: tuple[tuple[str, bool], ...] = (("bob", False), ("alice", False), ("carol", True)),
+) -> Iterator[LiveRegistry]:
+    reg = LiveRegistry(state, free_port(), free_port(), args)
+    for user, legacy in users:
+        extra = ("--legacy-md5",) if legacy else ()
+        r = reg.cli("user", "add", user, *extra)
+        assert r.returncode == 0, r.stderr
+    reg.start()
+    try:
+        yield reg
+    finally:
+        if reg.proc is not None:
+            reg.proc.kill()
+            reg.proc.wait(timeout=5)
+
+
+__all__ = ["HMAC_MD5", "HMAC_SHA256"]
