@@ -4,3 +4,7 @@
 
 pub mod esp;
 pub mod replay;
+pub mod error;
+pub mod tun;
+pub mod udp;
+pub mod engine;

@@ -1,0 +1,1005 @@
+//! The engine: a TUN device and a UDP socket joined by two threads.
+//!
+//! TX thread: TUN -> route by inner destination -> ESP seal (in place) -> sendmmsg/GSO.
+//! RX thread: recvmmsg -> keepalive / control / ESP open (in place) -> checks -> TUN.
+//!
+//! Shared state is split so the two threads never wait for each other: the peer table (routes
+//! and transmit SAs) is locked by the TX thread once per batch, the SPI table (receive SAs and
+//! their replay windows) by the RX thread once per batch; the control plane takes both briefly.
+//! Endpoints and counters are atomics, so roaming (RX) is seen by TX without a lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+
+use crate::error::EngineError;
+use crate::esp::{self, DropReason, RxSa, TxSa, HEADER_LEN, MAX_TRAILER};
+use crate::tun::Tun;
+use crate::udp::{Outgoing, RecvBatch, SendBatch, Udp};
+
+/// Packets handled per batch by each thread.
+pub const BATCH: usize = 64;
+/// Largest IP packet a TUN read can return, and largest UDP datagram received.
+const MAX_PACKET: usize = 65535;
+const TX_SLOT: usize = HEADER_LEN + MAX_PACKET + MAX_TRAILER + 3;
+const RX_SLOT: usize = MAX_PACKET + 1;
+/// Receive SAs per peer: the current one and the previous (make-before-break rekey).
+pub const MAX_RX_SAS: usize = 2;
+
+pub type Inner = [u8; 16];
+
+pub struct Config {
+    pub tun_name: Option<String>,
+    pub tun_fd: Option<RawFd>,
+    pub listen: SocketAddrV4,
+    pub mtu: u32,
+    pub event_queue: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Control { source: SocketAddrV4, payload: Vec<u8> },
+    Roamed { inner: Inner, old: Option<SocketAddrV4>, new: SocketAddrV4 },
+    Exhausted { inner: Inner, spi: u32 },
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub packets_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub packets_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub keepalives_in: AtomicU64,
+    pub control_in: AtomicU64,
+    drops: [AtomicU64; 10],
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub keepalives_in: u64,
+    pub control_in: u64,
+    /// Indexed by `DropReason as usize`.
+    pub drops: [u64; 10],
+}
+
+impl CounterSnapshot {
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    if n != 0 {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Counters {
+    pub fn drop(&self, r: DropReason) {
+        self.drops[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let mut drops = [0; 10];
+        for (d, a) in drops.iter_mut().zip(&self.drops) {
+            *d = a.load(Ordering::Relaxed);
+        }
+        CounterSnapshot {
+            packets_in: self.packets_in.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            packets_out: self.packets_out.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            keepalives_in: self.keepalives_in.load(Ordering::Relaxed),
+            control_in: self.control_in.load(Ordering::Relaxed),
+            drops,
+        }
+    }
+}
+
+/// Per-batch totals, added to the shared atomics once per batch.
+#[derive(Default)]
+struct Tally {
+    packets_in: u64,
+    bytes_in: u64,
+    packets_out: u64,
+    bytes_out: u64,
+    keepalives_in: u64,
+    control_in: u64,
+    drops: [u64; 10],
+}
+
+impl Tally {
+    fn flush(&mut self, c: &Counters) {
+        add(&c.packets_in, self.packets_in);
+        add(&c.bytes_in, self.bytes_in);
+        add(&c.packets_out, self.packets_out);
+        add(&c.bytes_out, self.bytes_out);
+        add(&c.keepalives_in, self.keepalives_in);
+        add(&c.control_in, self.control_in);
+        for (a, &n) in c.drops.iter().zip(&self.drops) {
+            add(a, n);
+        }
+        *self = Tally::default();
+    }
+}
+
+/// An endpoint packed in one word so both threads read and write it without a lock:
+/// bit 48 = present, bits 16..48 = IPv4 address, bits 0..16 = port.
+fn pack(ep: Option<SocketAddrV4>) -> u64 {
+    match ep {
+        None => 0,
+        Some(a) => 1 << 48 | u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port()),
+    }
+}
+
+fn unpack(v: u64) -> Option<SocketAddrV4> {
+    (v >> 48 & 1 == 1).then(|| SocketAddrV4::new(Ipv4Addr::from((v >> 16) as u32), v as u16))
+}
+
+struct Peer {
+    inner: Inner,
+    endpoint: AtomicU64,
+    counters: Counters,
+}
+
+struct TxSlot {
+    sa: TxSa,
+    /// The exhaustion event is queued once per SA.
+    reported: AtomicBool,
+}
+
+struct PeerEntry {
+    peer: Arc<Peer>,
+    tx: Option<Arc<TxSlot>>,
+    /// Receive SPIs, oldest first (bookkeeping for the control plane; the SAs are in `rx`).
+    rx_spis: VecDeque<u32>,
+}
+
+struct RxEntry {
+    peer: Arc<Peer>,
+    sa: RxSa,
+}
+
+struct Fds {
+    tun: OwnedFd,
+    udp: Arc<Udp>,
+    /// Written once by `stop` to wake both threads out of poll.
+    wake: OwnedFd,
+    /// Readable while events are queued (the control plane's `fileno`).
+    events: OwnedFd,
+}
+
+struct Shared {
+    peers: Mutex<HashMap<Inner, PeerEntry>>,
+    rx: Mutex<HashMap<u32, RxEntry>>,
+    events: Mutex<VecDeque<Event>>,
+    event_cap: usize,
+    counters: Counters,
+    running: AtomicBool,
+    fds: RwLock<Option<Fds>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another thread must not wedge the control plane; the data is still coherent
+    // (every update is a single insert/remove/store).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) with constant flags.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn eventfd_signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a local u64. EAGAIN (counter saturated) is harmless: the fd
+    // is readable anyway.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+fn eventfd_clear(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a local u64; nonblocking, EAGAIN when already clear.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+impl Shared {
+    /// Queues an event; a full queue drops it and counts `control_overflow`.
+    fn push_event(&self, ev: Event, event_fd: RawFd, peer: Option<&Peer>) -> bool {
+        let mut q = lock(&self.events);
+        if q.len() >= self.event_cap {
+            drop(q);
+            self.counters.drop(DropReason::ControlOverflow);
+            if let Some(p) = peer {
+                p.counters.drop(DropReason::ControlOverflow);
+            }
+            return false;
+        }
+        q.push_back(ev);
+        // Signalled under the queue lock so `drain` never clears a signal for a queued event.
+        eventfd_signal(event_fd);
+        true
+    }
+}
+
+pub struct PeerSnapshot {
+    pub inner: Inner,
+    pub endpoint: Option<SocketAddrV4>,
+    pub tx_spi: Option<u32>,
+    pub rx_spis: Vec<u32>,
+    pub counters: CounterSnapshot,
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    started: AtomicBool,
+    tun_name: String,
+    local: SocketAddrV4,
+}
+
+fn fmt_inner(inner: &Inner) -> String {
+    std::net::Ipv6Addr::from(*inner).to_string()
+}
+
+impl Engine {
+    pub fn new(cfg: Config) -> Result<Engine, EngineError> {
+        if cfg.mtu < 1280 || cfg.mtu > 65535 - 64 {
+            return Err(EngineError::Invalid(format!(
+                "mtu {} out of range: IPv6 needs at least 1280 and ESP-in-UDP at most 65471",
+                cfg.mtu
+            )));
+        }
+        if cfg.event_queue == 0 {
+            return Err(EngineError::Invalid("event_queue must be at least 1".into()));
+        }
+        let tun = match (cfg.tun_fd, cfg.tun_name.as_deref()) {
+            (Some(fd), _) => Tun::attach(fd)?,
+            (None, Some(name)) => Tun::open(name, cfg.mtu)?,
+            (None, None) => return Err(EngineError::Invalid("give a tun_name or a tun_fd".into())),
+        };
+        let udp = Udp::bind(cfg.listen).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::EADDRINUSE) => Some("another process (another btmm?) uses this port; pick another or port 0".into()),
+                Some(libc::EADDRNOTAVAIL) => Some("the listen address is not assigned to this host".into()),
+                Some(libc::EACCES) => Some("ports below 1024 need root or CAP_NET_BIND_SERVICE".into()),
+                _ => None,
+            };
+            EngineError::DataPlane { what: format!("cannot bind UDP {}: {e}", cfg.listen), hint }
+        })?;
+        let local = udp.local_addr().map_err(|e| EngineError::io("getsockname", &e))?;
+        let wake = eventfd().map_err(|e| EngineError::io("eventfd", &e))?;
+        let events = eventfd().map_err(|e| EngineError::io("eventfd", &e))?;
+        let tun_name = tun.name().to_string();
+        let shared = Arc::new(Shared {
+            peers: Mutex::new(HashMap::new()),
+            rx: Mutex::new(HashMap::new()),
+            events: Mutex::new(VecDeque::new()),
+            event_cap: cfg.event_queue,
+            counters: Counters::default(),
+            running: AtomicBool::new(false),
+            fds: RwLock::new(Some(Fds { tun: tun.into_fd(), udp: Arc::new(udp), wake, events })),
+        });
+        Ok(Engine { shared, threads: Mutex::new(Vec::new()), started: AtomicBool::new(false), tun_name, local })
+    }
+
+    pub fn tun_name(&self) -> &str {
+        &self.tun_name
+    }
+
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        self.local
+    }
+
+    fn stopped() -> EngineError {
+        EngineError::DataPlane {
+            what: "the engine is stopped and its TUN device and socket are closed".into(),
+            hint: Some("open a new engine".into()),
+        }
+    }
+
+    /// Starts both threads. Idempotent; refused after `stop`.
+    pub fn start(&self) -> Result<(), EngineError> {
+        let mut threads = lock(&self.threads);
+        if self.started.load(Ordering::SeqCst) {
+            if self.shared.fds.read().unwrap_or_else(|e| e.into_inner()).is_none() {
+                return Err(Self::stopped());
+            }
+            return Ok(());
+        }
+        let raw = {
+            let fds = self.shared.fds.read().unwrap_or_else(|e| e.into_inner());
+            let f = fds.as_ref().ok_or_else(Self::stopped)?;
+            (f.tun.as_raw_fd(), Arc::clone(&f.udp), f.wake.as_raw_fd(), f.events.as_raw_fd())
+        };
+        let udp_fd = raw.1.fd();
+        self.started.store(true, Ordering::SeqCst);
+        self.shared.running.store(true, Ordering::SeqCst);
+        let s = Arc::clone(&self.shared);
+        let tx = std::thread::Builder::new()
+            .name("btmm-tx".into())
+            .spawn(move || tx_loop(&s, raw.0, raw.1, raw.2, raw.3))
+            .map_err(|e| EngineError::io("cannot start the TX thread", &e))?;
+        threads.push(tx);
+        let s = Arc::clone(&self.shared);
+        let rx = std::thread::Builder::new()
+            .name("btmm-rx".into())
+            .spawn(move || rx_loop(&s, raw.0, udp_fd, raw.2, raw.3))
+            .map_err(|e| EngineError::io("cannot start the RX thread", &e))?;
+        threads.push(rx);
+        Ok(())
+    }
+
+    /// Stops and joins the threads, then closes the TUN device, the socket and the event
+    /// descriptors. Idempotent.
+    pub fn stop(&self) {
+        let mut threads = lock(&self.threads);
+        self.started.store(true, Ordering::SeqCst);
+        self.shared.running.store(false, Ordering::SeqCst);
+        if let Some(f) = self.shared.fds.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            eventfd_signal(f.wake.as_raw_fd());
+        }
+        for t in threads.drain(..) {
+            let _ = t.join();
+        }
+        // Threads are gone: nobody else uses the raw descriptors any more.
+        self.shared.fds.write().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    pub fn add_peer(&self, inner: Inner, endpoint: Option<SocketAddrV4>) -> Result<(), EngineError> {
+        let mut peers = lock(&self.shared.peers);
+        if peers.contains_key(&inner) {
+            return Err(EngineError::data_plane(format!(
+                "peer {} already exists; use update_peer to change its endpoint",
+                fmt_inner(&inner)
+            )));
+        }
+        let peer = Arc::new(Peer { inner, endpoint: AtomicU64::new(pack(endpoint)), counters: Counters::default() });
+        peers.insert(inner, PeerEntry { peer, tx: None, rx_spis: VecDeque::new() });
+        Ok(())
+    }
+
+    fn unknown(inner: &Inner) -> EngineError {
+        EngineError::UnknownPeer(format!("no peer with inner address {}", fmt_inner(inner)))
+    }
+
+    pub fn update_peer(&self, inner: Inner, endpoint: Option<SocketAddrV4>) -> Result<(), EngineError> {
+        let peers = lock(&self.shared.peers);
+        let e = peers.get(&inner).ok_or_else(|| Self::unknown(&inner))?;
+        e.peer.endpoint.store(pack(endpoint), Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn remove_peer(&self, inner: Inner) -> Result<(), EngineError> {
+        let mut peers = lock(&self.shared.peers);
+        let e = peers.remove(&inner).ok_or_else(|| Self::unknown(&inner))?;
+        let mut rx = lock(&self.shared.rx);
+        for spi in e.rx_spis {
+            rx.remove(&spi);
+        }
+        Ok(())
+    }
+
+    pub fn install_tx_sa(&self, inner: Inner, spi: u32, keymat: &[u8], next_seq: u128) -> Result<(), EngineError> {
+        let sa = TxSa::new(spi, keymat, next_seq).map_err(|e| EngineError::Invalid(e.0))?;
+        let mut peers = lock(&self.shared.peers);
+        let e = peers.get_mut(&inner).ok_or_else(|| Self::unknown(&inner))?;
+        e.tx = Some(Arc::new(TxSlot { sa, reported: AtomicBool::new(false) }));
+        Ok(())
+    }
+
+    pub fn install_rx_sa(&self, inner: Inner, spi: u32, keymat: &[u8]) -> Result<(), EngineError> {
+        let sa = RxSa::new(spi, keymat).map_err(|e| EngineError::Invalid(e.0))?;
+        let mut peers = lock(&self.shared.peers);
+        let e = peers.get_mut(&inner).ok_or_else(|| Self::unknown(&inner))?;
+        let mut rx = lock(&self.shared.rx);
+        if rx.contains_key(&spi) {
+            return Err(EngineError::data_plane(format!(
+                "receive SPI {spi:#010x} is already in use; choose a fresh random SPI"
+            )));
+        }
+        while e.rx_spis.len() >= MAX_RX_SAS {
+            if let Some(old) = e.rx_spis.pop_front() {
+                rx.remove(&old);
+            }
+        }
+        e.rx_spis.push_back(spi);
+        rx.insert(spi, RxEntry { peer: Arc::clone(&e.peer), sa });
+        Ok(())
+    }
+
+    pub fn retire_rx_sa(&self, inner: Inner, spi: u32) -> Result<(), EngineError> {
+        let mut peers = lock(&self.shared.peers);
+        let e = peers.get_mut(&inner).ok_or_else(|| Self::unknown(&inner))?;
+        let pos = e.rx_spis.iter().position(|&s| s == spi).ok_or_else(|| {
+            EngineError::data_plane(format!("peer {} has no receive SA {spi:#010x}", fmt_inner(&inner)))
+        })?;
+        e.rx_spis.remove(pos);
+        lock(&self.shared.rx).remove(&spi);
+        Ok(())
+    }
+
+    fn send_raw(&self, buf: &[u8], dst: SocketAddrV4) -> Result<(), EngineError> {
+        let fds = self.shared.fds.read().unwrap_or_else(|e| e.into_inner());
+        let f = fds.as_ref().ok_or_else(Self::stopped)?;
+        f.udp.send_to(buf, dst, 1000).map_err(|e| EngineError::io(&format!("cannot send to {dst}"), &e))
+    }
+
+    pub fn send_control(&self, dst: SocketAddrV4, message: &[u8]) -> Result<(), EngineError> {
+        let mut buf = Vec::with_capacity(4 + message.len());
+        buf.extend_from_slice(&[0, 0, 0, 0]);
+        buf.extend_from_slice(message);
+        self.send_raw(&buf, dst)
+    }
+
+    pub fn send_keepalive(&self, inner: Inner) -> Result<(), EngineError> {
+        let ep = {
+            let peers = lock(&self.shared.peers);
+            let e = peers.get(&inner).ok_or_else(|| Self::unknown(&inner))?;
+            unpack(e.peer.endpoint.load(Ordering::Relaxed))
+        };
+        let dst = ep.ok_or_else(|| {
+            EngineError::data_plane(format!("peer {} has no endpoint to send a keepalive to", fmt_inner(&inner)))
+        })?;
+        self.send_raw(&[0xff], dst)
+    }
+
+    /// The event descriptor, or an error once stopped.
+    pub fn event_fd(&self) -> Result<RawFd, EngineError> {
+        let fds = self.shared.fds.read().unwrap_or_else(|e| e.into_inner());
+        Ok(fds.as_ref().ok_or_else(Self::stopped)?.events.as_raw_fd())
+    }
+
+    pub fn drain(&self, limit: usize) -> Vec<Event> {
+        let fds = self.shared.fds.read().unwrap_or_else(|e| e.into_inner());
+        let mut q = lock(&self.shared.events);
+        let n = limit.min(q.len());
+        let out: Vec<Event> = q.drain(..n).collect();
+        if q.is_empty() {
+            if let Some(f) = fds.as_ref() {
+                eventfd_clear(f.events.as_raw_fd());
+            }
+        }
+        out
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        self.shared.counters.snapshot()
+    }
+
+    pub fn peers(&self) -> Vec<PeerSnapshot> {
+        let peers = lock(&self.shared.peers);
+        let mut out: Vec<PeerSnapshot> = peers
+            .values()
+            .map(|e| PeerSnapshot {
+                inner: e.peer.inner,
+                endpoint: unpack(e.peer.endpoint.load(Ordering::Relaxed)),
+                tx_spi: e.tx.as_ref().map(|t| t.sa.spi()),
+                rx_spis: e.rx_spis.iter().copied().collect(),
+                counters: e.peer.counters.snapshot(),
+            })
+            .collect();
+        out.sort_by_key(|p| p.inner);
+        out
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits until `fd` is readable or the wake descriptor fires. False when the engine stops.
+fn wait_readable(shared: &Shared, fd: RawFd, wake: RawFd) -> bool {
+    let mut p = [
+        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        if !shared.running.load(Ordering::Relaxed) {
+            return false;
+        }
+        // SAFETY: two pollfds, alive for the call. The timeout only bounds how long a missed
+        // wake-up could delay stop.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), 2, 1000) };
+        if r > 0 {
+            if p[0].revents & libc::POLLIN == 0 && p[1].revents == 0 {
+                // POLLERR/POLLHUP without data (for example the TUN device was deleted): back
+                // off instead of spinning until stop.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            return shared.running.load(Ordering::Relaxed);
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false;
+        }
+    }
+}
+
+fn is_ipv6(p: &[u8]) -> bool {
+    p.len() >= 40 && p[0] >> 4 == 6
+}
+
+fn inner_at(p: &[u8], at: usize) -> Inner {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&p[at..at + 16]);
+    a
+}
+
+fn tx_loop(shared: &Shared, tun: RawFd, udp: Arc<Udp>, wake: RawFd, event_fd: RawFd) {
+    let mut bufs = vec![0u8; BATCH * TX_SLOT];
+    let mut lens = [0usize; BATCH];
+    let mut out: Vec<Outgoing> = Vec::with_capacity(BATCH);
+    let mut owners: Vec<Arc<Peer>> = Vec::with_capacity(BATCH);
+    let mut inner_lens: Vec<usize> = Vec::with_capacity(BATCH);
+    let mut sent = [false; BATCH];
+    let mut sender = SendBatch::new(BATCH);
+    let mut tally = Tally::default();
+    while wait_readable(shared, tun, wake) {
+        loop {
+            let mut n = 0;
+            while n < BATCH {
+                let slot = &mut bufs[n * TX_SLOT + HEADER_LEN..n * TX_SLOT + HEADER_LEN + MAX_PACKET];
+                // SAFETY: reads at most `slot.len()` bytes into `slot`.
+                let r = unsafe { libc::read(tun, slot.as_mut_ptr().cast(), slot.len()) };
+                if r < 0 {
+                    // EAGAIN: drained. Other errors (device gone) end this batch; poll decides.
+                    break;
+                }
+                lens[n] = r as usize;
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            out.clear();
+            owners.clear();
+            inner_lens.clear();
+            {
+                let peers = lock(&shared.peers);
+                for (i, &len) in lens[..n].iter().enumerate() {
+                    let slot = &mut bufs[i * TX_SLOT..(i + 1) * TX_SLOT];
+                    let pkt = &slot[HEADER_LEN..HEADER_LEN + len];
+                    if !is_ipv6(pkt) {
+                        tally.drops[DropReason::Malformed as usize] += 1;
+                        continue;
+                    }
+                    let Some(e) = peers.get(&inner_at(pkt, 24)) else {
+                        tally.drops[DropReason::NoRoute as usize] += 1;
+                        continue;
+                    };
+                    let ep = unpack(e.peer.endpoint.load(Ordering::Relaxed));
+                    let (Some(tx), Some(dst)) = (e.tx.as_ref(), ep) else {
+                        tally.drops[DropReason::NoSa as usize] += 1;
+                        e.peer.counters.drop(DropReason::NoSa);
+                        continue;
+                    };
+                    match tx.sa.seal_in_place(slot, len) {
+                        Ok(total) => {
+                            out.push(Outgoing { ptr: slot.as_ptr(), len: total, dst });
+                            owners.push(Arc::clone(&e.peer));
+                            inner_lens.push(len);
+                        }
+                        Err(esp::Exhausted) => {
+                            tally.drops[DropReason::SaExhausted as usize] += 1;
+                            e.peer.counters.drop(DropReason::SaExhausted);
+                            if !tx.reported.swap(true, Ordering::Relaxed) {
+                                let ev = Event::Exhausted { inner: e.peer.inner, spi: tx.sa.spi() };
+                                shared.push_event(ev, event_fd, Some(&e.peer));
+                            }
+                        }
+                    }
+                }
+            }
+            if !out.is_empty() {
+                sent[..out.len()].iter_mut().for_each(|s| *s = false);
+                sender.send(&udp, &out, &mut sent[..out.len()]);
+                for ((peer, &len), &ok) in owners.iter().zip(&inner_lens).zip(&sent) {
+                    if ok {
+                        tally.packets_out += 1;
+                        tally.bytes_out += len as u64;
+                        peer.counters.packets_out.fetch_add(1, Ordering::Relaxed);
+                        peer.counters.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            tally.flush(&shared.counters);
+            if n < BATCH || !shared.running.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+    }
+}
+
+fn rx_loop(shared: &Shared, tun: RawFd, udp: RawFd, wake: RawFd, event_fd: RawFd) {
+    let mut batch = RecvBatch::new(BATCH, RX_SLOT);
+    let mut deliver: Vec<(usize, std::ops::Range<usize>, Arc<Peer>)> = Vec::with_capacity(BATCH);
+    let mut tally = Tally::default();
+    while wait_readable(shared, udp, wake) {
+        loop {
+            // A socket error (an ICMP report) is consumed by the failing call; nothing to do.
+            let n = batch.recv(udp).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            deliver.clear();
+            {
+                let mut rx = lock(&shared.rx);
+                for i in 0..n {
+                    let (payload, src, trunc) = batch.get_mut(i);
+                    if *payload == [0xff] {
+                        tally.keepalives_in += 1;
+                        continue;
+                    }
+                    if trunc {
+                        tally.drops[DropReason::Malformed as usize] += 1;
+                        continue;
+                    }
+                    if payload.len() >= 4 && payload[..4] == [0, 0, 0, 0] {
+                        tally.control_in += 1;
+                        shared.push_event(Event::Control { source: src, payload: payload[4..].to_vec() }, event_fd, None);
+                        continue;
+                    }
+                    if esp::check_length(payload.len()).is_err() {
+                        tally.drops[DropReason::Malformed as usize] += 1;
+                        continue;
+                    }
+                    let spi = esp::payload_spi(payload).unwrap_or(0);
+                    let Some(entry) = rx.get_mut(&spi) else {
+                        tally.drops[DropReason::UnknownSpi as usize] += 1;
+                        continue;
+                    };
+                    let peer = &entry.peer;
+                    let opened = match entry.sa.open_in_place(payload) {
+                        Ok(o) => o,
+                        Err(e) => {
+                            tally.drops[e.reason as usize] += 1;
+                            peer.counters.drop(e.reason);
+                            continue;
+                        }
+                    };
+                    let inner = &payload[opened.inner.clone()];
+                    let reason = if !is_ipv6(inner) {
+                        Some(DropReason::Malformed)
+                    } else if inner[8..24] != peer.inner {
+                        Some(DropReason::SourceMismatch)
+                    } else {
+                        None
+                    };
+                    if let Some(r) = reason {
+                        tally.drops[r as usize] += 1;
+                        peer.counters.drop(r);
+                        continue;
+                    }
+                    if opened.advanced {
+                        let new = pack(Some(src));
+                        let old = peer.endpoint.load(Ordering::Relaxed);
+                        if old != new {
+                            peer.endpoint.store(new, Ordering::Relaxed);
+                            let ev = Event::Roamed { inner: peer.inner, old: unpack(old), new: src };
+                            shared.push_event(ev, event_fd, Some(peer));
+                        }
+                    }
+                    deliver.push((i, opened.inner, Arc::clone(peer)));
+                }
+            }
+            for (i, range, peer) in deliver.drain(..) {
+                let (payload, _, _) = batch.get_mut(i);
+                let pkt = &payload[range];
+                // SAFETY: writes `pkt.len()` bytes from `pkt` to the TUN descriptor, which
+                // stays open until this thread is joined.
+                let r = unsafe { libc::write(tun, pkt.as_ptr().cast(), pkt.len()) };
+                if r >= 0 {
+                    tally.packets_in += 1;
+                    tally.bytes_in += pkt.len() as u64;
+                    peer.counters.packets_in.fetch_add(1, Ordering::Relaxed);
+                    peer.counters.bytes_in.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                }
+            }
+            tally.flush(&shared.counters);
+            if n < batch.capacity() || !shared.running.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    const K1: [u8; 36] = [0x11; 36];
+    const K2: [u8; 36] = [0x22; 36];
+
+    fn ip(args: &str) {
+        let st = Command::new("ip").args(args.split_whitespace()).status().expect("run ip");
+        assert!(st.success(), "ip {args}");
+    }
+
+    fn inner(a: &str) -> Inner {
+        a.parse::<Ipv6Addr>().unwrap().octets()
+    }
+
+    /// An IPv6/UDP packet with a correct checksum (RFC 8200 §8.1).
+    fn udp6(src: &str, dst: &str, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+        let (s, d) = (inner(src), inner(dst));
+        let ulen = 8 + data.len();
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&sport.to_be_bytes());
+        udp.extend_from_slice(&dport.to_be_bytes());
+        udp.extend_from_slice(&(ulen as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(data);
+        let mut sum: u32 = 0;
+        let mut words = |b: &[u8]| {
+            for c in b.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+        };
+        words(&s);
+        words(&d);
+        words(&(ulen as u32).to_be_bytes());
+        words(&[0, 0, 0, 17]);
+        words(&udp);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        let ck = !(sum as u16);
+        udp[6..8].copy_from_slice(&(if ck == 0 { 0xffff } else { ck }).to_be_bytes());
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(ulen as u16).to_be_bytes());
+        p.extend_from_slice(&[17, 64]);
+        p.extend_from_slice(&s);
+        p.extend_from_slice(&d);
+        p.extend_from_slice(&udp);
+        p
+    }
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn recv(sock: &UdpSocket) -> (Vec<u8>, std::net::SocketAddr) {
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = vec![0u8; 70000];
+        let (n, from) = sock.recv_from(&mut buf).expect("datagram within 5 s");
+        buf.truncate(n);
+        (buf, from)
+    }
+
+    fn event_fd_readable(e: &Engine) -> bool {
+        let mut p = libc::pollfd { fd: e.event_fd().unwrap(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd, alive for the call.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    fn in_private_netns(f: impl FnOnce() + Send + 'static) {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the engine tests need root (TUN devices); run cargo test as root");
+        std::thread::spawn(move || {
+            // SAFETY: moves only this fresh thread (and what it spawns) into a new network
+            // namespace, which the kernel deletes when its last user is gone.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            ip("link set lo up");
+            f();
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn v4(s: &UdpSocket) -> SocketAddrV4 {
+        match s.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn engine_end_to_end_in_a_namespace() {
+        in_private_netns(|| {
+            let cfg = Config {
+                tun_name: Some("btmmt0".into()),
+                tun_fd: None,
+                listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                mtu: 1400,
+                event_queue: 4,
+            };
+            let e = Engine::new(cfg).expect("engine");
+            assert_eq!(e.tun_name(), "btmmt0");
+            ip("-6 addr add fd00::1/64 dev btmmt0 nodad");
+            let me = e.local_addr();
+            let remote = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let peer = inner("fd00::2");
+            e.add_peer(peer, Some(v4(&remote))).unwrap();
+            assert!(matches!(e.add_peer(peer, None), Err(EngineError::DataPlane { .. })));
+            e.install_rx_sa(peer, 0x200, &K2).unwrap();
+            e.start().unwrap();
+            e.start().unwrap();
+
+            // Outbound without a transmit SA: NO_SA.
+            let app = UdpSocket::bind("[fd00::1]:0").unwrap();
+            app.send_to(b"early", "[fd00::2]:7777").unwrap();
+            wait_for("no_sa drop", || e.counters().drop_count(DropReason::NoSa) == 1);
+            e.install_tx_sa(peer, 0x100, &K1, 1).unwrap();
+
+            // Outbound: the remote end opens what the engine sealed.
+            app.send_to(b"hello", "[fd00::2]:7777").unwrap();
+            let (payload, from) = recv(&remote);
+            assert_eq!(from, std::net::SocketAddr::V4(me));
+            let mut rx = RxSa::new(0x100, &K1).unwrap();
+            let pkt = rx.open(&payload).unwrap();
+            assert_eq!(&pkt[8..24], &inner("fd00::1"));
+            assert_eq!(&pkt[24..40], &peer);
+            assert!(pkt.ends_with(b"hello"));
+            wait_for("packets_out", || e.counters().packets_out == 1);
+            assert_eq!(e.counters().bytes_out, pkt.len() as u64);
+
+            // Inbound: the engine delivers an authenticated packet to the TUN.
+            let listener = UdpSocket::bind("[fd00::1]:5555").unwrap();
+            let tx = TxSa::new(0x200, &K2, 1).unwrap();
+            let inner_pkt = udp6("fd00::2", "fd00::1", 1234, 5555, b"world");
+            let sealed = tx.seal(&inner_pkt).unwrap();
+            remote.send_to(&sealed, std::net::SocketAddr::V4(me)).unwrap();
+            let (data, src) = recv(&listener);
+            assert_eq!(data, b"world");
+            assert_eq!(src, std::net::SocketAddr::V6(SocketAddrV6::new("fd00::2".parse().unwrap(), 1234, 0, 0)));
+            let c = e.counters();
+            assert_eq!((c.packets_in, c.bytes_in), (1, inner_pkt.len() as u64));
+
+            // Replay, unknown SPI, source mismatch, bad ICV, too short, keepalive.
+            remote.send_to(&sealed, std::net::SocketAddr::V4(me)).unwrap();
+            let mut other = sealed.clone();
+            other[..4].copy_from_slice(&0x999u32.to_be_bytes());
+            remote.send_to(&other, std::net::SocketAddr::V4(me)).unwrap();
+            let spoofed = tx.seal(&udp6("fd00::3", "fd00::1", 1, 5555, b"x")).unwrap();
+            remote.send_to(&spoofed, std::net::SocketAddr::V4(me)).unwrap();
+            let mut forged = tx.seal(&inner_pkt).unwrap();
+            forged[30] ^= 1;
+            remote.send_to(&forged, std::net::SocketAddr::V4(me)).unwrap();
+            remote.send_to(&[1, 2, 3], std::net::SocketAddr::V4(me)).unwrap();
+            remote.send_to(&[0xff], std::net::SocketAddr::V4(me)).unwrap();
+            wait_for("drops", || {
+                let c = e.counters();
+                c.drop_count(DropReason::Replay) == 1
+                    && c.drop_count(DropReason::UnknownSpi) == 1
+                    && c.drop_count(DropReason::SourceMismatch) == 1
+                    && c.drop_count(DropReason::Auth) == 1
+                    && c.drop_count(DropReason::Malformed) == 1
+                    && c.keepalives_in == 1
+            });
+            let ps = e.peers();
+            assert_eq!(ps.len(), 1);
+            assert_eq!(ps[0].tx_spi, Some(0x100));
+            assert_eq!(ps[0].rx_spis, vec![0x200]);
+            assert_eq!(ps[0].counters.drop_count(DropReason::Replay), 1);
+            assert_eq!(ps[0].counters.drop_count(DropReason::UnknownSpi), 0);
+            assert_eq!(e.counters().packets_in, 1);
+
+            // Control packets become events; the event fd follows the queue.
+            assert!(!event_fd_readable(&e));
+            remote.send_to(b"\0\0\0\0hi", std::net::SocketAddr::V4(me)).unwrap();
+            wait_for("control event", || event_fd_readable(&e));
+            assert_eq!(e.drain(10), vec![Event::Control { source: v4(&remote), payload: b"hi".to_vec() }]);
+            assert!(!event_fd_readable(&e));
+            assert_eq!(e.counters().control_in, 1);
+
+            // Roaming: the newest authenticated packet from a new address moves the endpoint.
+            let roamed = UdpSocket::bind("127.0.0.1:0").unwrap();
+            roamed.send_to(&tx.seal(&inner_pkt).unwrap(), std::net::SocketAddr::V4(me)).unwrap();
+            recv(&listener);
+            wait_for("roamed event", || event_fd_readable(&e));
+            assert_eq!(
+                e.drain(10),
+                vec![Event::Roamed { inner: peer, old: Some(v4(&remote)), new: v4(&roamed) }]
+            );
+            app.send_to(b"after roam", "[fd00::2]:7777").unwrap();
+            let (payload, _) = recv(&roamed);
+            assert!(rx.open(&payload).unwrap().ends_with(b"after roam"));
+            // An older (but fresh) packet from the old address does not move it back.
+            // Seq 3 was only seen forged (ICV failed), so it is still fresh.
+            let old_seq = TxSa::new(0x200, &K2, 3).unwrap().seal(&inner_pkt).unwrap();
+            remote.send_to(&old_seq, std::net::SocketAddr::V4(me)).unwrap();
+            recv(&listener);
+            assert_eq!(e.peers()[0].endpoint, Some(v4(&roamed)));
+            assert!(e.drain(10).is_empty());
+
+            // No route.
+            app.send_to(b"nobody", "[fd00::9]:7777").unwrap();
+            wait_for("no_route", || e.counters().drop_count(DropReason::NoRoute) == 1);
+
+            // Exhaustion: the last sequence number goes out, then drops and one event.
+            e.install_tx_sa(peer, 0x101, &K1, u128::from(u64::MAX)).unwrap();
+            for _ in 0..3 {
+                app.send_to(b"late", "[fd00::2]:7777").unwrap();
+            }
+            let (payload, _) = recv(&roamed);
+            assert_eq!(&payload[..4], &0x101u32.to_be_bytes());
+            assert_eq!(&payload[8..16], &u64::MAX.to_be_bytes());
+            wait_for("sa_exhausted", || e.counters().drop_count(DropReason::SaExhausted) == 2);
+            assert_eq!(e.drain(10), vec![Event::Exhausted { inner: peer, spi: 0x101 }]);
+
+            // A full event queue drops control packets and counts them.
+            for i in 0..6u8 {
+                remote.send_to(&[0, 0, 0, 0, i], std::net::SocketAddr::V4(me)).unwrap();
+            }
+            wait_for("overflow", || e.counters().control_in == 7);
+            assert_eq!(e.counters().drop_count(DropReason::ControlOverflow), 2);
+            let evs = e.drain(2);
+            assert_eq!(evs.len(), 2);
+            assert!(event_fd_readable(&e), "events remain queued");
+            assert_eq!(e.drain(100).len(), 2);
+            assert!(!event_fd_readable(&e));
+
+            // Send control and keepalive from the engine's socket.
+            e.send_control(v4(&remote), b"ctl").unwrap();
+            assert_eq!(recv(&remote).0, b"\0\0\0\0ctl");
+            e.send_keepalive(peer).unwrap();
+            assert_eq!(recv(&roamed).0, [0xff]);
+
+            // Receive SAs: at most two; a third retires the oldest; SPIs are unique.
+            e.install_rx_sa(peer, 0x201, &K2).unwrap();
+            assert!(matches!(e.install_rx_sa(peer, 0x201, &K2), Err(EngineError::DataPlane { .. })));
+            e.install_rx_sa(peer, 0x202, &K2).unwrap();
+            assert_eq!(e.peers()[0].rx_spis, vec![0x201, 0x202]);
+            let unknown_before = e.counters().drop_count(DropReason::UnknownSpi);
+            remote.send_to(&tx.seal(&inner_pkt).unwrap(), std::net::SocketAddr::V4(me)).unwrap();
+            wait_for("retired SPI", || e.counters().drop_count(DropReason::UnknownSpi) == unknown_before + 1);
+            e.retire_rx_sa(peer, 0x201).unwrap();
+            assert!(e.retire_rx_sa(peer, 0x201).is_err());
+            assert!(matches!(e.install_tx_sa(peer, 1, &K1[..35], 1), Err(EngineError::Invalid(_))));
+            assert!(matches!(e.update_peer(inner("fd00::77"), None), Err(EngineError::UnknownPeer(_))));
+
+            e.remove_peer(peer).unwrap();
+            assert!(matches!(e.remove_peer(peer), Err(EngineError::UnknownPeer(_))));
+            assert!(e.peers().is_empty());
+
+            e.stop();
+            e.stop();
+            assert!(e.start().is_err());
+            assert!(e.event_fd().is_err());
+            assert!(e.send_control(v4(&remote), b"x").is_err());
+        });
+    }
+
+    #[test]
+    fn bad_config_is_refused() {
+        let base = || Config {
+            tun_name: Some("btmmx0".into()),
+            tun_fd: None,
+            listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            mtu: 1400,
+            event_queue: 8,
+        };
+        assert!(matches!(Engine::new(Config { mtu: 1000, ..base() }), Err(EngineError::Invalid(_))));
+        assert!(matches!(Engine::new(Config { event_queue: 0, ..base() }), Err(EngineError::Invalid(_))));
+        assert!(matches!(Engine::new(Config { tun_name: None, ..base() }), Err(EngineError::Invalid(_))));
+    }
+
+    #[test]
+    fn endpoint_packing() {
+        for ep in [None, Some(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)), Some("203.0.113.7:4500".parse().unwrap())] {
+            assert_eq!(unpack(pack(ep)), ep);
+        }
+    }
+}
