@@ -13,6 +13,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.dataplane.bench", "bench"),
     ("btmm_core.dataplane.runner", "tunnel"),
     ("btmm_core.registry.cli", "serve"),
+    ("btmm_core.portmap.cli", "netcheck"),
 )
 
 

@@ -116,6 +116,7 @@ class MiniupnpdConfig:
     min_lifetime: int = 5
     max_lifetime: int = 86400
     stun_host: str | None = None
+    allow_ports: str = "1024-65535"
 
 
 @dataclass
@@ -190,7 +191,8 @@ table inet nat {{
             lines += ["ext_perform_stun=yes", f"ext_stun_host={cfg.stun_host}",
                       f"ext_stun_port={STUN_PORT}"]
         net = self.lan_network
-        lines += [f"allow 1024-65535 {net} 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535"]
+        lines += [f"allow {cfg.allow_ports} {net} {cfg.allow_ports}",
+                  "deny 0-65535 0.0.0.0/0 0-65535"]
         path = self.workdir / "miniupnpd.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

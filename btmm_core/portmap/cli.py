@@ -1,0 +1,183 @@
+"""``btmm netcheck``: ask the gateway for a UDP mapping and say what happened, in words."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import time
+from typing import Any
+
+import click
+
+from btmm_core.errors import PortMapError
+from btmm_core.portmap.client import (
+    DEFAULT_LIFETIME,
+    PROTOCOLS,
+    MapResult,
+    PortMapClient,
+    default_gateway,
+    local_address_towards,
+)
+from btmm_core.portmap.diagnosis import (
+    Diagnosis,
+    Outcome,
+    Verdict,
+    diagnose_external,
+    diagnose_failure,
+    diagnose_host,
+)
+from btmm_core.portmap.hops import DEFAULT_PROBE_TARGET, hop_address
+from btmm_core.portmap.service import MappingEvent, PortMapService
+
+
+def _event_json(ev: MappingEvent) -> dict[str, Any]:
+    m = ev.mapping
+    out: dict[str, Any] = {"event": ev.kind.value, "reason": ev.reason}
+    if m is not None:
+        out.update(protocol=m.protocol, gateway=m.gateway, public_address=str(m.external_address),
+                   external_port=m.external_port, internal=f"{m.internal_address}:"
+                   f"{m.internal_port}", lifetime=m.lifetime,
+                   remaining=round(m.remaining(time.monotonic())))
+    if ev.diagnosis is not None:
+        out["verdict"] = ev.diagnosis.verdict.value
+    return out
+
+
+async def _double_nat_probe(result: MapResult, probe: str) -> Diagnosis | None:
+    """miniupnpd and many routers refuse to tell a private external address: look at hop 2.
+
+    When the gateway maps nothing because it has no usable external address, a router in
+    private or shared space right behind it means another NAT (RFC 6598 CGN or a second box).
+    """
+    refused = [a for a in result.attempts if a.outcome is Outcome.REFUSED]
+    if not refused:
+        return None
+    hop = await hop_address(probe, ttl=2)
+    if hop is None:
+        return None
+    diag = diagnose_external(ipaddress.IPv4Address(hop))
+    if diag is None:
+        return None
+    return Diagnosis(Verdict.DOUBLE_NAT, f"double NAT: the gateway refuses to map ("
+                     f"{refused[0].protocol}: {refused[0].detail}) and the next router, {hop}, "
+                     f"is in {diag.text.split(' is ', 1)[1].split(',')[0]} space, so another "
+                     f"NAT sits between the gateway and the internet; ask the outer router or "
+                     f"ISP for a port forward, or use a relay")
+
+
+async def _netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], lifetime: int,
+                    keep: bool, watch: float | None, as_json: bool, probe: str,
+                    reboot_delay: float) -> int:
+    gw = gateway or default_gateway()
+    local = local_address_towards(gw) if gw else None
+    pre = diagnose_host(local, gw)
+    say = (lambda d: click.echo(json.dumps(d))) if as_json else None
+    if pre is not None:
+        if say:
+            say({"verdict": pre.verdict.value, "diagnosis": pre.text, "gateway": gw,
+                 "local_address": local})
+        else:
+            click.echo(f"gateway:        {gw or '-'}")
+            click.echo(f"local address:  {local or '-'}")
+            click.echo(f"diagnosis:      {pre.text}")
+        return 0 if pre.verdict is Verdict.NO_NAT else 1
+    assert gw is not None and local is not None
+    client = PortMapClient(gw, local_address=local, protocols=protocols)
+    if watch is not None:
+        return await _watch(client, port, lifetime, watch, reboot_delay)
+    try:
+        result = await client.map_udp(port, lifetime=lifetime)
+        m = result.mapping
+        diag = diagnose_external(m.external_address) if m is not None else None
+        if m is None:
+            diag = await _double_nat_probe(result, probe) or diagnose_failure(result.attempts)
+        tried = ", ".join(f"{a.protocol}: {a.outcome.value}" for a in result.attempts)
+        if say:
+            out: dict[str, Any] = {"gateway": gw, "local_address": local, "tried": tried}
+            if m is not None:
+                out.update(protocol=m.protocol, public_address=str(m.external_address),
+                           external_port=m.external_port, internal_port=m.internal_port,
+                           lifetime=m.lifetime,
+                           remaining=round(m.remaining(time.monotonic())))
+            if diag is not None:
+                out.update(verdict=diag.verdict.value, diagnosis=diag.text)
+            else:
+                out["verdict"] = Verdict.MAPPED.value
+            say(out)
+        else:
+            click.echo(f"gateway:        {gw}")
+            click.echo(f"local address:  {local}")
+            click.echo(f"tried:          {tried}")
+            if m is not None:
+                click.echo(f"protocol:       {m.protocol}")
+                click.echo(f"public address: {m.external_address}")
+                click.echo(f"mapping:        UDP {m.external_address}:{m.external_port} -> "
+                           f"{m.internal_address}:{m.internal_port}")
+                click.echo(f"lifetime:       {m.lifetime} s granted, "
+                           f"{m.remaining(time.monotonic()):.0f} s remaining")
+            if diag is not None:
+                click.echo(f"diagnosis:      {diag.text}")
+            elif m is not None:
+                click.echo(f"result:         peers can reach UDP port {m.external_port} at "
+                           f"{m.external_address}")
+        if m is not None and not keep:
+            try:
+                await client.delete(m)
+                if not say:
+                    click.echo("                (mapping deleted again; --keep leaves it)")
+            except PortMapError as exc:
+                click.echo(f"warning: could not delete the mapping: {exc}", err=True)
+        return 0 if m is not None and diag is None else 1
+    finally:
+        await client.close()
+
+
+async def _watch(client: PortMapClient, port: int, lifetime: int, seconds: float,
+                 reboot_delay: float) -> int:
+    """Run the keep-alive service for ``seconds``, one JSON line per event."""
+    service = PortMapService(client, port, lifetime=lifetime, reboot_delay_max=reboot_delay)
+    await service.start()
+    deadline = time.monotonic() + seconds
+    mapped = False
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ev = await asyncio.wait_for(service.events.get(), left)
+            except TimeoutError:
+                break
+            mapped = mapped or ev.mapping is not None
+            click.echo(json.dumps(_event_json(ev)), nl=True)
+    finally:
+        await service.stop(delete=True)
+        while not service.events.empty():
+            click.echo(json.dumps(_event_json(service.events.get_nowait())))
+    return 0 if mapped else 1
+
+
+@click.command("netcheck")
+@click.option("--gateway", help="gateway address (default: the IPv4 default route's)")
+@click.option("--port", default=4500, show_default=True, type=click.IntRange(1, 65535),
+              help="local UDP port to map (the same external port is asked for)")
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS),
+              help="protocols to try, in order (default: pcp, natpmp, upnp)")
+@click.option("--lifetime", default=DEFAULT_LIFETIME, show_default=True,
+              type=click.IntRange(1, 0xFFFFFFFF), help="mapping lifetime to ask for, seconds")
+@click.option("--keep", is_flag=True, help="leave the mapping on the gateway")
+@click.option("--watch", type=float, metavar="SECONDS",
+              help="keep the mapping alive for SECONDS, printing one JSON line per event")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+@click.option("--probe", default=DEFAULT_PROBE_TARGET, show_default=True,
+              help="address for the TTL-2 probe that looks for a second NAT")
+@click.option("--reboot-delay", default=5.0, show_default=True, type=float,
+              help="with --watch: longest random wait before re-creating after a reboot")
+def netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], lifetime: int,
+             keep: bool, watch: float | None, as_json: bool, probe: str,
+             reboot_delay: float) -> None:
+    """Show the gateway, the mapping protocol that worked, the public address and mapping."""
+    try:
+        code = asyncio.run(_netcheck(gateway, port, protocols or PROTOCOLS, lifetime, keep,
+                                     watch, as_json, probe, reboot_delay))
+    except PortMapError as exc:
+        raise click.ClickException(str(exc)) from exc
+    raise SystemExit(code)
