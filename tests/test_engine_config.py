@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from btmm_core.dataplane import open_engine
+from btmm_core.dataplane.api import Endpoint, EngineConfig
+from btmm_core.errors import ConfigError
 from btmm_core.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
@@ -184,3 +187,18 @@ def test_engine_configuration_and_events(kind: str) -> None:
     assert obs["keepalive_bytes"] == "ff"
     assert obs["exhausted_events"] == [["TxSaExhausted", "fd00::3", 0x7777]]
     assert obs["exhausted_drops"] == 3
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        EngineConfig(tun_name="btbad0", listen=Endpoint("127.0.0.1", 0), mtu=1279),
+        EngineConfig(tun_name="btbad0", listen=Endpoint("127.0.0.1", 0), mtu=65535),
+        EngineConfig(tun_name="btbad0", listen=Endpoint("127.0.0.1", 0), event_queue=0),
+        EngineConfig(tun_name=None, tun_fd=None, listen=Endpoint("127.0.0.1", 0)),
+    ],
+)
+def test_bad_config_refused_before_any_device(kind: str, config: EngineConfig) -> None:
+    """Checked before a TUN device or socket exists, so this runs outside a namespace."""
+    with pytest.raises(ConfigError):
+        open_engine(config, kind=kind)

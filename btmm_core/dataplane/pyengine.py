@@ -38,7 +38,7 @@ from btmm_core.dataplane.api import (
     TxSaExhausted,
 )
 from btmm_core.dataplane.esp import MIN_PAYLOAD, EspRxSa, EspTxSa
-from btmm_core.dataplane.tun import close_quietly, open_tun, set_mtu, tun_name_of
+from btmm_core.dataplane.tun import close_quietly, open_tun, set_mtu, set_up, tun_name_of
 from btmm_core.errors import (
     ConfigError,
     DataPlaneError,
@@ -52,6 +52,9 @@ BATCH = 64
 MAX_RX_SAS = 2
 _IPV6_HEADER = 40
 _UDP_MAX = 65535
+#: the largest inner packet whose ESP-in-UDP datagram still fits in an IPv4 packet, with room
+#: for the ESP overhead (the Rust engine uses the same bound)
+_MAX_MTU = 65535 - 64
 
 
 @dataclass
@@ -112,6 +115,16 @@ class PythonEngine:
     kind = "python"
 
     def __init__(self, config: EngineConfig) -> None:
+        if not 1280 <= config.mtu <= _MAX_MTU:
+            raise ConfigError(
+                f"mtu {config.mtu} is out of range",
+                hint=f"IPv6 needs at least 1280 and ESP in UDP allows at most {_MAX_MTU}",
+            )
+        if config.event_queue < 1:
+            raise ConfigError(
+                f"event_queue {config.event_queue} must be at least 1",
+                hint="the default (4096) suits every use",
+            )
         self._config = config
         if config.tun_fd is not None:
             self._tun_fd = config.tun_fd
@@ -125,6 +138,7 @@ class PythonEngine:
             )
         try:
             set_mtu(self._tun_name, config.mtu)
+            set_up(self._tun_name)
             self._sock = self._open_socket(config.listen)
         except BaseException:
             close_quietly(self._tun_fd)
@@ -347,9 +361,10 @@ class PythonEngine:
 
     # -- packet paths (called from the engine threads) -------------------------------------
 
-    def outbound(self, packet: bytes) -> tuple[bytes, Endpoint] | None:
-        """Seal one packet read from the TUN; return the UDP payload and where to send it, or
-        None when it is dropped (counted). Call with ``_lock`` held."""
+    def outbound(self, packet: bytes) -> tuple[bytes, Endpoint, _Peer] | None:
+        """Seal one packet read from the TUN; return the UDP payload, where to send it and the
+        peer, or None when it is dropped (counted). Call with ``_lock`` held; count the packet
+        with ``sent`` once it left."""
         if len(packet) < _IPV6_HEADER or packet[0] >> 4 != 6:
             self._drop(DropReason.MALFORMED, None)
             return None
@@ -368,14 +383,22 @@ class PythonEngine:
                 peer.tx_exhausted_reported = True
                 self._queue_event(TxSaExhausted(str(peer.inner), peer.tx.spi))
             return None
+        return payload, peer.endpoint, peer
+
+    def sent(self, peer: _Peer, inner_len: int) -> None:
         for c in (self._total, peer.count):
             c.packets_out += 1
-            c.bytes_out += len(packet)
-        return payload, peer.endpoint
+            c.bytes_out += inner_len
 
-    def inbound(self, payload: bytes, source: Endpoint) -> bytes | None:
-        """Handle one UDP payload; return the inner packet to write to the TUN, or None when
-        it was a control message, a keepalive or a drop (counted). Call with ``_lock`` held."""
+    def delivered(self, peer: _Peer, inner_len: int) -> None:
+        for c in (self._total, peer.count):
+            c.packets_in += 1
+            c.bytes_in += inner_len
+
+    def inbound(self, payload: bytes, source: Endpoint) -> tuple[bytes, _Peer] | None:
+        """Handle one UDP payload; return the inner packet to write to the TUN and its peer, or
+        None when it was a control message, a keepalive or a drop (counted). Call with
+        ``_lock`` held; count the delivery with ``delivered`` once the write succeeded."""
         if payload == KEEPALIVE:
             self._total.keepalives_in += 1
             return None
@@ -399,20 +422,18 @@ class PythonEngine:
             assert isinstance(exc.reason, DropReason)
             self._drop(exc.reason, peer)
             return None
-        if sa.top != before and source != peer.endpoint:
-            # Only the holder of the key can move ``top``, so the peer is really there now.
-            old, peer.endpoint = peer.endpoint, source
-            self._queue_event(PeerRoamed(str(peer.inner), old, source))
         if len(inner) < _IPV6_HEADER or inner[0] >> 4 != 6:
             self._drop(DropReason.MALFORMED, peer)
             return None
         if inner[8:24] != peer.key:
             self._drop(DropReason.SOURCE_MISMATCH, peer)
             return None
-        for c in (self._total, peer.count):
-            c.packets_in += 1
-            c.bytes_in += len(inner)
-        return inner
+        if sa.top != before and source != peer.endpoint:
+            # Only the holder of the key can move ``top``: the peer is really there now. An
+            # older packet (reordered) must not drag the endpoint back.
+            old, peer.endpoint = peer.endpoint, source
+            self._queue_event(PeerRoamed(str(peer.inner), old, source))
+        return inner, peer
 
     def _waiter(self, fd: int) -> Callable[[], bool]:
         """A function that blocks until ``fd`` is readable and returns False once the engine
@@ -439,10 +460,21 @@ class PythonEngine:
                 while len(packets) < BATCH:
                     packets.append(os.read(tun, bufsize))
             with self._lock:
-                sends = [s for s in map(self.outbound, packets) if s is not None]
-            for payload, dest in sends:
+                sends = [(p, self.outbound(p)) for p in packets]
+            done: list[tuple[_Peer, int]] = []
+            for packet, out in sends:
+                if out is None:
+                    continue
+                payload, dest, peer = out
+                # A send error (no route to the endpoint, buffer full) loses the packet like
+                # a lossy link would; only packets that left are counted.
                 with contextlib.suppress(OSError):
                     self._send(payload, dest)
+                    done.append((peer, len(packet)))
+            if done:
+                with self._lock:
+                    for peer, size in done:
+                        self.sent(peer, size)
 
     def _udp_loop(self) -> None:
         sock = self._sock
@@ -455,7 +487,14 @@ class PythonEngine:
                     received.append((data, Endpoint(addr[0], addr[1])))
             with self._lock:
                 inners = [i for i in (self.inbound(d, s) for d, s in received) if i is not None]
-            for inner in inners:
-                # A full TUN queue loses the packet like a congested link would.
+            done: list[tuple[_Peer, int]] = []
+            for inner, peer in inners:
+                # A full TUN queue (or a device that is down) loses the packet like a congested
+                # link would; only packets the kernel took are counted.
                 with contextlib.suppress(OSError):
                     os.write(self._tun_fd, inner)
+                    done.append((peer, len(inner)))
+            if done:
+                with self._lock:
+                    for peer, size in done:
+                        self.delivered(peer, size)

@@ -23,6 +23,9 @@ TUNGETIFF = 0x800454D2
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 SIOCSIFMTU = 0x8922
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
 IFNAMSIZ = 16
 # struct ifreq: 16-byte name, then a union of which we use a short (flags) or an int (MTU).
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")
@@ -99,6 +102,19 @@ def set_mtu(name: str, mtu: int) -> None:
             raise TunError(
                 f"cannot set the MTU of {name} to {mtu}: {exc.strerror}",
                 hint="IPv6 needs an MTU of at least 1280; setting it needs CAP_NET_ADMIN",
+            ) from exc
+
+
+def set_up(name: str) -> None:
+    """Bring a network device up (SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            res = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, _IFREQ.pack(_name_bytes(name), 0))
+            flags = _IFREQ.unpack(res)[1]
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, _IFREQ.pack(_name_bytes(name), flags | IFF_UP))
+        except OSError as exc:
+            raise TunError(
+                f"cannot bring {name} up: {exc.strerror}", hint="this needs CAP_NET_ADMIN"
             ) from exc
 
 
