@@ -127,9 +127,9 @@ class PythonEngine:
             )
         self._config = config
         if config.tun_fd is not None:
+            self._tun_name = tun_name_of(config.tun_fd)  # refuses anything but a TUN fd
             self._tun_fd = config.tun_fd
             os.set_blocking(self._tun_fd, False)
-            self._tun_name = tun_name_of(self._tun_fd)
         elif config.tun_name is not None:
             self._tun_fd, self._tun_name = open_tun(config.tun_name)
         else:
@@ -140,6 +140,7 @@ class PythonEngine:
             set_mtu(self._tun_name, config.mtu)
             set_up(self._tun_name)
             self._sock = self._open_socket(config.listen)
+            self._port = int(self._sock.getsockname()[1])
         except BaseException:
             close_quietly(self._tun_fd)
             raise
@@ -176,7 +177,7 @@ class PythonEngine:
 
     @property
     def local_port(self) -> int:
-        return int(self._sock.getsockname()[1])
+        return self._port
 
     def start(self) -> None:
         if self._closed:
