@@ -8,3 +8,6 @@ pub mod error;
 pub mod tun;
 pub mod udp;
 pub mod engine;
+
+#[cfg(feature = "python")]
+mod python;

@@ -1,0 +1,158 @@
+"""The Rust data plane (``btmm_core._fast``) behind the ``Engine`` protocol of ``api.py``.
+
+ESP (RFC 4303) with AES-GCM (RFC 4106) in UDP (RFC 3948); the packet work happens in two
+native threads that never take the GIL. This wrapper only converts between the API's types
+(text IPv6 addresses, ``Endpoint``, ``Counters``, event dataclasses) and the extension's plain
+values (16-byte addresses, ``(host, port)`` tuples, dicts, tuples).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+from btmm_core import _fast
+from btmm_core.dataplane.api import (
+    ControlPacket,
+    Counters,
+    Endpoint,
+    EngineConfig,
+    EngineEvent,
+    PeerInfo,
+    PeerRoamed,
+    TxSaExhausted,
+)
+from btmm_core.errors import DataPlaneError
+
+
+def _inner_bytes(inner: str) -> bytes:
+    try:
+        return ipaddress.IPv6Address(inner).packed
+    except ValueError as exc:
+        raise ValueError(
+            f"inner address {inner!r} is not an IPv6 address (expected e.g. fd00::1)"
+        ) from exc
+
+
+def _inner_text(raw: bytes) -> str:
+    return str(ipaddress.IPv6Address(raw))
+
+
+def _endpoint_tuple(endpoint: Endpoint | None) -> tuple[str, int] | None:
+    return None if endpoint is None else (endpoint.host, endpoint.port)
+
+
+def _endpoint(raw: tuple[str, int] | None) -> Endpoint | None:
+    return None if raw is None else Endpoint(raw[0], raw[1])
+
+
+def _counters(raw: dict[str, Any]) -> Counters:
+    return Counters(
+        packets_in=raw["packets_in"],
+        bytes_in=raw["bytes_in"],
+        packets_out=raw["packets_out"],
+        bytes_out=raw["bytes_out"],
+        keepalives_in=raw["keepalives_in"],
+        control_in=raw["control_in"],
+        drops=dict(raw["drops"]),
+    )
+
+
+def _event(raw: tuple[Any, ...]) -> EngineEvent:
+    kind = raw[0]
+    if kind == "control":
+        return ControlPacket(Endpoint(raw[1], raw[2]), bytes(raw[3]))
+    if kind == "roamed":
+        new = _endpoint(raw[3])
+        if new is None:
+            raise DataPlaneError("the fast engine reported a roam without a new endpoint")
+        return PeerRoamed(_inner_text(raw[1]), _endpoint(raw[2]), new)
+    if kind == "exhausted":
+        return TxSaExhausted(_inner_text(raw[1]), raw[2])
+    raise DataPlaneError(
+        f"the fast engine reported an unknown event {kind!r}",
+        hint="btmm_core._fast and btmm_core were built from different versions; reinstall",
+    )
+
+
+class FastEngine:
+    """The Rust engine. Opening it creates (or attaches) the TUN device and binds the socket;
+    ``start`` launches the packet threads."""
+
+    kind = "fast"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._engine = _fast.Engine(
+            config.tun_name,
+            config.tun_fd,
+            config.listen.host,
+            config.listen.port,
+            config.mtu,
+            config.event_queue,
+        )
+
+    @property
+    def tun_name(self) -> str:
+        return str(self._engine.tun_name)
+
+    @property
+    def local_port(self) -> int:
+        return int(self._engine.local_port)
+
+    def start(self) -> None:
+        self._engine.start()
+
+    def stop(self) -> None:
+        self._engine.stop()
+
+    def add_peer(self, inner: str, endpoint: Endpoint | None = None) -> None:
+        self._engine.add_peer(_inner_bytes(inner), _endpoint_tuple(endpoint))
+
+    def update_peer(self, inner: str, endpoint: Endpoint | None) -> None:
+        self._engine.update_peer(_inner_bytes(inner), _endpoint_tuple(endpoint))
+
+    def remove_peer(self, inner: str) -> None:
+        self._engine.remove_peer(_inner_bytes(inner))
+
+    def install_tx_sa(self, inner: str, spi: int, keymat: bytes, next_seq: int = 1) -> None:
+        self._engine.install_tx_sa(_inner_bytes(inner), spi, keymat, next_seq)
+
+    def install_rx_sa(self, inner: str, spi: int, keymat: bytes) -> None:
+        self._engine.install_rx_sa(_inner_bytes(inner), spi, keymat)
+
+    def retire_rx_sa(self, inner: str, spi: int) -> None:
+        self._engine.retire_rx_sa(_inner_bytes(inner), spi)
+
+    def send_control(self, destination: Endpoint, message: bytes) -> None:
+        self._engine.send_control((destination.host, destination.port), message)
+
+    def send_keepalive(self, inner: str) -> None:
+        self._engine.send_keepalive(_inner_bytes(inner))
+
+    def fileno(self) -> int:
+        return int(self._engine.fileno())
+
+    def drain(self, limit: int = 256) -> Sequence[EngineEvent]:
+        return [_event(raw) for raw in self._engine.drain(limit)]
+
+    def counters(self) -> Counters:
+        return _counters(self._engine.counters())
+
+    def peers(self) -> Sequence[PeerInfo]:
+        return [
+            PeerInfo(
+                inner=_inner_text(p["inner"]),
+                endpoint=_endpoint(p["endpoint"]),
+                tx_spi=p["tx_spi"],
+                rx_spis=tuple(p["rx_spis"]),
+                counters=_counters(p["counters"]),
+            )
+            for p in self._engine.peers()
+        ]
+
+    def __enter__(self) -> FastEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
