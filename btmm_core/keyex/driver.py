@@ -1,0 +1,196 @@
+"""Thin asyncio driver: runs a ``session.KeyExchange`` against a data-plane engine.
+
+It carries bytes between the engine's control channel (``send_control`` / ``drain()``; the
+engine adds and strips the 4-zero-byte non-ESP marker of RFC 3948 section 2.2) and the
+sans-I/O key exchange, turns the key exchange's actions into engine calls (``install_rx_sa``
+before ``install_tx_sa``, ``retire_rx_sa``), runs its timers on the event loop's clock, and
+polls the engine's per-peer packet counters for the rekey packet budget. No protocol logic
+lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from btmm_core.dataplane.api import (
+    ControlPacket,
+    DropReason,
+    Engine,
+    PeerRoamed,
+    TxSaExhausted,
+)
+from btmm_core.errors import BtmmError
+from btmm_core.keyex.session import (
+    Action,
+    Established,
+    HandshakeFailed,
+    InstallRx,
+    InstallTx,
+    KeyExchange,
+    ResetPeer,
+    RetireRx,
+    SendControl,
+    SendKeepalive,
+    SetEndpoint,
+)
+
+log = structlog.get_logger("btmm.keyex")
+
+#: events reported to the owner of the driver
+Report = Established | HandshakeFailed
+
+
+class KeyExchangeDriver:
+    """Binds one ``KeyExchange`` to one started engine on the running event loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        kx: KeyExchange,
+        *,
+        wall: Callable[[], float] = time.time,
+        poll_interval: float = 1.0,
+        on_report: Callable[[Report], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.kx = kx
+        self.wall = wall
+        self.poll_interval = poll_interval
+        self.on_report = on_report
+        self.errors = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._no_sa: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register with the running loop and add the key exchange's peers to the engine."""
+        self._loop = asyncio.get_running_loop()
+        known = {p.inner for p in self.engine.peers()}
+        for inner, s in self.kx.by_inner.items():
+            if inner not in known:
+                self.engine.add_peer(inner, s.endpoint)
+        self._loop.add_reader(self.engine.fileno(), self._on_readable)
+        self._poller = self._loop.create_task(self._poll())
+        self._reschedule()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.engine.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._poller is not None:
+            self._poller.cancel()
+        self._loop = None
+
+    def connect(self, inner: str) -> None:
+        """Bring up (and keep up) the session with this peer."""
+        self._apply(self.kx.connect(inner, self._now(), self.wall()))
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _on_readable(self) -> None:
+        for event in self.engine.drain():
+            if isinstance(event, ControlPacket):
+                self._apply(self.kx.receive(event.payload, event.source, self._now(), self.wall()))
+            elif isinstance(event, PeerRoamed):
+                s = self.kx.by_inner.get(event.inner)
+                if s is not None:
+                    s.endpoint = event.new
+            elif isinstance(event, TxSaExhausted):
+                # the packet budget should have rekeyed long before; rekey now
+                log.warning("tx SA exhausted before rekey", inner=event.inner, spi=event.spi)
+                s = self.kx.by_inner.get(event.inner)
+                if s is not None and s.tx is not None:
+                    s.note_packets_out(s.tx.packets_base + self.kx.config.reject_after_messages)
+        self._tick()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                infos = self.engine.peers()
+            except BtmmError as err:
+                log.warning("reading engine counters failed", error=str(err))
+                continue
+            for info in infos:
+                if info.inner not in self.kx.by_inner:
+                    continue
+                self.kx.note_packets_out(info.inner, info.counters.packets_out)
+                # outbound packets dropped for want of an SA: traffic wants this peer, so a
+                # session that was given up (or never asked for) is brought up on demand
+                no_sa = info.counters.drop(DropReason.NO_SA)
+                if no_sa > self._no_sa.get(info.inner, 0):
+                    s = self.kx.by_inner[info.inner]
+                    if s.tx is None and not s.busy():
+                        self._apply(self.kx.connect(info.inner, self._now(), self.wall()))
+                self._no_sa[info.inner] = no_sa
+            self._tick()
+
+    def _tick(self) -> None:
+        if self._loop is None:
+            return
+        self._apply(self.kx.tick(self._now(), self.wall()))
+
+    def _reschedule(self) -> None:
+        if self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.kx.next_deadline()
+        if deadline is not None:
+            self._timer = self._loop.call_at(max(deadline, self._loop.time()), self._tick)
+
+    def _apply(self, actions: list[Action]) -> None:
+        for act in actions:
+            try:
+                self._do(act)
+            except BtmmError as err:
+                # an engine refusal must not stop the key exchange; it is logged and counted
+                self.errors += 1
+                log.error("engine refused a key-exchange action", action=repr(act), error=str(err))
+        self._reschedule()
+
+    def _do(self, act: Action) -> None:
+        e = self.engine
+        if isinstance(act, SendControl):
+            e.send_control(act.destination, act.message)
+        elif isinstance(act, InstallRx):
+            e.install_rx_sa(act.inner, act.spi, act.keymat)
+        elif isinstance(act, InstallTx):
+            e.install_tx_sa(act.inner, act.spi, act.keymat)
+        elif isinstance(act, RetireRx):
+            e.retire_rx_sa(act.inner, act.spi)
+        elif isinstance(act, ResetPeer):
+            e.remove_peer(act.inner)
+            e.add_peer(act.inner, act.endpoint)
+        elif isinstance(act, SetEndpoint):
+            e.update_peer(act.inner, act.endpoint)
+        elif isinstance(act, SendKeepalive):
+            e.send_keepalive(act.inner)
+        elif isinstance(act, Established):
+            log.info(
+                "SA pair in use",
+                inner=act.inner,
+                tx_spi=act.tx_spi,
+                rx_spi=act.rx_spi,
+                initiator=act.initiator,
+                confirmed=act.confirmed,
+            )
+            if self.on_report is not None:
+                self.on_report(act)
+        elif isinstance(act, HandshakeFailed):
+            log.warning("handshake failed", inner=act.inner, what=act.what)
+            if self.on_report is not None:
+                self.on_report(act)
