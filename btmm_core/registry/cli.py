@@ -114,6 +114,14 @@ _domain_option = click.option(
 @click.option("--default-lease", type=int, default=5400, show_default=True)
 @click.option("--fudge", type=int, default=300, show_default=True, help="TSIG fudge, at most 300.")
 @click.option(
+    "--tcp-idle-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds a TCP/TLS client may stay silent before it is disconnected.",
+)
+@click.option("--max-connections", type=int, default=256, show_default=True)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
 @click.option(
@@ -138,6 +146,8 @@ def serve(
     no_lease: str,
     default_lease: int,
     fudge: int,
+    tcp_idle_timeout: float,
+    max_connections: int,
     log_level: str,
     event_loop: str,
 ) -> None:
@@ -180,7 +190,14 @@ def serve(
         store = ZoneStore(storage, ZoneConfig(parent, ns, tuple(glue), public_port or port))
         server = RegistryServer(
             RegistryCore(store, policy),
-            Listen(listen, port, tls_port or None, tls),
+            Listen(
+                listen,
+                port,
+                tls_port or None,
+                tls,
+                max_connections=max_connections,
+                idle_timeout=tcp_idle_timeout,
+            ),
         )
         await server.start()
         stop = asyncio.Event()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -200,6 +202,21 @@ class LiveRegistry:
             raise
         finally:
             self.proc = None
+
+
+@contextlib.contextmanager
+def state_dir(prefix: str = "btmm-registry-") -> Iterator[Path]:
+    """A state directory on tmpfs when there is one.
+
+    The tests kill the server (SIGKILL), they do not cut power, so what they check does not
+    depend on fsync reaching a disk; tmpfs keeps them fast on a machine with a busy disk.
+    """
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
