@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from btmm_core import _fast
+import btmm_core._fast as _fast
 from btmm_core.dataplane.api import (
     ControlPacket,
     Counters,
