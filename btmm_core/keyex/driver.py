@@ -186,7 +186,6 @@ class KeyExchangeDriver:
                 tx_spi=act.tx_spi,
                 rx_spi=act.rx_spi,
                 initiator=act.initiator,
-                confirmed=act.confirmed,
             )
             if self.on_report is not None:
                 self.on_report(act)

@@ -42,10 +42,12 @@ receive at that source address learns the cookie. Per-source token buckets bound
 of initiations that reach the DH.
 
 The responder cannot know that the initiator holds the PSK until the initiator proves it,
-so the exchange ends with a short confirm message (initiator to responder, an AEAD tag
-under the confirm key). The responder installs its receive SA when it answers, but starts
-transmitting on the new SA only after the confirm (or, see ``session``, after the initiator
-has evidently stopped retrying).
+so the exchange ends with a short confirm message (initiator to responder, an AEAD tag under
+the confirm key, nonce 0), which the responder acknowledges (same key, nonce 1). The
+responder installs its receive SA when it answers, but transmits on the new SA only after
+the confirm; the initiator repeats the confirm until the acknowledgement arrives, and only
+then counts the responder as switched (see ``session``). Repeated confirms are answered
+again, so a lost acknowledgement costs one more round trip, never a key.
 
 Replay: the timestamp of the last accepted initiation of each peer is kept; an initiation
 with a timestamp not greater than it is refused, as is one farther than ``max_skew`` from the
@@ -101,6 +103,7 @@ class MessageType(enum.IntEnum):
     RESPONSE = 2
     COOKIE_REPLY = 3
     CONFIRM = 4
+    CONFIRM_ACK = 5
 
 
 class Refusal(enum.IntEnum):
@@ -125,6 +128,9 @@ INITIATION_LEN = 4 + 4 + 32 + (KEY_LEN + TAG_LEN) + (TIMESTAMP_LEN + 4 + TAG_LEN
 RESPONSE_LEN = 4 + 4 + 4 + 32 + (8 + TAG_LEN) + 2 * MAC_LEN
 COOKIE_REPLY_LEN = 4 + 4 + COOKIE_NONCE_LEN + (MAC_LEN + TAG_LEN)
 CONFIRM_LEN = 4 + 4 + TAG_LEN
+CONFIRM_ACK_LEN = CONFIRM_LEN
+#: how many answered handshakes keep their confirm key, to re-acknowledge repeated confirms
+CONFIRMED_MEMORY = 64
 
 
 # --- primitives (Noise rev 34 sections 4, 5 and 12) -----------------------------------------
@@ -345,13 +351,32 @@ class CookieStored:
 
 @dataclass(frozen=True)
 class Confirmed:
-    """The initiator proved it holds the keys of a handshake we answered."""
+    """The initiator proved it holds the keys of a handshake we answered; send it ``ack``.
+    ``repeated`` is true for a confirm we had already accepted (our ack was lost)."""
 
     keys: SaKeys
     source: Endpoint
+    ack: bytes
+    repeated: bool
 
 
-Outcome = Refused | SendReply | PeerInitiation | HandshakeComplete | CookieStored | Confirmed
+@dataclass(frozen=True)
+class ConfirmAcked:
+    """The responder acknowledged our confirm: it now transmits on the new SA."""
+
+    peer: bytes
+    rx_spi: int
+
+
+Outcome = (
+    Refused
+    | SendReply
+    | PeerInitiation
+    | HandshakeComplete
+    | CookieStored
+    | Confirmed
+    | ConfirmAcked
+)
 
 
 # --- the device-level handshake endpoint --------------------------------------------------
@@ -429,6 +454,10 @@ class Handshaker:
         self.peers: dict[bytes, _PeerRecord] = {}
         self.pending: dict[int, _Pending] = {}
         self.awaiting: dict[int, _Awaiting] = {}
+        #: answered and confirmed handshakes (insertion ordered, bounded), by our SPI
+        self.confirmed: dict[int, _Awaiting] = {}
+        #: our completed initiations whose confirm is not yet acknowledged, by our SPI
+        self.unacked: dict[int, tuple[bytes, bytes]] = {}
         self.refused: dict[str, int] = {name: 0 for name in REFUSAL_NAMES.values()}
         self.cookies_sent = 0
         self._mac1_key = blake2s(LABEL_MAC1, static.public)
@@ -452,8 +481,11 @@ class Handshaker:
         self.peers.pop(public, None)
         for spi in [s for s, p in self.pending.items() if p.peer == public]:
             del self.pending[spi]
-        for spi in [s for s, a in self.awaiting.items() if a.keys.peer == public]:
-            del self.awaiting[spi]
+        for table in (self.awaiting, self.confirmed):
+            for spi in [s for s, a in table.items() if a.keys.peer == public]:
+                del table[spi]
+        for spi in [s for s, (peer, _) in self.unacked.items() if peer == public]:
+            del self.unacked[spi]
 
     # -- load -------------------------------------------------------------------------
 
@@ -533,6 +565,9 @@ class Handshaker:
     def forget_awaiting(self, local_spi: int) -> None:
         self.awaiting.pop(local_spi, None)
 
+    def forget_unacked(self, local_spi: int) -> None:
+        self.unacked.pop(local_spi, None)
+
     # -- responder --------------------------------------------------------------------------
 
     def respond(
@@ -578,6 +613,8 @@ class Handshaker:
                 return self._on_cookie_reply(message, now)
             if kind == MessageType.CONFIRM:
                 return self._on_confirm(message, source)
+            if kind == MessageType.CONFIRM_ACK:
+                return self._on_confirm_ack(message)
         except _HandshakeFailure as exc:
             return self._refuse(exc.reason, exc.what)
         return self._refuse(Refusal.MALFORMED, f"unknown message type {kind}")
@@ -667,6 +704,7 @@ class Handshaker:
             return self._refuse(Refusal.SPI_MISMATCH, "response SPI fields disagree")
         keys, confirm_key = _derive(st, pending.peer, initiator=True, i_spi=receiver, r_spi=sender)
         del self.pending[receiver]
+        self.unacked[receiver] = (pending.peer, confirm_key)
         header = bytes([MessageType.CONFIRM, 0, 0, 0]) + struct.pack("<I", sender)
         tag = ChaCha20Poly1305(confirm_key).encrypt(aead_nonce(0), b"", header)
         return HandshakeComplete(keys, header + tag, source)
@@ -693,15 +731,39 @@ class Handshaker:
         if len(message) != CONFIRM_LEN:
             return self._refuse(Refusal.MALFORMED, f"confirm of {len(message)} bytes")
         receiver = struct.unpack_from("<I", message, 4)[0]
-        awaiting = self.awaiting.get(receiver)
-        if awaiting is None:
+        entry = self.awaiting.get(receiver)
+        repeated = entry is None
+        if entry is None:
+            entry = self.confirmed.get(receiver)
+        if entry is None:
             return self._refuse(Refusal.UNKNOWN_RECEIVER, "confirm for no handshake we answered")
         try:
-            ChaCha20Poly1305(awaiting.confirm_key).decrypt(aead_nonce(0), message[8:], message[:8])
+            ChaCha20Poly1305(entry.confirm_key).decrypt(aead_nonce(0), message[8:], message[:8])
         except InvalidTag:
             return self._refuse(Refusal.DECRYPT_FAILED, "confirm failed to verify (wrong PSK?)")
-        del self.awaiting[receiver]
-        return Confirmed(awaiting.keys, source)
+        if not repeated:
+            del self.awaiting[receiver]
+            self.confirmed[receiver] = entry
+            while len(self.confirmed) > CONFIRMED_MEMORY:
+                del self.confirmed[next(iter(self.confirmed))]
+        header = bytes([MessageType.CONFIRM_ACK, 0, 0, 0]) + struct.pack("<I", entry.keys.tx_spi)
+        ack = header + ChaCha20Poly1305(entry.confirm_key).encrypt(aead_nonce(1), b"", header)
+        return Confirmed(entry.keys, source, ack, repeated)
+
+    def _on_confirm_ack(self, message: bytes) -> Outcome:
+        if len(message) != CONFIRM_ACK_LEN:
+            return self._refuse(Refusal.MALFORMED, f"confirm ack of {len(message)} bytes")
+        receiver = struct.unpack_from("<I", message, 4)[0]
+        entry = self.unacked.get(receiver)
+        if entry is None:
+            return self._refuse(Refusal.UNKNOWN_RECEIVER, "ack for no confirm of ours")
+        peer, confirm_key = entry
+        try:
+            ChaCha20Poly1305(confirm_key).decrypt(aead_nonce(1), message[8:], message[:8])
+        except InvalidTag:
+            return self._refuse(Refusal.DECRYPT_FAILED, "confirm ack failed to verify")
+        del self.unacked[receiver]
+        return ConfirmAcked(peer, receiver)
 
 
 def build_initiation_body(

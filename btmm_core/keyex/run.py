@@ -18,7 +18,7 @@ Configuration (JSON)::
 It prints ``{"ready": true, "public": "<base64>", "port": N}`` on stdout, then one JSON line
 per report (``established`` / ``failed``). Each line on stdin is a request: ``stats`` prints
 ``{"stats": {...}}`` (engine counters, per-peer SAs and key-exchange counters); end of stdin
-stops the runner, so it never outlives the process that drives it.
+stops the runner, so it never outlives the process that drives it; so do SIGTERM and SIGINT.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -102,12 +103,16 @@ async def _serve(cfg: dict[str, Any], engine: Engine, kx: KeyExchange) -> None:
         if p.get("connect", True):
             driver.connect(p["inner"])
     loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, asyncio.current_task().cancel)  # type: ignore[union-attr]
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     try:
         while line := await reader.readline():
             if line.strip() == b"stats":
                 _emit({"stats": _stats(engine, kx, driver)})
+    except asyncio.CancelledError:
+        pass  # SIGTERM/SIGINT: stop like at end of stdin
     finally:
         driver.close()
 

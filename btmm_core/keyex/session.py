@@ -9,12 +9,14 @@ The engine keeps at most two receive SAs per peer and retires the oldest when a 
 installed, so this module manages the receive SAs explicitly, make-before-break:
 
 * the responder installs the new receive SA *before* it sends its response, and switches its
-  transmit SA only when the initiator's confirm arrives (or, if the confirm is lost, once the
-  initiator has evidently stopped retrying: ``confirm_timeout`` without a newer initiation);
+  transmit SA only when the initiator's confirm arrives (then acknowledges it);
 * the initiator, on the response, installs the new receive SA and then the new transmit SA
-  (the responder already holds the matching receive SA), then sends the confirm;
-* before installing a receive SA, every receive SA except the one the peer is believed to be
-  sending on is retired, so the peer's current SA is never pushed out.
+  (the responder already holds the matching receive SA), then sends the confirm, repeating
+  it every ``rekey_timeout`` until it is acknowledged; only the acknowledgement tells it that
+  the responder now sends on the new SA;
+* before installing a receive SA, every receive SA except the one the peer is known to be
+  sending on is retired, so the peer's current SA is never pushed out;
+* no rekey starts while a confirm is unacknowledged or an answered handshake unconfirmed.
 
 If both sides initiate at once, the side with the lower public key yields: it abandons its
 own initiation and answers; the other side ignores the crossing initiation (its own will be
@@ -35,6 +37,7 @@ from btmm_core.errors import ConfigError
 from btmm_core.keyex.noise import (
     SPI_MAX,
     SPI_MIN,
+    ConfirmAcked,
     Confirmed,
     CookieStored,
     HandshakeComplete,
@@ -59,8 +62,6 @@ class SessionConfig:
     rekey_jitter: float = 0.333
     #: NAT keepalive interval; None (the default) sends none, for hosts not behind a NAT
     keepalive_interval: float | None = None
-    #: the responder switches its transmit SA without a confirm after this long
-    confirm_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.rekey_timeout < self.rekey_after_time:
@@ -75,8 +76,6 @@ class SessionConfig:
                 hint=f"got reject {self.reject_after_time}, rekey {self.rekey_after_time}, "
                 f"timeout {self.rekey_timeout}",
             )
-        if not self.confirm_timeout < self.rekey_after_time:
-            raise ConfigError("confirm_timeout must be below rekey_after_time")
         if not 0 < self.rekey_after_messages < self.reject_after_messages <= SEQ_MAX:
             raise ConfigError("need 0 < rekey_after_messages < reject_after_messages <= 2**64-1")
         if self.keepalive_interval is not None and self.keepalive_interval <= 0:
@@ -145,7 +144,6 @@ class Established:
     tx_spi: int
     rx_spi: int
     initiator: bool
-    confirmed: bool  #: False when the responder switched after ``confirm_timeout``
 
 
 @dataclass(frozen=True)
@@ -188,6 +186,15 @@ class _Responded:
     at: float
 
 
+@dataclass
+class _Unacked:
+    rx_spi: int
+    confirm: bytes
+    destination: Endpoint
+    since: float
+    next_resend: float
+
+
 class Session:
     """The lifecycle of the SAs shared with one peer."""
 
@@ -206,6 +213,7 @@ class Session:
         self.attempt_started: float | None = None
         self.next_retry = float("inf")
         self.responded: _Responded | None = None
+        self.unacked: _Unacked | None = None
         self.packets_out = 0
         self.next_keepalive = float("inf")
         self.rekeys = 0
@@ -242,14 +250,23 @@ class Session:
 
     def _install_tx(self, keys: SaKeys, created: float, initiator: bool) -> list[Action]:
         self.tx = _Tx(keys.tx_spi, created, initiator, self.packets_out)
-        self.current_rx = keys.rx_spi
         if self.cfg.keepalive_interval is not None and self.next_keepalive == float("inf"):
             # a rekey does not move the schedule: the NAT needs traffic every interval
             self.next_keepalive = created + self.cfg.keepalive_interval
         return [InstallTx(self.inner, keys.tx_spi, keys.tx_keymat)]
 
     def busy(self) -> bool:
+        """A handshake is under way: no new one may start (except a retry of our own)."""
         return self.pending is not None or self.responded is not None
+
+    def settling(self) -> bool:
+        """Busy, or our last completed handshake is not yet acknowledged: no rekey now."""
+        return self.busy() or self.unacked is not None
+
+    def _drop_unacked(self) -> None:
+        if self.unacked is not None:
+            self.owner.handshaker.forget_unacked(self.unacked.rx_spi)
+            self.unacked = None
 
     # -- initiator -------------------------------------------------------------------
 
@@ -280,6 +297,7 @@ class Session:
             # a crossing handshake we answered loses to ours: the peer will drop its own
             self.owner.handshaker.forget_awaiting(self.responded.keys.rx_spi)
             self.responded = None
+        self._drop_unacked()
         out += self._make_room()
         keys = done.keys
         self.rx.append(_Rx(keys.rx_spi, keys.rx_keymat, now))
@@ -287,9 +305,21 @@ class Session:
         if self.tx is not None:
             self.rekeys += 1
         out += self._install_tx(keys, now, initiator=True)
+        # the peer keeps sending on ``current_rx`` until it has the confirm; we learn that
+        # from its acknowledgement
+        self.unacked = _Unacked(
+            keys.rx_spi, done.confirm, done.source, now, now + self.cfg.rekey_timeout
+        )
         out += self._send(done.confirm, done.source)
-        out.append(Established(self.inner, keys.tx_spi, keys.rx_spi, True, True))
+        out.append(Established(self.inner, keys.tx_spi, keys.rx_spi, True))
         return out
+
+    def on_acked(self, acked: ConfirmAcked) -> list[Action]:
+        if self.unacked is None or self.unacked.rx_spi != acked.rx_spi:
+            return []
+        self.current_rx = acked.rx_spi
+        self.unacked = None
+        return []
 
     # -- responder -------------------------------------------------------------------
 
@@ -308,6 +338,9 @@ class Session:
             # superseded by the initiator's retry: it dropped the state this one belonged to
             hs.forget_awaiting(self.responded.keys.rx_spi)
             self.responded = None
+        # our last confirm was never acknowledged, so the peer may not have switched: keep
+        # the SA it sent on before (``current_rx``) and give up on the acknowledgement
+        self._drop_unacked()
         out += self._make_room()
         spi = self.owner.allocate_spi()
         msg, keys = hs.respond(init, spi, now)
@@ -318,21 +351,22 @@ class Session:
         return out
 
     def on_confirmed(self, conf: Confirmed, now: float) -> list[Action]:
+        if conf.repeated:
+            # our ack was lost; answer again if that SA is still the one we send on
+            if self.tx is not None and self.tx.spi == conf.keys.tx_spi:
+                return self._send(conf.ack, conf.source)
+            return []
         if self.responded is None or self.responded.keys.rx_spi != conf.keys.rx_spi:
             return []
         out = self._learn_endpoint(conf.source)
-        return out + self._switch_to_responded(confirmed=True)
-
-    def _switch_to_responded(self, *, confirmed: bool) -> list[Action]:
-        assert self.responded is not None
         keys, at = self.responded.keys, self.responded.at
         self.responded = None
         if self.tx is not None:
             self.rekeys += 1
-        out = self._install_tx(keys, at, initiator=False)
-        out.append(Established(self.inner, keys.tx_spi, keys.rx_spi, False, confirmed))
-        if self.pending is None:
-            self.attempt_started = None
+        out += self._install_tx(keys, at, initiator=False)
+        self.current_rx = keys.rx_spi
+        out += self._send(conf.ack, conf.source)
+        out.append(Established(self.inner, keys.tx_spi, keys.rx_spi, False))
         return out
 
     # -- time ------------------------------------------------------------------------
@@ -340,16 +374,16 @@ class Session:
     def next_deadline(self) -> float:
         cfg = self.cfg
         times = [self.next_retry, self.next_keepalive]
-        if self.responded is not None:
-            times.append(self.responded.at + cfg.confirm_timeout)
+        if self.unacked is not None:
+            times.append(self.unacked.next_resend)
         if self.tx is not None:
             times.append(self.tx.created + cfg.reject_after_time)
             sent = self.packets_out - self.tx.packets_base
             if sent >= cfg.reject_after_messages or (
-                sent >= cfg.rekey_after_messages and not self.busy()
+                sent >= cfg.rekey_after_messages and not self.settling()
             ):
                 times.append(float("-inf"))  # the packet budget is spent: act now
-            if not self.busy():
+            if not self.settling():
                 after = cfg.rekey_after_time if self.tx.initiator else cfg.responder_rekey_after
                 times.append(self.tx.created + after)
         times += [r.created + cfg.reject_after_time for r in self.rx]
@@ -361,9 +395,12 @@ class Session:
         cfg = self.cfg
         out: list[Action] = []
         hs = self.owner.handshaker
-        if self.responded is not None and now >= self.responded.at + cfg.confirm_timeout:
-            hs.forget_awaiting(self.responded.keys.rx_spi)
-            out += self._switch_to_responded(confirmed=False)
+        if self.unacked is not None and now >= self.unacked.next_resend:
+            if now >= self.unacked.since + cfg.rekey_attempt_time:
+                self._drop_unacked()  # the peer stays on ``current_rx`` as far as we know
+            else:
+                out += self._send(self.unacked.confirm, self.unacked.destination)
+                self.unacked.next_resend = now + cfg.rekey_timeout
         # expiry first: a key past its lifetime is never used, whatever else happens
         expired_rx = [r for r in self.rx if now >= r.created + cfg.reject_after_time]
         for r in expired_rx:
@@ -371,6 +408,11 @@ class Session:
             self.rx.remove(r)
             if r.spi == self.current_rx:
                 self.current_rx = None
+            if self.responded is not None and self.responded.keys.rx_spi == r.spi:
+                hs.forget_awaiting(r.spi)  # never confirmed within a key lifetime
+                self.responded = None
+            if self.unacked is not None and self.unacked.rx_spi == r.spi:
+                self._drop_unacked()
         if self.tx is not None and (
             now >= self.tx.created + cfg.reject_after_time
             or self.packets_out - self.tx.packets_base >= cfg.reject_after_messages
@@ -395,7 +437,7 @@ class Session:
                 )
             else:
                 out += self.start(now, wall)
-        if self.tx is not None and not self.busy():
+        if self.tx is not None and not self.settling():
             after = cfg.rekey_after_time if self.tx.initiator else cfg.responder_rekey_after
             sent = self.packets_out - self.tx.packets_base
             # compare as ``next_deadline`` computes (created + after), never as an age: the
@@ -420,6 +462,7 @@ class Session:
         if self.responded is not None:
             self.owner.handshaker.forget_awaiting(self.responded.keys.rx_spi)
             self.responded = None
+        self._drop_unacked()
         return [ResetPeer(self.inner, self.endpoint)]
 
     def note_packets_out(self, total: int) -> None:
@@ -500,6 +543,8 @@ class KeyExchange:
             return self.sessions[out.keys.peer].on_complete(out, now)
         if isinstance(out, Confirmed):
             return self.sessions[out.keys.peer].on_confirmed(out, now)
+        if isinstance(out, ConfirmAcked):
+            return self.sessions[out.peer].on_acked(out)
         raise AssertionError(f"unhandled outcome {out!r}")
 
     def next_deadline(self) -> float | None:

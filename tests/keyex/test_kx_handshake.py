@@ -11,6 +11,7 @@ from btmm_core.keyex.identity import derive_psk
 from btmm_core.keyex.noise import (
     INITIATION_LEN,
     LABEL_MAC1,
+    ConfirmAcked,
     Confirmed,
     CookieStored,
     HandshakeComplete,
@@ -206,9 +207,19 @@ def test_tampered_confirm_is_refused() -> None:
         bad = bytearray(done.confirm)
         bad[i] ^= 0x04
         assert isinstance(hb.receive(bytes(bad), A_ADDR, now=0, wall=WALL0), Refused), i
-    assert isinstance(hb.receive(done.confirm, A_ADDR, now=0, wall=WALL0), Confirmed)
-    # a replayed confirm finds nothing to confirm
-    refused(hb, hb.receive(done.confirm, A_ADDR, now=0, wall=WALL0), Refusal.UNKNOWN_RECEIVER)
+    first = hb.receive(done.confirm, A_ADDR, now=0, wall=WALL0)
+    assert isinstance(first, Confirmed) and not first.repeated
+    # a repeated confirm (our ack was lost) is acknowledged again, changing nothing
+    again = hb.receive(done.confirm, A_ADDR, now=0, wall=WALL0)
+    assert isinstance(again, Confirmed) and again.repeated and again.ack == first.ack
+    # the ack: tampered ones are refused, the genuine one is accepted once
+    for i in range(len(first.ack)):
+        bad = bytearray(first.ack)
+        bad[i] ^= 0x10
+        assert isinstance(ha.receive(bytes(bad), B_ADDR, now=0, wall=WALL0), Refused), i
+    acked = ha.receive(first.ack, B_ADDR, now=0, wall=WALL0)
+    assert isinstance(acked, ConfirmAcked) and acked.rx_spi == 0x1111
+    refused(ha, ha.receive(first.ack, B_ADDR, now=0, wall=WALL0), Refusal.UNKNOWN_RECEIVER)
 
 
 def test_low_order_ephemeral_is_refused() -> None:

@@ -38,7 +38,6 @@ SESSION = {
     "reject_after_time": 9.0,
     "rekey_timeout": 1.0,
     "rekey_attempt_time": 20.0,
-    "confirm_timeout": 1.5,
     "rekey_after_messages": 20_000,
     "reject_after_messages": 2**40,
 }
@@ -180,7 +179,9 @@ def test_handshake_ping_and_100mb_across_rekeys(kinds: tuple[str, str], tmp_path
                 assert drops.get("auth", 0) == 0, report
                 assert drops.get("unknown_spi", 0) == 0, report
                 assert s["driver_errors"] == 0, report
-                assert not s["refused"], report
+                # a response or confirm that arrives after its initiation was retried is stale
+                # and refused as unknown_receiver; anything else means a broken handshake
+                assert set(s["refused"]) <= {"unknown_receiver"}, report
                 assert all(len(p["rx_spis"]) <= 2 for p in s["peers"]), report
             print(
                 f"\n{kinds}: rekeys per side during 100 MB: {rekeys}; drops after: "
@@ -189,4 +190,9 @@ def test_handshake_ping_and_100mb_across_rekeys(kinds: tuple[str, str], tmp_path
             )
         finally:
             codes = (ra.stop(), rb.stop())
+            # pytest shows this only when the test fails
+            print(
+                f"--- a log ---\n{ra.log.read_text()[-4000:]}\n--- b log ---\n"
+                f"{rb.log.read_text()[-4000:]}"
+            )
         assert codes == (0, 0), (ra.log.read_text()[-2000:], rb.log.read_text()[-2000:])
