@@ -1,0 +1,115 @@
+"""Property tests of the message handler: no input makes an exception escape, every answer is
+a well-formed response to the request's ID, and nothing that is refused changes a zone."""
+
+from __future__ import annotations
+
+import struct
+
+import dns.message
+import dns.name
+import dns.rcode
+import dns.update
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from registry_helpers import make_core, sign
+
+from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.registry.handler import Policy, RegistryCore, Transport
+
+NOW = 1_800_000_000
+CORE, ACCOUNTS = make_core(policy=Policy(lease_min=1, lease_max=100))
+BOB = dns.name.from_text("bob.members.example.")
+
+
+def _state(core: RegistryCore) -> dict[dns.name.Name, tuple[int, dict]]:  # type: ignore[type-arg]
+    return {
+        n: (z.serial, {k: dict(v) for k, v in z.rrsets.items()})
+        for n, z in core.store.zones.items()
+    }
+
+
+def _seeds() -> list[bytes]:
+    key = ACCOUNTS["bob"].key
+    u = dns.update.UpdateMessage(BOB)
+    u.present("laptop")
+    u.add("laptop", 300, "AAAA", "fd00::1")
+    u.add("_autotunnel._udp.laptop", 300, "SRV", "0 0 4500 laptop")
+    u.delete("old", "A")
+    u.use_edns(0, 0, 1232, options=[UpdateLeaseOption(60, 120)])
+    q = dns.message.make_query("laptop.bob.members.example.", "AAAA")
+    q.use_edns(0, 0, 4096)
+    return [sign(u, key, NOW), sign(q, key, NOW), q.to_wire(), u.to_wire()]
+
+
+SEEDS = _seeds()
+
+
+def _check(wire: bytes, transport: Transport) -> None:
+    before = _state(CORE)
+    out = CORE.handle(wire, NOW, transport, "fuzz")
+    if out is None:
+        assert _state(CORE) == before
+        return
+    assert len(out) >= 12
+    assert out[:2] == wire[:2], "answer carries another ID"
+    assert out[2] & 0x80, "answer without QR"
+    if out[3] & 0x0F != dns.rcode.NOERROR:
+        assert _state(CORE) == before, "a refused message changed a zone"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=0, max_size=600), st.sampled_from(list(Transport)))
+def test_random_bytes(wire: bytes, transport: Transport) -> None:
+    before = _state(CORE)
+    _check(wire, transport)
+    assert _state(CORE) == before
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(SEEDS),
+    st.lists(
+        st.tuples(
+            st.integers(0, 10_000),
+            st.integers(0, 255),
+            st.sampled_from(["set", "ins", "del", "cut"]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from(list(Transport)),
+)
+def test_mutated_valid_messages(
+    seed: bytes, edits: list[tuple[int, int, str]], transport: Transport
+) -> None:
+    wire = bytearray(seed)
+    for pos, value, op in edits:
+        if not wire:
+            break
+        i = pos % len(wire)
+        if op == "set":
+            wire[i] = value
+        elif op == "ins":
+            wire.insert(i, value)
+        elif op == "del":
+            del wire[i]
+        else:
+            del wire[i:]
+    _check(bytes(wire), transport)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 0xFFFF), st.integers(1, 6), st.binary(max_size=40))
+def test_header_counts_lie(qid: int, count: int, body: bytes) -> None:
+    wire = struct.pack("!HHHHHH", qid, 0x2800, count, count, count, count) + body
+    _check(wire, Transport.UDP)
+
+
+def test_compression_pointer_chain_and_oversized_name() -> None:
+    # A chain of pointers each pointing at the previous one, and a name of 300 bytes.
+    chain = b"".join(struct.pack("!H", 0xC000 | (12 + 2 * i - 2 if i else 12)) for i in range(40))
+    _check(struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0) + chain + b"\x00\x01\x00\x01", Transport.UDP)
+    long_name = (b"\x3f" + b"a" * 63) * 5 + b"\x00"
+    _check(
+        struct.pack("!HHHHHH", 2, 0, 1, 0, 0, 0) + long_name + b"\x00\x01\x00\x01", Transport.UDP
+    )
