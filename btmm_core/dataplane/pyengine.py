@@ -9,6 +9,10 @@ the extension is not built. It owns two threads: one reads the TUN device and se
 other reads the UDP socket and writes to the TUN. Both wait in ``poll`` together with a wake
 eventfd so that ``stop`` ends them promptly. One lock guards the peer and SA tables, the
 codecs' state and the counters; the asyncio thread only takes it for configuration calls.
+
+Like the Rust engine, opening sets the TUN device's MTU and brings it up; addresses and routes
+are the caller's business. Packets are counted once they really left (UDP send succeeded) or
+arrived (the TUN write succeeded).
 """
 
 from __future__ import annotations
