@@ -21,7 +21,7 @@ class UpdateLeaseOption(dns.edns.Option):
     """Update Lease: ``lease`` seconds for the RRs of an update, ``key_lease`` for KEY RRs."""
 
     def __init__(self, lease: int, key_lease: int | None = None) -> None:
-        super().__init__(UPDATE_LEASE_CODE)
+        super().__init__(dns.edns.OptionType.make(UPDATE_LEASE_CODE))
         if not 0 <= lease <= 0xFFFFFFFF:
             raise ValueError(f"update lease {lease} does not fit in 32 bits")
         if key_lease is not None and not 0 <= key_lease <= 0xFFFFFFFF:
@@ -53,7 +53,7 @@ class UpdateLeaseOption(dns.edns.Option):
         if len(data) == 8:
             lease, key_lease = struct.unpack("!II", data)
             return cls(lease, key_lease)
-        raise dns.exception.FormError(
+        raise dns.exception.FormError(  # type: ignore[no-untyped-call]
             f"update lease option has {len(data)} bytes; RFC 9664 allows only 4 or 8"
         )
 

@@ -265,7 +265,7 @@ class RegistryCore:
         rrs = zone.get(name, rdtype)
         if not rrs:
             return False
-        rrset = dns.rrset.RRset(name, dns.rdataclass.IN, rdtype)
+        rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype))
         ttl = min(t for _, t in rrs)
         for rd, _ in rrs:
             rrset.add(rd, ttl)

@@ -84,6 +84,13 @@ class TsigVerdict:
         return self.error == TsigError.NOERROR and not self.formerr
 
 
+def _wire(name: dns.name.Name) -> bytes:
+    """Uncompressed wire form of a name."""
+    wire = name.to_wire()
+    assert wire is not None
+    return wire
+
+
 def algorithm_digest_size(algorithm: dns.name.Name) -> int | None:
     entry = _DIGESTS.get(algorithm)
     return None if entry is None else entry[1]
@@ -121,9 +128,9 @@ def _variables(
     other: bytes,
 ) -> bytes:
     return (
-        key_name.canonicalize().to_wire()
+        _wire(key_name.canonicalize())
         + struct.pack("!HI", dns.rdataclass.ANY, 0)
-        + algorithm.canonicalize().to_wire()
+        + _wire(algorithm.canonicalize())
         + struct.pack("!HIH", (time_signed >> 32) & 0xFFFF, time_signed & 0xFFFFFFFF, fudge)
         + struct.pack("!HH", error, len(other))
         + other
@@ -209,7 +216,7 @@ def tsig_rr(
 ) -> bytes:
     """Wire form of a TSIG RR (names uncompressed, as section 4.2 requires)."""
     rdata = (
-        algorithm.to_wire()
+        _wire(algorithm)
         + struct.pack("!HIH", (time_signed >> 32) & 0xFFFF, time_signed & 0xFFFFFFFF, fudge)
         + struct.pack("!H", len(mac))
         + mac
@@ -217,7 +224,7 @@ def tsig_rr(
         + other
     )
     return (
-        key_name.to_wire()
+        _wire(key_name)
         + struct.pack("!HHIH", dns.rdatatype.TSIG, dns.rdataclass.ANY, 0, len(rdata))
         + rdata
     )
@@ -226,7 +233,7 @@ def tsig_rr(
 def rr_size(key_name: dns.name.Name, algorithm: dns.name.Name, other_len: int = 6) -> int:
     """Upper bound of the bytes a TSIG RR adds to a response."""
     mac = algorithm_digest_size(algorithm) or 64
-    return len(key_name.to_wire()) + 10 + len(algorithm.to_wire()) + 16 + mac + other_len
+    return len(_wire(key_name)) + 10 + len(_wire(algorithm)) + 16 + mac + other_len
 
 
 def append_tsig(

@@ -96,7 +96,10 @@ def _check_prerequisites(zone: Zone, prereqs: list[dns.rrset.RRset]) -> UpdateOu
             return _fail(dns.rcode.FORMERR, "prerequisite of an unknown class")
     for (name, rdtype), rdatas in wanted.items():
         if {rd for rd, _ in zone.get(name, rdtype)} != rdatas:
-            return _fail(dns.rcode.NXRRSET, f"{dns.rdatatype.to_text(rdtype)} at {name} differs")
+            return _fail(
+                dns.rcode.NXRRSET,
+                f"{dns.rdatatype.to_text(dns.rdatatype.RdataType.make(rdtype))} at {name} differs",
+            )
     return None
 
 

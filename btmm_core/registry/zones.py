@@ -71,12 +71,12 @@ class Zone:
 
     def __post_init__(self) -> None:
         c = self.config
-        ns = dns.rdtypes.ANY.NS.NS(dns.rdataclass.IN, dns.rdatatype.NS, c.ns_name)
+        ns = dns.rdtypes.ANY.NS.NS(dns.rdataclass.IN, dns.rdatatype.NS, c.ns_name)  # type: ignore[no-untyped-call]
         self.synth: dict[tuple[dns.name.Name, int], tuple[int, tuple[dns.rdata.Rdata, ...]]] = {
             (self.name, dns.rdatatype.NS): (c.soa_ttl, (ns,))
         }
         if self.user is not None:
-            srv = dns.rdtypes.IN.SRV.SRV(
+            srv = dns.rdtypes.IN.SRV.SRV(  # type: ignore[no-untyped-call]
                 dns.rdataclass.IN, dns.rdatatype.SRV, 0, 0, c.public_port, c.ns_name
             )
             for label in (UPDATE_SRV, LLQ_SRV):
@@ -93,7 +93,7 @@ class Zone:
 
     def soa(self) -> dns.rdata.Rdata:
         c = self.config
-        return dns.rdtypes.ANY.SOA.SOA(
+        return dns.rdtypes.ANY.SOA.SOA(  # type: ignore[no-untyped-call]
             dns.rdataclass.IN,
             dns.rdatatype.SOA,
             c.ns_name,
