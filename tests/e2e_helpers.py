@@ -7,10 +7,10 @@ Run as a script inside a namespace, this file is also the traffic tool:
                                              and finally {"bytes": n, "sha256": h}
     e2e_helpers.py send HOST PORT N [RATE]   TCP sender of N pseudo-random bytes (at most RATE
                                              bytes/s); prints {"bytes": n, "sha256": h}
-    e2e_helpers.py udp SRC_HOST SRC_PORT DST_HOST DST_PORT WAIT
+    e2e_helpers.py udp SRC_HOST SRC_PORT DST_HOST DST_PORT WAIT [MOST]
                                              sends the hex payloads of a JSON list on stdin from
-                                             a plain UDP socket, then collects replies for up to
-                                             WAIT seconds; prints {"replies": [...]}
+                                             a plain UDP socket, then collects up to MOST replies
+                                             for up to WAIT seconds; prints {"replies": [...]}
 
 Every loop here is bounded in count and in time.
 """
@@ -114,7 +114,7 @@ class Tunnel:
         except OSError:
             return ""
 
-    def start(self, timeout: float = 30.0) -> dict[str, Any]:
+    def start(self, timeout: float = 90.0) -> dict[str, Any]:
         cfg = self.workdir / f"tunnel-{self.name}.json"
         cfg.write_text(json.dumps({**self.config, "dataplane": self.kind}))
         self.proc = self.ns.popen(
@@ -139,7 +139,7 @@ class Tunnel:
         assert self.ready.get("engine") == self.kind, self.ready
         return self.ready
 
-    def request(self, cmd: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+    def request(self, cmd: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdin is not None and self._out is not None
         self.assert_alive()
         self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
@@ -246,7 +246,7 @@ def ping6(ns: Any, dest: str, count: int = 3) -> subprocess.CompletedProcess[str
     result: subprocess.CompletedProcess[str] = ns.run(
         ["ping", "-6", "-n", "-c", str(count), "-i", "0.2", "-W", "2", dest],
         check=False,
-        timeout=30,
+        timeout=90,
     )
     return result
 
@@ -283,7 +283,7 @@ def transfer(
         env=env(),
     )
     lines = LineReader(recv.stdout)
-    assert json.loads(lines.get(20, "the receiver to listen")) == {"listening": port}
+    assert json.loads(lines.get(60, "the receiver to listen")) == {"listening": port}
     send = sender.popen(
         helper_argv("send", dest, str(port), str(size), str(rate)),
         stdout=subprocess.PIPE,
@@ -409,7 +409,9 @@ def _send(host: str, port: int, size: int, rate: float) -> None:
     _emit({"bytes": sent, "sha256": digest.hexdigest()})
 
 
-def _udp(src_host: str, src_port: int, dst_host: str, dst_port: int, wait: float) -> None:
+def _udp(
+    src_host: str, src_port: int, dst_host: str, dst_port: int, wait: float, most: int = 100
+) -> None:
     payloads = [bytes.fromhex(h) for h in json.loads(sys.stdin.read())]
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -419,7 +421,7 @@ def _udp(src_host: str, src_port: int, dst_host: str, dst_port: int, wait: float
         time.sleep(0.01)
     replies: list[dict[str, str]] = []
     deadline = time.monotonic() + wait
-    while len(replies) < 100:
+    while len(replies) < most:
         left = deadline - time.monotonic()
         if left <= 0:
             break
@@ -439,7 +441,7 @@ def main(argv: list[str]) -> None:
     elif cmd == "send":
         _send(args[0], int(args[1]), int(args[2]), float(args[3]) if len(args) > 3 else 0.0)
     elif cmd == "udp":
-        _udp(args[0], int(args[1]), args[2], int(args[3]), float(args[4]))
+        _udp(args[0], int(args[1]), args[2], int(args[3]), float(args[4]), *map(int, args[5:6]))
     else:
         raise SystemExit(f"unknown helper command {cmd!r}")
 

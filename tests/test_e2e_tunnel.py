@@ -129,7 +129,7 @@ def test_roaming_during_a_transfer(pair: Pair) -> None:
         seen.extend(pair.tb.events())
         return any(e["type"] == "roamed" and e["new"] == new for e in seen)
 
-    wait_for(roamed, 10, f"a roamed event to {new} on b")
+    wait_for(roamed, 30, f"a roamed event to {new} on b")
     event = next(e for e in seen if e["type"] == "roamed")
     assert event["inner"] == A_INNER and event["old"] == f"{A_OUTER}:{PORT}", event
     assert pair.tb.peers()[A_INNER]["endpoint"] == new
