@@ -77,8 +77,13 @@ def stun_answer(request: bytes, source: tuple[str, int]) -> tuple[bytes, bool, b
     return struct.pack("!HHI", 0x0101, len(attrs), cookie) + tid + attrs, change_ip, change_port
 
 
-def serve_stun(primary: str, alternate: str, max_answers: int = 100_000) -> None:
-    """Answer binding requests on primary/alternate address x STUN_PORT/STUN_ALT_PORT."""
+def serve_stun(primary: str, alternate: str, max_answers: int = 100_000,
+               honor_change: bool = True) -> None:
+    """Answer binding requests on primary/alternate address x STUN_PORT/STUN_ALT_PORT.
+
+    ``honor_change=False`` drops requests that ask for an answer from elsewhere, which is what
+    a gateway behind a filtering firewall or NAT sees: miniupnpd then disables forwarding.
+    """
     socks: dict[tuple[str, int], socket.socket] = {}
     for addr in (primary, alternate):
         for port in (STUN_PORT, STUN_ALT_PORT):
@@ -98,6 +103,8 @@ def serve_stun(primary: str, alternate: str, max_answers: int = 100_000) -> None
             if answer is None:
                 continue
             msg, change_ip, change_port = answer
+            if (change_ip or change_port) and not honor_change:
+                continue
             laddr, lport = s.getsockname()
             out = socks[(other_ip[laddr] if change_ip else laddr,
                          other_port[lport] if change_port else lport)]
@@ -230,11 +237,25 @@ table inet nat {{
                 self.ns.procs.remove(self.miniupnpd)
             self.miniupnpd = None
 
-    def restart_miniupnpd(self) -> None:
-        """Stop and start miniupnpd: a new epoch, and its mapping table is gone."""
+    def restart_miniupnpd(self, *, lose_state: bool = True) -> None:
+        """Stop and start miniupnpd: a new epoch.
+
+        miniupnpd leaves its nftables rules in place when it exits and reloads its lease file
+        when it starts, so a plain restart keeps the mappings. ``lose_state`` makes it a
+        reboot: the rules and the lease file go too.
+        """
         cfg = self.config or MiniupnpdConfig()
         self.stop_miniupnpd()
+        if lose_state:
+            self.clear_mappings()
+            (self.workdir / "leases").unlink(missing_ok=True)
         self.start_miniupnpd(cfg)
+
+    def clear_mappings(self) -> None:
+        """Empty miniupnpd's chains (what a router reboot does to its NAT table)."""
+        for table, chain in (("filter", "miniupnpd"), ("nat", "prerouting_miniupnpd"),
+                             ("nat", "postrouting_miniupnpd")):
+            self.ns.run(["nft", "flush", "chain", "inet", table, chain])
 
     def log(self) -> str:
         path = self.workdir / "miniupnpd.log"
@@ -281,10 +302,13 @@ LAN_HOST = "192.168.7.10"
 
 def build_home_network(
     lab: Lab, *, miniupnpd: MiniupnpdConfig | None = None, double_nat: bool = False,
+    upstream_filters: bool = False,
 ) -> HomeNetwork:
     """LAN host -> home gateway (-> ISP gateway) -> WAN host with a STUN responder.
 
     ``miniupnpd=None`` starts no mapping daemon at all (a gateway with no protocol).
+    ``upstream_filters`` makes the STUN responder act as if unsolicited traffic were filtered
+    before the gateway, so miniupnpd refuses every mapping.
     """
     wan = lab.ns("wan")
     gw_ns = lab.ns("gw")
@@ -309,7 +333,8 @@ def build_home_network(
     lan.run(["ip", "route", "add", "default", "via", LAN_GATEWAY])
     net = HomeNetwork(lab, lan, gateway, wan, LAN_HOST, WAN_HOST, WAN_HOST_ALT, isp)
     net.stun = wan.popen(
-        [sys.executable, "-m", "btmm_core.lab.nat", "stun", WAN_HOST, WAN_HOST_ALT],
+        [sys.executable, "-m", "btmm_core.lab.nat", "stun", WAN_HOST, WAN_HOST_ALT,
+         *(["--ignore-change"] if upstream_filters else [])],
         stdout=DEVNULL, stderr=DEVNULL, stdin=DEVNULL, env=_child_env(),
     )
     _wait_udp_listening(wan, STUN_PORT)
@@ -343,9 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     stun = sub.add_parser("stun", help="run the lab's STUN responder")
     stun.add_argument("primary")
     stun.add_argument("alternate")
+    stun.add_argument("--ignore-change", action="store_true",
+                      help="drop CHANGE-REQUEST probes, like a filtering upstream")
     args = parser.parse_args(argv)
     if args.cmd == "stun":
-        serve_stun(args.primary, args.alternate)
+        serve_stun(args.primary, args.alternate, honor_change=not args.ignore_change)
 
 
 if __name__ == "__main__":
