@@ -5,8 +5,6 @@ a valid SA. Every engine pairing; an engine that is not built fails (never skips
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +15,11 @@ from e2e_helpers import (
     B_INNER,
     B_OUTER,
     PORT,
-    LineReader,
-    env,
     ping6,
     transfer,
     two_hosts,
 )
+from kx_runner import Runner
 
 from btmm_core.keyex.identity import load_or_create
 from btmm_core.lab.netns import Lab
@@ -32,65 +29,15 @@ pytestmark = pytest.mark.netns
 PAIRS = [("python", "python"), ("fast", "fast"), ("fast", "python"), ("python", "fast")]
 BIG = 100 * 1024 * 1024
 #: short forced lifetimes so that a transfer spans several rekeys whatever the engine's speed:
-#: by time (3 s) and by packet budget (20000 packets, about 28 MB of full-size segments)
+#: by time (3 s) and by packet budget (12000 packets, about 17 MB of full-size segments)
 SESSION = {
     "rekey_after_time": 3.0,
     "reject_after_time": 9.0,
     "rekey_timeout": 1.0,
     "rekey_attempt_time": 20.0,
-    "rekey_after_messages": 20_000,
+    "rekey_after_messages": 12_000,
     "reject_after_messages": 2**40,
 }
-
-
-class Runner:
-    def __init__(self, ns: Any, name: str, cfg: dict[str, Any], work: Path) -> None:
-        path = work / f"{name}.json"
-        path.write_text(json.dumps(cfg))
-        self.name = name
-        self.log = work / f"{name}.log"
-        self.proc = ns.popen(
-            [sys.executable, "-m", "btmm_core.keyex.run", str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log.open("w"),
-            text=True,
-            env=env(),
-        )
-        self.lines = LineReader(self.proc.stdout)
-        self.events: list[dict[str, Any]] = []
-
-    def next(self, timeout: float, what: str) -> dict[str, Any]:
-        try:
-            msg: dict[str, Any] = json.loads(self.lines.get(timeout, f"{self.name}: {what}"))
-        except AssertionError as err:
-            raise AssertionError(
-                f"{err}\n{self.name} log:\n{self.log.read_text()[-3000:]}"
-            ) from None
-        return msg
-
-    def wait_event(self, kind: str, timeout: float) -> dict[str, Any]:
-        while True:
-            msg = self.next(timeout, f"a {kind} event")
-            if "event" in msg:
-                self.events.append(msg)
-                if msg["event"] == kind:
-                    return msg
-
-    def stats(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("stats\n")
-        self.proc.stdin.flush()
-        while True:
-            msg = self.next(10, "stats")
-            if "stats" in msg:
-                return msg["stats"]  # type: ignore[no-any-return]
-            self.events.append(msg)
-
-    def stop(self) -> int:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        return self.proc.wait(timeout=60)
 
 
 @pytest.mark.parametrize("kinds", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")

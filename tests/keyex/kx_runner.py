@@ -1,0 +1,95 @@
+"""Drive ``python -m btmm_core.keyex.run`` processes inside lab namespaces (tests only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from e2e_helpers import LineReader, env
+
+
+class Runner:
+    def __init__(self, ns: Any, name: str, cfg: dict[str, Any], work: Path) -> None:
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        self.name = name
+        self.log = work / f"{name}.log"
+        self.proc = ns.popen(
+            [sys.executable, "-m", "btmm_core.keyex.run", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log.open("w"),
+            text=True,
+            env=env(),
+        )
+        self.lines = LineReader(self.proc.stdout)
+        self.events: list[dict[str, Any]] = []
+
+    def next(self, timeout: float, what: str) -> dict[str, Any]:
+        try:
+            msg: dict[str, Any] = json.loads(self.lines.get(timeout, f"{self.name}: {what}"))
+        except AssertionError as err:
+            raise AssertionError(
+                f"{err}\n{self.name} log:\n{self.log.read_text()[-3000:]}"
+            ) from None
+        return msg
+
+    def wait_event(self, kind: str, timeout: float) -> dict[str, Any]:
+        while True:
+            msg = self.next(timeout, f"a {kind} event")
+            if "event" in msg:
+                self.events.append(msg)
+                if msg["event"] == kind:
+                    return msg
+
+    def stats(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        while True:
+            msg = self.next(10, "stats")
+            if "stats" in msg:
+                return msg["stats"]  # type: ignore[no-any-return]
+            self.events.append(msg)
+
+    def stop(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=60)
+
+
+def runner_config(
+    kind: str,
+    me: str,
+    key: Path,
+    secret: Path,
+    peer_pub: str,
+    peer_inner: str,
+    peer_outer: str,
+    session: dict[str, Any],
+    *,
+    port: int = 4500,
+    connect: bool = True,
+) -> dict[str, Any]:
+    return {
+        "dataplane": kind,
+        "tun": "btmm0",
+        "mtu": 1420,
+        "address": f"{me}/64",
+        "listen_port": port,
+        "key_file": str(key),
+        "secret_file": str(secret),
+        "session": session,
+        "poll_interval": 0.2,
+        "peers": [
+            {
+                "public": peer_pub,
+                "inner": peer_inner,
+                "endpoint": f"{peer_outer}:{port}",
+                "connect": connect,
+            }
+        ],
+    }

@@ -1,0 +1,178 @@
+"""Over a real network (two namespaces, the pure-Python engine): hosts that must not get a
+tunnel do not get one, and the refusals are counted; a peer that comes up late is reached on
+demand once traffic wants it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from e2e_helpers import A_INNER, A_OUTER, B_INNER, B_OUTER, ping6, two_hosts
+from kx_runner import Runner, runner_config
+
+from btmm_core.keyex.identity import load_or_create
+from btmm_core.lab.netns import Lab
+
+pytestmark = pytest.mark.netns
+
+SESSION = {
+    "rekey_after_time": 3.0,
+    "reject_after_time": 9.0,
+    "rekey_timeout": 0.5,
+    "rekey_attempt_time": 3.0,
+}
+
+
+def _secret(path: Path, text: bytes) -> Path:
+    path.write_bytes(text)
+    return path
+
+
+def _no_tunnel(ra: Runner, rb: Runner, a: object, b: object) -> None:
+    fa, fb = ra.wait_event("failed", 30), rb.wait_event("failed", 30)
+    assert "no handshake answer" in fa["what"] and "no handshake answer" in fb["what"]
+    assert not [e for e in ra.events + rb.events if e["event"] == "established"]
+    for r in (ra, rb):
+        st = r.stats()
+        assert all(p["tx_spi"] is None for p in st["peers"]), st
+    res = ping6(a, B_INNER, count=1)
+    assert res.returncode != 0, "a tunnel came up where none may"
+
+
+def test_wrong_account_secret_gets_no_tunnel(tmp_path: Path) -> None:
+    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    sa = _secret(tmp_path / "a.secret", b"the account secret of one user")
+    sb = _secret(tmp_path / "b.secret", b"the account secret of another!")
+    with Lab() as lab:
+        a, b = two_hosts(lab)
+        ra = Runner(
+            a,
+            "a",
+            runner_config(
+                "python", A_INNER, tmp_path / "a.key", sa, kb.public_b64, B_INNER, B_OUTER, SESSION
+            ),
+            tmp_path,
+        )
+        rb = Runner(
+            b,
+            "b",
+            runner_config(
+                "python", B_INNER, tmp_path / "b.key", sb, ka.public_b64, A_INNER, A_OUTER, SESSION
+            ),
+            tmp_path,
+        )
+        try:
+            assert ra.next(30, "ready")["ready"] and rb.next(30, "ready")["ready"]
+            _no_tunnel(ra, rb, a, b)
+            # each side answered the other's initiations (IKpsk2 learns of the PSK in message 2)
+            # and refused every answer to its own
+            for r in (ra, rb):
+                refused = r.stats()["refused"]
+                assert refused.get("decrypt_failed", 0) >= 2, refused
+                assert set(refused) <= {"decrypt_failed", "unknown_receiver"}, refused
+        finally:
+            assert (ra.stop(), rb.stop()) == (0, 0)
+
+
+def test_untrusted_device_key_gets_no_tunnel(tmp_path: Path) -> None:
+    load_or_create(tmp_path / "a.key")
+    kb = load_or_create(tmp_path / "b.key")
+    other = load_or_create(tmp_path / "other.key")  # b trusts this key, not a's
+    secret = _secret(tmp_path / "secret", b"one account secret for both")
+    with Lab() as lab:
+        a, b = two_hosts(lab)
+        ra = Runner(
+            a,
+            "a",
+            runner_config(
+                "python",
+                A_INNER,
+                tmp_path / "a.key",
+                secret,
+                kb.public_b64,
+                B_INNER,
+                B_OUTER,
+                SESSION,
+            ),
+            tmp_path,
+        )
+        rb = Runner(
+            b,
+            "b",
+            runner_config(
+                "python",
+                B_INNER,
+                tmp_path / "b.key",
+                secret,
+                other.public_b64,
+                A_INNER,
+                A_OUTER,
+                SESSION,
+            ),
+            tmp_path,
+        )
+        try:
+            assert ra.next(30, "ready")["ready"] and rb.next(30, "ready")["ready"]
+            _no_tunnel(ra, rb, a, b)
+            # b authenticates a's static key and finds it is not the one it trusts; a drops
+            # b's initiations at mac1, which b keyed with the wrong public key
+            ref_a, ref_b = ra.stats()["refused"], rb.stats()["refused"]
+            assert ref_b.get("unknown_peer", 0) >= 2 and set(ref_b) == {"unknown_peer"}, ref_b
+            assert ref_a.get("bad_mac1", 0) >= 2 and set(ref_a) == {"bad_mac1"}, ref_a
+        finally:
+            assert (ra.stop(), rb.stop()) == (0, 0)
+
+
+def test_late_peer_is_reached_on_demand_after_giving_up(tmp_path: Path) -> None:
+    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    secret = _secret(tmp_path / "secret", b"one account secret for both")
+    with Lab() as lab:
+        a, b = two_hosts(lab)
+        ra = Runner(
+            a,
+            "a",
+            runner_config(
+                "python",
+                A_INNER,
+                tmp_path / "a.key",
+                secret,
+                kb.public_b64,
+                B_INNER,
+                B_OUTER,
+                SESSION,
+            ),
+            tmp_path,
+        )
+        rb: Runner | None = None
+        try:
+            assert ra.next(30, "ready")["ready"]
+            assert "no handshake answer" in ra.wait_event("failed", 30)["what"]
+            # b comes up passive: it neither initiates nor has traffic of its own
+            rb = Runner(
+                b,
+                "b",
+                runner_config(
+                    "python",
+                    B_INNER,
+                    tmp_path / "b.key",
+                    secret,
+                    ka.public_b64,
+                    A_INNER,
+                    A_OUTER,
+                    SESSION,
+                    connect=False,
+                ),
+                tmp_path,
+            )
+            assert rb.next(30, "ready")["ready"]
+            # a's traffic to b is dropped for want of an SA, which brings the session up
+            deadline = time.monotonic() + 30
+            while ping6(a, B_INNER, count=1).returncode != 0:
+                assert time.monotonic() < deadline, "no tunnel on demand within 30 s"
+            est = ra.wait_event("established", 10)
+            assert est["initiator"] is True
+            assert ping6(a, B_INNER, count=3).returncode == 0
+        finally:
+            codes = [ra.stop()] + ([rb.stop()] if rb is not None else [])
+            assert codes == [0] * len(codes)
