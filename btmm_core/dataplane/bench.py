@@ -168,17 +168,20 @@ def to_json(rows: Sequence[Row]) -> dict[str, object]:
 def _table(rows: Sequence[Row]) -> object:
     from rich.table import Table
 
-    table = Table(title="ESP codec: seal + open per packet, beside bare AES-256-GCM")
+    table = Table(
+        title="ESP codec: seal + open per packet, beside bare AES-256-GCM",
+        caption="median (min-max) over interleaved repetitions; inner bytes only",
+    )
     for col in ("engine", "size", "codec kpps", "codec Gbit/s", "AES-GCM Gbit/s", "codec/AES"):
         table.add_column(col, justify="left" if col == "engine" else "right")
     for r in rows:
         table.add_row(
             r.engine,
             str(r.size),
-            f"{r.codec.pps_median / 1e3:.1f} ({r.codec.pps_min / 1e3:.1f}-"
-            f"{r.codec.pps_max / 1e3:.1f})",
-            f"{r.codec.gbps_median:.3f} ({r.codec.gbps_min:.3f}-{r.codec.gbps_max:.3f})",
-            f"{r.aead.gbps_median:.3f} ({r.aead.gbps_min:.3f}-{r.aead.gbps_max:.3f})",
+            f"{r.codec.pps_median / 1e3:.0f} ({r.codec.pps_min / 1e3:.0f}-"
+            f"{r.codec.pps_max / 1e3:.0f})",
+            f"{r.codec.gbps_median:.2f} ({r.codec.gbps_min:.2f}-{r.codec.gbps_max:.2f})",
+            f"{r.aead.gbps_median:.2f} ({r.aead.gbps_min:.2f}-{r.aead.gbps_max:.2f})",
             f"{r.ratio:.2f}",
         )
     return table
