@@ -28,6 +28,9 @@ pytestmark = pytest.mark.netns
 
 PAIRS = [("python", "python"), ("fast", "fast"), ("fast", "python"), ("python", "fast")]
 BIG = 100 * 1024 * 1024
+#: upper bound on the transfer rate (bytes/s): at least 4 s of traffic, so time-driven rekeys
+#: happen whatever the engine's speed (a bound for the test's shape, not a measurement)
+RATE = 25 * 1024 * 1024
 #: short forced lifetimes so that a transfer spans several rekeys whatever the engine's speed:
 #: by time (3 s) and by packet budget (12000 packets, about 17 MB of full-size segments)
 SESSION = {
@@ -65,7 +68,7 @@ def test_handshake_ping_and_100mb_across_rekeys(kinds: tuple[str, str], tmp_path
             "key_file": str(key),
             "secret_file": str(secret),
             "session": SESSION,
-            "poll_interval": 0.2,
+            "poll_interval": 0.05,
             "peers": [
                 {
                     "public": peer_pub,
@@ -104,7 +107,7 @@ def test_handshake_ping_and_100mb_across_rekeys(kinds: tuple[str, str], tmp_path
 
             before = [ra.stats(), rb.stats()]
             try:
-                result = transfer(a, b, B_INNER, BIG, timeout=400)
+                result = transfer(a, b, B_INNER, BIG, rate=RATE, timeout=400)
             except AssertionError as err:
                 raise AssertionError(
                     f"{err}\nstats: {json.dumps([ra.stats(), rb.stats()])}\n"
