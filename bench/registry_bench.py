@@ -12,7 +12,6 @@ update figure is meant to include the cost of making each update durable.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import re
@@ -127,8 +126,8 @@ logging {{ category default {{ null; }}; category update {{ null; }}; }};
     proc = subprocess.Popen(
         ["named", "-g", "-c", str(conf)],
         stdout=subprocess.DEVNULL,
-        stderr=open(state / "named.log", "wb"),
-    )  # noqa: SIM115
+        stderr=open(state / "named.log", "wb"),  # noqa: SIM115
+    )
     wait_soa(port)
     return proc
 

@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS tsig_seen (
     key TEXT NOT NULL, mac BLOB NOT NULL, time_signed INTEGER NOT NULL, PRIMARY KEY (key, mac)
 );
+CREATE INDEX IF NOT EXISTS tsig_seen_time ON tsig_seen (key, time_signed);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 """
 
@@ -95,6 +96,7 @@ class SqliteStorage(Storage):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._commits = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
@@ -170,11 +172,13 @@ class SqliteStorage(Storage):
                     "INSERT OR REPLACE INTO tsig_seen VALUES (?,?,?)",
                     (_n(s.key), s.mac, s.time_signed),
                 )
-                # Older MACs fail the time check anyway; keep the table small.
-                db.execute(
-                    "DELETE FROM tsig_seen WHERE key=? AND time_signed < ?",
-                    (_n(s.key), s.time_signed - 900),
-                )
+                self._commits += 1
+                if self._commits % 256 == 0:
+                    # Older MACs fail the time check anyway; keep the table small.
+                    db.execute(
+                        "DELETE FROM tsig_seen WHERE key=? AND time_signed < ?",
+                        (_n(s.key), s.time_signed - 900),
+                    )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

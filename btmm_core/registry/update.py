@@ -157,7 +157,7 @@ def plan_update(
         return work[key]
 
     def types_at(name: dns.name.Name) -> set[int]:
-        types = {t for (n, t) in zone.rrsets if n == name}
+        types = zone.stored_types(name)
         for (n, t), v in work.items():
             if n == name:
                 if v:

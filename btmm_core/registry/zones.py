@@ -70,6 +70,13 @@ class Zone:
     )
 
     def __post_init__(self) -> None:
+        # Indexes over ``rrsets`` so lookups do not scan the zone: the stored types at each
+        # owner name, and for each name how many owner names lie at or below it (so that an
+        # empty non-terminal is told apart from a name that does not exist).
+        self._types: dict[dns.name.Name, set[int]] = {}
+        self._below: dict[dns.name.Name, int] = {}
+        for name, rdtype in self.rrsets:
+            self._index(name, rdtype, True)
         c = self.config
         ns = dns.rdtypes.ANY.NS.NS(dns.rdataclass.IN, dns.rdatatype.NS, c.ns_name)  # type: ignore[no-untyped-call]
         self.synth: dict[tuple[dns.name.Name, int], tuple[int, tuple[dns.rdata.Rdata, ...]]] = {
@@ -90,6 +97,50 @@ class Zone:
                 rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, addr)
                 ttl, old = self.synth.get((c.ns_name, rdtype), (c.soa_ttl, ()))
                 self.synth[(c.ns_name, rdtype)] = (ttl, (*old, rd))
+
+    def _index(self, name: dns.name.Name, rdtype: int, present: bool) -> None:
+        types = self._types.get(name)
+        if present:
+            if types is None:
+                types = self._types[name] = set()
+                self._count_owner(name, 1)
+            types.add(rdtype)
+        elif types is not None:
+            types.discard(rdtype)
+            if not types:
+                del self._types[name]
+                self._count_owner(name, -1)
+
+    def _count_owner(self, name: dns.name.Name, delta: int) -> None:
+        n = name
+        while True:
+            count = self._below.get(n, 0) + delta
+            if count:
+                self._below[n] = count
+            else:
+                self._below.pop(n, None)
+            if n == self.name or len(n) <= 1:
+                return
+            n = n.parent()
+
+    def put(self, name: dns.name.Name, rdtype: int, rdata: dns.rdata.Rdata, entry: Entry) -> None:
+        rs = self.rrsets.get((name, rdtype))
+        if rs is None:
+            rs = self.rrsets[(name, rdtype)] = {}
+            self._index(name, rdtype, True)
+        rs[rdata] = entry
+
+    def drop(self, name: dns.name.Name, rdtype: int, rdata: dns.rdata.Rdata) -> None:
+        rs = self.rrsets.get((name, rdtype))
+        if rs is None:
+            return
+        rs.pop(rdata, None)
+        if not rs:
+            del self.rrsets[(name, rdtype)]
+            self._index(name, rdtype, False)
+
+    def stored_types(self, name: dns.name.Name) -> set[int]:
+        return set(self._types.get(name, ()))
 
     def soa(self) -> dns.rdata.Rdata:
         c = self.config
@@ -123,7 +174,7 @@ class Zone:
         return [(rd, e.ttl) for rd, e in stored.items()]
 
     def types_at(self, name: dns.name.Name) -> list[int]:
-        types = {t for (n, t) in self.rrsets if n == name}
+        types = self.stored_types(name)
         types.update(t for (n, t) in self.synth if n == name)
         if name == self.name:
             types.add(dns.rdatatype.SOA)
@@ -131,11 +182,8 @@ class Zone:
 
     def name_exists(self, name: dns.name.Name) -> bool:
         """True for owner names and for empty non-terminals above them."""
-        if name == self.name:
+        if name == self.name or name in self._below:
             return True
-        for n, _ in self.rrsets:
-            if n.is_subdomain(name):
-                return True
         return any(n.is_subdomain(name) for n, _ in self.synth)
 
     def record_count(self) -> int:
@@ -175,7 +223,7 @@ class ZoneStore:
             zone = self.zones.get(r.zone)
             if zone is None:
                 continue
-            zone.rrsets.setdefault((r.name, r.rdtype), {})[r.rdata] = r.entry
+            zone.put(r.name, r.rdtype, r.rdata, r.entry)
             self._track_lease(r)
         self.loaded_seen = snap.seen
 
@@ -233,13 +281,9 @@ class ZoneStore:
             if key not in before:
                 before[key] = dict(zone.rrsets.get(key, {}))
         for d in change.deletes:
-            rs = zone.rrsets.get((d.name, d.rdtype))
-            if rs is not None:
-                rs.pop(d.rdata, None)
-                if not rs:
-                    del zone.rrsets[(d.name, d.rdtype)]
+            zone.drop(d.name, d.rdtype, d.rdata)
         for u in change.upserts:
-            zone.rrsets.setdefault((u.name, u.rdtype), {})[u.rdata] = u.entry
+            zone.put(u.name, u.rdtype, u.rdata, u.entry)
             self._track_lease(u)
         zone.serial = change.serial
         events = []
