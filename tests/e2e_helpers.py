@@ -173,6 +173,13 @@ class Tunnel:
         code = self.proc.poll()
         assert code is None, f"tunnel {self.name} exited with {code}; log:\n{self.log_tail()}"
 
+    def close_stdin(self, timeout: float = 15.0) -> int:
+        """End the control channel (stdin): the tunnel must stop by itself; its exit status."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
     def stop(self, timeout: float = 15.0) -> int:
         """Ask the tunnel to quit and return its exit status."""
         if self.proc is None:

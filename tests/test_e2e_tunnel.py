@@ -56,7 +56,8 @@ def pair(
         ta.start()
         tb.start()
         yield Pair(lab, a, b, ta, tb)
-        codes = (ta.stop(), tb.stop())
+        # One tunnel is asked to quit, the other stops because its control channel ended.
+        codes = (ta.stop(), tb.close_stdin())
         assert codes == (0, 0), f"tunnels exited with {codes}:\n{ta.log_tail()}\n{tb.log_tail()}"
 
 

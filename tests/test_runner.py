@@ -189,12 +189,13 @@ def test_unix_control_socket_and_sigterm(kind: str, tmp_path: Path) -> None:
         assert ready["ready"] is True and ready["port"] == 4500, (ready, log.read_text())
         wait_for(sock.exists, 10, "the control socket")
         # stdin is /dev/null (at its end at once): with a unix control socket that must not stop it.
-        counters, peers, bad, unknown = _unix_request(
+        counters, peers, bad, unknown, nobody = _unix_request(
             sock,
             {"cmd": "counters", "id": 1},
             {"cmd": "peers"},
             {"cmd": "update_peer", "inner": "fd00:b7:1::2", "endpoint": "192.0.2.2"},
             {"cmd": "bogus"},
+            {"cmd": "update_peer", "inner": "fd00:b7:1::99", "endpoint": None},
         )
         assert counters["ok"] is True and counters["id"] == 1
         assert counters["counters"]["packets_in"] == 0
@@ -202,6 +203,7 @@ def test_unix_control_socket_and_sigterm(kind: str, tmp_path: Path) -> None:
         assert peers["peers"][0]["endpoint"] == "192.0.2.2:4500"
         assert bad["ok"] is False and "host:port" in bad["error"]
         assert unknown["ok"] is False and "unknown cmd" in unknown["error"]
+        assert nobody["ok"] is False and "fd00:b7:1::99" in nobody["error"], nobody
         (moved,) = _unix_request(
             sock, {"cmd": "update_peer", "inner": "fd00:b7:1::2", "endpoint": "198.51.100.9:4501"}
         )
