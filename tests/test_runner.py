@@ -216,3 +216,24 @@ def test_unix_control_socket_and_sigterm(kind: str, tmp_path: Path) -> None:
         text = log.read_text()
         assert "stopping" in text and "Traceback" not in text, text
         assert not sock.exists(), "the control socket was left behind"
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("kind", ["fast", "python"])
+def test_unusable_control_socket_is_refused(kind: str, tmp_path: Path) -> None:
+    with Lab() as lab:
+        a, _ = two_hosts(lab)
+        ca, _ = pair_configs(kind, kind)
+        cfg = tmp_path / "a.json"
+        cfg.write_text(json.dumps({**ca, "dataplane": kind}))
+        bad = tmp_path / "no-such-dir" / "ctl.sock"
+        proc = a.run(
+            [sys.executable, "-m", "btmm_core.cli", "tunnel", str(cfg), "--control", f"unix:{bad}"],
+            check=False,
+            input="",
+            timeout=90,
+        )
+        assert proc.returncode == 1, proc.stderr
+        ready = json.loads(proc.stdout.splitlines()[0])
+        assert ready["ready"] is False and str(bad) in ready["error"], ready
+        assert "Traceback" not in proc.stderr, proc.stderr

@@ -50,7 +50,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
@@ -415,10 +415,9 @@ def open_configured(config: TunnelConfig) -> Engine:
     return engine
 
 
-async def _serve_stdio(session: ControlSession, stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+async def _serve_stdio(
+    session: ControlSession, reader: asyncio.StreamReader, stop: asyncio.Event
+) -> None:
     while not session.quit_requested:
         line = await reader.readline()
         if not line:
@@ -429,7 +428,9 @@ async def _serve_stdio(session: ControlSession, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _serve_unix(session: ControlSession, path: Path, stop: asyncio.Event) -> None:
+def _unix_client(
+    session: ControlSession, stop: asyncio.Event
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while not session.quit_requested:
@@ -445,18 +446,12 @@ async def _serve_unix(session: ControlSession, path: Path, stop: asyncio.Event) 
         finally:
             writer.close()
 
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    server = await asyncio.start_unix_server(client, path=str(path))
-    try:
-        await stop.wait()
-    finally:
-        server.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    return client
 
 
-async def _run(engine: Engine, control: str) -> None:
+async def _run(engine: Engine, control: str, announce: Callable[[], None]) -> None:
+    """Serve the control channel until quit, end of stdin, SIGTERM or SIGINT. ``announce`` is
+    called once the channel accepts requests."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     session = ControlSession(engine)
@@ -468,16 +463,32 @@ async def _run(engine: Engine, control: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_reader(engine.fileno(), on_events)
+    task: asyncio.Task[None] | None = None
+    server: asyncio.Server | None = None
+    path: Path | None = None
     try:
         if control == "stdio":
-            task = asyncio.create_task(_serve_stdio(session, stop))
+            reader = asyncio.StreamReader()
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+            task = asyncio.create_task(_serve_stdio(session, reader, stop))
         else:
-            task = asyncio.create_task(_serve_unix(session, Path(control[5:]), stop))
+            path = Path(control[5:])
+            # A stale socket file from an earlier run would make bind fail.
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            server = await asyncio.start_unix_server(_unix_client(session, stop), path=str(path))
+        announce()
         await stop.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if server is not None:
+            server.close()
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         loop.remove_reader(engine.fileno())
     log.info("stopping", counters=counters_to_json(engine.counters()))
 
@@ -552,8 +563,9 @@ def tunnel(config_path: Path, dataplane: str | None, control: str, verbose: bool
         log.error("tunnel did not start", error=err.what, hint=err.hint)
         sys.exit(1)
     ready = False
-    try:
-        engine.start()
+
+    def announce() -> None:
+        nonlocal ready
         log.info(
             "tunnel up",
             engine=engine.kind,
@@ -561,6 +573,7 @@ def tunnel(config_path: Path, dataplane: str | None, control: str, verbose: bool
             port=engine.local_port,
             address=str(config.address),
             peers=len(config.peers),
+            control=control,
         )
         _emit(
             sys.stdout,
@@ -572,11 +585,18 @@ def tunnel(config_path: Path, dataplane: str | None, control: str, verbose: bool
             },
         )
         ready = True
-        asyncio.run(_run(engine, control))
-    except BtmmError as err:
+
+    try:
+        engine.start()
+        asyncio.run(_run(engine, control, announce))
+    except (BtmmError, OSError) as err:
+        what = err.what if isinstance(err, BtmmError) else f"control channel {control}: {err}"
+        hint = err.hint if isinstance(err, BtmmError) else None
         if not ready:
-            _emit(sys.stdout, {"ready": False, "error": str(err)})
-        log.error("tunnel failed", error=err.what, hint=err.hint)
+            _emit(
+                sys.stdout, {"ready": False, "error": what if hint is None else f"{what} ({hint})"}
+            )
+        log.error("tunnel failed", error=what, hint=hint)
         sys.exit(1)
     finally:
         engine.stop()
