@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import signal
 import time
 from typing import Any
 
@@ -137,15 +138,25 @@ async def _watch(client: PortMapClient, port: int, lifetime: int, seconds: float
                  reboot_delay: float) -> int:
     """Run the keep-alive service for ``seconds``, one JSON line per event."""
     service = PortMapService(client, port, lifetime=lifetime, reboot_delay_max=reboot_delay)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Stop cleanly so that the mapping is deleted on the gateway.
+        loop.add_signal_handler(sig, stop.set)
     await service.start()
     deadline = time.monotonic() + seconds
     mapped = False
     try:
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                ev = await asyncio.wait_for(service.events.get(), left)
-            except TimeoutError:
+        while (left := deadline - time.monotonic()) > 0 and not stop.is_set():
+            get = asyncio.ensure_future(service.events.get())
+            stopped = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({get, stopped}, timeout=left,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if get not in done:
+                get.cancel()
                 break
+            ev = get.result()
             mapped = mapped or ev.mapping is not None
             click.echo(json.dumps(_event_json(ev)), nl=True)
     finally:

@@ -167,12 +167,14 @@ class PortMapClient:
         natpmp_schedule: RetrySchedule = NATPMP_SCHEDULE,
         upnp_timeout: float = 3.0,
         rng: random.Random | None = None,
+        port: int = pcp.SERVER_PORT,
     ) -> None:
         unknown = set(protocols) - set(PROTOCOLS)
         if unknown:
             raise PortMapError(f"unknown mapping protocol(s) {sorted(unknown)}",
                                hint=f"choose from {', '.join(PROTOCOLS)}")
         self.gateway = gateway
+        self.port = port  # 5351 for both PCP and NAT-PMP; other values only for simulators
         self.local_address = local_address or local_address_towards(gateway)
         self.protocols = tuple(protocols)
         self.pcp_schedule = pcp_schedule
@@ -180,8 +182,7 @@ class PortMapClient:
         self.upnp_timeout = upnp_timeout
         self.rng = rng or random.Random()
         self.lock = asyncio.Lock()
-        self.pcp_epoch = EpochTracker(EpochRule.PCP)
-        self.natpmp_epoch = EpochTracker(EpochRule.NATPMP)
+        self.epoch = EpochTracker(EpochRule.PCP)
         self.state_lost = False
         self._nonces: dict[int, bytes] = {}
         self._upnp: object | None = None
@@ -190,8 +191,8 @@ class PortMapClient:
 
     def observe_epoch(self, protocol: str, epoch: int, now: float) -> bool:
         """Feed an answer's epoch; returns True (and sets ``state_lost``) on lost state."""
-        tracker = self.pcp_epoch if protocol == "pcp" else self.natpmp_epoch
-        lost = tracker.observe(epoch, now)
+        rule = EpochRule.PCP if protocol == "pcp" else EpochRule.NATPMP
+        lost = self.epoch.observe(epoch, now, rule)
         if lost:
             self.state_lost = True
         return lost
@@ -214,7 +215,7 @@ class PortMapClient:
             suggested_external_address=ipaddress.IPv4Address(external_address or "0.0.0.0"),
         )
         ex: Exchange[pcp.Response | pcp.NatPmpOnly] = Exchange(
-            req.encode(), (self.gateway, pcp.SERVER_PORT), pcp.answer_parser(req),
+            req.encode(), (self.gateway, self.port), pcp.answer_parser(req),
                       self.pcp_schedule, self.rng.random)
         async with self.lock:
             resp = await run_exchange(ex, self.local_address)
@@ -228,7 +229,7 @@ class PortMapClient:
         self, req: natpmp.PublicAddressRequest | natpmp.MapRequest
     ) -> natpmp.Response:
         ex: Exchange[natpmp.Response] = Exchange(
-            req.encode(), (self.gateway, natpmp.SERVER_PORT), natpmp.answer_parser(req),
+            req.encode(), (self.gateway, self.port), natpmp.answer_parser(req),
             self.natpmp_schedule)
         async with self.lock:
             resp = await run_exchange(ex, self.local_address)

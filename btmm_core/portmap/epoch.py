@@ -37,18 +37,23 @@ def pcp_epoch_valid(prev_server: int, prev_client: float, server: int, now: floa
 
 
 class EpochTracker:
-    """Remembers the last epoch seen from one gateway; ``observe`` says if state was lost."""
+    """Remembers the last epoch seen from one gateway; ``observe`` says if state was lost.
+
+    A gateway that speaks both protocols has one epoch (its mapping table's age), so one
+    tracker serves both; each observation may name the rule of the message it came in.
+    """
 
     def __init__(self, rule: EpochRule) -> None:
         self.rule = rule
         self.prev_server: int | None = None
         self.prev_client: float | None = None
 
-    def observe(self, server_epoch: int, now: float) -> bool:
+    def observe(self, server_epoch: int, now: float, rule: EpochRule | None = None) -> bool:
         """Record an answer's epoch; True when it shows the gateway lost its mappings."""
         lost = False
         if self.prev_server is not None and self.prev_client is not None:
-            check = natpmp_epoch_valid if self.rule is EpochRule.NATPMP else pcp_epoch_valid
+            which = rule or self.rule
+            check = natpmp_epoch_valid if which is EpochRule.NATPMP else pcp_epoch_valid
             lost = not check(self.prev_server, self.prev_client, server_epoch, now)
         self.prev_server = server_epoch
         self.prev_client = now

@@ -166,7 +166,9 @@ def test_public_host_is_no_nat(lab: Lab) -> None:
     assert out["verdict"] == "no NAT" and out["local_address"] == GATEWAY_WAN
 
 
-def _read_events(proc: subprocess.Popen[str], until: set[str], timeout: float) -> list[dict[str, Any]]:
+def _read_events(
+    proc: subprocess.Popen[str], until: set[str], timeout: float,
+) -> list[dict[str, Any]]:
     """Read JSON event lines until one of kind ``until`` (bounded by ``timeout``)."""
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
@@ -213,5 +215,8 @@ table inet block {
     else:
         assert "epoch" in again["reason"], again
     datagram_reaches_lan(net, again["public_address"], again["external_port"], "afterboot")
-    watch.terminate()
-    watch.wait(timeout=15)
+    watch.terminate()  # SIGTERM: the service stops and deletes its mapping
+    rest, _ = watch.communicate(timeout=30)
+    assert '"event": "deleted"' in rest, rest
+    rules = net.gateway.ns.run(["nft", "list", "chain", "inet", "nat", "prerouting_miniupnpd"])
+    assert "dnat" not in rules.stdout, rules.stdout
