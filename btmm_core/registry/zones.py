@@ -234,15 +234,9 @@ class ZoneStore:
         """Pick up users added, removed or re-keyed by ``btmm serve user`` in another process."""
         if not self.accounts_changed():
             return
-        snap = self.storage.load()
-        self._generation = self.storage.generation()
-        self.keys = {k.name: k for k in snap.keys}
-        names = {z.name for z in snap.zones}
-        for name in [n for n in self.zones if n not in names]:
-            del self.zones[name]
-        for z in snap.zones:
-            if z.name not in self.zones:
-                self.zones[z.name] = Zone(z.name, z.user, z.serial, self.config)
+        # Everything this process committed is in the database already, so a full reload
+        # loses nothing and also covers a user removed and re-added between two polls.
+        self.reload()
 
     def find_zone(self, name: dns.name.Name) -> Zone | None:
         """The most specific zone containing ``name``."""
