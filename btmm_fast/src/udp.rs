@@ -288,8 +288,8 @@ impl SendBatch {
                 self.iovs[i + m] = libc::iovec { iov_base: o.ptr as *mut libc::c_void, iov_len: o.len };
             }
             self.addrs[k] = to_sockaddr(out[i].dst);
-            // SAFETY: all-zero is a valid msghdr.
             let h = &mut self.msgs[k].msg_hdr;
+            // SAFETY: all-zero is a valid msghdr (null pointers, zero lengths).
             *h = unsafe { mem::zeroed() };
             h.msg_name = (&mut self.addrs[k] as *mut libc::sockaddr_in).cast();
             h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
