@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import signal
 import time
@@ -12,6 +11,7 @@ from typing import Any
 import click
 
 from btmm_core.errors import PortMapError
+from btmm_core.portmap.addresses import AddressKind, classify
 from btmm_core.portmap.client import (
     DEFAULT_LIFETIME,
     PROTOCOLS,
@@ -57,14 +57,15 @@ async def _double_nat_probe(result: MapResult, probe: str) -> Diagnosis | None:
     hop = await hop_address(probe, ttl=2)
     if hop is None:
         return None
-    diag = diagnose_external(ipaddress.IPv4Address(hop))
-    if diag is None:
+    kind = classify(hop)
+    if kind not in (AddressKind.PRIVATE, AddressKind.SHARED):
         return None
-    return Diagnosis(Verdict.DOUBLE_NAT, f"double NAT: the gateway refuses to map ("
-                     f"{refused[0].protocol}: {refused[0].detail}) and the next router, {hop}, "
-                     f"is in {diag.text.split(' is ', 1)[1].split(',')[0]} space, so another "
-                     f"NAT sits between the gateway and the internet; ask the outer router or "
-                     f"ISP for a port forward, or use a relay")
+    first = refused[0]
+    return Diagnosis(Verdict.DOUBLE_NAT, f"double NAT: the gateway refuses to map "
+                     f"({first.protocol}: {first.detail}) and the next router out, {hop}, has "
+                     f"a {kind.value} address, so another NAT sits between the gateway and "
+                     f"the internet; ask the outer router or ISP for a port forward, or use a "
+                     f"relay")
 
 
 async def _netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], lifetime: int,

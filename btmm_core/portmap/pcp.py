@@ -61,7 +61,7 @@ RESULT_TEXT: dict[int, str] = {
     ResultCode.UNSUPP_OPTION: "unsupported option",
     ResultCode.MALFORMED_OPTION: "malformed option",
     ResultCode.NETWORK_FAILURE: "network failure (the gateway has no usable external address)",
-    ResultCode.NO_RESOURCES: "no resources (the gateway's table is full)",
+    ResultCode.NO_RESOURCES: "no resources (the gateway could not create the mapping)",
     ResultCode.UNSUPP_PROTOCOL: "unsupported protocol",
     ResultCode.USER_EX_QUOTA: "user exceeded quota",
     ResultCode.CANNOT_PROVIDE_EXTERNAL: "cannot provide the suggested external address/port",
@@ -69,9 +69,6 @@ RESULT_TEXT: dict[int, str] = {
     "is there a NAT between host and gateway?)",
     ResultCode.EXCESSIVE_REMOTE_PEERS: "excessive remote peers",
 }
-
-# Results the RFC calls long-lifetime errors vs short ones only matter for retry pacing, which
-# the service handles by retrying at its own bounded pace.
 
 
 def result_text(code: int) -> str:

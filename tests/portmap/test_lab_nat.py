@@ -153,7 +153,7 @@ def test_refused_mapping_is_diagnosed(lab: Lab) -> None:
 def test_double_nat_is_diagnosed(lab: Lab) -> None:
     net = build_home_network(lab, miniupnpd=MiniupnpdConfig(natpmp=True, upnp=True),
                              double_nat=True)
-    code, out = netcheck(net.lan, "--probe", WAN_HOST)
+    code, out = netcheck(net.lan)  # the default TTL-2 probe target dies in the ISP namespace
     assert code == 1
     assert out["verdict"] == "double NAT", out
     assert "100.64.0.1" in out["diagnosis"]
@@ -220,3 +220,23 @@ table inet block {
     assert '"event": "deleted"' in rest, rest
     rules = net.gateway.ns.run(["nft", "list", "chain", "inet", "nat", "prerouting_miniupnpd"])
     assert "dnat" not in rules.stdout, rules.stdout
+
+
+def test_cleared_table_is_repaired_by_the_next_renewal(lab: Lab) -> None:
+    # Clearing miniupnpd's rules without a restart changes neither its epoch nor sends an
+    # announcement: no client can notice. The mapping comes back with the next renewal, which
+    # is at half the lifetime (here 4 s of 8).
+    net = build_home_network(lab, miniupnpd=MiniupnpdConfig(natpmp=True, upnp=False))
+    watch = net.lan.popen(
+        [sys.executable, "-m", "btmm_core", "netcheck", "--watch", "40", "--lifetime", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = _read_events(watch, {"mapped"}, 30)[-1]
+    net.gateway.clear_mappings()
+    rules = net.gateway.ns.run(["nft", "list", "chain", "inet", "nat", "prerouting_miniupnpd"])
+    assert "dnat" not in rules.stdout
+    _read_events(watch, {"renewed", "recreated"}, 15)
+    rules = net.gateway.ns.run(["nft", "list", "chain", "inet", "nat", "prerouting_miniupnpd"])
+    assert "dnat" in rules.stdout
+    datagram_reaches_lan(net, first["public_address"], first["external_port"], "repaired")
+    watch.terminate()
+    watch.communicate(timeout=30)
