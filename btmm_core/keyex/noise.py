@@ -460,6 +460,7 @@ class Handshaker:
         self.unacked: dict[int, tuple[bytes, bytes]] = {}
         self.refused: dict[str, int] = {name: 0 for name in REFUSAL_NAMES.values()}
         self.cookies_sent = 0
+        self.cookies_received = 0
         self._mac1_key = blake2s(LABEL_MAC1, static.public)
         self._cookie_key = blake2s(LABEL_COOKIE, static.public)
         self._cookie_secret = b""
@@ -725,6 +726,7 @@ class Handshaker:
             return self._refuse(Refusal.DECRYPT_FAILED, "cookie reply failed to decrypt")
         record = self.peers[pending.peer]
         record.cookie, record.cookie_time = cookie, now
+        self.cookies_received += 1
         return CookieStored(pending.peer)
 
     def _on_confirm(self, message: bytes, source: Endpoint) -> Outcome:

@@ -11,6 +11,7 @@ Configuration (JSON)::
      "key_file": "/path/device.key",            (created 0600 if absent)
      "secret_file": "/path/account.secret",     (the account secret, raw bytes)
      "session": {"rekey_after_time": 120, ...}, (optional SessionConfig overrides)
+     "handshake": {"load_threshold": 64, ...},  (optional HandshakeConfig overrides)
      "poll_interval": 1.0,                      (seconds between packet-budget checks)
      "peers": [{"public": "<base64>", "inner": "fd00:b7:1::2",
                 "endpoint": "192.0.2.2:4500" | null, "connect": true}]}
@@ -40,7 +41,7 @@ from btmm_core.dataplane.netconf import configure_tun
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.keyex.driver import KeyExchangeDriver, Report
 from btmm_core.keyex.identity import decode_public, derive_psk, load_or_create
-from btmm_core.keyex.noise import Handshaker
+from btmm_core.keyex.noise import HandshakeConfig, Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 
 
@@ -64,7 +65,8 @@ def _open(cfg: dict[str, Any]) -> tuple[Engine, KeyExchange]:
     static = load_or_create(Path(cfg["key_file"]))
     psk = derive_psk(Path(cfg["secret_file"]).read_bytes())
     session_cfg = SessionConfig(**cfg.get("session", {}))
-    kx = KeyExchange(Handshaker(static, psk, os.urandom), session_cfg)
+    hs_cfg = HandshakeConfig(**cfg.get("handshake", {}))
+    kx = KeyExchange(Handshaker(static, psk, os.urandom, hs_cfg), session_cfg)
     peers = cfg.get("peers", [])
     for p in peers:
         kx.add_peer(decode_public(p["public"]), p["inner"], _endpoint(p.get("endpoint")))
@@ -126,6 +128,8 @@ def _stats(engine: Engine, kx: KeyExchange, driver: KeyExchangeDriver) -> dict[s
             for p in engine.peers()
         ],
         "refused": {k: v for k, v in kx.handshaker.refused.items() if v},
+        "cookies_sent": kx.handshaker.cookies_sent,
+        "cookies_received": kx.handshaker.cookies_received,
         "sessions": {
             inner: {
                 "rekeys": s.rekeys,

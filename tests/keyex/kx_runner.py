@@ -73,8 +73,10 @@ def runner_config(
     *,
     port: int = 4500,
     connect: bool = True,
+    handshake: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
+        "handshake": handshake or {},
         "dataplane": kind,
         "tun": "btmm0",
         "mtu": 1420,

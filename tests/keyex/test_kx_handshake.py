@@ -261,7 +261,7 @@ def test_under_load_responder_sends_cookie_and_does_no_dh() -> None:
     assert hb.refused["cookie_required"] == 1 and hb.cookies_sent == 1
     assert snapshot(hb) == before  # not even the timestamp moved: no DH was done
     stored = ha.receive(out.message, B_ADDR, now=0.1, wall=WALL0 + 0.1)
-    assert isinstance(stored, CookieStored)
+    assert isinstance(stored, CookieStored) and ha.cookies_received == 1
     # the retry carries a valid mac2 and is processed despite the load
     m1b = ha.initiate(key("b").public, 0x1112, now=0.2, wall=WALL0 + 0.2)
     assert isinstance(hb.receive(m1b, A_ADDR, now=0.2, wall=WALL0 + 0.2), PeerInitiation)

@@ -4,17 +4,22 @@ demand once traffic wants it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import A_INNER, A_OUTER, B_INNER, B_OUTER, ping6, two_hosts
+from e2e_helpers import A_INNER, A_OUTER, A_ROAMED, B_INNER, B_OUTER, PORT, env, ping6, two_hosts
 from kx_runner import Runner, runner_config
 
 from btmm_core.keyex.identity import load_or_create
 from btmm_core.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
+
+HERE = Path(__file__).resolve().parent
 
 SESSION = {
     "rekey_after_time": 3.0,
@@ -175,4 +180,88 @@ def test_late_peer_is_reached_on_demand_after_giving_up(tmp_path: Path) -> None:
             assert ping6(a, B_INNER, count=3).returncode == 0
         finally:
             codes = [ra.stop()] + ([rb.stop()] if rb is not None else [])
+            assert codes == [0] * len(codes)
+
+
+def test_responder_under_load_hands_out_cookies_and_peer_still_connects(tmp_path: Path) -> None:
+    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    secret = _secret(tmp_path / "secret", b"one account secret for both")
+    # b calls itself loaded after 3 DHs within a second, for 2 s
+    loaded = {"load_threshold": 3, "load_hold": 2.0}
+    with Lab() as lab:
+        a, b = two_hosts(lab)
+        a.run(["ip", "addr", "add", f"{A_ROAMED}/24", "dev", "eth0"])
+        rb = Runner(
+            b,
+            "b",
+            runner_config(
+                "python",
+                B_INNER,
+                tmp_path / "b.key",
+                secret,
+                ka.public_b64,
+                A_INNER,
+                A_OUTER,
+                SESSION,
+                connect=False,
+                handshake=loaded,
+            ),
+            tmp_path,
+        )
+        ra: Runner | None = None
+        try:
+            assert rb.next(30, "ready")["ready"]
+            # a stranger floods b with initiations that pass mac1 (it knows b's public key)
+            attack = a.popen(
+                [
+                    sys.executable,
+                    str(HERE / "kx_attacker.py"),
+                    A_ROAMED,
+                    "5555",
+                    B_OUTER,
+                    str(PORT),
+                    kb.public_b64,
+                    "80",
+                    "0.1",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env(),
+            )
+            time.sleep(1.0)
+            ra = Runner(
+                a,
+                "a",
+                runner_config(
+                    "python",
+                    A_INNER,
+                    tmp_path / "a.key",
+                    secret,
+                    kb.public_b64,
+                    B_INNER,
+                    B_OUTER,
+                    SESSION,
+                ),
+                tmp_path,
+            )
+            assert ra.next(30, "ready")["ready"]
+            est = ra.wait_event("established", 30)
+            assert est["initiator"] is True
+            assert ping6(a, B_INNER, count=3).returncode == 0
+            out, err = attack.communicate(timeout=60)
+            assert attack.returncode == 0, err
+            report = json.loads(out)
+            st_b = rb.stats()
+            refused = st_b["refused"]
+            # the stranger got cookie replies instead of DH work once b was loaded, and its
+            # DH-ed initiations were refused as unknown peers
+            assert report["cookie_replies"] >= 10, (report, st_b)
+            assert refused.get("unknown_peer", 0) >= 3, st_b
+            assert refused.get("cookie_required", 0) >= report["cookie_replies"], st_b
+            # the genuine peer was asked for a cookie too, and got through with it
+            assert ra.stats()["cookies_received"] >= 1, st_b
+            assert set(refused) <= {"unknown_peer", "cookie_required", "unknown_receiver"}, st_b
+        finally:
+            codes = [rb.stop()] + ([ra.stop()] if ra is not None else [])
             assert codes == [0] * len(codes)
