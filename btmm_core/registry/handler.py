@@ -31,6 +31,7 @@ import dns.rrset
 import structlog
 
 from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.registry.fastpath import PlainQuery, scan
 from btmm_core.registry.model import ChangeSet, SeenMac
 from btmm_core.registry.storage import StorageError
 from btmm_core.registry.tsig import (
@@ -111,6 +112,10 @@ class RegistryCore:
         self.option_handlers: dict[int, OptionHandler] = {}
         self.response_handler: ResponseHandler | None = None
         self._next_prune = 0.0
+        #: Rendered answers to plain queries (before TSIG), by ``PlainQuery.key``, each with
+        #: the ``ZoneStore.version`` it was computed at. 0 turns the cache off.
+        self.answer_cache_size = 20000
+        self._answers: dict[bytes, tuple[int, bytes]] = {}
 
     # ---- entry point -------------------------------------------------------------------
 
@@ -118,6 +123,11 @@ class RegistryCore:
         """Answer one DNS message; ``None`` means send nothing."""
         if len(wire) < 12:
             return None
+        plain = scan(wire, transport != Transport.UDP) if self.answer_cache_size else None
+        if plain is not None:
+            fast = self._cached(wire, plain, now)
+            if fast is not None:
+                return fast
         (flags,) = struct.unpack("!H", wire[2:4])
         opcode = (flags >> 11) & 0xF
         try:
@@ -158,13 +168,38 @@ class RegistryCore:
 
         op = request.opcode()
         if op == dns.opcode.QUERY:
-            response = self.answer(request, key)
-        elif op == dns.opcode.UPDATE:
+            body = self._body(self.answer(request, key), verdict, limit)
+            if plain is not None:
+                if len(self._answers) >= self.answer_cache_size:
+                    self._answers.clear()
+                self._answers[plain.key] = (self.store.version, body)
+            return self._sign(body, verdict, now)
+        if op == dns.opcode.UPDATE:
             response = self._update(request, verdict, now, peer)
         else:
             response = self._response(request)
             response.set_rcode(dns.rcode.NOTIMP)
         return self._render(response, verdict, now, limit)
+
+    def _cached(self, wire: bytes, plain: PlainQuery, now: float) -> bytes | None:
+        """The cached answer for a plain query, or None to take the full path.
+
+        Every TSIG check is made as on the full path; any failure goes the full path too,
+        which answers it (verification has no side effects until ``remember``).
+        """
+        cached = self._answers.get(plain.key)
+        if cached is None or cached[0] != self.store.version:
+            return None
+        verdict: TsigVerdict | None = None
+        rec = plain.tsig
+        if rec is not None:
+            verdict = verify(wire, rec, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
+            if not verdict.ok or verdict.key is None:
+                return None
+            if not self.replay.check(rec.key_name, rec.time_signed, rec.mac):
+                return None
+            self.replay.remember(rec.key_name, rec.time_signed, rec.mac)
+        return self._sign(wire[:2] + cached[1][2:], verdict, now)
 
     # ---- TSIG ----------------------------------------------------------------------------
 
@@ -370,6 +405,12 @@ class RegistryCore:
         now: float,
         limit: int,
     ) -> bytes:
+        return self._sign(self._body(response, verdict, limit), verdict, now)
+
+    def _body(
+        self, response: dns.message.Message, verdict: TsigVerdict | None, limit: int
+    ) -> bytes:
+        """The response's wire form within ``limit`` (room kept for the TSIG), else TC."""
         reserve = 0
         if verdict is not None:
             reserve = rr_size(verdict.record.key_name, verdict.record.algorithm)
@@ -384,6 +425,9 @@ class RegistryCore:
             response.additional.clear()
             response.flags |= dns.flags.TC
             wire = response.to_wire()
+        return wire
+
+    def _sign(self, wire: bytes, verdict: TsigVerdict | None, now: float) -> bytes:
         if verdict is None:
             return wire
         rec = verdict.record

@@ -203,6 +203,8 @@ class ZoneStore:
         self._leases: list[tuple[float, int, dns.name.Name, dns.name.Name, int, bytes]] = []
         self._tiebreak = 0
         self._generation = -1
+        #: Bumped on every change of zone data or accounts; cached answers carry it.
+        self.version = 0
         self.storage.ensure_zone(config.parent, None)
         self.reload()
 
@@ -214,6 +216,7 @@ class ZoneStore:
         self._observers.remove(observer)
 
     def reload(self) -> None:
+        self.version += 1
         snap = self.storage.load()
         self._generation = self.storage.generation()
         self.zones = {z.name: Zone(z.name, z.user, z.serial, self.config) for z in snap.zones}
@@ -267,6 +270,7 @@ class ZoneStore:
     def commit(self, change: ChangeSet) -> list[RRsetChange]:
         """Make ``change`` durable, apply it in memory, tell the observers."""
         self.storage.commit(change)
+        self.version += 1
         zone = self.zones[change.zone]
         before: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]] = {}
         for key in [(d.name, d.rdtype) for d in change.deletes] + [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from registry_helpers import make_core, sign
 
 from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.registry.fastpath import scan
 from btmm_core.registry.handler import Policy, RegistryCore, Transport
 
 NOW = 1_800_000_000
@@ -113,3 +115,100 @@ def test_compression_pointer_chain_and_oversized_name() -> None:
     _check(
         struct.pack("!HHHHHH", 2, 0, 1, 0, 0, 0) + long_name + b"\x00\x01\x00\x01", Transport.UDP
     )
+
+
+# ---- the answer cache gives the same bytes as the full path ------------------------------------
+
+NAMES = [
+    "laptop.bob.members.example.",
+    "LapTop.Bob.members.example.",
+    "_udp.laptop.bob.members.example.",
+    "nothere.bob.members.example.",
+    "bob.members.example.",
+    "_dns-update._udp.bob.members.example.",
+    "desk.alice.members.example.",
+    "members.example.",
+    "ns.members.example.",
+    "elsewhere.example.",
+]
+TYPES = ["A", "AAAA", "SRV", "TXT", "SOA", "NS", "ANY", "CNAME"]
+
+
+def _pair() -> tuple[RegistryCore, RegistryCore, dict]:  # type: ignore[type-arg]
+    from btmm_core.registry.storage import MemoryStorage
+
+    fast, accounts = make_core(MemoryStorage())
+    slow, _ = make_core(MemoryStorage())
+    # Same keys in both, so both accept the same signatures.
+    slow.store.keys = dict(fast.store.keys)
+    slow.answer_cache_size = 0
+    return fast, slow, accounts
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(NAMES),
+            st.sampled_from(TYPES),
+            st.sampled_from(["bob", "alice", None, "forged"]),
+            st.sampled_from([None, 512, 4096]),
+            st.sampled_from(list(Transport)),
+            st.booleans(),
+            st.integers(0, 9),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_cached_answers_equal_full_path(steps: list) -> None:  # type: ignore[type-arg]
+    fast, slow, accounts = _pair()
+    now = NOW
+    for name, rdtype, signer, payload, transport, rd, action in steps:
+        now += 1
+        if action == 0:  # change the zone now and then: the cache must notice
+            u = dns.update.UpdateMessage(BOB)
+            u.add("laptop", 300, "AAAA", f"fd00::{now % 7 + 1:x}")
+            u.add("_autotunnel._udp.laptop", 300, "SRV", "0 0 4500 laptop")
+            u.delete("laptop", "TXT")
+            wire = sign(u, accounts["bob"].key, now)
+            assert fast.handle(wire, now, Transport.UDP) == slow.handle(wire, now, Transport.UDP)
+            continue
+        q = dns.message.make_query(
+            name, rdtype, use_edns=payload is not None, payload=payload or 512
+        )
+        q.id = now & 0xFFFF
+        if not rd:
+            q.flags &= ~dns.flags.RD
+        if signer is None:
+            wire = q.to_wire()
+        elif signer == "forged":
+            k = accounts["bob"].key
+            wire = sign(q, type(k)(k.name, k.algorithm, b"\x07" * 32, k.zone), now)
+        else:
+            wire = sign(q, accounts[signer].key, now)
+        # Unsigned and forged messages are sent twice (the second can hit the cache); a
+        # second identical signed message would be a replay, which is covered elsewhere.
+        for _ in range(1 if signer in ("bob", "alice") else 2):
+            assert fast.handle(wire, now, transport) == slow.handle(wire, now, transport)
+
+
+def test_cache_is_used_and_invalidated_by_updates() -> None:
+    fast, _, accounts = _pair()
+    key = accounts["bob"].key
+    q = dns.message.make_query("laptop.bob.members.example.", "AAAA")
+    first = fast.handle(sign(q, key, NOW), NOW, Transport.UDP)
+    assert dns.message.from_wire(first, keyring=False).rcode() == dns.rcode.NXDOMAIN
+    wire = sign(q, key, NOW + 1)
+    plain = scan(wire, False)
+    assert plain is not None
+    assert fast._cached(wire, plain, NOW + 1) is not None  # a hit, answered from the cache
+    u = dns.update.UpdateMessage(BOB)
+    u.add("laptop", 300, "AAAA", "fd00::1")
+    fast.handle(sign(u, key, NOW + 2), NOW + 2, Transport.UDP)
+    wire = sign(q, key, NOW + 3)
+    plain = scan(wire, False)
+    assert plain is not None
+    assert fast._cached(wire, plain, NOW + 3) is None  # stale after the update
+    after = dns.message.from_wire(fast.handle(wire, NOW + 3, Transport.UDP), keyring=False)
+    assert [rd.to_text() for rd in after.answer[0]] == ["fd00::1"]
