@@ -124,7 +124,12 @@ def _stats(engine: Engine, kx: KeyExchange, driver: KeyExchangeDriver) -> dict[s
     return {
         "engine": {**{k: v for k, v in asdict(c).items() if k != "drops"}, "drops": c.drops or {}},
         "peers": [
-            {"inner": p.inner, "tx_spi": p.tx_spi, "rx_spis": list(p.rx_spis)}
+            {
+                "inner": p.inner,
+                "endpoint": None if p.endpoint is None else f"{p.endpoint.host}:{p.endpoint.port}",
+                "tx_spi": p.tx_spi,
+                "rx_spis": list(p.rx_spis),
+            }
             for p in engine.peers()
         ],
         "refused": {k: v for k, v in kx.handshaker.refused.items() if v},
