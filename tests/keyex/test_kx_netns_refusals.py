@@ -300,14 +300,16 @@ def test_keepalives_only_when_configured(tmp_path: Path, interval: float | None)
     with Lab() as lab:
         ra, rb, _, _ = _pair(tmp_path, lab, {**SESSION, "keepalive_interval": interval})
         try:
+            t0 = time.monotonic()
             before = rb.stats()["engine"]["keepalives_in"]
             time.sleep(3.0)
             got = rb.stats()["engine"]["keepalives_in"] - before
+            elapsed = time.monotonic() - t0
             if interval is None:
                 assert got == 0
             else:
-                # a schedule, not a timing measurement: some arrived, and not a flood
-                assert 2 <= got <= 3.0 / interval + 2, got
+                # a schedule, not a speed: some arrived, and no more than the schedule allows
+                assert 2 <= got <= elapsed / interval + 2, (got, elapsed)
         finally:
             assert (ra.stop(), rb.stop()) == (0, 0)
 
