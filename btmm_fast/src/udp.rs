@@ -352,7 +352,7 @@ impl SendBatch {
                 }
                 Some(e) if b - a > 1 => {
                     // The kernel refused segmentation for this message. EIO/ENOPROTOOPT mean no
-                    // GSO on this path or kernel at all; EINVAL (for example a segment above the
+                    // GSO on this path or kernel at all; EMSGSIZE or EINVAL (a segment above the
                     // path MTU) only concerns this run. Send it again without GSO.
                     if matches!(e, libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP) {
                         udp.disable_gso();
@@ -442,6 +442,39 @@ mod tests {
     #[test]
     fn batch_round_trip_without_gso() {
         check_batch(false);
+    }
+
+    #[test]
+    fn gso_refused_by_the_route_falls_back_to_single_datagrams() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (a private network namespace)");
+        std::thread::spawn(|| {
+            // SAFETY: moves only this fresh thread into a new network namespace, which the
+            // kernel deletes with it.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            for args in ["link set lo mtu 1400", "link set lo up"] {
+                let args: Vec<&str> = args.split_whitespace().collect();
+                assert!(std::process::Command::new("ip").args(&args).status().unwrap().success());
+            }
+            let rx = Udp::bind(lo(0)).unwrap();
+            let tx = Udp::bind(lo(0)).unwrap();
+            let dst = rx.local_addr().unwrap();
+            // Segments larger than the path MTU: the kernel refuses the GSO send (EMSGSIZE),
+            // while plain datagrams of that size are fragmented and still arrive.
+            let datagrams: Vec<Vec<u8>> = (0..4).map(|i| vec![i as u8; 2000]).collect();
+            let out: Vec<Outgoing> =
+                datagrams.iter().map(|d| Outgoing { ptr: d.as_ptr(), len: d.len(), dst }).collect();
+            let mut sent = vec![false; out.len()];
+            SendBatch::new(64).send(&tx, &out, &mut sent);
+            assert!(sent.iter().all(|&s| s), "{sent:?}");
+            // EMSGSIZE only concerns that run: GSO stays on for the next batches.
+            assert!(tx.gso_enabled());
+            let mut batch = RecvBatch::new(64, 65536);
+            let got = recv_all(&rx, &mut batch, datagrams.len());
+            assert_eq!(got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(), datagrams);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
