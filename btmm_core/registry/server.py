@@ -100,7 +100,11 @@ class RegistryServer:
             self._tcp.append(dot)
             self.addresses["tls"] = dot.sockets[0].getsockname()[:2]
         self._tasks.append(asyncio.create_task(self._timers()))
-        log.info("registry listening", **{k: f"{h}#{p}" for k, (h, p) in self.addresses.items()})
+        log.info(
+            "registry listening",
+            event_loop=type(loop).__module__.split(".")[0],
+            **{k: f"{h}#{p}" for k, (h, p) in self.addresses.items()},
+        )
 
     async def _client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: Transport

@@ -176,7 +176,7 @@ def verify(
     key = lookup(record.key_name)
     # An unknown key and a key used with another algorithm are the same answer: BADKEY
     # (RFC 8945 5.2.1); the algorithm is a property of the key, not of the message.
-    if key is None or key.algorithm != record.algorithm:
+    if key is None or key.algorithm != record.algorithm or key.algorithm not in _DIGESTS:
         return TsigVerdict(TsigError.BADKEY, None, record)
     _, full = _DIGESTS[key.algorithm]
     size = len(record.mac)
