@@ -549,7 +549,24 @@ def _control_option(_: click.Context, __: click.Parameter, value: str) -> str:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 def tunnel(config_path: Path, dataplane: str | None, control: str, verbose: bool) -> None:
-    """Run one data-plane engine with the static SAs in CONFIG (JSON; see the module doc)."""
+    """Run one data-plane engine with the static SAs in CONFIG (JSON), for tests and debugging.
+
+    \b
+    CONFIG: {"dataplane": "fast|python|auto", "tun": "btmm0", "mtu": 1420,
+             "address": "fd00:b7:1::1/64", "listen_port": 4500,
+             "peers": [{"inner": "fd00:b7:1::2", "endpoint": "192.0.2.2:4500",
+                        "tx_spi": 4097, "tx_key": "<72 hex>",
+                        "rx_spi": 4098, "rx_key": "<72 hex>"}]}
+
+    Prints {"ready": true, "port": N, "tun": NAME, "engine": KIND} on stdout, logs events on
+    stderr, then answers JSON-lines requests, one per line:
+
+    \b
+    {"cmd": "counters"}  {"cmd": "peers"}  {"cmd": "events"}
+    {"cmd": "update_peer", "inner": ..., "endpoint": "host:port" | null}
+    {"cmd": "send_control", "endpoint": "host:port", "payload": "<hex>"}
+    {"cmd": "send_keepalive", "inner": ...}  {"cmd": "quit"}
+    """
     _setup_logging(verbose)
     try:
         config = load_config(config_path)
