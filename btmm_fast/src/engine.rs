@@ -27,6 +27,8 @@ pub const BATCH: usize = 64;
 const MAX_PACKET: usize = 65535;
 const TX_SLOT: usize = HEADER_LEN + MAX_PACKET + MAX_TRAILER + 3;
 const RX_SLOT: usize = MAX_PACKET + 1;
+/// Largest UDP payload over IPv4 (65535 - 20 - 8).
+const MAX_UDP_PAYLOAD: usize = 65507;
 /// Receive SAs per peer: the current one and the previous (make-before-break rekey).
 pub const MAX_RX_SAS: usize = 2;
 
@@ -257,9 +259,10 @@ fn fmt_inner(inner: &Inner) -> String {
 
 impl Engine {
     pub fn new(cfg: Config) -> Result<Engine, EngineError> {
-        if cfg.mtu < 1280 || cfg.mtu > 65535 - 64 {
+        if cfg.mtu < 1280 || esp::sealed_len(cfg.mtu as usize) > MAX_UDP_PAYLOAD {
             return Err(EngineError::Invalid(format!(
-                "mtu {} out of range: IPv6 needs at least 1280 and ESP-in-UDP at most 65471",
+                "mtu {} out of range: IPv6 needs at least 1280, and a sealed packet must fit one \
+                 UDP datagram (mtu at most 65470)",
                 cfg.mtu
             )));
         }
@@ -574,7 +577,9 @@ fn tx_loop(shared: &Shared, tun: RawFd, udp: Arc<Udp>, wake: RawFd, event_fd: Ra
                 for (i, &len) in lens[..n].iter().enumerate() {
                     let slot = &mut bufs[i * TX_SLOT..(i + 1) * TX_SLOT];
                     let pkt = &slot[HEADER_LEN..HEADER_LEN + len];
-                    if !is_ipv6(pkt) {
+                    // Oversize: the sealed packet would not fit one UDP datagram (the TUN MTU
+                    // was raised behind the engine's back).
+                    if !is_ipv6(pkt) || esp::sealed_len(len) > MAX_UDP_PAYLOAD {
                         tally.drops[DropReason::Malformed as usize] += 1;
                         continue;
                     }
@@ -931,6 +936,16 @@ mod tests {
             wait_for("no_route", || e.counters().drop_count(DropReason::NoRoute) > before);
             assert_eq!(e.peers()[0].counters.drop_count(DropReason::NoRoute), 0);
 
+            // Oversize: the TUN MTU raised behind the engine's back; the packet cannot be
+            // sealed into one datagram and is dropped before it uses a sequence number.
+            ip("link set btmmt0 mtu 65535");
+            let malformed = e.counters().drop_count(DropReason::Malformed);
+            let seq_before = e.peers()[0].counters.packets_out;
+            app.send_to(&vec![7u8; 65480], "[fd00::2]:7777").unwrap();
+            wait_for("oversize drop", || e.counters().drop_count(DropReason::Malformed) == malformed + 1);
+            assert_eq!(e.peers()[0].counters.packets_out, seq_before);
+            ip("link set btmmt0 mtu 1400");
+
             // Exhaustion: the last sequence number goes out, then drops and one event.
             e.install_tx_sa(peer, 0x101, &K1, u128::from(u64::MAX)).unwrap();
             for _ in 0..3 {
@@ -995,6 +1010,7 @@ mod tests {
             event_queue: 8,
         };
         assert!(matches!(Engine::new(Config { mtu: 1000, ..base() }), Err(EngineError::Invalid(_))));
+        assert!(matches!(Engine::new(Config { mtu: 65471, ..base() }), Err(EngineError::Invalid(_))));
         assert!(matches!(Engine::new(Config { event_queue: 0, ..base() }), Err(EngineError::Invalid(_))));
         assert!(matches!(Engine::new(Config { tun_name: None, ..base() }), Err(EngineError::Invalid(_))));
     }
