@@ -16,7 +16,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from btmm_core.errors import GatewayNotAnswering, MappingRefused, PortMapError
@@ -108,7 +108,6 @@ async def run_exchange(exchange: Exchange[T], local_address: str | None = None) 
     schedule is exhausted.
     """
     loop = asyncio.get_running_loop()
-    proto = _Proto(lambda d, a: None)
     answer: list[T] = []
 
     def feed(data: bytes, addr: tuple[str, int]) -> None:
@@ -116,7 +115,7 @@ async def run_exchange(exchange: Exchange[T], local_address: str | None = None) 
         if got is not None:
             answer.append(got)
 
-    proto.on_datagram = feed
+    proto = _Proto(feed)
     transport, _ = await loop.create_datagram_endpoint(
         lambda: proto, remote_addr=exchange.server,
         local_addr=(local_address, 0) if local_address else None,
@@ -361,6 +360,3 @@ class PortMapClient:
             await self._upnp.close()
             self._upnp = None
 
-
-def renewed(mapping: Mapping, now: float) -> Mapping:
-    return replace(mapping, obtained_at=now)

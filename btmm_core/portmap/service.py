@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from btmm_core.errors import PortMapError
 from btmm_core.portmap import natpmp, pcp
-from btmm_core.portmap.client import DEFAULT_LIFETIME, Mapping, PortMapClient
+from btmm_core.portmap.client import DEFAULT_LIFETIME, Mapping, MapResult, PortMapClient
 from btmm_core.portmap.diagnosis import Diagnosis, diagnose_failure
 
 REBOOT_DELAY_MAX = 5.0
@@ -132,6 +132,8 @@ class PortMapService:
         now = time.monotonic()
         ann_pcp = pcp.decode_announce(data)
         if ann_pcp is not None:
+            # Epoch 0 counts too: with no earlier answer to compare (say, a UPnP mapping) a
+            # server that has just started has no mappings of ours.
             if self.client.observe_epoch("pcp", ann_pcp.epoch, now) or ann_pcp.epoch == 0:
                 self._lost(f"PCP ANNOUNCE from {source} with epoch {ann_pcp.epoch}")
             return
@@ -171,11 +173,12 @@ class PortMapService:
             self._lost_reason = None
             self.client.state_lost = False
             previous = self.mapping
+            error = ""
+            result: MapResult | None = None
             try:
                 result = await self.client.map_udp(
                     self.internal_port, lifetime=self.lifetime, previous=previous)
             except (OSError, PortMapError) as exc:
-                result = None
                 error = str(exc)
             if result is not None and result.mapping is not None:
                 failures = 0

@@ -89,7 +89,12 @@ class UpnpIgd:
 
     async def add_udp_mapping(self, internal_port: int, external_port: int,
                               internal_client: str, lifetime: int) -> int:
-        """Map ``external_port`` (the one we ask for; UPnP IGD v1 grants it or fails)."""
+        """Map ``external_port`` to us; returns it (AddPortMapping grants exactly it or fails).
+
+        IGD v2's AddAnyPortMapping would let the gateway choose another port, but
+        async-upnp-client rejects miniupnpd 2.3.1's answer to it ("unknown argument:
+        NewReservedPort"), so only the v1 action is used.
+        """
         await self._call(
             "AddPortMapping", NewRemoteHost="", NewExternalPort=external_port,
             NewProtocol="UDP", NewInternalPort=internal_port, NewInternalClient=internal_client,
