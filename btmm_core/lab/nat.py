@@ -26,6 +26,7 @@ import contextlib
 import ipaddress
 import os
 import select
+import shutil
 import socket
 import struct
 import sys
@@ -274,6 +275,7 @@ def make_gateway(
     gw = NatGateway(
         lab, ns, wan_if, lan_if, wan_cidr.split("/")[0], lan_cidr.split("/")[0], lan_net
     )
+    lab.on_close(lambda: shutil.rmtree(gw.workdir, ignore_errors=True))
     gw.enable_nat()
     return gw
 

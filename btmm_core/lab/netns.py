@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,11 @@ class Lab:
         self.prefix = f"{prefix}{secrets.token_hex(3)}"
         self.namespaces: dict[str, Netns] = {}
         self._closed = False
+        self._cleanups: list[Callable[[], None]] = []
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the lab closes, after its processes and namespaces are gone."""
+        self._cleanups.append(fn)
 
     def __enter__(self) -> Lab:
         _open_labs.add(self)
@@ -134,6 +139,9 @@ class Lab:
         for ns in self.namespaces.values():
             _ip("netns", "del", ns.name, check=False)
         _open_labs.discard(self)
+        for fn in self._cleanups:
+            with contextlib.suppress(OSError, BtmmError):  # one failure must not skip the rest
+                fn()
 
 
 def _terminate(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:

@@ -8,6 +8,7 @@ to the public address and port arrives at the LAN host.
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import subprocess
 import sys
@@ -55,7 +56,7 @@ for i in range(int(sys.argv[4])):  # bounded: count and spacing
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    if not (MINIUPNPD and __import__("os").path.exists(MINIUPNPD)):
+    if not os.path.exists(MINIUPNPD):
         pytest.fail(f"{MINIUPNPD} missing: install miniupnpd-nftables (see .ci/apt-packages)")
     with Lab("pm") as lab:
         yield lab
