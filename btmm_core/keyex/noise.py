@@ -66,7 +66,8 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -131,6 +132,135 @@ CONFIRM_LEN = 4 + 4 + TAG_LEN
 CONFIRM_ACK_LEN = CONFIRM_LEN
 #: how many answered handshakes keep their confirm key, to re-acknowledge repeated confirms
 CONFIRMED_MEMORY = 64
+NO_MAC = bytes(MAC_LEN)
+
+
+# --- wire messages (all integers little endian, as in WireGuard; reserved bytes zero) ----------
+
+
+def _header(kind: MessageType, *spis: int) -> bytes:
+    return bytes([kind, 0, 0, 0]) + b"".join(struct.pack("<I", x) for x in spis)
+
+
+def _check_length(data: bytes, want: int, what: str) -> None:
+    if len(data) != want:
+        raise _HandshakeFailure(Refusal.MALFORMED, f"{what} of {len(data)} bytes, not {want}")
+
+
+@dataclass(frozen=True)
+class Initiation:
+    """Message 1: type 1 | reserved(3) | sender(4) | ephemeral(32) | static(32+16) |
+    payload(16+16) | mac1(16) | mac2(16). ``sender`` is the initiator's inbound SPI."""
+
+    sender: int
+    ephemeral: bytes
+    static: bytes
+    payload: bytes
+    mac1: bytes = NO_MAC
+    mac2: bytes = NO_MAC
+
+    def body(self) -> bytes:
+        """The bytes that mac1 covers."""
+        return _header(MessageType.INITIATION, self.sender) + (
+            self.ephemeral + self.static + self.payload
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.body() + self.mac1 + self.mac2
+
+    @classmethod
+    def parse(cls, data: bytes) -> Initiation:
+        _check_length(data, INITIATION_LEN, "initiation")
+        (sender,) = struct.unpack_from("<I", data, 4)
+        return cls(sender, data[8:40], data[40:88], data[88:120], data[120:136], data[136:152])
+
+
+@dataclass(frozen=True)
+class Response:
+    """Message 2: type 2 | reserved(3) | sender(4) | receiver(4) | ephemeral(32) |
+    payload(8+16) | mac1(16) | mac2(16). ``sender`` is the responder's inbound SPI,
+    ``receiver`` the initiator's."""
+
+    sender: int
+    receiver: int
+    ephemeral: bytes
+    payload: bytes
+    mac1: bytes = NO_MAC
+    mac2: bytes = NO_MAC
+
+    def body(self) -> bytes:
+        return _header(MessageType.RESPONSE, self.sender, self.receiver) + (
+            self.ephemeral + self.payload
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.body() + self.mac1 + self.mac2
+
+    @classmethod
+    def parse(cls, data: bytes) -> Response:
+        _check_length(data, RESPONSE_LEN, "response")
+        sender, receiver = struct.unpack_from("<II", data, 4)
+        return cls(sender, receiver, data[12:44], data[44:68], data[68:84], data[84:100])
+
+
+_M = TypeVar("_M", Initiation, Response)
+
+
+@dataclass(frozen=True)
+class CookieReply:
+    """type 3 | reserved(3) | receiver(4) | nonce(12) | cookie(16+16)."""
+
+    receiver: int
+    nonce: bytes
+    sealed_cookie: bytes
+
+    def to_bytes(self) -> bytes:
+        return _header(MessageType.COOKIE_REPLY, self.receiver) + self.nonce + self.sealed_cookie
+
+    @classmethod
+    def parse(cls, data: bytes) -> CookieReply:
+        _check_length(data, COOKIE_REPLY_LEN, "cookie reply")
+        (receiver,) = struct.unpack_from("<I", data, 4)
+        return cls(receiver, data[8 : 8 + COOKIE_NONCE_LEN], data[8 + COOKIE_NONCE_LEN :])
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """type 4 (confirm) or 5 (its acknowledgement) | reserved(3) | receiver(4) | tag(16); the
+    tag is ChaCha20-Poly1305 of nothing under the confirm key, nonce 0 (confirm) or 1 (ack),
+    with the 8 header bytes as associated data."""
+
+    kind: MessageType
+    receiver: int
+    tag: bytes
+
+    @staticmethod
+    def header(kind: MessageType, receiver: int) -> bytes:
+        return _header(kind, receiver)
+
+    @classmethod
+    def seal(cls, kind: MessageType, receiver: int, key: bytes) -> Confirm:
+        nonce = aead_nonce(0 if kind == MessageType.CONFIRM else 1)
+        return cls(
+            kind, receiver, ChaCha20Poly1305(key).encrypt(nonce, b"", _header(kind, receiver))
+        )
+
+    def verify(self, key: bytes) -> bool:
+        nonce = aead_nonce(0 if self.kind == MessageType.CONFIRM else 1)
+        try:
+            ChaCha20Poly1305(key).decrypt(nonce, self.tag, _header(self.kind, self.receiver))
+        except InvalidTag:
+            return False
+        return True
+
+    def to_bytes(self) -> bytes:
+        return _header(self.kind, self.receiver) + self.tag
+
+    @classmethod
+    def parse(cls, data: bytes) -> Confirm:
+        _check_length(data, CONFIRM_LEN, "confirm")
+        (receiver,) = struct.unpack_from("<I", data, 4)
+        return cls(MessageType(data[0]), receiver, data[8:])
 
 
 # --- primitives (Noise rev 34 sections 4, 5 and 12) -----------------------------------------
@@ -552,12 +682,17 @@ class Handshaker:
             raise ValueError(f"SPI {local_spi} is outside {SPI_MIN}..{SPI_MAX}")
         ephemeral = self.random(KEY_LEN)
         payload = tai64n(wall) + struct.pack(">I", local_spi)
-        body, st = build_initiation_body(self.static, peer, self.psk, ephemeral, local_spi, payload)
+        msg, st = build_initiation(self.static, peer, ephemeral, local_spi, payload)
+        msg = self._with_macs(msg, peer, now)
+        self.pending[local_spi] = _Pending(peer, local_spi, ephemeral, st, msg.mac1, now)
+        return msg.to_bytes()
+
+    def _with_macs(self, msg: _M, peer: bytes, now: float) -> _M:
+        body = msg.body()
         mac1 = mac16(blake2s(LABEL_MAC1, peer), body)
         cookie = self._mac2_for(peer, now)
-        mac2 = mac16(cookie, body + mac1) if any(cookie) else b"\x00" * MAC_LEN
-        self.pending[local_spi] = _Pending(peer, local_spi, ephemeral, st, mac1, now)
-        return body + mac1 + mac2
+        mac2 = mac16(cookie, body + mac1) if any(cookie) else NO_MAC
+        return replace(msg, mac1=mac1, mac2=mac2)
 
     def cancel(self, local_spi: int) -> None:
         """Forget an initiation (superseded by a retry or given up)."""
@@ -580,7 +715,7 @@ class Handshaker:
             raise ValueError(f"SPI {local_spi} is outside {SPI_MIN}..{SPI_MAX}")
         st = initiation._state.copy()
         ephemeral = self.random(KEY_LEN)
-        body = build_response_body(
+        msg = build_response(
             st,
             self.psk,
             ephemeral,
@@ -589,14 +724,12 @@ class Handshaker:
             local_spi,
             initiation.remote_spi,
         )
-        mac1 = mac16(blake2s(LABEL_MAC1, initiation.peer), body)
-        cookie = self._mac2_for(initiation.peer, now)
-        mac2 = mac16(cookie, body + mac1) if any(cookie) else b"\x00" * MAC_LEN
+        msg = self._with_macs(msg, initiation.peer, now)
         keys, confirm_key = _derive(
             st, initiation.peer, initiator=False, i_spi=initiation.remote_spi, r_spi=local_spi
         )
         self.awaiting[local_spi] = _Awaiting(keys, confirm_key, now)
-        return body + mac1 + mac2, keys
+        return msg.to_bytes(), keys
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -607,70 +740,62 @@ class Handshaker:
         kind = message[0]
         try:
             if kind == MessageType.INITIATION:
-                return self._on_initiation(message, source, now, wall)
+                return self._on_initiation(Initiation.parse(message), source, now, wall)
             if kind == MessageType.RESPONSE:
-                return self._on_response(message, source, now)
+                return self._on_response(Response.parse(message), source, now)
             if kind == MessageType.COOKIE_REPLY:
-                return self._on_cookie_reply(message, now)
+                return self._on_cookie_reply(CookieReply.parse(message), now)
             if kind == MessageType.CONFIRM:
-                return self._on_confirm(message, source)
+                return self._on_confirm(Confirm.parse(message), source)
             if kind == MessageType.CONFIRM_ACK:
-                return self._on_confirm_ack(message)
+                return self._on_confirm_ack(Confirm.parse(message))
         except _HandshakeFailure as exc:
             return self._refuse(exc.reason, exc.what)
         return self._refuse(Refusal.MALFORMED, f"unknown message type {kind}")
 
     def _check_macs(
-        self, message: bytes, source: Endpoint, now: float, *, cookie_receiver: int | None
+        self, msg: Initiation | Response, source: Endpoint, now: float, *, cookie_for: int | None
     ) -> Outcome | None:
-        body, mac1, mac2 = message[:-32], message[-32:-16], message[-16:]
-        if not hmac.compare_digest(mac16(self._mac1_key, body), mac1):
+        """mac1 always; under load, for initiations (``cookie_for`` = the sender's SPI), mac2
+        too, answering a missing or stale one with a cookie reply instead of doing the DH."""
+        body = msg.body()
+        if not hmac.compare_digest(mac16(self._mac1_key, body), msg.mac1):
             return self._refuse(Refusal.BAD_MAC1, "mac1 does not match our public key")
-        if cookie_receiver is None or not self.under_load(now):
+        if cookie_for is None or not self.under_load(now):
             return None
         current, old = self._cookie_secrets(now)
         for secret in (current, old):
             if secret and hmac.compare_digest(
-                mac16(mac16(secret, _source_bytes(source)), body + mac1), mac2
+                mac16(mac16(secret, _source_bytes(source)), body + msg.mac1), msg.mac2
             ):
                 return None
-        # Under load: no DH for this one; tell the sender how to prove its address instead
         cookie = mac16(current, _source_bytes(source))
         nonce = self.random(COOKIE_NONCE_LEN)
-        sealed = ChaCha20Poly1305(self._cookie_key).encrypt(nonce, cookie, mac1)
-        reply = (
-            bytes([MessageType.COOKIE_REPLY, 0, 0, 0])
-            + struct.pack("<I", cookie_receiver)
-            + nonce
-            + sealed
-        )
+        sealed = ChaCha20Poly1305(self._cookie_key).encrypt(nonce, cookie, msg.mac1)
         self.refused[REFUSAL_NAMES[Refusal.COOKIE_REQUIRED]] += 1
         self.cookies_sent += 1
-        return SendReply(source, reply)
+        return SendReply(source, CookieReply(cookie_for, nonce, sealed).to_bytes())
 
-    def _on_initiation(self, message: bytes, source: Endpoint, now: float, wall: float) -> Outcome:
-        if len(message) != INITIATION_LEN:
-            return self._refuse(Refusal.MALFORMED, f"initiation of {len(message)} bytes")
-        sender = struct.unpack_from("<I", message, 4)[0]
-        early = self._check_macs(message, source, now, cookie_receiver=sender)
+    def _on_initiation(self, msg: Initiation, source: Endpoint, now: float, wall: float) -> Outcome:
+        early = self._check_macs(msg, source, now, cookie_for=msg.sender)
         if early is not None:
             return early
         if not self._take_token(source, now):
             return self._refuse(Refusal.RATE_LIMITED, f"too many initiations from {source.host}")
         self._note_dh(now)
         st = _initial_state(self.static.public)
-        e = message[8:40]
+        e = msg.ephemeral
         st.mix_hash(e)
         st.mix_key(e)  # psk modifier: "e" also calls MixKey (Noise section 9.2)
         st.mix_dh(self.static.private, e)  # es
-        peer = st.decrypt_and_hash(message[40:88], "the initiator's static key")
+        peer = st.decrypt_and_hash(msg.static, "the initiator's static key")
         record = self.peers.get(peer)
         if record is None:
             return self._refuse(Refusal.UNKNOWN_PEER, "the initiator's key is not one of our peers")
         st.mix_dh(self.static.private, peer)  # ss
-        payload = st.decrypt_and_hash(message[88:120], "the initiation payload")
+        payload = st.decrypt_and_hash(msg.payload, "the initiation payload")
         stamp, inner_spi = payload[:TIMESTAMP_LEN], struct.unpack(">I", payload[12:16])[0]
-        if inner_spi != sender or not SPI_MIN <= sender <= SPI_MAX:
+        if inner_spi != msg.sender or not SPI_MIN <= msg.sender <= SPI_MAX:
             return self._refuse(Refusal.SPI_MISMATCH, "initiation SPI fields disagree")
         when = tai64n_seconds(stamp)
         if abs(when - wall) > self.config.max_skew:
@@ -680,47 +805,39 @@ class Handshaker:
         if stamp <= record.greatest_timestamp:
             return self._refuse(Refusal.REPLAY, "initiation timestamp is not newer than the last")
         record.greatest_timestamp = stamp
-        return PeerInitiation(peer, sender, source, when, st, e)
+        return PeerInitiation(peer, msg.sender, source, when, st, e)
 
-    def _on_response(self, message: bytes, source: Endpoint, now: float) -> Outcome:
-        if len(message) != RESPONSE_LEN:
-            return self._refuse(Refusal.MALFORMED, f"response of {len(message)} bytes")
-        sender, receiver = struct.unpack_from("<II", message, 4)
-        pending = self.pending.get(receiver)
+    def _on_response(self, msg: Response, source: Endpoint, now: float) -> Outcome:
+        pending = self.pending.get(msg.receiver)
         if pending is None:
             return self._refuse(Refusal.UNKNOWN_RECEIVER, "response to no initiation of ours")
-        early = self._check_macs(message, source, now, cookie_receiver=None)
+        early = self._check_macs(msg, source, now, cookie_for=None)
         if early is not None:
             return early
         st = pending.state.copy()
-        e = message[12:44]
+        e = msg.ephemeral
         st.mix_hash(e)
         st.mix_key(e)
         st.mix_dh(pending.ephemeral, e)  # ee
         st.mix_dh(self.static.private, e)  # se
         st.mix_key_and_hash(self.psk)
-        payload = st.decrypt_and_hash(message[44:68], "the response payload")
+        payload = st.decrypt_and_hash(msg.payload, "the response payload")
         r_spi, i_spi = struct.unpack(">II", payload)
-        if r_spi != sender or i_spi != receiver or not SPI_MIN <= sender <= SPI_MAX:
+        if r_spi != msg.sender or i_spi != msg.receiver or not SPI_MIN <= r_spi <= SPI_MAX:
             return self._refuse(Refusal.SPI_MISMATCH, "response SPI fields disagree")
-        keys, confirm_key = _derive(st, pending.peer, initiator=True, i_spi=receiver, r_spi=sender)
-        del self.pending[receiver]
-        self.unacked[receiver] = (pending.peer, confirm_key)
-        header = bytes([MessageType.CONFIRM, 0, 0, 0]) + struct.pack("<I", sender)
-        tag = ChaCha20Poly1305(confirm_key).encrypt(aead_nonce(0), b"", header)
-        return HandshakeComplete(keys, header + tag, source)
+        keys, confirm_key = _derive(st, pending.peer, initiator=True, i_spi=i_spi, r_spi=r_spi)
+        del self.pending[i_spi]
+        self.unacked[i_spi] = (pending.peer, confirm_key)
+        confirm = Confirm.seal(MessageType.CONFIRM, r_spi, confirm_key)
+        return HandshakeComplete(keys, confirm.to_bytes(), source)
 
-    def _on_cookie_reply(self, message: bytes, now: float) -> Outcome:
-        if len(message) != COOKIE_REPLY_LEN:
-            return self._refuse(Refusal.MALFORMED, f"cookie reply of {len(message)} bytes")
-        receiver = struct.unpack_from("<I", message, 4)[0]
-        pending = self.pending.get(receiver)
+    def _on_cookie_reply(self, msg: CookieReply, now: float) -> Outcome:
+        pending = self.pending.get(msg.receiver)
         if pending is None:
             return self._refuse(Refusal.UNKNOWN_RECEIVER, "cookie reply to no initiation of ours")
-        nonce = message[8 : 8 + COOKIE_NONCE_LEN]
         try:
             cookie = ChaCha20Poly1305(blake2s(LABEL_COOKIE, pending.peer)).decrypt(
-                nonce, message[8 + COOKIE_NONCE_LEN :], pending.mac1
+                msg.nonce, msg.sealed_cookie, pending.mac1
             )
         except InvalidTag:
             return self._refuse(Refusal.DECRYPT_FAILED, "cookie reply failed to decrypt")
@@ -729,50 +846,38 @@ class Handshaker:
         self.cookies_received += 1
         return CookieStored(pending.peer)
 
-    def _on_confirm(self, message: bytes, source: Endpoint) -> Outcome:
-        if len(message) != CONFIRM_LEN:
-            return self._refuse(Refusal.MALFORMED, f"confirm of {len(message)} bytes")
-        receiver = struct.unpack_from("<I", message, 4)[0]
-        entry = self.awaiting.get(receiver)
+    def _on_confirm(self, msg: Confirm, source: Endpoint) -> Outcome:
+        entry = self.awaiting.get(msg.receiver)
         repeated = entry is None
         if entry is None:
-            entry = self.confirmed.get(receiver)
+            entry = self.confirmed.get(msg.receiver)
         if entry is None:
             return self._refuse(Refusal.UNKNOWN_RECEIVER, "confirm for no handshake we answered")
-        try:
-            ChaCha20Poly1305(entry.confirm_key).decrypt(aead_nonce(0), message[8:], message[:8])
-        except InvalidTag:
+        if not msg.verify(entry.confirm_key):
             return self._refuse(Refusal.DECRYPT_FAILED, "confirm failed to verify (wrong PSK?)")
         if not repeated:
-            del self.awaiting[receiver]
-            self.confirmed[receiver] = entry
+            del self.awaiting[msg.receiver]
+            self.confirmed[msg.receiver] = entry
             while len(self.confirmed) > CONFIRMED_MEMORY:
                 del self.confirmed[next(iter(self.confirmed))]
-        header = bytes([MessageType.CONFIRM_ACK, 0, 0, 0]) + struct.pack("<I", entry.keys.tx_spi)
-        ack = header + ChaCha20Poly1305(entry.confirm_key).encrypt(aead_nonce(1), b"", header)
-        return Confirmed(entry.keys, source, ack, repeated)
+        ack = Confirm.seal(MessageType.CONFIRM_ACK, entry.keys.tx_spi, entry.confirm_key)
+        return Confirmed(entry.keys, source, ack.to_bytes(), repeated)
 
-    def _on_confirm_ack(self, message: bytes) -> Outcome:
-        if len(message) != CONFIRM_ACK_LEN:
-            return self._refuse(Refusal.MALFORMED, f"confirm ack of {len(message)} bytes")
-        receiver = struct.unpack_from("<I", message, 4)[0]
-        entry = self.unacked.get(receiver)
+    def _on_confirm_ack(self, msg: Confirm) -> Outcome:
+        entry = self.unacked.get(msg.receiver)
         if entry is None:
             return self._refuse(Refusal.UNKNOWN_RECEIVER, "ack for no confirm of ours")
         peer, confirm_key = entry
-        try:
-            ChaCha20Poly1305(confirm_key).decrypt(aead_nonce(1), message[8:], message[:8])
-        except InvalidTag:
+        if not msg.verify(confirm_key):
             return self._refuse(Refusal.DECRYPT_FAILED, "confirm ack failed to verify")
-        del self.unacked[receiver]
-        return ConfirmAcked(peer, receiver)
+        del self.unacked[msg.receiver]
+        return ConfirmAcked(peer, msg.receiver)
 
 
-def build_initiation_body(
-    static: StaticKey, peer: bytes, psk: bytes, ephemeral: bytes, spi: int, payload: bytes
-) -> tuple[bytes, SymmetricState]:
-    """Message 1 without the MACs; ``payload`` is normally timestamp | SPI (16 bytes)."""
-    del psk  # IKpsk2 mixes the PSK only in message 2; kept in the signature for symmetry
+def build_initiation(
+    static: StaticKey, peer: bytes, ephemeral: bytes, spi: int, payload: bytes
+) -> tuple[Initiation, SymmetricState]:
+    """Message 1 without its MACs; ``payload`` is timestamp | SPI (16 bytes)."""
     st = _initial_state(peer)
     e_pub = public_of(ephemeral)
     st.mix_hash(e_pub)
@@ -781,11 +886,10 @@ def build_initiation_body(
     enc_static = st.encrypt_and_hash(static.public)
     st.mix_dh(static.private, peer)  # ss
     enc_payload = st.encrypt_and_hash(payload)
-    header = bytes([MessageType.INITIATION, 0, 0, 0]) + struct.pack("<I", spi)
-    return header + e_pub + enc_static + enc_payload, st
+    return Initiation(spi, e_pub, enc_static, enc_payload), st
 
 
-def build_response_body(
+def build_response(
     st: SymmetricState,
     psk: bytes,
     ephemeral: bytes,
@@ -793,8 +897,8 @@ def build_response_body(
     peer: bytes,
     spi: int,
     remote_spi: int,
-) -> bytes:
-    """Message 2 without the MACs; advances ``st``."""
+) -> Response:
+    """Message 2 without its MACs; advances ``st`` to the end of the handshake."""
     e_pub = public_of(ephemeral)
     st.mix_hash(e_pub)
     st.mix_key(e_pub)
@@ -802,5 +906,4 @@ def build_response_body(
     st.mix_dh(ephemeral, peer)  # se
     st.mix_key_and_hash(psk)
     enc_payload = st.encrypt_and_hash(struct.pack(">II", spi, remote_spi))
-    header = bytes([MessageType.RESPONSE, 0, 0, 0]) + struct.pack("<II", spi, remote_spi)
-    return header + e_pub + enc_payload
+    return Response(spi, remote_spi, e_pub, enc_payload)

@@ -11,15 +11,19 @@ from btmm_core.keyex.identity import derive_psk
 from btmm_core.keyex.noise import (
     INITIATION_LEN,
     LABEL_MAC1,
+    Confirm,
     ConfirmAcked,
     Confirmed,
     CookieStored,
     HandshakeComplete,
     HandshakeConfig,
     Handshaker,
+    Initiation,
+    MessageType,
     PeerInitiation,
     Refusal,
     Refused,
+    Response,
     SendReply,
     blake2s,
     mac16,
@@ -309,3 +313,20 @@ def test_per_source_rate_limit() -> None:
     assert isinstance(hb.receive(m, B_ADDR, now=0.05, wall=WALL0 + 0.05), PeerInitiation)
     m = ha.initiate(key("b").public, 0x2001, now=2.0, wall=WALL0 + 2)
     assert isinstance(hb.receive(m, A_ADDR, now=2.0, wall=WALL0 + 2), PeerInitiation)
+
+
+def test_wire_messages_round_trip_through_their_dataclasses() -> None:
+    ha, hb = pair()
+    m1 = ha.initiate(key("b").public, 0x1111, now=0, wall=WALL0)
+    init = Initiation.parse(m1)
+    assert init.sender == 0x1111 and init.to_bytes() == m1 and len(m1) == INITIATION_LEN
+    peer_init = hb.receive(m1, A_ADDR, now=0, wall=WALL0)
+    assert isinstance(peer_init, PeerInitiation)
+    m2, _ = hb.respond(peer_init, 0x2222, now=0)
+    resp = Response.parse(m2)
+    assert (resp.sender, resp.receiver) == (0x2222, 0x1111) and resp.to_bytes() == m2
+    done = ha.receive(m2, B_ADDR, now=0, wall=WALL0)
+    assert isinstance(done, HandshakeComplete)
+    conf = Confirm.parse(done.confirm)
+    assert conf.kind == MessageType.CONFIRM and conf.receiver == 0x2222
+    assert conf.to_bytes() == done.confirm
