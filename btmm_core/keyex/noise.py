@@ -35,11 +35,11 @@ does not know the receiver's public key are dropped before any Diffie-Hellman; a
 ``mac2`` = BLAKE2s-128 keyed by a cookie. Under load the responder does no DH for an
 initiation without a valid mac2 and instead sends a cookie reply: the cookie is
 BLAKE2s-128(rotating secret, source address and port), encrypted with ChaCha20-Poly1305
-(WireGuard uses XChaCha20; ``cryptography`` lacks it, so a random 96-bit nonce is used, which
-is safe for the small number of replies sent under one key) under BLAKE2s("cookie--" |
-responder's public key), with the initiation's mac1 as associated data. Only a host that can
-receive at that source address learns the cookie. Per-source token buckets bound the rate
-of initiations that reach the DH.
+(WireGuard uses XChaCha20; ``cryptography`` lacks it, so a random 96-bit nonce is used: a
+repeat becomes likely only after about 2**48 replies under the one key) under
+BLAKE2s("cookie--" | responder's public key), with the initiation's mac1 as associated
+data. Only a host that can receive at that source address learns the cookie. Per-source
+token buckets bound the rate of initiations that reach the DH.
 
 The responder cannot know that the initiator holds the PSK until the initiator proves it,
 so the exchange ends with a short confirm message (initiator to responder, an AEAD tag under
@@ -53,6 +53,11 @@ Replay: the timestamp of the last accepted initiation of each peer is kept; an i
 with a timestamp not greater than it is refused, as is one farther than ``max_skew`` from the
 responder's wall clock (which bounds replay after a responder restart, when the greatest
 timestamp is forgotten).
+
+Wire formats are those of the dataclasses ``Initiation``, ``Response``, ``CookieReply`` and
+``Confirm``; each message rides after the 4-zero-byte non-ESP marker (RFC 3948 section 2.2),
+which the engine adds and strips. The SPIs in the clear headers (needed to find the state a
+reply belongs to) are also inside the encrypted payloads, and must agree.
 
 Everything here is sans-I/O: callers pass bytes, the monotonic time ``now`` and the wall
 clock ``wall`` (Unix seconds), and a source of random bytes; nothing reads a clock or opens
