@@ -19,6 +19,7 @@ import structlog
 from btmm_core.dataplane.api import (
     ControlPacket,
     DropReason,
+    Endpoint,
     Engine,
     PeerRoamed,
     TxSaExhausted,
@@ -31,6 +32,7 @@ from btmm_core.keyex.session import (
     InstallRx,
     InstallTx,
     KeyExchange,
+    RemovePeer,
     ResetPeer,
     RetireRx,
     SendControl,
@@ -88,6 +90,15 @@ class KeyExchangeDriver:
         if self._poller is not None:
             self._poller.cancel()
         self._loop = None
+
+    def add_peer(self, public: bytes, inner: str, endpoint: Endpoint | None = None) -> None:
+        """Trust a new peer: add it to the key exchange and to the engine."""
+        self.kx.add_peer(public, inner, endpoint)
+        self.engine.add_peer(inner, endpoint)
+
+    def remove_peer(self, inner: str) -> None:
+        """Stop trusting a peer; its SAs leave the engine at once."""
+        self._apply(self.kx.remove_peer(inner))
 
     def connect(self, inner: str) -> None:
         """Bring up (and keep up) the session with this peer."""
@@ -175,6 +186,8 @@ class KeyExchangeDriver:
         elif isinstance(act, ResetPeer):
             e.remove_peer(act.inner)
             e.add_peer(act.inner, act.endpoint)
+        elif isinstance(act, RemovePeer):
+            e.remove_peer(act.inner)
         elif isinstance(act, SetEndpoint):
             e.update_peer(act.inner, act.endpoint)
         elif isinstance(act, SendKeepalive):

@@ -126,6 +126,13 @@ class ResetPeer:
 
 
 @dataclass(frozen=True)
+class RemovePeer:
+    """The peer is no longer trusted: remove it and all its SAs from the engine."""
+
+    inner: str
+
+
+@dataclass(frozen=True)
 class SetEndpoint:
     inner: str
     endpoint: Endpoint
@@ -158,6 +165,7 @@ Action = (
     | InstallTx
     | RetireRx
     | ResetPeer
+    | RemovePeer
     | SetEndpoint
     | SendKeepalive
     | Established
@@ -497,6 +505,13 @@ class KeyExchange:
         self.sessions[public] = s
         self.by_inner[inner] = s
         return s
+
+    def remove_peer(self, inner: str) -> list[Action]:
+        """Stop trusting a peer: its handshakes are refused from now on (unknown key)."""
+        s = self.by_inner.pop(inner)
+        del self.sessions[s.peer]
+        self.handshaker.remove_peer(s.peer)
+        return [RemovePeer(inner)]
 
     def session(self, inner: str) -> Session:
         return self.by_inner[inner]

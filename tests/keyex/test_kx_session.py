@@ -12,6 +12,7 @@ from btmm_core.keyex.noise import MessageType
 from btmm_core.keyex.session import (
     InstallRx,
     InstallTx,
+    RemovePeer,
     ResetPeer,
     RetireRx,
     SendControl,
@@ -250,3 +251,16 @@ def test_keepalives_off_by_default_and_on_schedule_when_set() -> None:
 def test_bad_session_config_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         SessionConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_removed_peer_loses_its_sas_and_is_refused() -> None:
+    sim = Sim()
+    sim.connect("a")
+    sim.run_until(5.0)
+    acts = sim.b.kx.remove_peer("fd00::a")
+    assert acts == [RemovePeer("fd00::a")]
+    assert sim.b.kx.next_deadline() is None  # no timers left for it
+    sim.run_until(300.0)
+    # a's rekeys now die at b: the key is unknown there, and a eventually gives up
+    assert sim.b.kx.handshaker.refused["unknown_peer"] >= 1
+    assert sim.failures(sim.a)
