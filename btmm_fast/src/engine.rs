@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 
 use crate::error::EngineError;
 use crate::esp::{self, DropReason, RxSa, TxSa, HEADER_LEN, MAX_TRAILER};
+use crate::offload::{self, Tcp6Gso, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV6, VNET_HDR_LEN};
 use crate::tun::Tun;
 use crate::udp::{Outgoing, RecvBatch, SendBatch, Udp};
 
@@ -25,7 +26,9 @@ use crate::udp::{Outgoing, RecvBatch, SendBatch, Udp};
 pub const BATCH: usize = 64;
 /// Largest IP packet a TUN read can return, and largest UDP datagram received.
 const MAX_PACKET: usize = 65535;
-const TX_SLOT: usize = HEADER_LEN + MAX_PACKET + MAX_TRAILER + 3;
+/// Room for one TUN read: a 64 KiB packet (or TCP super packet) and its virtio header.
+const MAX_READ: usize = MAX_PACKET + 1 + 256;
+const TX_SLOT: usize = HEADER_LEN + MAX_READ + MAX_TRAILER + 3;
 const RX_SLOT: usize = MAX_PACKET + 1;
 /// Largest UDP payload over IPv4 (65535 - 20 - 8).
 const MAX_UDP_PAYLOAD: usize = 65507;
@@ -251,6 +254,7 @@ pub struct Engine {
     started: AtomicBool,
     tun_name: String,
     local: SocketAddrV4,
+    vnet: bool,
 }
 
 fn fmt_inner(inner: &Inner) -> String {
@@ -287,6 +291,7 @@ impl Engine {
         let wake = eventfd().map_err(|e| EngineError::io("eventfd", &e))?;
         let events = eventfd().map_err(|e| EngineError::io("eventfd", &e))?;
         let tun_name = tun.name().to_string();
+        let vnet = tun.vnet();
         let shared = Arc::new(Shared {
             peers: Mutex::new(HashMap::new()),
             rx: Mutex::new(HashMap::new()),
@@ -296,7 +301,7 @@ impl Engine {
             running: AtomicBool::new(false),
             fds: RwLock::new(Some(Fds { tun: tun.into_fd(), udp: Arc::new(udp), wake, events })),
         });
-        Ok(Engine { shared, threads: Mutex::new(Vec::new()), started: AtomicBool::new(false), tun_name, local })
+        Ok(Engine { shared, threads: Mutex::new(Vec::new()), started: AtomicBool::new(false), tun_name, local, vnet })
     }
 
     pub fn tun_name(&self) -> &str {
@@ -329,18 +334,19 @@ impl Engine {
             (f.tun.as_raw_fd(), Arc::clone(&f.udp), f.wake.as_raw_fd(), f.events.as_raw_fd())
         };
         let udp_fd = raw.1.fd();
+        let vnet = self.vnet;
         self.started.store(true, Ordering::SeqCst);
         self.shared.running.store(true, Ordering::SeqCst);
         let s = Arc::clone(&self.shared);
         let tx = std::thread::Builder::new()
             .name("btmm-tx".into())
-            .spawn(move || tx_loop(&s, raw.0, raw.1, raw.2, raw.3))
+            .spawn(move || tx_loop(&s, raw.0, vnet, raw.1, raw.2, raw.3))
             .map_err(|e| EngineError::io("cannot start the TX thread", &e))?;
         threads.push(tx);
         let s = Arc::clone(&self.shared);
         let rx = std::thread::Builder::new()
             .name("btmm-rx".into())
-            .spawn(move || rx_loop(&s, raw.0, udp_fd, raw.2, raw.3))
+            .spawn(move || rx_loop(&s, raw.0, vnet, udp_fd, raw.2, raw.3))
             .map_err(|e| EngineError::io("cannot start the RX thread", &e))?;
         threads.push(rx);
         Ok(())
@@ -543,94 +549,166 @@ fn inner_at(p: &[u8], at: usize) -> Inner {
     a
 }
 
-fn tx_loop(shared: &Shared, tun: RawFd, udp: Arc<Udp>, wake: RawFd, event_fd: RawFd) {
-    let mut bufs = vec![0u8; BATCH * TX_SLOT];
+/// The TX thread's preallocated state for sealing and sending one batch.
+struct TxBatch {
+    out: Vec<Outgoing>,
+    owners: Vec<Arc<Peer>>,
+    inner_lens: Vec<usize>,
+    sent: [bool; BATCH],
+    sender: SendBatch,
+    tally: Tally,
+}
+
+impl TxBatch {
+    /// Routes, seals and sends `slots[..lens.len()]` (inner packets at HEADER_LEN).
+    fn flush(&mut self, shared: &Shared, udp: &Udp, event_fd: RawFd, slots: &mut [Vec<u8>], lens: &[usize]) {
+        self.out.clear();
+        self.owners.clear();
+        self.inner_lens.clear();
+        {
+            let peers = lock(&shared.peers);
+            for (slot, &len) in slots.iter_mut().zip(lens) {
+                let pkt = &slot[HEADER_LEN..HEADER_LEN + len];
+                // Oversize: the sealed packet would not fit one UDP datagram (the TUN MTU
+                // was raised behind the engine's back).
+                if !is_ipv6(pkt) || esp::sealed_len(len) > MAX_UDP_PAYLOAD {
+                    self.tally.drops[DropReason::Malformed as usize] += 1;
+                    continue;
+                }
+                let Some(e) = peers.get(&inner_at(pkt, 24)) else {
+                    self.tally.drops[DropReason::NoRoute as usize] += 1;
+                    continue;
+                };
+                let ep = unpack(e.peer.endpoint.load(Ordering::Relaxed));
+                let (Some(tx), Some(dst)) = (e.tx.as_ref(), ep) else {
+                    self.tally.drops[DropReason::NoSa as usize] += 1;
+                    e.peer.counters.drop(DropReason::NoSa);
+                    continue;
+                };
+                match tx.sa.seal_in_place(slot, len) {
+                    Ok(total) => {
+                        self.out.push(Outgoing { ptr: slot.as_ptr(), len: total, dst });
+                        self.owners.push(Arc::clone(&e.peer));
+                        self.inner_lens.push(len);
+                    }
+                    Err(esp::Exhausted) => {
+                        self.tally.drops[DropReason::SaExhausted as usize] += 1;
+                        e.peer.counters.drop(DropReason::SaExhausted);
+                        if !tx.reported.swap(true, Ordering::Relaxed) {
+                            let ev = Event::Exhausted { inner: e.peer.inner, spi: tx.sa.spi() };
+                            shared.push_event(ev, event_fd, Some(&e.peer));
+                        }
+                    }
+                }
+            }
+        }
+        if !self.out.is_empty() {
+            let n = self.out.len();
+            self.sent[..n].iter_mut().for_each(|s| *s = false);
+            self.sender.send(udp, &self.out, &mut self.sent[..n]);
+            for ((peer, &len), &ok) in self.owners.iter().zip(&self.inner_lens).zip(&self.sent) {
+                if ok {
+                    self.tally.packets_out += 1;
+                    self.tally.bytes_out += len as u64;
+                    peer.counters.packets_out.fetch_add(1, Ordering::Relaxed);
+                    peer.counters.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        self.tally.flush(&shared.counters);
+    }
+}
+
+fn tx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: Arc<Udp>, wake: RawFd, event_fd: RawFd) {
+    let mut slots: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; TX_SLOT]).collect();
+    // A super packet is moved here (by swapping buffers) while its segments fill the slots.
+    let mut spare = vec![0u8; TX_SLOT];
     let mut lens = [0usize; BATCH];
-    let mut out: Vec<Outgoing> = Vec::with_capacity(BATCH);
-    let mut owners: Vec<Arc<Peer>> = Vec::with_capacity(BATCH);
-    let mut inner_lens: Vec<usize> = Vec::with_capacity(BATCH);
-    let mut sent = [false; BATCH];
-    let mut sender = SendBatch::new(BATCH);
-    let mut tally = Tally::default();
+    let mut batch = TxBatch {
+        out: Vec::with_capacity(BATCH),
+        owners: Vec::with_capacity(BATCH),
+        inner_lens: Vec::with_capacity(BATCH),
+        sent: [false; BATCH],
+        sender: SendBatch::new(BATCH),
+        tally: Tally::default(),
+    };
+    // The virtio header, when there is one, lands in the ESP header's headroom.
+    let read_at = if vnet { HEADER_LEN - VNET_HDR_LEN } else { HEADER_LEN };
+    let read_end = HEADER_LEN + MAX_READ;
+    let mut n = 0;
     while wait_readable(shared, tun, wake) {
         loop {
-            let mut n = 0;
-            while n < BATCH {
-                let slot = &mut bufs[n * TX_SLOT + HEADER_LEN..n * TX_SLOT + HEADER_LEN + MAX_PACKET];
+            let mut drained = false;
+            for _ in 0..BATCH {
+                if n == BATCH {
+                    batch.flush(shared, &udp, event_fd, &mut slots, &lens);
+                    n = 0;
+                }
+                let slot = &mut slots[n][read_at..read_end];
                 // SAFETY: reads at most `slot.len()` bytes into `slot`.
                 let r = unsafe { libc::read(tun, slot.as_mut_ptr().cast(), slot.len()) };
                 if r < 0 {
-                    // EAGAIN: drained. Other errors (device gone) end this batch; poll decides.
+                    // EAGAIN: drained. Other errors (device gone) end this round; poll decides.
+                    drained = true;
                     break;
                 }
-                lens[n] = r as usize;
-                n += 1;
-            }
-            if n == 0 {
-                break;
-            }
-            out.clear();
-            owners.clear();
-            inner_lens.clear();
-            {
-                let peers = lock(&shared.peers);
-                for (i, &len) in lens[..n].iter().enumerate() {
-                    let slot = &mut bufs[i * TX_SLOT..(i + 1) * TX_SLOT];
-                    let pkt = &slot[HEADER_LEN..HEADER_LEN + len];
-                    // Oversize: the sealed packet would not fit one UDP datagram (the TUN MTU
-                    // was raised behind the engine's back).
-                    if !is_ipv6(pkt) || esp::sealed_len(len) > MAX_UDP_PAYLOAD {
-                        tally.drops[DropReason::Malformed as usize] += 1;
-                        continue;
-                    }
-                    let Some(e) = peers.get(&inner_at(pkt, 24)) else {
-                        tally.drops[DropReason::NoRoute as usize] += 1;
-                        continue;
-                    };
-                    let ep = unpack(e.peer.endpoint.load(Ordering::Relaxed));
-                    let (Some(tx), Some(dst)) = (e.tx.as_ref(), ep) else {
-                        tally.drops[DropReason::NoSa as usize] += 1;
-                        e.peer.counters.drop(DropReason::NoSa);
-                        continue;
-                    };
-                    match tx.sa.seal_in_place(slot, len) {
-                        Ok(total) => {
-                            out.push(Outgoing { ptr: slot.as_ptr(), len: total, dst });
-                            owners.push(Arc::clone(&e.peer));
-                            inner_lens.push(len);
+                let r = r as usize;
+                if !vnet {
+                    lens[n] = r;
+                    n += 1;
+                    continue;
+                }
+                if r < VNET_HDR_LEN {
+                    batch.tally.drops[DropReason::Malformed as usize] += 1;
+                    continue;
+                }
+                let hdr = VnetHdr::parse(&slots[n][read_at..HEADER_LEN]);
+                let len = r - VNET_HDR_LEN;
+                match hdr.gso_type & !GSO_ECN {
+                    GSO_NONE => {
+                        let pkt = &mut slots[n][HEADER_LEN..HEADER_LEN + len];
+                        if hdr.flags & F_NEEDS_CSUM != 0
+                            && offload::complete_csum(pkt, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))
+                                .is_err()
+                        {
+                            batch.tally.drops[DropReason::Malformed as usize] += 1;
+                            continue;
                         }
-                        Err(esp::Exhausted) => {
-                            tally.drops[DropReason::SaExhausted as usize] += 1;
-                            e.peer.counters.drop(DropReason::SaExhausted);
-                            if !tx.reported.swap(true, Ordering::Relaxed) {
-                                let ev = Event::Exhausted { inner: e.peer.inner, spi: tx.sa.spi() };
-                                shared.push_event(ev, event_fd, Some(&e.peer));
+                        lens[n] = len;
+                        n += 1;
+                    }
+                    GSO_TCPV6 => {
+                        std::mem::swap(&mut slots[n], &mut spare);
+                        let pkt = &spare[HEADER_LEN..HEADER_LEN + len];
+                        let Ok(gso) = Tcp6Gso::layout(pkt, &hdr) else {
+                            batch.tally.drops[DropReason::Malformed as usize] += 1;
+                            continue;
+                        };
+                        for i in 0..gso.segments {
+                            if n == BATCH {
+                                batch.flush(shared, &udp, event_fd, &mut slots, &lens);
+                                n = 0;
                             }
+                            lens[n] = gso.write_segment(pkt, i, &mut slots[n][HEADER_LEN..]);
+                            n += 1;
                         }
                     }
+                    _ => batch.tally.drops[DropReason::Malformed as usize] += 1,
                 }
             }
-            if !out.is_empty() {
-                sent[..out.len()].iter_mut().for_each(|s| *s = false);
-                sender.send(&udp, &out, &mut sent[..out.len()]);
-                for ((peer, &len), &ok) in owners.iter().zip(&inner_lens).zip(&sent) {
-                    if ok {
-                        tally.packets_out += 1;
-                        tally.bytes_out += len as u64;
-                        peer.counters.packets_out.fetch_add(1, Ordering::Relaxed);
-                        peer.counters.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
-                    }
-                }
+            if n > 0 {
+                batch.flush(shared, &udp, event_fd, &mut slots, &lens[..n]);
+                n = 0;
             }
-            tally.flush(&shared.counters);
-            if n < BATCH || !shared.running.load(Ordering::Relaxed) {
+            batch.tally.flush(&shared.counters);
+            if drained || !shared.running.load(Ordering::Relaxed) {
                 break;
             }
         }
     }
 }
 
-fn rx_loop(shared: &Shared, tun: RawFd, udp: RawFd, wake: RawFd, event_fd: RawFd) {
+fn rx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: RawFd, wake: RawFd, event_fd: RawFd) {
     let mut batch = RecvBatch::new(BATCH, RX_SLOT);
     let mut deliver: Vec<(usize, std::ops::Range<usize>, Arc<Peer>)> = Vec::with_capacity(BATCH);
     let mut tally = Tally::default();
@@ -704,15 +782,20 @@ fn rx_loop(shared: &Shared, tun: RawFd, udp: RawFd, wake: RawFd, event_fd: RawFd
             }
             for (i, range, peer) in deliver.drain(..) {
                 let (payload, _, _) = batch.get_mut(i);
-                let pkt = &payload[range];
+                let inner_len = range.len();
+                // With a virtio header, an all-zero one (no offload, checksums to be verified
+                // by the kernel as usual) goes into the ESP header's place in front.
+                let start = if vnet { range.start - VNET_HDR_LEN } else { range.start };
+                payload[start..range.start].fill(0);
+                let pkt = &payload[start..range.end];
                 // SAFETY: writes `pkt.len()` bytes from `pkt` to the TUN descriptor, which
                 // stays open until this thread is joined.
                 let r = unsafe { libc::write(tun, pkt.as_ptr().cast(), pkt.len()) };
                 if r >= 0 {
                     tally.packets_in += 1;
-                    tally.bytes_in += pkt.len() as u64;
+                    tally.bytes_in += inner_len as u64;
                     peer.counters.packets_in.fetch_add(1, Ordering::Relaxed);
-                    peer.counters.bytes_in.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                    peer.counters.bytes_in.fetch_add(inner_len as u64, Ordering::Relaxed);
                 }
             }
             tally.flush(&shared.counters);
@@ -775,6 +858,25 @@ mod tests {
         p.extend_from_slice(&d);
         p.extend_from_slice(&udp);
         p
+    }
+
+    /// RFC 8200 §8.1 pseudo-header checksum over the upper-layer part, checked the slow way.
+    fn upper_checksum_ok(p: &[u8], proto: u8) -> bool {
+        let upper = &p[40..];
+        let mut s: u64 = 0;
+        let mut add = |b: &[u8]| {
+            for c in b.chunks(2) {
+                s += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+        };
+        add(&p[8..40]);
+        add(&(upper.len() as u32).to_be_bytes());
+        add(&[0, 0, 0, proto]);
+        add(upper);
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s == 0xffff
     }
 
     fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -857,6 +959,8 @@ mod tests {
             assert_eq!(&pkt[8..24], &inner("fd00::1"));
             assert_eq!(&pkt[24..40], &peer);
             assert!(pkt.ends_with(b"hello"));
+            // With TUN checksum offload the kernel leaves the UDP checksum to the engine.
+            assert!(upper_checksum_ok(&pkt, 17), "outbound UDP checksum");
             wait_for("packets_out", || e.counters().packets_out == 1);
             assert_eq!(e.counters().bytes_out, pkt.len() as u64);
 
@@ -869,8 +973,9 @@ mod tests {
             let (data, src) = recv(&listener);
             assert_eq!(data, b"world");
             assert_eq!(src, std::net::SocketAddr::V6(SocketAddrV6::new("fd00::2".parse().unwrap(), 1234, 0, 0)));
-            let c = e.counters();
-            assert_eq!((c.packets_in, c.bytes_in), (1, inner_pkt.len() as u64));
+            // The socket can see the packet before the engine's write(2) returns and counts it.
+            wait_for("packets_in", || e.counters().packets_in == 1);
+            assert_eq!(e.counters().bytes_in, inner_pkt.len() as u64);
 
             // Replay, unknown SPI, source mismatch, bad ICV, too short, keepalive.
             remote.send_to(&sealed, std::net::SocketAddr::V4(me)).unwrap();

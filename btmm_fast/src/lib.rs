@@ -11,3 +11,4 @@ pub mod engine;
 
 #[cfg(feature = "python")]
 mod python;
+pub mod offload;

@@ -1,5 +1,8 @@
 //! TUN devices (Linux `/dev/net/tun`, Documentation/networking/tuntap.rst): layer-3 packets
-//! without the packet-information prefix (IFF_NO_PI), nonblocking.
+//! without the packet-information prefix (IFF_NO_PI), nonblocking. Where the kernel allows it,
+//! with a virtio-net header (IFF_VNET_HDR) and checksum + TCP/IPv6 segmentation offload, so
+//! that TCP hands the engine 64 KiB super packets (see offload.rs). Setting BTMM_TUN_OFFLOAD=0
+//! in the environment turns the offloads off (for comparisons and debugging).
 
 use std::ffi::CStr;
 use std::io;
@@ -40,6 +43,8 @@ impl IfReq {
 pub struct Tun {
     fd: OwnedFd,
     name: String,
+    /// Every read and write carries a 10-byte virtio-net header.
+    vnet: bool,
 }
 
 fn tun_error(what: String, err: &io::Error) -> EngineError {
@@ -93,13 +98,25 @@ impl Tun {
         }
         // SAFETY: `raw` was just returned by open(2) and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let offload = std::env::var("BTMM_TUN_OFFLOAD").map(|v| v != "0").unwrap_or(true);
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if offload {
+            flags |= libc::IFF_VNET_HDR;
+        }
         let mut req = IfReq::new(name);
-        req.set_short((libc::IFF_TUN | libc::IFF_NO_PI) as i16);
+        req.set_short(flags as i16);
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; IfReq has its size and layout.
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF as _, &mut req) } < 0 {
             return Err(tun_error(format!("cannot create TUN device {name}"), &io::Error::last_os_error()));
         }
-        let tun = Tun { fd, name: req.name() };
+        let tun = Tun { fd, name: req.name(), vnet: offload };
+        if offload {
+            tun.set_vnet_hdr_len()?;
+            let features = libc::TUN_F_CSUM | libc::TUN_F_TSO6;
+            // SAFETY: TUNSETOFFLOAD takes the feature bits as the integer argument. A kernel
+            // that refuses them still sends headers, just never partial or GSO packets.
+            unsafe { libc::ioctl(tun.fd(), libc::TUNSETOFFLOAD as _, features as libc::c_ulong) };
+        }
         tun.configure(mtu)?;
         Ok(tun)
     }
@@ -118,7 +135,7 @@ impl Tun {
                 hint: Some("pass a descriptor of /dev/net/tun after TUNSETIFF".into()),
             });
         }
-        let flags = i32::from(req.short());
+        let flags = i32::from(req.short()) & 0xffff;
         if flags & libc::IFF_TUN == 0 || flags & libc::IFF_NO_PI == 0 {
             return Err(EngineError::Tun {
                 what: format!("fd {raw} is a TAP device or carries packet information (flags {flags:#x})"),
@@ -128,7 +145,26 @@ impl Tun {
         // SAFETY: the caller hands the descriptor over; from here on we own and close it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         set_nonblocking(raw).map_err(|e| EngineError::Tun { what: format!("fd {raw}: {e}"), hint: None })?;
-        Ok(Tun { fd, name: req.name() })
+        let tun = Tun { fd, name: req.name(), vnet: flags & libc::IFF_VNET_HDR != 0 };
+        if tun.vnet {
+            tun.set_vnet_hdr_len()?;
+        }
+        Ok(tun)
+    }
+
+    /// The engine parses the 10-byte `struct virtio_net_hdr`; make the device use that size.
+    fn set_vnet_hdr_len(&self) -> Result<(), EngineError> {
+        let len: libc::c_int = crate::offload::VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, alive for the call.
+        if unsafe { libc::ioctl(self.fd(), libc::TUNSETVNETHDRSZ as _, &len) } < 0 {
+            return Err(tun_error(format!("cannot set the virtio header size on {}", self.name), &io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Whether reads and writes carry a virtio-net header.
+    pub fn vnet(&self) -> bool {
+        self.vnet
     }
 
     fn configure(&self, mtu: u32) -> Result<(), EngineError> {
