@@ -123,7 +123,8 @@ class KeyExchangeDriver:
                 log.warning("tx SA exhausted before rekey", inner=event.inner, spi=event.spi)
                 s = self.kx.by_inner.get(event.inner)
                 if s is not None and s.tx is not None:
-                    s.note_packets_out(s.tx.packets_base + self.kx.config.reject_after_messages)
+                    # count its budget as spent: the next tick starts a handshake
+                    s.note_packets_out(s.tx.packets_base + self.kx.config.rekey_after_messages)
         self._tick()
 
     async def _poll(self) -> None:
