@@ -93,6 +93,10 @@ class RequestContext:
 
 OptionHandler = Callable[[RequestContext], dns.message.Message | None]
 ResponseHandler = Callable[[dns.message.Message, float, Transport, str], bytes | None]
+#: Like ``ResponseHandler`` but also given the message's wire form (needed to check a TSIG).
+ResponseWireHandler = Callable[
+    [bytes, dns.message.Message, float, Transport, str], bytes | None
+]
 
 
 def _header_only(wire: bytes, rcode: dns.rcode.Rcode) -> bytes:
@@ -111,6 +115,7 @@ class RegistryCore:
             self.replay.remember(s.key, s.time_signed, s.mac)
         self.option_handlers: dict[int, OptionHandler] = {}
         self.response_handler: ResponseHandler | None = None
+        self.response_wire_handler: ResponseWireHandler | None = None
         self._next_prune = 0.0
         #: Rendered answers to plain queries (before TSIG), by ``PlainQuery.key``, each with
         #: the ``ZoneStore.version`` it was computed at. 0 turns the cache off.
@@ -142,6 +147,8 @@ class RegistryCore:
             log.debug("formerr", peer=peer, error=str(e) or type(e).__name__)
             return _header_only(wire, dns.rcode.FORMERR)
         if request.flags & dns.flags.QR:
+            if self.response_wire_handler is not None:
+                return self.response_wire_handler(wire, request, now, transport, peer)
             if self.response_handler is not None:
                 return self.response_handler(request, now, transport, peer)
             return None

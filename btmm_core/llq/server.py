@@ -1,0 +1,588 @@
+"""Long-lived query server state, sans-I/O (RFC 8764 sections 5 to 7).
+
+Messages come in through ``handle`` (the registry core's option handler for EDNS option 1) and
+``handle_ack`` (messages with QR set); RRset changes come in through ``on_change`` (a
+``ZoneStore`` observer). What goes out is appended to ``outbox`` as ``Outgoing`` datagrams, and
+``tick(now)`` does the timed work (event retransmission, lease expiry). Nothing here opens a
+socket, reads a clock or draws randomness of its own: the secret and the ``random.Random`` come
+from the driver.
+
+Why the challenge id looks the way it does: RFC 8764 5.2 wants no state for a setup request
+until the client echoes the challenge, so the id is self-certifying: 32 bits of issue time and
+32 bits of an HMAC (server secret) over that time, the client's address and port, the question
+and the TSIG key name. A challenge response is accepted only if its id verifies and is recent;
+a spoofed request therefore costs one answer and nothing else. The secret is drawn afresh at
+each start, so after a restart every old id is NO-SUCH-LLQ and clients set their LLQs up again.
+
+Events are sent one at a time per LLQ, in order: changes that arrive while an event is waiting
+for its acknowledgement are merged (last change of a record wins) and go out in the next event.
+That keeps the client's view right under loss and retransmission. An event not acknowledged
+after ``len(resend_after)`` transmissions (2 s, 4 s, 8 s) drops the LLQ (RFC 8764 section 7);
+the client notices at its next refresh (NO-SUCH-LLQ) and sets up again with a full answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import random
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import structlog
+
+from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
+from btmm_core.registry.model import RRsetChange
+from btmm_core.registry.tsig import (
+    TsigKey,
+    TsigRecord,
+    append_tsig,
+    last_rr_offset,
+    rr_size,
+    verify,
+)
+
+log = structlog.get_logger("btmm.llq")
+
+#: TTL that marks a removed record in an event (RFC 8764 section 6.1).
+REMOVED_TTL = 0xFFFFFFFF
+
+_NOT_WATCHABLE = frozenset(
+    {
+        dns.rdatatype.AXFR,
+        dns.rdatatype.IXFR,
+        dns.rdatatype.MAILA,
+        dns.rdatatype.MAILB,
+        dns.rdatatype.OPT,
+        dns.rdatatype.TSIG,
+        dns.rdatatype.TKEY,
+    }
+)
+
+RecordKey = tuple[dns.name.Name, int, dns.rdata.Rdata]
+
+
+@dataclass(frozen=True)
+class LLQConfig:
+    """Server policy. Lease bounds default to RFC 8764's 15 min .. 2 h."""
+
+    lease_min: int = 900
+    lease_max: int = 7200
+    max_total: int = 20000
+    max_per_client: int = 256
+    #: LLQ-LEASE of a SERV-FULL answer: when the client may try again (RFC 8764 5.2.2).
+    full_retry: int = 300
+    #: How long a challenge id stays valid for the challenge response.
+    challenge_window: int = 60
+    #: Wait after each transmission of an event; its length is the number of transmissions.
+    resend_after: tuple[float, ...] = (2.0, 4.0, 8.0)
+    max_records_per_event: int = 32
+    fudge: int = 300
+    udp_payload: int = 1232
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lease_min <= self.lease_max:
+            raise ValueError(
+                f"LLQ lease bounds {self.lease_min}..{self.lease_max}: need 0 < min <= max"
+            )
+        if self.max_total < 1 or self.max_per_client < 1:
+            raise ValueError("LLQ limits must be at least 1")
+        if not self.resend_after or any(t <= 0 for t in self.resend_after):
+            raise ValueError("resend_after needs at least one positive wait")
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message the driver must send: to ``peer`` ("address#port") over ``transport``."""
+
+    transport: Transport
+    peer: str
+    wire: bytes
+
+
+@dataclass
+class _Event:
+    msg_id: int
+    wire: bytes
+    sent: int
+    next_at: float
+
+
+@dataclass
+class LLQ:
+    """One established long-lived query."""
+
+    llq_id: int
+    qname: dns.name.Name
+    qtype: int
+    peer: str
+    transport: Transport
+    key_name: dns.name.Name | None
+    expires: float
+    payload: int
+    queued: dict[RecordKey, int] = field(default_factory=dict)
+    inflight: _Event | None = None
+
+    @property
+    def client(self) -> str:
+        return client_of(self.peer)
+
+
+def client_of(peer: str) -> str:
+    """The address part of "address#port": limits are per client address."""
+    return peer.rsplit("#", 1)[0]
+
+
+def _tsig_record(wire: bytes, msg: dns.message.Message) -> TsigRecord:
+    assert msg.tsig is not None
+    rd = msg.tsig[0]
+    return TsigRecord(
+        msg.tsig.name,
+        rd.algorithm,
+        rd.time_signed,
+        rd.fudge,
+        rd.mac,
+        rd.original_id,
+        rd.error,
+        rd.other,
+        last_rr_offset(wire),
+    )
+
+
+class LLQServer:
+    def __init__(
+        self,
+        core: RegistryCore,
+        config: LLQConfig,
+        secret: bytes,
+        rng: random.Random,
+    ) -> None:
+        if len(secret) < 16:
+            raise ValueError("the LLQ challenge secret needs at least 16 bytes")
+        self.core = core
+        self.config = config
+        self._secret = secret
+        self._rng = rng
+        self.llqs: dict[int, LLQ] = {}
+        self._by_rrset: dict[tuple[dns.name.Name, int], set[int]] = {}
+        self._per_client: Counter[str] = Counter()
+        self._expiry: list[tuple[float, int]] = []
+        self._resends: list[tuple[float, int, int]] = []
+        self._changes: list[RRsetChange] = []
+        self.outbox: list[Outgoing] = []
+        #: Called (no arguments) when there is new work for ``tick``; the driver wakes up.
+        self.notify: Callable[[], None] | None = None
+        self.stats: Counter[str] = Counter()
+
+    # ---- wiring -------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Take over EDNS option 1, QR messages and RRset changes of the registry core."""
+        self.core.option_handlers[1] = self.handle
+        self.core.response_wire_handler = self.handle_ack
+        self.core.store.add_observer(self.on_change)
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def _lease(self, asked: int) -> int:
+        return min(max(asked, self.config.lease_min), self.config.lease_max)
+
+    def challenge_id(
+        self,
+        issued: int,
+        peer: str,
+        qname: dns.name.Name,
+        qtype: int,
+        key_name: dns.name.Name | None,
+    ) -> int:
+        t = issued & 0xFFFFFFFF
+        h = hmac.new(self._secret, digestmod=hashlib.sha256)
+        h.update(struct.pack("!I", t))
+        h.update(peer.encode())
+        h.update(b"\0")
+        h.update(qname.canonicalize().to_wire() or b"")
+        h.update(struct.pack("!H", qtype))
+        if key_name is not None:
+            h.update(key_name.canonicalize().to_wire() or b"")
+        return (t << 32) | int.from_bytes(h.digest()[:4], "big")
+
+    def _challenge_ok(
+        self,
+        llq_id: int,
+        now: float,
+        peer: str,
+        qname: dns.name.Name,
+        qtype: int,
+        key_name: dns.name.Name | None,
+    ) -> bool:
+        issued = llq_id >> 32
+        if not 0 <= int(now) - issued <= self.config.challenge_window:
+            return False
+        expected = self.challenge_id(issued, peer, qname, qtype, key_name)
+        return hmac.compare_digest(expected.to_bytes(8, "big"), llq_id.to_bytes(8, "big"))
+
+    def _full(self, peer: str) -> bool:
+        return (
+            len(self.llqs) >= self.config.max_total
+            or self._per_client[client_of(peer)] >= self.config.max_per_client
+        )
+
+    def handle(self, ctx: RequestContext) -> dns.message.Message | None:
+        """Answer a request carrying an LLQ option (the core signs and renders it)."""
+        if ctx.transport != Transport.UDP:
+            # Events are only delivered over UDP so far: over TCP/TLS the request gets the
+            # plain answer, without an LLQ option, which a client reads as "no LLQ here".
+            self.stats["not_udp"] += 1
+            return None
+        req = ctx.request
+        options = find_llq(req.options)
+        response = dns.message.make_response(req, our_payload=self.config.udp_payload)
+        response.flags &= ~dns.flags.AA
+
+        def reply(
+            opcode: int, error: LLQError, llq_id: int = 0, lease: int = 0
+        ) -> dns.message.Message:
+            response.use_edns(
+                0, 0, self.config.udp_payload, options=[LLQOption(opcode, error, llq_id, lease)]
+            )
+            if error != LLQError.NO_ERROR:
+                self.stats[f"error_{error.name.lower()}"] += 1
+            return response
+
+        if len(options) != 1 or options[0].malformed:
+            return reply(LLQOpcode.SETUP, LLQError.FORMAT_ERR)
+        opt = options[0]
+        if opt.version != 1:
+            return reply(opt.opcode, LLQError.BAD_VERS, opt.llq_id)
+        if (
+            len(req.question) != 1
+            or req.opcode() != dns.opcode.QUERY
+            or opt.opcode not in (LLQOpcode.SETUP, LLQOpcode.REFRESH)
+        ):
+            return reply(opt.opcode, LLQError.FORMAT_ERR, opt.llq_id)
+        q = req.question[0]
+        if q.rdclass != dns.rdataclass.IN or q.rdtype in _NOT_WATCHABLE:
+            return reply(opt.opcode, LLQError.FORMAT_ERR, opt.llq_id)
+        zone = self.core.store.find_zone(q.name)
+        key = ctx.key
+        if zone is None:
+            response.set_rcode(dns.rcode.REFUSED)
+            return response
+        private = zone.user is not None and not self._public(zone.name, q.name, q.rdtype)
+        if private and (key is None or key.zone != zone.name):
+            # RFC 8764 leaves access control to the server; user zones are private.
+            self.stats["refused"] += 1
+            log.warning("llq refused: not signed with the zone's key", peer=ctx.peer)
+            response.set_rcode(dns.rcode.REFUSED)
+            return response
+        if not private or zone.user is None:
+            # The parent zone and the server-made records never change through UPDATE.
+            return reply(opt.opcode, LLQError.STATIC, opt.llq_id)
+        key_name = key.name if key is not None else None
+        peer = ctx.peer
+        now = ctx.now
+
+        if opt.opcode == LLQOpcode.REFRESH:
+            llq = self.llqs.get(opt.llq_id)
+            if (
+                llq is None
+                or llq.peer != peer
+                or llq.qname != q.name
+                or llq.qtype != q.rdtype
+                or llq.key_name != key_name
+            ):
+                return reply(LLQOpcode.REFRESH, LLQError.NO_SUCH_LLQ, opt.llq_id)
+            if opt.lease == 0:
+                self._delete(llq, "cancelled")
+                return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, 0)
+            lease = self._lease(opt.lease)
+            llq.expires = now + lease
+            heapq.heappush(self._expiry, (llq.expires, llq.llq_id))
+            self.stats["refreshes"] += 1
+            return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, lease)
+
+        if opt.llq_id == 0:
+            # Setup request: answer with a challenge, keep nothing.
+            if self._full(peer):
+                return reply(LLQOpcode.SETUP, LLQError.SERV_FULL, 0, self.config.full_retry)
+            self.stats["challenges"] += 1
+            llq_id = self.challenge_id(int(now), peer, q.name, q.rdtype, key_name)
+            return reply(LLQOpcode.SETUP, LLQError.NO_ERROR, llq_id, self._lease(opt.lease))
+
+        llq = self.llqs.get(opt.llq_id)
+        if llq is not None:
+            if llq.peer != peer or llq.qname != q.name or llq.qtype != q.rdtype:
+                return reply(LLQOpcode.SETUP, LLQError.NO_SUCH_LLQ, opt.llq_id)
+            # A repeated challenge response: the ACK was lost, send it again.
+            lease = max(0, int(llq.expires - now))
+        else:
+            if not self._challenge_ok(opt.llq_id, now, peer, q.name, q.rdtype, key_name):
+                return reply(LLQOpcode.SETUP, LLQError.NO_SUCH_LLQ, opt.llq_id)
+            if self._full(peer):
+                return reply(LLQOpcode.SETUP, LLQError.SERV_FULL, 0, self.config.full_retry)
+            lease = self._lease(opt.lease)
+            payload = max(512, min(req.payload, self.config.udp_payload))
+            self._create(
+                LLQ(
+                    opt.llq_id,
+                    q.name,
+                    q.rdtype,
+                    peer,
+                    ctx.transport,
+                    key_name,
+                    now + lease,
+                    payload,
+                )
+            )
+        ack = self.core.answer(req, key)
+        ack.use_edns(
+            0,
+            0,
+            self.config.udp_payload,
+            options=[LLQOption(LLQOpcode.SETUP, LLQError.NO_ERROR, opt.llq_id, lease)],
+        )
+        return ack
+
+    @staticmethod
+    def _public(zone: dns.name.Name, name: dns.name.Name, rdtype: int) -> bool:
+        # Mirrors the registry's rule: the apex SOA/NS and the discovery SRVs are public.
+        if name == zone and rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
+            return True
+        return name.relativize(zone) in (
+            dns.name.from_text("_dns-update._udp", origin=None),
+            dns.name.from_text("_dns-llq._udp", origin=None),
+        ) and name.is_subdomain(zone)
+
+    # ---- state --------------------------------------------------------------------------
+
+    def _create(self, llq: LLQ) -> None:
+        self.llqs[llq.llq_id] = llq
+        self._by_rrset.setdefault((llq.qname, llq.qtype), set()).add(llq.llq_id)
+        self._per_client[llq.client] += 1
+        heapq.heappush(self._expiry, (llq.expires, llq.llq_id))
+        self.stats["established"] += 1
+        log.debug(
+            "llq established",
+            id=f"{llq.llq_id:016x}",
+            peer=llq.peer,
+            question=f"{llq.qname} {dns.rdatatype.RdataType.make(llq.qtype).name}",
+        )
+
+    def _delete(self, llq: LLQ, why: str) -> None:
+        if self.llqs.pop(llq.llq_id, None) is None:
+            return
+        ids = self._by_rrset.get((llq.qname, llq.qtype))
+        if ids is not None:
+            ids.discard(llq.llq_id)
+            if not ids:
+                del self._by_rrset[(llq.qname, llq.qtype)]
+        self._per_client[llq.client] -= 1
+        if self._per_client[llq.client] <= 0:
+            del self._per_client[llq.client]
+        self.stats[why] += 1
+        log.debug("llq deleted", id=f"{llq.llq_id:016x}", peer=llq.peer, why=why)
+
+    # ---- events -------------------------------------------------------------------------
+
+    def on_change(self, change: RRsetChange) -> None:
+        """ZoneStore observer: remember the change; ``tick`` turns it into events."""
+        self._changes.append(change)
+        if self.notify is not None:
+            self.notify()
+
+    def _watchers(self, name: dns.name.Name, rdtype: int) -> set[int]:
+        ids = set(self._by_rrset.get((name, rdtype), ()))
+        ids |= self._by_rrset.get((name, dns.rdatatype.ANY), set())
+        return ids
+
+    def _apply_changes(self, now: float) -> None:
+        changes, self._changes = self._changes, []
+        touched: set[int] = set()
+        for ch in changes:
+            ids = self._watchers(ch.name, ch.rdtype)
+            if not ids:
+                continue
+            ttls = dict(ch.after)
+            records: list[tuple[RecordKey, int]] = [
+                ((ch.name, ch.rdtype, rd), ttls[rd]) for rd in ch.added
+            ]
+            records += [((ch.name, ch.rdtype, rd), REMOVED_TTL) for rd in ch.removed]
+            if not records:  # only TTLs changed: send the RRset as it is now
+                records = [((ch.name, ch.rdtype, rd), ttl) for rd, ttl in ch.after]
+            for llq_id in ids:
+                llq = self.llqs[llq_id]
+                for rkey, ttl in records:
+                    llq.queued.pop(rkey, None)  # keep the order of the latest change
+                    llq.queued[rkey] = ttl
+                touched.add(llq_id)
+        for llq_id in touched:
+            llq = self.llqs[llq_id]
+            if llq.inflight is None:
+                self._send_next(llq, now)
+
+    def _event_wire(
+        self, llq: LLQ, records: list[tuple[RecordKey, int]], now: float
+    ) -> tuple[int, bytes] | None:
+        msg = dns.message.Message(id=self._rng.randrange(0x10000))
+        msg.flags = dns.flags.QR | dns.flags.AA
+        msg.question.append(
+            dns.rrset.RRset(llq.qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(llq.qtype))
+        )
+        for (name, rdtype, rd), ttl in records:
+            rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype))
+            rrset.add(rd, ttl)
+            msg.answer.append(rrset)
+        lease = max(0, int(llq.expires - now))
+        msg.use_edns(
+            0,
+            0,
+            self.config.udp_payload,
+            options=[LLQOption(LLQOpcode.EVENT, LLQError.NO_ERROR, llq.llq_id, lease)],
+        )
+        wire = msg.to_wire()
+        key = None
+        size = len(wire)
+        if llq.key_name is not None:
+            key = self.core.store.keys.get(llq.key_name)
+            if key is None:
+                return None
+            size += rr_size(key.name, key.algorithm, 0)
+        if size > llq.payload and len(records) > 1:
+            return msg.id, b""  # too big for the client's UDP payload: the caller sends fewer
+        return msg.id, wire if key is None else self._sign(wire, key, now)
+
+    def _sign(self, wire: bytes, key: TsigKey, now: float) -> bytes:
+        return append_tsig(
+            wire,
+            key=key,
+            key_name=key.name,
+            algorithm=key.algorithm,
+            request_mac=None,
+            time_signed=int(now),
+            fudge=self.config.fudge,
+            error=0,
+        )
+
+    def _send_next(self, llq: LLQ, now: float) -> None:
+        if not llq.queued:
+            return
+        take = min(len(llq.queued), self.config.max_records_per_event)
+        items = list(llq.queued.items())
+        while True:
+            built = self._event_wire(llq, items[:take], now)
+            if built is None:
+                self._delete(llq, "key_gone")
+                return
+            msg_id, wire = built
+            if wire:
+                break
+            take = max(1, take // 2)
+        for rkey, _ in items[:take]:
+            del llq.queued[rkey]
+        event = _Event(msg_id, wire, 1, now + self.config.resend_after[0])
+        llq.inflight = event
+        heapq.heappush(self._resends, (event.next_at, llq.llq_id, msg_id))
+        self.outbox.append(Outgoing(llq.transport, llq.peer, wire))
+        self.stats["events"] += 1
+
+    def handle_ack(
+        self,
+        wire: bytes,
+        msg: dns.message.Message,
+        now: float,
+        transport: Transport,
+        peer: str,
+    ) -> bytes | None:
+        """A message with QR set: an event acknowledgement (RFC 8764 section 6.2), or noise."""
+        options = find_llq(msg.options)
+        if len(options) != 1 or options[0].malformed or options[0].opcode != LLQOpcode.EVENT:
+            return None
+        llq = self.llqs.get(options[0].llq_id)
+        if llq is None or llq.peer != peer:
+            self.stats["ack_unknown"] += 1
+            return None
+        event = llq.inflight
+        if event is None or event.msg_id != msg.id:
+            self.stats["ack_duplicate"] += 1
+            return None
+        if llq.key_name is not None:
+            # The LLQ is private: only an acknowledgement signed with its key counts, so an
+            # off-path sender cannot silence events.
+            if not msg.had_tsig or msg.tsig is None or msg.tsig.name != llq.key_name:
+                self.stats["ack_unsigned"] += 1
+                return None
+            verdict = verify(
+                wire,
+                _tsig_record(wire, msg),
+                self.core.store.keys.get,
+                now=int(now),
+                fudge=self.config.fudge,
+            )
+            if not verdict.ok:
+                self.stats["ack_bad_tsig"] += 1
+                return None
+        llq.inflight = None
+        self.stats["acks"] += 1
+        self._send_next(llq, now)
+        return None
+
+    # ---- timers -------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        if self._changes:
+            return 0.0
+        times = []
+        if self._expiry:
+            times.append(self._expiry[0][0])
+        if self._resends:
+            times.append(self._resends[0][0])
+        return min(times) if times else None
+
+    def tick(self, now: float) -> None:
+        """Turn changes into events, resend unacknowledged events, expire LLQs."""
+        if self._changes:
+            self._apply_changes(now)
+        while self._resends and self._resends[0][0] <= now:
+            at, llq_id, msg_id = heapq.heappop(self._resends)
+            llq = self.llqs.get(llq_id)
+            if llq is None or llq.inflight is None:
+                continue
+            event = llq.inflight
+            if event.msg_id != msg_id or event.next_at != at:
+                continue
+            if event.sent >= len(self.config.resend_after):
+                log.info(
+                    "llq dropped: event not acknowledged",
+                    id=f"{llq_id:016x}",
+                    peer=llq.peer,
+                    transmissions=event.sent,
+                )
+                self._delete(llq, "unacknowledged")
+                continue
+            event.next_at = now + self.config.resend_after[event.sent]
+            event.sent += 1
+            heapq.heappush(self._resends, (event.next_at, llq_id, msg_id))
+            self.outbox.append(Outgoing(llq.transport, llq.peer, event.wire))
+            self.stats["resends"] += 1
+        while self._expiry and self._expiry[0][0] <= now:
+            at, llq_id = heapq.heappop(self._expiry)
+            llq = self.llqs.get(llq_id)
+            if llq is not None and llq.expires <= now:
+                self._delete(llq, "expired")
+
+    def take_outbox(self) -> list[Outgoing]:
+        out, self.outbox = self.outbox, []
+        return out
