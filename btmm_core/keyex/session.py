@@ -20,8 +20,13 @@ installed, so this module manages the receive SAs explicitly, make-before-break:
 
 If both sides initiate at once, the side with the lower public key yields: it abandons its
 own initiation and answers; the other side ignores the crossing initiation (its own will be
-answered). A transmit key older than ``reject_after_time`` (or past ``reject_after_messages``)
-is never used: the engine API cannot delete a lone transmit SA, so the peer's SAs are reset.
+answered), also when it arrives just after that side's own handshake completed (until the
+acknowledgement and for ``rekey_timeout`` after completion: the abandoned initiation may
+still be in flight). An answered handshake whose confirm never comes is dropped after
+``RESPONDED_PATIENCE`` repeat intervals, so that it cannot hold up our own rekeys.
+
+A transmit key older than ``reject_after_time`` (or past ``reject_after_messages``) is never
+used: the engine API cannot delete a lone transmit SA, so the peer's SAs are reset.
 
 Sans-I/O: every entry point takes ``now`` (monotonic seconds) and ``wall`` (Unix seconds, for
 the handshake timestamps) and returns actions for a driver to carry out.
@@ -47,6 +52,10 @@ from btmm_core.keyex.noise import (
     SaKeys,
     SendReply,
 )
+
+#: an answered handshake waits this many ``rekey_timeout`` intervals for its confirm (the
+#: initiator repeats the confirm once per interval) before it is dropped
+RESPONDED_PATIENCE = 3.5
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,7 @@ class Session:
         self.next_retry = float("inf")
         self.responded: _Responded | None = None
         self.unacked: _Unacked | None = None
+        self.completed_at = float("-inf")
         self.packets_out = 0
         self.next_keepalive = float("inf")
         self.rekeys = 0
@@ -300,6 +310,7 @@ class Session:
         self.pending = None
         self.attempt_started = None
         self.next_retry = float("inf")
+        self.completed_at = now
         out = self._learn_endpoint(done.source)
         if self.responded is not None:
             # a crossing handshake we answered loses to ours: the peer will drop its own
@@ -333,8 +344,15 @@ class Session:
 
     def on_initiation(self, init: PeerInitiation, now: float) -> list[Action]:
         hs = self.owner.handshaker
+        higher = hs.static.public > self.peer
+        crossing = self.unacked is not None or now < self.completed_at + self.cfg.rekey_timeout
+        if higher and self.pending is None and crossing:
+            # the initiation the peer abandoned when it yielded to ours, arriving late:
+            # answering it would retire the SA the peer is about to switch to
+            self.collisions += 1
+            return []
         if self.pending is not None:
-            if self.owner.handshaker.static.public > self.peer:
+            if higher:
                 self.collisions += 1
                 return []  # ours wins; the peer yields when it sees our initiation
             hs.cancel(self.pending)
@@ -384,6 +402,8 @@ class Session:
         times = [self.next_retry, self.next_keepalive]
         if self.unacked is not None:
             times.append(self.unacked.next_resend)
+        if self.responded is not None:
+            times.append(self.responded.at + RESPONDED_PATIENCE * cfg.rekey_timeout)
         if self.tx is not None:
             times.append(self.tx.created + cfg.reject_after_time)
             sent = self.packets_out - self.tx.packets_base
@@ -409,6 +429,16 @@ class Session:
             else:
                 out += self._send(self.unacked.confirm, self.unacked.destination)
                 self.unacked.next_resend = now + cfg.rekey_timeout
+        if self.responded is not None and (
+            now >= self.responded.at + RESPONDED_PATIENCE * cfg.rekey_timeout
+        ):
+            # the initiator repeats its confirm every rekey_timeout; none came, so it never
+            # completed (or abandoned this handshake): the peer never sends on this SA
+            spi = self.responded.keys.rx_spi
+            hs.forget_awaiting(spi)
+            self.responded = None
+            self.rx = [r for r in self.rx if r.spi != spi]
+            out.append(RetireRx(self.inner, spi))
         # expiry first: a key past its lifetime is never used, whatever else happens
         expired_rx = [r for r in self.rx if now >= r.created + cfg.reject_after_time]
         for r in expired_rx:

@@ -5,6 +5,7 @@ a valid SA. Every engine pairing; an engine that is not built fails (never skips
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from e2e_helpers import (
     transfer,
     two_hosts,
 )
-from kx_runner import Runner
+from kx_runner import Runner, runner_config
 
 from btmm_core.keyex.identity import load_or_create
 from btmm_core.lab.netns import Lab
@@ -146,3 +147,97 @@ def test_handshake_ping_and_100mb_across_rekeys(kinds: tuple[str, str], tmp_path
                 f"{rb.log.read_text()[-4000:]}"
             )
         assert codes == (0, 0), (ra.log.read_text()[-2000:], rb.log.read_text()[-2000:])
+
+
+@pytest.mark.parametrize("kinds", [("python", "python"), ("fast", "fast")], ids="-".join)
+def test_transfers_both_ways_at_once_across_rekeys(kinds: tuple[str, str], tmp_path: Path) -> None:
+    """Both sides send (and so both hit their packet budgets and rekey timers): crossing
+    handshakes happen, and still no packet meets a missing or wrong SA."""
+    size = 40 * 1024 * 1024
+    secret = tmp_path / "account.secret"
+    secret.write_bytes(b"a test account secret, 32 bytes!")
+    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    session = {**SESSION, "rekey_after_messages": 5_000}
+    with Lab() as lab:
+        a, b = two_hosts(lab)
+        ra = Runner(
+            a,
+            "a",
+            runner_config(
+                kinds[0],
+                A_INNER,
+                tmp_path / "a.key",
+                secret,
+                kb.public_b64,
+                B_INNER,
+                B_OUTER,
+                session,
+            ),
+            tmp_path,
+        )
+        rb = Runner(
+            b,
+            "b",
+            runner_config(
+                kinds[1],
+                B_INNER,
+                tmp_path / "b.key",
+                secret,
+                ka.public_b64,
+                A_INNER,
+                A_OUTER,
+                session,
+            ),
+            tmp_path,
+        )
+        try:
+            assert ra.next(30, "ready")["ready"] and rb.next(30, "ready")["ready"]
+            ra.wait_event("established", 30)
+            rb.wait_event("established", 30)
+            before = [ra.stats(), rb.stats()]
+            results: dict[str, object] = {}
+
+            def run(name: str, src: object, dst: object, addr: str, port: int) -> None:
+                try:
+                    results[name] = transfer(
+                        src, dst, addr, size, rate=RATE / 2, port=port, timeout=400
+                    )
+                except BaseException as err:  # reported below, in the test's thread
+                    results[name] = err
+
+            threads = [
+                threading.Thread(target=run, args=("a->b", a, b, B_INNER, 5101)),
+                threading.Thread(target=run, args=("b->a", b, a, A_INNER, 5102)),
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=450)
+            after = [ra.stats(), rb.stats()]
+            report = json.dumps({"before": before, "after": after})
+            for name, res in results.items():
+                assert not isinstance(res, BaseException), f"{name}: {res}\n{report}"
+                assert res.sent["sha256"] == res.received["sha256"], name  # type: ignore[attr-defined]
+                assert res.received["bytes"] == size, name  # type: ignore[attr-defined]
+            assert len(results) == 2
+            rekeys = [
+                s1["sessions"][inner]["rekeys"] - s0["sessions"][inner]["rekeys"]
+                for s0, s1, inner in zip(before, after, (B_INNER, A_INNER), strict=True)
+            ]
+            assert min(rekeys) >= 3, f"rekeys per side: {rekeys}\n{report}"
+            for s in after:
+                drops = s["engine"]["drops"]
+                assert not drops.get("auth") and not drops.get("unknown_spi"), report
+                assert s["driver_errors"] == 0, report
+                assert set(s["refused"]) <= {"unknown_receiver"}, report
+            print(
+                f"\n{kinds}: both ways, rekeys per side {rekeys}, sessions "
+                f"{[x['sessions'] for x in after]}"
+            )
+        finally:
+            codes = (ra.stop(), rb.stop())
+            print(
+                f"--- a log ---\n{ra.log.read_text()[-6000:]}\n--- b log ---\n"
+                f"{rb.log.read_text()[-6000:]}"
+            )
+        assert codes == (0, 0)

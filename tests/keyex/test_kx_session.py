@@ -264,3 +264,65 @@ def test_removed_peer_loses_its_sas_and_is_refused() -> None:
     # a's rekeys now die at b: the key is unknown there, and a eventually gives up
     assert sim.b.kx.handshaker.refused["unknown_peer"] >= 1
     assert sim.failures(sim.a)
+
+
+@pytest.mark.parametrize("late", [0.025, 0.3, 3.0])
+def test_late_crossing_initiation_of_the_yielding_side_is_harmless(late: float) -> None:
+    """Both sides start a rekey at once (both spent their packet budget). The side with the
+    lower key yields, but its initiation is still in flight and reaches the other side only
+    after that side's own handshake completed (before or after the confirm's ack)."""
+    cfg = SessionConfig(rekey_after_messages=1000, reject_after_messages=2**40)
+    sim0 = Sim(cfg)
+    low = "b" if sim0.a.kx.handshaker.static.public > sim0.b.kx.handshaker.static.public else "a"
+
+    def net(src: str, msg: bytes, now: float) -> float | None:
+        if src == low and msg[0] == MessageType.INITIATION and 9 < now < 11:
+            return late
+        return 0.01
+
+    sim = Sim(cfg, network=net)
+    sim.connect("a")
+    sim.run_until(10.0)
+    sim.a.kx.note_packets_out("fd00::b", 1500)
+    sim.b.kx.note_packets_out("fd00::a", 1500)
+    sim.run_until(600.0)
+    assert sim.violations == []
+    assert not [a for _, a in sim.a.events + sim.b.events if isinstance(a, ResetPeer)]
+    # and the rekey schedule goes on as usual: no side is left waiting for a confirm that
+    # will never come
+    est = [t for t, _ in sim.established(sim.a)]
+    gaps = [b - a for a, b in itertools.pairwise(est)]
+    assert max(gaps) <= 121.0, gaps
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_traffic_both_ways_random_loss_keeps_make_before_break(seed: int) -> None:
+    """Both sides send, so both spend packet budgets at about the same time: crossing
+    rekeys all the time, under random loss and delay."""
+    import random
+
+    rng = random.Random(1000 + seed)
+    cfg = SessionConfig(
+        rekey_after_time=30.0,
+        reject_after_time=60.0,
+        rekey_timeout=1.0,
+        rekey_attempt_time=20.0,
+        rekey_after_messages=1000,
+        reject_after_messages=2**40,
+    )
+
+    def net(src: str, msg: bytes, now: float) -> float | None:
+        return None if rng.random() < 0.05 else rng.uniform(0.001, 0.4)
+
+    sim = Sim(cfg, network=net)
+    sim.connect("a", "b")
+    sent = {"a": 0, "b": 0}
+    for step in range(300):
+        for name, inner in (("a", "fd00::b"), ("b", "fd00::a")):
+            sent[name] += rng.randint(200, 400)
+            sim.host(name).kx.note_packets_out(inner, sent[name])
+        sim.run_until(step * 2.0 + 2.0)
+    assert sim.violations == []
+    assert not [a for _, a in sim.a.events + sim.b.events if isinstance(a, ResetPeer)]
+    # budgets are noted every 2 s, so about one rekey per two or three notes
+    assert len(sim.established(sim.a)) >= 60
