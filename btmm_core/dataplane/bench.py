@@ -211,10 +211,45 @@ def _table(rows: Sequence[Row]) -> object:
 )
 @click.option("--quick", is_flag=True, help="Few packets and rounds: a smoke run, not a figure.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--e2e",
+    is_flag=True,
+    help="Instead: iperf3 end to end through btmm, wireguard-go and OpenVPN beside plain veth, "
+    "in network namespaces (root; see bench/e2e.py for all its options).",
+)
+@click.option(
+    "--systems",
+    default="all",
+    show_default=True,
+    help="With --e2e: comma-separated subset of veth, btmm-fast, btmm-python, wireguard-go, "
+    "openvpn.",
+)
 def bench(
-    engines: str, sizes: tuple[int, ...], repetitions: int | None, quick: bool, as_json: bool
+    engines: str,
+    sizes: tuple[int, ...],
+    repetitions: int | None,
+    quick: bool,
+    as_json: bool,
+    e2e: bool = False,
+    systems: str = "all",
 ) -> None:
     """Measure the ESP codec of each engine against bare AES-256-GCM."""
+    if e2e:
+        from btmm_core.dataplane import e2e_bench
+
+        try:
+            e2e_bench.main(
+                e2e_bench.parse_systems(systems),
+                quick,
+                repetitions,
+                as_json,
+                # a smoke run must not overwrite the figures of a real one
+                None if quick else e2e_bench.DEFAULT_OUTPUT,
+                None if quick else e2e_bench.DEFAULT_CHART,
+            )
+        except BtmmError as err:
+            raise click.ClickException(str(err)) from err
+        return
     chosen = list(KINDS) if engines == "all" else [engines]
     reps = repetitions or (QUICK_REPETITIONS if quick else REPETITIONS)
     try:

@@ -229,9 +229,7 @@ def parse_tcp(report: dict[str, Any], streams: int, tunnel_cpu: float | None) ->
     )
 
 
-def parse_udp(
-    report: dict[str, Any], offered_pps: float, tunnel_cpu: float | None
-) -> UdpProbe:
+def parse_udp(report: dict[str, Any], offered_pps: float, tunnel_cpu: float | None) -> UdpProbe:
     if report.get("error"):
         raise BenchError(f"iperf3 UDP test failed: {report['error']}")
     end = report["end"]
@@ -402,7 +400,9 @@ def _up_btmm(hosts: Hosts, system: str) -> None:
         path = hosts.workdir / f"btmm-{host}.json"
         path.write_text(json.dumps(config))
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+        env["PYTHONPATH"] = str(REPO) + (
+            os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
+        )
         # stdin stays open for the life of the lab: its end stops the tunnel by design.
         proc = ns.popen(
             [sys.executable, "-m", "btmm_core.cli", "tunnel", str(path)],
@@ -419,9 +419,7 @@ def _up_btmm(hosts: Hosts, system: str) -> None:
         line = _read_line(proc.stdout, 90.0)
         ready = json.loads(line) if line else {}
         if ready.get("ready") is not True or ready.get("engine") != engine:
-            raise BenchError(
-                f"btmm tunnel ({engine}) did not start: {line!r}\n{hosts.log_tails()}"
-            )
+            raise BenchError(f"btmm tunnel ({engine}) did not start: {line!r}\n{hosts.log_tails()}")
 
 
 def _up_wireguard(hosts: Hosts, system: str) -> None:
@@ -439,7 +437,7 @@ def _up_wireguard(hosts: Hosts, system: str) -> None:
                 Path(f"/var/run/wireguard/{dev}.sock").unlink()
 
     hosts.lab.on_close(forget_sockets)
-    for ns, dev, host in ((hosts.a, devs[0], 1), (hosts.b, devs[1], 2)):
+    for ns, dev in ((hosts.a, devs[0]), (hosts.b, devs[1])):
         proc = ns.popen(
             ["wireguard-go", "-f", dev], stdout=_log(hosts, f"{dev}.log"), stderr=subprocess.STDOUT
         )
@@ -449,14 +447,14 @@ def _up_wireguard(hosts: Hosts, system: str) -> None:
         _wait(sock.exists, 20.0, f"wireguard-go's control socket {sock}", hosts)
     ends = ((hosts.a, devs[0], 1, B_OUTER), (hosts.b, devs[1], 2, A_OUTER))
     for ns, dev, host, far in ends:
-        priv = hosts.workdir / f"{dev}.key"
-        priv.touch(mode=0o600)
-        priv.write_text(keys[host - 1][0] + "\n")
+        key_path = hosts.workdir / f"{dev}.key"
+        key_path.touch(mode=0o600)
+        key_path.write_text(keys[host - 1][0] + "\n")
         ns.run(
-            ["wg", "set", dev, "private-key", str(priv), "listen-port", str(WG_PORT),
+            ["wg", "set", dev, "private-key", str(key_path), "listen-port", str(WG_PORT),
              "peer", keys[2 - host][1], "endpoint", f"{far}:{WG_PORT}",
              "allowed-ips", f"{_inner(system, 3 - host)}/128"]
-        )
+        )  # fmt: skip
         ns.run(["ip", "-6", "addr", "add", f"{_inner(system, host)}/64", "dev", dev])
         ns.run(["ip", "link", "set", dev, "mtu", str(INNER_MTU), "up"])
 
@@ -597,9 +595,7 @@ def system_lab(system: str, workdir: Path) -> Iterator[Hosts]:
         yield hosts
 
 
-def _iperf(
-    hosts: Hosts, args: list[str], seconds: int
-) -> tuple[dict[str, Any], float | None]:
+def _iperf(hosts: Hosts, args: list[str], seconds: int) -> tuple[dict[str, Any], float | None]:
     """Run one iperf3 client in a against the server in b for ``seconds``; its JSON report
     and the tunnel processes' CPU share over the run."""
     if seconds < 1:
@@ -800,7 +796,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     systems = list(summary)
     fig, axes = plt.subplots(2, 4, figsize=(18, 8.5))
     flat = list(axes.flat)
-    colors = plt.get_cmap("tab10").colors
+    colors = [f"C{i}" for i in range(10)]  # matplotlib's default cycle, one per system
     for ax, (key, label, unit, _) in zip(flat, METRICS, strict=False):
         shown = [s for s in systems if key in summary[s]]
         med = [summary[s][key]["median"] for s in shown]
@@ -863,7 +859,9 @@ def main(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=console, transient=as_json,
     ) as progress:  # fmt: skip
-        task = progress.add_task("starting", total=steps_per_run * len(systems) * durations.repetitions)
+        task = progress.add_task(
+            "starting", total=steps_per_run * len(systems) * durations.repetitions
+        )
         started = False
 
         def step(what: str) -> None:
@@ -912,7 +910,8 @@ def parse_systems(text: str) -> list[str]:
 
 
 def cli_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options of ``bench/e2e.py`` (``btmm bench --e2e`` shares --quick/--repetitions/--json)."""
+    """The options of ``bench/e2e.py`` (``btmm bench --e2e`` has --quick, --repetitions,
+    --json and --systems of them)."""
     import click
 
     for option in reversed(
@@ -928,9 +927,11 @@ def cli_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                          help=f"Seconds per TCP run (default {FULL.tcp:g}, "
                          f"{QUICK.tcp:g} with --quick)."),
             click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
-                         default=DEFAULT_OUTPUT, show_default=True, help="Where the JSON goes."),
+                         default=None, help="Where the JSON goes (default: "
+                         "bench/results/e2e.json, nowhere with --quick)."),
             click.option("--chart", "chart_path", type=click.Path(dir_okay=False, path_type=Path),
-                         default=DEFAULT_CHART, show_default=True, help="Where the PNG goes."),
+                         default=None, help="Where the PNG goes (default: "
+                         "bench/results/e2e.png, nowhere with --quick)."),
             click.option("--json", "as_json", is_flag=True,
                          help="Print the JSON report on stdout instead of the table."),
         ]
@@ -946,11 +947,14 @@ def _command() -> Any:
     @cli_options
     def e2e(
         systems: str, quick: bool, repetitions: int | None, tcp_seconds: int | None,
-        output: Path, chart_path: Path, as_json: bool,
+        output: Path | None, chart_path: Path | None, as_json: bool,
     ) -> None:  # fmt: skip
         """Measure iperf3 through btmm (both engines), wireguard-go and OpenVPN, beside plain
         veth, in two fresh network namespaces per run (needs root)."""
         try:
+            if not quick:  # a smoke run must not overwrite the figures of a real one
+                output = output or DEFAULT_OUTPUT
+                chart_path = chart_path or DEFAULT_CHART
             main(parse_systems(systems), quick, repetitions, as_json, output, chart_path,
                  tcp_seconds)  # fmt: skip
         except BtmmError as err:
