@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use crate::error::EngineError;
 use crate::esp::{self, DropReason, RxSa, TxSa, HEADER_LEN, MAX_TRAILER};
-use crate::offload::{self, Tcp6Gso, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV6, VNET_HDR_LEN};
+use crate::offload::{self, Tcp6Gso, TcpSeg, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV6, VNET_HDR_LEN};
 use crate::tun::Tun;
 use crate::udp::{Outgoing, RecvBatch, SendBatch, Udp};
 
@@ -557,6 +557,9 @@ struct TxBatch {
     sent: [bool; BATCH],
     sender: SendBatch,
     tally: Tally,
+    /// Events of this batch, queued once its counters are published, so that the control
+    /// plane never sees an event before the counts that go with it.
+    events: Vec<(Event, Option<Arc<Peer>>)>,
 }
 
 impl TxBatch {
@@ -596,7 +599,7 @@ impl TxBatch {
                         e.peer.counters.drop(DropReason::SaExhausted);
                         if !tx.reported.swap(true, Ordering::Relaxed) {
                             let ev = Event::Exhausted { inner: e.peer.inner, spi: tx.sa.spi() };
-                            shared.push_event(ev, event_fd, Some(&e.peer));
+                            self.events.push((ev, Some(Arc::clone(&e.peer))));
                         }
                     }
                 }
@@ -616,6 +619,9 @@ impl TxBatch {
             }
         }
         self.tally.flush(&shared.counters);
+        for (ev, peer) in self.events.drain(..) {
+            shared.push_event(ev, event_fd, peer.as_deref());
+        }
     }
 }
 
@@ -631,6 +637,7 @@ fn tx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: Arc<Udp>, wake: RawFd, 
         sent: [false; BATCH],
         sender: SendBatch::new(BATCH),
         tally: Tally::default(),
+        events: Vec::with_capacity(BATCH),
     };
     // The virtio header, when there is one, lands in the ESP header's headroom.
     let read_at = if vnet { HEADER_LEN - VNET_HDR_LEN } else { HEADER_LEN };
@@ -708,9 +715,84 @@ fn tx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: Arc<Udp>, wake: RawFd, 
     }
 }
 
+fn count_in(tally: &mut Tally, peer: &Peer, len: usize) {
+    tally.packets_in += 1;
+    tally.bytes_in += len as u64;
+    peer.counters.packets_in.fetch_add(1, Ordering::Relaxed);
+    peer.counters.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+}
+
+/// Writes the authenticated inner packets of a batch to a TUN device that takes virtio
+/// headers, merging runs of consecutive segments of one TCP flow into one super packet
+/// (see offload.rs). Counters still count the inner packets one by one.
+fn write_coalesced(
+    tun: RawFd,
+    batch: &mut RecvBatch,
+    deliver: &[(usize, std::ops::Range<usize>, Arc<Peer>)],
+    iovs: &mut Vec<libc::iovec>,
+    tally: &mut Tally,
+) {
+    let mut k = 0;
+    while k < deliver.len() {
+        let (i0, ref r0, _) = deliver[k];
+        let mut end = k + 1;
+        let mut run: Option<(TcpSeg, usize, bool)> = None;
+        {
+            let first = &batch.payload(i0)[r0.clone()];
+            if let Some(f) = TcpSeg::parse(first) {
+                let (mut last, mut total) = (f, f.payload);
+                while end < deliver.len() {
+                    let (i, ref r, _) = deliver[end];
+                    let next = &batch.payload(i)[r.clone()];
+                    match TcpSeg::parse(next) {
+                        Some(n) if offload::continues(first, &f, &last, total, next, &n) => {
+                            total += n.payload;
+                            last = n;
+                            end += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                run = Some((f, total, last.psh));
+            }
+        }
+        let header_at = r0.start - VNET_HDR_LEN;
+        let vh = match run {
+            Some((f, total, psh)) if end - k > 1 => {
+                let (payload, _, _) = batch.get_mut(i0);
+                offload::coalesced_header(&mut payload[r0.clone()], &f, total, psh)
+            }
+            _ => [0u8; VNET_HDR_LEN],
+        };
+        let (payload, _, _) = batch.get_mut(i0);
+        payload[header_at..r0.start].copy_from_slice(&vh);
+        iovs.clear();
+        let head = &batch.payload(i0)[header_at..r0.end];
+        iovs.push(libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: head.len() });
+        if let Some((f, _, _)) = run {
+            for (i, r, _) in &deliver[k + 1..end] {
+                let tail = &batch.payload(*i)[r.start + f.header..r.end];
+                iovs.push(libc::iovec { iov_base: tail.as_ptr() as *mut libc::c_void, iov_len: tail.len() });
+            }
+        }
+        // SAFETY: every iovec points into `batch`'s receive buffers, which are not touched
+        // until the call returns; the TUN descriptor stays open until this thread is joined.
+        let w = unsafe { libc::writev(tun, iovs.as_ptr(), iovs.len() as libc::c_int) };
+        if w >= 0 {
+            for (_, r, p) in &deliver[k..end] {
+                count_in(tally, p, r.len());
+            }
+        }
+        k = end;
+    }
+}
+
 fn rx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: RawFd, wake: RawFd, event_fd: RawFd) {
     let mut batch = RecvBatch::new(BATCH, RX_SLOT);
     let mut deliver: Vec<(usize, std::ops::Range<usize>, Arc<Peer>)> = Vec::with_capacity(BATCH);
+    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(BATCH + 1);
+    // Queued after the batch's counters are published (see TxBatch::events).
+    let mut events: Vec<(Event, Option<Arc<Peer>>)> = Vec::with_capacity(BATCH);
     let mut tally = Tally::default();
     while wait_readable(shared, udp, wake) {
         loop {
@@ -734,7 +816,7 @@ fn rx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: RawFd, wake: RawFd, eve
                     }
                     if payload.len() >= 4 && payload[..4] == [0, 0, 0, 0] {
                         tally.control_in += 1;
-                        shared.push_event(Event::Control { source: src, payload: payload[4..].to_vec() }, event_fd, None);
+                        events.push((Event::Control { source: src, payload: payload[4..].to_vec() }, None));
                         continue;
                     }
                     if esp::check_length(payload.len()).is_err() {
@@ -774,31 +856,30 @@ fn rx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: RawFd, wake: RawFd, eve
                         if old != new {
                             peer.endpoint.store(new, Ordering::Relaxed);
                             let ev = Event::Roamed { inner: peer.inner, old: unpack(old), new: src };
-                            shared.push_event(ev, event_fd, Some(peer));
+                            events.push((ev, Some(Arc::clone(peer))));
                         }
                     }
                     deliver.push((i, opened.inner, Arc::clone(peer)));
                 }
             }
+            if vnet {
+                write_coalesced(tun, &mut batch, &deliver, &mut iovs, &mut tally);
+                deliver.clear();
+            }
             for (i, range, peer) in deliver.drain(..) {
                 let (payload, _, _) = batch.get_mut(i);
-                let inner_len = range.len();
-                // With a virtio header, an all-zero one (no offload, checksums to be verified
-                // by the kernel as usual) goes into the ESP header's place in front.
-                let start = if vnet { range.start - VNET_HDR_LEN } else { range.start };
-                payload[start..range.start].fill(0);
-                let pkt = &payload[start..range.end];
+                let pkt = &payload[range];
                 // SAFETY: writes `pkt.len()` bytes from `pkt` to the TUN descriptor, which
                 // stays open until this thread is joined.
                 let r = unsafe { libc::write(tun, pkt.as_ptr().cast(), pkt.len()) };
                 if r >= 0 {
-                    tally.packets_in += 1;
-                    tally.bytes_in += inner_len as u64;
-                    peer.counters.packets_in.fetch_add(1, Ordering::Relaxed);
-                    peer.counters.bytes_in.fetch_add(inner_len as u64, Ordering::Relaxed);
+                    count_in(&mut tally, &peer, pkt.len());
                 }
             }
             tally.flush(&shared.counters);
+            for (ev, peer) in events.drain(..) {
+                shared.push_event(ev, event_fd, peer.as_deref());
+            }
             if n < batch.capacity() || !shared.running.load(Ordering::Relaxed) {
                 break;
             }

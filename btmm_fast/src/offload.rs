@@ -5,6 +5,10 @@
 //! would, RFC 9293 §3.1 for the TCP checksum, RFC 8200 §8.1 for the IPv6 pseudo-header) before
 //! sealing each one. On the wire nothing changes: every ESP packet carries one ordinary IPv6
 //! packet, exactly as without offloads.
+//!
+//! In the other direction the engine coalesces consecutive in-order segments of one TCP flow
+//! from a receive batch into one super packet (what a NIC's GRO does) and writes it with a
+//! TCPV6 GSO header, so the local TCP stack handles one packet instead of dozens.
 
 pub const VNET_HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
@@ -145,6 +149,91 @@ impl Tcp6Gso {
     }
 }
 
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+const TCP_ECE: u8 = 0x40;
+
+/// A TCP/IPv6 data segment that may take part in coalescing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSeg {
+    /// IPv6 + TCP header length.
+    pub header: usize,
+    pub payload: usize,
+    pub seq: u32,
+    pub psh: bool,
+}
+
+impl TcpSeg {
+    /// Only plain data segments qualify: IPv6 without extension headers, TCP with ACK (and
+    /// maybe PSH) and nothing else, a payload, and lengths that agree.
+    pub fn parse(p: &[u8]) -> Option<TcpSeg> {
+        if p.len() < IPV6_LEN + 20 || p[0] >> 4 != 6 || p[6] != PROTO_TCP {
+            return None;
+        }
+        if usize::from(u16::from_be_bytes([p[4], p[5]])) != p.len() - IPV6_LEN {
+            return None;
+        }
+        let th = usize::from(p[IPV6_LEN + 12] >> 4) * 4;
+        let header = IPV6_LEN + th;
+        if th < 20 || header >= p.len() {
+            return None;
+        }
+        let flags = p[IPV6_LEN + 13];
+        if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST | TCP_FIN | TCP_URG | TCP_ECE | TCP_CWR) != 0 {
+            return None;
+        }
+        Some(TcpSeg {
+            header,
+            payload: p.len() - header,
+            seq: u32::from_be_bytes([p[44], p[45], p[46], p[47]]),
+            psh: flags & TCP_PSH != 0,
+        })
+    }
+}
+
+/// Whether `next` continues the run that starts with `first` and currently ends with `last`
+/// (`total` payload bytes so far): same flow and headers (addresses, ports, ack, window,
+/// options, IPv6 traffic class/flow label/hop limit), the next sequence number, every segment
+/// but the last of the first one's size, PSH only at the end, and the result under 64 KiB.
+pub fn continues(first: &[u8], f: &TcpSeg, last: &TcpSeg, total: usize, next: &[u8], n: &TcpSeg) -> bool {
+    !last.psh
+        && n.header == f.header
+        && last.payload == f.payload
+        && n.payload <= f.payload
+        && n.seq == last.seq.wrapping_add(last.payload as u32)
+        && f.header + total + n.payload <= 65535
+        && first[..4] == next[..4]
+        && first[6..IPV6_LEN + 4] == next[6..IPV6_LEN + 4]
+        && first[IPV6_LEN + 8..IPV6_LEN + 13] == next[IPV6_LEN + 8..IPV6_LEN + 13]
+        && first[IPV6_LEN + 14..IPV6_LEN + 16] == next[IPV6_LEN + 14..IPV6_LEN + 16]
+        && first[IPV6_LEN + 20..f.header] == next[IPV6_LEN + 20..n.header]
+}
+
+/// Turns the first segment of a run (in place) into the header of the super packet that
+/// carries `total` payload bytes, and returns the virtio header for writing it. `psh`: the
+/// last segment had PSH.
+pub fn coalesced_header(first: &mut [u8], f: &TcpSeg, total: usize, psh: bool) -> [u8; VNET_HDR_LEN] {
+    let tcp_len = f.header - IPV6_LEN + total;
+    first[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+    if psh {
+        first[IPV6_LEN + 13] |= TCP_PSH;
+    }
+    // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum; the payload is covered
+    // by the ESP ICV, which is what makes skipping the per-segment check sound.
+    let pseudo = fold(sum(&first[8..40], tcp_len as u64 + u64::from(PROTO_TCP)));
+    first[IPV6_LEN + 16..IPV6_LEN + 18].copy_from_slice(&pseudo.to_be_bytes());
+    let mut h = [0u8; VNET_HDR_LEN];
+    h[0] = F_NEEDS_CSUM;
+    h[1] = GSO_TCPV6;
+    h[2..4].copy_from_slice(&(f.header as u16).to_ne_bytes());
+    h[4..6].copy_from_slice(&(f.payload as u16).to_ne_bytes());
+    h[6..8].copy_from_slice(&(IPV6_LEN as u16).to_ne_bytes());
+    h[8..10].copy_from_slice(&16u16.to_ne_bytes());
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +326,99 @@ mod tests {
         let mut short_th = pkt.clone();
         short_th[52] = 4 << 4;
         assert!(Tcp6Gso::layout(&short_th, &hdr).is_err());
+    }
+
+    #[test]
+    fn coalescing_is_the_inverse_of_segmenting() {
+        // Segment a super packet, coalesce the segments again: same bytes (checksum aside,
+        // which becomes the partial pseudo-header sum), and segmenting that gives the same
+        // segments back.
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+        let sup = tcp6(&payload, TCP_ACK | TCP_PSH, 12);
+        let hdr = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV6, gso_size: 1200, csum_start: 40, csum_offset: 16, hdr_len: 0 };
+        let g = Tcp6Gso::layout(&sup, &hdr).unwrap();
+        let segs: Vec<Vec<u8>> = (0..g.segments)
+            .map(|i| {
+                let mut out = vec![0u8; 2000];
+                let n = g.write_segment(&sup, i, &mut out);
+                out.truncate(n);
+                out
+            })
+            .collect();
+        let infos: Vec<TcpSeg> = segs.iter().map(|s| TcpSeg::parse(s).unwrap()).collect();
+        let mut total = infos[0].payload;
+        for i in 1..segs.len() {
+            assert!(continues(&segs[0], &infos[0], &infos[i - 1], total, &segs[i], &infos[i]), "segment {i}");
+            total += infos[i].payload;
+        }
+        assert_eq!(total, payload.len());
+        let mut first = segs[0].clone();
+        let vh = coalesced_header(&mut first, &infos[0], total, infos.last().unwrap().psh);
+        let mut merged = first.clone();
+        for s in &segs[1..] {
+            merged.extend_from_slice(&s[infos[0].header..]);
+        }
+        let vh = VnetHdr::parse(&vh);
+        assert_eq!((vh.gso_type, vh.gso_size, vh.csum_start, vh.csum_offset), (GSO_TCPV6, 1200, 40, 16));
+        // Everything but the checksum field matches the original super packet.
+        let mut a = merged.clone();
+        let mut b = sup.clone();
+        a[56..58].copy_from_slice(&[0, 0]);
+        b[56..58].copy_from_slice(&[0, 0]);
+        assert_eq!(a, b);
+        // Completing the partial checksum gives a valid packet.
+        complete_csum(&mut merged, 40, 16).unwrap();
+        assert!(verifies(&merged, PROTO_TCP));
+        let g2 = Tcp6Gso::layout(&merged, &vh).unwrap();
+        for (i, s) in segs.iter().enumerate() {
+            let mut out = vec![0u8; 2000];
+            let n = g2.write_segment(&merged, i, &mut out);
+            assert_eq!(&out[..n], &s[..]);
+        }
+    }
+
+    #[test]
+    fn what_does_not_coalesce() {
+        let a = tcp6(&[1; 1000], TCP_ACK, 0);
+        let fa = TcpSeg::parse(&a).unwrap();
+        let next = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = tcp6(&[2; 1000], TCP_ACK, 0);
+            let seq = 0xffff_ff00u32.wrapping_add(1000);
+            b[44..48].copy_from_slice(&seq.to_be_bytes());
+            f(&mut b);
+            b
+        };
+        let ok = next(&|_| {});
+        assert!(continues(&a, &fa, &fa, 1000, &ok, &TcpSeg::parse(&ok).unwrap()));
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("gap in sequence", next(&|b| b[47] ^= 1)),
+            ("other port", next(&|b| b[41] ^= 1)),
+            ("other source", next(&|b| b[20] ^= 1)),
+            ("other ack", next(&|b| b[51] ^= 1)),
+            ("other window", next(&|b| b[55] ^= 1)),
+            ("other hop limit", next(&|b| b[7] ^= 1)),
+            ("other flow label", next(&|b| b[3] ^= 1)),
+        ];
+        for (what, b) in cases {
+            let fb = TcpSeg::parse(&b).unwrap();
+            assert!(!continues(&a, &fa, &fa, 1000, &b, &fb), "{what}");
+        }
+        // Longer than the first: not a continuation.
+        let long = tcp6(&[2; 1001], TCP_ACK, 0);
+        let mut long = long;
+        long[44..48].copy_from_slice(&0xffff_ff00u32.wrapping_add(1000).to_be_bytes());
+        assert!(!continues(&a, &fa, &fa, 1000, &long, &TcpSeg::parse(&long).unwrap()));
+        // After a PSH, the run ends.
+        let psh = TcpSeg { psh: true, ..fa };
+        assert!(!continues(&a, &fa, &psh, 1000, &ok, &TcpSeg::parse(&ok).unwrap()));
+        // Not data segments at all.
+        for flags in [TCP_ACK | TCP_SYN, TCP_ACK | TCP_FIN, TCP_RST, 0, TCP_ACK | TCP_URG, TCP_ACK | TCP_CWR] {
+            assert!(TcpSeg::parse(&tcp6(&[0; 10], flags, 0)).is_none(), "flags {flags:#x}");
+        }
+        assert!(TcpSeg::parse(&tcp6(&[], TCP_ACK, 0)).is_none(), "pure ACK");
+        let mut bad_len = tcp6(&[0; 10], TCP_ACK, 0);
+        bad_len[5] ^= 1;
+        assert!(TcpSeg::parse(&bad_len).is_none());
     }
 
     #[test]

@@ -209,6 +209,12 @@ impl RecvBatch {
         }
     }
 
+    /// Payload of datagram `i` of the last `recv`.
+    pub fn payload(&self, i: usize) -> &[u8] {
+        let len = (self.msgs[i].msg_len as usize).min(self.slot);
+        &self.bufs[i * self.slot..i * self.slot + len]
+    }
+
     /// Datagram `i` of the last `recv`: (payload, source, truncated).
     pub fn get_mut(&mut self, i: usize) -> (&mut [u8], SocketAddrV4, bool) {
         let len = (self.msgs[i].msg_len as usize).min(self.slot);
