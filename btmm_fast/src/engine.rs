@@ -757,19 +757,26 @@ fn write_coalesced(
             }
         }
         let header_at = r0.start - VNET_HDR_LEN;
+        // The first segment's headers are rewritten for the super packet; keep the original
+        // to fall back to single writes if the kernel refuses the merged one.
+        let mut saved = [0u8; 40 + 60];
         let vh = match run {
             Some((f, total, psh)) if end - k > 1 => {
                 let (payload, _, _) = batch.get_mut(i0);
+                saved[..f.header].copy_from_slice(&payload[r0.start..r0.start + f.header]);
                 offload::coalesced_header(&mut payload[r0.clone()], &f, total, psh)
             }
-            _ => [0u8; VNET_HDR_LEN],
+            _ => {
+                end = k + 1;
+                [0u8; VNET_HDR_LEN]
+            }
         };
         let (payload, _, _) = batch.get_mut(i0);
         payload[header_at..r0.start].copy_from_slice(&vh);
         iovs.clear();
         let head = &batch.payload(i0)[header_at..r0.end];
         iovs.push(libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: head.len() });
-        if let Some((f, _, _)) = run {
+        if let (Some((f, _, _)), true) = (run, end - k > 1) {
             for (i, r, _) in &deliver[k + 1..end] {
                 let tail = &batch.payload(*i)[r.start + f.header..r.end];
                 iovs.push(libc::iovec { iov_base: tail.as_ptr() as *mut libc::c_void, iov_len: tail.len() });
@@ -781,6 +788,19 @@ fn write_coalesced(
         if w >= 0 {
             for (_, r, p) in &deliver[k..end] {
                 count_in(tally, p, r.len());
+            }
+        } else if let (Some((f, _, _)), true) = (run, end - k > 1) {
+            let (payload, _, _) = batch.get_mut(i0);
+            payload[r0.start..r0.start + f.header].copy_from_slice(&saved[..f.header]);
+            for (i, r, p) in &deliver[k..end] {
+                let (payload, _, _) = batch.get_mut(*i);
+                payload[r.start - VNET_HDR_LEN..r.start].fill(0);
+                let pkt = &payload[r.start - VNET_HDR_LEN..r.end];
+                // SAFETY: writes `pkt.len()` bytes from `pkt` to the TUN descriptor, open until
+                // this thread is joined.
+                if unsafe { libc::write(tun, pkt.as_ptr().cast(), pkt.len()) } >= 0 {
+                    count_in(tally, p, r.len());
+                }
             }
         }
         k = end;
