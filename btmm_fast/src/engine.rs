@@ -1,7 +1,13 @@
 //! The engine: a TUN device and a UDP socket joined by two threads.
 //!
-//! TX thread: TUN -> route by inner destination -> ESP seal (in place) -> sendmmsg/GSO.
-//! RX thread: recvmmsg -> keepalive / control / ESP open (in place) -> checks -> TUN.
+//! TX thread: TUN -> (finish checksums, cut TCP super packets) -> route by inner destination ->
+//! ESP seal (in place) -> sendmmsg, with UDP GSO for runs to one endpoint.
+//! RX thread: recvmmsg -> keepalive / control / ESP open (in place) -> checks -> TUN, merging
+//! in-order TCP segments into one write when the TUN takes virtio headers (offload.rs).
+//!
+//! Wire format and drop rules are those of btmm_core/dataplane/api.py (RFC 4303, 4106, 3948);
+//! the offloads only change how packets cross the TUN, never what goes on the wire or what the
+//! counters count (one inner packet at a time).
 //!
 //! Shared state is split so the two threads never wait for each other: the peer table (routes
 //! and transmit SAs) is locked by the TX thread once per batch, the SPI table (receive SAs and
@@ -18,7 +24,9 @@ use std::thread::JoinHandle;
 
 use crate::error::EngineError;
 use crate::esp::{self, DropReason, RxSa, TxSa, HEADER_LEN, MAX_TRAILER};
-use crate::offload::{self, Tcp6Gso, TcpSeg, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV6, VNET_HDR_LEN};
+use crate::offload::{
+    self, Tcp6Gso, TcpSeg, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV6, VNET_HDR_LEN,
+};
 use crate::tun::Tun;
 use crate::udp::{Outgoing, RecvBatch, SendBatch, Udp};
 
@@ -47,9 +55,19 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Control { source: SocketAddrV4, payload: Vec<u8> },
-    Roamed { inner: Inner, old: Option<SocketAddrV4>, new: SocketAddrV4 },
-    Exhausted { inner: Inner, spi: u32 },
+    Control {
+        source: SocketAddrV4,
+        payload: Vec<u8>,
+    },
+    Roamed {
+        inner: Inner,
+        old: Option<SocketAddrV4>,
+        new: SocketAddrV4,
+    },
+    Exhausted {
+        inner: Inner,
+        spi: u32,
+    },
 }
 
 #[derive(Default)]
@@ -271,7 +289,9 @@ impl Engine {
             )));
         }
         if cfg.event_queue == 0 {
-            return Err(EngineError::Invalid("event_queue must be at least 1".into()));
+            return Err(EngineError::Invalid(
+                "event_queue must be at least 1".into(),
+            ));
         }
         let tun = match (cfg.tun_fd, cfg.tun_name.as_deref()) {
             (Some(fd), _) => Tun::attach(fd)?,
@@ -280,14 +300,25 @@ impl Engine {
         };
         let udp = Udp::bind(cfg.listen).map_err(|e| {
             let hint = match e.raw_os_error() {
-                Some(libc::EADDRINUSE) => Some("another process (another btmm?) uses this port; pick another or port 0".into()),
-                Some(libc::EADDRNOTAVAIL) => Some("the listen address is not assigned to this host".into()),
-                Some(libc::EACCES) => Some("ports below 1024 need root or CAP_NET_BIND_SERVICE".into()),
+                Some(libc::EADDRINUSE) => Some(
+                    "another process (another btmm?) uses this port; pick another or port 0".into(),
+                ),
+                Some(libc::EADDRNOTAVAIL) => {
+                    Some("the listen address is not assigned to this host".into())
+                }
+                Some(libc::EACCES) => {
+                    Some("ports below 1024 need root or CAP_NET_BIND_SERVICE".into())
+                }
                 _ => None,
             };
-            EngineError::DataPlane { what: format!("cannot bind UDP {}: {e}", cfg.listen), hint }
+            EngineError::DataPlane {
+                what: format!("cannot bind UDP {}: {e}", cfg.listen),
+                hint,
+            }
         })?;
-        let local = udp.local_addr().map_err(|e| EngineError::io("getsockname", &e))?;
+        let local = udp
+            .local_addr()
+            .map_err(|e| EngineError::io("getsockname", &e))?;
         let wake = eventfd().map_err(|e| EngineError::io("eventfd", &e))?;
         let events = eventfd().map_err(|e| EngineError::io("eventfd", &e))?;
         let tun_name = tun.name().to_string();
@@ -299,9 +330,21 @@ impl Engine {
             event_cap: cfg.event_queue,
             counters: Counters::default(),
             running: AtomicBool::new(false),
-            fds: RwLock::new(Some(Fds { tun: tun.into_fd(), udp: Arc::new(udp), wake, events })),
+            fds: RwLock::new(Some(Fds {
+                tun: tun.into_fd(),
+                udp: Arc::new(udp),
+                wake,
+                events,
+            })),
         });
-        Ok(Engine { shared, threads: Mutex::new(Vec::new()), started: AtomicBool::new(false), tun_name, local, vnet })
+        Ok(Engine {
+            shared,
+            threads: Mutex::new(Vec::new()),
+            started: AtomicBool::new(false),
+            tun_name,
+            local,
+            vnet,
+        })
     }
 
     pub fn tun_name(&self) -> &str {
@@ -323,7 +366,13 @@ impl Engine {
     pub fn start(&self) -> Result<(), EngineError> {
         let mut threads = lock(&self.threads);
         if self.started.load(Ordering::SeqCst) {
-            if self.shared.fds.read().unwrap_or_else(|e| e.into_inner()).is_none() {
+            if self
+                .shared
+                .fds
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
                 return Err(Self::stopped());
             }
             return Ok(());
@@ -331,7 +380,12 @@ impl Engine {
         let raw = {
             let fds = self.shared.fds.read().unwrap_or_else(|e| e.into_inner());
             let f = fds.as_ref().ok_or_else(Self::stopped)?;
-            (f.tun.as_raw_fd(), Arc::clone(&f.udp), f.wake.as_raw_fd(), f.events.as_raw_fd())
+            (
+                f.tun.as_raw_fd(),
+                Arc::clone(&f.udp),
+                f.wake.as_raw_fd(),
+                f.events.as_raw_fd(),
+            )
         };
         let udp_fd = raw.1.fd();
         let vnet = self.vnet;
@@ -358,17 +412,31 @@ impl Engine {
         let mut threads = lock(&self.threads);
         self.started.store(true, Ordering::SeqCst);
         self.shared.running.store(false, Ordering::SeqCst);
-        if let Some(f) = self.shared.fds.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(f) = self
+            .shared
+            .fds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             eventfd_signal(f.wake.as_raw_fd());
         }
         for t in threads.drain(..) {
             let _ = t.join();
         }
         // Threads are gone: nobody else uses the raw descriptors any more.
-        self.shared.fds.write().unwrap_or_else(|e| e.into_inner()).take();
+        self.shared
+            .fds
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
-    pub fn add_peer(&self, inner: Inner, endpoint: Option<SocketAddrV4>) -> Result<(), EngineError> {
+    pub fn add_peer(
+        &self,
+        inner: Inner,
+        endpoint: Option<SocketAddrV4>,
+    ) -> Result<(), EngineError> {
         let mut peers = lock(&self.shared.peers);
         if peers.contains_key(&inner) {
             return Err(EngineError::data_plane(format!(
@@ -376,8 +444,19 @@ impl Engine {
                 fmt_inner(&inner)
             )));
         }
-        let peer = Arc::new(Peer { inner, endpoint: AtomicU64::new(pack(endpoint)), counters: Counters::default() });
-        peers.insert(inner, PeerEntry { peer, tx: None, rx_spis: VecDeque::new() });
+        let peer = Arc::new(Peer {
+            inner,
+            endpoint: AtomicU64::new(pack(endpoint)),
+            counters: Counters::default(),
+        });
+        peers.insert(
+            inner,
+            PeerEntry {
+                peer,
+                tx: None,
+                rx_spis: VecDeque::new(),
+            },
+        );
         Ok(())
     }
 
@@ -385,7 +464,11 @@ impl Engine {
         EngineError::UnknownPeer(format!("no peer with inner address {}", fmt_inner(inner)))
     }
 
-    pub fn update_peer(&self, inner: Inner, endpoint: Option<SocketAddrV4>) -> Result<(), EngineError> {
+    pub fn update_peer(
+        &self,
+        inner: Inner,
+        endpoint: Option<SocketAddrV4>,
+    ) -> Result<(), EngineError> {
         let peers = lock(&self.shared.peers);
         let e = peers.get(&inner).ok_or_else(|| Self::unknown(&inner))?;
         e.peer.endpoint.store(pack(endpoint), Ordering::Relaxed);
@@ -402,11 +485,20 @@ impl Engine {
         Ok(())
     }
 
-    pub fn install_tx_sa(&self, inner: Inner, spi: u32, keymat: &[u8], next_seq: u128) -> Result<(), EngineError> {
+    pub fn install_tx_sa(
+        &self,
+        inner: Inner,
+        spi: u32,
+        keymat: &[u8],
+        next_seq: u128,
+    ) -> Result<(), EngineError> {
         let sa = TxSa::new(spi, keymat, next_seq).map_err(|e| EngineError::Invalid(e.0))?;
         let mut peers = lock(&self.shared.peers);
         let e = peers.get_mut(&inner).ok_or_else(|| Self::unknown(&inner))?;
-        e.tx = Some(Arc::new(TxSlot { sa, reported: AtomicBool::new(false) }));
+        e.tx = Some(Arc::new(TxSlot {
+            sa,
+            reported: AtomicBool::new(false),
+        }));
         Ok(())
     }
 
@@ -426,7 +518,13 @@ impl Engine {
             }
         }
         e.rx_spis.push_back(spi);
-        rx.insert(spi, RxEntry { peer: Arc::clone(&e.peer), sa });
+        rx.insert(
+            spi,
+            RxEntry {
+                peer: Arc::clone(&e.peer),
+                sa,
+            },
+        );
         Ok(())
     }
 
@@ -434,7 +532,10 @@ impl Engine {
         let mut peers = lock(&self.shared.peers);
         let e = peers.get_mut(&inner).ok_or_else(|| Self::unknown(&inner))?;
         let pos = e.rx_spis.iter().position(|&s| s == spi).ok_or_else(|| {
-            EngineError::data_plane(format!("peer {} has no receive SA {spi:#010x}", fmt_inner(&inner)))
+            EngineError::data_plane(format!(
+                "peer {} has no receive SA {spi:#010x}",
+                fmt_inner(&inner)
+            ))
         })?;
         e.rx_spis.remove(pos);
         lock(&self.shared.rx).remove(&spi);
@@ -444,7 +545,9 @@ impl Engine {
     fn send_raw(&self, buf: &[u8], dst: SocketAddrV4) -> Result<(), EngineError> {
         let fds = self.shared.fds.read().unwrap_or_else(|e| e.into_inner());
         let f = fds.as_ref().ok_or_else(Self::stopped)?;
-        f.udp.send_to(buf, dst, 1000).map_err(|e| EngineError::io(&format!("cannot send to {dst}"), &e))
+        f.udp
+            .send_to(buf, dst, 1000)
+            .map_err(|e| EngineError::io(&format!("cannot send to {dst}"), &e))
     }
 
     pub fn send_control(&self, dst: SocketAddrV4, message: &[u8]) -> Result<(), EngineError> {
@@ -461,7 +564,10 @@ impl Engine {
             unpack(e.peer.endpoint.load(Ordering::Relaxed))
         };
         let dst = ep.ok_or_else(|| {
-            EngineError::data_plane(format!("peer {} has no endpoint to send a keepalive to", fmt_inner(&inner)))
+            EngineError::data_plane(format!(
+                "peer {} has no endpoint to send a keepalive to",
+                fmt_inner(&inner)
+            ))
         })?;
         self.send_raw(&[0xff], dst)
     }
@@ -515,8 +621,16 @@ impl Drop for Engine {
 /// Waits until `fd` is readable or the wake descriptor fires. False when the engine stops.
 fn wait_readable(shared: &Shared, fd: RawFd, wake: RawFd) -> bool {
     let mut p = [
-        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     loop {
         if !shared.running.load(Ordering::Relaxed) {
@@ -564,7 +678,14 @@ struct TxBatch {
 
 impl TxBatch {
     /// Routes, seals and sends `slots[..lens.len()]` (inner packets at HEADER_LEN).
-    fn flush(&mut self, shared: &Shared, udp: &Udp, event_fd: RawFd, slots: &mut [Vec<u8>], lens: &[usize]) {
+    fn flush(
+        &mut self,
+        shared: &Shared,
+        udp: &Udp,
+        event_fd: RawFd,
+        slots: &mut [Vec<u8>],
+        lens: &[usize],
+    ) {
         self.out.clear();
         self.owners.clear();
         self.inner_lens.clear();
@@ -590,7 +711,11 @@ impl TxBatch {
                 };
                 match tx.sa.seal_in_place(slot, len) {
                     Ok(total) => {
-                        self.out.push(Outgoing { ptr: slot.as_ptr(), len: total, dst });
+                        self.out.push(Outgoing {
+                            ptr: slot.as_ptr(),
+                            len: total,
+                            dst,
+                        });
                         self.owners.push(Arc::clone(&e.peer));
                         self.inner_lens.push(len);
                     }
@@ -598,7 +723,10 @@ impl TxBatch {
                         self.tally.drops[DropReason::SaExhausted as usize] += 1;
                         e.peer.counters.drop(DropReason::SaExhausted);
                         if !tx.reported.swap(true, Ordering::Relaxed) {
-                            let ev = Event::Exhausted { inner: e.peer.inner, spi: tx.sa.spi() };
+                            let ev = Event::Exhausted {
+                                inner: e.peer.inner,
+                                spi: tx.sa.spi(),
+                            };
                             self.events.push((ev, Some(Arc::clone(&e.peer))));
                         }
                     }
@@ -614,7 +742,9 @@ impl TxBatch {
                     self.tally.packets_out += 1;
                     self.tally.bytes_out += len as u64;
                     peer.counters.packets_out.fetch_add(1, Ordering::Relaxed);
-                    peer.counters.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+                    peer.counters
+                        .bytes_out
+                        .fetch_add(len as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -640,7 +770,11 @@ fn tx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: Arc<Udp>, wake: RawFd, 
         events: Vec::with_capacity(BATCH),
     };
     // The virtio header, when there is one, lands in the ESP header's headroom.
-    let read_at = if vnet { HEADER_LEN - VNET_HDR_LEN } else { HEADER_LEN };
+    let read_at = if vnet {
+        HEADER_LEN - VNET_HDR_LEN
+    } else {
+        HEADER_LEN
+    };
     let read_end = HEADER_LEN + MAX_READ;
     let mut n = 0;
     while wait_readable(shared, tun, wake) {
@@ -675,8 +809,12 @@ fn tx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: Arc<Udp>, wake: RawFd, 
                     GSO_NONE => {
                         let pkt = &mut slots[n][HEADER_LEN..HEADER_LEN + len];
                         if hdr.flags & F_NEEDS_CSUM != 0
-                            && offload::complete_csum(pkt, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))
-                                .is_err()
+                            && offload::complete_csum(
+                                pkt,
+                                usize::from(hdr.csum_start),
+                                usize::from(hdr.csum_offset),
+                            )
+                            .is_err()
                         {
                             batch.tally.drops[DropReason::Malformed as usize] += 1;
                             continue;
@@ -719,7 +857,9 @@ fn count_in(tally: &mut Tally, peer: &Peer, len: usize) {
     tally.packets_in += 1;
     tally.bytes_in += len as u64;
     peer.counters.packets_in.fetch_add(1, Ordering::Relaxed);
-    peer.counters.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+    peer.counters
+        .bytes_in
+        .fetch_add(len as u64, Ordering::Relaxed);
 }
 
 /// Writes the authenticated inner packets of a batch to a TUN device that takes virtio
@@ -775,11 +915,17 @@ fn write_coalesced(
         payload[header_at..r0.start].copy_from_slice(&vh);
         iovs.clear();
         let head = &batch.payload(i0)[header_at..r0.end];
-        iovs.push(libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: head.len() });
+        iovs.push(libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        });
         if let (Some((f, _, _)), true) = (run, end - k > 1) {
             for (i, r, _) in &deliver[k + 1..end] {
                 let tail = &batch.payload(*i)[r.start + f.header..r.end];
-                iovs.push(libc::iovec { iov_base: tail.as_ptr() as *mut libc::c_void, iov_len: tail.len() });
+                iovs.push(libc::iovec {
+                    iov_base: tail.as_ptr() as *mut libc::c_void,
+                    iov_len: tail.len(),
+                });
             }
         }
         // SAFETY: every iovec points into `batch`'s receive buffers, which are not touched
@@ -836,7 +982,13 @@ fn rx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: RawFd, wake: RawFd, eve
                     }
                     if payload.len() >= 4 && payload[..4] == [0, 0, 0, 0] {
                         tally.control_in += 1;
-                        events.push((Event::Control { source: src, payload: payload[4..].to_vec() }, None));
+                        events.push((
+                            Event::Control {
+                                source: src,
+                                payload: payload[4..].to_vec(),
+                            },
+                            None,
+                        ));
                         continue;
                     }
                     if esp::check_length(payload.len()).is_err() {
@@ -875,7 +1027,11 @@ fn rx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: RawFd, wake: RawFd, eve
                         let old = peer.endpoint.load(Ordering::Relaxed);
                         if old != new {
                             peer.endpoint.store(new, Ordering::Relaxed);
-                            let ev = Event::Roamed { inner: peer.inner, old: unpack(old), new: src };
+                            let ev = Event::Roamed {
+                                inner: peer.inner,
+                                old: unpack(old),
+                                new: src,
+                            };
                             events.push((ev, Some(Arc::clone(peer))));
                         }
                     }
@@ -918,7 +1074,10 @@ mod tests {
     const K2: [u8; 36] = [0x22; 36];
 
     fn ip(args: &str) {
-        let st = Command::new("ip").args(args.split_whitespace()).status().expect("run ip");
+        let st = Command::new("ip")
+            .args(args.split_whitespace())
+            .status()
+            .expect("run ip");
         assert!(st.success(), "ip {args}");
     }
 
@@ -997,14 +1156,22 @@ mod tests {
     }
 
     fn event_fd_readable(e: &Engine) -> bool {
-        let mut p = libc::pollfd { fd: e.event_fd().unwrap(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: e.event_fd().unwrap(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one pollfd, alive for the call.
         unsafe { libc::poll(&mut p, 1, 0) == 1 }
     }
 
     fn in_private_netns(f: impl FnOnce() + Send + 'static) {
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the engine tests need root (TUN devices); run cargo test as root");
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the engine tests need root (TUN devices); run cargo test as root"
+        );
         std::thread::spawn(move || {
             // SAFETY: moves only this fresh thread (and what it spawns) into a new network
             // namespace, which the kernel deletes when its last user is gone.
@@ -1040,7 +1207,10 @@ mod tests {
             let remote = UdpSocket::bind("127.0.0.1:0").unwrap();
             let peer = inner("fd00::2");
             e.add_peer(peer, Some(v4(&remote))).unwrap();
-            assert!(matches!(e.add_peer(peer, None), Err(EngineError::DataPlane { .. })));
+            assert!(matches!(
+                e.add_peer(peer, None),
+                Err(EngineError::DataPlane { .. })
+            ));
             e.install_rx_sa(peer, 0x200, &K2).unwrap();
             e.start().unwrap();
             e.start().unwrap();
@@ -1048,7 +1218,9 @@ mod tests {
             // Outbound without a transmit SA: NO_SA.
             let app = UdpSocket::bind("[fd00::1]:0").unwrap();
             app.send_to(b"early", "[fd00::2]:7777").unwrap();
-            wait_for("no_sa drop", || e.counters().drop_count(DropReason::NoSa) == 1);
+            wait_for("no_sa drop", || {
+                e.counters().drop_count(DropReason::NoSa) == 1
+            });
             e.install_tx_sa(peer, 0x100, &K1, 1).unwrap();
 
             // Outbound: the remote end opens what the engine sealed.
@@ -1070,26 +1242,43 @@ mod tests {
             let tx = TxSa::new(0x200, &K2, 1).unwrap();
             let inner_pkt = udp6("fd00::2", "fd00::1", 1234, 5555, b"world");
             let sealed = tx.seal(&inner_pkt).unwrap();
-            remote.send_to(&sealed, std::net::SocketAddr::V4(me)).unwrap();
+            remote
+                .send_to(&sealed, std::net::SocketAddr::V4(me))
+                .unwrap();
             let (data, src) = recv(&listener);
             assert_eq!(data, b"world");
-            assert_eq!(src, std::net::SocketAddr::V6(SocketAddrV6::new("fd00::2".parse().unwrap(), 1234, 0, 0)));
+            assert_eq!(
+                src,
+                std::net::SocketAddr::V6(SocketAddrV6::new("fd00::2".parse().unwrap(), 1234, 0, 0))
+            );
             // The socket can see the packet before the engine's write(2) returns and counts it.
             wait_for("packets_in", || e.counters().packets_in == 1);
             assert_eq!(e.counters().bytes_in, inner_pkt.len() as u64);
 
             // Replay, unknown SPI, source mismatch, bad ICV, too short, keepalive.
-            remote.send_to(&sealed, std::net::SocketAddr::V4(me)).unwrap();
+            remote
+                .send_to(&sealed, std::net::SocketAddr::V4(me))
+                .unwrap();
             let mut other = sealed.clone();
             other[..4].copy_from_slice(&0x999u32.to_be_bytes());
-            remote.send_to(&other, std::net::SocketAddr::V4(me)).unwrap();
+            remote
+                .send_to(&other, std::net::SocketAddr::V4(me))
+                .unwrap();
             let spoofed = tx.seal(&udp6("fd00::3", "fd00::1", 1, 5555, b"x")).unwrap();
-            remote.send_to(&spoofed, std::net::SocketAddr::V4(me)).unwrap();
+            remote
+                .send_to(&spoofed, std::net::SocketAddr::V4(me))
+                .unwrap();
             let mut forged = tx.seal(&inner_pkt).unwrap();
             forged[30] ^= 1;
-            remote.send_to(&forged, std::net::SocketAddr::V4(me)).unwrap();
-            remote.send_to(&[1, 2, 3], std::net::SocketAddr::V4(me)).unwrap();
-            remote.send_to(&[0xff], std::net::SocketAddr::V4(me)).unwrap();
+            remote
+                .send_to(&forged, std::net::SocketAddr::V4(me))
+                .unwrap();
+            remote
+                .send_to(&[1, 2, 3], std::net::SocketAddr::V4(me))
+                .unwrap();
+            remote
+                .send_to(&[0xff], std::net::SocketAddr::V4(me))
+                .unwrap();
             wait_for("drops", || {
                 let c = e.counters();
                 c.drop_count(DropReason::Replay) == 1
@@ -1109,20 +1298,34 @@ mod tests {
 
             // Control packets become events; the event fd follows the queue.
             assert!(!event_fd_readable(&e));
-            remote.send_to(b"\0\0\0\0hi", std::net::SocketAddr::V4(me)).unwrap();
+            remote
+                .send_to(b"\0\0\0\0hi", std::net::SocketAddr::V4(me))
+                .unwrap();
             wait_for("control event", || event_fd_readable(&e));
-            assert_eq!(e.drain(10), vec![Event::Control { source: v4(&remote), payload: b"hi".to_vec() }]);
+            assert_eq!(
+                e.drain(10),
+                vec![Event::Control {
+                    source: v4(&remote),
+                    payload: b"hi".to_vec()
+                }]
+            );
             assert!(!event_fd_readable(&e));
             assert_eq!(e.counters().control_in, 1);
 
             // Roaming: the newest authenticated packet from a new address moves the endpoint.
             let roamed = UdpSocket::bind("127.0.0.1:0").unwrap();
-            roamed.send_to(&tx.seal(&inner_pkt).unwrap(), std::net::SocketAddr::V4(me)).unwrap();
+            roamed
+                .send_to(&tx.seal(&inner_pkt).unwrap(), std::net::SocketAddr::V4(me))
+                .unwrap();
             recv(&listener);
             wait_for("roamed event", || event_fd_readable(&e));
             assert_eq!(
                 e.drain(10),
-                vec![Event::Roamed { inner: peer, old: Some(v4(&remote)), new: v4(&roamed) }]
+                vec![Event::Roamed {
+                    inner: peer,
+                    old: Some(v4(&remote)),
+                    new: v4(&roamed)
+                }]
             );
             app.send_to(b"after roam", "[fd00::2]:7777").unwrap();
             let (payload, _) = recv(&roamed);
@@ -1130,7 +1333,9 @@ mod tests {
             // An older (but fresh) packet from the old address does not move it back.
             // Seq 3 was only seen forged (ICV failed), so it is still fresh.
             let old_seq = TxSa::new(0x200, &K2, 3).unwrap().seal(&inner_pkt).unwrap();
-            remote.send_to(&old_seq, std::net::SocketAddr::V4(me)).unwrap();
+            remote
+                .send_to(&old_seq, std::net::SocketAddr::V4(me))
+                .unwrap();
             recv(&listener);
             assert_eq!(e.peers()[0].endpoint, Some(v4(&roamed)));
             assert!(e.drain(10).is_empty());
@@ -1139,7 +1344,9 @@ mod tests {
             // have no route, so count from here on.
             let before = e.counters().drop_count(DropReason::NoRoute);
             app.send_to(b"nobody", "[fd00::9]:7777").unwrap();
-            wait_for("no_route", || e.counters().drop_count(DropReason::NoRoute) > before);
+            wait_for("no_route", || {
+                e.counters().drop_count(DropReason::NoRoute) > before
+            });
             assert_eq!(e.peers()[0].counters.drop_count(DropReason::NoRoute), 0);
 
             // Oversize: the TUN MTU raised behind the engine's back; the packet cannot be
@@ -1148,24 +1355,37 @@ mod tests {
             let malformed = e.counters().drop_count(DropReason::Malformed);
             let seq_before = e.peers()[0].counters.packets_out;
             app.send_to(&vec![7u8; 65480], "[fd00::2]:7777").unwrap();
-            wait_for("oversize drop", || e.counters().drop_count(DropReason::Malformed) == malformed + 1);
+            wait_for("oversize drop", || {
+                e.counters().drop_count(DropReason::Malformed) == malformed + 1
+            });
             assert_eq!(e.peers()[0].counters.packets_out, seq_before);
             ip("link set btmmt0 mtu 1400");
 
             // Exhaustion: the last sequence number goes out, then drops and one event.
-            e.install_tx_sa(peer, 0x101, &K1, u128::from(u64::MAX)).unwrap();
+            e.install_tx_sa(peer, 0x101, &K1, u128::from(u64::MAX))
+                .unwrap();
             for _ in 0..3 {
                 app.send_to(b"late", "[fd00::2]:7777").unwrap();
             }
             let (payload, _) = recv(&roamed);
             assert_eq!(&payload[..4], &0x101u32.to_be_bytes());
             assert_eq!(&payload[8..16], &u64::MAX.to_be_bytes());
-            wait_for("sa_exhausted", || e.counters().drop_count(DropReason::SaExhausted) == 2);
-            assert_eq!(e.drain(10), vec![Event::Exhausted { inner: peer, spi: 0x101 }]);
+            wait_for("sa_exhausted", || {
+                e.counters().drop_count(DropReason::SaExhausted) == 2
+            });
+            assert_eq!(
+                e.drain(10),
+                vec![Event::Exhausted {
+                    inner: peer,
+                    spi: 0x101
+                }]
+            );
 
             // A full event queue drops control packets and counts them.
             for i in 0..6u8 {
-                remote.send_to(&[0, 0, 0, 0, i], std::net::SocketAddr::V4(me)).unwrap();
+                remote
+                    .send_to(&[0, 0, 0, 0, i], std::net::SocketAddr::V4(me))
+                    .unwrap();
             }
             wait_for("overflow", || e.counters().control_in == 7);
             assert_eq!(e.counters().drop_count(DropReason::ControlOverflow), 2);
@@ -1183,19 +1403,35 @@ mod tests {
 
             // Receive SAs: at most two; a third retires the oldest; SPIs are unique.
             e.install_rx_sa(peer, 0x201, &K2).unwrap();
-            assert!(matches!(e.install_rx_sa(peer, 0x201, &K2), Err(EngineError::DataPlane { .. })));
+            assert!(matches!(
+                e.install_rx_sa(peer, 0x201, &K2),
+                Err(EngineError::DataPlane { .. })
+            ));
             e.install_rx_sa(peer, 0x202, &K2).unwrap();
             assert_eq!(e.peers()[0].rx_spis, vec![0x201, 0x202]);
             let unknown_before = e.counters().drop_count(DropReason::UnknownSpi);
-            remote.send_to(&tx.seal(&inner_pkt).unwrap(), std::net::SocketAddr::V4(me)).unwrap();
-            wait_for("retired SPI", || e.counters().drop_count(DropReason::UnknownSpi) == unknown_before + 1);
+            remote
+                .send_to(&tx.seal(&inner_pkt).unwrap(), std::net::SocketAddr::V4(me))
+                .unwrap();
+            wait_for("retired SPI", || {
+                e.counters().drop_count(DropReason::UnknownSpi) == unknown_before + 1
+            });
             e.retire_rx_sa(peer, 0x201).unwrap();
             assert!(e.retire_rx_sa(peer, 0x201).is_err());
-            assert!(matches!(e.install_tx_sa(peer, 1, &K1[..35], 1), Err(EngineError::Invalid(_))));
-            assert!(matches!(e.update_peer(inner("fd00::77"), None), Err(EngineError::UnknownPeer(_))));
+            assert!(matches!(
+                e.install_tx_sa(peer, 1, &K1[..35], 1),
+                Err(EngineError::Invalid(_))
+            ));
+            assert!(matches!(
+                e.update_peer(inner("fd00::77"), None),
+                Err(EngineError::UnknownPeer(_))
+            ));
 
             e.remove_peer(peer).unwrap();
-            assert!(matches!(e.remove_peer(peer), Err(EngineError::UnknownPeer(_))));
+            assert!(matches!(
+                e.remove_peer(peer),
+                Err(EngineError::UnknownPeer(_))
+            ));
             assert!(e.peers().is_empty());
 
             e.stop();
@@ -1215,15 +1451,43 @@ mod tests {
             mtu: 1400,
             event_queue: 8,
         };
-        assert!(matches!(Engine::new(Config { mtu: 1000, ..base() }), Err(EngineError::Invalid(_))));
-        assert!(matches!(Engine::new(Config { mtu: 65471, ..base() }), Err(EngineError::Invalid(_))));
-        assert!(matches!(Engine::new(Config { event_queue: 0, ..base() }), Err(EngineError::Invalid(_))));
-        assert!(matches!(Engine::new(Config { tun_name: None, ..base() }), Err(EngineError::Invalid(_))));
+        assert!(matches!(
+            Engine::new(Config {
+                mtu: 1000,
+                ..base()
+            }),
+            Err(EngineError::Invalid(_))
+        ));
+        assert!(matches!(
+            Engine::new(Config {
+                mtu: 65471,
+                ..base()
+            }),
+            Err(EngineError::Invalid(_))
+        ));
+        assert!(matches!(
+            Engine::new(Config {
+                event_queue: 0,
+                ..base()
+            }),
+            Err(EngineError::Invalid(_))
+        ));
+        assert!(matches!(
+            Engine::new(Config {
+                tun_name: None,
+                ..base()
+            }),
+            Err(EngineError::Invalid(_))
+        ));
     }
 
     #[test]
     fn endpoint_packing() {
-        for ep in [None, Some(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)), Some("203.0.113.7:4500".parse().unwrap())] {
+        for ep in [
+            None,
+            Some(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+            Some("203.0.113.7:4500".parse().unwrap()),
+        ] {
             assert_eq!(unpack(pack(ep)), ep);
         }
     }

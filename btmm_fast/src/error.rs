@@ -19,7 +19,10 @@ pub enum EngineError {
 
 impl EngineError {
     pub fn data_plane(what: impl Into<String>) -> Self {
-        EngineError::DataPlane { what: what.into(), hint: None }
+        EngineError::DataPlane {
+            what: what.into(),
+            hint: None,
+        }
     }
 
     pub fn io(context: &str, err: &io::Error) -> Self {

@@ -153,10 +153,17 @@ impl TxSa {
             return Err(SaError("SPI 0 is reserved and never valid".into()));
         }
         if next_seq == 0 || next_seq > 1u128 << 64 {
-            return Err(SaError(format!("next_seq must be 1..2**64, got {next_seq}")));
+            return Err(SaError(format!(
+                "next_seq must be 1..2**64, got {next_seq}"
+            )));
         }
         let (key, salt) = make_key(keymat)?;
-        Ok(TxSa { spi, key, salt, next: AtomicU64::new(next_seq as u64) })
+        Ok(TxSa {
+            spi,
+            key,
+            salt,
+            next: AtomicU64::new(next_seq as u64),
+        })
     }
 
     pub fn spi(&self) -> u32 {
@@ -173,7 +180,9 @@ impl TxSa {
 
     fn take_seq(&self) -> Result<u64, Exhausted> {
         self.next
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n != 0).then(|| n.wrapping_add(1)))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n != 0).then(|| n.wrapping_add(1))
+            })
             .map_err(|_| Exhausted)
     }
 
@@ -197,7 +206,11 @@ impl TxSa {
         buf[8..16].copy_from_slice(&seq.to_be_bytes());
         let tag: Tag = self
             .key
-            .seal_in_place_separate_tag(nonce(&self.salt, seq), Aad::from(aad(self.spi, seq)), &mut buf[HEADER_LEN..p])
+            .seal_in_place_separate_tag(
+                nonce(&self.salt, seq),
+                Aad::from(aad(self.spi, seq)),
+                &mut buf[HEADER_LEN..p],
+            )
             .expect("AES-GCM seal cannot fail for packets under 64 GiB");
         buf[p..p + ICV_LEN].copy_from_slice(tag.as_ref());
         Ok(total)
@@ -230,13 +243,18 @@ pub struct OpenError {
 
 impl From<DropReason> for OpenError {
     fn from(reason: DropReason) -> Self {
-        OpenError { reason, advanced: false }
+        OpenError {
+            reason,
+            advanced: false,
+        }
     }
 }
 
 /// The SPI field of a payload, if it is long enough to have one.
 pub fn payload_spi(payload: &[u8]) -> Option<u32> {
-    payload.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    payload
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// The length check shared by the codec and the engine (step 1).
@@ -261,7 +279,12 @@ impl RxSa {
             return Err(SaError("SPI 0 is reserved and never valid".into()));
         }
         let (key, salt) = make_key(keymat)?;
-        Ok(RxSa { spi, key, salt, window: ReplayWindow::new() })
+        Ok(RxSa {
+            spi,
+            key,
+            salt,
+            window: ReplayWindow::new(),
+        })
     }
 
     pub fn spi(&self) -> u32 {
@@ -292,10 +315,19 @@ impl RxSa {
         let tag = Tag::from(<[u8; ICV_LEN]>::try_from(&*tag).expect("16-byte tag"));
         let plain_len = body.len();
         self.key
-            .open_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from(aad(self.spi, seq)), tag, body, 0..)
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(n),
+                Aad::from(aad(self.spi, seq)),
+                tag,
+                body,
+                0..,
+            )
             .map_err(|_| DropReason::Auth)?;
         let advanced = self.window.update(seq);
-        let fail = OpenError { reason: DropReason::Malformed, advanced };
+        let fail = OpenError {
+            reason: DropReason::Malformed,
+            advanced,
+        };
         let pad = usize::from(body[plain_len - 2]);
         if pad + 2 > plain_len {
             return Err(fail);
@@ -309,7 +341,10 @@ impl RxSa {
                 return Err(fail);
             }
         }
-        Ok(Opened { inner: HEADER_LEN..HEADER_LEN + inner_len, advanced })
+        Ok(Opened {
+            inner: HEADER_LEN..HEADER_LEN + inner_len,
+            advanced,
+        })
     }
 
     /// Convenience for tests and Python: copies the payload.
@@ -325,7 +360,9 @@ mod tests {
     use super::*;
 
     fn keymat(seed: u8) -> Vec<u8> {
-        (0..36u8).map(|i| i.wrapping_mul(7).wrapping_add(seed)).collect()
+        (0..36u8)
+            .map(|i| i.wrapping_mul(7).wrapping_add(seed))
+            .collect()
     }
 
     fn inner(len: usize) -> Vec<u8> {
@@ -372,8 +409,12 @@ mod tests {
         nb[..4].copy_from_slice(&km[32..]);
         nb[4..].copy_from_slice(&seq.to_be_bytes());
         let mut body = plain.to_vec();
-        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nb), Aad::from(aad(spi, seq)), &mut body)
-            .unwrap();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nb),
+            Aad::from(aad(spi, seq)),
+            &mut body,
+        )
+        .unwrap();
         let mut out = Vec::new();
         out.extend_from_slice(&spi.to_be_bytes());
         out.extend_from_slice(&(seq as u32).to_be_bytes());
@@ -385,9 +426,20 @@ mod tests {
     #[test]
     fn known_answer_matches_independent_construction() {
         let km = keymat(3);
-        for (seq, len) in [(1u64, 0usize), (2, 1), (3, 2), (4, 3), (5, 40), (6, 1280), (7, 1500)] {
+        for (seq, len) in [
+            (1u64, 0usize),
+            (2, 1),
+            (3, 2),
+            (4, 3),
+            (5, 40),
+            (6, 1280),
+            (7, 1500),
+        ] {
             let tx = TxSa::new(0x0102_0304, &km, u128::from(seq)).unwrap();
-            assert_eq!(tx.seal(&inner(len)).unwrap(), expected(0x0102_0304, &km, seq, &inner(len)));
+            assert_eq!(
+                tx.seal(&inner(len)).unwrap(),
+                expected(0x0102_0304, &km, seq, &inner(len))
+            );
         }
         // A high ESN: seq_hi lands in the AAD and the IV, only seq_lo in the header.
         let seq = 0x0000_0007_ffff_fffe_u64;
@@ -405,7 +457,10 @@ mod tests {
         let tx = TxSa::new(0x1234_5678, &km, 1).unwrap();
         let p = tx.seal(b"\x60\x00\x00\x00").unwrap();
         assert_eq!(p.len(), 16 + 8 + 16);
-        assert_eq!(&p[..16], &[0x12, 0x34, 0x56, 0x78, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            &p[..16],
+            &[0x12, 0x34, 0x56, 0x78, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+        );
         assert_eq!(p, expected(0x1234_5678, &km, 1, b"\x60\x00\x00\x00"));
     }
 
@@ -441,7 +496,11 @@ mod tests {
             let mut rx = RxSa::new(5, &km).unwrap();
             let r = rx.open(&p[..cut]);
             let bad_len = cut < MIN_PAYLOAD || (cut - 32) % 4 != 0;
-            let want = if bad_len { DropReason::Malformed } else { DropReason::Auth };
+            let want = if bad_len {
+                DropReason::Malformed
+            } else {
+                DropReason::Auth
+            };
             assert_eq!(r, Err(want), "cut {cut}");
             assert_eq!(rx.top(), 0);
         }
@@ -453,7 +512,10 @@ mod tests {
     fn wrong_spi_and_wrong_key() {
         let km = keymat(1);
         let p = TxSa::new(5, &km, 1).unwrap().seal(&inner(40)).unwrap();
-        assert_eq!(RxSa::new(6, &km).unwrap().open(&p), Err(DropReason::UnknownSpi));
+        assert_eq!(
+            RxSa::new(6, &km).unwrap().open(&p),
+            Err(DropReason::UnknownSpi)
+        );
         let mut rx = RxSa::new(5, &keymat(2)).unwrap();
         assert_eq!(rx.open(&p), Err(DropReason::Auth));
         assert_eq!(rx.top(), 0);
@@ -502,11 +564,19 @@ mod tests {
             assert_eq!(rx.open(&p), Err(DropReason::Replay));
         }
         // Padding larger than needed but well-formed is accepted (RFC 4303 allows it).
-        let p = seal_raw(spi, &km, 1, &[inner(44), vec![1, 2, 3, 4, 5, 6, 6, 41]].concat());
+        let p = seal_raw(
+            spi,
+            &km,
+            1,
+            &[inner(44), vec![1, 2, 3, 4, 5, 6, 6, 41]].concat(),
+        );
         assert_eq!(RxSa::new(spi, &km).unwrap().open(&p).unwrap(), inner(44));
         // Plaintext of exactly the trailer: empty inner packet.
         let p = seal_raw(spi, &km, 1, &[1, 2, 2, 41]);
-        assert_eq!(RxSa::new(spi, &km).unwrap().open(&p).unwrap(), Vec::<u8>::new());
+        assert_eq!(
+            RxSa::new(spi, &km).unwrap().open(&p).unwrap(),
+            Vec::<u8>::new()
+        );
     }
 
     #[test]
@@ -535,7 +605,9 @@ mod tests {
         let mut order: Vec<usize> = (0..300).chain(0..300).collect();
         let mut s = 12345u64;
         for i in (1..order.len()).rev() {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             order.swap(i, (s >> 33) as usize % (i + 1));
         }
         let mut accepted = vec![0; 300];

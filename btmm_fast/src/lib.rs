@@ -2,13 +2,13 @@
 //! between a TUN device and a UDP socket by two threads. Plain Rust, testable with `cargo test`;
 //! the Python bindings live only in `python.rs` behind the `python` feature.
 
+pub mod engine;
+pub mod error;
 pub mod esp;
 pub mod replay;
-pub mod error;
 pub mod tun;
 pub mod udp;
-pub mod engine;
 
+pub mod offload;
 #[cfg(feature = "python")]
 mod python;
-pub mod offload;

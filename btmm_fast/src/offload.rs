@@ -36,7 +36,14 @@ pub struct VnetHdr {
 impl VnetHdr {
     pub fn parse(b: &[u8]) -> VnetHdr {
         let u = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-        VnetHdr { flags: b[0], gso_type: b[1], hdr_len: u(2), gso_size: u(4), csum_start: u(6), csum_offset: u(8) }
+        VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        }
     }
 }
 
@@ -112,7 +119,12 @@ impl Tcp6Gso {
             return Err(BadOffload);
         }
         let payload = pkt.len() - header;
-        Ok(Tcp6Gso { header, mss, segments: payload.div_ceil(mss).max(1), payload })
+        Ok(Tcp6Gso {
+            header,
+            mss,
+            segments: payload.div_ceil(mss).max(1),
+            payload,
+        })
     }
 
     /// Length of segment `i` once written.
@@ -131,7 +143,8 @@ impl Tcp6Gso {
         out[h..h + chunk].copy_from_slice(&pkt[h + start..h + start + chunk]);
         let tcp_len = h - IPV6_LEN + chunk;
         out[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
-        let seq = u32::from_be_bytes([pkt[44], pkt[45], pkt[46], pkt[47]]).wrapping_add(start as u32);
+        let seq =
+            u32::from_be_bytes([pkt[44], pkt[45], pkt[46], pkt[47]]).wrapping_add(start as u32);
         out[44..48].copy_from_slice(&seq.to_be_bytes());
         let flags = IPV6_LEN + 13;
         if i + 1 != self.segments {
@@ -142,7 +155,10 @@ impl Tcp6Gso {
         }
         let ck = IPV6_LEN + 16;
         out[ck..ck + 2].copy_from_slice(&[0, 0]);
-        let pseudo = sum(&out[8..40], u64::from(tcp_len as u32) + u64::from(PROTO_TCP));
+        let pseudo = sum(
+            &out[8..40],
+            u64::from(tcp_len as u32) + u64::from(PROTO_TCP),
+        );
         let c = !fold(sum(&out[IPV6_LEN..h + chunk], pseudo));
         out[ck..ck + 2].copy_from_slice(&c.to_be_bytes());
         h + chunk
@@ -181,7 +197,9 @@ impl TcpSeg {
             return None;
         }
         let flags = p[IPV6_LEN + 13];
-        if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST | TCP_FIN | TCP_URG | TCP_ECE | TCP_CWR) != 0 {
+        if flags & TCP_ACK == 0
+            || flags & (TCP_SYN | TCP_RST | TCP_FIN | TCP_URG | TCP_ECE | TCP_CWR) != 0
+        {
             return None;
         }
         Some(TcpSeg {
@@ -197,7 +215,14 @@ impl TcpSeg {
 /// (`total` payload bytes so far): same flow and headers (addresses, ports, ack, window,
 /// options, IPv6 traffic class/flow label/hop limit), the next sequence number, every segment
 /// but the last of the first one's size, PSH only at the end, and the result under 64 KiB.
-pub fn continues(first: &[u8], f: &TcpSeg, last: &TcpSeg, total: usize, next: &[u8], n: &TcpSeg) -> bool {
+pub fn continues(
+    first: &[u8],
+    f: &TcpSeg,
+    last: &TcpSeg,
+    total: usize,
+    next: &[u8],
+    n: &TcpSeg,
+) -> bool {
     !last.psh
         && n.header == f.header
         && last.payload == f.payload
@@ -214,7 +239,12 @@ pub fn continues(first: &[u8], f: &TcpSeg, last: &TcpSeg, total: usize, next: &[
 /// Turns the first segment of a run (in place) into the header of the super packet that
 /// carries `total` payload bytes, and returns the virtio header for writing it. `psh`: the
 /// last segment had PSH.
-pub fn coalesced_header(first: &mut [u8], f: &TcpSeg, total: usize, psh: bool) -> [u8; VNET_HDR_LEN] {
+pub fn coalesced_header(
+    first: &mut [u8],
+    f: &TcpSeg,
+    total: usize,
+    psh: bool,
+) -> [u8; VNET_HDR_LEN] {
     let tcp_len = f.header - IPV6_LEN + total;
     first[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
     if psh {
@@ -283,10 +313,27 @@ mod tests {
     #[test]
     fn segments_cover_the_payload_with_valid_headers() {
         let payload: Vec<u8> = (0..10_001u32).map(|i| (i * 7 % 251) as u8).collect();
-        for (mss, th_extra) in [(1388usize, 12usize), (1000, 0), (10_001, 0), (20_000, 0), (1, 0)] {
-            let payload = if mss == 1 { &payload[..50] } else { &payload[..] };
+        for (mss, th_extra) in [
+            (1388usize, 12usize),
+            (1000, 0),
+            (10_001, 0),
+            (20_000, 0),
+            (1, 0),
+        ] {
+            let payload = if mss == 1 {
+                &payload[..50]
+            } else {
+                &payload[..]
+            };
             let pkt = tcp6(payload, TCP_FIN | TCP_PSH | TCP_CWR | 0x10, th_extra);
-            let hdr = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV6, gso_size: mss as u16, csum_start: 40, csum_offset: 16, hdr_len: 0 };
+            let hdr = VnetHdr {
+                flags: F_NEEDS_CSUM,
+                gso_type: GSO_TCPV6,
+                gso_size: mss as u16,
+                csum_start: 40,
+                csum_offset: 16,
+                hdr_len: 0,
+            };
             let g = Tcp6Gso::layout(&pkt, &hdr).unwrap();
             assert_eq!(g.segments, payload.len().div_ceil(mss));
             let mut joined = Vec::new();
@@ -305,7 +352,11 @@ mod tests {
                 assert_eq!(flags & TCP_PSH != 0, last);
                 assert_eq!(flags & TCP_CWR != 0, i == 0);
                 assert_eq!(flags & 0x10, 0x10, "ACK kept");
-                assert_eq!(&seg[40 + 20..40 + 20 + th_extra], &pkt[60..60 + th_extra], "options copied");
+                assert_eq!(
+                    &seg[40 + 20..40 + 20 + th_extra],
+                    &pkt[60..60 + th_extra],
+                    "options copied"
+                );
                 joined.extend_from_slice(&seg[40 + 20 + th_extra..]);
             }
             assert_eq!(joined, payload);
@@ -315,10 +366,24 @@ mod tests {
     #[test]
     fn bad_super_packets_are_refused() {
         let pkt = tcp6(&[0; 3000], 0x10, 0);
-        let hdr = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV6, gso_size: 1000, csum_start: 40, csum_offset: 16, hdr_len: 60 };
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6,
+            gso_size: 1000,
+            csum_start: 40,
+            csum_offset: 16,
+            hdr_len: 60,
+        };
         assert!(Tcp6Gso::layout(&pkt, &hdr).is_ok());
         assert!(Tcp6Gso::layout(&pkt, &VnetHdr { gso_size: 0, ..hdr }).is_err());
-        assert!(Tcp6Gso::layout(&pkt, &VnetHdr { csum_start: 48, ..hdr }).is_err());
+        assert!(Tcp6Gso::layout(
+            &pkt,
+            &VnetHdr {
+                csum_start: 48,
+                ..hdr
+            }
+        )
+        .is_err());
         assert!(Tcp6Gso::layout(&pkt[..50], &hdr).is_err());
         let mut udp = pkt.clone();
         udp[6] = 17;
@@ -335,7 +400,14 @@ mod tests {
         // segments back.
         let payload: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
         let sup = tcp6(&payload, TCP_ACK | TCP_PSH, 12);
-        let hdr = VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV6, gso_size: 1200, csum_start: 40, csum_offset: 16, hdr_len: 0 };
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6,
+            gso_size: 1200,
+            csum_start: 40,
+            csum_offset: 16,
+            hdr_len: 0,
+        };
         let g = Tcp6Gso::layout(&sup, &hdr).unwrap();
         let segs: Vec<Vec<u8>> = (0..g.segments)
             .map(|i| {
@@ -348,7 +420,17 @@ mod tests {
         let infos: Vec<TcpSeg> = segs.iter().map(|s| TcpSeg::parse(s).unwrap()).collect();
         let mut total = infos[0].payload;
         for i in 1..segs.len() {
-            assert!(continues(&segs[0], &infos[0], &infos[i - 1], total, &segs[i], &infos[i]), "segment {i}");
+            assert!(
+                continues(
+                    &segs[0],
+                    &infos[0],
+                    &infos[i - 1],
+                    total,
+                    &segs[i],
+                    &infos[i]
+                ),
+                "segment {i}"
+            );
             total += infos[i].payload;
         }
         assert_eq!(total, payload.len());
@@ -359,7 +441,10 @@ mod tests {
             merged.extend_from_slice(&s[infos[0].header..]);
         }
         let vh = VnetHdr::parse(&vh);
-        assert_eq!((vh.gso_type, vh.gso_size, vh.csum_start, vh.csum_offset), (GSO_TCPV6, 1200, 40, 16));
+        assert_eq!(
+            (vh.gso_type, vh.gso_size, vh.csum_start, vh.csum_offset),
+            (GSO_TCPV6, 1200, 40, 16)
+        );
         // Everything but the checksum field matches the original super packet.
         let mut a = merged.clone();
         let mut b = sup.clone();
@@ -389,7 +474,14 @@ mod tests {
             b
         };
         let ok = next(&|_| {});
-        assert!(continues(&a, &fa, &fa, 1000, &ok, &TcpSeg::parse(&ok).unwrap()));
+        assert!(continues(
+            &a,
+            &fa,
+            &fa,
+            1000,
+            &ok,
+            &TcpSeg::parse(&ok).unwrap()
+        ));
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("gap in sequence", next(&|b| b[47] ^= 1)),
             ("other port", next(&|b| b[41] ^= 1)),
@@ -407,13 +499,37 @@ mod tests {
         let long = tcp6(&[2; 1001], TCP_ACK, 0);
         let mut long = long;
         long[44..48].copy_from_slice(&0xffff_ff00u32.wrapping_add(1000).to_be_bytes());
-        assert!(!continues(&a, &fa, &fa, 1000, &long, &TcpSeg::parse(&long).unwrap()));
+        assert!(!continues(
+            &a,
+            &fa,
+            &fa,
+            1000,
+            &long,
+            &TcpSeg::parse(&long).unwrap()
+        ));
         // After a PSH, the run ends.
         let psh = TcpSeg { psh: true, ..fa };
-        assert!(!continues(&a, &fa, &psh, 1000, &ok, &TcpSeg::parse(&ok).unwrap()));
+        assert!(!continues(
+            &a,
+            &fa,
+            &psh,
+            1000,
+            &ok,
+            &TcpSeg::parse(&ok).unwrap()
+        ));
         // Not data segments at all.
-        for flags in [TCP_ACK | TCP_SYN, TCP_ACK | TCP_FIN, TCP_RST, 0, TCP_ACK | TCP_URG, TCP_ACK | TCP_CWR] {
-            assert!(TcpSeg::parse(&tcp6(&[0; 10], flags, 0)).is_none(), "flags {flags:#x}");
+        for flags in [
+            TCP_ACK | TCP_SYN,
+            TCP_ACK | TCP_FIN,
+            TCP_RST,
+            0,
+            TCP_ACK | TCP_URG,
+            TCP_ACK | TCP_CWR,
+        ] {
+            assert!(
+                TcpSeg::parse(&tcp6(&[0; 10], flags, 0)).is_none(),
+                "flags {flags:#x}"
+            );
         }
         assert!(TcpSeg::parse(&tcp6(&[], TCP_ACK, 0)).is_none(), "pure ACK");
         let mut bad_len = tcp6(&[0; 10], TCP_ACK, 0);

@@ -25,11 +25,21 @@ static DROP_REASON: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 
 const ERRORS: &str = "btmm_core.errors";
 
-fn error_class<'py>(py: Python<'py>, cell: &'static GILOnceCell<Py<PyType>>, name: &str) -> PyResult<&'py Bound<'py, PyType>> {
+fn error_class<'py>(
+    py: Python<'py>,
+    cell: &'static GILOnceCell<Py<PyType>>,
+    name: &str,
+) -> PyResult<&'py Bound<'py, PyType>> {
     cell.import(py, ERRORS, name)
 }
 
-fn btmm_error(py: Python<'_>, cell: &'static GILOnceCell<Py<PyType>>, name: &str, what: &str, hint: Option<&str>) -> PyErr {
+fn btmm_error(
+    py: Python<'_>,
+    cell: &'static GILOnceCell<Py<PyType>>,
+    name: &str,
+    what: &str,
+    hint: Option<&str>,
+) -> PyErr {
     let build = || -> PyResult<PyErr> {
         let cls = error_class(py, cell, name)?;
         let kwargs = PyDict::new(py);
@@ -42,14 +52,24 @@ fn btmm_error(py: Python<'_>, cell: &'static GILOnceCell<Py<PyType>>, name: &str
 fn engine_err(py: Python<'_>, e: EngineError) -> PyErr {
     match e {
         EngineError::Invalid(what) => PyValueError::new_err(what),
-        EngineError::Tun { what, hint } => btmm_error(py, &TUN_ERROR, "TunError", &what, hint.as_deref()),
-        EngineError::Permission { what, hint } => {
-            btmm_error(py, &PERMISSION_NEEDED, "PermissionNeeded", &what, hint.as_deref())
+        EngineError::Tun { what, hint } => {
+            btmm_error(py, &TUN_ERROR, "TunError", &what, hint.as_deref())
         }
+        EngineError::Permission { what, hint } => btmm_error(
+            py,
+            &PERMISSION_NEEDED,
+            "PermissionNeeded",
+            &what,
+            hint.as_deref(),
+        ),
         EngineError::UnknownPeer(what) => btmm_error(py, &UNKNOWN_PEER, "UnknownPeer", &what, None),
-        EngineError::DataPlane { what, hint } => {
-            btmm_error(py, &DATA_PLANE_ERROR, "DataPlaneError", &what, hint.as_deref())
-        }
+        EngineError::DataPlane { what, hint } => btmm_error(
+            py,
+            &DATA_PLANE_ERROR,
+            "DataPlaneError",
+            &what,
+            hint.as_deref(),
+        ),
     }
 }
 
@@ -58,7 +78,10 @@ fn dropped(py: Python<'_>, reason: DropReason) -> PyErr {
         let enum_cls = DROP_REASON.import(py, "btmm_core.dataplane.api", "DropReason")?;
         let r = enum_cls.call1((reason as u8,))?;
         let cls = error_class(py, &PACKET_DROPPED, "PacketDropped")?;
-        Ok(PyErr::from_value(cls.call1((r, format!("packet dropped: {}", reason.describe())))?))
+        Ok(PyErr::from_value(cls.call1((
+            r,
+            format!("packet dropped: {}", reason.describe()),
+        ))?))
     };
     build().unwrap_or_else(|e| e)
 }
@@ -80,7 +103,9 @@ fn int_in(v: &Bound<'_, PyAny>, what: &str, lo: i128, hi: i128) -> PyResult<i128
         .extract()
         .map_err(|_| PyValueError::new_err(format!("{what} must be an integer in {lo}..{hi}")))?;
     if n < lo || n > hi {
-        return Err(PyValueError::new_err(format!("{what} must be in {lo}..{hi}, got {n}")));
+        return Err(PyValueError::new_err(format!(
+            "{what} must be in {lo}..{hi}, got {n}"
+        )));
     }
     Ok(n)
 }
@@ -90,13 +115,18 @@ fn spi_arg(v: &Bound<'_, PyAny>) -> PyResult<u32> {
 }
 
 fn bytes_arg(v: &Bound<'_, PyAny>, what: &str) -> PyResult<PyBackedBytes> {
-    v.extract().map_err(|_| PyValueError::new_err(format!("{what} must be bytes")))
+    v.extract()
+        .map_err(|_| PyValueError::new_err(format!("{what} must be bytes")))
 }
 
 fn inner_arg(v: &Bound<'_, PyAny>) -> PyResult<Inner> {
     let b = bytes_arg(v, "inner")?;
-    <Inner>::try_from(&b[..])
-        .map_err(|_| PyValueError::new_err(format!("inner must be a 16-byte IPv6 address, got {} bytes", b.len())))
+    <Inner>::try_from(&b[..]).map_err(|_| {
+        PyValueError::new_err(format!(
+            "inner must be a 16-byte IPv6 address, got {} bytes",
+            b.len()
+        ))
+    })
 }
 
 fn endpoint_arg(v: &Bound<'_, PyAny>) -> PyResult<Option<SocketAddrV4>> {
@@ -106,9 +136,9 @@ fn endpoint_arg(v: &Bound<'_, PyAny>) -> PyResult<Option<SocketAddrV4>> {
     let (host, port): (String, Bound<'_, PyAny>) = v
         .extract()
         .map_err(|_| PyValueError::new_err("endpoint must be a (host, port) tuple or None"))?;
-    let ip: Ipv4Addr = host
-        .parse()
-        .map_err(|_| PyValueError::new_err(format!("endpoint host {host:?} is not an IPv4 address")))?;
+    let ip: Ipv4Addr = host.parse().map_err(|_| {
+        PyValueError::new_err(format!("endpoint host {host:?} is not an IPv4 address"))
+    })?;
     let port = int_in(&port, "endpoint port", 0, 65535)? as u16;
     Ok(Some(SocketAddrV4::new(ip, port)))
 }
@@ -146,7 +176,11 @@ struct PyTxSa {
 impl PyTxSa {
     #[new]
     #[pyo3(signature = (spi, keymat, next_seq = None))]
-    fn new(spi: &Bound<'_, PyAny>, keymat: &Bound<'_, PyAny>, next_seq: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        spi: &Bound<'_, PyAny>,
+        keymat: &Bound<'_, PyAny>,
+        next_seq: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let spi = spi_arg(spi)?;
         let keymat = bytes_arg(keymat, "keymat")?;
         let next = match next_seq {
@@ -168,7 +202,11 @@ impl PyTxSa {
     }
 
     /// Encrypt one inner packet into a UDP payload; raises SaExhausted after seq 2**64-1.
-    fn seal<'py>(&self, py: Python<'py>, inner: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    fn seal<'py>(
+        &self,
+        py: Python<'py>,
+        inner: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let inner = bytes_arg(inner, "inner")?;
         let n = inner.len();
         let mut result = Ok(0);
@@ -184,7 +222,11 @@ impl PyTxSa {
     }
 
     fn __repr__(&self) -> String {
-        format!("TxSa(spi={:#010x}, next_seq={})", self.sa.spi(), self.sa.next_seq())
+        format!(
+            "TxSa(spi={:#010x}, next_seq={})",
+            self.sa.spi(),
+            self.sa.next_seq()
+        )
     }
 }
 
@@ -216,7 +258,11 @@ impl PyRxSa {
     }
 
     /// Decrypt one UDP payload into the inner packet; raises PacketDropped.
-    fn open<'py>(&mut self, py: Python<'py>, payload: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    fn open<'py>(
+        &mut self,
+        py: Python<'py>,
+        payload: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let payload = bytes_arg(payload, "payload")?;
         let mut buf = payload.to_vec();
         match self.sa.open_in_place(&mut buf) {
@@ -253,9 +299,11 @@ impl PyEngine {
             Some(v) if !v.is_none() => Some(int_in(v, "tun_fd", 0, i128::from(i32::MAX))? as i32),
             _ => None,
         };
-        let ip: Ipv4Addr = listen_host
-            .parse()
-            .map_err(|_| PyValueError::new_err(format!("listen host {listen_host:?} is not an IPv4 address")))?;
+        let ip: Ipv4Addr = listen_host.parse().map_err(|_| {
+            PyValueError::new_err(format!(
+                "listen host {listen_host:?} is not an IPv4 address"
+            ))
+        })?;
         let cfg = engine::Config {
             tun_name,
             tun_fd,
@@ -263,7 +311,9 @@ impl PyEngine {
             mtu: int_in(mtu, "mtu", 0, i128::from(u32::MAX))? as u32,
             event_queue: int_in(event_queue, "event_queue", 1, 1 << 24)? as usize,
         };
-        let engine = py.allow_threads(|| engine::Engine::new(cfg)).map_err(|e| engine_err(py, e))?;
+        let engine = py
+            .allow_threads(|| engine::Engine::new(cfg))
+            .map_err(|e| engine_err(py, e))?;
         Ok(PyEngine { engine })
     }
 
@@ -278,7 +328,8 @@ impl PyEngine {
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        py.allow_threads(|| self.engine.start()).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.start())
+            .map_err(|e| engine_err(py, e))
     }
 
     fn stop(&self, py: Python<'_>) {
@@ -286,24 +337,37 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (inner, endpoint = None))]
-    fn add_peer(&self, py: Python<'_>, inner: &Bound<'_, PyAny>, endpoint: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn add_peer(
+        &self,
+        py: Python<'_>,
+        inner: &Bound<'_, PyAny>,
+        endpoint: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         let inner = inner_arg(inner)?;
         let ep = match endpoint {
             Some(v) => endpoint_arg(v)?,
             None => None,
         };
-        py.allow_threads(|| self.engine.add_peer(inner, ep)).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.add_peer(inner, ep))
+            .map_err(|e| engine_err(py, e))
     }
 
-    fn update_peer(&self, py: Python<'_>, inner: &Bound<'_, PyAny>, endpoint: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn update_peer(
+        &self,
+        py: Python<'_>,
+        inner: &Bound<'_, PyAny>,
+        endpoint: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let inner = inner_arg(inner)?;
         let ep = endpoint_arg(endpoint)?;
-        py.allow_threads(|| self.engine.update_peer(inner, ep)).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.update_peer(inner, ep))
+            .map_err(|e| engine_err(py, e))
     }
 
     fn remove_peer(&self, py: Python<'_>, inner: &Bound<'_, PyAny>) -> PyResult<()> {
         let inner = inner_arg(inner)?;
-        py.allow_threads(|| self.engine.remove_peer(inner)).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.remove_peer(inner))
+            .map_err(|e| engine_err(py, e))
     }
 
     #[pyo3(signature = (inner, spi, keymat, next_seq = None))]
@@ -322,31 +386,53 @@ impl PyEngine {
             None => 1,
             Some(v) => int_in(v, "next_seq", 1, 1i128 << 64)? as u128,
         };
-        py.allow_threads(|| self.engine.install_tx_sa(inner, spi, &keymat, next)).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.install_tx_sa(inner, spi, &keymat, next))
+            .map_err(|e| engine_err(py, e))
     }
 
-    fn install_rx_sa(&self, py: Python<'_>, inner: &Bound<'_, PyAny>, spi: &Bound<'_, PyAny>, keymat: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn install_rx_sa(
+        &self,
+        py: Python<'_>,
+        inner: &Bound<'_, PyAny>,
+        spi: &Bound<'_, PyAny>,
+        keymat: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let inner = inner_arg(inner)?;
         let spi = spi_arg(spi)?;
         let keymat = bytes_arg(keymat, "keymat")?;
-        py.allow_threads(|| self.engine.install_rx_sa(inner, spi, &keymat)).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.install_rx_sa(inner, spi, &keymat))
+            .map_err(|e| engine_err(py, e))
     }
 
-    fn retire_rx_sa(&self, py: Python<'_>, inner: &Bound<'_, PyAny>, spi: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn retire_rx_sa(
+        &self,
+        py: Python<'_>,
+        inner: &Bound<'_, PyAny>,
+        spi: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let inner = inner_arg(inner)?;
         let spi = spi_arg(spi)?;
-        py.allow_threads(|| self.engine.retire_rx_sa(inner, spi)).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.retire_rx_sa(inner, spi))
+            .map_err(|e| engine_err(py, e))
     }
 
-    fn send_control(&self, py: Python<'_>, endpoint: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<()> {
-        let dst = endpoint_arg(endpoint)?.ok_or_else(|| PyValueError::new_err("send_control needs an endpoint"))?;
+    fn send_control(
+        &self,
+        py: Python<'_>,
+        endpoint: &Bound<'_, PyAny>,
+        message: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let dst = endpoint_arg(endpoint)?
+            .ok_or_else(|| PyValueError::new_err("send_control needs an endpoint"))?;
         let message = bytes_arg(message, "message")?;
-        py.allow_threads(|| self.engine.send_control(dst, &message)).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.send_control(dst, &message))
+            .map_err(|e| engine_err(py, e))
     }
 
     fn send_keepalive(&self, py: Python<'_>, inner: &Bound<'_, PyAny>) -> PyResult<()> {
         let inner = inner_arg(inner)?;
-        py.allow_threads(|| self.engine.send_keepalive(inner)).map_err(|e| engine_err(py, e))
+        py.allow_threads(|| self.engine.send_keepalive(inner))
+            .map_err(|e| engine_err(py, e))
     }
 
     /// An eventfd that is readable while events are queued.
@@ -355,7 +441,11 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (limit = None))]
-    fn drain<'py>(&self, py: Python<'py>, limit: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyList>> {
+    fn drain<'py>(
+        &self,
+        py: Python<'py>,
+        limit: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
         let limit = match limit {
             Some(v) => int_in(v, "limit", 0, i128::from(u32::MAX))? as usize,
             None => 256,
@@ -417,11 +507,16 @@ impl PyEngine {
 }
 
 fn bench_key(seed: u8) -> Vec<u8> {
-    (0..esp::KEYMAT_LEN as u8).map(|i| i.wrapping_mul(13).wrapping_add(seed)).collect()
+    (0..esp::KEYMAT_LEN as u8)
+        .map(|i| i.wrapping_mul(13).wrapping_add(seed))
+        .collect()
 }
 
 fn size_count(size: &Bound<'_, PyAny>, count: &Bound<'_, PyAny>) -> PyResult<(usize, u64)> {
-    Ok((int_in(size, "size", 0, 65000)? as usize, int_in(count, "count", 0, i128::from(u64::MAX))? as u64))
+    Ok((
+        int_in(size, "size", 0, 65000)? as usize,
+        int_in(count, "count", 0, i128::from(u64::MAX))? as u64,
+    ))
 }
 
 /// Seconds for `count` seal+open pairs of `size`-byte inner packets through the ESP codec
@@ -438,7 +533,9 @@ fn bench_codec(py: Python<'_>, size: &Bound<'_, PyAny>, count: &Bound<'_, PyAny>
         let start = Instant::now();
         for _ in 0..count {
             buf[esp::HEADER_LEN..esp::HEADER_LEN + size].copy_from_slice(&pattern);
-            let n = tx.seal_in_place(&mut buf, size).map_err(|_| "SA exhausted")?;
+            let n = tx
+                .seal_in_place(&mut buf, size)
+                .map_err(|_| "SA exhausted")?;
             let o = rx.open_in_place(&mut buf[..n]).map_err(|_| "open failed")?;
             if o.inner.len() != size {
                 return Err("round trip changed the length");
@@ -456,7 +553,9 @@ fn bench_aead(py: Python<'_>, size: &Bound<'_, PyAny>, count: &Bound<'_, PyAny>)
     use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
     let (size, count) = size_count(size, count)?;
     let km = bench_key(2);
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &km[..32]).map_err(|_| PyValueError::new_err("key"))?);
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &km[..32]).map_err(|_| PyValueError::new_err("key"))?,
+    );
     let result = py.allow_threads(move || {
         let mut buf = vec![0u8; size];
         let start = Instant::now();
@@ -464,10 +563,20 @@ fn bench_aead(py: Python<'_>, size: &Bound<'_, PyAny>, count: &Bound<'_, PyAny>)
             let mut n = [0u8; 12];
             n[4..].copy_from_slice(&i.to_be_bytes());
             let tag = key
-                .seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from([0u8; 12]), &mut buf)
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(n),
+                    Aad::from([0u8; 12]),
+                    &mut buf,
+                )
                 .map_err(|_| "seal failed")?;
-            key.open_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from([0u8; 12]), tag, &mut buf, 0..)
-                .map_err(|_| "open failed")?;
+            key.open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(n),
+                Aad::from([0u8; 12]),
+                tag,
+                &mut buf,
+                0..,
+            )
+            .map_err(|_| "open failed")?;
         }
         Ok(start.elapsed().as_secs_f64())
     });

@@ -55,7 +55,10 @@ impl Default for ReplayWindow {
 
 impl ReplayWindow {
     pub fn new() -> Self {
-        ReplayWindow { top: 0, bits: [0; BLOCKS] }
+        ReplayWindow {
+            top: 0,
+            bits: [0; BLOCKS],
+        }
     }
 
     /// Highest sequence number accepted so far (0 before the first packet).
@@ -114,7 +117,9 @@ mod tests {
 
     impl Model {
         fn accept(&mut self, seq: u64) -> bool {
-            if seq == 0 || (seq <= self.top && (self.top - seq >= WINDOW || self.seen.contains(&seq))) {
+            if seq == 0
+                || (seq <= self.top && (self.top - seq >= WINDOW || self.seen.contains(&seq)))
+            {
                 return false;
             }
             self.seen.insert(seq);
@@ -229,7 +234,10 @@ mod tests {
         for seed in 1..=20u64 {
             let mut rng = Rng(seed.wrapping_mul(0x1234_5678_9abc_def1) | 1);
             let mut w = ReplayWindow::new();
-            let mut m = Model { top: 0, seen: HashSet::new() };
+            let mut m = Model {
+                top: 0,
+                seen: HashSet::new(),
+            };
             for _ in 0..20_000 {
                 let r = rng.next();
                 let seq = match r % 6 {
@@ -254,7 +262,11 @@ mod tests {
         let th = top >> 32;
         let tl = top & 0xffff_ffff;
         let hi = if tl >= WINDOW - 1 {
-            if lo >= tl - (WINDOW - 1) { th } else { th + 1 }
+            if lo >= tl - (WINDOW - 1) {
+                th
+            } else {
+                th + 1
+            }
         } else if lo >= (tl + (1 << 32) - (WINDOW - 1)) && th > 0 {
             th - 1
         } else {
@@ -288,7 +300,11 @@ mod tests {
                 _ => ((rng.next() % 8) << 32).wrapping_sub(rng.next() % (2 * WINDOW)),
             };
             let lo = rng.next() as u32;
-            assert_eq!(infer_seq(top, lo).ok(), reference_infer(top, lo), "top {top:#x} lo {lo:#x}");
+            assert_eq!(
+                infer_seq(top, lo).ok(),
+                reference_infer(top, lo),
+                "top {top:#x} lo {lo:#x}"
+            );
         }
     }
 

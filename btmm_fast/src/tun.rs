@@ -20,7 +20,10 @@ struct IfReq {
 
 impl IfReq {
     fn new(name: &str) -> IfReq {
-        let mut r = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
+        let mut r = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
         r.name[..name.len()].copy_from_slice(name.as_bytes());
         r
     }
@@ -51,21 +54,30 @@ fn tun_error(what: String, err: &io::Error) -> EngineError {
     match err.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => EngineError::Permission {
             what: format!("{what}: {err}"),
-            hint: Some("creating a TUN device needs CAP_NET_ADMIN: run as root, or create a persistent \
+            hint: Some(
+                "creating a TUN device needs CAP_NET_ADMIN: run as root, or create a persistent \
                         device owned by this user (`ip tuntap add mode tun user $USER name btmm0`)"
-                .into()),
+                    .into(),
+            ),
         },
         Some(libc::ENOENT) | Some(libc::ENODEV) => EngineError::Tun {
             what: format!("{what}: {err}"),
-            hint: Some("the kernel has no TUN support here: load it with `modprobe tun`, or in a \
+            hint: Some(
+                "the kernel has no TUN support here: load it with `modprobe tun`, or in a \
                         container pass /dev/net/tun through"
-                .into()),
+                    .into(),
+            ),
         },
         Some(libc::EBUSY) => EngineError::Tun {
             what: format!("{what}: {err}"),
-            hint: Some("another process holds this TUN device; pick another name or stop it".into()),
+            hint: Some(
+                "another process holds this TUN device; pick another name or stop it".into(),
+            ),
         },
-        _ => EngineError::Tun { what: format!("{what}: {err}"), hint: None },
+        _ => EngineError::Tun {
+            what: format!("{what}: {err}"),
+            hint: None,
+        },
     }
 }
 
@@ -92,13 +104,23 @@ impl Tun {
             )));
         }
         // SAFETY: open(2) with a NUL-terminated literal path.
-        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let raw = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        };
         if raw < 0 {
-            return Err(tun_error("cannot open /dev/net/tun".into(), &io::Error::last_os_error()));
+            return Err(tun_error(
+                "cannot open /dev/net/tun".into(),
+                &io::Error::last_os_error(),
+            ));
         }
         // SAFETY: `raw` was just returned by open(2) and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let offload = std::env::var("BTMM_TUN_OFFLOAD").map(|v| v != "0").unwrap_or(true);
+        let offload = std::env::var("BTMM_TUN_OFFLOAD")
+            .map(|v| v != "0")
+            .unwrap_or(true);
         let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
         if offload {
             flags |= libc::IFF_VNET_HDR;
@@ -107,15 +129,28 @@ impl Tun {
         req.set_short(flags as i16);
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; IfReq has its size and layout.
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF as _, &mut req) } < 0 {
-            return Err(tun_error(format!("cannot create TUN device {name}"), &io::Error::last_os_error()));
+            return Err(tun_error(
+                format!("cannot create TUN device {name}"),
+                &io::Error::last_os_error(),
+            ));
         }
-        let tun = Tun { fd, name: req.name(), vnet: offload };
+        let tun = Tun {
+            fd,
+            name: req.name(),
+            vnet: offload,
+        };
         if offload {
             tun.set_vnet_hdr_len()?;
             let features = libc::TUN_F_CSUM | libc::TUN_F_TSO6;
             // SAFETY: TUNSETOFFLOAD takes the feature bits as the integer argument. A kernel
             // that refuses them still sends headers, just never partial or GSO packets.
-            unsafe { libc::ioctl(tun.fd(), libc::TUNSETOFFLOAD as _, features as libc::c_ulong) };
+            unsafe {
+                libc::ioctl(
+                    tun.fd(),
+                    libc::TUNSETOFFLOAD as _,
+                    features as libc::c_ulong,
+                )
+            };
         }
         tun.configure(mtu)?;
         Ok(tun)
@@ -125,27 +160,41 @@ impl Tun {
     /// privileged helper). It must be a layer-3 device without packet information.
     pub fn attach(raw: RawFd) -> Result<Tun, EngineError> {
         if raw < 0 {
-            return Err(EngineError::Invalid(format!("tun_fd {raw} is not a file descriptor")));
+            return Err(EngineError::Invalid(format!(
+                "tun_fd {raw} is not a file descriptor"
+            )));
         }
         let mut req = IfReq::new("");
         // SAFETY: TUNGETIFF fills a `struct ifreq`; on a non-TUN fd it fails with EBADFD/EINVAL.
         if unsafe { libc::ioctl(raw, libc::TUNGETIFF as _, &mut req) } < 0 {
             return Err(EngineError::Tun {
-                what: format!("fd {raw} is not an attached TUN device: {}", io::Error::last_os_error()),
+                what: format!(
+                    "fd {raw} is not an attached TUN device: {}",
+                    io::Error::last_os_error()
+                ),
                 hint: Some("pass a descriptor of /dev/net/tun after TUNSETIFF".into()),
             });
         }
         let flags = i32::from(req.short()) & 0xffff;
         if flags & libc::IFF_TUN == 0 || flags & libc::IFF_NO_PI == 0 {
             return Err(EngineError::Tun {
-                what: format!("fd {raw} is a TAP device or carries packet information (flags {flags:#x})"),
+                what: format!(
+                    "fd {raw} is a TAP device or carries packet information (flags {flags:#x})"
+                ),
                 hint: Some("open it with IFF_TUN | IFF_NO_PI".into()),
             });
         }
         // SAFETY: the caller hands the descriptor over; from here on we own and close it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        set_nonblocking(raw).map_err(|e| EngineError::Tun { what: format!("fd {raw}: {e}"), hint: None })?;
-        let tun = Tun { fd, name: req.name(), vnet: flags & libc::IFF_VNET_HDR != 0 };
+        set_nonblocking(raw).map_err(|e| EngineError::Tun {
+            what: format!("fd {raw}: {e}"),
+            hint: None,
+        })?;
+        let tun = Tun {
+            fd,
+            name: req.name(),
+            vnet: flags & libc::IFF_VNET_HDR != 0,
+        };
         if tun.vnet {
             tun.set_vnet_hdr_len()?;
         }
@@ -157,7 +206,10 @@ impl Tun {
         let len: libc::c_int = crate::offload::VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, alive for the call.
         if unsafe { libc::ioctl(self.fd(), libc::TUNSETVNETHDRSZ as _, &len) } < 0 {
-            return Err(tun_error(format!("cannot set the virtio header size on {}", self.name), &io::Error::last_os_error()));
+            return Err(tun_error(
+                format!("cannot set the virtio header size on {}", self.name),
+                &io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -171,7 +223,10 @@ impl Tun {
         // SAFETY: a throwaway datagram socket, used only as a handle for interface ioctls.
         let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
-            return Err(tun_error("cannot open a socket to configure the TUN device".into(), &io::Error::last_os_error()));
+            return Err(tun_error(
+                "cannot open a socket to configure the TUN device".into(),
+                &io::Error::last_os_error(),
+            ));
         }
         // SAFETY: `raw` is a fresh descriptor that nobody else owns.
         let sock = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -179,18 +234,27 @@ impl Tun {
         req.set_int(mtu as i32);
         // SAFETY: SIOCSIFMTU reads ifr_name and ifr_mtu from a `struct ifreq`.
         if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU as _, &mut req) } < 0 {
-            return Err(tun_error(format!("cannot set MTU {mtu} on {}", self.name), &io::Error::last_os_error()));
+            return Err(tun_error(
+                format!("cannot set MTU {mtu} on {}", self.name),
+                &io::Error::last_os_error(),
+            ));
         }
         let mut req = IfReq::new(&self.name);
         // SAFETY: SIOCGIFFLAGS fills ifr_flags of a `struct ifreq`.
         if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
-            return Err(tun_error(format!("cannot read flags of {}", self.name), &io::Error::last_os_error()));
+            return Err(tun_error(
+                format!("cannot read flags of {}", self.name),
+                &io::Error::last_os_error(),
+            ));
         }
         let flags = req.short() | libc::IFF_UP as i16;
         req.set_short(flags);
         // SAFETY: SIOCSIFFLAGS reads ifr_flags of a `struct ifreq`.
         if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req) } < 0 {
-            return Err(tun_error(format!("cannot bring {} up", self.name), &io::Error::last_os_error()));
+            return Err(tun_error(
+                format!("cannot bring {} up", self.name),
+                &io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -220,8 +284,14 @@ mod tests {
     #[test]
     fn rejects_bad_names() {
         assert!(matches!(Tun::open("", 1400), Err(EngineError::Invalid(_))));
-        assert!(matches!(Tun::open("a-very-long-name-x", 1400), Err(EngineError::Invalid(_))));
-        assert!(matches!(Tun::open("a/b", 1400), Err(EngineError::Invalid(_))));
+        assert!(matches!(
+            Tun::open("a-very-long-name-x", 1400),
+            Err(EngineError::Invalid(_))
+        ));
+        assert!(matches!(
+            Tun::open("a/b", 1400),
+            Err(EngineError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -241,7 +311,10 @@ mod tests {
     fn open_in_a_private_namespace() {
         // Needs root; creating the device inside a new network namespace keeps the host clean,
         // and the namespace disappears with the thread.
-        assert!(is_root(), "the TUN tests need root (CAP_NET_ADMIN); run cargo test as root");
+        assert!(
+            is_root(),
+            "the TUN tests need root (CAP_NET_ADMIN); run cargo test as root"
+        );
         let handle = std::thread::spawn(|| {
             // SAFETY: unshare affects only this (fresh) thread's network namespace.
             assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
@@ -252,7 +325,10 @@ mod tests {
             let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
             assert!(sock >= 0);
             // SAFETY: SIOCGIFMTU fills ifr_mtu.
-            assert_eq!(unsafe { libc::ioctl(sock, libc::SIOCGIFMTU as _, &mut req) }, 0);
+            assert_eq!(
+                unsafe { libc::ioctl(sock, libc::SIOCGIFMTU as _, &mut req) },
+                0
+            );
             assert_eq!(i32::from_ne_bytes(req.data[..4].try_into().unwrap()), 1300);
             // SAFETY: closing the socket made above.
             unsafe { libc::close(sock) };

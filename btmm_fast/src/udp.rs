@@ -20,19 +20,35 @@ pub fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
         sin_zero: [0; 8],
     }
 }
 
 pub fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)), u16::from_be(s.sin_port))
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
+        u16::from_be(s.sin_port),
+    )
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the option value is a c_int that lives for the duration of the call.
     let r = unsafe {
-        libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), mem::size_of::<libc::c_int>() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
     };
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -50,14 +66,21 @@ impl Udp {
     pub fn bind(addr: SocketAddrV4) -> io::Result<Udp> {
         // SAFETY: socket(2) with constant arguments.
         let raw = unsafe {
-            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
         };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a fresh descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        for (force, plain) in [(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF), (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)] {
+        for (force, plain) in [
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        ] {
             // The FORCE variants ignore net.core.*mem_max but need CAP_NET_ADMIN; without it the
             // plain option still gets as much as the sysctl allows.
             if setsockopt_int(raw, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
@@ -67,12 +90,19 @@ impl Udp {
         let sa = to_sockaddr(addr);
         // SAFETY: `sa` is a valid sockaddr_in of the size passed.
         let r = unsafe {
-            libc::bind(raw, (&sa as *const libc::sockaddr_in).cast(), mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            libc::bind(
+                raw,
+                (&sa as *const libc::sockaddr_in).cast(),
+                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
         };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Udp { fd, gso: AtomicBool::new(true) })
+        Ok(Udp {
+            fd,
+            gso: AtomicBool::new(true),
+        })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -84,7 +114,14 @@ impl Udp {
         let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
         let mut len = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         // SAFETY: pointers to `sa` and `len`, both alive for the call.
-        if unsafe { libc::getsockname(self.fd(), (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) } < 0 {
+        if unsafe {
+            libc::getsockname(
+                self.fd(),
+                (&mut sa as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            )
+        } < 0
+        {
             return Err(io::Error::last_os_error());
         }
         Ok(from_sockaddr(&sa))
@@ -132,7 +169,11 @@ impl Udp {
 
 /// Polls for POLLOUT; false on timeout.
 pub fn wait_writable(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
     // SAFETY: one pollfd, alive for the call.
     unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
 }
@@ -159,7 +200,13 @@ impl RecvBatch {
         let mut b = RecvBatch {
             slot,
             bufs: vec![0u8; n * slot],
-            iovs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; n],
+            iovs: vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0
+                };
+                n
+            ],
             addrs: vec![zero_addr; n],
             msgs: vec![zero_msg; n],
         };
@@ -195,7 +242,13 @@ impl RecvBatch {
             // SAFETY: `msgs` holds n headers whose name/iov pointers point into this struct's
             // buffers, sized as declared.
             let r = unsafe {
-                libc::recvmmsg(fd, self.msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
+                libc::recvmmsg(
+                    fd,
+                    self.msgs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
             };
             if r >= 0 {
                 return Ok(r as usize);
@@ -259,7 +312,13 @@ impl SendBatch {
         // SAFETY: as above.
         let zero_msg: libc::mmsghdr = unsafe { mem::zeroed() };
         SendBatch {
-            iovs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; n],
+            iovs: vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0
+                };
+                n
+            ],
             addrs: vec![zero_addr; n],
             msgs: vec![zero_msg; n],
             cmsgs: vec![CmsgSpace([0; 32]); n],
@@ -291,7 +350,10 @@ impl SendBatch {
                 }
             }
             for (m, o) in out[i..j].iter().enumerate() {
-                self.iovs[i + m] = libc::iovec { iov_base: o.ptr as *mut libc::c_void, iov_len: o.len };
+                self.iovs[i + m] = libc::iovec {
+                    iov_base: o.ptr as *mut libc::c_void,
+                    iov_len: o.len,
+                };
             }
             self.addrs[k] = to_sockaddr(out[i].dst);
             let h = &mut self.msgs[k].msg_hdr;
@@ -397,7 +459,11 @@ mod tests {
     fn recv_all(rx: &Udp, batch: &mut RecvBatch, want: usize) -> Vec<(Vec<u8>, SocketAddrV4)> {
         let mut got = Vec::new();
         for _ in 0..200 {
-            let mut p = libc::pollfd { fd: rx.fd(), events: libc::POLLIN, revents: 0 };
+            let mut p = libc::pollfd {
+                fd: rx.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one pollfd, alive for the call.
             unsafe { libc::poll(&mut p, 1, 20) };
             let n = batch.recv(rx.fd()).unwrap();
@@ -421,10 +487,27 @@ mod tests {
         }
         let dst = rx.local_addr().unwrap();
         // Runs of equal sizes, a shorter tail, a size change, an oversize-for-GSO run.
-        let sizes: Vec<usize> = [vec![1200; 10], vec![700], vec![1200; 3], vec![100; 5], vec![1; 2]].concat();
-        let datagrams: Vec<Vec<u8>> =
-            sizes.iter().enumerate().map(|(i, &s)| (0..s).map(|j| (i * 7 + j) as u8).collect()).collect();
-        let out: Vec<Outgoing> = datagrams.iter().map(|d| Outgoing { ptr: d.as_ptr(), len: d.len(), dst }).collect();
+        let sizes: Vec<usize> = [
+            vec![1200; 10],
+            vec![700],
+            vec![1200; 3],
+            vec![100; 5],
+            vec![1; 2],
+        ]
+        .concat();
+        let datagrams: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (0..s).map(|j| (i * 7 + j) as u8).collect())
+            .collect();
+        let out: Vec<Outgoing> = datagrams
+            .iter()
+            .map(|d| Outgoing {
+                ptr: d.as_ptr(),
+                len: d.len(),
+                dst,
+            })
+            .collect();
         let mut sent = vec![false; out.len()];
         let mut sb = SendBatch::new(64);
         sb.send(&tx, &out, &mut sent);
@@ -453,14 +536,22 @@ mod tests {
     #[test]
     fn gso_refused_by_the_route_falls_back_to_single_datagrams() {
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (a private network namespace)");
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (a private network namespace)"
+        );
         std::thread::spawn(|| {
             // SAFETY: moves only this fresh thread into a new network namespace, which the
             // kernel deletes with it.
             assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
             for args in ["link set lo mtu 1400", "link set lo up"] {
                 let args: Vec<&str> = args.split_whitespace().collect();
-                assert!(std::process::Command::new("ip").args(&args).status().unwrap().success());
+                assert!(std::process::Command::new("ip")
+                    .args(&args)
+                    .status()
+                    .unwrap()
+                    .success());
             }
             let rx = Udp::bind(lo(0)).unwrap();
             let tx = Udp::bind(lo(0)).unwrap();
@@ -468,8 +559,14 @@ mod tests {
             // Segments larger than the path MTU: the kernel refuses the GSO send (EMSGSIZE),
             // while plain datagrams of that size are fragmented and still arrive.
             let datagrams: Vec<Vec<u8>> = (0..4).map(|i| vec![i as u8; 2000]).collect();
-            let out: Vec<Outgoing> =
-                datagrams.iter().map(|d| Outgoing { ptr: d.as_ptr(), len: d.len(), dst }).collect();
+            let out: Vec<Outgoing> = datagrams
+                .iter()
+                .map(|d| Outgoing {
+                    ptr: d.as_ptr(),
+                    len: d.len(),
+                    dst,
+                })
+                .collect();
             let mut sent = vec![false; out.len()];
             SendBatch::new(64).send(&tx, &out, &mut sent);
             assert!(sent.iter().all(|&s| s), "{sent:?}");
@@ -477,7 +574,10 @@ mod tests {
             assert!(tx.gso_enabled());
             let mut batch = RecvBatch::new(64, 65536);
             let got = recv_all(&rx, &mut batch, datagrams.len());
-            assert_eq!(got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(), datagrams);
+            assert_eq!(
+                got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(),
+                datagrams
+            );
         })
         .join()
         .unwrap();
@@ -493,9 +593,14 @@ mod tests {
     fn truncation_is_reported() {
         let rx = Udp::bind(lo(0)).unwrap();
         let tx = Udp::bind(lo(0)).unwrap();
-        tx.send_to(&[7u8; 300], rx.local_addr().unwrap(), 100).unwrap();
+        tx.send_to(&[7u8; 300], rx.local_addr().unwrap(), 100)
+            .unwrap();
         let mut batch = RecvBatch::new(4, 128);
-        let mut p = libc::pollfd { fd: rx.fd(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: rx.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one pollfd, alive for the call.
         unsafe { libc::poll(&mut p, 1, 1000) };
         assert_eq!(batch.recv(rx.fd()).unwrap(), 1);
