@@ -740,12 +740,33 @@ def _versions(systems: Sequence[str]) -> dict[str, str]:
     }
     wanted = ["iperf3"] + [s for s in systems if s in commands]
     out = {}
+    if any(s.startswith("btmm-") for s in systems):
+        out["btmm"] = _btmm_version()
     for name in wanted:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             proc = subprocess.run(commands[name], capture_output=True, text=True, timeout=10)
             first = (proc.stdout or proc.stderr).strip().splitlines()
             out[name] = first[0] if first else ""
     return out
+
+
+def _btmm_version() -> str:
+    """The commit measured, whether the Rust sources differ from it, and when the extension
+    was built: the engine changes under active work, and a figure must say what it measured."""
+    parts = []
+
+    def git(*args: str) -> str:
+        argv = ["git", "-C", str(REPO), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "btmm_fast")
+        parts.append(f"commit {head}" + (" (btmm_fast/ modified)" if dirty else ""))
+    for so in sorted((REPO / "btmm_core").glob("_fast*.so")):
+        built = datetime.datetime.fromtimestamp(so.stat().st_mtime, datetime.UTC)
+        parts.append(f"{so.name} built {built.isoformat(timespec='seconds')}")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
