@@ -14,6 +14,9 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.dataplane.runner", "tunnel"),
     ("btmm_core.registry.cli", "serve"),
     ("btmm_core.portmap.cli", "netcheck"),
+    ("btmm_core.daemon.cli", "join"),
+    ("btmm_core.daemon.cli", "up"),
+    ("btmm_core.daemon.cli", "status"),
 )
 
 

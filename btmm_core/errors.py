@@ -71,3 +71,19 @@ class MappingRefused(PortMapError):
 
 class GatewayNotAnswering(PortMapError):
     """No mapping protocol answered on the gateway (no reply before the retries ran out)."""
+
+
+class RegistryError(BtmmError):
+    """The host daemon's exchange with the registry failed."""
+
+
+class RegistryUnreachable(RegistryError):
+    """No answer from the registry (wrong address, firewall, server down)."""
+
+
+class CredentialsRejected(RegistryError):
+    """The registry refused our TSIG signature (BADSIG/BADKEY) or our right to the zone."""
+
+
+class ClockSkew(RegistryError):
+    """The registry refused our TSIG time (BADTIME): this host's clock is off."""

@@ -1,0 +1,183 @@
+"""``btmm join``, ``btmm up`` and ``btmm status``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from btmm_core.daemon.config import DEFAULT_CONFIG, join as do_join, load_config
+from btmm_core.errors import BtmmError
+
+_config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(path_type=Path), default=DEFAULT_CONFIG,
+    show_default=True, envvar="BTMM_CONFIG", help="Configuration file (TOML).",
+)
+
+
+def _fail(err: BtmmError) -> click.ClickException:
+    return click.ClickException(err.what + (f"\n  what to do: {err.hint}" if err.hint else ""))
+
+
+@click.command("join")
+@_config_option
+@click.option("--credentials", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              required=True, help="The credentials file from `btmm serve user add`.")
+@click.option("--secret-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="File holding the account secret (else read from stdin).")
+@click.option("--name", "host", default=None, help="This host's name (default: hostname).")
+@click.option("--server", default=None, help="Registry HOST:PORT (default: found by SRV).")
+@click.option("--state-dir", default=None, help="Where keys and state live (/var/lib/btmm).")
+@click.option("--dataplane", type=click.Choice(["auto", "fast", "python"]), default=None)
+@click.option("--hosts-file", default=None, help="Hosts file to manage ('' for none).")
+@click.option("--port", type=int, default=None, help="Tunnel UDP port (4500).")
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Any other setting, e.g. --set lease=1800 (numbers stay numbers).")
+def join(config_path: Path, credentials: Path, secret_file: Path | None, host: str | None,
+         server: str | None, state_dir: str | None, dataplane: str | None,
+         hosts_file: str | None, port: int | None, extra: tuple[str, ...]) -> None:
+    """Join this host to an account: store the credentials and account secret (0600) and
+    write the configuration."""
+    secret = secret_file.read_bytes() if secret_file else sys.stdin.buffer.read()
+    settings: dict[str, Any] = {"server": server, "state_dir": state_dir,
+                                "dataplane": dataplane, "hosts_file": hosts_file, "port": port}
+    for item in extra:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--set {item!r}: expected KEY=VALUE")
+        value: Any = v
+        for conv in (int, float):
+            try:
+                value = conv(v)
+                break
+            except ValueError:
+                continue
+        settings[k] = value
+    try:
+        cfg = do_join(config_path, credentials=credentials.read_bytes(), secret=secret,
+                      host=host, settings=settings)
+    except BtmmError as err:
+        raise _fail(err) from err
+    except TypeError as err:
+        raise click.UsageError(f"unknown setting: {err}") from err
+    click.echo(f"joined as {cfg.host}; configuration in {config_path}, state in {cfg.state_dir}")
+
+
+def _setup_logging(level: str) -> None:
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(
+            getattr(logging, level.upper(), logging.INFO)),
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=True),
+                    structlog.dev.ConsoleRenderer(colors=False)],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+@click.command("up")
+@_config_option
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default=None, help="Overrides the configuration's log_level.")
+def up(config_path: Path, log_level: str | None) -> None:
+    """Run the host daemon in the foreground until SIGTERM or Ctrl-C (clean shutdown removes
+    this host's records)."""
+    from btmm_core.daemon.service import Daemon
+
+    try:
+        cfg = load_config(config_path)
+        _setup_logging(log_level or cfg.log_level)
+        daemon = Daemon(cfg)
+        daemon.open()
+    except BtmmError as err:
+        raise _fail(err) from err
+    assert daemon.engine is not None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await daemon.run(stop)
+
+    try:
+        with daemon.engine:
+            asyncio.run(main())
+    except BtmmError as err:
+        raise _fail(err) from err
+
+
+def _age(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}s"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render_status(st: dict[str, Any]) -> str:
+    h = st["host"]
+    lines = [
+        f"host      {h['name']}  {h['ula']}",
+        f"endpoint  {h['external'] or '-'} (local {h['local_address']}:{h['local_port']}, "
+        f"mapping: {h['mapping']}{', ' + h['mapping_error'] if h['mapping_error'] else ''})",
+        f"registry  {h['registry']}  lease {h['lease'] or '-'}s, {_age(h['lease_left'])} left;"
+        f"  llq {h['llq']}" + (f"  ERROR {h['registry_error']}" if h["registry_error"] else ""),
+        f"engine    {h['dataplane']}  key {h['public_key']}",
+        "",
+    ]
+    cols = ("peer", "ula", "endpoint", "tunnel", "handshake", "rx", "tx", "drops")
+    rows = [cols]
+    for p in st["peers"]:
+        drops = sum(p["drops"].values())
+        rows.append((p["name"].rstrip("."), p["ula"], p["endpoint"] or "-", p["tunnel"],
+                     _age(p["handshake_age"]), _bytes(p["bytes_in"]), _bytes(p["bytes_out"]),
+                     str(drops)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if not st["peers"]:
+        lines.append("(no peers yet)")
+    return "\n".join(lines)
+
+
+def read_status(path: Path, stale: float = 10.0) -> dict[str, Any]:
+    try:
+        st: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BtmmError(f"no status at {path}: the daemon is not running",
+                        hint="start it with `btmm up` (or `systemctl start btmm`)") from exc
+    try:
+        os.kill(int(st["pid"]), 0)
+    except ProcessLookupError as exc:
+        raise BtmmError(f"the daemon (pid {st['pid']}) is gone; {path} is stale",
+                        hint="start it with `btmm up`") from exc
+    if time.time() - float(st["time"]) > stale:
+        raise BtmmError(f"the daemon has not updated {path} for over {stale:.0f} s",
+                        hint="it may be hung; see its log")
+    return st
+
+
+@click.command("status")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_path: Path, as_json: bool) -> None:
+    """This host (identity, endpoint, mapping, lease, LLQ) and each peer (tunnel, bytes)."""
+    try:
+        cfg = load_config(config_path)
+        st = read_status(cfg.status_file)
+    except BtmmError as err:
+        raise _fail(err) from err
+    click.echo(json.dumps(st, indent=1) if as_json else render_status(st))

@@ -1,0 +1,197 @@
+"""The daemon's configuration: a TOML file with sane defaults, and ``btmm join``'s state.
+
+Every key is optional except the account and host name that ``btmm join`` writes. Paths that
+hold secrets (credentials, account secret, device key) are created 0600 in a 0700 directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from btmm_core.errors import ConfigError
+
+DEFAULT_CONFIG = Path(os.environ.get("BTMM_CONFIG", "/etc/btmm/btmm.toml"))
+DEFAULT_STATE = Path("/var/lib/btmm")
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    host: str
+    state_dir: Path = DEFAULT_STATE
+    #: "HOST:PORT" of the registry; empty: look up ``_dns-update._udp.<zone>`` SRV
+    server: str = ""
+    interface_id: str = "random"
+    dataplane: str = "auto"
+    tun: str = "btmm0"
+    port: int = 4500
+    mtu: int = 1420
+    #: update lease asked for (RFC 9664); the registry clamps it to its bounds
+    lease: int = 5400
+    #: fraction of the granted lease after which records are refreshed (plus jitter)
+    refresh_fraction: float = 0.8
+    llq_lease: int = 3600
+    #: seconds between full re-reads of each peer's records (LLQ events come in between)
+    resolve_interval: float = 30.0
+    #: seconds between checks of addresses and routes
+    netcheck_interval: float = 1.0
+    keepalive: float = 20.0
+    #: "auto": map a port when our address is private; "off": publish our own address
+    portmap: str = "auto"
+    #: override the port mapping gateway (default: the IPv4 default route)
+    gateway: str = ""
+    hosts_file: Path | None = Path("/etc/hosts")
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def credentials(self) -> Path:
+        return self.state_dir / "credentials.key"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.state_dir / "account.secret"
+
+    @property
+    def key_file(self) -> Path:
+        return self.state_dir / "device.key"
+
+    @property
+    def identity_file(self) -> Path:
+        return self.state_dir / "identity.json"
+
+    @property
+    def status_file(self) -> Path:
+        return self.state_dir / "status.json"
+
+    def server_address(self) -> tuple[str, int] | None:
+        if not self.server:
+            return None
+        host, sep, port = self.server.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"server {self.server!r} is not HOST:PORT", hint="e.g. 192.0.2.53:53")
+        return host.strip("[]"), int(port)
+
+
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "host": ("host", "state_dir", "interface_id", "hosts_file", "log_level"),
+    "registry": ("server", "lease", "refresh_fraction", "llq_lease", "resolve_interval"),
+    "tunnel": ("dataplane", "tun", "port", "mtu", "keepalive"),
+    "network": ("portmap", "gateway", "netcheck_interval"),
+}
+
+
+def load_config(path: Path) -> Config:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no configuration at {path}",
+                          hint="run `btmm join` first, or pass --config") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    known = {f.name: f for f in fields(Config)}
+    values: dict[str, Any] = {}
+    for section, keys in _SECTIONS.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        for k, v in table.items():
+            if k not in keys:
+                raise ConfigError(f"{path}: unknown key {k!r} in [{section}]",
+                                  hint=f"known keys: {', '.join(keys)}")
+            values[k] = v
+    if "host" not in values:
+        raise ConfigError(f"{path}: [host] host is missing", hint="run `btmm join`")
+    for k in ("state_dir", "hosts_file"):
+        if k in values:
+            values[k] = Path(values[k]) if values[k] else None
+    if values.get("state_dir") is None:
+        values.pop("state_dir", None)
+    for k, v in values.items():
+        want = known[k].type
+        if want in ("int", "float") and not isinstance(v, (int, float)):
+            raise ConfigError(f"{path}: {k} must be a number, not {v!r}")
+    cfg = Config(path=path, **values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not _HOST_RE.match(cfg.host):
+        raise ConfigError(f"host name {cfg.host!r} is not a DNS label",
+                          hint="lower-case letters, digits and '-', at most 63")
+    if cfg.portmap not in ("auto", "off"):
+        raise ConfigError(f"portmap = {cfg.portmap!r}: use \"auto\" or \"off\"")
+    if cfg.interface_id not in ("random", "eui64"):
+        raise ConfigError(f"interface_id = {cfg.interface_id!r}: use \"random\" or \"eui64\"")
+    if not 0.1 <= cfg.refresh_fraction <= 0.95:
+        raise ConfigError("refresh_fraction must be between 0.1 and 0.95")
+    cfg.server_address()
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def join(
+    config_path: Path,
+    *,
+    credentials: bytes,
+    secret: bytes,
+    host: str | None,
+    settings: dict[str, Any],
+) -> Config:
+    """Store the credentials and account secret (0600) and write the configuration file."""
+    from btmm_core.keyex.identity import MIN_SECRET_LEN
+
+    secret = secret.strip()
+    if len(secret) < MIN_SECRET_LEN:
+        raise ConfigError(f"the account secret is {len(secret)} bytes; at least "
+                          f"{MIN_SECRET_LEN} are needed",
+                          hint="use the same secret on all your hosts, e.g. from "
+                          "`head -c 32 /dev/urandom | base64`")
+    if b"key " not in credentials or b"secret" not in credentials:
+        raise ConfigError("the credentials file holds no key statement",
+                          hint="use the file `btmm serve user add` wrote")
+    name = (host or socket.gethostname().split(".")[0]).lower()
+    values: dict[str, Any] = {"host": name, **{k: v for k, v in settings.items() if v is not None}}
+    state_dir = Path(values.get("state_dir", DEFAULT_STATE))
+    values["state_dir"] = str(state_dir)
+    cfg = Config(path=config_path, host=name, state_dir=state_dir,
+                 **{k: (Path(v) if k == "hosts_file" else v) for k, v in values.items()
+                    if k not in ("host", "state_dir")})
+    validate(cfg)
+    _write_secret(cfg.credentials, credentials)
+    _write_secret(cfg.secret_file, secret)
+    lines = ["# btmm host daemon configuration (written by `btmm join`)"]
+    for section, keys in _SECTIONS.items():
+        present = [k for k in keys if k in values]
+        if present:
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {_toml_value(values[k])}" for k in present]
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text("\n".join(lines) + "\n")
+    return load_config(config_path)

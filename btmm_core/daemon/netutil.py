@@ -1,0 +1,50 @@
+"""Small kernel queries and route changes for the daemon (rtnetlink via pyroute2).
+
+pyroute2's synchronous ``IPRoute`` must not run inside an event loop: the daemon calls the
+route functions through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from btmm_core.errors import TunError
+
+
+def local_ipv4_towards(address: str) -> str | None:
+    """The source address the kernel would use towards ``address`` (no packet is sent), or
+    None when there is no route (a link went down)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((address, 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return None
+
+
+def set_routes(ifname: str, inners: list[str]) -> None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise TunError(f"no network device named {ifname!r}")
+        for inner in inners:
+            try:
+                ipr.route("replace", dst=f"{inner}/128", oif=found[0])
+            except NetlinkError as err:
+                raise TunError(f"routing {inner}/128 via {ifname}: {err}") from err
+
+
+def del_route(ifname: str, inner: str) -> None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return
+        try:
+            ipr.route("del", dst=f"{inner}/128", oif=found[0])
+        except NetlinkError as err:
+            if err.code not in (errno.ESRCH, errno.ENOENT):
+                raise TunError(f"removing the route to {inner}/128: {err}") from err

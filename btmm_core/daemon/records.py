@@ -1,0 +1,181 @@
+"""The records a host publishes and how a peer is read back from them, sans-I/O.
+
+DNS UPDATE (RFC 2136) messages with an update lease (RFC 9664, EDNS0 option 2) are built here;
+the driver signs them with TSIG (RFC 8945) and sends them. Names (DESIGN.md §2), in zone Z:
+
+- ``<host>.Z``  AAAA (the ULA) and TXT (``btmm=1``, ``pk=<base64 X25519 key>``, model, version)
+- ``_autotunnel._udp.<host>.Z``  SRV 0 0 <external port> ``AutoTunnel-XX-...-XX.Z``
+- ``AutoTunnel-XX-...-XX.Z``  A (the external IPv4 address)
+- ``_autotunnel._udp.Z``  PTR ``<host>.Z``: one per host, a DNS-SD style browse list (RFC 6763
+  section 4) so that a single long-lived query (RFC 8764) sees hosts come and go.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+import dns.message
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import dns.update
+
+from btmm_core.daemon.identity import HostIdentity
+from btmm_core.registry.edns import UpdateLeaseOption
+
+TTL = 60
+BROWSE_LABELS = ("_autotunnel", "_udp")
+
+
+class TsigRcode(enum.IntEnum):
+    """TSIG errors (RFC 8945 section 5.3) a registry may answer with."""
+
+    BADSIG = 16
+    BADKEY = 17
+    BADTIME = 18
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What this host says about itself; equal values mean nothing to republish."""
+
+    host: str
+    ula: ipaddress.IPv6Address
+    autotunnel: str
+    public_key: str
+    external_address: ipaddress.IPv4Address
+    external_port: int
+    model: str = "linux"
+    version: str = ""
+
+
+def browse_name(zone: dns.name.Name) -> dns.name.Name:
+    return dns.name.Name(BROWSE_LABELS).concatenate(zone)
+
+
+def host_name(host: str, zone: dns.name.Name) -> dns.name.Name:
+    return dns.name.from_text(host, origin=zone)
+
+
+def srv_name(host: str, zone: dns.name.Name) -> dns.name.Name:
+    return dns.name.Name(BROWSE_LABELS).concatenate(host_name(host, zone))
+
+
+def target_name(ident: HostIdentity | str, zone: dns.name.Name) -> dns.name.Name:
+    label = ident if isinstance(ident, str) else ident.autotunnel_label()
+    return dns.name.from_text(label, origin=zone)
+
+
+def _rrsets(pub: Publication, zone: dns.name.Name) -> list[dns.rrset.RRset]:
+    h = host_name(pub.host, zone)
+    target = target_name(pub.autotunnel, zone)
+    txt = " ".join(
+        f'"{s}"'
+        for s in ("btmm=1", f"pk={pub.public_key}", f"model={pub.model}", f"sw={pub.version}")
+    )
+    return [
+        dns.rrset.from_text(h, TTL, "IN", "AAAA", str(pub.ula)),
+        dns.rrset.from_text(h, TTL, "IN", "TXT", txt),
+        dns.rrset.from_text(
+            srv_name(pub.host, zone), TTL, "IN", "SRV", f"0 0 {pub.external_port} {target}"
+        ),
+        dns.rrset.from_text(target, TTL, "IN", "A", str(pub.external_address)),
+        dns.rrset.from_text(browse_name(zone), TTL, "IN", "PTR", h.to_text()),
+    ]
+
+
+def publish_update(
+    zone: dns.name.Name, pub: Publication, previous: Publication | None, lease: int
+) -> dns.update.UpdateMessage:
+    """The UPDATE that makes the zone say ``pub``, with an update lease.
+
+    Unchanged data is only re-added (the registry extends its lease without a new serial, so
+    watchers see no churn); an RRset whose data changed is replaced in the same message.
+    """
+    upd = dns.update.UpdateMessage(zone)
+    old = {} if previous is None else {(r.name, r.rdtype): r for r in _rrsets(previous, zone)}
+    for rrset in _rrsets(pub, zone):
+        before = old.get((rrset.name, rrset.rdtype))
+        if before is not None and before != rrset:
+            if rrset.rdtype == dns.rdatatype.PTR:
+                upd.delete(before.name, before[0])  # the browse PTR set is shared with peers
+            else:
+                upd.delete(rrset.name, rrset.rdtype)
+        upd.add(rrset.name, rrset)
+    upd.use_edns(0, options=[UpdateLeaseOption(lease)])
+    return upd
+
+
+def withdraw_update(zone: dns.name.Name, pub: Publication) -> dns.update.UpdateMessage:
+    """The UPDATE that removes everything ``pub`` put in the zone (clean shutdown)."""
+    upd = dns.update.UpdateMessage(zone)
+    for rrset in _rrsets(pub, zone):
+        if rrset.rdtype == dns.rdatatype.PTR:
+            upd.delete(rrset.name, rrset[0])
+        else:
+            upd.delete(rrset.name, rrset.rdtype)
+    return upd
+
+
+def granted_lease(response: dns.message.Message) -> int | None:
+    for opt in response.options:
+        if isinstance(opt, UpdateLeaseOption):
+            return int(opt.lease)
+    return None
+
+
+@dataclass(frozen=True)
+class PeerRecords:
+    """A peer as its records describe it."""
+
+    host: str
+    name: dns.name.Name
+    ula: ipaddress.IPv6Address
+    public_key: str
+    endpoint: tuple[str, int] | None
+    model: str = ""
+    version: str = ""
+
+
+def parse_txt(strings: list[bytes]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for s in strings:
+        key, sep, value = s.decode("utf-8", "replace").partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def peer_from_answers(
+    name: dns.name.Name,
+    zone: dns.name.Name,
+    aaaa: dns.rrset.RRset | None,
+    txt: dns.rrset.RRset | None,
+    srv: dns.rrset.RRset | None,
+    a: dns.rrset.RRset | None,
+) -> PeerRecords | None:
+    """The peer behind ``name``, or None while its records are incomplete (not yet published,
+    or partly expired): a peer without an address or a key cannot be trusted or reached."""
+    if aaaa is None or txt is None or not len(aaaa) or not len(txt):
+        return None
+    info: dict[str, str] = {}
+    for rd in txt:
+        info.update(parse_txt(list(rd.strings)))
+    if info.get("btmm") != "1" or "pk" not in info:
+        return None
+    endpoint = None
+    if srv is not None and len(srv) and a is not None and len(a):
+        endpoint = (a[0].address, int(srv[0].port))
+    return PeerRecords(
+        host=name.relativize(zone).to_text(),
+        name=name,
+        ula=ipaddress.IPv6Address(aaaa[0].address),
+        public_key=info["pk"],
+        endpoint=endpoint,
+        model=info.get("model", ""),
+        version=info.get("sw", ""),
+    )

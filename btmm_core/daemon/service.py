@@ -1,0 +1,596 @@
+"""``btmm up``: the host daemon's asyncio wiring (DESIGN.md §1).
+
+No protocol logic lives here: records are built in ``records``, the LLQ client, the port
+mapping service and the key exchange are their own packages. This module decides *when*:
+publish at start and before the lease runs out (and at once when the external endpoint
+changes), follow the browse list and each peer's endpoint records by LLQ, keep one key-exchange
+session per peer, watch addresses and routes, and write the status file and hosts block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.name
+import dns.rdatatype
+import dns.resolver
+import structlog
+
+from btmm_core import __version__
+from btmm_core.daemon.config import Config
+from btmm_core.daemon.dnsclient import RegistryClient
+from btmm_core.daemon.hosts import write_hosts
+from btmm_core.daemon.identity import HostIdentity, load_or_create_identity
+from btmm_core.daemon.netutil import del_route, local_ipv4_towards, set_routes
+from btmm_core.daemon.records import (
+    PeerRecords,
+    Publication,
+    browse_name,
+    granted_lease,
+    host_name,
+    peer_from_answers,
+    publish_update,
+    srv_name,
+    withdraw_update,
+)
+from btmm_core.dataplane import open_engine
+from btmm_core.dataplane.api import Endpoint, Engine, EngineConfig
+from btmm_core.dataplane.netconf import configure_tun
+from btmm_core.errors import (
+    BtmmError,
+    ClockSkew,
+    ConfigError,
+    CredentialsRejected,
+    RegistryError,
+)
+from btmm_core.keyex.driver import KeyExchangeDriver, Report
+from btmm_core.keyex.identity import decode_public, derive_psk, load_or_create
+from btmm_core.keyex.noise import Handshaker
+from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
+from btmm_core.llq.client import Changes, ClientConfig, StateChanged
+from btmm_core.llq.driver import Watcher, read_key_file
+from btmm_core.portmap.addresses import is_behind_nat
+from btmm_core.portmap.client import PortMapClient, default_gateway
+from btmm_core.portmap.service import EventKind, MappingEvent, PortMapService
+
+log = structlog.get_logger("btmm.daemon")
+
+
+@dataclass
+class Peer:
+    records: PeerRecords
+    added_at: float
+    established_at: float | None = None
+    handshakes: int = 0
+    last_failure: str | None = None
+    watchers: list[Watcher] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+@dataclass
+class NetState:
+    local_address: str | None = None
+    gateway: str | None = None
+    external: tuple[str, int] | None = None
+    mapping: str = "none"
+    mapping_error: str | None = None
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.key = read_key_file(cfg.credentials)
+        self.zone: dns.name.Name = self.key.name
+        self.identity: HostIdentity = load_or_create_identity(cfg.identity_file, cfg.interface_id)
+        self.static = load_or_create(cfg.key_file)
+        self.psk = derive_psk(cfg.secret_file.read_bytes().strip())
+        self.engine: Engine | None = None
+        self.kx: KeyExchange | None = None
+        self.driver: KeyExchangeDriver | None = None
+        self.registry: RegistryClient | None = None
+        self.net = NetState()
+        self.peers: dict[dns.name.Name, Peer] = {}
+        self.published: Publication | None = None
+        self.lease: int | None = None
+        self.published_at: float | None = None
+        self.publish_error: str | None = None
+        self.llq_state = "idle"
+        self.started = time.time()
+        self._republish = asyncio.Event()
+        self._portmap: PortMapService | None = None
+        self._portmap_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._browse: Watcher | None = None
+        self._rng = random.SystemRandom()
+        self.fatal: BtmmError | None = None
+        self._stop: asyncio.Event | None = None
+
+    # -- set up ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the engine and address the TUN device (before the event loop: pyroute2's
+        synchronous IPRoute must not run inside it)."""
+        cfg = self.cfg
+        self.engine = open_engine(
+            EngineConfig(tun_name=cfg.tun, listen=Endpoint("0.0.0.0", cfg.port), mtu=cfg.mtu),
+            None if cfg.dataplane == "auto" else cfg.dataplane,
+        )
+        try:
+            configure_tun(self.engine.tun_name, mtu=cfg.mtu, address=f"{self.identity.ula}/128")
+        except BaseException:
+            self.engine.stop()
+            raise
+        session = SessionConfig(keepalive_interval=cfg.keepalive or None)
+        self.kx = KeyExchange(Handshaker(self.static, self.psk, os.urandom), session)
+
+    async def _find_registry(self) -> tuple[str, int]:
+        configured = self.cfg.server_address()
+        if configured is not None:
+            return configured
+        # RFC 2136 has no discovery; DNS-SD style SRV under the user's zone (DESIGN.md §2)
+        qname = dns.name.from_text("_dns-update._udp", origin=self.zone)
+        try:
+            ans = await asyncio.to_thread(dns.resolver.resolve, qname, "SRV")
+            srv = sorted(ans, key=lambda r: (r.priority, -r.weight))[0]
+            a = await asyncio.to_thread(dns.resolver.resolve, srv.target, "A")
+            return str(a[0].address), int(srv.port)
+        except dns.exception.DNSException as exc:
+            raise ConfigError(
+                f"cannot find the registry: no SRV {qname} ({exc})",
+                hint=f'set server = "HOST:PORT" under [registry] in {self.cfg.path}',
+            ) from exc
+
+    # -- main --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        assert self.engine is not None and self.kx is not None
+        self._stop = stop
+        server = await self._find_registry()
+        self.registry = RegistryClient(server, self.key)
+        self.engine.start()
+        self.driver = KeyExchangeDriver(self.engine, self.kx, on_report=self._on_report)
+        self.driver.start()
+        log.info("daemon starting", host=self.cfg.host, zone=self.zone.to_text(),
+                 ula=str(self.identity.ula), registry=f"{server[0]}:{server[1]}",
+                 port=self.engine.local_port, public=self.static.public_b64)
+        try:
+            await self._check_network(first=True)
+            self._spawn(self._publisher(), "publisher")
+            self._spawn(self._netcheck(), "netcheck")
+            self._spawn(self._status_writer(), "status")
+            self._spawn(self._resolver(), "resolver")
+            self._browse = Watcher(server, browse_name(self.zone), dns.rdatatype.PTR,
+                                   key=self.key, config=ClientConfig(lease=self.cfg.llq_lease))
+            await self._browse.start()
+            self._spawn(self._follow(self._browse, self._on_browse, "browse"), "browse")
+            await stop.wait()
+        finally:
+            await self._shutdown()
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except (CredentialsRejected, ClockSkew) as err:
+                log.error("stopping", error=err.what, hint=err.hint)
+                self.fatal = err
+                assert self._stop is not None
+                self._stop.set()
+            except Exception:
+                log.exception("daemon task failed; stopping", task=name)
+                self.fatal = BtmmError(f"internal error in {name}; see the log above")
+                assert self._stop is not None
+                self._stop.set()
+
+        self._tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def _shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for name in list(self.peers):
+            await self._drop_peer(name, "shutting down")
+        if self._browse is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._browse.close(), 2.0)
+        if self.published is not None and self.registry is not None:
+            try:
+                await self.registry.exchange(withdraw_update(self.zone, self.published))
+                log.info("records withdrawn")
+            except BtmmError as err:
+                log.warning("could not withdraw records; they expire with their lease",
+                            error=str(err))
+        if self._portmap is not None:
+            await self._stop_portmap(delete=True)
+        if self.driver is not None:
+            self.driver.close()
+        if self.cfg.hosts_file is not None:
+            with contextlib.suppress(OSError):
+                write_hosts(self.cfg.hosts_file, {})
+        with contextlib.suppress(OSError):
+            self.cfg.status_file.unlink()
+        log.info("daemon stopped")
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _publication(self) -> Publication | None:
+        if self.net.external is None:
+            return None
+        addr, port = self.net.external
+        return Publication(
+            host=self.cfg.host, ula=self.identity.ula,
+            autotunnel=self.identity.autotunnel_label(), public_key=self.static.public_b64,
+            external_address=ipaddress.IPv4Address(addr), external_port=port,
+            version=__version__,
+        )
+
+    async def _publish_once(self) -> None:
+        assert self.registry is not None
+        pub = self._publication()
+        if pub is None:
+            return
+        msg = publish_update(self.zone, pub, self.published, self.cfg.lease)
+        resp = await self.registry.exchange(msg)
+        changed = pub != self.published
+        self.published = pub
+        self.lease = granted_lease(resp) or self.cfg.lease
+        self.published_at = time.time()
+        self.publish_error = None
+        if changed:
+            log.info("records published", endpoint=f"{pub.external_address}:{pub.external_port}",
+                     lease=self.lease)
+        else:
+            log.debug("records refreshed", lease=self.lease)
+
+    async def _publisher(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                await self._publish_once()
+                backoff = 1.0
+                assert self.lease is not None
+                wait = self.lease * self.cfg.refresh_fraction * (1 - 0.05 * self._rng.random())
+            except (CredentialsRejected, ClockSkew):
+                raise
+            except RegistryError as err:
+                self.publish_error = str(err)
+                log.warning("publishing failed; retrying", error=err.what, hint=err.hint,
+                            retry_in=backoff)
+                wait, backoff = backoff, min(backoff * 2, 30.0)
+            self._republish.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._republish.wait(), wait)
+
+    # -- network -----------------------------------------------------------------------
+
+    async def _check_network(self, first: bool = False) -> None:
+        assert self.registry is not None and self.engine is not None
+        local = local_ipv4_towards(self.registry.server[0])
+        gateway = self.cfg.gateway or default_gateway()
+        if not first and (local, gateway) == (self.net.local_address, self.net.gateway):
+            return
+        log.info("network", local=local, gateway=gateway, before=self.net.local_address)
+        self.net.local_address, self.net.gateway = local, gateway
+        await self._stop_portmap(delete=False)
+        if local is None:
+            self.net.external = None
+            self.net.mapping = "no route to the registry"
+            return
+        if self.cfg.portmap == "off" or not is_behind_nat(local):
+            self.net.mapping = "not needed (public address)" if self.cfg.portmap == "auto" \
+                else "off"
+            self.net.mapping_error = None
+            self._set_external((local, self.engine.local_port))
+            return
+        if gateway is None:
+            self.net.mapping = "failed"
+            self.net.mapping_error = "no default gateway to ask for a port mapping"
+            self._set_external((local, self.engine.local_port))
+            return
+        self.net.mapping = "requesting"
+        client = PortMapClient(gateway, local_address=local)
+        self._portmap = PortMapService(client, self.engine.local_port)
+        await self._portmap.start()
+        self._portmap_task = asyncio.create_task(self._portmap_events(self._portmap))
+        # publish what we have meanwhile; the mapping event republishes at once
+        if self.net.external is None or first:
+            self._set_external((local, self.engine.local_port))
+        self._poke_peers()
+
+    def _set_external(self, ext: tuple[str, int]) -> None:
+        if ext != self.net.external:
+            self.net.external = ext
+            self._republish.set()
+
+    async def _stop_portmap(self, *, delete: bool) -> None:
+        if self._portmap_task is not None:
+            self._portmap_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._portmap_task
+            self._portmap_task = None
+        if self._portmap is not None:
+            pm, self._portmap = self._portmap, None
+            with contextlib.suppress(BtmmError, OSError, TimeoutError):
+                await asyncio.wait_for(pm.stop(delete=delete), 5.0)
+
+    async def _portmap_events(self, service: PortMapService) -> None:
+        while True:
+            ev: MappingEvent = await service.events.get()
+            if ev.kind == EventKind.FAILED:
+                self.net.mapping = "failed"
+                self.net.mapping_error = ev.reason
+                log.error("no port mapping: peers cannot reach this host first",
+                          reason=ev.reason)
+                continue
+            if ev.mapping is None or ev.kind == EventKind.DELETED:
+                continue
+            m = ev.mapping
+            self.net.mapping = f"{m.protocol} via {m.gateway}, {m.lifetime} s"
+            self.net.mapping_error = None
+            if ev.kind != EventKind.RENEWED:
+                log.info("port mapping", kind=ev.kind.value,
+                         external=f"{m.external_address}:{m.external_port}", reason=ev.reason)
+            self._set_external((str(m.external_address), m.external_port))
+
+    async def _netcheck(self) -> None:
+        # Polls the kernel's view (route to the registry, default gateway) instead of
+        # subscribing to rtnetlink: either way a change is acted on within a second.
+        while True:
+            await asyncio.sleep(self.cfg.netcheck_interval)
+            await self._check_network()
+
+    def _poke_peers(self) -> None:
+        """After our outer address changed, start a handshake with each peer so that it learns
+        the new endpoint from an authenticated packet instead of waiting for DNS."""
+        assert self.driver is not None
+        for peer in self.peers.values():
+            with contextlib.suppress(BtmmError):
+                self.driver.connect(str(peer.records.ula))
+
+    # -- peers -------------------------------------------------------------------------
+
+    async def _follow(
+        self, watcher: Watcher, on_change: Callable[[Changes], Awaitable[None]], what: str
+    ) -> None:
+        while True:
+            ev = await watcher.events.get()
+            if isinstance(ev, StateChanged):
+                if what == "browse":
+                    self.llq_state = ev.state.value
+                log.info("llq", query=what, state=ev.state.value, why=ev.why)
+                continue
+            await on_change(ev)
+
+    async def _on_browse(self, changes: Changes) -> None:
+        own = host_name(self.cfg.host, self.zone)
+        for r in changes.removed:
+            target = r.rdata.target  # type: ignore[attr-defined]
+            if target != own and target in self.peers:
+                await self._drop_peer(target, "removed from the zone")
+        for r in changes.added:
+            target = r.rdata.target  # type: ignore[attr-defined]
+            if target != own:
+                await self._resolve(target)
+
+    async def _resolver(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.resolve_interval)
+            for name in list(self.peers):
+                await self._resolve(name)
+
+    async def _resolve(self, name: dns.name.Name) -> None:
+        assert self.registry is not None
+        try:
+            aaaa = await self.registry.query(name, dns.rdatatype.AAAA)
+            txt = await self.registry.query(name, dns.rdatatype.TXT)
+            srv = await self.registry.query(srv_name(name.relativize(self.zone).to_text(),
+                                                     self.zone), dns.rdatatype.SRV)
+            a = None
+            if srv is not None and len(srv):
+                a = await self.registry.query(srv[0].target, dns.rdatatype.A)
+        except (CredentialsRejected, ClockSkew):
+            raise
+        except RegistryError as err:
+            log.warning("cannot resolve peer", peer=name.to_text(), error=err.what)
+            return
+        rec = peer_from_answers(name, self.zone, aaaa, txt, srv, a)
+        if rec is None:
+            if name in self.peers:
+                await self._drop_peer(name, "its records are gone")
+            return
+        await self._apply_peer(rec)
+
+    async def _apply_peer(self, rec: PeerRecords) -> None:
+        assert self.driver is not None and self.kx is not None and self.engine is not None
+        peer = self.peers.get(rec.name)
+        endpoint = None if rec.endpoint is None else Endpoint(*rec.endpoint)
+        inner = str(rec.ula)
+        if peer is not None and (peer.records.ula, peer.records.public_key) != (
+            rec.ula, rec.public_key
+        ):
+            await self._drop_peer(rec.name, "new identity or key")
+            peer = None
+        if peer is None:
+            try:
+                public = decode_public(rec.public_key)
+            except ConfigError as err:
+                log.warning("peer publishes an unusable key", peer=rec.host, error=str(err))
+                return
+            if inner == str(self.identity.ula) or inner in self.kx.by_inner:
+                log.warning("peer claims an address already in use", peer=rec.host, ula=inner)
+                return
+            self.driver.add_peer(public, inner, endpoint)
+            peer = Peer(rec, time.time())
+            self.peers[rec.name] = peer
+            await asyncio.to_thread(set_routes, self.engine.tun_name, [inner])
+            self._write_hosts()
+            log.info("peer added", peer=rec.host, ula=inner,
+                     endpoint=None if endpoint is None else f"{endpoint.host}:{endpoint.port}")
+            self._watch_peer(peer)
+            if endpoint is not None:
+                self.driver.connect(inner)
+            return
+        if rec.endpoint != peer.records.endpoint:
+            log.info("peer endpoint changed", peer=rec.host, old=peer.records.endpoint,
+                     new=rec.endpoint)
+            session = self.kx.by_inner.get(inner)
+            if session is not None and endpoint is not None:
+                session.endpoint = endpoint
+                self.engine.update_peer(inner, endpoint)
+                if session.tx is None and not session.busy():
+                    self.driver.connect(inner)
+        peer.records = rec
+
+    def _watch_peer(self, peer: Peer) -> None:
+        """LLQs on the peer's SRV and A names: a new port or address arrives as an event."""
+        assert self.registry is not None
+        rec = peer.records
+        srv = srv_name(rec.host, self.zone)
+        questions: list[tuple[dns.name.Name, int]] = [(srv, dns.rdatatype.SRV)]
+        target = self._target_of(rec)
+        if target is not None:
+            questions.append((target, dns.rdatatype.A))
+        for qname, qtype in questions:
+            w = Watcher(self.registry.server, qname, qtype, key=self.key,
+                        config=ClientConfig(lease=self.cfg.llq_lease))
+            peer.watchers.append(w)
+
+            async def run(w: Watcher = w, name: dns.name.Name = rec.name) -> None:
+                await w.start()
+
+                async def changed(_: Changes) -> None:
+                    await self._resolve(name)
+
+                await self._follow(w, changed, f"peer {name}")
+
+            peer.tasks.append(asyncio.create_task(run()))
+
+    def _target_of(self, rec: PeerRecords) -> dns.name.Name | None:
+        iid = rec.ula.packed[8:]
+        return dns.name.from_text("AutoTunnel-" + "-".join(f"{b:02X}" for b in iid),
+                                  origin=self.zone)
+
+    async def _drop_peer(self, name: dns.name.Name, why: str) -> None:
+        peer = self.peers.pop(name, None)
+        if peer is None:
+            return
+        for t in peer.tasks:
+            t.cancel()
+        for w in peer.watchers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.close(), 2.0)
+        inner = str(peer.records.ula)
+        if self.driver is not None and self.kx is not None and inner in self.kx.by_inner:
+            with contextlib.suppress(BtmmError):
+                self.driver.remove_peer(inner)
+        if self.engine is not None:
+            with contextlib.suppress(BtmmError, OSError):
+                await asyncio.to_thread(del_route, self.engine.tun_name, inner)
+        self._write_hosts()
+        log.info("peer removed", peer=peer.records.host, why=why)
+
+    def _on_report(self, report: Report) -> None:
+        for peer in self.peers.values():
+            if str(peer.records.ula) == report.inner:
+                if isinstance(report, Established):
+                    if peer.established_at is None:
+                        log.info("tunnel up", peer=peer.records.host)
+                    peer.established_at = time.time()
+                    peer.handshakes += 1
+                    peer.last_failure = None
+                else:
+                    peer.last_failure = report.what
+
+    def _write_hosts(self) -> None:
+        if self.cfg.hosts_file is None:
+            return
+        names = {p.records.name.to_text(): p.records.ula for p in self.peers.values()}
+        names[host_name(self.cfg.host, self.zone).to_text()] = self.identity.ula
+        try:
+            write_hosts(self.cfg.hosts_file, names)
+        except OSError as err:
+            log.warning("cannot update the hosts file", path=str(self.cfg.hosts_file),
+                        error=str(err))
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self.engine is not None
+        now = time.time()
+        infos = {p.inner: p for p in self.engine.peers()}
+        peers = []
+        for peer in sorted(self.peers.values(), key=lambda p: p.records.host):
+            info = infos.get(str(peer.records.ula))
+            c = info.counters if info is not None else None
+            ep = info.endpoint if info is not None else None
+            peers.append({
+                "name": peer.records.name.to_text(),
+                "ula": str(peer.records.ula),
+                "endpoint": None if ep is None else f"{ep.host}:{ep.port}",
+                "published_endpoint": None if peer.records.endpoint is None
+                else "%s:%d" % peer.records.endpoint,
+                "tunnel": "up" if info is not None and info.tx_spi is not None else "down",
+                "handshake_age": None if peer.established_at is None
+                else round(now - peer.established_at, 1),
+                "handshakes": peer.handshakes,
+                "last_failure": peer.last_failure,
+                "bytes_in": c.bytes_in if c else 0,
+                "bytes_out": c.bytes_out if c else 0,
+                "packets_in": c.packets_in if c else 0,
+                "packets_out": c.packets_out if c else 0,
+                "drops": (c.drops or {}) if c else {},
+            })
+        assert self.registry is not None
+        return {
+            "pid": os.getpid(),
+            "time": now,
+            "host": {
+                "name": host_name(self.cfg.host, self.zone).to_text(),
+                "ula": str(self.identity.ula),
+                "public_key": self.static.public_b64,
+                "dataplane": type(self.engine).__name__,
+                "local_port": self.engine.local_port,
+                "local_address": self.net.local_address,
+                "external": None if self.net.external is None else "%s:%d" % self.net.external,
+                "mapping": self.net.mapping,
+                "mapping_error": self.net.mapping_error,
+                "registry": "%s:%d" % self.registry.server,
+                "registry_error": self.registry.last_error or self.publish_error,
+                "lease": self.lease,
+                "lease_left": None if self.published_at is None or self.lease is None
+                else round(self.published_at + self.lease - now),
+                "llq": self.llq_state,
+                "uptime": round(now - self.started),
+            },
+            "peers": peers,
+        }
+
+    async def _status_writer(self) -> None:
+        path = self.cfg.status_file
+        while True:
+            data = json.dumps(self.status(), indent=1) + "\n"
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(data)
+            os.replace(tmp, path)
+            await asyncio.sleep(1.0)
+
+
+def status_counts(status: dict[str, Any]) -> dict[str, int]:
+    return {"peers": len(status["peers"]),
+            "up": sum(1 for p in status["peers"] if p["tunnel"] == "up")}
+

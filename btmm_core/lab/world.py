@@ -1,0 +1,349 @@
+"""A whole Back to My Mac world in network namespaces, and ``btmm lab``.
+
+Topology (``nat=True``)::
+
+    registry + STUN (ns "inet", bridge br0: 203.0.113.1, STUN on .10/.11)
+      |-- gw1 (203.0.113.2 | 192.168.1.1, nftables masquerade + miniupnpd) -- desktop 192.168.1.10
+      |-- gw2 (203.0.113.3 | 192.168.2.1, ...)                               -- laptop  192.168.2.10
+      `-- gw3 (203.0.113.4 | 192.168.3.1, ...)   "cafe": where --roam moves the laptop
+
+With ``nat=False`` the desktop (203.0.113.21) and laptop (203.0.113.22) sit on the bridge
+directly. Every process is the real command: ``btmm serve`` for the registry, ``btmm join`` and
+``btmm up`` for each host, miniupnpd on each gateway. Each host namespace gets its own hosts
+file (/etc/netns/<ns>/hosts, which ``ip netns exec`` mounts on /etc/hosts), so names resolve
+inside the lab only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from btmm_core.lab.nat import (
+    MiniupnpdConfig,
+    NatGateway,
+    _child_env,
+    _wait_udp_listening,
+    make_gateway,
+)
+from btmm_core.lab.netns import Lab, LabError, Netns
+
+DOMAIN = "members.example"
+USER = "bob"
+REGISTRY = "203.0.113.1"
+STUN = ("203.0.113.10", "203.0.113.11")
+SECRET = b"lab account secret: not for real use"
+
+
+@dataclass
+class Host:
+    name: str
+    ns: Netns
+    workdir: Path
+    config: Path
+    proc: subprocess.Popen[Any] | None = None
+    log: Path | None = None
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{USER}.{DOMAIN}"
+
+    def status(self) -> dict[str, Any] | None:
+        path = self.workdir / "state" / "status.json"
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+            return data
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass
+class Home:
+    name: str
+    gw: NatGateway
+    lan_prefix: str  # "192.168.1"
+
+
+@dataclass
+class World:
+    lab: Lab
+    nat: bool
+    workdir: Path
+    inet: Netns
+    registry: subprocess.Popen[Any] | None = None
+    hosts: dict[str, Host] = field(default_factory=dict)
+    homes: dict[str, Home] = field(default_factory=dict)
+    location: dict[str, str] = field(default_factory=dict)
+
+    def btmm(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "btmm_core.cli", *args]
+
+    # -- building ------------------------------------------------------------------------
+
+    def _attach(self, ns: Netns, ifname: str) -> None:
+        port = f"p{len(self.inet_ports)}"
+        self.lab.veth(ns, ifname, self.inet, port)
+        self.inet.run(["ip", "link", "set", port, "master", "br0"])
+        self.inet_ports.append(port)
+
+    inet_ports: list[str] = field(default_factory=list)
+
+    def start_registry(self, *, lease_min: int, lease_max: int) -> None:
+        state = self.workdir / "registry"
+        env = {**_child_env(), "BTMM_REGISTRY_STATE": str(state),
+               "BTMM_REGISTRY_DOMAIN": DOMAIN}
+        subprocess.run(self.btmm("serve", "user", "add", USER), check=True, env=env,
+                       capture_output=True)
+        log = open(self.workdir / "registry.log", "ab")  # noqa: SIM115 (owned by the process)
+        self.registry = self.inet.popen(
+            self.btmm("serve", "--listen", REGISTRY, "--port", "53", "--tls-port", "0",
+                      "--ns-address", REGISTRY, "--lease-min", str(lease_min),
+                      "--lease-max", str(lease_max), "--event-loop", "asyncio"),
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        log.close()
+        _wait_udp_listening(self.inet, 53)
+
+    def add_home(self, name: str, wan: str, lan_prefix: str) -> Home:
+        ns = self.lab.ns(name)
+        self._attach(ns, "wan0")
+        # the LAN side is created when a host plugs in; a dummy keeps lan0 present until then
+        ns.run(["ip", "link", "add", "lan0", "type", "bridge"])
+        ns.run(["ip", "link", "set", "lan0", "up"])
+        gw = make_gateway(self.lab, ns, wan_if="wan0", wan_cidr=f"{wan}/24",
+                          wan_gateway=REGISTRY, lan_if="lan0", lan_cidr=f"{lan_prefix}.1/24")
+        gw.start_miniupnpd(MiniupnpdConfig(natpmp=True, upnp=False, stun_host=STUN[0]))
+        home = Home(name, gw, lan_prefix)
+        self.homes[name] = home
+        return home
+
+    def plug(self, host: Host, home: Home | None, index: int) -> None:
+        """Connect ``host``'s eth0 to a home LAN (or, with None, to the internet bridge)."""
+        host.ns.run(["ip", "link", "del", "eth0"], check=False)
+        if home is None:
+            self._attach(host.ns, "eth0")
+            host.ns.run(["ip", "addr", "add", f"203.0.113.{20 + index}/24", "dev", "eth0"])
+            self.location[host.name] = "internet"
+            return
+        port = f"h{index}{secrets_suffix()}"
+        self.lab.veth(host.ns, "eth0", home.gw.ns, port)
+        home.gw.ns.run(["ip", "link", "set", port, "master", "lan0"])
+        host.ns.run(["ip", "addr", "add", f"{home.lan_prefix}.{10 + index}/24", "dev", "eth0"])
+        host.ns.run(["ip", "route", "add", "default", "via", f"{home.lan_prefix}.1"])
+        self.location[host.name] = home.name
+
+    def add_host(self, name: str, dataplane: str, *, lease: int, extra: dict[str, Any]) -> Host:
+        ns = self.lab.ns(name)
+        etc = Path("/etc/netns") / ns.name
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+        self.lab.on_close(lambda: shutil.rmtree(etc, ignore_errors=True))
+        work = self.workdir / name
+        work.mkdir()
+        host = Host(name, ns, work, work / "btmm.toml")
+        creds = self.workdir / "registry" / "credentials" / f"{USER}.key"
+        secret = self.workdir / "account.secret"
+        args = ["join", "--config", str(host.config), "--credentials", str(creds),
+                "--secret-file", str(secret), "--name", name, "--server", f"{REGISTRY}:53",
+                "--state-dir", str(work / "state"), "--dataplane", dataplane,
+                "--hosts-file", str(etc / "hosts"), "--set", f"lease={lease}"]
+        for k, v in extra.items():
+            args += ["--set", f"{k}={v}"]
+        subprocess.run(self.btmm(*args), check=True, env=_child_env(), capture_output=True)
+        self.hosts[name] = host
+        return host
+
+    def start_host(self, host: Host) -> None:
+        host.log = host.workdir / "daemon.log"
+        log = open(host.log, "ab")  # noqa: SIM115 (owned by the process)
+        host.proc = host.ns.popen(self.btmm("up", "--config", str(host.config)),
+                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                  env=_child_env())
+        log.close()
+
+    def stop_host(self, host: Host, *, kill: bool = False) -> None:
+        if host.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(host.proc.pid, 9 if kill else 15)
+        try:
+            host.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(host.proc.pid, 9)
+            host.proc.wait(timeout=5)
+        with contextlib.suppress(ValueError):
+            host.ns.procs.remove(host.proc)
+        host.proc = None
+        if kill:
+            # a killed daemon leaves its TUN device and status behind, like a crashed host
+            (host.workdir / "state" / "status.json").unlink(missing_ok=True)
+
+    # -- waiting and measuring ------------------------------------------------------------
+
+    def wait_tunnels(self, timeout: float, names: list[str] | None = None) -> float:
+        """Seconds until every host has a tunnel up to every other host; LabError if not."""
+        names = names or list(self.hosts)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            ok = True
+            for n in names:
+                st = self.hosts[n].status()
+                self._check_alive(self.hosts[n])
+                up = {p["name"].split(".")[0] for p in (st or {}).get("peers", [])
+                      if p["tunnel"] == "up"}
+                if not set(names) - {n} <= up:
+                    ok = False
+            if ok:
+                return time.monotonic() - t0
+            time.sleep(0.2)
+        raise LabError(f"tunnels not up after {timeout} s", hint=self.tails())
+
+    def _check_alive(self, host: Host) -> None:
+        if host.proc is not None and host.proc.poll() is not None:
+            raise LabError(f"btmm up on {host.name} exited {host.proc.returncode}",
+                           hint=self.tails())
+
+    def tails(self, n: int = 15) -> str:
+        out = []
+        for h in self.hosts.values():
+            if h.log and h.log.exists():
+                lines = h.log.read_text(errors="replace").splitlines()[-n:]
+                out.append(f"--- {h.name} ---\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def status_text(self, host: Host) -> str:
+        proc = host.ns.run(self.btmm("status", "--config", str(host.config)), check=False)
+        return (proc.stdout or proc.stderr).rstrip()
+
+
+def secrets_suffix() -> str:
+    return os.urandom(2).hex()
+
+
+def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("auto", "auto"),
+                lease: int = 1800, lease_min: int = 1800, lease_max: int = 7200,
+                host_extra: dict[str, Any] | None = None, cafe: bool = False,
+                workdir: Path | None = None) -> World:
+    """Build the namespaces, start the registry and join both hosts (daemons not started)."""
+    work = workdir or Path(tempfile.mkdtemp(prefix="btmm-world-"))
+    if workdir is None:
+        lab.on_close(lambda: shutil.rmtree(work, ignore_errors=True))
+    inet = lab.ns("inet")
+    inet.run(["ip", "link", "add", "br0", "type", "bridge"])
+    inet.run(["ip", "link", "set", "br0", "up"])
+    for addr in (REGISTRY, *STUN):
+        inet.run(["ip", "addr", "add", f"{addr}/24", "dev", "br0"])
+    world = World(lab, nat, work, inet)
+    (work / "account.secret").write_bytes(SECRET)
+    os.chmod(work / "account.secret", 0o600)
+    stun = inet.popen([sys.executable, "-m", "btmm_core.lab.nat", "stun", *STUN],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                      stdin=subprocess.DEVNULL, env=_child_env())
+    del stun
+    world.start_registry(lease_min=lease_min, lease_max=lease_max)
+    extra = {"resolve_interval": 5.0, **(host_extra or {})}
+    desktop = world.add_host("desktop", dataplanes[0], lease=lease, extra=extra)
+    laptop = world.add_host("laptop", dataplanes[1], lease=lease, extra=extra)
+    if nat:
+        h1 = world.add_home("gw1", "203.0.113.2", "192.168.1")
+        h2 = world.add_home("gw2", "203.0.113.3", "192.168.2")
+        if cafe:
+            world.add_home("gw3", "203.0.113.4", "192.168.3")
+        world.plug(desktop, h1, 0)
+        world.plug(laptop, h2, 1)
+    else:
+        world.plug(desktop, None, 1)
+        world.plug(laptop, None, 2)
+    return world
+
+
+# -- transfer by name (sink in one namespace, source in another) ----------------------------
+
+def _sink(port: int, out: IO[str]) -> None:
+    with socket.create_server(("::", port), family=socket.AF_INET6) as srv:
+        srv.settimeout(60)
+        conn, _ = srv.accept()
+        h = hashlib.sha256()
+        n = 0
+        conn.settimeout(60)
+        with conn:
+            while chunk := conn.recv(1 << 16):
+                h.update(chunk)
+                n += len(chunk)
+        out.write(json.dumps({"bytes": n, "sha256": h.hexdigest()}) + "\n")
+
+
+def _source(name: str, port: int, total: int, rate: float, out: IO[str]) -> None:
+    addr = socket.getaddrinfo(name, port, socket.AF_INET6, socket.SOCK_STREAM)[0][4]
+    block = hashlib.sha256(b"btmm lab").digest() * 2048  # 64 KiB, deterministic
+    h = hashlib.sha256()
+    sent = 0
+    t0 = time.monotonic()
+    with socket.create_connection(addr[:2], timeout=30) as s:
+        while sent < total:
+            chunk = block[: min(len(block), total - sent)]
+            s.sendall(chunk)
+            h.update(chunk)
+            sent += len(chunk)
+            if rate > 0:  # a bounded rate keeps a --roam transfer running long enough
+                ahead = sent / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        s.shutdown(socket.SHUT_WR)
+        s.recv(1)
+    dt = time.monotonic() - t0
+    out.write(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "seconds": dt,
+                          "address": addr[0]}) + "\n")
+
+
+def start_transfer(world: World, src: Host, dst: Host, total: int, *, rate: float = 0,
+                   port: int = 5001) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    sink = dst.ns.popen([sys.executable, "-m", "btmm_core.lab.world", "sink", str(port)],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        env=_child_env())
+    deadline = time.monotonic() + 10
+    while not dst.ns.run(["ss", "-Hltn", f"sport = :{port}"], check=False).stdout.strip():
+        if time.monotonic() > deadline:
+            raise LabError("the transfer sink did not start")
+        time.sleep(0.05)
+    source = src.ns.popen([sys.executable, "-m", "btmm_core.lab.world", "source", dst.fqdn,
+                           str(port), str(total), str(rate)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_child_env())
+    return source, sink
+
+
+def finish_transfer(source: subprocess.Popen[str], sink: subprocess.Popen[str],
+                    timeout: float = 120) -> tuple[dict[str, Any], dict[str, Any]]:
+    out_s, err_s = source.communicate(timeout=timeout)
+    out_k, err_k = sink.communicate(timeout=timeout)
+    if source.returncode or sink.returncode:
+        raise LabError(f"transfer failed: source {source.returncode} {err_s.strip()[-800:]}; "
+                       f"sink {sink.returncode} {err_k.strip()[-800:]}")
+    return json.loads(out_s), json.loads(out_k)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["sink"]:
+        _sink(int(args[1]), sys.stdout)
+    elif args[:1] == ["source"]:
+        _source(args[1], int(args[2]), int(args[3]), float(args[4]), sys.stdout)
+    else:
+        sys.stderr.write("usage: python -m btmm_core.lab.world sink PORT | source NAME PORT "
+                         "BYTES RATE\n")
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
