@@ -13,10 +13,12 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.dataplane.bench", "bench"),
     ("btmm_core.dataplane.runner", "tunnel"),
     ("btmm_core.registry.cli", "serve"),
+    ("btmm_core.llq.cli", "watch"),
     ("btmm_core.portmap.cli", "netcheck"),
     ("btmm_core.daemon.cli", "join"),
     ("btmm_core.daemon.cli", "up"),
     ("btmm_core.daemon.cli", "status"),
+    ("btmm_core.lab.world", "lab"),
 )
 
 

@@ -497,6 +497,8 @@ class LLQServer:
         heapq.heappush(self._resends, (event.next_at, llq.llq_id, msg_id))
         self.outbox.append(Outgoing(llq.transport, llq.peer, wire))
         self.stats["events"] += 1
+        if self.notify is not None:
+            self.notify()
 
     def handle_ack(
         self,

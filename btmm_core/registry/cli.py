@@ -15,6 +15,8 @@ import dns.name
 import structlog
 
 from btmm_core.errors import BtmmError, ConfigError
+from btmm_core.llq.server import LLQConfig
+from btmm_core.llq.service import LLQService
 from btmm_core.registry.accounts import add_user, algorithm_text, rotate_key, write_credentials
 from btmm_core.registry.handler import Policy, RegistryCore
 from btmm_core.registry.server import Listen, RegistryServer
@@ -121,6 +123,18 @@ _domain_option = click.option(
     help="Seconds a TCP/TLS client may stay silent before it is disconnected.",
 )
 @click.option("--max-connections", type=int, default=256, show_default=True)
+@click.option("--llq-lease-min", type=int, default=900, show_default=True, help="LLQ lease floor.")
+@click.option(
+    "--llq-lease-max", type=int, default=7200, show_default=True, help="LLQ lease ceiling."
+)
+@click.option("--llq-max-total", type=int, default=20000, show_default=True)
+@click.option(
+    "--llq-max-per-client",
+    type=int,
+    default=256,
+    show_default=True,
+    help="LLQs per client address; SERV-FULL beyond.",
+)
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
@@ -148,6 +162,10 @@ def serve(
     fudge: int,
     tcp_idle_timeout: float,
     max_connections: int,
+    llq_lease_min: int,
+    llq_lease_max: int,
+    llq_max_total: int,
+    llq_max_per_client: int,
     log_level: str,
     event_loop: str,
 ) -> None:
@@ -173,6 +191,13 @@ def serve(
             no_lease=NoLeasePolicy(no_lease),
             default_lease=default_lease,
         )
+        llq_config = LLQConfig(
+            lease_min=llq_lease_min,
+            lease_max=llq_lease_max,
+            max_total=llq_max_total,
+            max_per_client=llq_max_per_client,
+            fudge=fudge,
+        )
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     ns = dns.name.from_text(ns_name) if ns_name else dns.name.from_text("ns", origin=parent)
@@ -188,8 +213,10 @@ def serve(
     async def main() -> None:
         storage = SqliteStorage(_db(state_dir, db))
         store = ZoneStore(storage, ZoneConfig(parent, ns, tuple(glue), public_port or port))
+        core = RegistryCore(store, policy)
+        llq = LLQService(core, llq_config)
         server = RegistryServer(
-            RegistryCore(store, policy),
+            core,
             Listen(
                 listen,
                 port,
@@ -200,11 +227,13 @@ def serve(
             ),
         )
         await server.start()
+        llq.start(server)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        await llq.close()
         await server.close()
 
     try:

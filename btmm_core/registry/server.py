@@ -75,6 +75,13 @@ class RegistryServer:
         self._wake.set()
         return out
 
+    def send_udp(self, wire: bytes, addr: tuple[str, int]) -> bool:
+        """Send a datagram from the UDP listener (LLQ events are unsolicited responses)."""
+        if not self._udp:
+            return False
+        self._udp[0].sendto(wire, addr)
+        return True
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         lst = self.listen

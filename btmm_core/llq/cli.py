@@ -1,0 +1,110 @@
+"""``btmm watch NAME TYPE``: print changes to an RRset as the registry pushes them (RFC 8764)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+import dns.name
+import dns.rdatatype
+
+from btmm_core.errors import BtmmError
+from btmm_core.llq.client import Changes, ClientConfig, StateChanged
+from btmm_core.llq.driver import Watcher, read_key_file
+
+
+@click.command()
+@click.argument("name")
+@click.argument("rdtype", metavar="TYPE", default="ANY")
+@click.option("--server", default="127.0.0.1", show_default=True, help="Registry address.")
+@click.option("--port", type=int, default=53, show_default=True, help="Registry UDP port.")
+@click.option(
+    "-k",
+    "--key-file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Credentials file (BIND key statement) of the zone's user: user zones are private.",
+)
+@click.option("--lease", type=int, default=7200, show_default=True, help="Lease to ask for (s).")
+@click.option(
+    "--poll-interval",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds between plain queries while no LLQ can be set up.",
+)
+@click.option("--count", type=int, default=0, help="Exit after this many record lines (0: never).")
+@click.option("--timeout", type=float, default=0.0, help="Exit after this many seconds (0: never).")
+@click.option("--quiet", is_flag=True, help="No state lines on stderr.")
+def watch(
+    name: str,
+    rdtype: str,
+    server: str,
+    port: int,
+    key_file: Path | None,
+    lease: int,
+    poll_interval: float,
+    count: int,
+    timeout: float,
+    quiet: bool,
+) -> None:
+    """Watch NAME's TYPE records: one line per change, "+ RR" added, "- RR" removed.
+
+    The first lines are the current records (as additions). State changes (established,
+    polling because the server cannot be reached, ...) go to stderr as "# ..." lines.
+    """
+    try:
+        qname = dns.name.from_text(name)
+        qtype = dns.rdatatype.from_text(rdtype)
+        key = read_key_file(key_file) if key_file is not None else None
+        config = ClientConfig(lease=lease, poll_interval=poll_interval)
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    except (ValueError, dns.exception.DNSException) as e:
+        raise click.UsageError(str(e)) from e
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        end = time.monotonic() + timeout if timeout > 0 else None
+        printed = 0
+        async with Watcher((server, port), qname, qtype, key=key, config=config) as w:
+            while not stop.is_set():
+                wait = None if end is None else end - time.monotonic()
+                if wait is not None and wait <= 0:
+                    break
+                get = asyncio.ensure_future(w.events.get())
+                halt = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait(
+                    {get, halt}, timeout=wait, return_when="FIRST_COMPLETED"
+                )
+                halt.cancel()
+                if get not in done:
+                    get.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await get
+                    continue
+                event = get.result()
+                if isinstance(event, StateChanged):
+                    if not quiet:
+                        print(f"# {event.state.value}: {event.why}", file=sys.stderr, flush=True)
+                    continue
+                assert isinstance(event, Changes)
+                for r in event.removed:
+                    print(f"- {r.to_text()}", flush=True)
+                    printed += 1
+                for r in event.added:
+                    print(f"+ {r.to_text()}", flush=True)
+                    printed += 1
+                if count and printed >= count:
+                    break
+        return 0
+
+    sys.exit(asyncio.run(main()))

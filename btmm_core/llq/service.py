@@ -1,0 +1,80 @@
+"""The asyncio side of the LLQ server (RFC 8764) inside ``btmm serve``: runs ``LLQServer.tick``
+when it has work and sends what it produced from the registry's UDP socket. All protocol work
+is in ``btmm_core.llq.server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+
+import structlog
+
+from btmm_core.llq.server import LLQConfig, LLQServer, Outgoing
+from btmm_core.registry.handler import RegistryCore, Transport
+from btmm_core.registry.server import RegistryServer
+
+log = structlog.get_logger("btmm.llq")
+
+
+def _address(peer: str) -> tuple[str, int]:
+    host, port = peer.rsplit("#", 1)
+    return host, int(port)
+
+
+class LLQService:
+    def __init__(self, core: RegistryCore, config: LLQConfig) -> None:
+        # A fresh secret per process: challenge ids and LLQ ids of an earlier run are void, so
+        # clients of a restarted server get NO-SUCH-LLQ and set up again.
+        self.server = LLQServer(core, config, os.urandom(32), random.SystemRandom())
+        self.server.attach()
+        self._wake = asyncio.Event()
+        self.server.notify = self._wake.set
+        self._task: asyncio.Task[None] | None = None
+        self._registry: RegistryServer | None = None
+
+    def start(self, registry: RegistryServer) -> None:
+        self._registry = registry
+        self._task = asyncio.create_task(self._run())
+        c = self.server.config
+        log.info(
+            "llq ready",
+            lease=f"{c.lease_min}..{c.lease_max}",
+            max_total=c.max_total,
+            max_per_client=c.max_per_client,
+        )
+
+    def _send(self, out: Outgoing) -> None:
+        assert self._registry is not None
+        if out.transport != Transport.UDP:
+            return  # LLQs are only set up over UDP (see LLQServer.handle)
+        try:
+            self._registry.send_udp(out.wire, _address(out.peer))
+        except OSError as e:
+            log.debug("llq event not sent", peer=out.peer, error=str(e))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.server.tick(time.time())
+                for out in self.server.take_outbox():
+                    self._send(out)
+            except Exception:
+                log.exception("llq timer work failed; retrying")
+            deadline = self.server.next_deadline()
+            delay = 1.0 if deadline is None else min(max(deadline - time.time(), 0.0), 1.0)
+            self._wake.clear()
+            if self.server.outbox or self.server.next_deadline() == 0.0:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        log.info("llq stopped", **{k: v for k, v in sorted(self.server.stats.items())})
