@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -239,11 +240,8 @@ class Daemon:
             version=__version__,
         )
 
-    async def _publish_once(self) -> None:
+    async def _publish_once(self, pub: Publication) -> None:
         assert self.registry is not None
-        pub = self._publication()
-        if pub is None:
-            return
         msg = publish_update(self.zone, pub, self.published, self.cfg.lease)
         resp = await self.registry.exchange(msg)
         changed = pub != self.published
@@ -260,19 +258,23 @@ class Daemon:
     async def _publisher(self) -> None:
         backoff = 1.0
         while True:
-            try:
-                await self._publish_once()
-                backoff = 1.0
-                assert self.lease is not None
-                wait = self.lease * self.cfg.refresh_fraction * (1 - 0.05 * self._rng.random())
-            except (CredentialsRejected, ClockSkew):
-                raise
-            except RegistryError as err:
-                self.publish_error = str(err)
-                log.warning("publishing failed; retrying", error=err.what, hint=err.hint,
-                            retry_in=backoff)
-                wait, backoff = backoff, min(backoff * 2, 30.0)
+            # cleared before reading the endpoint: a change during the exchange publishes again
             self._republish.clear()
+            pub = self._publication()
+            wait: float | None = None
+            if pub is not None:
+                try:
+                    await self._publish_once(pub)
+                    backoff = 1.0
+                    assert self.lease is not None
+                    wait = self.lease * self.cfg.refresh_fraction * (1 - 0.05 * self._rng.random())
+                except (CredentialsRejected, ClockSkew):
+                    raise
+                except RegistryError as err:
+                    self.publish_error = str(err)
+                    log.warning("publishing failed; retrying", error=err.what, hint=err.hint,
+                                retry_in=backoff)
+                    wait, backoff = backoff, min(backoff * 2, 30.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._republish.wait(), wait)
 
@@ -307,15 +309,14 @@ class Daemon:
         self._portmap = PortMapService(client, self.engine.local_port)
         await self._portmap.start()
         self._portmap_task = asyncio.create_task(self._portmap_events(self._portmap))
-        # publish what we have meanwhile; the mapping event republishes at once
-        if self.net.external is None or first:
-            self._set_external((local, self.engine.local_port))
-        self._poke_peers()
+        # nothing is published until the gateway answers: a private address helps no peer
+        self.net.external = None
 
     def _set_external(self, ext: tuple[str, int]) -> None:
         if ext != self.net.external:
             self.net.external = ext
             self._republish.set()
+            self._poke_peers()
 
     async def _stop_portmap(self, *, delete: bool) -> None:
         if self._portmap_task is not None:
@@ -336,6 +337,11 @@ class Daemon:
                 self.net.mapping_error = ev.reason
                 log.error("no port mapping: peers cannot reach this host first",
                           reason=ev.reason)
+                if self.net.external is None and self.net.local_address is not None:
+                    # publish the local endpoint anyway: peers on the same LAN can use it, and
+                    # the AAAA/TXT let others accept our handshakes
+                    assert self.engine is not None
+                    self._set_external((self.net.local_address, self.engine.local_port))
                 continue
             if ev.mapping is None or ev.kind == EventKind.DELETED:
                 continue
@@ -355,12 +361,14 @@ class Daemon:
             await self._check_network()
 
     def _poke_peers(self) -> None:
-        """After our outer address changed, start a handshake with each peer so that it learns
-        the new endpoint from an authenticated packet instead of waiting for DNS."""
-        assert self.driver is not None
+        """After our outer address changed, send each peer one datagram through the tunnel
+        (to the discard port of its ULA): an authenticated packet from the new endpoint moves
+        the peer's idea of where we are at once (DESIGN.md decision 5), without waiting for
+        its LLQ event or the next rekey."""
         for peer in self.peers.values():
-            with contextlib.suppress(BtmmError):
-                self.driver.connect(str(peer.records.ula))
+            with contextlib.suppress(OSError), socket.socket(socket.AF_INET6,
+                                                             socket.SOCK_DGRAM) as s:
+                s.sendto(b"btmm roam", (str(peer.records.ula), 9))
 
     # -- peers -------------------------------------------------------------------------
 
@@ -372,7 +380,8 @@ class Daemon:
             if isinstance(ev, StateChanged):
                 if what == "browse":
                     self.llq_state = ev.state.value
-                log.info("llq", query=what, state=ev.state.value, why=ev.why)
+                (log.info if what == "browse" else log.debug)(
+                    "llq", query=what, state=ev.state.value, why=ev.why)
                 continue
             await on_change(ev)
 

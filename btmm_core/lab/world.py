@@ -347,3 +347,107 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- `btmm lab` ------------------------------------------------------------------------------
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _pps(before: dict[str, Any] | None, after: dict[str, Any] | None, seconds: float) -> float:
+    def out(st: dict[str, Any] | None) -> int:
+        return sum(p["packets_out"] for p in (st or {}).get("peers", []))
+    return (out(after) - out(before)) / seconds if seconds > 0 else 0.0
+
+
+def run_lab(dataplane: str, keep: bool, roam: bool, size: int) -> int:
+    """Build the world, run it, report, tear it down. Returns the exit status."""
+    planes = {"mixed": ("fast", "python")}.get(dataplane, (dataplane, dataplane))
+    with Lab("btmmlab") as lab:
+        _say(f"building the world in namespaces {lab.prefix}-*: registry on the internet "
+             "(203.0.113.1), two homes behind NAT gateways with miniupnpd"
+             + (", a cafe network for roaming" if roam else ""))
+        world = build_world(lab, nat=True, dataplanes=planes, cafe=roam)
+        desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
+        t0 = time.monotonic()
+        for h in (desktop, laptop):
+            world.start_host(h)
+        try:
+            up = world.wait_tunnels(30)
+            _say(f"tunnels up {up:.1f} s after `btmm up` started on both hosts\n")
+            for h in (desktop, laptop):
+                _say(f"$ btmm status   # on {h.name} ({world.location[h.name]})")
+                _say(world.status_text(h) + "\n")
+            before = laptop.status()
+            _say(f"transfer: laptop -> {desktop.fqdn}, {size / 1e6:.0f} MB over TCP")
+            src, sink = start_transfer(world, laptop, desktop, size)
+            sent, got = finish_transfer(src, sink)
+            after = laptop.status()
+            ok = sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"]
+            secs = sent["seconds"]
+            _say(f"  {sent['bytes'] / 1e6:.0f} MB to {sent['address']} in {secs:.2f} s: "
+                 f"{sent['bytes'] * 8 / secs / 1e6:.0f} Mbit/s, "
+                 f"{_pps(before, after, secs):.0f} packets/s out of the laptop's tunnel; "
+                 f"SHA-256 {'matches' if ok else 'DIFFERS'}")
+            if not ok:
+                return 1
+            if roam:
+                rate = 2e6
+                total = int(rate * 12)
+                _say(f"\nroaming: {total / 1e6:.0f} MB at {rate / 1e6:.0f} MB/s from the laptop;"
+                     " after 4 s the laptop moves from home gw2 to the cafe gw3")
+                src, sink = start_transfer(world, laptop, desktop, total, rate=rate, port=5002)
+                time.sleep(4)
+                world.plug(laptop, world.homes["gw3"], 1)
+                _say("  laptop now on 192.168.3.11 behind gw3 (203.0.113.4)")
+                sent, got = finish_transfer(src, sink)
+                ok = sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"]
+                _say(f"  the same TCP connection finished: {sent['bytes'] / 1e6:.0f} MB in "
+                     f"{sent['seconds']:.1f} s, SHA-256 {'matches' if ok else 'DIFFERS'}\n")
+                for h in (desktop, laptop):
+                    _say(f"$ btmm status   # on {h.name} ({world.location[h.name]})")
+                    _say(world.status_text(h) + "\n")
+                if not ok:
+                    return 1
+            if keep:
+                _say("left running for exploring (Ctrl-C tears it down), for example:")
+                for h in (desktop, laptop):
+                    _say(f"  ip netns exec {h.ns.name} btmm status --config {h.config}")
+                _say(f"  ip netns exec {laptop.ns.name} ping -6 {desktop.fqdn}")
+                while all(h.proc is not None and h.proc.poll() is None for h in (desktop, laptop)):
+                    time.sleep(1)
+        except LabError as err:
+            _say(f"lab failed: {err.what}\n{err.hint or ''}")
+            return 1
+        except KeyboardInterrupt:
+            _say("\ninterrupted")
+        finally:
+            _say(f"tearing down (ran {time.monotonic() - t0:.0f} s)")
+            for h in (desktop, laptop):
+                world.stop_host(h)
+    return 0
+
+
+def _lab_command() -> Any:
+    import click
+
+    @click.command("lab")
+    @click.option("--dataplane", type=click.Choice(["auto", "fast", "python", "mixed"]),
+                  default="auto", show_default=True,
+                  help="Engine of both hosts; mixed: fast on the desktop, python on the laptop.")
+    @click.option("--keep", is_flag=True, help="Leave the world running until Ctrl-C.")
+    @click.option("--roam", is_flag=True,
+                  help="Move the laptop to another network in the middle of a transfer.")
+    @click.option("--megabytes", type=int, default=100, show_default=True,
+                  help="Size of the transfer.")
+    def lab(dataplane: str, keep: bool, roam: bool, megabytes: int) -> None:
+        """Build a whole Back to My Mac world in network namespaces (registry, two homes behind
+        NAT gateways running miniupnpd, a desktop and a laptop running `btmm up`), wait for the
+        tunnels, show `btmm status`, transfer by name, print throughput, tear down."""
+        sys.exit(run_lab(dataplane, keep, roam, megabytes * 1_000_000))
+
+    return lab
+
+
+lab = _lab_command()
