@@ -264,3 +264,58 @@ def test_tun_errors_are_tun_errors() -> None:
         ns = lab.ns("a")
         proc = ns.run([sys.executable, "-c", script], check=False, timeout=60)
         assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+ATTACH_CHILD = textwrap.dedent(
+    """
+    import fcntl, os, socket, struct, subprocess
+    from btmm_core import _fast
+    from btmm_core.dataplane.api import Endpoint, EngineConfig
+    from btmm_core.dataplane.fast import FastEngine
+
+    TUNSETIFF, IFF_TUN, IFF_NO_PI, IFF_VNET_HDR = 0x400454CA, 0x0001, 0x1000, 0x4000
+    KEY = bytes(range(36))
+    for i, flags in enumerate((IFF_TUN | IFF_NO_PI, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)):
+        name = f"btfd{i}"
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        remote = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        remote.bind(("127.0.0.1", 0))
+        remote.settimeout(5)
+        cfg = EngineConfig(tun_name=None, tun_fd=fd, listen=Endpoint("127.0.0.1", 0))
+        with FastEngine(cfg) as e:
+            assert e.tun_name == name, e.tun_name
+            subprocess.run(["ip", "link", "set", name, "up"], check=True)
+            subprocess.run(
+                ["ip", "-6", "addr", "add", f"fd00:b8:{i}::1/64", "dev", name, "nodad"],
+                check=True,
+            )
+            peer = f"fd00:b8:{i}::2"
+            e.add_peer(peer, Endpoint("127.0.0.1", remote.getsockname()[1]))
+            e.install_tx_sa(peer, 0x300 + i, KEY)
+            e.start()
+            app = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            app.sendto(b"attached", (peer, 9999))
+            payload, _ = remote.recvfrom(4000)
+            inner = _fast.RxSa(0x300 + i, KEY).open(payload)
+            assert inner.endswith(b"attached"), inner
+        # the engine owned the descriptor and closed it on stop
+        try:
+            os.fstat(fd)
+            raise AssertionError(f"fd {fd} still open after stop")
+        except OSError:
+            pass
+    print("child ok")
+    """
+)
+
+
+@pytest.mark.netns
+def test_attach_to_an_open_tun_descriptor() -> None:
+    """tun_fd: the engine takes over a descriptor opened elsewhere, with or without virtio
+    headers, and closes it on stop."""
+    with Lab("btfa") as lab:
+        ns = lab.ns("a")
+        proc = ns.run([sys.executable, "-c", ATTACH_CHILD], check=False, timeout=60)
+        assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
+        assert "child ok" in proc.stdout
