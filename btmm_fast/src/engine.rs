@@ -871,9 +871,11 @@ fn write_coalesced(
     deliver: &[(usize, std::ops::Range<usize>, Arc<Peer>)],
     iovs: &mut Vec<libc::iovec>,
     tally: &mut Tally,
-) {
+) -> usize {
+    let mut writes = 0;
     let mut k = 0;
     while k < deliver.len() {
+        writes += 1;
         let (i0, ref r0, _) = deliver[k];
         let mut end = k + 1;
         let mut run: Option<(TcpSeg, usize, bool)> = None;
@@ -951,6 +953,7 @@ fn write_coalesced(
         }
         k = end;
     }
+    writes
 }
 
 fn rx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: RawFd, wake: RawFd, event_fd: RawFd) {
@@ -1439,6 +1442,164 @@ mod tests {
             assert!(e.start().is_err());
             assert!(e.event_fd().is_err());
             assert!(e.send_control(v4(&remote), b"x").is_err());
+        });
+    }
+
+    /// A TCP/IPv6 segment with a correct checksum.
+    #[allow(clippy::too_many_arguments)]
+    fn tcp6(
+        src: &str,
+        dst: &str,
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[6, 64]);
+        p.extend_from_slice(&inner(src));
+        p.extend_from_slice(&inner(dst));
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&dport.to_be_bytes());
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&ack.to_be_bytes());
+        p.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        p.extend_from_slice(data);
+        let mut s: u64 = 0;
+        let mut add = |b: &[u8]| {
+            for c in b.chunks(2) {
+                s += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+        };
+        add(&p[8..40]);
+        add(&((20 + data.len()) as u32).to_be_bytes());
+        add(&[0, 0, 0, 6]);
+        add(&p[40..]);
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        let c = !(s as u16);
+        p[56..58].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn tcp_segments_of_a_batch_reach_the_stack_as_one_write() {
+        in_private_netns(|| {
+            let tun = Tun::open("btmmg0", 1500).unwrap();
+            assert!(
+                tun.vnet(),
+                "needs the TUN offloads (unset BTMM_TUN_OFFLOAD=0)"
+            );
+            ip("-6 addr add fd00::1/64 dev btmmg0 nodad");
+            let listener = std::net::TcpListener::bind("[fd00::1]:6000").unwrap();
+            let write_raw = |pkt: &[u8]| {
+                let mut b = vec![0u8; VNET_HDR_LEN];
+                b.extend_from_slice(pkt);
+                // SAFETY: writes `b` to the TUN descriptor owned by `tun`.
+                assert_eq!(
+                    unsafe { libc::write(tun.fd(), b.as_ptr().cast(), b.len()) },
+                    b.len() as isize
+                );
+            };
+            // The SYN-ACK (skipping the kernel's own router solicitations and MLD reports). The
+            // SYN is repeated: a device that has just come up may drop the first packets.
+            let syn = tcp6("fd00::2", "fd00::1", 40000, 6000, 1000, 0, 0x02, &[]);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut next_syn = Instant::now();
+            let server_isn = loop {
+                assert!(Instant::now() < deadline, "no SYN-ACK");
+                if Instant::now() >= next_syn {
+                    write_raw(&syn);
+                    next_syn = Instant::now() + Duration::from_millis(200);
+                }
+                let mut buf = vec![0u8; 70000];
+                let mut p = libc::pollfd {
+                    fd: tun.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd; then a read into `buf`, both alive for the calls.
+                let n = unsafe {
+                    libc::poll(&mut p, 1, 100);
+                    libc::read(tun.fd(), buf.as_mut_ptr().cast(), buf.len())
+                };
+                if n < (VNET_HDR_LEN + 60) as isize {
+                    continue;
+                }
+                let pkt = &buf[VNET_HDR_LEN..n as usize];
+                if pkt[6] == 6 && pkt[40 + 13] == 0x12 {
+                    break u32::from_be_bytes([pkt[44], pkt[45], pkt[46], pkt[47]]);
+                }
+            };
+            // The rest of the connection goes through write_coalesced, from one receive batch
+            // (datagrams carry the inner packet behind 16 bytes, like an opened ESP payload).
+            let data: Vec<u8> = (0..8000u32).map(|i| (i * 13 % 256) as u8).collect();
+            let mut inners = vec![tcp6(
+                "fd00::2",
+                "fd00::1",
+                40000,
+                6000,
+                1001,
+                server_isn + 1,
+                0x10,
+                &[],
+            )];
+            for (k, chunk) in data.chunks(1000).enumerate() {
+                let flags = if k == 7 { 0x18 } else { 0x10 };
+                let seq = 1001 + (k * 1000) as u32;
+                inners.push(tcp6(
+                    "fd00::2",
+                    "fd00::1",
+                    40000,
+                    6000,
+                    seq,
+                    server_isn + 1,
+                    flags,
+                    chunk,
+                ));
+            }
+            let rx = Udp::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            for p in &inners {
+                tx.send_to(
+                    &[&[0u8; 16][..], p].concat(),
+                    std::net::SocketAddr::V4(rx.local_addr().unwrap()),
+                )
+                .unwrap();
+            }
+            let mut batch = RecvBatch::new(BATCH, RX_SLOT);
+            assert_eq!(
+                batch.recv(rx.fd()).unwrap(),
+                inners.len(),
+                "loopback delivers synchronously"
+            );
+            let peer = Arc::new(Peer {
+                inner: inner("fd00::2"),
+                endpoint: AtomicU64::new(0),
+                counters: Counters::default(),
+            });
+            let deliver: Vec<_> = (0..inners.len())
+                .map(|i| (i, 16..batch.payload(i).len(), Arc::clone(&peer)))
+                .collect();
+            let mut iovs = Vec::new();
+            let mut tally = Tally::default();
+            let writes = write_coalesced(tun.fd(), &mut batch, &deliver, &mut iovs, &mut tally);
+            // The pure ACK alone, then the eight data segments as one super packet.
+            assert_eq!(writes, 2);
+            assert_eq!(tally.packets_in, 9);
+            assert_eq!(
+                tally.bytes_in,
+                inners.iter().map(|p| p.len() as u64).sum::<u64>()
+            );
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = vec![0u8; data.len()];
+            std::io::Read::read_exact(&mut conn, &mut got).unwrap();
+            assert_eq!(got, data);
         });
     }
 
