@@ -1,0 +1,135 @@
+"""The real ``btmm serve`` / ``btmm up`` in a namespace world (``btmm_core.lab.world``): a
+registry on the "internet", a desktop and a laptop each behind a NAT gateway running
+miniupnpd. Tunnels, names, roaming, expiry, restarts; every engine pairing. An engine that is
+not built fails (never skips)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from btmm_core.lab.netns import Lab
+from btmm_core.lab.world import (
+    REGISTRY,
+    USER,
+    World,
+    build_world,
+    finish_transfer,
+    start_transfer,
+)
+
+pytestmark = pytest.mark.netns
+
+PAIRS = [("fast", "fast"), ("python", "python"), ("fast", "python")]
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab("btmmd") as lab:
+        yield lab
+
+
+def _transfer(world: World, size: int, **kw: float) -> None:
+    src, sink = start_transfer(world, world.hosts["laptop"], world.hosts["desktop"], size, **kw)
+    sent, got = finish_transfer(src, sink)
+    assert sent["bytes"] == got["bytes"] == size
+    assert sent["sha256"] == got["sha256"]
+
+
+def _dig(world: World, name: str, rdtype: str) -> list[str]:
+    creds = world.workdir / "registry" / "credentials" / f"{USER}.key"
+    out = world.inet.run(["dig", f"@{REGISTRY}", "-k", str(creds), "+short", "+norecurse",
+                          name, rdtype]).stdout
+    return sorted(line for line in out.splitlines() if line)
+
+
+def _wait(pred: object, timeout: float, what: str, world: World) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not within {timeout} s\n{world.tails()}")
+
+
+def _peers(world: World, host: str) -> list[str]:
+    st = world.hosts[host].status() or {}
+    return [p["name"] for p in st.get("peers", [])]
+
+
+@pytest.mark.parametrize("planes", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_cold_start_reach_by_name_within_15s(lab: Lab, planes: tuple[str, str]) -> None:
+    world = build_world(lab, nat=True, dataplanes=planes)
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(15)
+    _transfer(world, 4_000_000)
+    st = world.hosts["laptop"].status()
+    assert st is not None
+    assert st["host"]["external"] == "203.0.113.3:4500"  # the miniupnpd mapping
+    assert st["host"]["mapping"].startswith(("pcp", "natpmp"))
+    hosts = (Path("/etc/netns") / world.hosts["laptop"].ns.name / "hosts").read_text()
+    assert "desktop.bob.members.example" in hosts
+
+
+def test_roaming_keeps_the_tcp_connection(lab: Lab) -> None:
+    world = build_world(lab, nat=True, dataplanes=("fast", "python"), cafe=True)
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(15)
+    rate = 1_000_000
+    src, sink = start_transfer(world, world.hosts["laptop"], world.hosts["desktop"], 8 * rate,
+                               rate=rate)
+    time.sleep(3)
+    world.plug(world.hosts["laptop"], world.homes["gw3"], 1)
+    sent, got = finish_transfer(src, sink)
+    assert sent["bytes"] == got["bytes"] == 8 * rate and sent["sha256"] == got["sha256"]
+    # the laptop published its new endpoint, and the desktop's tunnel follows it
+    srv = _dig(world, "_autotunnel._udp.laptop.bob.members.example", "SRV")
+    assert len(srv) == 1
+    target = srv[0].split()[3]
+    _wait(lambda: _dig(world, target, "A") == ["203.0.113.4"], 10, "new address published",
+          world)
+    st = world.hosts["desktop"].status()
+    assert st is not None and st["peers"][0]["endpoint"] == "203.0.113.4:4500"
+
+
+def test_host_dies_records_expire_and_peer_drops(lab: Lab) -> None:
+    # short update leases (the registry allows 10 s here): the daemons refresh every ~8 s
+    world = build_world(lab, nat=True, dataplanes=("python", "python"), lease=10, lease_min=10)
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(15)
+    time.sleep(12)  # longer than one lease: refreshes keep both published and connected
+    world.wait_tunnels(5)
+    world.stop_host(world.hosts["laptop"], kill=True)  # no goodbye
+    assert _dig(world, "laptop.bob.members.example", "AAAA")  # still there until the lease ends
+    _wait(lambda: not _peers(world, "desktop"), 30, "desktop dropped the dead laptop", world)
+    assert _dig(world, "laptop.bob.members.example", "AAAA") == []
+    assert _dig(world, "_autotunnel._udp.bob.members.example", "PTR") == [
+        "desktop.bob.members.example."]
+    hosts = (Path("/etc/netns") / world.hosts["desktop"].ns.name / "hosts").read_text()
+    assert "laptop" not in hosts
+
+
+def test_daemon_restart_withdraws_and_reconnects(lab: Lab) -> None:
+    world = build_world(lab, nat=True, dataplanes=("fast", "fast"))
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(15)
+    laptop = world.hosts["laptop"]
+    world.stop_host(laptop)  # SIGTERM: clean shutdown withdraws the records at once
+    assert _dig(world, "laptop.bob.members.example", "AAAA") == []
+    assert _dig(world, "_autotunnel._udp.laptop.bob.members.example", "SRV") == []
+    _wait(lambda: not _peers(world, "desktop"), 10, "desktop saw the withdrawal", world)
+    world.start_host(laptop)
+    world.wait_tunnels(15)
+    _transfer(world, 2_000_000)
+    # one set of records per host: nothing stale from the first run
+    assert _dig(world, "_autotunnel._udp.bob.members.example", "PTR") == [
+        "desktop.bob.members.example.", "laptop.bob.members.example."]
+    assert len(_dig(world, "laptop.bob.members.example", "AAAA")) == 1
+    assert len(_dig(world, "_autotunnel._udp.laptop.bob.members.example", "SRV")) == 1
