@@ -15,7 +15,8 @@ from typing import Any
 import click
 import structlog
 
-from btmm_core.daemon.config import DEFAULT_CONFIG, join as do_join, load_config
+from btmm_core.daemon.config import DEFAULT_CONFIG, load_config
+from btmm_core.daemon.config import join as do_join
 from btmm_core.errors import BtmmError
 
 _config_option = click.option(

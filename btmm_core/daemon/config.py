@@ -180,9 +180,11 @@ def join(
     values: dict[str, Any] = {"host": name, **{k: v for k, v in settings.items() if v is not None}}
     state_dir = Path(values.get("state_dir", DEFAULT_STATE))
     values["state_dir"] = str(state_dir)
-    cfg = Config(path=config_path, host=name, state_dir=state_dir,
-                 **{k: (Path(v) if k == "hosts_file" else v) for k, v in values.items()
-                    if k not in ("host", "state_dir")})
+    rest: dict[str, Any] = {k: (Path(v) if k == "hosts_file" and v else v)
+                            for k, v in values.items() if k not in ("host", "state_dir")}
+    if rest.get("hosts_file") == "":
+        rest["hosts_file"] = None
+    cfg = Config(path=config_path, host=name, state_dir=state_dir, **rest)
     validate(cfg)
     _write_secret(cfg.credentials, credentials)
     _write_secret(cfg.secret_file, secret)

@@ -7,15 +7,14 @@ common failures into errors that say what to do.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import dns.asyncquery
 import dns.exception
 import dns.flags
-import dns.opcode
 import dns.message
 import dns.name
+import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
@@ -97,9 +96,9 @@ class RegistryClient:
             ))
         rcode = resp.rcode()
         if rcode in (dns.rcode.NOTAUTH, dns.rcode.REFUSED) and msg.opcode() == dns.opcode.UPDATE:
+            zone = msg.question[0].name if msg.question else "?"
             raise self._fail(CredentialsRejected(
-                f"the registry refused our update to {msg.question[0].name if msg.question else '?'}"
-                f" ({dns.rcode.to_text(rcode)})",
+                f"the registry refused our update to {zone} ({dns.rcode.to_text(rcode)})",
                 hint="the credentials file belongs to another zone, or the names are reserved",
             ))
         if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
@@ -115,7 +114,7 @@ class RegistryClient:
         return err
 
     async def query(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
-        q = dns.message.make_query(name, rdtype)
+        q = dns.message.make_query(name, dns.rdatatype.RdataType.make(rdtype))
         resp = await self.exchange(q)
         for rrset in resp.answer:
             if rrset.name == name and rrset.rdtype == rdtype:

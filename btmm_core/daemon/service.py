@@ -552,7 +552,7 @@ class Daemon:
                 "ula": str(peer.records.ula),
                 "endpoint": None if ep is None else f"{ep.host}:{ep.port}",
                 "published_endpoint": None if peer.records.endpoint is None
-                else "%s:%d" % peer.records.endpoint,
+                else "{}:{}".format(*peer.records.endpoint),
                 "tunnel": "up" if info is not None and info.tx_spi is not None else "down",
                 "handshake_age": None if peer.established_at is None
                 else round(now - peer.established_at, 1),
@@ -575,10 +575,11 @@ class Daemon:
                 "dataplane": type(self.engine).__name__,
                 "local_port": self.engine.local_port,
                 "local_address": self.net.local_address,
-                "external": None if self.net.external is None else "%s:%d" % self.net.external,
+                "external": None if self.net.external is None
+                else "{}:{}".format(*self.net.external),
                 "mapping": self.net.mapping,
                 "mapping_error": self.net.mapping_error,
-                "registry": "%s:%d" % self.registry.server,
+                "registry": "{}:{}".format(*self.registry.server),
                 "registry_error": self.registry.last_error or self.publish_error,
                 "lease": self.lease,
                 "lease_left": None if self.published_at is None or self.lease is None

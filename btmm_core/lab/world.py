@@ -289,7 +289,7 @@ def _source(name: str, port: int, total: int, rate: float, out: IO[str]) -> None
     h = hashlib.sha256()
     sent = 0
     t0 = time.monotonic()
-    with socket.create_connection(addr[:2], timeout=30) as s:
+    with socket.create_connection((str(addr[0]), int(addr[1])), timeout=30) as s:
         while sent < total:
             chunk = block[: min(len(block), total - sent)]
             s.sendall(chunk)

@@ -32,8 +32,8 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def _transfer(world: World, size: int, **kw: float) -> None:
-    src, sink = start_transfer(world, world.hosts["laptop"], world.hosts["desktop"], size, **kw)
+def _transfer(world: World, size: int) -> None:
+    src, sink = start_transfer(world, world.hosts["laptop"], world.hosts["desktop"], size)
     sent, got = finish_transfer(src, sink)
     assert sent["bytes"] == got["bytes"] == size
     assert sent["sha256"] == got["sha256"]
@@ -133,3 +133,24 @@ def test_daemon_restart_withdraws_and_reconnects(lab: Lab) -> None:
         "desktop.bob.members.example.", "laptop.bob.members.example."]
     assert len(_dig(world, "laptop.bob.members.example", "AAAA")) == 1
     assert len(_dig(world, "_autotunnel._udp.laptop.bob.members.example", "SRV")) == 1
+
+
+def test_gateway_reboot_tunnel_recovers(lab: Lab) -> None:
+    world = build_world(lab, nat=True, dataplanes=("fast", "python"))
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(15)
+    gw = world.homes["gw2"].gw
+    # a reboot: miniupnpd restarts with an empty table and no connection tracking survives
+    gw.restart_miniupnpd(lose_state=True)
+    gw.ns.run(["conntrack", "-F"], check=False)
+    assert "4500" not in gw.ns.run(["nft", "list", "chain", "inet", "nat",
+                                    "prerouting_miniupnpd"]).stdout
+    _wait(lambda: "4500" in gw.ns.run(["nft", "list", "chain", "inet", "nat",
+                                       "prerouting_miniupnpd"]).stdout,
+          20, "the laptop re-created its mapping", world)
+    # inbound through the laptop's gateway again: the desktop sends to the laptop
+    src, sink = start_transfer(world, world.hosts["desktop"], world.hosts["laptop"], 2_000_000)
+    sent, got = finish_transfer(src, sink)
+    assert sent["bytes"] == got["bytes"] == 2_000_000 and sent["sha256"] == got["sha256"]
+    world.wait_tunnels(5)

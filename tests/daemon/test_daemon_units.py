@@ -7,8 +7,8 @@ import os
 import stat
 from pathlib import Path
 
-import dns.name
 import dns.message
+import dns.name
 import dns.opcode
 import dns.rdataclass
 import dns.rdatatype
