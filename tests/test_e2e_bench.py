@@ -67,8 +67,15 @@ def test_rate_search_steps() -> None:
     assert eb.next_rate(0.0, 30_000.0, _probe(40_000.0), final=False) == pytest.approx(27_000)
     # The last probe goes well below, so that the search ends with a lossless figure.
     assert eb.next_rate(0.0, 36_000.0, _probe(30_000.0), final=True) == pytest.approx(9_000)
-    # Bracketed: bisect.
-    assert eb.next_rate(20_000.0, 30_000.0, _probe(1.0), final=False) == 25_000.0
+    # Bracketed: bisect, geometrically.
+    assert eb.next_rate(20_000.0, 80_000.0, _probe(1.0), final=False) == pytest.approx(40_000)
+
+
+def test_rate_search_ceiling() -> None:
+    # Overloaded: the search stays within twice what got through, or what was sent.
+    assert eb.first_ceiling(eb.UdpProbe(0.0, 200_000.0, 30_000.0, 0.85, None)) == 60_000.0
+    assert eb.first_ceiling(eb.UdpProbe(0.0, 50_000.0, 30_000.0, 0.4, None)) == 50_000.0
+    assert eb.first_ceiling(eb.UdpProbe(0.0, 50_000.0, 0.0, 1.0, None)) == 50_000.0
 
 
 def _run(system: str, rep: int, tcp1: float, kpps: float) -> eb.RunResult:

@@ -251,13 +251,24 @@ def parse_udp(report: dict[str, Any], offered_pps: float, tunnel_cpu: float | No
     )
 
 
+def first_ceiling(unlimited: UdpProbe) -> float:
+    """The upper bound of the search after a lossy unlimited probe. The sender's rate is
+    usually several times what a tunnel carries, and bisecting from there wastes probes far
+    above its capacity; a tunnel may carry more at a moderate load than under overload
+    (receive livelock), so the bound is twice what got through, not what got through."""
+    if unlimited.received_pps <= 0:
+        return unlimited.sent_pps
+    return min(unlimited.sent_pps, 2 * unlimited.received_pps)
+
+
 def next_rate(lo: float, hi: float, last: UdpProbe, final: bool) -> float:
-    """The next offered rate of the search: bisect between the best lossless rate ``lo`` and
-    the lowest lossy one ``hi``. With no lossless rate yet, aim just below what got through
-    (the tunnel's rate under overload), and the final probe goes well below anything tried,
-    so that the search ends with a lossless figure whenever one is within reach."""
+    """The next offered rate of the search: bisect (geometrically, the bounds are often far
+    apart) between the fastest lossless rate ``lo`` and the slowest lossy one ``hi``. With no
+    lossless rate yet, aim just below what got through (the tunnel's rate under overload),
+    and the final probe goes well below anything tried, so that the search ends with a
+    lossless figure whenever one is within reach."""
     if lo > 0:
-        return (lo + hi) / 2
+        return float((lo * hi) ** 0.5)
     if final:
         return hi * 0.25
     if last.received_pps <= 0:
@@ -635,16 +646,18 @@ def measure_udp(hosts: Hosts, size: int, durations: Durations) -> UdpResult:
     probes = [first]
     lossless = [first] if first.loss < LOSS_LIMIT else []
     if not lossless:
-        lo, hi, last = 0.0, first.sent_pps, first
+        lo, hi, last = 0.0, first_ceiling(first), first
         for i in range(1, durations.udp_probes):
             rate = next_rate(lo, hi, last, final=i == durations.udp_probes - 1)
             last = probe(rate)
             probes.append(last)
+            # The bounds move to the rate the sender reached: on a loaded machine iperf3
+            # sometimes falls short of the offered rate, and then that is the rate tested.
             if last.loss < LOSS_LIMIT:
                 lossless.append(last)
-                lo = rate
+                lo = max(lo, min(rate, last.sent_pps))
             else:
-                hi = rate
+                hi = min(hi, rate, max(last.sent_pps, lo))
     best = max(lossless, key=lambda p: p.received_pps) if lossless else None
     return UdpResult(
         size=size,
@@ -718,6 +731,10 @@ def to_json(
             "udp_sizes": list(UDP_SIZES),
             "loss_limit": LOSS_LIMIT,
             "udp_socket_buffer": UDP_SOCKET_BUFFER,
+            "udp_search": "probe 1 unlimited (-b 0); then at most udp_probes - 1 more: just "
+            "below the rate that got through until one loses < loss_limit, then geometric "
+            "bisection up to twice that rate; a final probe at a quarter of the lowest lossy "
+            "rate if none was lossless yet",
             "openvpn_mode": "p2p TLS (self-signed, --peer-fingerprint), AES-256-GCM, UDP, no DCO",
         },
         "units": {
