@@ -90,6 +90,7 @@ class Watcher:
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,14 +118,19 @@ class Watcher:
                 self.events.put_nowait(o)
 
     async def _run(self) -> None:
-        while True:
+        # asyncio.timeout rather than wait_for: Python 3.11's wait_for can swallow a
+        # cancellation that meets a timeout, and close() would then wait forever.
+        while not self._closing:
             deadline = self.client.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - time.time())
+            delay = None if deadline is None else max(0.0, deadline - time.time())
             try:
-                data = await asyncio.wait_for(self._inbox.get(), timeout)
+                async with asyncio.timeout(delay):
+                    data = await self._inbox.get()
             except TimeoutError:
                 self._emit(self.client.tick(time.time()))
                 continue
+            if self._closing:
+                return
             self._emit(self.client.receive(data, time.time()))
             deadline = self.client.next_deadline()
             if deadline is not None and deadline <= time.time():
@@ -132,10 +138,16 @@ class Watcher:
 
     async def close(self) -> None:
         """Cancel the LLQ at the server (lease 0) and stop."""
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._inbox.put_nowait(b"")  # wakes the loop, which sees _closing
+            try:
+                async with asyncio.timeout(2.0):
+                    await self._task
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         self._emit(self.client.cancel(time.time()))
         if self._transport is not None:
             self._transport.close()

@@ -35,6 +35,7 @@ class LLQService:
         self.server.notify = self._wake.set
         self._task: asyncio.Task[None] | None = None
         self._registry: RegistryServer | None = None
+        self._closing = False
 
     def start(self, registry: RegistryServer) -> None:
         self._registry = registry
@@ -57,7 +58,7 @@ class LLQService:
             log.debug("llq event not sent", peer=out.peer, error=str(e))
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 self.server.tick(time.time())
                 for out in self.server.take_outbox():
@@ -69,12 +70,20 @@ class LLQService:
             self._wake.clear()
             if self.server.outbox or self.server.next_deadline() == 0.0:
                 continue
+            # asyncio.timeout, not wait_for: see Watcher._run (a lost cancellation).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                async with asyncio.timeout(2.0):
+                    await self._task
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         log.info("llq stopped", **{k: v for k, v in sorted(self.server.stats.items())})

@@ -21,7 +21,7 @@ import dns.rdatatype
 import dns.tsig
 import dns.update
 import pytest
-from llq_helpers import LAPTOP, live_registry, state_dir, update
+from llq_helpers import LAPTOP, free_port, live_registry, state_dir, update
 
 from btmm_core.llq.client import Changes, ClientConfig, ClientState, StateChanged
 from btmm_core.llq.driver import Watcher, read_key_file
@@ -212,7 +212,7 @@ def test_unsigned_llq_into_private_zone_is_refused(reg) -> None:  # type: ignore
 # ---- kdig -----------------------------------------------------------------------------------
 
 
-def _kdig(reg, opt: LLQOption) -> tuple[str, LLQOption]:  # type: ignore[no-untyped-def]
+def _kdig(reg, opt: LLQOption, source_port: int) -> tuple[str, LLQOption]:  # type: ignore[no-untyped-def]
     key = key_of(reg)
     import base64
 
@@ -225,6 +225,9 @@ def _kdig(reg, opt: LLQOption) -> tuple[str, LLQOption]:  # type: ignore[no-unty
             str(reg.port),
             "+norec",
             "+notcp",
+            # A challenge is bound to the client's address and port: keep the port.
+            "-b",
+            f"{HOST}#{source_port}",
             f"+ednsopt=1:{opt.data().hex()}",
             "-y",
             f"hmac-sha256:{key.name.to_text()}:{secret}",
@@ -244,15 +247,20 @@ def _kdig(reg, opt: LLQOption) -> tuple[str, LLQOption]:  # type: ignore[no-unty
 
 def test_kdig_sends_a_setup_gets_a_challenge_and_completes_it(reg) -> None:  # type: ignore[no-untyped-def]
     send_update(reg, update("laptop", "AAAA", add=("fd00::77",)))
-    out, challenge = _kdig(reg, LLQOption(LLQOpcode.SETUP, 0, 0, 1200))
+    port = free_port()
+    out, challenge = _kdig(reg, LLQOption(LLQOpcode.SETUP, 0, 0, 1200), port)
     assert "NOERROR" in out
     assert challenge.opcode == LLQOpcode.SETUP and challenge.error == LLQError.NO_ERROR
     assert challenge.llq_id != 0 and challenge.lease == 1200
-    out, ack = _kdig(reg, LLQOption(LLQOpcode.SETUP, 0, challenge.llq_id, 1200))
+    out, ack = _kdig(reg, LLQOption(LLQOpcode.SETUP, 0, challenge.llq_id, 1200), port)
     assert ack.llq_id == challenge.llq_id and ack.error == LLQError.NO_ERROR
     assert "fd00::77" in out
     # kdig does not stay to acknowledge events; cancel so the server stops resending.
-    _kdig(reg, LLQOption(LLQOpcode.REFRESH, 0, challenge.llq_id, 0))
+    out, cancel = _kdig(reg, LLQOption(LLQOpcode.REFRESH, 0, challenge.llq_id, 0), port)
+    assert cancel.error == LLQError.NO_ERROR and cancel.lease == 0
+    # From another port the same id is not this client's LLQ.
+    _, other = _kdig(reg, LLQOption(LLQOpcode.SETUP, 0, challenge.llq_id, 1200), free_port())
+    assert other.error == LLQError.NO_SUCH_LLQ
 
 
 # ---- btmm watch -----------------------------------------------------------------------------

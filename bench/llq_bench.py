@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""LLQ bench (RFC 8764): event latency (update sent -> event received) p50/p99 and events per
+second, with N long-lived queries on one name, ``btmm serve`` on loopback.
+
+    python3 bench/llq_bench.py [--llqs 1000 10000] [--updates 10] [--reps 1]
+
+All watchers live in this one process (one UDP socket each, asyncio): what is measured is the
+whole loop, server and clients, on a shared 2-core machine. Each update is sent after the
+previous one reached every watcher. Latency is taken per watcher per update; events/s per
+update is N / (time from sending the update to the last watcher receiving it), the median over
+updates is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.tsig
+import dns.update
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from btmm_core.llq.client import Changes as ChangesOut  # noqa: E402
+from btmm_core.llq.client import ClientConfig, ClientState, Output  # noqa: E402
+from btmm_core.llq.driver import Watcher, read_key_file  # noqa: E402
+
+PARENT = "members.example."
+NAME = dns.name.from_text("bench.bob.members.example.")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.bind(("127.0.0.1", 0))
+        return int(u.getsockname()[1])
+
+
+class TimedWatcher(Watcher):
+    """Notes when each pushed (not full-answer) change arrives."""
+
+    arrivals: list[float]
+
+    def _emit(self, outputs: list[Output]) -> None:
+        now = time.monotonic()
+        for o in outputs:
+            if isinstance(o, ChangesOut) and not o.full:
+                self.arrivals.append(now)
+        super()._emit(outputs)
+        # The bench reads arrivals, not the queue: keep it from growing.
+        while not self.events.empty():
+            self.events.get_nowait()
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, float]:
+    key = read_key_file(key_path)
+    tkey = dns.tsig.Key(key.name, key.secret, key.algorithm)
+    cfg = ClientConfig(lease=7200)
+    watchers = [
+        TimedWatcher(("127.0.0.1", port), NAME, dns.rdatatype.AAAA, key=key, config=cfg)
+        for _ in range(n)
+    ]
+    for w in watchers:
+        w.arrivals = []
+    t0 = time.monotonic()
+    for i in range(0, n, 200):
+        await asyncio.gather(*(w.start() for w in watchers[i : i + 200]))
+        await asyncio.sleep(0.05)
+    while not all(w.client.state == ClientState.ESTABLISHED for w in watchers):
+        if time.monotonic() - t0 > 600:
+            raise RuntimeError("LLQs not established in 10 minutes")
+        await asyncio.sleep(0.1)
+    setup_s = time.monotonic() - t0
+    latencies: list[float] = []
+    rates: list[float] = []
+    try:
+        for u in range(updates):
+            msg = dns.update.UpdateMessage("bob.members.example.")
+            if u % 2 == 0:
+                msg.add(NAME, 300, "AAAA", "fd00::b")
+            else:
+                msg.delete(NAME, "AAAA", "fd00::b")
+            msg.use_tsig(tkey)
+            sent = time.monotonic()
+            r = await asyncio.to_thread(dns.query.udp, msg, "127.0.0.1", port=port, timeout=5)
+            assert r.rcode() == dns.rcode.NOERROR
+            while sum(len(w.arrivals) > u for w in watchers) < n:
+                if time.monotonic() - sent > 120:
+                    raise RuntimeError(f"update {u} did not reach every watcher in 120 s")
+                await asyncio.sleep(0.005)
+            got = [w.arrivals[u] - sent for w in watchers]
+            latencies += got
+            rates.append(n / max(got))
+    finally:
+        await asyncio.gather(*(w.close() for w in watchers))
+    return {
+        "llqs": n,
+        "setup_s": round(setup_s, 2),
+        "latency_p50_ms": round(pct(latencies, 50) * 1000, 2),
+        "latency_p99_ms": round(pct(latencies, 99) * 1000, 2),
+        "events_per_s": round(statistics.median(rates), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llqs", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--updates", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=1)
+    args = ap.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="btmm-llq-bench-"))
+    env = dict(os.environ, BTMM_REGISTRY_DOMAIN=PARENT, BTMM_REGISTRY_STATE=str(state))
+    env["PYTHONPATH"] = str(ROOT)
+    port = free_port()
+    subprocess.run(
+        [sys.executable, "-m", "btmm_core", "serve", "user", "add", "bob"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "btmm_core",
+            "serve",
+            "--port",
+            str(port),
+            "--tls-port",
+            "0",
+            "--llq-max-total",
+            str(max(args.llqs) + 10),
+            "--llq-max-per-client",
+            str(max(args.llqs) + 10),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        q = dns.message.make_query(PARENT, "SOA")
+        for _ in range(100):
+            try:
+                dns.query.udp(q, "127.0.0.1", port=port, timeout=0.3)
+                break
+            except Exception:
+                time.sleep(0.1)
+        results = []
+        for rep in range(args.reps):
+            for n in args.llqs:
+                res = asyncio.run(run(port, state / "credentials" / "bob.key", n, args.updates))
+                res["rep"] = rep
+                print(json.dumps(res), flush=True)
+                results.append(res)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
