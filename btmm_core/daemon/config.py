@@ -40,8 +40,8 @@ class Config:
     llq_lease: int = 3600
     #: seconds between full re-reads of each peer's records (LLQ events come in between)
     resolve_interval: float = 30.0
-    #: seconds between checks of addresses and routes
-    netcheck_interval: float = 1.0
+    #: seconds between checks of addresses and routes when netlink reports nothing
+    netcheck_interval: float = 5.0
     keepalive: float = 20.0
     #: "auto": map a port when our address is private; "off": publish our own address
     portmap: str = "auto"

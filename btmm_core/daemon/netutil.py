@@ -48,3 +48,36 @@ def del_route(ifname: str, inner: str) -> None:
         except NetlinkError as err:
             if err.code not in (errno.ESRCH, errno.ENOENT):
                 raise TunError(f"removing the route to {inner}/128: {err}") from err
+
+
+# rtnetlink multicast groups (linux/rtnetlink.h): links, IPv4 addresses, IPv4 routes
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+
+
+def netlink_monitor() -> socket.socket | None:
+    """A non-blocking rtnetlink socket (RFC 3549) subscribed to link, IPv4 address and IPv4
+    route changes; readable whenever one happens. None where netlink is unavailable (the
+    daemon then only polls)."""
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        s.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+    except (OSError, AttributeError):
+        return None
+    s.setblocking(False)
+    return s
+
+
+def drain(sock: socket.socket) -> int:
+    """Read and discard queued notifications (their content is re-read from the kernel's
+    current state, which is what matters); returns how many were read."""
+    n = 0
+    while True:
+        try:
+            sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return n
+        except OSError:  # ENOBUFS: we missed some; the state is re-read anyway
+            return n + 1
+        n += 1

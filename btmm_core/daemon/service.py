@@ -31,7 +31,13 @@ from btmm_core.daemon.config import Config
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.hosts import write_hosts
 from btmm_core.daemon.identity import HostIdentity, load_or_create_identity
-from btmm_core.daemon.netutil import del_route, local_ipv4_towards, set_routes
+from btmm_core.daemon.netutil import (
+    del_route,
+    drain,
+    local_ipv4_towards,
+    netlink_monitor,
+    set_routes,
+)
 from btmm_core.daemon.records import (
     PeerRecords,
     Publication,
@@ -354,11 +360,33 @@ class Daemon:
             self._set_external((str(m.external_address), m.external_port))
 
     async def _netcheck(self) -> None:
-        # Polls the kernel's view (route to the registry, default gateway) instead of
-        # subscribing to rtnetlink: either way a change is acted on within a second.
-        while True:
-            await asyncio.sleep(self.cfg.netcheck_interval)
-            await self._check_network()
+        # rtnetlink notifications (a link, an IPv4 address or route changed) wake the check at
+        # once; the periodic check is the fallback where netlink is unavailable
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        sock = netlink_monitor()
+
+        def readable() -> None:
+            assert sock is not None
+            drain(sock)
+            changed.set()
+
+        if sock is not None:
+            loop.add_reader(sock.fileno(), readable)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.cfg.netcheck_interval)
+                if changed.is_set():
+                    changed.clear()
+                    await asyncio.sleep(0.1)  # let a burst (link + address + route) settle
+                    if sock is not None:
+                        drain(sock)
+                await self._check_network()
+        finally:
+            if sock is not None:
+                loop.remove_reader(sock.fileno())
+                sock.close()
 
     def _poke_peers(self) -> None:
         """After our outer address changed, send each peer one datagram through the tunnel
