@@ -5,6 +5,7 @@ not built fails (never skips)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,9 +149,42 @@ def test_gateway_reboot_tunnel_recovers(lab: Lab) -> None:
                                     "prerouting_miniupnpd"]).stdout
     _wait(lambda: "4500" in gw.ns.run(["nft", "list", "chain", "inet", "nat",
                                        "prerouting_miniupnpd"]).stdout,
-          20, "the laptop re-created its mapping", world)
+          40, "the laptop re-created its mapping", world)
     # inbound through the laptop's gateway again: the desktop sends to the laptop
     src, sink = start_transfer(world, world.hosts["desktop"], world.hosts["laptop"], 2_000_000)
     sent, got = finish_transfer(src, sink)
     assert sent["bytes"] == got["bytes"] == 2_000_000 and sent["sha256"] == got["sha256"]
     world.wait_tunnels(5)
+
+
+def test_no_nat_ping_by_name_and_status_json(lab: Lab) -> None:
+    world = build_world(lab, nat=False, dataplanes=("python", "fast"))
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(15)
+    laptop = world.hosts["laptop"]
+    out = laptop.ns.run(["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2",
+                         "desktop.bob.members.example"]).stdout
+    assert "3 received" in out
+    st = json.loads(laptop.ns.run(world.btmm("status", "--json", "--config",
+                                              str(laptop.config))).stdout)
+    assert st["host"]["external"] == "203.0.113.22:4500"  # its own address: nothing to map
+    assert st["host"]["mapping"].startswith("not needed")
+    (peer,) = st["peers"]
+    assert peer["name"] == "desktop.bob.members.example." and peer["tunnel"] == "up"
+    assert peer["packets_out"] >= 3 and peer["endpoint"] == "203.0.113.21:4500"
+
+
+def test_bad_credentials_stop_the_daemon_with_a_clear_error(lab: Lab) -> None:
+    world = build_world(lab, nat=False)
+    laptop = world.hosts["laptop"]
+    creds = laptop.workdir / "state" / "credentials.key"
+    text = creds.read_text()
+    start = text.index('secret "') + len('secret "')
+    creds.write_text(text[:start] + "AAAA" + text[start + 4:])  # same key name, wrong secret
+    world.start_host(laptop)
+    assert laptop.proc is not None
+    rc = laptop.proc.wait(timeout=30)
+    assert rc != 0
+    log = laptop.log.read_text() if laptop.log else ""
+    assert "BADSIG" in log and "btmm join" in log
