@@ -19,7 +19,6 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.daemon.cli", "up"),
     ("btmm_core.daemon.cli", "status"),
     ("btmm_core.lab.world", "lab"),
-    ("btmm_core.lab.world", "lab"),
 )
 
 
