@@ -162,10 +162,11 @@ def test_spoofed_setups_leave_no_state() -> None:
     ):
         key = key_of(r)
         # Setups that never answer the challenge, from many source ports.
-        for _ in range(50):
+        for i in range(50):
             q = dns.message.make_query(
                 LAPTOP, "AAAA", use_edns=0, options=[LLQOption(LLQOpcode.SETUP, 0, 0, 900)]
             )
+            q.id = i  # distinct: an equal id in the same second would be a replayed MAC
             resp = ask(r, q)
             (opt,) = find_llq(resp.options)
             assert opt.error == LLQError.NO_ERROR and opt.llq_id != 0

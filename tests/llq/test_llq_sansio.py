@@ -99,7 +99,9 @@ def test_spoofed_setups_leave_no_state_and_foreign_ids_are_no_such_llq() -> None
     lab = Lab.make(LLQConfig(max_total=1))
     ids = []
     for port in range(1000, 1200):
-        _, opt = ask(lab, llq_query(LAPTOP, setup_request()), peer=f"192.0.2.7#{port}")
+        q = llq_query(LAPTOP, setup_request())
+        q.id = port  # same id, time and content would be the same MAC: a replay (BADTIME)
+        _, opt = ask(lab, q, peer=f"192.0.2.7#{port}")
         assert opt is not None and opt.error == 0
         ids.append(opt.llq_id)
     assert not lab.llq.llqs
