@@ -43,7 +43,7 @@ import dns.rdatatype
 import dns.rrset
 import structlog
 
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.llq.option import LLQ_LENGTH, LLQError, LLQOpcode, LLQOption, find_llq
 from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
 from btmm_core.registry.model import RRsetChange
 from btmm_core.registry.tsig import (
@@ -183,6 +183,9 @@ class LLQServer:
         self._resends: list[tuple[float, int, int]] = []
         self._changes: list[RRsetChange] = []
         self.outbox: list[Outgoing] = []
+        self._templates: dict[
+            tuple[dns.name.Name, int, tuple[tuple[RecordKey, int], ...]], bytes
+        ] = {}
         #: Called (no arguments) when there is new work for ``tick``; the driver wakes up.
         self.notify: Callable[[], None] | None = None
         self.stats: Counter[str] = Counter()
@@ -433,26 +436,47 @@ class LLQServer:
             if llq.inflight is None:
                 self._send_next(llq, now)
 
-    def _event_wire(
-        self, llq: LLQ, records: list[tuple[RecordKey, int]], now: float
-    ) -> tuple[int, bytes] | None:
-        msg = dns.message.Message(id=self._rng.randrange(0x10000))
+    def _event_template(
+        self, qname: dns.name.Name, qtype: int, records: tuple[tuple[RecordKey, int], ...]
+    ) -> bytes:
+        """The unsigned event with message id 0 and LLQ id/lease 0, rendered once per content.
+
+        One change usually goes to many LLQs with the same question and records; only the
+        message id and the last 18 bytes (the LLQ option data, the OPT RR's only option, last
+        in the message) differ between them, so they are patched in instead of re-rendering.
+        """
+        cache_key = (qname, qtype, records)
+        wire = self._templates.get(cache_key)
+        if wire is not None:
+            return wire
+        msg = dns.message.Message(id=0)
         msg.flags = dns.flags.QR | dns.flags.AA
         msg.question.append(
-            dns.rrset.RRset(llq.qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(llq.qtype))
+            dns.rrset.RRset(qname, dns.rdataclass.IN, dns.rdatatype.RdataType.make(qtype))
         )
         for (name, rdtype, rd), ttl in records:
             rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype))
             rrset.add(rd, ttl)
             msg.answer.append(rrset)
-        lease = max(0, int(llq.expires - now))
         msg.use_edns(
-            0,
-            0,
-            self.config.udp_payload,
-            options=[LLQOption(LLQOpcode.EVENT, LLQError.NO_ERROR, llq.llq_id, lease)],
+            0, 0, self.config.udp_payload, options=[LLQOption(LLQOpcode.EVENT, LLQError.NO_ERROR)]
         )
         wire = msg.to_wire()
+        # The patching below relies on the option data being the message's last bytes.
+        assert wire[-LLQ_LENGTH:] == LLQOption(LLQOpcode.EVENT).data()
+        if len(self._templates) >= 256:
+            self._templates.clear()
+        self._templates[cache_key] = wire
+        return wire
+
+    def _event_wire(
+        self, llq: LLQ, records: list[tuple[RecordKey, int]], now: float
+    ) -> tuple[int, bytes] | None:
+        template = self._event_template(llq.qname, llq.qtype, tuple(records))
+        msg_id = self._rng.randrange(0x10000)
+        lease = max(0, int(llq.expires - now))
+        option = LLQOption(LLQOpcode.EVENT, LLQError.NO_ERROR, llq.llq_id, lease)
+        wire = struct.pack("!H", msg_id) + template[2:-LLQ_LENGTH] + option.data()
         key = None
         size = len(wire)
         if llq.key_name is not None:
@@ -461,8 +485,8 @@ class LLQServer:
                 return None
             size += rr_size(key.name, key.algorithm, 0)
         if size > llq.payload and len(records) > 1:
-            return msg.id, b""  # too big for the client's UDP payload: the caller sends fewer
-        return msg.id, wire if key is None else self._sign(wire, key, now)
+            return msg_id, b""  # too big for the client's UDP payload: the caller sends fewer
+        return msg_id, wire if key is None else self._sign(wire, key, now)
 
     def _sign(self, wire: bytes, key: TsigKey, now: float) -> bytes:
         return append_tsig(
