@@ -47,8 +47,10 @@ class Publication:
     ula: ipaddress.IPv6Address
     autotunnel: str
     public_key: str
-    external_address: ipaddress.IPv4Address
-    external_port: int
+    #: None (both): no endpoint others can reach (no port mapping); no SRV or A is published,
+    #: so peers wait for this host's handshake instead of sending theirs into the void
+    external_address: ipaddress.IPv4Address | None
+    external_port: int | None
     model: str = "linux"
     version: str = ""
 
@@ -77,15 +79,18 @@ def _rrsets(pub: Publication, zone: dns.name.Name) -> list[dns.rrset.RRset]:
         f'"{s}"'
         for s in ("btmm=1", f"pk={pub.public_key}", f"model={pub.model}", f"sw={pub.version}")
     )
-    return [
+    out = [
         dns.rrset.from_text(h, TTL, "IN", "AAAA", str(pub.ula)),
         dns.rrset.from_text(h, TTL, "IN", "TXT", txt),
-        dns.rrset.from_text(
-            srv_name(pub.host, zone), TTL, "IN", "SRV", f"0 0 {pub.external_port} {target}"
-        ),
-        dns.rrset.from_text(target, TTL, "IN", "A", str(pub.external_address)),
         dns.rrset.from_text(browse_name(zone), TTL, "IN", "PTR", h.to_text()),
     ]
+    if pub.external_address is not None and pub.external_port is not None:
+        out += [
+            dns.rrset.from_text(srv_name(pub.host, zone), TTL, "IN", "SRV",
+                                f"0 0 {pub.external_port} {target}"),
+            dns.rrset.from_text(target, TTL, "IN", "A", str(pub.external_address)),
+        ]
+    return out
 
 
 def publish_update(
@@ -98,7 +103,10 @@ def publish_update(
     """
     upd = dns.update.UpdateMessage(zone)
     old = {} if previous is None else {(r.name, r.rdtype): r for r in _rrsets(previous, zone)}
-    for rrset in _rrsets(pub, zone):
+    new = _rrsets(pub, zone)
+    for gone in old.keys() - {(r.name, r.rdtype) for r in new}:
+        upd.delete(*gone)  # the endpoint records of a host that lost its mapping
+    for rrset in new:
         before = old.get((rrset.name, rrset.rdtype))
         if before is not None and before != rrset:
             if rrset.rdtype == dns.rdatatype.PTR:

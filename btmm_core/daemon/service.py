@@ -90,6 +90,8 @@ class NetState:
     external: tuple[str, int] | None = None
     mapping: str = "none"
     mapping_error: str | None = None
+    #: the mapping failed: publish identity records without an endpoint
+    unreachable: bool = False
 
 
 class Daemon:
@@ -236,14 +238,14 @@ class Daemon:
     # -- publishing --------------------------------------------------------------------
 
     def _publication(self) -> Publication | None:
-        if self.net.external is None:
+        if self.net.external is None and not self.net.unreachable:
             return None
-        addr, port = self.net.external
+        addr, port = self.net.external if self.net.external is not None else (None, None)
         return Publication(
             host=self.cfg.host, ula=self.identity.ula,
             autotunnel=self.identity.autotunnel_label(), public_key=self.static.public_b64,
-            external_address=ipaddress.IPv4Address(addr), external_port=port,
-            version=__version__,
+            external_address=None if addr is None else ipaddress.IPv4Address(addr),
+            external_port=port, version=__version__,
         )
 
     async def _publish_once(self, pub: Publication) -> None:
@@ -256,8 +258,9 @@ class Daemon:
         self.published_at = time.time()
         self.publish_error = None
         if changed:
-            log.info("records published", endpoint=f"{pub.external_address}:{pub.external_port}",
-                     lease=self.lease)
+            log.info("records published", lease=self.lease,
+                     endpoint=None if pub.external_port is None
+                     else f"{pub.external_address}:{pub.external_port}")
         else:
             log.debug("records refreshed", lease=self.lease)
 
@@ -295,6 +298,7 @@ class Daemon:
         log.info("network", local=local, gateway=gateway, before=self.net.local_address)
         self.net.local_address, self.net.gateway = local, gateway
         await self._stop_portmap(delete=False)
+        self.net.unreachable = False
         if local is None:
             self.net.external = None
             self.net.mapping = "no route to the registry"
@@ -343,15 +347,17 @@ class Daemon:
                 self.net.mapping_error = ev.reason
                 log.error("no port mapping: peers cannot reach this host first",
                           reason=ev.reason)
-                if self.net.external is None and self.net.local_address is not None:
-                    # publish the local endpoint anyway: peers on the same LAN can use it, and
-                    # the AAAA/TXT let others accept our handshakes
-                    assert self.engine is not None
-                    self._set_external((self.net.local_address, self.engine.local_port))
+                if not self.net.unreachable:
+                    # publish who we are without an endpoint: peers accept our handshakes
+                    # and answer to where they come from (their NAT lets the answers in)
+                    self.net.unreachable = True
+                    self.net.external = None
+                    self._republish.set()
                 continue
             if ev.mapping is None or ev.kind == EventKind.DELETED:
                 continue
             m = ev.mapping
+            self.net.unreachable = False
             self.net.mapping = f"{m.protocol} via {m.gateway}, {m.lifetime} s"
             self.net.mapping_error = None
             if ev.kind != EventKind.RENEWED:

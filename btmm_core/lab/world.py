@@ -114,14 +114,25 @@ class World:
         log.close()
         _wait_udp_listening(self.inet, 53)
 
-    def add_home(self, name: str, wan: str, lan_prefix: str) -> Home:
+    def add_home(self, name: str, wan: str, lan_prefix: str, *, behind_isp: bool = False) -> Home:
+        """A home gateway with its WAN on the internet bridge, or (``behind_isp``) behind a
+        carrier-grade NAT in shared space 100.64.0.0/10 with no mapping protocol: double NAT."""
         ns = self.lab.ns(name)
-        self._attach(ns, "wan0")
-        # the LAN side is created when a host plugs in; a dummy keeps lan0 present until then
+        wan_cidr, wan_gw = f"{wan}/24", REGISTRY
+        if behind_isp:
+            isp = self.lab.ns(f"{name}isp")
+            self._attach(isp, "wan0")
+            self.lab.veth(ns, "wan0", isp, "lan0")
+            make_gateway(self.lab, isp, wan_if="wan0", wan_cidr=f"{wan}/24",
+                         wan_gateway=REGISTRY, lan_if="lan0", lan_cidr="100.64.0.1/24")
+            wan_cidr, wan_gw = "100.64.0.2/24", "100.64.0.1"
+        else:
+            self._attach(ns, "wan0")
+        # hosts plug into a bridge on the LAN side (``plug``), so one can leave and come back
         ns.run(["ip", "link", "add", "lan0", "type", "bridge"])
         ns.run(["ip", "link", "set", "lan0", "up"])
-        gw = make_gateway(self.lab, ns, wan_if="wan0", wan_cidr=f"{wan}/24",
-                          wan_gateway=REGISTRY, lan_if="lan0", lan_cidr=f"{lan_prefix}.1/24")
+        gw = make_gateway(self.lab, ns, wan_if="wan0", wan_cidr=wan_cidr,
+                          wan_gateway=wan_gw, lan_if="lan0", lan_cidr=f"{lan_prefix}.1/24")
         gw.start_miniupnpd(MiniupnpdConfig(natpmp=True, upnp=False, stun_host=STUN[0]))
         home = Home(name, gw, lan_prefix)
         self.homes[name] = home
@@ -233,7 +244,7 @@ def secrets_suffix() -> str:
 def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("auto", "auto"),
                 lease: int = 1800, lease_min: int = 1800, lease_max: int = 7200,
                 host_extra: dict[str, Any] | None = None, cafe: bool = False,
-                workdir: Path | None = None) -> World:
+                laptop_double_nat: bool = False, workdir: Path | None = None) -> World:
     """Build the namespaces, start the registry and join both hosts (daemons not started)."""
     work = workdir or Path(tempfile.mkdtemp(prefix="btmm-world-"))
     if workdir is None:
@@ -256,7 +267,7 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
     laptop = world.add_host("laptop", dataplanes[1], lease=lease, extra=extra)
     if nat:
         h1 = world.add_home("gw1", "203.0.113.2", "192.168.1")
-        h2 = world.add_home("gw2", "203.0.113.3", "192.168.2")
+        h2 = world.add_home("gw2", "203.0.113.3", "192.168.2", behind_isp=laptop_double_nat)
         if cafe:
             world.add_home("gw3", "203.0.113.4", "192.168.3")
         world.plug(desktop, h1, 0)

@@ -188,3 +188,21 @@ def test_bad_credentials_stop_the_daemon_with_a_clear_error(lab: Lab) -> None:
     assert rc != 0
     log = laptop.log.read_text() if laptop.log else ""
     assert "BADSIG" in log and "btmm join" in log
+
+
+def test_double_nat_no_mapping_is_reported_and_the_tunnel_still_comes_up(lab: Lab) -> None:
+    # the laptop's home gateway sits behind a carrier-grade NAT: miniupnpd's STUN check fails,
+    # so it refuses every mapping; the laptop reaches the (mapped) desktop first, and the
+    # desktop answers to where the laptop's packets come from
+    world = build_world(lab, nat=True, dataplanes=("fast", "python"), laptop_double_nat=True)
+    for h in world.hosts.values():
+        world.start_host(h)
+    laptop = world.hosts["laptop"]
+    _wait(lambda: (laptop.status() or {}).get("host", {}).get("mapping") == "failed", 40,
+          "the laptop reports the failed mapping", world)
+    st = laptop.status()
+    assert st is not None and st["host"]["mapping_error"]
+    text = world.status_text(laptop)
+    assert "mapping: failed" in text
+    world.wait_tunnels(30)
+    _transfer(world, 1_000_000)

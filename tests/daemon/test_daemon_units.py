@@ -180,3 +180,17 @@ def test_status_table() -> None:
     text = render_status(st)
     assert "desktop.bob.members.example" in text and "2.0KiB" in text
     assert "203.0.113.3:4500" in text and "llq established" in text
+
+
+def test_lost_mapping_withdraws_the_endpoint_records() -> None:
+    unreachable = Publication("laptop", ULA, pub().autotunnel, pub().public_key, None, None,
+                              version="0.1.0")
+    msg = publish_update(ZONE, unreachable, pub(), 5400)
+    got = _sections(msg)
+    deletes = sorted((n, t) for n, t, cls in got if cls != 1)
+    assert deletes == sorted([
+        ("_autotunnel._udp.laptop.bob.members.example.", dns.rdatatype.SRV),
+        (f"{pub().autotunnel}.bob.members.example.", dns.rdatatype.A),
+    ])
+    adds = {t for _, t, cls in got if cls == 1}
+    assert adds == {dns.rdatatype.AAAA, dns.rdatatype.TXT, dns.rdatatype.PTR}
