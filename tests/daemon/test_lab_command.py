@@ -1,0 +1,36 @@
+"""``btmm lab`` itself, as a user runs it: the whole world, a transfer, roaming, teardown."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_btmm_lab_roam_runs_and_cleans_up() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "btmm_core", "lab", "--dataplane", "mixed", "--roam",
+         "--megabytes", "10"],
+        capture_output=True, text=True, timeout=300, env=env, check=False)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    assert re.search(r"tunnels up [\d.]+ s after", out)
+    assert out.count("$ btmm status") == 4  # both hosts, before and after roaming
+    assert "10 MB to fd" in out and "Mbit/s" in out and "packets/s" in out
+    assert "the same TCP connection finished" in out
+    assert out.count("SHA-256 matches") == 2 and "DIFFERS" not in out
+    assert "203.0.113.4:4500" in out  # the laptop's new endpoint after the move
+    prefix = re.search(r"namespaces (btmmlab[0-9a-f]+)-\*", out)
+    assert prefix is not None
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert prefix.group(1) not in left
+    assert not list(Path("/etc/netns").glob(f"{prefix.group(1)}-*"))
