@@ -65,8 +65,9 @@ def test_rate_search_steps() -> None:
     # Nothing lossless yet: just below what got through, never above the lossy rate.
     assert eb.next_rate(0.0, 100_000.0, _probe(40_000.0), final=False) == pytest.approx(36_000)
     assert eb.next_rate(0.0, 30_000.0, _probe(40_000.0), final=False) == pytest.approx(27_000)
-    # The last probe goes well below, so that the search ends with a lossless figure.
-    assert eb.next_rate(0.0, 36_000.0, _probe(30_000.0), final=True) == pytest.approx(9_000)
+    # The last probe goes clearly below, so that the search ends with a lossless figure.
+    assert eb.next_rate(0.0, 36_000.0, _probe(30_000.0), final=True) == pytest.approx(21_000)
+    assert eb.next_rate(0.0, 36_000.0, _probe(0.0), final=True) == pytest.approx(9_000)
     # Bracketed: bisect, geometrically.
     assert eb.next_rate(20_000.0, 80_000.0, _probe(1.0), final=False) == pytest.approx(40_000)
 

@@ -265,15 +265,13 @@ def next_rate(lo: float, hi: float, last: UdpProbe, final: bool) -> float:
     """The next offered rate of the search: bisect (geometrically, the bounds are often far
     apart) between the fastest lossless rate ``lo`` and the slowest lossy one ``hi``. With no
     lossless rate yet, aim just below what got through (the tunnel's rate under overload),
-    and the final probe goes well below anything tried, so that the search ends with a
-    lossless figure whenever one is within reach."""
+    and the final probe goes clearly below that, so that the search ends with a lossless
+    figure whenever one is within reach."""
     if lo > 0:
         return float((lo * hi) ** 0.5)
-    if final:
-        return hi * 0.25
     if last.received_pps <= 0:
         return hi * 0.25
-    return min(hi * 0.9, last.received_pps * 0.9)
+    return min(hi, last.received_pps) * (0.7 if final else 0.9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,8 +731,8 @@ def to_json(
             "udp_socket_buffer": UDP_SOCKET_BUFFER,
             "udp_search": "probe 1 unlimited (-b 0); then at most udp_probes - 1 more: just "
             "below the rate that got through until one loses < loss_limit, then geometric "
-            "bisection up to twice that rate; a final probe at a quarter of the lowest lossy "
-            "rate if none was lossless yet",
+            "bisection up to twice that rate; a final probe at 0.7 of what got through at the "
+            "last lossy rate if none was lossless yet",
             "openvpn_mode": "p2p TLS (self-signed, --peer-fingerprint), AES-256-GCM, UDP, no DCO",
         },
         "units": {
