@@ -171,6 +171,7 @@ class Daemon:
         log.info("daemon starting", host=self.cfg.host, zone=self.zone.to_text(),
                  ula=str(self.identity.ula), registry=f"{server[0]}:{server[1]}",
                  port=self.engine.local_port, public=self.static.public_b64)
+        self._write_hosts()  # replaces a block a crashed run may have left
         try:
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
@@ -514,7 +515,13 @@ class Daemon:
             peer.watchers.append(w)
 
             async def run(w: Watcher = w, name: dns.name.Name = rec.name) -> None:
-                await w.start()
+                try:
+                    await w.start()
+                except OSError as err:
+                    # the periodic re-read (resolve_interval) still follows this peer
+                    log.warning("cannot watch peer records", peer=name.to_text(),
+                                error=str(err))
+                    return
 
                 async def changed(_: Changes) -> None:
                     await self._resolve(name)

@@ -194,3 +194,9 @@ def test_lost_mapping_withdraws_the_endpoint_records() -> None:
     ])
     adds = {t for _, t, cls in got if cls == 1}
     assert adds == {dns.rdatatype.AAAA, dns.rdatatype.TXT, dns.rdatatype.PTR}
+
+
+def test_shipped_example_config_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "contrib" / "btmm.toml.example"
+    cfg = load_config(example)
+    assert (cfg.host, cfg.port, cfg.portmap, cfg.dataplane) == ("laptop", 4500, "auto", "auto")
