@@ -206,3 +206,25 @@ def test_double_nat_no_mapping_is_reported_and_the_tunnel_still_comes_up(lab: La
     assert "mapping: failed" in text
     world.wait_tunnels(30)
     _transfer(world, 1_000_000)
+
+
+def test_link_down_and_up_remaps_and_the_tunnel_carries_on(lab: Lab) -> None:
+    # a fallback poll of 60 s: only rtnetlink notifications can make the daemon act in time
+    world = build_world(lab, nat=True, dataplanes=("python", "fast"),
+                        host_extra={"netcheck_interval": 60.0})
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(15)
+    laptop = world.hosts["laptop"]
+
+    def host() -> dict[str, object]:
+        return dict((laptop.status() or {}).get("host", {}))
+
+    laptop.ns.run(["ip", "link", "set", "eth0", "down"])
+    _wait(lambda: host().get("local_address") is None, 10, "the daemon saw the link go", world)
+    assert host()["mapping"] == "no route to the registry"
+    laptop.ns.run(["ip", "link", "set", "eth0", "up"])
+    laptop.ns.run(["ip", "route", "replace", "default", "via", "192.168.2.1"])
+    _wait(lambda: str(host().get("mapping", "")).startswith(("pcp", "natpmp"))
+          and host().get("external") == "203.0.113.3:4500", 15, "mapped again", world)
+    _transfer(world, 1_000_000)
