@@ -372,6 +372,16 @@ def _pps(before: dict[str, Any] | None, after: dict[str, Any] | None, seconds: f
     return (out(after) - out(before)) / seconds if seconds > 0 else 0.0
 
 
+def _fresh_status(host: Host, since: float, wait: float = 5.0) -> dict[str, Any] | None:
+    """The host's status as written after ``since`` (the daemon writes it every second)."""
+    deadline = time.monotonic() + wait
+    while True:
+        st = host.status()
+        if (st is not None and st.get("time", 0) >= since) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
 def run_lab(dataplane: str, keep: bool, roam: bool, size: int) -> int:
     """Build the world, run it, report, tear it down. Returns the exit status."""
     planes = {"mixed": ("fast", "python")}.get(dataplane, (dataplane, dataplane))
@@ -390,11 +400,11 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int) -> int:
             for h in (desktop, laptop):
                 _say(f"$ btmm status   # on {h.name} ({world.location[h.name]})")
                 _say(world.status_text(h) + "\n")
-            before = laptop.status()
+            before = _fresh_status(laptop, time.time())
             _say(f"transfer: laptop -> {desktop.fqdn}, {size / 1e6:.0f} MB over TCP")
             src, sink = start_transfer(world, laptop, desktop, size)
             sent, got = finish_transfer(src, sink)
-            after = laptop.status()
+            after = _fresh_status(laptop, time.time())
             ok = sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"]
             secs = sent["seconds"]
             _say(f"  {sent['bytes'] / 1e6:.0f} MB to {sent['address']} in {secs:.2f} s: "

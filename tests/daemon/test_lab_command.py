@@ -25,7 +25,8 @@ def test_btmm_lab_roam_runs_and_cleans_up() -> None:
     assert proc.returncode == 0, out + proc.stderr[-3000:]
     assert re.search(r"tunnels up [\d.]+ s after", out)
     assert out.count("$ btmm status") == 4  # both hosts, before and after roaming
-    assert "10 MB to fd" in out and "Mbit/s" in out and "packets/s" in out
+    assert "10 MB to fd" in out
+    assert re.search(r"[1-9]\d* Mbit/s, [1-9]\d* packets/s", out), out
     assert "the same TCP connection finished" in out
     assert out.count("SHA-256 matches") == 2 and "DIFFERS" not in out
     assert "203.0.113.4:4500" in out  # the laptop's new endpoint after the move
