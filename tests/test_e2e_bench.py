@@ -110,6 +110,7 @@ def test_summary_medians_spreads_and_ratios() -> None:
     # No tunnel process for plain veth: no CPU figure, rather than a misleading zero.
     assert "tcp1_cpu" not in s["veth"] and s["btmm-fast"]["tcp1_cpu"]["median"] == 50.0
     assert "vs_veth" not in s["btmm-fast"]["tcp1_cpu"]
+    assert s["btmm-fast"]["udp64_kpps"]["sender_limited_runs"] == 0
 
 
 def test_parse_systems() -> None:

@@ -190,6 +190,13 @@ def summarize(runs: Sequence[RunResult], systems: Sequence[str]) -> dict[str, An
             values = [get(r) for r in mine if _has(r, key)]
             if values and len(values) == len(mine) and None not in values:
                 summary[system][key] = asdict(Spread.of([v for v in values if v is not None]))
+        for size in UDP_SIZES:
+            # A lossless unlimited probe means iperf3's sender, not the path, set the figure.
+            key = next(k for k, *_ in METRICS if k.startswith(f"udp{size}_") and "cpu" not in k)
+            if key in summary[system]:
+                summary[system][key]["sender_limited_runs"] = sum(
+                    1 for r in mine for u in r.udp if u.size == size and u.sender_limited
+                )
     for system, metrics in summary.items():
         for key, spread in metrics.items():
             if key.endswith("_cpu"):
@@ -797,7 +804,8 @@ def table(report: dict[str, Any]) -> Any:
     t = Table(
         title="End to end through each tunnel (iperf3, two namespaces, one veth pair)",
         caption=f"median (min-max) of {report['settings']['repetitions']} interleaved "
-        "repetitions; x wg: ratio to wireguard-go; % veth: share of plain veth",
+        "repetitions; x wg: ratio to wireguard-go; % veth: share of plain veth; "
+        "* sender-bound in n: in n runs iperf3's sender, not the path, set the UDP figure",
     )
     t.add_column("metric")
     for system in summary:
@@ -816,6 +824,8 @@ def table(report: dict[str, Any]) -> Any:
                 ratios.append(f"{m['vs_wireguard_go']:.2f}x wg")
             if m.get("vs_veth") is not None and system != CEILING:
                 ratios.append(f"{100 * m['vs_veth']:.0f}% veth")
+            if m.get("sender_limited_runs"):
+                ratios.append(f"* sender-bound in {m['sender_limited_runs']}")
             cells.append("\n".join(lines + ratios))
         t.add_row(f"{label}\n{unit}", *cells, end_section=True)
     return t
@@ -842,7 +852,11 @@ def chart(report: dict[str, Any], path: Path) -> None:
             range(len(shown)), med, yerr=[low, high], capsize=4,
             color=[colors[systems.index(s) % len(colors)] for s in shown],
         )  # fmt: skip
-        ax.bar_label(bars, labels=[f"{v:.3g}" for v in med], padding=2, fontsize=8)
+        marks = ["*" if summary[s][key].get("sender_limited_runs") else "" for s in shown]
+        ax.bar_label(
+            bars, labels=[f"{v:.3g}{m}" for v, m in zip(med, marks, strict=True)], padding=2,
+            fontsize=8,
+        )  # fmt: skip
         ax.set_xticks(range(len(shown)), shown, rotation=25, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.set_ylabel(unit)
@@ -854,7 +868,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
         f"{report['date']}\nkernel {report['machine']['kernel']}, "
         f"{report['machine']['cpus']} CPUs\n"
         f"median of {report['settings']['repetitions']} interleaved repetitions,\n"
-        "whiskers: min-max\ninner MTU 1420, IPv6 inside every tunnel",
+        "whiskers: min-max\ninner MTU 1420, IPv6 inside every tunnel\n"
+        "*: in some runs the iperf3 sender, not the path,\n   set the UDP figure",
         fontsize=9, va="center",
     )  # fmt: skip
     fig.suptitle("btmm end-to-end bench: iperf3 through each tunnel")
