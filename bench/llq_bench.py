@@ -73,7 +73,7 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
-async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, float]:
+async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, float | int]:
     key = read_key_file(key_path)
     tkey = dns.tsig.Key(key.name, key.secret, key.algorithm)
     cfg = ClientConfig(lease=7200)
@@ -88,12 +88,16 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
         await asyncio.gather(*(w.start() for w in watchers[i : i + 200]))
         await asyncio.sleep(0.05)
     while not all(w.client.state == ClientState.ESTABLISHED for w in watchers):
-        if time.monotonic() - t0 > 600:
-            raise RuntimeError("LLQs not established in 10 minutes")
+        if time.monotonic() - t0 > 300:
+            states: dict[str, int] = {}
+            for w in watchers:
+                states[w.client.state.value] = states.get(w.client.state.value, 0) + 1
+            raise RuntimeError(f"LLQs not established in 5 minutes: {states}")
         await asyncio.sleep(0.1)
     setup_s = time.monotonic() - t0
     latencies: list[float] = []
     rates: list[float] = []
+    missed: list[int] = []
     try:
         for u in range(updates):
             msg = dns.update.UpdateMessage("bob.members.example.")
@@ -106,10 +110,17 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
             r = await asyncio.to_thread(dns.query.udp, msg, "127.0.0.1", port=port, timeout=5)
             assert r.rcode() == dns.rcode.NOERROR
             while sum(len(w.arrivals) > u for w in watchers) < n:
-                if time.monotonic() - sent > 120:
-                    raise RuntimeError(f"update {u} did not reach every watcher in 120 s")
+                if time.monotonic() - sent > 60:
+                    break
                 await asyncio.sleep(0.005)
-            got = [w.arrivals[u] - sent for w in watchers]
+            got = [w.arrivals[u] - sent for w in watchers if len(w.arrivals) > u]
+            missed.append(n - len(got))
+            if missed[-1]:
+                # An LLQ dropped after unacknowledged events: its client only learns at the
+                # next refresh. Count it and stop: later arrivals no longer line up by index.
+                latencies += got
+                rates.append(len(got) / max(got))
+                break
             latencies += got
             rates.append(n / max(got))
     finally:
@@ -120,6 +131,8 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
         "latency_p50_ms": round(pct(latencies, 50) * 1000, 2),
         "latency_p99_ms": round(pct(latencies, 99) * 1000, 2),
         "events_per_s": round(statistics.median(rates), 1),
+        "updates_done": len(missed),
+        "llqs_missing_an_event_after_60s": missed[-1] if missed else 0,
     }
 
 
@@ -149,10 +162,12 @@ def main() -> None:
             str(port),
             "--tls-port",
             "0",
+            # Room for every run's LLQs: a cancel lost at the end of one run leaves its LLQ
+            # until the lease ends, and the next run must not meet SERV-FULL.
             "--llq-max-total",
-            str(max(args.llqs) + 10),
+            str(sum(args.llqs) * args.reps + 10),
             "--llq-max-per-client",
-            str(max(args.llqs) + 10),
+            str(sum(args.llqs) * args.reps + 10),
             "--log-level",
             "warning",
         ],
