@@ -100,6 +100,8 @@ class Tunnel:
     kind: str
     config: dict[str, Any]
     workdir: Path
+    #: extra environment for the `btmm tunnel` process, e.g. {"BTMM_TUN_OFFLOAD": "0"}
+    extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[str] | None = None
     ready: dict[str, Any] = field(default_factory=dict)
     _out: LineReader | None = None
@@ -123,7 +125,7 @@ class Tunnel:
             stdout=subprocess.PIPE,
             stderr=self.log_path.open("w"),
             text=True,
-            env=env(),
+            env={**env(), **self.extra_env},
             cwd=str(REPO),
         )
         assert self.proc.stdout is not None
@@ -138,6 +140,16 @@ class Tunnel:
         )
         assert self.ready.get("engine") == self.kind, self.ready
         return self.ready
+
+    def tun_vnet_hdr(self) -> bool:
+        """Whether the kernel says this tunnel's TUN device takes virtio-net headers (the
+        offloads' switch), from ``ip -details link``: the kernel's view, not the engine's."""
+        dev = str(self.ready.get("tun") or self.config["tun"])
+        out = self.ns.run(["ip", "-details", "link", "show", "dev", dev]).stdout
+        for flag in ("vnet_hdr on", "vnet_hdr off"):
+            if flag in out:
+                return flag.endswith("on")
+        raise AssertionError(f"ip -details link shows no vnet_hdr flag for {dev}:\n{out}")
 
     def request(self, cmd: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdin is not None and self._out is not None

@@ -32,30 +32,48 @@ from btmm_core.lab.netns import Lab
 # Needs root: without it Lab() raises PermissionNeeded and the tests fail (never skip).
 pytestmark = pytest.mark.netns
 
-PAIRS = [("fast", "fast"), ("python", "python"), ("fast", "python"), ("python", "fast")]
+#: (engine of a, engine of b, TUN offloads on); the fast pair runs once more with the
+#: offloads forced off (BTMM_TUN_OFFLOAD=0), the engine's plain one-packet-per-read path.
+PAIRS = [
+    ("fast", "fast", True),
+    ("python", "python", True),
+    ("fast", "python", True),
+    ("python", "fast", True),
+    ("fast", "fast", False),
+]
+OFFLOAD_OFF = {"BTMM_TUN_OFFLOAD": "0"}
 BIG = 100 * 1024 * 1024
 #: drops that must never happen between two correctly keyed peers on a clean link
 BAD_DROPS = ("auth", "unknown_spi", "replay", "malformed", "source_mismatch")
 
 
 class Pair:
-    def __init__(self, lab: Lab, a: Any, b: Any, ta: Tunnel, tb: Tunnel) -> None:
+    def __init__(
+        self, lab: Lab, a: Any, b: Any, ta: Tunnel, tb: Tunnel, offload: bool = True
+    ) -> None:
         self.lab, self.a, self.b, self.ta, self.tb = lab, a, b, ta, tb
+        self.offload = offload
 
 
-@pytest.fixture(scope="module", params=PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
+def _pair_id(p: tuple[str, str, bool]) -> str:
+    return f"{p[0]}-{p[1]}" + ("" if p[2] else "-offload-off")
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=_pair_id)
 def pair(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pair]:
-    a_kind, b_kind = request.param
-    work: Path = tmp_path_factory.mktemp(f"e2e-{a_kind}-{b_kind}")
+    a_kind, b_kind, offload = request.param
+    work: Path = tmp_path_factory.mktemp(f"e2e-{_pair_id(request.param)}")
+    extra = {} if offload else dict(OFFLOAD_OFF)
     with Lab() as lab:
         a, b = two_hosts(lab)
         ca, cb = pair_configs(a_kind, b_kind)
-        ta, tb = Tunnel("a", a, a_kind, ca, work), Tunnel("b", b, b_kind, cb, work)
+        ta = Tunnel("a", a, a_kind, ca, work, extra_env=extra)
+        tb = Tunnel("b", b, b_kind, cb, work, extra_env=extra)
         ta.start()
         tb.start()
-        yield Pair(lab, a, b, ta, tb)
+        yield Pair(lab, a, b, ta, tb, offload)
         # One tunnel is asked to quit, the other stops because its control channel ended.
         codes = (ta.stop(), tb.close_stdin())
         assert codes == (0, 0), f"tunnels exited with {codes}:\n{ta.log_tail()}\n{tb.log_tail()}"
@@ -65,6 +83,17 @@ def _no_bad_drops(t: Tunnel) -> None:
     drops = t.drops()
     bad = {k: drops.get(k, 0) for k in BAD_DROPS if drops.get(k, 0)}
     assert not bad, f"tunnel {t.name} ({t.kind}) dropped packets: {bad}; all counters: {drops}"
+
+
+def test_tun_offloads_as_configured(pair: Pair) -> None:
+    # The kernel's view of each TUN device: the fast engine asks for virtio-net headers (the
+    # offloads) unless BTMM_TUN_OFFLOAD=0 reached its process; the Python engine never does.
+    for t in (pair.ta, pair.tb):
+        want = t.kind == "fast" and pair.offload
+        assert t.tun_vnet_hdr() is want, (
+            f"tunnel {t.name} ({t.kind}, env {t.extra_env}): vnet_hdr should be "
+            f"{'on' if want else 'off'}"
+        )
 
 
 def test_ping6_across_the_tunnel(pair: Pair) -> None:

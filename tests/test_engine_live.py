@@ -105,12 +105,18 @@ class Live:
         return flat_counters(self.ta.counters())
 
 
-@pytest.fixture(scope="module", params=["fast", "python"])
+#: the fast engine also runs with its TUN offloads forced off (BTMM_TUN_OFFLOAD=0)
+VARIANTS = ["fast", "python", "fast-offload-off"]
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Live]:
-    kind: str = request.param
-    work: Path = tmp_path_factory.mktemp(f"live-{kind}")
+    variant: str = request.param
+    kind = variant.removesuffix("-offload-off")
+    extra_env = {"BTMM_TUN_OFFLOAD": "0"} if variant.endswith("-offload-off") else {}
+    work: Path = tmp_path_factory.mktemp(f"live-{variant}")
     k_ca, k_ac = keymat(), keymat()
     spi_ca, spi_ac = 0x3000 + secrets.randbelow(1 << 16), 0x4000000 + secrets.randbelow(1 << 16)
     extra: list[dict[str, Any]] = [
@@ -127,9 +133,13 @@ def live(
     with Lab() as lab:
         a, b = two_hosts(lab)
         ca, cb = pair_configs(kind, kind, a_extra_peers=extra)
-        ta, tb = Tunnel("a", a, kind, ca, work), Tunnel("b", b, kind, cb, work)
+        ta = Tunnel("a", a, kind, ca, work, extra_env=extra_env)
+        tb = Tunnel("b", b, kind, cb, work, extra_env=extra_env)
         ta.start()
         tb.start()
+        # The variant really is what it says: the kernel reports the TUN's virtio-net headers.
+        want = kind == "fast" and not extra_env
+        assert ta.tun_vnet_hdr() is want and tb.tun_vnet_hdr() is want, (variant, extra_env)
         live = Live(kind, lab, a, b, ta, tb)
         # The bare codec of the same kind crafts c's traffic.
         live.c_tx = tx_codec(spi_ca, bytes.fromhex(k_ca), kind=kind)
