@@ -57,3 +57,59 @@ def test_bench_table_renders_for_one_engine() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "python" in proc.stdout and "100" in proc.stdout and "codec/AES" in proc.stdout
+
+
+def test_bench_counts_instructions_per_packet() -> None:
+    # valgrind is a CI package (.ci/apt-packages): without it this fails instead of skipping.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "btmm_core.cli",
+            "bench",
+            "--quick",
+            "--instructions",
+            "--json",
+            "--engine",
+            "fast",
+            "--size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env(),
+        cwd=str(REPO),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["instructions"]["available"] is True, report["instructions"]
+    assert report["instructions"]["tool"] == "callgrind"
+    (row,) = report["results"]
+    for key in ("codec_instructions", "aead_instructions"):
+        assert isinstance(row[key], float) and row[key] > 0, (key, row)
+
+
+def test_bench_table_says_when_instructions_are_not_measured() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "btmm_core.cli",
+            "bench",
+            "--quick",
+            "--engine",
+            "python",
+            "--size",
+            "100",
+            "--no-instructions",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(),
+        cwd=str(REPO),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "codec/AES" in proc.stdout and "not measured" in proc.stdout, proc.stdout
+    assert "instr/pkt" not in proc.stdout, proc.stdout

@@ -9,6 +9,14 @@ Python engine's loops run over ``EspTxSa.seal``/``EspRxSa.open`` and ``AESGCM``.
 The machine is shared and noisy (DESIGN.md §6): measurements are interleaved (each repetition
 visits every engine, size and system in turn) and reported as median with min-max, plus the
 ratio codec/ceiling. Throughput counts inner bytes only.
+
+Where valgrind is installed, the fast engine's two Rust loops are also counted in instructions
+per packet (callgrind: a count that does not depend on the machine's load). Each loop runs in
+its own interpreter under callgrind once with ``INSTRUCTION_COUNT`` packets and once with
+none; the difference over the count is the cost of one seal + open, without interpreter
+start-up, import and key setup. ``perf stat -e instructions`` would be cheaper but needs
+hardware counters, which virtual machines often do not expose. Caveat: valgrind presents its
+own CPU, so ring may pick a different AES-GCM code path under it than on the bare machine.
 """
 
 from __future__ import annotations
@@ -16,10 +24,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import click
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,6 +48,10 @@ QUICK_COUNTS = {"fast": 2_000, "python": 300}
 REPETITIONS = 5
 QUICK_REPETITIONS = 2
 _SPI = 0x1234_5678
+#: packets per callgrind run (the result is exact per run, so one short run is enough)
+INSTRUCTION_COUNT = 2_000
+#: the Rust loops counted in instructions, by the report's system name
+_FAST_LOOPS = {"codec": "bench_codec", "aead": "bench_aead"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,105 @@ class Row:
     aead: Stat
     #: codec throughput / bare AES-GCM throughput (medians); 1.0 means the codec adds nothing
     ratio: float
+    #: instructions per seal + open (callgrind), None where not measured (see Instructions)
+    codec_instructions: float | None = None
+    aead_instructions: float | None = None
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """Whether instructions per packet were counted, with what, and if not, why not."""
+
+    available: bool
+    tool: str
+    note: str
+
+
+def instructions_tool() -> Instructions:
+    """Callgrind when valgrind is on PATH; otherwise a reason the report can show."""
+    if shutil.which("valgrind") is None:
+        return Instructions(
+            False,
+            "none",
+            "instructions per packet not measured: valgrind is not installed "
+            "(apt-get install valgrind)",
+        )
+    return Instructions(
+        True,
+        "callgrind",
+        f"instructions per seal+open of the fast engine's Rust loops under valgrind callgrind "
+        f"({INSTRUCTION_COUNT} packets minus a run of 0); valgrind's virtual CPU may steer "
+        "ring to another AES-GCM code path than the bare machine",
+    )
+
+
+_TOTALS = re.compile(r"^(?:totals|summary):\s+(\d+)", re.MULTILINE)
+
+
+def callgrind_instructions(function: str, size: int, count: int) -> int:
+    """Instructions callgrind counts for a whole interpreter that calls
+    ``btmm_core._fast.<function>(size, count)`` once."""
+    resolve_kind("fast")  # a clear EngineUnavailable when the extension is not built
+    code = f"import btmm_core._fast as f; f.{function}({size}, {count})"
+    with tempfile.TemporaryDirectory(prefix="btmm-callgrind-") as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        proc = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-c",
+                code,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            # the same hash seed in both runs, so that start-up does the same work
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        if proc.returncode != 0:
+            raise BtmmError(
+                f"valgrind callgrind failed on {function}({size}, {count}) "
+                f"(exit {proc.returncode}): {proc.stderr[-1500:]}; run without --instructions "
+                "to skip the instruction counts"
+            )
+        with open(out) as f:
+            found = _TOTALS.search(f.read())
+    if found is None:
+        raise BtmmError(f"callgrind wrote no totals line for {function}({size}, {count})")
+    return int(found.group(1))
+
+
+def instructions_per_packet(system: str, size: int, count: int = INSTRUCTION_COUNT) -> float:
+    """Instructions per seal + open of one ``size``-byte packet in the fast engine's
+    ``system`` loop ("codec" or "aead"): a run of ``count`` minus a run of none."""
+    function = _FAST_LOOPS[system]
+    loaded = callgrind_instructions(function, size, count)
+    baseline = callgrind_instructions(function, size, 0)
+    if loaded <= baseline:
+        raise BtmmError(
+            f"callgrind counted no work for {count} packets of {system} at {size} bytes "
+            f"({loaded} vs baseline {baseline})"
+        )
+    return (loaded - baseline) / count
+
+
+def with_instructions(rows: Sequence[Row], count: int = INSTRUCTION_COUNT) -> list[Row]:
+    """The rows with instructions per packet filled in for the fast engine."""
+    out = []
+    for r in rows:
+        if r.engine != "fast":
+            out.append(r)
+            continue
+        out.append(
+            replace(
+                r,
+                codec_instructions=instructions_per_packet("codec", r.size, count),
+                aead_instructions=instructions_per_packet("aead", r.size, count),
+            )
+        )
+    return out
 
 
 def _packet(size: int) -> bytes:
@@ -158,24 +274,40 @@ def run(
     return rows
 
 
-def to_json(rows: Sequence[Row]) -> dict[str, object]:
+def to_json(rows: Sequence[Row], instructions: Instructions | None = None) -> dict[str, object]:
     return {
-        "unit": {"pps": "inner packets per second", "gbps": "inner Gbit/s"},
+        "unit": {
+            "pps": "inner packets per second",
+            "gbps": "inner Gbit/s",
+            "instructions": "instructions per seal + open (null: not measured)",
+        },
+        "instructions": asdict(instructions or Instructions(False, "none", "not requested")),
         "results": [asdict(r) for r in rows],
     }
 
 
-def _table(rows: Sequence[Row]) -> object:
+def _instr(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def _table(rows: Sequence[Row], instructions: Instructions | None = None) -> object:
     from rich.table import Table
 
+    caption = "median (min-max) over interleaved repetitions; inner bytes only"
+    if instructions is not None:
+        caption += "\n" + instructions.note
     table = Table(
-        title="ESP codec: seal + open per packet, beside bare AES-256-GCM",
-        caption="median (min-max) over interleaved repetitions; inner bytes only",
+        title="ESP codec: seal + open per packet, beside bare AES-256-GCM", caption=caption
     )
-    for col in ("engine", "size", "codec kpps", "codec Gbit/s", "AES-GCM Gbit/s", "codec/AES"):
+    columns = ["engine", "size", "codec kpps", "codec Gbit/s", "AES-GCM Gbit/s", "codec/AES"]
+    # Only measured columns: an 80-column terminal has no room for two columns of "n/a".
+    counted = any(r.codec_instructions is not None for r in rows)
+    if counted:
+        columns += ["codec instr/pkt", "AES instr/pkt"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "engine" else "right")
     for r in rows:
-        table.add_row(
+        cells = [
             r.engine,
             str(r.size),
             f"{r.codec.pps_median / 1e3:.0f} ({r.codec.pps_min / 1e3:.0f}-"
@@ -183,7 +315,10 @@ def _table(rows: Sequence[Row]) -> object:
             f"{r.codec.gbps_median:.2f} ({r.codec.gbps_min:.2f}-{r.codec.gbps_max:.2f})",
             f"{r.aead.gbps_median:.2f} ({r.aead.gbps_min:.2f}-{r.aead.gbps_max:.2f})",
             f"{r.ratio:.2f}",
-        )
+        ]
+        if counted:
+            cells += [_instr(r.codec_instructions), _instr(r.aead_instructions)]
+        table.add_row(*cells)
     return table
 
 
@@ -212,6 +347,12 @@ def _table(rows: Sequence[Row]) -> object:
 @click.option("--quick", is_flag=True, help="Few packets and rounds: a smoke run, not a figure.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option(
+    "--instructions/--no-instructions",
+    default=None,
+    help="Count the fast engine's instructions per packet under valgrind callgrind (about a "
+    "minute more). Default: on when valgrind is installed, off with --quick.",
+)
+@click.option(
     "--e2e",
     is_flag=True,
     help="Instead: iperf3 end to end through btmm, wireguard-go and OpenVPN beside plain veth, "
@@ -230,6 +371,7 @@ def bench(
     repetitions: int | None,
     quick: bool,
     as_json: bool,
+    instructions: bool | None = None,
     e2e: bool = False,
     systems: str = "all",
 ) -> None:
@@ -254,14 +396,27 @@ def bench(
     reps = repetitions or (QUICK_REPETITIONS if quick else REPETITIONS)
     try:
         rows = run(chosen, sizes or SIZES, reps, QUICK_COUNTS if quick else COUNTS)
+        tool = instructions_tool()
+        if instructions is None:
+            instructions = tool.available and not quick
+        if instructions and not tool.available:
+            raise click.ClickException(tool.note)
+        if instructions:
+            if "fast" not in chosen:
+                tool = replace(tool, note="instructions are counted for the fast engine only")
+            rows = with_instructions(rows)
+        elif tool.available:
+            tool = replace(
+                tool, available=False, note="instructions per packet not measured (asked off)"
+            )
     except BtmmError as err:
         raise click.ClickException(str(err)) from err
     if as_json:
-        click.echo(json.dumps(to_json(rows), indent=2))
+        click.echo(json.dumps(to_json(rows, tool), indent=2))
     else:
         from rich.console import Console
 
-        Console().print(_table(rows))
+        Console().print(_table(rows, tool))
 
 
 def main() -> None:
