@@ -119,7 +119,8 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
                 # An LLQ dropped after unacknowledged events: its client only learns at the
                 # next refresh. Count it and stop: later arrivals no longer line up by index.
                 latencies += got
-                rates.append(len(got) / max(got))
+                if got:
+                    rates.append(len(got) / max(got))
                 break
             latencies += got
             rates.append(n / max(got))
@@ -128,9 +129,9 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
     return {
         "llqs": n,
         "setup_s": round(setup_s, 2),
-        "latency_p50_ms": round(pct(latencies, 50) * 1000, 2),
-        "latency_p99_ms": round(pct(latencies, 99) * 1000, 2),
-        "events_per_s": round(statistics.median(rates), 1),
+        "latency_p50_ms": round(pct(latencies, 50) * 1000, 2) if latencies else -1,
+        "latency_p99_ms": round(pct(latencies, 99) * 1000, 2) if latencies else -1,
+        "events_per_s": round(statistics.median(rates), 1) if rates else 0,
         "updates_done": len(missed),
         "llqs_missing_an_event_after_60s": missed[-1] if missed else 0,
     }

@@ -61,18 +61,10 @@ class LLQService:
         while not self._closing:
             try:
                 self.server.tick(time.time())
-                outbox = self.server.take_outbox()
+                for out in self.server.take_outbox():
+                    self._send(out)
             except Exception:
                 log.exception("llq timer work failed; retrying")
-                outbox = []
-            # Send a burst (one change to thousands of LLQs) in slices and let the UDP reader
-            # run in between: acknowledgements arriving meanwhile would otherwise overflow the
-            # socket's receive buffer, and every lost one costs a resend.
-            for i in range(0, len(outbox), 128):
-                for out in outbox[i : i + 128]:
-                    self._send(out)
-                if len(outbox) > 128:
-                    await asyncio.sleep(0)
             deadline = self.server.next_deadline()
             delay = 1.0 if deadline is None else min(max(deadline - time.time(), 0.0), 1.0)
             self._wake.clear()
