@@ -17,14 +17,14 @@ pub struct Replay;
 
 /// Recovers the 64-bit sequence number from its low 32 bits, given the highest accepted one
 /// (RFC 4303 Appendix A.2, with W = 4096). `Err` when the high half would overflow 32 bits.
-// Written as in the RFC (`>= tl - W + 1`) so it can be checked against the text line by line.
-#[allow(clippy::int_plus_one)]
+// The RFC writes `Seql >= Tl - W + 1`; here it is `tl + 1 - WINDOW`, the same value, ordered so
+// that it cannot underflow when `tl == WINDOW - 1`.
 pub fn infer_seq(top: u64, seq_lo: u32) -> Result<u64, Replay> {
     let th = top >> 32;
     let tl = top & 0xffff_ffff;
     let lo = u64::from(seq_lo);
     let hi = if tl >= WINDOW - 1 {
-        if lo >= tl - WINDOW + 1 {
+        if lo >= tl + 1 - WINDOW {
             th
         } else {
             th + 1
