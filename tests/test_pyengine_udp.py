@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 
+import pytest
 from e2e_helpers import REPO
 
 from btmm_core.dataplane.api import Endpoint
@@ -20,6 +21,7 @@ from btmm_core.dataplane.pyengine import (
     MAX_UDP_PAYLOAD,
     UDP_GRO,
     UdpBatchSender,
+    _enabled,
     gso_runs,
     receive_batch,
     split_gro,
@@ -155,3 +157,10 @@ def test_gro_reads_are_real_batches_on_loopback() -> None:
             reads.append(len(data))
             assert anc and anc[0][:2] == (socket.SOL_UDP, UDP_GRO), anc
         assert reads == [8 * 700], reads
+
+
+def test_batching_switches_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BTMM_UDP_GSO", raising=False)
+    monkeypatch.setenv("BTMM_UDP_GRO", "0")
+    assert _enabled("BTMM_UDP_GSO") is True
+    assert _enabled("BTMM_UDP_GRO") is False

@@ -20,6 +20,7 @@ with the ``UDP_SEGMENT`` control message (GSO: the kernel cuts it into the same 
 a path or kernel that refuses, the run is sent one datagram at a time), and the socket asks for
 ``UDP_GRO``, so that such a run sent by a peer (either engine) arrives in one ``recvmsg`` with
 its segment size. The datagrams on the wire, and what is counted, stay exactly the same.
+``BTMM_UDP_GSO=0`` and ``BTMM_UDP_GRO=0`` in the environment turn either off.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ _GSO_UNSUPPORTED = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 #: GSO refused for this run only (e.g. a segment above the path MTU): send it unsegmented
 _GSO_REFUSED = _GSO_UNSUPPORTED | {errno.EMSGSIZE, errno.EINVAL}
 _CMSG_INT = socket.CMSG_SPACE(struct.calcsize("i"))
+
+
+def _enabled(variable: str) -> bool:
+    """A UDP batching feature is on unless its variable is "0" (for comparisons and
+    debugging, like ``BTMM_TUN_OFFLOAD`` for the Rust engine)."""
+    return os.environ.get(variable, "1") != "0"
 
 
 def gso_runs(
@@ -275,7 +282,7 @@ class PythonEngine:
             set_mtu(self._tun_name, config.mtu)
             set_up(self._tun_name)
             self._sock = self._open_socket(config.listen)
-            self._sender = UdpBatchSender(self._sock)
+            self._sender = UdpBatchSender(self._sock, gso=_enabled("BTMM_UDP_GSO"))
             self._port = int(self._sock.getsockname()[1])
         except BaseException:
             close_quietly(self._tun_fd)
@@ -305,8 +312,9 @@ class PythonEngine:
         sock.setblocking(False)
         # Coalesced reads of a peer's GSO runs; a kernel without UDP_GRO (before 5.0) reads
         # datagram by datagram, as before.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        if _enabled("BTMM_UDP_GRO"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
         return sock
 
     # -- lifecycle -------------------------------------------------------------------------
