@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -15,14 +16,37 @@ import dns.rdatatype
 
 from btmm_core.errors import BtmmError
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged
-from btmm_core.llq.driver import Watcher, read_key_file
+from btmm_core.llq.driver import TRANSPORTS, Watcher, read_key_file
 
 
 @click.command()
 @click.argument("name")
 @click.argument("rdtype", metavar="TYPE", default="ANY")
 @click.option("--server", default="127.0.0.1", show_default=True, help="Registry address.")
-@click.option("--port", type=int, default=53, show_default=True, help="Registry UDP port.")
+@click.option(
+    "--port",
+    type=int,
+    default=None,
+    help="Registry port [default: 53, or 853 with --transport tls].",
+)
+@click.option(
+    "--transport",
+    type=click.Choice(TRANSPORTS),
+    default="udp",
+    show_default=True,
+    help="UDP, TCP, or DNS over TLS: over TCP/TLS the LLQ lives as long as the connection.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="PEM file of the CA (or the registry's self-signed certificate) to trust for TLS.",
+)
+@click.option(
+    "--tls-name",
+    default=None,
+    help="Name the registry's TLS certificate must carry [default: --server].",
+)
 @click.option(
     "-k",
     "--key-file",
@@ -45,7 +69,10 @@ def watch(
     name: str,
     rdtype: str,
     server: str,
-    port: int,
+    port: int | None,
+    transport: str,
+    tls_ca: Path | None,
+    tls_name: str | None,
     key_file: Path | None,
     lease: int,
     poll_interval: float,
@@ -63,6 +90,11 @@ def watch(
         qtype = dns.rdatatype.from_text(rdtype)
         key = read_key_file(key_file) if key_file is not None else None
         config = ClientConfig(lease=lease, poll_interval=poll_interval)
+        ssl_context = None
+        if transport == "tls":
+            ssl_context = ssl.create_default_context(cafile=str(tls_ca) if tls_ca else None)
+    except ssl.SSLError as e:
+        raise click.UsageError(f"cannot load the TLS trust anchor {tls_ca}: {e}") from e
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
     except (ValueError, dns.exception.DNSException) as e:
@@ -75,7 +107,17 @@ def watch(
             loop.add_signal_handler(sig, stop.set)
         end = time.monotonic() + timeout if timeout > 0 else None
         printed = 0
-        async with Watcher((server, port), qname, qtype, key=key, config=config) as w:
+        address = (server, port if port is not None else 853 if transport == "tls" else 53)
+        async with Watcher(
+            address,
+            qname,
+            qtype,
+            key=key,
+            config=config,
+            transport=transport,
+            ssl_context=ssl_context,
+            server_hostname=tls_name or server,
+        ) as w:
             while not stop.is_set():
                 wait = None if end is None else end - time.monotonic()
                 if wait is not None and wait <= 0:

@@ -240,6 +240,22 @@ class LLQClient:
         self._retry_at = self._refresh_at = self._next_poll = self._next_setup = None
         return out
 
+    def connection_lost(self, now: float) -> list[Output]:
+        """The TCP/TLS connection to the server closed: an LLQ on it is gone with it.
+
+        The driver reconnects; the new setup's full answer is compared with what was known, as
+        after a server restart, so no change made meanwhile is missed.
+        """
+        out: list[Output] = []
+        self._pending.clear()
+        if self.state in (
+            ClientState.SETUP,
+            ClientState.CHALLENGED,
+            ClientState.ESTABLISHED,
+        ):
+            self._begin_setup(now, "connection closed: LLQ lost", out)
+        return out
+
     def receive(self, wire: bytes, now: float) -> list[Output]:
         out: list[Output] = []
         if self.state == ClientState.CLOSED:

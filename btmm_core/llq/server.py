@@ -19,6 +19,16 @@ for its acknowledgement are merged (last change of a record wins) and go out in 
 That keeps the client's view right under loss and retransmission. An event not acknowledged
 after ``len(resend_after)`` transmissions (2 s, 4 s, 8 s) drops the LLQ (RFC 8764 section 7);
 the client notices at its next refresh (NO-SUCH-LLQ) and sets up again with a full answer.
+
+Over TCP and DNS over TLS (RFC 8764 section 4 lets LLQ run over TCP; RFC 7766/7858 framing)
+the setup, refresh and cancel are the same messages on one connection, and events are pushed
+on that connection. The LLQ belongs to the connection (its peer is the connection's
+address#port): the challenge must be answered and the LLQ refreshed on it, and when it closes
+the driver calls ``connection_closed`` and its LLQs go. A reliable transport delivers the
+event or the connection fails, so events are never resent there; the acknowledgement is still
+required and keeps one event in flight (the same merging as over UDP), and an event not
+acknowledged within ``sum(resend_after)`` (14 s, what UDP allows for all its transmissions)
+drops the LLQ as over UDP. Answers over a stream are not limited to the UDP payload.
 """
 
 from __future__ import annotations
@@ -140,6 +150,10 @@ class LLQ:
     def client(self) -> str:
         return client_of(self.peer)
 
+    @property
+    def stream(self) -> bool:
+        return self.transport != Transport.UDP
+
 
 def client_of(peer: str) -> str:
     """The address part of "address#port": limits are per client address."""
@@ -182,6 +196,8 @@ class LLQServer:
         self._expiry: list[tuple[float, int]] = []
         self._resends: list[tuple[float, int, int]] = []
         self._changes: list[RRsetChange] = []
+        #: LLQs set up over TCP/TLS, by connection: they end with it.
+        self._by_conn: dict[tuple[Transport, str], set[int]] = {}
         self.outbox: list[Outgoing] = []
         self._templates: dict[
             tuple[dns.name.Name, int, tuple[tuple[RecordKey, int], ...]], bytes
@@ -210,10 +226,14 @@ class LLQServer:
         qname: dns.name.Name,
         qtype: int,
         key_name: dns.name.Name | None,
+        transport: Transport = Transport.UDP,
     ) -> int:
         t = issued & 0xFFFFFFFF
         h = hmac.new(self._secret, digestmod=hashlib.sha256)
         h.update(struct.pack("!I", t))
+        if transport != Transport.UDP:
+            # A TCP connection's address#port must not validate a UDP challenge or back.
+            h.update(struct.pack("!B", transport))
         h.update(peer.encode())
         h.update(b"\0")
         h.update(qname.canonicalize().to_wire() or b"")
@@ -230,11 +250,12 @@ class LLQServer:
         qname: dns.name.Name,
         qtype: int,
         key_name: dns.name.Name | None,
+        transport: Transport = Transport.UDP,
     ) -> bool:
         issued = llq_id >> 32
         if not 0 <= int(now) - issued <= self.config.challenge_window:
             return False
-        expected = self.challenge_id(issued, peer, qname, qtype, key_name)
+        expected = self.challenge_id(issued, peer, qname, qtype, key_name, transport)
         return hmac.compare_digest(expected.to_bytes(8, "big"), llq_id.to_bytes(8, "big"))
 
     def _full(self, peer: str) -> bool:
@@ -245,11 +266,6 @@ class LLQServer:
 
     def handle(self, ctx: RequestContext) -> dns.message.Message | None:
         """Answer a request carrying an LLQ option (the core signs and renders it)."""
-        if ctx.transport != Transport.UDP:
-            # Events are only delivered over UDP so far: over TCP/TLS the request gets the
-            # plain answer, without an LLQ option, which a client reads as "no LLQ here".
-            self.stats["not_udp"] += 1
-            return None
         req = ctx.request
         options = find_llq(req.options)
         response = dns.message.make_response(req, our_payload=self.config.udp_payload)
@@ -297,12 +313,14 @@ class LLQServer:
         key_name = key.name if key is not None else None
         peer = ctx.peer
         now = ctx.now
+        transport = ctx.transport
 
         if opt.opcode == LLQOpcode.REFRESH:
             llq = self.llqs.get(opt.llq_id)
             if (
                 llq is None
                 or llq.peer != peer
+                or llq.transport != transport
                 or llq.qname != q.name
                 or llq.qtype != q.rdtype
                 or llq.key_name != key_name
@@ -322,22 +340,30 @@ class LLQServer:
             if self._full(peer):
                 return reply(LLQOpcode.SETUP, LLQError.SERV_FULL, 0, self.config.full_retry)
             self.stats["challenges"] += 1
-            llq_id = self.challenge_id(int(now), peer, q.name, q.rdtype, key_name)
+            llq_id = self.challenge_id(int(now), peer, q.name, q.rdtype, key_name, transport)
             return reply(LLQOpcode.SETUP, LLQError.NO_ERROR, llq_id, self._lease(opt.lease))
 
         llq = self.llqs.get(opt.llq_id)
         if llq is not None:
-            if llq.peer != peer or llq.qname != q.name or llq.qtype != q.rdtype:
+            if (
+                llq.peer != peer
+                or llq.transport != transport
+                or llq.qname != q.name
+                or llq.qtype != q.rdtype
+            ):
                 return reply(LLQOpcode.SETUP, LLQError.NO_SUCH_LLQ, opt.llq_id)
             # A repeated challenge response: the ACK was lost, send it again.
             lease = max(0, int(llq.expires - now))
         else:
-            if not self._challenge_ok(opt.llq_id, now, peer, q.name, q.rdtype, key_name):
+            if not self._challenge_ok(opt.llq_id, now, peer, q.name, q.rdtype, key_name, transport):
                 return reply(LLQOpcode.SETUP, LLQError.NO_SUCH_LLQ, opt.llq_id)
             if self._full(peer):
                 return reply(LLQOpcode.SETUP, LLQError.SERV_FULL, 0, self.config.full_retry)
             lease = self._lease(opt.lease)
-            payload = max(512, min(req.payload, self.config.udp_payload))
+            if transport == Transport.UDP:
+                payload = max(512, min(req.payload, self.config.udp_payload))
+            else:
+                payload = 0xFFFF  # a stream message's length prefix is the only limit
             self._create(
                 LLQ(
                     opt.llq_id,
@@ -376,6 +402,8 @@ class LLQServer:
         self._by_rrset.setdefault((llq.qname, llq.qtype), set()).add(llq.llq_id)
         self._per_client[llq.client] += 1
         heapq.heappush(self._expiry, (llq.expires, llq.llq_id))
+        if llq.stream:
+            self._by_conn.setdefault((llq.transport, llq.peer), set()).add(llq.llq_id)
         self.stats["established"] += 1
         log.debug(
             "llq established",
@@ -395,8 +423,27 @@ class LLQServer:
         self._per_client[llq.client] -= 1
         if self._per_client[llq.client] <= 0:
             del self._per_client[llq.client]
+        if llq.stream:
+            conn = self._by_conn.get((llq.transport, llq.peer))
+            if conn is not None:
+                conn.discard(llq.llq_id)
+                if not conn:
+                    del self._by_conn[(llq.transport, llq.peer)]
         self.stats[why] += 1
         log.debug("llq deleted", id=f"{llq.llq_id:016x}", peer=llq.peer, why=why)
+
+    def connection_closed(self, transport: Transport, peer: str) -> int:
+        """A TCP/TLS connection ended: its LLQs end with it. Returns how many went."""
+        ids = self._by_conn.pop((transport, peer), set())
+        for llq_id in list(ids):
+            llq = self.llqs.get(llq_id)
+            if llq is not None:
+                self._delete(llq, "connection_closed")
+        return len(ids)
+
+    def holds_llq(self, transport: Transport, peer: str) -> bool:
+        """Whether the connection carries an LLQ (the driver then keeps it open when idle)."""
+        return (transport, peer) in self._by_conn
 
     # ---- events -------------------------------------------------------------------------
 
@@ -516,7 +563,8 @@ class LLQServer:
             take = max(1, take // 2)
         for rkey, _ in items[:take]:
             del llq.queued[rkey]
-        event = _Event(msg_id, wire, 1, now + self.config.resend_after[0])
+        wait = sum(self.config.resend_after) if llq.stream else self.config.resend_after[0]
+        event = _Event(msg_id, wire, 1, now + wait)
         llq.inflight = event
         heapq.heappush(self._resends, (event.next_at, llq.llq_id, msg_id))
         self.outbox.append(Outgoing(llq.transport, llq.peer, wire))
@@ -537,7 +585,7 @@ class LLQServer:
         if len(options) != 1 or options[0].malformed or options[0].opcode != LLQOpcode.EVENT:
             return None
         llq = self.llqs.get(options[0].llq_id)
-        if llq is None or llq.peer != peer:
+        if llq is None or llq.peer != peer or llq.transport != transport:
             self.stats["ack_unknown"] += 1
             return None
         event = llq.inflight
@@ -589,7 +637,7 @@ class LLQServer:
             event = llq.inflight
             if event.msg_id != msg_id or event.next_at != at:
                 continue
-            if event.sent >= len(self.config.resend_after):
+            if llq.stream or event.sent >= len(self.config.resend_after):
                 log.info(
                     "llq dropped: event not acknowledged",
                     id=f"{llq_id:016x}",

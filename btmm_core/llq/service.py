@@ -1,6 +1,7 @@
 """The asyncio side of the LLQ server (RFC 8764) inside ``btmm serve``: runs ``LLQServer.tick``
-when it has work and sends what it produced from the registry's UDP socket. All protocol work
-is in ``btmm_core.llq.server``.
+when it has work and sends what it produced: from the registry's UDP socket, or on the TCP/TLS
+connection the LLQ was set up on (whose closing ends the LLQ). All protocol work is in
+``btmm_core.llq.server``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class LLQService:
 
     def start(self, registry: RegistryServer) -> None:
         self._registry = registry
+        registry.stream_closed_handlers.append(self._connection_closed)
+        registry.keep_open = self.server.holds_llq
         self._task = asyncio.create_task(self._run())
         c = self.server.config
         log.info(
@@ -51,11 +54,18 @@ class LLQService:
     def _send(self, out: Outgoing) -> None:
         assert self._registry is not None
         if out.transport != Transport.UDP:
-            return  # LLQs are only set up over UDP (see LLQServer.handle)
+            # A connection that is gone already told connection_closed; nothing to do here.
+            if not self._registry.send_stream(out.transport, out.peer, out.wire):
+                log.debug("llq event not sent: connection gone", peer=out.peer)
+            return
         try:
             self._registry.send_udp(out.wire, _address(out.peer))
         except OSError as e:
             log.debug("llq event not sent", peer=out.peer, error=str(e))
+
+    def _connection_closed(self, transport: Transport, peer: str) -> None:
+        if self.server.connection_closed(transport, peer):
+            self._wake.set()
 
     async def _run(self) -> None:
         while not self._closing:

@@ -13,6 +13,7 @@ import contextlib
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -62,6 +63,14 @@ class RegistryServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self.addresses: dict[str, tuple[str, int]] = {}
+        #: Open TCP/TLS connections by (transport, "address#port"), for pushed messages (LLQ).
+        self.streams: dict[tuple[Transport, str], asyncio.StreamWriter] = {}
+        #: Called with (transport, peer) when a TCP/TLS connection has closed.
+        self.stream_closed_handlers: list[Callable[[Transport, str], None]] = []
+        #: Whether an idle connection must stay open (it carries an LLQ); None: never.
+        self.keep_open: Callable[[Transport, str], bool] | None = None
+        #: Pushed bytes a connection may leave unread before it is closed as stuck.
+        self.max_stream_backlog = 1 << 20
 
     def dispatch(self, data: bytes, transport: Transport, addr: tuple[str, int]) -> bytes | None:
         peer = f"{addr[0]}#{addr[1]}"
@@ -81,6 +90,31 @@ class RegistryServer:
             return False
         self._udp[0].sendto(wire, addr)
         return True
+
+    def send_stream(self, transport: Transport, peer: str, wire: bytes) -> bool:
+        """Push a message on an open TCP/TLS connection (an LLQ event); False if it is gone.
+
+        A client that does not read what is pushed is cut off rather than let the backlog
+        grow without bound; its LLQs then end with the connection.
+        """
+        writer = self.streams.get((transport, peer))
+        if writer is None or writer.is_closing():
+            return False
+        if writer.transport.get_write_buffer_size() > self.max_stream_backlog:
+            log.warning("closing a connection that does not read pushed messages", peer=peer)
+            writer.close()
+            return False
+        writer.write(struct.pack("!H", len(wire)) + wire)
+        return True
+
+    async def _next_prefix(self, reader: asyncio.StreamReader, kind: Transport, peer: str) -> bytes:
+        # readexactly consumes nothing until all bytes are there, so a timeout loses no data.
+        while True:
+            try:
+                return await asyncio.wait_for(reader.readexactly(2), self.listen.idle_timeout)
+            except TimeoutError:
+                if self.keep_open is None or not self.keep_open(kind, peer):
+                    raise
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -123,9 +157,11 @@ class RegistryServer:
             return
         self._connections.add(task)
         addr = writer.get_extra_info("peername") or ("?", 0)
+        peer = f"{addr[0]}#{addr[1]}"
+        self.streams[(kind, peer)] = writer
         try:
             while True:
-                prefix = await asyncio.wait_for(reader.readexactly(2), self.listen.idle_timeout)
+                prefix = await self._next_prefix(reader, kind, peer)
                 (length,) = struct.unpack("!H", prefix)
                 if length < 12:
                     break
@@ -138,6 +174,12 @@ class RegistryServer:
             pass
         finally:
             self._connections.discard(task)
+            self.streams.pop((kind, peer), None)
+            for closed in self.stream_closed_handlers:
+                try:
+                    closed(kind, peer)
+                except Exception:
+                    log.exception("connection close handler failed", peer=peer)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
