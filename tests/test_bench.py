@@ -85,6 +85,7 @@ def test_bench_counts_instructions_per_packet() -> None:
     report = json.loads(proc.stdout)
     assert report["instructions"]["available"] is True, report["instructions"]
     assert report["instructions"]["tool"] == "callgrind"
+    assert report["instructions"]["measured"] is True
     (row,) = report["results"]
     for key in ("codec_instructions", "aead_instructions"):
         assert isinstance(row[key], float) and row[key] > 0, (key, row)

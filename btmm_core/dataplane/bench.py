@@ -95,9 +95,12 @@ class Row:
 class Instructions:
     """Whether instructions per packet were counted, with what, and if not, why not."""
 
+    #: the tool is installed
     available: bool
     tool: str
     note: str
+    #: the rows carry instruction counts (fast engine rows only)
+    measured: bool = False
 
 
 def instructions_tool() -> Instructions:
@@ -401,13 +404,16 @@ def bench(
             instructions = tool.available and not quick
         if instructions and not tool.available:
             raise click.ClickException(tool.note)
-        if instructions:
-            if "fast" not in chosen:
-                tool = replace(tool, note="instructions are counted for the fast engine only")
+        if instructions and "fast" not in chosen:
+            tool = replace(tool, note="instructions are counted for the fast engine only")
+        elif instructions:
             rows = with_instructions(rows)
+            tool = replace(tool, measured=True)
         elif tool.available:
             tool = replace(
-                tool, available=False, note="instructions per packet not measured (asked off)"
+                tool,
+                note="instructions per packet not measured (--quick or --no-instructions; "
+                "--instructions counts them)",
             )
     except BtmmError as err:
         raise click.ClickException(str(err)) from err
