@@ -68,6 +68,26 @@ class TimedWatcher(Watcher):
             self.events.get_nowait()
 
 
+def udp_drops(ports: set[int]) -> int:
+    """Datagrams the kernel dropped on the UDP sockets bound to ``ports`` (receive buffer full),
+    from the ``drops`` column of /proc/net/udp: exact per socket, unlike the system-wide
+    UdpRcvbufErrors that other processes on the machine also add to."""
+    total = 0
+    with open("/proc/net/udp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) in ports:
+                total += int(fields[-1])
+    return total
+
+
+def udp_rcvbuf_errors() -> int:
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    return int(rows[1][rows[0].index("RcvbufErrors")])
+
+
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
@@ -95,6 +115,8 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
             raise RuntimeError(f"LLQs not established in 5 minutes: {states}")
         await asyncio.sleep(0.1)
     setup_s = time.monotonic() - t0
+    client_ports = {w.local_address[1] for w in watchers}
+    drops0 = udp_drops({port}), udp_drops(client_ports), udp_rcvbuf_errors()
     latencies: list[float] = []
     rates: list[float] = []
     missed: list[int] = []
@@ -125,6 +147,7 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
             latencies += got
             rates.append(n / max(got))
     finally:
+        drops1 = udp_drops({port}), udp_drops(client_ports), udp_rcvbuf_errors()
         await asyncio.gather(*(w.close() for w in watchers))
     return {
         "llqs": n,
@@ -134,6 +157,11 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
         "events_per_s": round(statistics.median(rates), 1) if rates else 0,
         "updates_done": len(missed),
         "llqs_missing_an_event_after_60s": missed[-1] if missed else 0,
+        # Kernel drops during the updates: the registry's socket, the watchers' sockets, and
+        # the machine-wide UdpRcvbufErrors (other processes included) for comparison.
+        "server_socket_drops": drops1[0] - drops0[0],
+        "watcher_socket_drops": drops1[1] - drops0[1],
+        "udp_rcvbuf_errors_system": drops1[2] - drops0[2],
     }
 
 
@@ -147,6 +175,7 @@ def main() -> None:
     env = dict(os.environ, BTMM_REGISTRY_DOMAIN=PARENT, BTMM_REGISTRY_STATE=str(state))
     env["PYTHONPATH"] = str(ROOT)
     port = free_port()
+    server_log = open(state / "server.log", "wb")  # noqa: SIM115 - closed after the server
     subprocess.run(
         [sys.executable, "-m", "btmm_core", "serve", "user", "add", "bob"],
         env=env,
@@ -170,11 +199,11 @@ def main() -> None:
             "--llq-max-per-client",
             str(sum(args.llqs) * args.reps + 10),
             "--log-level",
-            "warning",
+            "info",
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=server_log,
+        stderr=server_log,
     )
     try:
         q = dns.message.make_query(PARENT, "SOA")
@@ -198,6 +227,11 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        server_log.close()
+        # The server's LLQ counters (events, resends, acks, drops), logged as it stops.
+        for line in (state / "server.log").read_text(errors="replace").splitlines():
+            if "llq stopped" in line or "udp receive buffer" in line:
+                print("# server:", line.strip(), file=sys.stderr, flush=True)
         shutil.rmtree(state, ignore_errors=True)
 
 

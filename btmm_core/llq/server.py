@@ -651,8 +651,11 @@ class LLQServer:
             heapq.heappush(self._resends, (event.next_at, llq_id, msg_id))
             self.outbox.append(Outgoing(llq.transport, llq.peer, event.wire))
             self.stats["resends"] += 1
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
-            at, llq_id = heapq.heappop(self._expiry)
+            _, llq_id = heapq.heappop(self._expiry)
             llq = self.llqs.get(llq_id)
             if llq is not None and llq.expires <= now:
                 self._delete(llq, "expired")

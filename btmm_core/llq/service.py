@@ -42,6 +42,17 @@ class LLQService:
         self._registry = registry
         registry.stream_closed_handlers.append(self._connection_closed)
         registry.keep_open = self.server.holds_llq
+        # Room for an acknowledgement from every LLQ at once (about 1 KiB of kernel memory
+        # each on loopback), so that a burst of events does not come back as lost acks.
+        wanted = min(max(self.server.config.max_total * 1024, 1 << 20), 64 << 20)
+        granted = registry.set_udp_receive_buffer(wanted)
+        if granted < wanted:
+            log.warning(
+                "udp receive buffer smaller than asked: acknowledgements of large event "
+                "bursts may be lost and resent; raise net.core.rmem_max or run as root",
+                asked=wanted,
+                granted=granted,
+            )
         self._task = asyncio.create_task(self._run())
         c = self.server.config
         log.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import struct
 import time
@@ -90,6 +91,28 @@ class RegistryServer:
             return False
         self._udp[0].sendto(wire, addr)
         return True
+
+    def set_udp_receive_buffer(self, size: int) -> int:
+        """Ask for ``size`` bytes of receive buffer on the UDP listener; returns what was granted.
+
+        LLQ acknowledgements come in bursts (one update, thousands of watchers answering at
+        once) faster than one Python thread reads them; the default buffer (rmem_default,
+        ~200 KiB) then overflows and every lost acknowledgement costs a resend. As root,
+        SO_RCVBUFFORCE may pass net.core.rmem_max; otherwise SO_RCVBUF is capped by it.
+        """
+        if not self._udp:
+            return 0
+        sock = self._udp[0].get_extra_info("socket")
+        force = getattr(socket, "SO_RCVBUFFORCE", None)
+        try:
+            if force is None:
+                raise PermissionError("no SO_RCVBUFFORCE")
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        # Linux reports twice the request (it counts its own bookkeeping in the buffer).
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)) // 2
 
     def send_stream(self, transport: Transport, peer: str, wire: bytes) -> bool:
         """Push a message on an open TCP/TLS connection (an LLQ event); False if it is gone.
