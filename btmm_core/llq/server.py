@@ -100,6 +100,9 @@ class LLQConfig:
     #: Wait after each transmission of an event; its length is the number of transmissions.
     resend_after: tuple[float, ...] = (2.0, 4.0, 8.0)
     max_records_per_event: int = 32
+    #: Events sent for the first time and not yet acknowledged, across all LLQs; more wait.
+    #: 0: no limit. An event stops counting when acknowledged or when its first wait ends.
+    max_unacked: int = 1000
     fudge: int = 300
     udp_payload: int = 1232
 
@@ -112,6 +115,8 @@ class LLQConfig:
             raise ValueError("LLQ limits must be at least 1")
         if not self.resend_after or any(t <= 0 for t in self.resend_after):
             raise ValueError("resend_after needs at least one positive wait")
+        if self.max_unacked < 0:
+            raise ValueError("max_unacked must be 0 (no limit) or more")
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,8 @@ class _Event:
     wire: bytes
     sent: int
     next_at: float
+    #: Counts against ``max_unacked``.
+    in_window: bool = False
 
 
 @dataclass
@@ -205,6 +212,9 @@ class LLQServer:
         #: Called (no arguments) when there is new work for ``tick``; the driver wakes up.
         self.notify: Callable[[], None] | None = None
         self.stats: Counter[str] = Counter()
+        #: LLQs with changes waiting for room in the send window, in arrival order.
+        self._waiting: dict[int, None] = {}
+        self._unacked = 0
 
     # ---- wiring -------------------------------------------------------------------------
 
@@ -415,6 +425,8 @@ class LLQServer:
     def _delete(self, llq: LLQ, why: str) -> None:
         if self.llqs.pop(llq.llq_id, None) is None:
             return
+        self._release(llq)
+        self._waiting.pop(llq.llq_id, None)
         ids = self._by_rrset.get((llq.qname, llq.qtype))
         if ids is not None:
             ids.discard(llq.llq_id)
@@ -547,8 +559,36 @@ class LLQServer:
             error=0,
         )
 
-    def _send_next(self, llq: LLQ, now: float) -> None:
+    def _release(self, llq: LLQ) -> None:
+        if llq.inflight is not None and llq.inflight.in_window:
+            llq.inflight.in_window = False
+            self._unacked -= 1
+
+    def _room(self) -> bool:
+        return not self.config.max_unacked or self._unacked < self.config.max_unacked
+
+    def _send_waiting(self, now: float) -> None:
+        while self._waiting and self._room():
+            llq_id = next(iter(self._waiting))
+            del self._waiting[llq_id]
+            llq = self.llqs.get(llq_id)
+            if llq is not None and llq.inflight is None:
+                self._send_next(llq, now, turn=True)
+
+    def _send_next(self, llq: LLQ, now: float, *, turn: bool = False) -> None:
+        """Send the LLQ's next event, or queue the LLQ until the send window has room.
+
+        Why a window: one update to a name that thousands watch makes thousands of events at
+        once. Sent all together, their acknowledgements come back faster than anyone reads
+        them (here or at the clients), the first resend fires for events whose ack is only
+        queued, and the duplicates double the work until LLQs are dropped. Keeping at most
+        ``max_unacked`` first transmissions outstanding sends the burst at the rate it is
+        acknowledged.
+        """
         if not llq.queued:
+            return
+        if not turn and (self._waiting or not self._room()):
+            self._waiting[llq.llq_id] = None  # behind those already waiting
             return
         take = min(len(llq.queued), self.config.max_records_per_event)
         items = list(llq.queued.items())
@@ -564,7 +604,8 @@ class LLQServer:
         for rkey, _ in items[:take]:
             del llq.queued[rkey]
         wait = sum(self.config.resend_after) if llq.stream else self.config.resend_after[0]
-        event = _Event(msg_id, wire, 1, now + wait)
+        event = _Event(msg_id, wire, 1, now + wait, in_window=True)
+        self._unacked += 1
         llq.inflight = event
         heapq.heappush(self._resends, (event.next_at, llq.llq_id, msg_id))
         self.outbox.append(Outgoing(llq.transport, llq.peer, wire))
@@ -608,15 +649,17 @@ class LLQServer:
             if not verdict.ok:
                 self.stats["ack_bad_tsig"] += 1
                 return None
+        self._release(llq)
         llq.inflight = None
         self.stats["acks"] += 1
+        self._send_waiting(now)
         self._send_next(llq, now)
         return None
 
     # ---- timers -------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        if self._changes:
+        if self._changes or (self._waiting and self._room()):
             return 0.0
         times = []
         if self._expiry:
@@ -646,11 +689,15 @@ class LLQServer:
                 )
                 self._delete(llq, "unacknowledged")
                 continue
+            # An event unacknowledged after its first wait is probably lost: it no longer
+            # holds back others (a sleeping client must not stall everyone's events).
+            self._release(llq)
             event.next_at = now + self.config.resend_after[event.sent]
             event.sent += 1
             heapq.heappush(self._resends, (event.next_at, llq_id, msg_id))
             self.outbox.append(Outgoing(llq.transport, llq.peer, event.wire))
             self.stats["resends"] += 1
+        self._send_waiting(now)  # after the resends: they may have made room
         self._expire(now)
 
     def _expire(self, now: float) -> None:

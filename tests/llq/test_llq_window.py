@@ -1,0 +1,70 @@
+"""The LLQ server's send window (``LLQConfig.max_unacked``): a burst of events to many LLQs
+goes out at the rate it is acknowledged, a silent client stops holding back the others after
+its event's first wait, and nothing is lost or sent twice on the way."""
+
+from __future__ import annotations
+
+import dns.flags
+import dns.message
+from llq_helpers import Lab, sign, update
+from test_llq_stream_sansio import change, establish
+
+from btmm_core.llq.option import LLQOpcode, LLQOption, find_llq
+from btmm_core.llq.server import LLQConfig, Outgoing
+from btmm_core.registry.handler import Transport
+
+
+def acknowledge(lab: Lab, out: Outgoing) -> None:
+    ev = dns.message.from_wire(out.wire, keyring=False)
+    (opt,) = find_llq(ev.options)
+    ack = dns.message.Message(id=ev.id)
+    ack.flags = dns.flags.QR
+    ack.question = ev.question
+    ack.use_edns(0, 0, 1232, options=[LLQOption(LLQOpcode.EVENT, 0, opt.llq_id, opt.lease)])
+    lab.core.handle(
+        sign(ack, lab.accounts["bob"].key, int(lab.now)), lab.now, out.transport, out.peer
+    )
+
+
+def test_burst_goes_out_as_it_is_acknowledged() -> None:
+    lab = Lab.make(LLQConfig(max_unacked=2))
+    peers = [f"127.0.0.1#{43000 + i}" for i in range(5)]
+    for i, peer in enumerate(peers):
+        establish(lab, Transport.UDP, peer, 100 + 10 * i)
+    change(lab, update("laptop", "AAAA", add=("fd00::1",)))
+    lab.llq.tick(lab.now)
+    first = lab.llq.take_outbox()
+    assert len(first) == 2
+    delivered = list(first)
+    while len(delivered) < 5:
+        acknowledge(lab, delivered[-1] if len(delivered) > 2 else first.pop())
+        lab.llq.tick(lab.now)
+        delivered += lab.llq.take_outbox()
+    assert sorted(o.peer for o in delivered) == peers  # each LLQ got its event exactly once
+    assert lab.llq.stats["events"] == 5 and lab.llq.stats["resends"] == 0
+
+
+def test_silent_clients_stop_holding_the_window_after_the_first_wait() -> None:
+    lab = Lab.make(LLQConfig(max_unacked=2))
+    peers = [f"127.0.0.1#{44000 + i}" for i in range(4)]
+    for i, peer in enumerate(peers):
+        establish(lab, Transport.UDP, peer, 200 + 10 * i)
+    change(lab, update("laptop", "AAAA", add=("fd00::1",)))
+    lab.llq.tick(lab.now)
+    assert len(lab.llq.take_outbox()) == 2  # nobody acknowledges these
+    lab.llq.tick(lab.now + 1.9)
+    assert not lab.llq.take_outbox()
+    lab.llq.tick(lab.now + 2.01)
+    out = lab.llq.take_outbox()
+    # The two resends, and the two waiting LLQs' first transmissions.
+    assert sorted(o.peer for o in out) == sorted(peers)
+    assert lab.llq.stats["resends"] == 2 and lab.llq.stats["events"] == 4
+
+
+def test_unlimited_window_sends_the_whole_burst() -> None:
+    lab = Lab.make(LLQConfig(max_unacked=0))
+    for i in range(5):
+        establish(lab, Transport.UDP, f"127.0.0.1#{45000 + i}", 300 + 10 * i)
+    change(lab, update("laptop", "AAAA", add=("fd00::1",)))
+    lab.llq.tick(lab.now)
+    assert len(lab.llq.take_outbox()) == 5
