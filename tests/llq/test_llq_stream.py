@@ -25,7 +25,7 @@ import dns.tsig
 import pytest
 from llq_helpers import BOB, LAPTOP, live_registry, state_dir, update
 
-from btmm_core.llq.client import Changes, ClientState, StateChanged
+from btmm_core.llq.client import Changes, ClientConfig, ClientState, StateChanged
 from btmm_core.llq.driver import Watcher, read_key_file
 from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
 from btmm_core.registry.tsig import TsigKey
@@ -302,3 +302,35 @@ def test_btmm_watch_over_tls(reg) -> None:  # type: ignore[no-untyped-def]
     assert "- clitls.bob.members.example. 300 IN AAAA fd00::c1" in out, (out, err)
     assert "+ clitls.bob.members.example. 300 IN AAAA fd00::c2" in out, (out, err)
     assert "# established" in err
+
+
+def test_watcher_reconnects_after_a_server_restart_and_sees_the_missed_change() -> None:
+    with (
+        state_dir("btmm-llq-stream-") as state,
+        live_registry(state, "--llq-lease-min", "4", users=(("bob", False),)) as reg,
+    ):
+        name = dns.name.from_text("restart", origin=BOB)
+        send_update(reg, update("restart", "AAAA", add=("fd00::1",)))
+
+        async def main() -> None:
+            w = Watcher(
+                (HOST, reg.port),
+                name,
+                dns.rdatatype.AAAA,
+                key=key_of(reg),
+                transport="tcp",
+                config=ClientConfig(poll_interval=1.0),
+            )
+            async with w:
+                assert rdatas(await next_change(w, 5)) == (["fd00::1"], [])
+                await asyncio.to_thread(reg.stop)
+                await until_state(w, ClientState.SETUP, 5)  # the connection's end was seen
+                await asyncio.to_thread(reg.start)
+                await asyncio.to_thread(
+                    send_update, reg, update("restart", "AAAA", delete_all=True, add=("fd00::2",))
+                )
+                ch = await next_change(w, 30)
+                assert ch.full and rdatas(ch) == (["fd00::2"], ["fd00::1"])
+                assert w.client.state == ClientState.ESTABLISHED and w.connections == 2
+
+        asyncio.run(main())
