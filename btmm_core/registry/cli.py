@@ -136,6 +136,13 @@ _domain_option = click.option(
     help="LLQs per client address; SERV-FULL beyond.",
 )
 @click.option(
+    "--llq-max-unacked",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="LLQ events outstanding in their first transmission; a burst waits beyond (0: no limit).",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
 @click.option(
@@ -166,6 +173,7 @@ def serve(
     llq_lease_max: int,
     llq_max_total: int,
     llq_max_per_client: int,
+    llq_max_unacked: int,
     log_level: str,
     event_loop: str,
 ) -> None:
@@ -196,6 +204,7 @@ def serve(
             lease_max=llq_lease_max,
             max_total=llq_max_total,
             max_per_client=llq_max_per_client,
+            max_unacked=llq_max_unacked,
             fudge=fudge,
         )
     except ValueError as e:

@@ -4,9 +4,13 @@ its event's first wait, and nothing is lost or sent twice on the way."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import dns.flags
 import dns.message
-from llq_helpers import Lab, sign, update
+from llq_helpers import Lab, sign, state_dir, update
 from test_llq_stream_sansio import change, establish
 
 from btmm_core.llq.option import LLQOpcode, LLQOption, find_llq
@@ -68,3 +72,17 @@ def test_unlimited_window_sends_the_whole_burst() -> None:
     change(lab, update("laptop", "AAAA", add=("fd00::1",)))
     lab.llq.tick(lab.now)
     assert len(lab.llq.take_outbox()) == 5
+
+
+def test_serve_takes_the_window_size_and_refuses_a_negative_one() -> None:
+    with state_dir("btmm-llq-window-") as state:
+        env = {"BTMM_REGISTRY_DOMAIN": "members.example.", "BTMM_REGISTRY_STATE": str(state)}
+        r = subprocess.run(
+            [sys.executable, "-m", "btmm_core", "serve", "--llq-max-unacked", "-1"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert r.returncode == 2 and "max_unacked" in r.stderr, r.stderr
