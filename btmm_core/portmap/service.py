@@ -132,10 +132,12 @@ class PortMapService:
         now = time.monotonic()
         ann_pcp = pcp.decode_announce(data)
         if ann_pcp is not None:
-            # Epoch 0 counts too: with no earlier answer to compare (say, a UPnP mapping) a
-            # server that has just started has no mappings of ours.
-            if self.client.observe_epoch("pcp", ann_pcp.epoch, now) or ann_pcp.epoch == 0:
-                self._lost(f"PCP ANNOUNCE from {source} with epoch {ann_pcp.epoch}")
+            # A server sends an unsolicited ANNOUNCE when it (re)starts or lost its state
+            # (RFC 6887 §14.1.3), so every one from our gateway re-requests the mapping: the epoch
+            # alone can miss a quick restart (a small new epoch within the drift tolerance), and
+            # a MAP for a mapping that still exists only refreshes it.
+            self.client.observe_epoch("pcp", ann_pcp.epoch, now)
+            self._lost(f"PCP ANNOUNCE from {source} with epoch {ann_pcp.epoch}")
             return
         ann = natpmp.decode_announcement(data)
         if ann is None:
