@@ -16,9 +16,16 @@ Behaviour, with the reasons:
   it after unacknowledged events): the client sets up again, and the ACK's full answer is
   compared with what it knew, so the user gets exactly the changes it missed.
 - Events are acknowledged every time they arrive (the acknowledgement may have been lost) but
-  applied once: retransmissions are byte-identical, so a digest of the wire tells them apart.
-- With a TSIG key, requests and acknowledgements are signed and every answer and event must
-  carry a valid MAC with a time inside the fudge; anything else is dropped.
+  applied once. With a TSIG key an event is known by what its MAC covers (TSIG original ID,
+  Time Signed, MAC), never by the header ID, which the MAC does not cover (RFC 8945 4.3.1): a
+  captured event re-sent with another ID is the same event, acknowledged and not applied again.
+  The server sends an LLQ's events one at a time, the next only after the previous one was
+  acknowledged, so an event signed earlier than the newest one applied for the LLQ is a replay
+  (or a stale copy) and is dropped without an acknowledgement.
+- With a TSIG key, requests are signed and every answer and event must carry a valid MAC with a
+  time inside the fudge; anything else is dropped. An acknowledgement is signed as a TSIG
+  response to its event (the event's MAC is the request MAC), so it acknowledges that event
+  and no other.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ import hashlib
 import hmac
 import random
 import struct
-from collections import deque
 from dataclasses import dataclass
 
 import dns.exception
@@ -103,6 +109,11 @@ class StateChanged:
 
 
 Output = Send | Changes | StateChanged
+
+#: Events of one LLQ applied within one second of Time Signed that are remembered to tell
+#: replays apart; the server sends one event per round trip, so this is far above real use.
+#: (Without a key the oldest is forgotten instead: unsigned events prove nothing anyway.)
+_MAX_EVENTS_PER_SECOND = 4096
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,11 @@ class LLQClient:
         self._refreshing = False
         self._next_poll: float | None = None
         self._next_setup: float | None = None
-        self._seen_events: deque[bytes] = deque(maxlen=64)
+        #: Replay state of the LLQ ``_events_of``: the newest Time Signed applied and the
+        #: identities (original ID, Time Signed, MAC) of the events applied with that time.
+        self._events_of = 0
+        self._newest_event = -1
+        self._seen_events: dict[bytes, None] = {}
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -294,7 +309,9 @@ class LLQClient:
         msg.id = self._rng.randrange(0x10000)
         return msg
 
-    def _sign(self, wire: bytes, now: float) -> tuple[bytes, bytes | None]:
+    def _sign(
+        self, wire: bytes, now: float, request_mac: bytes | None = None
+    ) -> tuple[bytes, bytes | None]:
         key = self.key
         if key is None:
             return wire, None
@@ -306,14 +323,14 @@ class LLQClient:
             fudge=self.config.fudge,
             error=0,
             other=b"",
-            request_mac=None,
+            request_mac=request_mac,
         )
         signed = append_tsig(
             wire,
             key=key,
             key_name=key.name,
             algorithm=key.algorithm,
-            request_mac=None,
+            request_mac=request_mac,
             time_signed=int(now),
             fudge=self.config.fudge,
             error=0,
@@ -540,29 +557,39 @@ class LLQClient:
             return
         if not self._question_ok(msg) or not self._verified(wire, msg, None, now):
             return
-        digest = hashlib.sha256(wire).digest()
-        if digest not in self._seen_events:
-            self._seen_events.append(digest)
-            added: list[Record] = []
-            removed: list[Record] = []
-            ttls = answer_ttls(wire)
-            if len(ttls) != sum(len(rrset) for rrset in msg.answer):
+        if self._events_of != opt.llq_id:
+            self._events_of = opt.llq_id
+            self._newest_event = -1
+            self._seen_events = {}
+        event_mac: bytes | None = None
+        if self.key is not None and msg.tsig is not None:
+            rd = msg.tsig[0]
+            event_mac = rd.mac
+            time_signed = int(rd.time_signed)
+            # What the MAC covers; the header ID is left out on purpose.
+            ident = hashlib.sha256(
+                struct.pack("!HQ", rd.original_id, time_signed) + rd.mac
+            ).digest()
+        else:
+            # Unsigned (no key configured): nothing to tell a replay from a new event but the
+            # content, and the whole message is the best there is.
+            time_signed = 0
+            ident = hashlib.sha256(wire).digest()
+        if time_signed < self._newest_event:
+            return  # older than an event already applied: a replay, not acknowledged
+        if ident not in self._seen_events:
+            if time_signed > self._newest_event:
+                self._newest_event = time_signed
+                self._seen_events = {}
+            if len(self._seen_events) >= _MAX_EVENTS_PER_SECOND:
+                if event_mac is not None:
+                    # Refuse rather than forget one: the server resends, then drops the LLQ,
+                    # and the next setup's full answer brings the client up to date.
+                    return
+                del self._seen_events[next(iter(self._seen_events))]
+            if not self._apply_event(wire, msg, out):
                 return
-            i = 0
-            for rrset in msg.answer:
-                for rd in rrset:
-                    k = (rrset.name, rrset.rdtype, rd)
-                    raw_ttl = ttls[i]
-                    i += 1
-                    if raw_ttl == REMOVED_TTL:
-                        if k in self.known:
-                            removed.append(Record(k[0], k[1], rd, self.known.pop(k)))
-                    else:
-                        if k not in self.known:
-                            added.append(Record(k[0], k[1], rd, rrset.ttl))
-                        self.known[k] = rrset.ttl
-            if added or removed:
-                out.append(Changes(tuple(added), tuple(removed), False))
+            self._seen_events[ident] = None
         ack = dns.message.Message(id=msg.id)
         ack.flags = dns.flags.QR
         ack.question.append(
@@ -574,5 +601,28 @@ class LLQClient:
             self.config.payload,
             options=[LLQOption(LLQOpcode.EVENT, LLQError.NO_ERROR, opt.llq_id, opt.lease)],
         )
-        signed, _ = self._sign(ack.to_wire(), now)
+        signed, _ = self._sign(ack.to_wire(), now, event_mac)
         out.append(Send(signed))
+
+    def _apply_event(self, wire: bytes, msg: dns.message.Message, out: list[Output]) -> bool:
+        ttls = answer_ttls(wire)
+        if len(ttls) != sum(len(rrset) for rrset in msg.answer):
+            return False
+        added: list[Record] = []
+        removed: list[Record] = []
+        i = 0
+        for rrset in msg.answer:
+            for rd in rrset:
+                k = (rrset.name, rrset.rdtype, rd)
+                raw_ttl = ttls[i]
+                i += 1
+                if raw_ttl == REMOVED_TTL:
+                    if k in self.known:
+                        removed.append(Record(k[0], k[1], rd, self.known.pop(k)))
+                else:
+                    if k not in self.known:
+                        added.append(Record(k[0], k[1], rd, rrset.ttl))
+                    self.known[k] = rrset.ttl
+        if added or removed:
+            out.append(Changes(tuple(added), tuple(removed), False))
+        return True

@@ -19,6 +19,9 @@ for its acknowledgement are merged (last change of a record wins) and go out in 
 That keeps the client's view right under loss and retransmission. An event not acknowledged
 after ``len(resend_after)`` transmissions (2 s, 4 s, 8 s) drops the LLQ (RFC 8764 section 7);
 the client notices at its next refresh (NO-SUCH-LLQ) and sets up again with a full answer.
+An acknowledgement counts only when it is signed as a TSIG response to the event in flight
+(the event's MAC is its request MAC): the header ID is not covered by the MAC, so a captured
+acknowledgement re-sent with a later event's ID must not acknowledge that event.
 
 Over TCP and DNS over TLS (RFC 8764 section 4 lets LLQ run over TCP; RFC 7766/7858 framing)
 the setup, refresh and cancel are the same messages on one connection, and events are pushed
@@ -57,12 +60,14 @@ from btmm_core.llq.option import LLQ_LENGTH, LLQError, LLQOpcode, LLQOption, fin
 from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
 from btmm_core.registry.model import RRsetChange
 from btmm_core.registry.tsig import (
+    MAX_FUDGE,
     TsigKey,
     TsigRecord,
-    append_tsig,
+    compute_mac,
     last_rr_offset,
     rr_size,
-    verify,
+    strip_tsig,
+    tsig_rr,
 )
 
 log = structlog.get_logger("btmm.llq")
@@ -136,6 +141,8 @@ class _Event:
     next_at: float
     #: Counts against ``max_unacked``.
     in_window: bool = False
+    #: The event's TSIG MAC: its acknowledgement must be signed as a response to it.
+    mac: bytes | None = None
 
 
 @dataclass
@@ -530,7 +537,7 @@ class LLQServer:
 
     def _event_wire(
         self, llq: LLQ, records: list[tuple[RecordKey, int]], now: float
-    ) -> tuple[int, bytes] | None:
+    ) -> tuple[int, bytes, bytes | None] | None:
         template = self._event_template(llq.qname, llq.qtype, tuple(records))
         msg_id = self._rng.randrange(0x10000)
         lease = max(0, int(llq.expires - now))
@@ -544,20 +551,36 @@ class LLQServer:
                 return None
             size += rr_size(key.name, key.algorithm, 0)
         if size > llq.payload and len(records) > 1:
-            return msg_id, b""  # too big for the client's UDP payload: the caller sends fewer
-        return msg_id, wire if key is None else self._sign(wire, key, now)
+            # Too big for the client's UDP payload: the caller sends fewer.
+            return msg_id, b"", None
+        if key is None:
+            return msg_id, wire, None
+        return (msg_id, *self._sign(wire, msg_id, key, now))
 
-    def _sign(self, wire: bytes, key: TsigKey, now: float) -> bytes:
-        return append_tsig(
+    def _sign(self, wire: bytes, msg_id: int, key: TsigKey, now: float) -> tuple[bytes, bytes]:
+        """The signed event and its MAC (kept to check the acknowledgement)."""
+        mac = compute_mac(
+            key,
             wire,
-            key=key,
-            key_name=key.name,
-            algorithm=key.algorithm,
-            request_mac=None,
+            original_id=msg_id,
             time_signed=int(now),
             fudge=self.config.fudge,
             error=0,
+            other=b"",
+            request_mac=None,
         )
+        rr = tsig_rr(
+            key.name,
+            key.algorithm,
+            time_signed=int(now),
+            fudge=self.config.fudge,
+            mac=mac,
+            original_id=msg_id,
+            error=0,
+            other=b"",
+        )
+        (arcount,) = struct.unpack_from("!H", wire, 10)
+        return wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr, mac
 
     def _release(self, llq: LLQ) -> None:
         if llq.inflight is not None and llq.inflight.in_window:
@@ -597,14 +620,14 @@ class LLQServer:
             if built is None:
                 self._delete(llq, "key_gone")
                 return
-            msg_id, wire = built
+            msg_id, wire, mac = built
             if wire:
                 break
             take = max(1, take // 2)
         for rkey, _ in items[:take]:
             del llq.queued[rkey]
         wait = sum(self.config.resend_after) if llq.stream else self.config.resend_after[0]
-        event = _Event(msg_id, wire, 1, now + wait, in_window=True)
+        event = _Event(msg_id, wire, 1, now + wait, in_window=True, mac=mac)
         self._unacked += 1
         llq.inflight = event
         heapq.heappush(self._resends, (event.next_at, llq.llq_id, msg_id))
@@ -639,14 +662,7 @@ class LLQServer:
             if not msg.had_tsig or msg.tsig is None or msg.tsig.name != llq.key_name:
                 self.stats["ack_unsigned"] += 1
                 return None
-            verdict = verify(
-                wire,
-                _tsig_record(wire, msg),
-                self.core.store.keys.get,
-                now=int(now),
-                fudge=self.config.fudge,
-            )
-            if not verdict.ok:
+            if not self._ack_signed(wire, msg, llq.key_name, event, now):
                 self.stats["ack_bad_tsig"] += 1
                 return None
         self._release(llq)
@@ -655,6 +671,45 @@ class LLQServer:
         self._send_waiting(now)
         self._send_next(llq, now)
         return None
+
+    def _ack_signed(
+        self,
+        wire: bytes,
+        msg: dns.message.Message,
+        key_name: dns.name.Name,
+        event: _Event,
+        now: float,
+    ) -> bool:
+        """Whether the acknowledgement is signed, as a TSIG response, to this very event.
+
+        The header ID is not covered by the MAC (RFC 8945 4.3.1), so matching it alone would
+        let a captured acknowledgement, re-sent with the ID of a later event, acknowledge an
+        event the client never got. The MAC covers the original ID and, with the event's MAC
+        as request MAC (RFC 8945 5.3), the event itself: an acknowledgement counts for the
+        event it was made for and for no other.
+        """
+        key = self.core.store.keys.get(key_name)
+        if key is None or event.mac is None:
+            return False
+        rec = _tsig_record(wire, msg)
+        if (
+            rec.algorithm != key.algorithm
+            or rec.error != 0
+            or rec.original_id != event.msg_id
+            or abs(rec.time_signed - int(now)) > min(self.config.fudge, MAX_FUDGE)
+        ):
+            return False
+        expected = compute_mac(
+            key,
+            strip_tsig(wire, rec.start),
+            original_id=rec.original_id,
+            time_signed=rec.time_signed,
+            fudge=rec.fudge,
+            error=rec.error,
+            other=rec.other,
+            request_mac=event.mac,
+        )
+        return hmac.compare_digest(expected, rec.mac)
 
     # ---- timers -------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from btmm_core.llq.client import (
 from btmm_core.llq.server import LLQConfig, LLQServer
 from btmm_core.registry.handler import Policy, RegistryCore, Transport
 from btmm_core.registry.model import Account
+from btmm_core.registry.tsig import TsigKey, append_tsig
 
 NOW = 1_800_000_000.0
 BOB = dns.name.from_text("bob.members.example.")
@@ -53,8 +54,25 @@ __all__ = [
     "live_registry",
     "parse",
     "sign",
+    "sign_ack",
     "state_dir",
 ]
+
+
+def sign_ack(ack: dns.message.Message, key: TsigKey, time_signed: int, event: bytes) -> bytes:
+    """Sign an event acknowledgement as the client does: a TSIG response to the event."""
+    ev = dns.message.from_wire(event, keyring=False)
+    assert ev.tsig is not None
+    return append_tsig(
+        ack.to_wire(),
+        key=key,
+        key_name=key.name,
+        algorithm=key.algorithm,
+        request_mac=ev.tsig[0].mac,
+        time_signed=time_signed,
+        fudge=300,
+        error=0,
+    )
 
 
 def update(

@@ -12,7 +12,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.tsig
 import pytest
-from llq_helpers import BOB, LAPTOP, NOW, Lab, parse, sign, update
+from llq_helpers import BOB, LAPTOP, NOW, Lab, parse, sign, sign_ack, update
 
 from btmm_core.llq.client import ClientConfig, ClientState, LLQClient, Send, answer_ttls
 from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq, kdig_hex
@@ -312,7 +312,11 @@ def test_unsigned_or_forged_acknowledgement_does_not_count() -> None:
         sign(ack, lab.accounts["alice"].key, int(lab.now)), lab.now, Transport.UDP, PEER
     )
     assert lab.llq.llqs[c.llq_id].inflight is event
+    # Signed with the right key but as a request, not as a response to this event.
     lab.core.handle(sign(ack, lab.accounts["bob"].key, int(lab.now)), lab.now, Transport.UDP, PEER)
+    assert lab.llq.llqs[c.llq_id].inflight is event and lab.llq.stats["ack_bad_tsig"] == 1
+    wire = sign_ack(ack, lab.accounts["bob"].key, int(lab.now), event.wire)
+    lab.core.handle(wire, lab.now, Transport.UDP, PEER)
     assert lab.llq.llqs[c.llq_id].inflight is None
 
 

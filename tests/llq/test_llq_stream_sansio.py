@@ -8,7 +8,7 @@ import random
 import dns.flags
 import dns.message
 import dns.rdatatype
-from llq_helpers import LAPTOP, Lab, parse, sign, update
+from llq_helpers import LAPTOP, Lab, parse, sign, sign_ack, update
 
 from btmm_core.llq.client import Changes, ClientState, LLQClient, Output, Send
 from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
@@ -151,7 +151,7 @@ def test_challenges_refreshes_and_acks_do_not_cross_transports() -> None:
     ack.flags = dns.flags.QR
     ack.question = ev.question
     ack.use_edns(0, 0, 1232, options=[LLQOption(LLQOpcode.EVENT, 0, llq_id, 3600)])
-    wire = sign(ack, lab.accounts["bob"].key, int(lab.now))
+    wire = sign_ack(ack, lab.accounts["bob"].key, int(lab.now), event.wire)
     lab.core.handle(wire, lab.now, Transport.UDP, CONN)
     assert lab.llq.stats["acks"] == 0 and lab.llq.stats["ack_unknown"] == 1
     lab.core.handle(wire, lab.now, Transport.TCP, CONN)

@@ -10,7 +10,7 @@ import sys
 
 import dns.flags
 import dns.message
-from llq_helpers import Lab, sign, state_dir, update
+from llq_helpers import Lab, sign_ack, state_dir, update
 from test_llq_stream_sansio import change, establish
 
 from btmm_core.llq.option import LLQOpcode, LLQOption, find_llq
@@ -26,7 +26,10 @@ def acknowledge(lab: Lab, out: Outgoing) -> None:
     ack.question = ev.question
     ack.use_edns(0, 0, 1232, options=[LLQOption(LLQOpcode.EVENT, 0, opt.llq_id, opt.lease)])
     lab.core.handle(
-        sign(ack, lab.accounts["bob"].key, int(lab.now)), lab.now, out.transport, out.peer
+        sign_ack(ack, lab.accounts["bob"].key, int(lab.now), out.wire),
+        lab.now,
+        out.transport,
+        out.peer,
     )
 
 
