@@ -16,6 +16,13 @@ Wire format (both engines produce identical bytes for the same SA and sequence n
 A UDP payload that starts with four zero bytes is a control message (non-ESP marker): the
 engine strips the marker and hands the rest to Python with the source address. A payload of
 one 0xFF byte is a NAT keepalive: counted and dropped.
+
+Control messages are unauthenticated until the control plane has looked at them, so what
+waits for it is bounded: a message longer than ``MAX_CONTROL_MESSAGE`` (a handshake message
+is under 200 bytes) is dropped as ``control_oversize``, and the queued messages hold at most
+``EngineConfig.control_queue_bytes`` payload bytes (besides ``event_queue`` events); past
+either bound a message is dropped as ``control_overflow``. Every control datagram counts in
+``control_in``, dropped or not.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ REPLAY_WINDOW = 4096
 SEQ_MAX = 2**64 - 1
 DEFAULT_PORT = 4500
 DEFAULT_MTU = 1420
+#: the largest control message (after the marker) handed to the control plane
+MAX_CONTROL_MESSAGE = 1024
+#: default bound of the queued control messages, in payload bytes
+DEFAULT_CONTROL_QUEUE_BYTES = 4 << 20
 
 
 class DropReason(enum.IntEnum):
@@ -53,7 +64,8 @@ class DropReason(enum.IntEnum):
     SOURCE_MISMATCH = 6  #: inner source address is not the SA's peer
     NO_SA = 7  #: outbound packet to a peer without a transmit SA or endpoint
     SA_EXHAUSTED = 8  #: transmit SA used up its sequence space
-    CONTROL_OVERFLOW = 9  #: control/event queue to Python was full
+    CONTROL_OVERFLOW = 9  #: control/event queue to Python was full (events or bytes)
+    CONTROL_OVERSIZE = 10  #: control message longer than MAX_CONTROL_MESSAGE
 
 
 DROP_NAMES: dict[DropReason, str] = {r: r.name.lower() for r in DropReason}
@@ -127,6 +139,8 @@ class EngineConfig:
     ``tun_name``: create the TUN device with this name, or attach to an existing persistent
     one. ``tun_fd``: use an already open TUN file descriptor instead (the engine takes
     ownership). ``listen``: the UDP socket's address; port 0 picks any free port.
+    ``event_queue``: most events queued for Python; ``control_queue_bytes``: most payload
+    bytes of queued control messages (at least ``MAX_CONTROL_MESSAGE``).
     """
 
     tun_name: str | None = "btmm0"
@@ -134,6 +148,7 @@ class EngineConfig:
     listen: Endpoint = Endpoint("0.0.0.0", DEFAULT_PORT)
     mtu: int = DEFAULT_MTU
     event_queue: int = 4096
+    control_queue_bytes: int = DEFAULT_CONTROL_QUEUE_BYTES
 
 
 @runtime_checkable

@@ -90,6 +90,7 @@ class FastEngine:
             config.listen.port,
             config.mtu,
             config.event_queue,
+            config.control_queue_bytes,
         )
 
     @property

@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 
 from btmm_core.dataplane.api import (
     CONTROL_MARKER,
+    DEFAULT_CONTROL_QUEUE_BYTES,
     DROP_NAMES,
     KEEPALIVE,
+    MAX_CONTROL_MESSAGE,
     ControlPacket,
     Counters,
     DropReason,
@@ -267,6 +269,12 @@ class PythonEngine:
                 f"event_queue {config.event_queue} must be at least 1",
                 hint="the default (4096) suits every use",
             )
+        if config.control_queue_bytes < MAX_CONTROL_MESSAGE:
+            raise ConfigError(
+                f"control_queue_bytes {config.control_queue_bytes} must be at least "
+                f"{MAX_CONTROL_MESSAGE} (one control message)",
+                hint=f"the default ({DEFAULT_CONTROL_QUEUE_BYTES}) suits every use",
+            )
         self._config = config
         if config.tun_fd is not None:
             self._tun_name = tun_name_of(config.tun_fd)  # refuses anything but a TUN fd
@@ -290,6 +298,8 @@ class PythonEngine:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._events_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._events: collections.deque[EngineEvent] = collections.deque()
+        #: Payload bytes of the control messages in ``_events``.
+        self._control_bytes = 0
         self._lock = threading.Lock()
         self._peers: dict[bytes, _Peer] = {}
         self._by_spi: dict[int, tuple[_Peer, EspRxSa]] = {}
@@ -463,10 +473,16 @@ class PythonEngine:
         return self._events_fd
 
     def _queue_event(self, event: EngineEvent) -> bool:
-        """Queue an event for Python (call with ``_lock`` held); False when the queue is full."""
-        if len(self._events) >= self._config.event_queue:
+        """Queue an event for Python (call with ``_lock`` held); False when the queue is full
+        (in events, or in control bytes for a control message)."""
+        size = len(event.payload) if isinstance(event, ControlPacket) else 0
+        if (
+            len(self._events) >= self._config.event_queue
+            or self._control_bytes + size > self._config.control_queue_bytes
+        ):
             self._total.drop(DropReason.CONTROL_OVERFLOW)
             return False
+        self._control_bytes += size
         self._events.append(event)
         os.eventfd_write(self._events_fd, 1)
         return True
@@ -474,6 +490,7 @@ class PythonEngine:
     def drain(self, limit: int = 256) -> Sequence[EngineEvent]:
         with self._lock:
             out = [self._events.popleft() for _ in range(min(limit, len(self._events)))]
+            self._control_bytes -= sum(len(e.payload) for e in out if isinstance(e, ControlPacket))
             if not self._events:
                 # Cleared under the lock, so a producer cannot slip an event in between the
                 # last pop and the read and leave it queued with the fd not readable.
@@ -548,6 +565,9 @@ class PythonEngine:
             return None
         if payload[:4] == CONTROL_MARKER:
             self._total.control_in += 1
+            if len(payload) - len(CONTROL_MARKER) > MAX_CONTROL_MESSAGE:
+                self._total.drop(DropReason.CONTROL_OVERSIZE)
+                return None
             self._queue_event(ControlPacket(source, payload[4:]))
             return None
         if len(payload) < MIN_PAYLOAD or (len(payload) - MIN_PAYLOAD) % 4:

@@ -42,6 +42,13 @@ const RX_SLOT: usize = MAX_PACKET + 1;
 const MAX_UDP_PAYLOAD: usize = 65507;
 /// Receive SAs per peer: the current one and the previous (make-before-break rekey).
 pub const MAX_RX_SAS: usize = 2;
+/// Largest control message (after the non-ESP marker) handed to the control plane; a
+/// handshake message is under 200 bytes, anything longer is dropped as `control_oversize`.
+pub const MAX_CONTROL_MESSAGE: usize = 1024;
+/// Default bound of the control messages queued for the control plane, in payload bytes.
+pub const DEFAULT_CONTROL_QUEUE_BYTES: usize = 4 << 20;
+/// Counter slots, indexed by `DropReason as usize` (slot 0 unused).
+const DROP_SLOTS: usize = DropReason::ALL.len() + 1;
 
 pub type Inner = [u8; 16];
 
@@ -51,6 +58,8 @@ pub struct Config {
     pub listen: SocketAddrV4,
     pub mtu: u32,
     pub event_queue: usize,
+    /// Bound of the queued control messages' payload bytes (they are unauthenticated).
+    pub control_queue_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +87,7 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     pub keepalives_in: AtomicU64,
     pub control_in: AtomicU64,
-    drops: [AtomicU64; 10],
+    drops: [AtomicU64; DROP_SLOTS],
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,7 +99,7 @@ pub struct CounterSnapshot {
     pub keepalives_in: u64,
     pub control_in: u64,
     /// Indexed by `DropReason as usize`.
-    pub drops: [u64; 10],
+    pub drops: [u64; DROP_SLOTS],
 }
 
 impl CounterSnapshot {
@@ -111,7 +120,7 @@ impl Counters {
     }
 
     pub fn snapshot(&self) -> CounterSnapshot {
-        let mut drops = [0; 10];
+        let mut drops = [0; DROP_SLOTS];
         for (d, a) in drops.iter_mut().zip(&self.drops) {
             *d = a.load(Ordering::Relaxed);
         }
@@ -136,7 +145,7 @@ struct Tally {
     bytes_out: u64,
     keepalives_in: u64,
     control_in: u64,
-    drops: [u64; 10],
+    drops: [u64; DROP_SLOTS],
 }
 
 impl Tally {
@@ -203,8 +212,9 @@ struct Fds {
 struct Shared {
     peers: Mutex<HashMap<Inner, PeerEntry>>,
     rx: Mutex<HashMap<u32, RxEntry>>,
-    events: Mutex<VecDeque<Event>>,
+    events: Mutex<EventQueue>,
     event_cap: usize,
+    control_cap: usize,
     counters: Counters,
     running: AtomicBool,
     fds: RwLock<Option<Fds>>,
@@ -239,11 +249,27 @@ fn eventfd_clear(fd: RawFd) {
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
+/// Events for the control plane and the payload bytes of the control messages among them.
+#[derive(Default)]
+struct EventQueue {
+    queue: VecDeque<Event>,
+    control_bytes: usize,
+}
+
+fn control_bytes(ev: &Event) -> usize {
+    match ev {
+        Event::Control { payload, .. } => payload.len(),
+        _ => 0,
+    }
+}
+
 impl Shared {
-    /// Queues an event; a full queue drops it and counts `control_overflow`.
+    /// Queues an event; a full queue (in events, or in control bytes for a control message)
+    /// drops it and counts `control_overflow`.
     fn push_event(&self, ev: Event, event_fd: RawFd, peer: Option<&Peer>) -> bool {
         let mut q = lock(&self.events);
-        if q.len() >= self.event_cap {
+        let bytes = control_bytes(&ev);
+        if q.queue.len() >= self.event_cap || q.control_bytes + bytes > self.control_cap {
             drop(q);
             self.counters.drop(DropReason::ControlOverflow);
             if let Some(p) = peer {
@@ -251,7 +277,8 @@ impl Shared {
             }
             return false;
         }
-        q.push_back(ev);
+        q.control_bytes += bytes;
+        q.queue.push_back(ev);
         // Signalled under the queue lock so `drain` never clears a signal for a queued event.
         eventfd_signal(event_fd);
         true
@@ -293,6 +320,13 @@ impl Engine {
                 "event_queue must be at least 1".into(),
             ));
         }
+        if cfg.control_queue_bytes < MAX_CONTROL_MESSAGE {
+            return Err(EngineError::Invalid(format!(
+                "control_queue_bytes {} must be at least {MAX_CONTROL_MESSAGE} (one control \
+                 message)",
+                cfg.control_queue_bytes
+            )));
+        }
         let tun = match (cfg.tun_fd, cfg.tun_name.as_deref()) {
             (Some(fd), _) => Tun::attach(fd)?,
             (None, Some(name)) => Tun::open(name, cfg.mtu)?,
@@ -326,8 +360,9 @@ impl Engine {
         let shared = Arc::new(Shared {
             peers: Mutex::new(HashMap::new()),
             rx: Mutex::new(HashMap::new()),
-            events: Mutex::new(VecDeque::new()),
+            events: Mutex::new(EventQueue::default()),
             event_cap: cfg.event_queue,
+            control_cap: cfg.control_queue_bytes,
             counters: Counters::default(),
             running: AtomicBool::new(false),
             fds: RwLock::new(Some(Fds {
@@ -581,9 +616,10 @@ impl Engine {
     pub fn drain(&self, limit: usize) -> Vec<Event> {
         let fds = self.shared.fds.read().unwrap_or_else(|e| e.into_inner());
         let mut q = lock(&self.shared.events);
-        let n = limit.min(q.len());
-        let out: Vec<Event> = q.drain(..n).collect();
-        if q.is_empty() {
+        let n = limit.min(q.queue.len());
+        let out: Vec<Event> = q.queue.drain(..n).collect();
+        q.control_bytes -= out.iter().map(control_bytes).sum::<usize>();
+        if q.queue.is_empty() {
             if let Some(f) = fds.as_ref() {
                 eventfd_clear(f.events.as_raw_fd());
             }
@@ -985,6 +1021,10 @@ fn rx_loop(shared: &Shared, tun: RawFd, vnet: bool, udp: RawFd, wake: RawFd, eve
                     }
                     if payload.len() >= 4 && payload[..4] == [0, 0, 0, 0] {
                         tally.control_in += 1;
+                        if payload.len() - 4 > MAX_CONTROL_MESSAGE {
+                            tally.drops[DropReason::ControlOversize as usize] += 1;
+                            continue;
+                        }
                         events.push((
                             Event::Control {
                                 source: src,
@@ -1202,6 +1242,7 @@ mod tests {
                 listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
                 mtu: 1400,
                 event_queue: 4,
+                control_queue_bytes: DEFAULT_CONTROL_QUEUE_BYTES,
             };
             let e = Engine::new(cfg).expect("engine");
             assert_eq!(e.tun_name(), "btmmt0");
@@ -1611,6 +1652,7 @@ mod tests {
             listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
             mtu: 1400,
             event_queue: 8,
+            control_queue_bytes: DEFAULT_CONTROL_QUEUE_BYTES,
         };
         assert!(matches!(
             Engine::new(Config {
@@ -1635,11 +1677,76 @@ mod tests {
         ));
         assert!(matches!(
             Engine::new(Config {
+                control_queue_bytes: MAX_CONTROL_MESSAGE - 1,
+                ..base()
+            }),
+            Err(EngineError::Invalid(_))
+        ));
+        assert!(matches!(
+            Engine::new(Config {
                 tun_name: None,
                 ..base()
             }),
             Err(EngineError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn control_queue_is_bounded_in_bytes_and_oversize_messages_are_dropped() {
+        in_private_netns(|| {
+            let e = Engine::new(Config {
+                tun_name: Some("btmmq0".into()),
+                tun_fd: None,
+                listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                mtu: 1400,
+                event_queue: 4096,
+                control_queue_bytes: 4 * MAX_CONTROL_MESSAGE,
+            })
+            .expect("engine");
+            let me = std::net::SocketAddr::V4(e.local_addr());
+            let remote = UdpSocket::bind("127.0.0.1:0").unwrap();
+            e.start().unwrap();
+            let msg = |fill: u8, len: usize| {
+                let mut m = vec![0u8; 4 + len];
+                m[4..].fill(fill);
+                m
+            };
+            // One byte over the limit: counted and dropped, never queued.
+            remote
+                .send_to(&msg(9, MAX_CONTROL_MESSAGE + 1), me)
+                .unwrap();
+            // Five of the largest allowed into a budget of four: the fifth overflows although
+            // the queue has room for 4096 events.
+            for i in 0..5u8 {
+                remote.send_to(&msg(i, MAX_CONTROL_MESSAGE), me).unwrap();
+            }
+            wait_for("control", || e.counters().control_in == 6);
+            let c = e.counters();
+            assert_eq!(c.drop_count(DropReason::ControlOversize), 1);
+            assert_eq!(c.drop_count(DropReason::ControlOverflow), 1);
+            let evs = e.drain(100);
+            let fills: Vec<u8> = evs
+                .iter()
+                .map(|ev| match ev {
+                    Event::Control { payload, .. } => {
+                        assert_eq!(payload.len(), MAX_CONTROL_MESSAGE);
+                        payload[0]
+                    }
+                    other => panic!("unexpected event {other:?}"),
+                })
+                .collect();
+            assert_eq!(fills, vec![0, 1, 2, 3]);
+            // Draining gave the bytes back: four more fit.
+            for i in 0..4u8 {
+                remote
+                    .send_to(&msg(10 + i, MAX_CONTROL_MESSAGE), me)
+                    .unwrap();
+            }
+            wait_for("refill", || e.counters().control_in == 10);
+            assert_eq!(e.drain(100).len(), 4);
+            assert_eq!(e.counters().drop_count(DropReason::ControlOverflow), 1);
+            e.stop();
+        });
     }
 
     #[test]

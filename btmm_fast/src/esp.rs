@@ -43,10 +43,11 @@ pub enum DropReason {
     NoSa = 7,
     SaExhausted = 8,
     ControlOverflow = 9,
+    ControlOversize = 10,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Replay,
         DropReason::Auth,
         DropReason::UnknownSpi,
@@ -56,6 +57,7 @@ impl DropReason {
         DropReason::NoSa,
         DropReason::SaExhausted,
         DropReason::ControlOverflow,
+        DropReason::ControlOversize,
     ];
 
     /// The counter name, the lowercase Python enum name.
@@ -70,6 +72,7 @@ impl DropReason {
             DropReason::NoSa => "no_sa",
             DropReason::SaExhausted => "sa_exhausted",
             DropReason::ControlOverflow => "control_overflow",
+            DropReason::ControlOversize => "control_oversize",
         }
     }
 
@@ -84,6 +87,7 @@ impl DropReason {
             DropReason::NoSa => "peer has no transmit SA or no endpoint",
             DropReason::SaExhausted => "transmit SA used up its sequence space",
             DropReason::ControlOverflow => "event queue to the control plane is full",
+            DropReason::ControlOversize => "control message larger than any handshake message",
         }
     }
 }

@@ -285,7 +285,9 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (tun_name, tun_fd, listen_host, listen_port, mtu, event_queue))]
+    #[pyo3(signature = (tun_name, tun_fd, listen_host, listen_port, mtu, event_queue, control_queue_bytes))]
+    // One argument per field of the Python EngineConfig, checked here one by one.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         tun_name: Option<String>,
@@ -294,6 +296,7 @@ impl PyEngine {
         listen_port: &Bound<'_, PyAny>,
         mtu: &Bound<'_, PyAny>,
         event_queue: &Bound<'_, PyAny>,
+        control_queue_bytes: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let tun_fd = match tun_fd {
             Some(v) if !v.is_none() => Some(int_in(v, "tun_fd", 0, i128::from(i32::MAX))? as i32),
@@ -310,6 +313,8 @@ impl PyEngine {
             listen: SocketAddrV4::new(ip, int_in(listen_port, "listen_port", 0, 65535)? as u16),
             mtu: int_in(mtu, "mtu", 0, i128::from(u32::MAX))? as u32,
             event_queue: int_in(event_queue, "event_queue", 1, 1 << 24)? as usize,
+            control_queue_bytes: int_in(control_queue_bytes, "control_queue_bytes", 0, 1 << 40)?
+                as usize,
         };
         let engine = py
             .allow_threads(|| engine::Engine::new(cfg))
