@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import random
 import struct
 from collections import Counter
@@ -97,6 +98,7 @@ class LLQConfig:
     lease_min: int = 900
     lease_max: int = 7200
     max_total: int = 20000
+    #: LLQs per client: per IPv4 address, per /64 for IPv6 (see ``client_of``).
     max_per_client: int = 256
     #: LLQ-LEASE of a SERV-FULL answer: when the client may try again (RFC 8764 5.2.2).
     full_retry: int = 300
@@ -170,8 +172,19 @@ class LLQ:
 
 
 def client_of(peer: str) -> str:
-    """The address part of "address#port": limits are per client address."""
-    return peer.rsplit("#", 1)[0]
+    """What the per-client limit counts against, from "address#port": the IPv4 address, or
+    the /64 of an IPv6 address (one host or site usually holds a whole /64, so counting per
+    IPv6 address would let it take as many LLQs as it picks addresses)."""
+    host = peer.rsplit("#", 1)[0]
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 def _tsig_record(wire: bytes, msg: dns.message.Message) -> TsigRecord:

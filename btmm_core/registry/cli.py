@@ -133,7 +133,7 @@ _domain_option = click.option(
     type=int,
     default=256,
     show_default=True,
-    help="LLQs per client address; SERV-FULL beyond.",
+    help="LLQs per client address (per /64 for IPv6); SERV-FULL beyond.",
 )
 @click.option(
     "--llq-max-unacked",
