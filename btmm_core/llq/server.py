@@ -161,6 +161,9 @@ class LLQ:
     payload: int
     queued: dict[RecordKey, int] = field(default_factory=dict)
     inflight: _Event | None = None
+    #: Time Signed of the last event: never goes back, even if the clock does, because the
+    #: client refuses an event signed earlier than the newest it applied.
+    signed: int = 0
 
     @property
     def client(self) -> str:
@@ -568,15 +571,16 @@ class LLQServer:
             return msg_id, b"", None
         if key is None:
             return msg_id, wire, None
-        return (msg_id, *self._sign(wire, msg_id, key, now))
+        llq.signed = max(llq.signed, int(now))
+        return (msg_id, *self._sign(wire, msg_id, key, llq.signed))
 
-    def _sign(self, wire: bytes, msg_id: int, key: TsigKey, now: float) -> tuple[bytes, bytes]:
+    def _sign(self, wire: bytes, msg_id: int, key: TsigKey, now: int) -> tuple[bytes, bytes]:
         """The signed event and its MAC (kept to check the acknowledgement)."""
         mac = compute_mac(
             key,
             wire,
             original_id=msg_id,
-            time_signed=int(now),
+            time_signed=now,
             fudge=self.config.fudge,
             error=0,
             other=b"",
@@ -585,7 +589,7 @@ class LLQServer:
         rr = tsig_rr(
             key.name,
             key.algorithm,
-            time_signed=int(now),
+            time_signed=now,
             fudge=self.config.fudge,
             mac=mac,
             original_id=msg_id,

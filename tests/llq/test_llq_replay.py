@@ -10,7 +10,7 @@ import struct
 
 import dns.flags
 import dns.message
-from llq_helpers import Lab, sign_ack, update
+from llq_helpers import NOW, Lab, parse, sign, sign_ack, update
 
 from btmm_core.llq.client import Changes, LLQClient, Send
 from btmm_core.llq.option import LLQOpcode, LLQOption, find_llq
@@ -137,3 +137,20 @@ def test_acknowledgement_replayed_with_the_id_of_a_later_event_does_not_count() 
     out = deliver_by_hand(lab, c, second.wire)
     assert [o for o in out if isinstance(o, Changes)]
     assert llq.inflight is None and lab.llq.stats["acks"] == 2
+
+
+def test_server_clock_stepping_back_does_not_stall_events() -> None:
+    """The client refuses an event signed before the newest it applied, so the server never
+    signs an LLQ's events with a time earlier than the last one (a clock stepped back by NTP
+    must not make every later event look like a replay)."""
+    lab = Lab.make()
+    c = lab.client(PEER)
+    lab.now += 10
+    lab.signed_update(update("laptop", "AAAA", add=("fd00::1",)))
+    lab.now -= 3  # the registry's clock steps back
+    # (The updater's clock did not: the registry refuses a Time Signed older than the last.)
+    wire = sign(update("laptop", "AAAA", add=("fd00::2",)), lab.accounts["bob"].key, int(NOW) + 10)
+    assert parse(lab.core.handle(wire, lab.now, Transport.UDP, "updater#1")).rcode() == 0
+    lab.pump_server()
+    assert {rd.to_text() for (_, _, rd) in c.known} == {"fd00::1", "fd00::2"}
+    assert lab.llq.stats["acks"] == 2 and lab.llq.stats["resends"] == 0
