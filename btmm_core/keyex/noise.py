@@ -66,13 +66,14 @@ further than our own clock. The rules, per peer:
 So an initiation stamped now+599 s (or anything ahead of our clock) forged with a stolen
 device key cannot lock out the real peer: the floor it leaves is our "now", which the real
 peer's next timestamp exceeds. What remains possible: the thief's initiations are answered
-(costing a DH and a pending receive SA, and displacing a handshake of the real peer that is
-in flight, whose initiator retries ``rekey_timeout`` later); a peer whose clock runs ahead of
-ours by d <= ``max_future`` seconds has its captured initiations replayable for d seconds
-(answered, never completed); a peer whose clock runs more than ``max_future`` ahead cannot
-initiate to us (its initiations are refused STALE; it can still answer ours). The endpoint
-of a peer is never taken from an initiation (see ``session``), only from a message that
-proves the PSK.
+(costing a DH and a pending receive SA); one timed into the round trip of a genuine
+handshake displaces it, as before: the responder drops the receive SA it had answered with,
+and the real initiator may send on it until its unacknowledged confirm times out and it
+rekeys (see ``session``); a peer whose clock runs ahead of ours by d <= ``max_future``
+seconds has its captured initiations replayable for d seconds (answered, never completed,
+with the same effect); a peer whose clock runs more than ``max_future`` ahead cannot
+initiate to us (refused STALE; it can still answer ours). The endpoint of a peer is never
+taken from an initiation (see ``session``), only from a message that proves the PSK.
 
 Handshake responses and cookie replies are accepted only for an initiation of ours in
 flight (its SPI), must pass mac1, and draw from a per-source token bucket like initiations
