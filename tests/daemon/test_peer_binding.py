@@ -16,6 +16,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
+import structlog.testing
 
 from btmm_core.daemon import service
 from btmm_core.daemon.config import Config
@@ -189,3 +190,23 @@ def test_browse_target_outside_the_zone_is_never_followed(
     hosts = d.cfg.hosts_file.read_text()  # type: ignore[union-attr]
     assert "nas.bob.members.example" in hosts and "github" not in hosts
     assert "www.desktop" not in hosts
+
+
+def test_upgrade_from_a_stored_ula_says_which_address_replaced_which(tmp_path: Path) -> None:
+    d = Daemon.__new__(Daemon)
+    d.cfg = Config(path=tmp_path / "btmm.toml", host="laptop", state_dir=tmp_path,
+                   interface_id="eui64")
+    d.static = ME
+    d.cfg.identity_file.write_text('{"ula": "fd12:3456:789a:1:5054:ff:fe12:3456"}\n')
+    with structlog.testing.capture_logs() as logs:
+        ident = d._identity()
+    assert ident.ula == ula_of(ME.public)
+    assert not d.cfg.identity_file.exists()
+    moved = [e for e in logs if "derived from its device key" in e["event"]]
+    assert len(moved) == 1 and moved[0]["old"] == "fd12:3456:789a:1:5054:ff:fe12:3456"
+    assert moved[0]["new"] == str(ula_of(ME.public))
+    assert [e for e in logs if "interface_id is no longer used" in e["event"]]
+    with structlog.testing.capture_logs() as logs:
+        d.cfg = Config(path=tmp_path / "btmm.toml", host="laptop", state_dir=tmp_path)
+        assert d._identity() == ident
+    assert logs == []  # once only
