@@ -73,6 +73,11 @@ class GatewayNotAnswering(PortMapError):
     """No mapping protocol answered on the gateway (no reply before the retries ran out)."""
 
 
+class PeerRefused(BtmmError):
+    """A peer's published records cannot be trusted (name outside our zone, address not bound
+    to its key); it gets no route and no session."""
+
+
 class RegistryError(BtmmError):
     """The host daemon's exchange with the registry failed."""
 

@@ -28,7 +28,9 @@ class Config:
     state_dir: Path = DEFAULT_STATE
     #: "HOST:PORT" of the registry; empty: look up ``_dns-update._udp.<zone>`` SRV
     server: str = ""
-    interface_id: str = "random"
+    #: no longer used (the address is derived from the device key); kept so that old
+    #: configurations load, with a warning from the daemon
+    interface_id: str = ""
     dataplane: str = "auto"
     tun: str = "btmm0"
     port: int = 4500
@@ -129,8 +131,6 @@ def validate(cfg: Config) -> None:
                           hint="lower-case letters, digits and '-', at most 63")
     if cfg.portmap not in ("auto", "off"):
         raise ConfigError(f"portmap = {cfg.portmap!r}: use \"auto\" or \"off\"")
-    if cfg.interface_id not in ("random", "eui64"):
-        raise ConfigError(f"interface_id = {cfg.interface_id!r}: use \"random\" or \"eui64\"")
     if not 0.1 <= cfg.refresh_fraction <= 0.95:
         raise ConfigError("refresh_fraction must be between 0.1 and 0.95")
     cfg.server_address()

@@ -3,6 +3,10 @@
 The block sits between two marker lines and is replaced as a whole; everything else in the
 file is kept. The file is rewritten in place (not renamed over) because ``ip netns exec``
 bind-mounts /etc/netns/<name>/hosts on /etc/hosts, and a rename onto a mount point fails.
+
+Given the user's zone, only names ``<host label>.<zone>`` enter the block (``records.
+peer_host_label``): whatever the registry publishes, it cannot make this host resolve a name
+outside the zone (``github.com``) or inject hosts-file syntax.
 """
 
 from __future__ import annotations
@@ -12,11 +16,29 @@ import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 
+import dns.exception
+import dns.name
+
+from btmm_core.daemon.records import peer_host_label
+
 BEGIN = "# BEGIN btmm (managed by btmm up; edits inside are lost)"
 END = "# END btmm"
 
 
-def render_block(names: Mapping[str, ipaddress.IPv6Address]) -> list[str]:
+def in_zone(fqdn: str, zone: str) -> bool:
+    """Whether ``fqdn`` is a host of ``zone`` that may enter the block."""
+    try:
+        name = dns.name.from_text(fqdn)
+    except dns.exception.DNSException:
+        return False
+    return peer_host_label(name, dns.name.from_text(zone)) is not None
+
+
+def render_block(
+    names: Mapping[str, ipaddress.IPv6Address], zone: str | None = None
+) -> list[str]:
+    if zone is not None:
+        names = {n: a for n, a in names.items() if in_zone(n, zone)}
     if not names:
         return []
     lines = [BEGIN]
@@ -27,8 +49,11 @@ def render_block(names: Mapping[str, ipaddress.IPv6Address]) -> list[str]:
     return lines
 
 
-def replace_block(text: str, names: Mapping[str, ipaddress.IPv6Address]) -> str:
-    """``text`` with its btmm block (if any) replaced by one for ``names`` (none: removed)."""
+def replace_block(
+    text: str, names: Mapping[str, ipaddress.IPv6Address], zone: str | None = None
+) -> str:
+    """``text`` with its btmm block (if any) replaced by one for ``names`` (none: removed);
+    with ``zone``, names that are not hosts of it are left out."""
     out: list[str] = []
     inside = False
     for line in text.splitlines():
@@ -40,15 +65,17 @@ def replace_block(text: str, names: Mapping[str, ipaddress.IPv6Address]) -> str:
                 inside = False
             continue
         out.append(line)
-    out += render_block(names)
+    out += render_block(names, zone)
     return "\n".join(out) + "\n" if out else ""
 
 
-def write_hosts(path: Path, names: Mapping[str, ipaddress.IPv6Address]) -> None:
+def write_hosts(
+    path: Path, names: Mapping[str, ipaddress.IPv6Address], zone: str | None = None
+) -> None:
     path.touch(exist_ok=True)
     with open(path, "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        new = replace_block(f.read(), names)
+        new = replace_block(f.read(), names, zone)
         f.seek(0)
         f.write(new)
         f.truncate()

@@ -8,12 +8,19 @@ the driver signs them with TSIG (RFC 8945) and sends them. Names (DESIGN.md §2)
 - ``AutoTunnel-XX-...-XX.Z``  A (the external IPv4 address)
 - ``_autotunnel._udp.Z``  PTR ``<host>.Z``: one per host, a DNS-SD style browse list (RFC 6763
   section 4) so that a single long-lived query (RFC 8764) sees hosts come and go.
+
+What the registry (or another device of the account) says about a peer is checked before it is
+used (``peer_host_label``, ``verify_peer``): only names ``<label>.Z`` are followed, and the AAAA
+must be the address bound to the TXT key (``keyex.identity.ula_of``), which the handshake then
+proves. So a record can neither point a host name outside the zone nor route an address that the
+peer's key does not own.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass
 
 import dns.message
@@ -25,10 +32,14 @@ import dns.rrset
 import dns.update
 
 from btmm_core.daemon.identity import HostIdentity
+from btmm_core.errors import ConfigError, PeerRefused
+from btmm_core.keyex.identity import decode_public, ula_of
 from btmm_core.registry.edns import UpdateLeaseOption
 
 TTL = 60
 BROWSE_LABELS = ("_autotunnel", "_udp")
+#: a host label (RFC 1123 section 2.1): letters, digits and inner hyphens, at most 63
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 class TsigRcode(enum.IntEnum):
@@ -187,3 +198,34 @@ def peer_from_answers(
         model=info.get("model", ""),
         version=info.get("sw", ""),
     )
+
+
+def peer_host_label(name: dns.name.Name, zone: dns.name.Name) -> str | None:
+    """The host label if ``name`` is exactly ``<label>.<zone>`` with a plain host label, else
+    None: names outside the zone, deeper inside it, or with odd bytes are never followed."""
+    if len(name) != len(zone) + 1 or not name.is_subdomain(zone):
+        return None
+    label = name.labels[0].decode("ascii", "replace")
+    return label.lower() if _HOST_LABEL.match(label) else None
+
+
+def verify_peer(rec: PeerRecords, zone: dns.name.Name) -> bytes:
+    """The public key of a peer whose records may be trusted; ``PeerRefused`` otherwise.
+
+    The name must be a host of ``zone`` and the AAAA the address bound to the TXT key: then
+    the handshake, which proves the key, also proves the address.
+    """
+    if peer_host_label(rec.name, zone) is None:
+        raise PeerRefused(f"{rec.name} is not a host name in {zone}", hint="ignored")
+    try:
+        public = decode_public(rec.public_key)
+    except ConfigError as err:
+        raise PeerRefused(f"{rec.host} publishes an unusable key: {err.what}") from err
+    bound = ula_of(public)
+    if rec.ula != bound:
+        raise PeerRefused(
+            f"{rec.host} publishes address {rec.ula}, but its key's address is {bound}",
+            hint="no route is installed; if the peer runs an older btmm (random addresses), "
+            "upgrade it; otherwise something wrote false records for it",
+        )
+    return public

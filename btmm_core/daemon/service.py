@@ -30,7 +30,7 @@ from btmm_core import __version__
 from btmm_core.daemon.config import Config
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.hosts import write_hosts
-from btmm_core.daemon.identity import HostIdentity, load_or_create_identity
+from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
 from btmm_core.daemon.netutil import (
     del_route,
     drain,
@@ -45,8 +45,10 @@ from btmm_core.daemon.records import (
     granted_lease,
     host_name,
     peer_from_answers,
+    peer_host_label,
     publish_update,
     srv_name,
+    verify_peer,
     withdraw_update,
 )
 from btmm_core.dataplane import open_engine
@@ -57,10 +59,11 @@ from btmm_core.errors import (
     ClockSkew,
     ConfigError,
     CredentialsRejected,
+    PeerRefused,
     RegistryError,
 )
 from btmm_core.keyex.driver import KeyExchangeDriver, Report
-from btmm_core.keyex.identity import decode_public, derive_psk, load_or_create
+from btmm_core.keyex.identity import derive_psk, load_or_create
 from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged
@@ -99,8 +102,8 @@ class Daemon:
         self.cfg = cfg
         self.key = read_key_file(cfg.credentials)
         self.zone: dns.name.Name = self.key.name
-        self.identity: HostIdentity = load_or_create_identity(cfg.identity_file, cfg.interface_id)
         self.static = load_or_create(cfg.key_file)
+        self.identity = self._identity()
         self.psk = derive_psk(cfg.secret_file.read_bytes().strip())
         self.engine: Engine | None = None
         self.kx: KeyExchange | None = None
@@ -124,6 +127,20 @@ class Daemon:
         self._stop: asyncio.Event | None = None
 
     # -- set up ------------------------------------------------------------------------
+
+    def _identity(self) -> HostIdentity:
+        """Our ULA, bound to the device key; say so once where an older version chose one."""
+        ident = HostIdentity.of_key(self.static.public)
+        old = retire_legacy_identity(self.cfg.identity_file)
+        if old is not None and old != str(ident.ula):
+            log.warning("this host's address is now derived from its device key", old=old,
+                        new=str(ident.ula), removed=str(self.cfg.identity_file),
+                        hint="peers learn the new address from the published records; update "
+                        "anything that used the old one")
+        if self.cfg.interface_id:
+            log.warning("interface_id is no longer used: the address is derived from the "
+                        "device key", hint=f"remove interface_id from [host] in {self.cfg.path}")
+        return ident
 
     def open(self) -> None:
         """Open the engine and address the TUN device (before the event loop: pyroute2's
@@ -428,8 +445,13 @@ class Daemon:
                 await self._drop_peer(target, "removed from the zone")
         for r in changes.added:
             target = r.rdata.target  # type: ignore[attr-defined]
-            if target != own:
-                await self._resolve(target)
+            if target == own:
+                continue
+            if peer_host_label(target, self.zone) is None:
+                log.warning("browse list names a host outside our zone; ignored",
+                            target=target.to_text(), zone=self.zone.to_text())
+                continue
+            await self._resolve(target)
 
     async def _resolver(self) -> None:
         while True:
@@ -439,6 +461,9 @@ class Daemon:
 
     async def _resolve(self, name: dns.name.Name) -> None:
         assert self.registry is not None
+        if peer_host_label(name, self.zone) is None:
+            log.warning("not following a name outside our zone", name=name.to_text())
+            return
         try:
             aaaa = await self.registry.query(name, dns.rdatatype.AAAA)
             txt = await self.registry.query(name, dns.rdatatype.TXT)
@@ -446,7 +471,11 @@ class Daemon:
                                                      self.zone), dns.rdatatype.SRV)
             a = None
             if srv is not None and len(srv):
-                a = await self.registry.query(srv[0].target, dns.rdatatype.A)
+                if peer_host_label(srv[0].target, self.zone) is None:
+                    log.warning("peer's SRV target is outside our zone; no endpoint from it",
+                                peer=name.to_text(), target=srv[0].target.to_text())
+                else:
+                    a = await self.registry.query(srv[0].target, dns.rdatatype.A)
         except (CredentialsRejected, ClockSkew):
             raise
         except RegistryError as err:
@@ -471,9 +500,10 @@ class Daemon:
             peer = None
         if peer is None:
             try:
-                public = decode_public(rec.public_key)
-            except ConfigError as err:
-                log.warning("peer publishes an unusable key", peer=rec.host, error=str(err))
+                public = verify_peer(rec, self.zone)
+            except PeerRefused as err:
+                # no route and no session: only addresses bound to a key are routed
+                log.warning("peer refused", peer=rec.host, error=err.what, hint=err.hint)
                 return
             if inner == str(self.identity.ula) or inner in self.kx.by_inner:
                 log.warning("peer claims an address already in use", peer=rec.host, ula=inner)
@@ -572,7 +602,7 @@ class Daemon:
         names = {p.records.name.to_text(): p.records.ula for p in self.peers.values()}
         names[host_name(self.cfg.host, self.zone).to_text()] = self.identity.ula
         try:
-            write_hosts(self.cfg.hosts_file, names)
+            write_hosts(self.cfg.hosts_file, names, zone=self.zone.to_text())
         except OSError as err:
             log.warning("cannot update the hosts file", path=str(self.cfg.hosts_file),
                         error=str(err))

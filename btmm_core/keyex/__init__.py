@@ -28,7 +28,11 @@ It cannot: read or forge tunnel traffic or handshake payloads; learn which devic
 design); impersonate a host without both its device private key and the account secret (a
 stolen device key alone fails at message 2, a leaked account secret alone fails at the static-
 static DH); replay an initiation to the same responder (timestamps must increase, and must lie
-within ``max_skew`` of its clock, which bounds replays after a restart); decrypt recorded
+within ``max_skew`` behind and ``max_future`` ahead of its clock, which bounds replays after a
+restart); claim another device's inner address (it is derived from the device key, see
+``identity.ula_of``); move a peer's endpoint with an initiation (only messages that prove the
+PSK do); lock a peer out with a far-future timestamp (see ``noise``); make an initiator do
+Diffie-Hellman work with forged responses beyond a per-source rate; decrypt recorded
 tunnel traffic after a later compromise of device keys and account secret (the SA keys depend
 on ephemeral DHs; forward secrecy); impersonate other hosts to a host whose own device key it
 stole, unless it also has the account secret (the PSK blocks the key-compromise impersonation
@@ -47,6 +51,8 @@ timestamp and SPI: message 1 of IK is not forward secret); with a host's public 
 packets that pass mac1 and make that host spend one or two DHs each, up to the rate limits; an
 attacker that holds some device's key pair but not the account secret can still get a responder
 to answer (the PSK enters in message 2) and so cost it a pending SA slot until a newer
-initiation or the key lifetime replaces it. Metadata such as the public keys in the registry's
-TXT records is visible to anyone who can query that zone.
+initiation or the key lifetime replaces it, and displace a handshake of the real device that is
+in flight (which is retried); it can neither move that device's endpoint nor lock it out.
+Metadata such as the public keys in the registry's TXT records is visible to anyone who can
+query that zone.
 """

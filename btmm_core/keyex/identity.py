@@ -9,12 +9,21 @@ The account secret is shared by one user's hosts and never sent to the registry.
 handshake mixes in a pre-shared key derived from it with HKDF-SHA256 (RFC 5869) under a
 fixed label, so the raw secret is never used as a key and the same secret can safely feed
 other derivations under other labels.
+
+A device's inner address (its ULA, RFC 4193) is derived from its public key (``ula_of``):
+``fd`` followed by the first 15 bytes of SHA-256(``ULA_LABEL`` | public key). Whoever proves
+the key in a handshake thereby owns the address, so a peer cannot claim another device's
+address (nor any address outside fd00::/8) without that device's private key, and nothing
+else has to carry or sign the address. Making a key whose address equals a given device's
+means finding a 120-bit second preimage of SHA-256 (about 2**120 tries).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import ipaddress
 import os
 import stat
 from dataclasses import dataclass, field
@@ -35,6 +44,8 @@ PSK_SALT = b"btmm account secret"
 #: an account secret shorter than this is refused: it is the only thing between a thief of a
 #: device key and an impersonation of that device
 MIN_SECRET_LEN = 16
+#: domain separation for the address derivation (``ula_of``)
+ULA_LABEL = b"btmm ULA v1"
 
 
 def _raw_public(private: X25519PrivateKey) -> bytes:
@@ -77,6 +88,13 @@ class StaticKey:
 def encode_public(public: bytes) -> str:
     """The text form of a public key (standard base64, as in WireGuard configurations)."""
     return base64.b64encode(public).decode("ascii")
+
+
+def ula_of(public: bytes) -> ipaddress.IPv6Address:
+    """The inner address bound to a device key: ``fd`` + SHA-256(``ULA_LABEL`` | key)[:15]."""
+    if len(public) != KEY_LEN:
+        raise ConfigError(f"a public key is {KEY_LEN} bytes, got {len(public)}")
+    return ipaddress.IPv6Address(b"\xfd" + hashlib.sha256(ULA_LABEL + public).digest()[:15])
 
 
 def decode_public(text: str) -> bytes:

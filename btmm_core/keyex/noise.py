@@ -49,10 +49,36 @@ the confirm; the initiator repeats the confirm until the acknowledgement arrives
 then counts the responder as switched (see ``session``). Repeated confirms are answered
 again, so a lost acknowledgement costs one more round trip, never a key.
 
-Replay: the timestamp of the last accepted initiation of each peer is kept; an initiation
-with a timestamp not greater than it is refused, as is one farther than ``max_skew`` from the
-responder's wall clock (which bounds replay after a responder restart, when the greatest
-timestamp is forgotten).
+Replay and timestamps: an initiation is authenticated by the static keys alone (the PSK
+enters only in message 2), so a thief of a device key who lacks the account secret can make
+initiations that pass every check of message 1. Its timestamp must therefore not be trusted
+further than our own clock. The rules, per peer:
+
+* an initiation stamped more than ``max_skew`` before our wall clock, or more than
+  ``max_future`` after it, is refused (STALE); ``max_skew`` bounds replay after a responder
+  restart, when the per-peer state is forgotten;
+* each accepted initiation raises the peer's replay floor to its timestamp *clamped to our
+  wall clock* (min(stamp, now)); an initiation not above the floor, or equal to the last one
+  accepted, is refused (REPLAY);
+* once the initiator proves the PSK (its confirm), the floor rises to the full timestamp of
+  that handshake.
+
+So an initiation stamped now+599 s (or anything ahead of our clock) forged with a stolen
+device key cannot lock out the real peer: the floor it leaves is our "now", which the real
+peer's next timestamp exceeds. What remains possible: the thief's initiations are answered
+(costing a DH and a pending receive SA); one timed into the round trip of a genuine
+handshake displaces it, as before: the responder drops the receive SA it had answered with,
+and the real initiator may send on it until its unacknowledged confirm times out and it
+rekeys (see ``session``); a peer whose clock runs ahead of ours by d <= ``max_future``
+seconds has its captured initiations replayable for d seconds (answered, never completed,
+with the same effect); a peer whose clock runs more than ``max_future`` ahead cannot
+initiate to us (refused STALE; it can still answer ours). The endpoint of a peer is never
+taken from an initiation (see ``session``), only from a message that proves the PSK.
+
+Handshake responses and cookie replies are accepted only for an initiation of ours in
+flight (its SPI), must pass mac1, and draw from a per-source token bucket like initiations
+(same rate and burst) before any Diffie-Hellman or decryption: forged ones beyond the rate
+are refused RATE_LIMITED and change nothing.
 
 Wire formats are those of the dataclasses ``Initiation``, ``Response``, ``CookieReply`` and
 ``Confirm``; each message rides after the 4-zero-byte non-ESP marker (RFC 3948 section 2.2),
@@ -81,6 +107,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from btmm_core.dataplane.api import KEYMAT_LEN, Endpoint
+from btmm_core.errors import ConfigError
 from btmm_core.keyex.identity import KEY_LEN, PSK_LEN, StaticKey
 
 PROTOCOL_NAME = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
@@ -118,7 +145,7 @@ class Refusal(enum.IntEnum):
     MALFORMED = 1  #: wrong length, unknown type, non-zero reserved bytes
     BAD_MAC1 = 2  #: sender does not know our public key (or the packet was altered)
     COOKIE_REQUIRED = 3  #: under load, no valid mac2: answered with a cookie reply instead
-    RATE_LIMITED = 4  #: too many initiations from this source address
+    RATE_LIMITED = 4  #: too many initiations (or responses, cookie replies) from this address
     DECRYPT_FAILED = 5  #: an AEAD check failed: tampered, wrong keys or wrong PSK
     UNKNOWN_PEER = 6  #: authenticated static key is not one of our peers
     REPLAY = 7  #: timestamp not newer than the last accepted initiation of the peer
@@ -468,6 +495,7 @@ class PeerInitiation:
     timestamp: float
     _state: SymmetricState = field(repr=False, compare=False)
     _remote_ephemeral: bytes = field(repr=False, compare=False)
+    _stamp: bytes = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -519,8 +547,11 @@ Outcome = (
 
 @dataclass(frozen=True)
 class HandshakeConfig:
-    #: maximum distance of an initiation's timestamp from our wall clock
+    #: maximum age of an initiation's timestamp by our wall clock
     max_skew: float = 600.0
+    #: how far ahead of our wall clock an initiation's timestamp may be (a peer's clock may
+    #: run ahead by this much and still initiate)
+    max_future: float = 30.0
     #: how many initiations per second may reach the DH before we call ourselves loaded
     load_threshold: int = 64
     #: how long a load condition lasts once detected
@@ -530,8 +561,15 @@ class HandshakeConfig:
     source_burst: float = 5.0
     #: how long a cookie (and the secret it derives from) is valid (WireGuard: 2 minutes)
     cookie_lifetime: float = 120.0
-    #: bound on the per-source bucket table (oldest entries are dropped beyond it)
+    #: bound on each per-source bucket table (oldest entries are dropped beyond it)
     max_sources: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_future <= self.max_skew:
+            raise ConfigError(
+                "need 0 <= max_future <= max_skew",
+                hint=f"got max_future {self.max_future}, max_skew {self.max_skew}",
+            )
 
 
 @dataclass
@@ -551,6 +589,8 @@ class _Awaiting:
     keys: SaKeys
     confirm_key: bytes
     created: float
+    #: the TAI64N timestamp of the initiation answered
+    stamp: bytes = b"\x00" * TIMESTAMP_LEN
 
 
 @dataclass
@@ -561,7 +601,10 @@ class _Bucket:
 
 @dataclass
 class _PeerRecord:
+    #: the replay floor: an initiation must be stamped above it (see the module docstring)
     greatest_timestamp: bytes = b"\x00" * TIMESTAMP_LEN
+    #: the timestamp of the last initiation accepted (its exact repeat is refused)
+    last_timestamp: bytes = b"\x00" * TIMESTAMP_LEN
     cookie: bytes | None = None
     cookie_time: float = 0.0
 
@@ -602,6 +645,9 @@ class Handshaker:
         self._old_cookie_secret = b""
         self._cookie_secret_time = float("-inf")
         self._sources: dict[str, _Bucket] = {}
+        #: a separate table for responses and cookie replies: forged ones cannot use up the
+        #: initiation budget of an address, nor the other way round
+        self._reply_sources: dict[str, _Bucket] = {}
         self._recent_dh: list[float] = []
         self._loaded_until = float("-inf")
         self._forced_load = False
@@ -638,13 +684,16 @@ class Handshaker:
         if len(self._recent_dh) >= self.config.load_threshold:
             self._loaded_until = now + self.config.load_hold
 
-    def _take_token(self, source: Endpoint, now: float) -> bool:
+    def _take_token(
+        self, source: Endpoint, now: float, table: dict[str, _Bucket] | None = None
+    ) -> bool:
         cfg = self.config
-        b = self._sources.get(source.host)
+        sources = self._sources if table is None else table
+        b = sources.get(source.host)
         if b is None:
-            if len(self._sources) >= cfg.max_sources:
-                self._sources.pop(next(iter(self._sources)))
-            b = self._sources[source.host] = _Bucket(cfg.source_burst, now)
+            if len(sources) >= cfg.max_sources:
+                sources.pop(next(iter(sources)))
+            b = sources[source.host] = _Bucket(cfg.source_burst, now)
         b.tokens = min(cfg.source_burst, b.tokens + (now - b.stamp) * cfg.source_rate)
         b.stamp = now
         if b.tokens < 1.0:
@@ -733,7 +782,7 @@ class Handshaker:
         keys, confirm_key = _derive(
             st, initiation.peer, initiator=False, i_spi=initiation.remote_spi, r_spi=local_spi
         )
-        self.awaiting[local_spi] = _Awaiting(keys, confirm_key, now)
+        self.awaiting[local_spi] = _Awaiting(keys, confirm_key, now, initiation._stamp)
         return msg.to_bytes(), keys
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -749,7 +798,7 @@ class Handshaker:
             if kind == MessageType.RESPONSE:
                 return self._on_response(Response.parse(message), source, now)
             if kind == MessageType.COOKIE_REPLY:
-                return self._on_cookie_reply(CookieReply.parse(message), now)
+                return self._on_cookie_reply(CookieReply.parse(message), source, now)
             if kind == MessageType.CONFIRM:
                 return self._on_confirm(Confirm.parse(message), source)
             if kind == MessageType.CONFIRM_ACK:
@@ -803,14 +852,23 @@ class Handshaker:
         if inner_spi != msg.sender or not SPI_MIN <= msg.sender <= SPI_MAX:
             return self._refuse(Refusal.SPI_MISMATCH, "initiation SPI fields disagree")
         when = tai64n_seconds(stamp)
-        if abs(when - wall) > self.config.max_skew:
+        if when - wall > self.config.max_future:
+            return self._refuse(
+                Refusal.STALE,
+                f"initiation timestamp is {when - wall:+.0f} s ahead of our clock (at most "
+                f"{self.config.max_future:.0f} s allowed); check that both clocks are synced",
+            )
+        if wall - when > self.config.max_skew:
             return self._refuse(
                 Refusal.STALE, f"initiation timestamp is {when - wall:+.0f} s from our clock"
             )
-        if stamp <= record.greatest_timestamp:
+        if stamp <= record.greatest_timestamp or stamp == record.last_timestamp:
             return self._refuse(Refusal.REPLAY, "initiation timestamp is not newer than the last")
-        record.greatest_timestamp = stamp
-        return PeerInitiation(peer, msg.sender, source, when, st, e)
+        # not proven by the PSK yet: never raise the floor above our own clock (a thief of the
+        # device key could otherwise stamp now+max_future and lock the real peer out)
+        record.greatest_timestamp = max(record.greatest_timestamp, min(stamp, tai64n(wall)))
+        record.last_timestamp = stamp
+        return PeerInitiation(peer, msg.sender, source, when, st, e, stamp)
 
     def _on_response(self, msg: Response, source: Endpoint, now: float) -> Outcome:
         pending = self.pending.get(msg.receiver)
@@ -819,6 +877,8 @@ class Handshaker:
         early = self._check_macs(msg, source, now, cookie_for=None)
         if early is not None:
             return early
+        if not self._take_token(source, now, self._reply_sources):
+            return self._refuse(Refusal.RATE_LIMITED, f"too many responses from {source.host}")
         st = pending.state.copy()
         e = msg.ephemeral
         st.mix_hash(e)
@@ -836,10 +896,14 @@ class Handshaker:
         confirm = Confirm.seal(MessageType.CONFIRM, r_spi, confirm_key)
         return HandshakeComplete(keys, confirm.to_bytes(), source)
 
-    def _on_cookie_reply(self, msg: CookieReply, now: float) -> Outcome:
+    def _on_cookie_reply(self, msg: CookieReply, source: Endpoint, now: float) -> Outcome:
         pending = self.pending.get(msg.receiver)
         if pending is None:
             return self._refuse(Refusal.UNKNOWN_RECEIVER, "cookie reply to no initiation of ours")
+        if not self._take_token(source, now, self._reply_sources):
+            return self._refuse(
+                Refusal.RATE_LIMITED, f"too many cookie replies from {source.host}"
+            )
         try:
             cookie = ChaCha20Poly1305(blake2s(LABEL_COOKIE, pending.peer)).decrypt(
                 msg.nonce, msg.sealed_cookie, pending.mac1
@@ -862,6 +926,10 @@ class Handshaker:
             return self._refuse(Refusal.DECRYPT_FAILED, "confirm failed to verify (wrong PSK?)")
         if not repeated:
             del self.awaiting[msg.receiver]
+            record = self.peers.get(entry.keys.peer)
+            if record is not None:
+                # the initiator proved the PSK: its timestamp is now trusted in full
+                record.greatest_timestamp = max(record.greatest_timestamp, entry.stamp)
             self.confirmed[msg.receiver] = entry
             while len(self.confirmed) > CONFIRMED_MEMORY:
                 del self.confirmed[next(iter(self.confirmed))]

@@ -7,14 +7,18 @@ handshake itself is specified in ``btmm_core.keyex.noise``.
 Configuration (JSON)::
 
     {"dataplane": "fast" | "python" | "auto", "tun": "btmm0", "mtu": 1420,
-     "address": "fd00:b7:1::1/64", "listen_port": 4500,
+     "address": "fd../128", "listen_port": 4500, (optional: our key's ULA, /128)
      "key_file": "/path/device.key",            (created 0600 if absent)
      "secret_file": "/path/account.secret",     (the account secret, raw bytes)
      "session": {"rekey_after_time": 120, ...}, (optional SessionConfig overrides)
      "handshake": {"load_threshold": 64, ...},  (optional HandshakeConfig overrides)
      "poll_interval": 1.0,                      (seconds between packet-budget checks)
-     "peers": [{"public": "<base64>", "inner": "fd00:b7:1::2",
+     "peers": [{"public": "<base64>", "inner": "fd..",  (optional: ula_of(public))
                 "endpoint": "192.0.2.2:4500" | null, "connect": true}]}
+
+Inner addresses are bound to keys (``btmm_core.keyex.identity.ula_of``): a peer's ``inner``
+must be the ULA of its ``public`` key, and our own ``address`` should be the ULA of our key,
+or the peer drops our packets; both default to those.
 
 It prints ``{"ready": true, "public": "<base64>", "port": N}`` on stdout, then one JSON line
 per report (``established`` / ``failed``). Each line on stdin is a request: ``stats`` prints
@@ -40,7 +44,7 @@ from btmm_core.dataplane.api import DEFAULT_MTU, Endpoint, Engine, EngineConfig
 from btmm_core.dataplane.netconf import configure_tun
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.keyex.driver import KeyExchangeDriver, Report
-from btmm_core.keyex.identity import decode_public, derive_psk, load_or_create
+from btmm_core.keyex.identity import decode_public, derive_psk, load_or_create, ula_of
 from btmm_core.keyex.noise import HandshakeConfig, Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 
@@ -69,7 +73,9 @@ def _open(cfg: dict[str, Any]) -> tuple[Engine, KeyExchange]:
     kx = KeyExchange(Handshaker(static, psk, os.urandom, hs_cfg), session_cfg)
     peers = cfg.get("peers", [])
     for p in peers:
-        kx.add_peer(decode_public(p["public"]), p["inner"], _endpoint(p.get("endpoint")))
+        public = decode_public(p["public"])
+        p.setdefault("inner", str(ula_of(public)))
+        kx.add_peer(public, p["inner"], _endpoint(p.get("endpoint")))
     mtu = int(cfg.get("mtu", DEFAULT_MTU))
     engine = open_engine(
         EngineConfig(
@@ -81,7 +87,10 @@ def _open(cfg: dict[str, Any]) -> tuple[Engine, KeyExchange]:
     )
     try:
         configure_tun(
-            engine.tun_name, mtu=mtu, address=cfg["address"], peers=[p["inner"] for p in peers]
+            engine.tun_name,
+            mtu=mtu,
+            address=cfg.get("address", f"{ula_of(static.public)}/128"),
+            peers=[p["inner"] for p in peers],
         )
     except BaseException:
         engine.stop()

@@ -25,6 +25,19 @@ acknowledgement and for ``rekey_timeout`` after completion: the abandoned initia
 still be in flight). An answered handshake whose confirm never comes is dropped after
 ``RESPONDED_PATIENCE`` repeat intervals, so that it cannot hold up our own rekeys.
 
+Where a peer is (its endpoint) is learnt only from messages that prove the account PSK: the
+response (initiator side, ``on_complete``), the confirm (responder side, ``on_confirmed``),
+and, in the engine, authenticated ESP packets (roaming). An initiation proves only the
+static key, so a thief of a device key without the account secret could otherwise move the
+peer's endpoint to itself; the response to an initiation goes to its source, and the stored
+endpoint stays as it was until the confirm. (An attacker on the path that races a copy of a
+genuine confirm from another address can still move it, as it can with any authenticated
+packet: source addresses are not authenticated.)
+
+Each peer's inner address must be the one derived from its public key
+(``identity.ula_of``): ``KeyExchange.add_peer`` refuses any other, so the engine's check of
+inner source addresses accepts from a peer only the address its key proves.
+
 A transmit key older than ``reject_after_time`` (or past ``reject_after_messages``) is never
 used: the engine API cannot delete a lone transmit SA, so the peer's SAs are reset.
 
@@ -34,11 +47,13 @@ the handshake timestamps) and returns actions for a driver to carry out.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from btmm_core.dataplane.api import SEQ_MAX, Endpoint
 from btmm_core.errors import ConfigError
+from btmm_core.keyex.identity import ula_of
 from btmm_core.keyex.noise import (
     SPI_MAX,
     SPI_MIN,
@@ -359,7 +374,9 @@ class Session:
             self.pending = None
             self.attempt_started = None
             self.next_retry = float("inf")
-        out = self._learn_endpoint(init.source)
+        # the endpoint is not learnt here: an initiation does not prove the PSK (the
+        # response goes to its source; ``on_confirmed`` moves the endpoint)
+        out: list[Action] = []
         if self.responded is not None:
             # superseded by the initiator's retry: it dropped the state this one belonged to
             hs.forget_awaiting(self.responded.keys.rx_spi)
@@ -528,6 +545,19 @@ class KeyExchange:
     # -- configuration ---------------------------------------------------------------
 
     def add_peer(self, public: bytes, inner: str, endpoint: Endpoint | None = None) -> Session:
+        """Trust ``public`` as the peer at ``inner``, which must be ``ula_of(public)``."""
+        want = ula_of(public)
+        try:
+            claimed = ipaddress.IPv6Address(inner)
+        except ValueError as exc:
+            raise ConfigError(
+                f"peer address {inner!r} is not an IPv6 address", hint=f"use {want}"
+            ) from exc
+        if claimed != want:
+            raise ConfigError(
+                f"peer address {inner} is not the one bound to its key",
+                hint=f"a peer's inner address is derived from its public key: {want}",
+            )
         if public in self.sessions or inner in self.by_inner:
             raise ConfigError(f"peer {inner} is configured twice", hint="each key and address once")
         self.handshaker.add_peer(public)

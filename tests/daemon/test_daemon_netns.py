@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,8 +167,16 @@ def test_no_nat_ping_by_name_and_status_json(lab: Lab) -> None:
     out = laptop.ns.run(["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2",
                          "desktop.bob.members.example"]).stdout
     assert "3 received" in out
-    st = json.loads(laptop.ns.run(world.btmm("status", "--json", "--config",
-                                              str(laptop.config))).stdout)
+
+    def status() -> dict[str, object]:
+        st: dict[str, object] = json.loads(laptop.ns.run(
+            world.btmm("status", "--json", "--config", str(laptop.config))).stdout)
+        return st
+
+    # the status file is rewritten once a second: wait for one written after the pings
+    _wait(lambda: status()["peers"][0]["packets_out"] >= 3, 5,  # type: ignore[index]
+          "the pings in the status", world)
+    st: Any = status()
     assert st["host"]["external"] == "203.0.113.22:4500"  # its own address: nothing to map
     assert st["host"]["mapping"].startswith("not needed")
     (peer,) = st["peers"]

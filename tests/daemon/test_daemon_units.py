@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import stat
@@ -18,12 +19,7 @@ import pytest
 from btmm_core.daemon.cli import render_status
 from btmm_core.daemon.config import join, load_config
 from btmm_core.daemon.hosts import BEGIN, END, replace_block
-from btmm_core.daemon.identity import (
-    HostIdentity,
-    eui64_from_mac,
-    load_or_create_identity,
-    make_ula,
-)
+from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
 from btmm_core.daemon.records import (
     Publication,
     browse_name,
@@ -34,6 +30,7 @@ from btmm_core.daemon.records import (
     withdraw_update,
 )
 from btmm_core.errors import ConfigError
+from btmm_core.keyex.identity import ula_of
 from btmm_core.registry.edns import UpdateLeaseOption
 
 ZONE = dns.name.from_text("bob.members.example.")
@@ -47,21 +44,29 @@ def pub(port: int = 4500, addr: str = "203.0.113.2") -> Publication:
                        ipaddress.IPv4Address(addr), port, version="0.1.0")
 
 
-def test_eui64_and_autotunnel_label() -> None:
-    iid = eui64_from_mac("52:54:00:12:34:56")
-    assert iid.hex() == "505400fffe123456"  # U/L bit flipped, ff:fe inserted (RFC 4291 A)
-    ula = make_ula(bytes(7), iid)
-    assert str(ula) == "fd00::5054:ff:fe12:3456"
-    assert HostIdentity(ula).autotunnel_label() == "AutoTunnel-50-54-00-FF-FE-12-34-56"
-    with pytest.raises(ConfigError):
-        eui64_from_mac("52:54:00")
+def test_ula_derivation_and_autotunnel_label() -> None:
+    public = bytes(range(32))
+    digest = hashlib.sha256(b"btmm ULA v1" + public).digest()
+    ula = HostIdentity.of_key(public).ula
+    assert ula == ula_of(public) and ula.packed == b"\xfd" + digest[:15]
+    assert HostIdentity(ula).autotunnel_label() == "AutoTunnel-" + "-".join(
+        f"{b:02X}" for b in digest[7:15])
+    assert HostIdentity.of_key(bytes(32)).ula != ula
 
 
-def test_identity_is_persisted(tmp_path: Path) -> None:
-    first = load_or_create_identity(tmp_path / "id.json")
-    assert first.ula.packed[0] == 0xFD
-    assert load_or_create_identity(tmp_path / "id.json", "eui64") == first  # never regenerated
-    assert load_or_create_identity(tmp_path / "other.json") != first
+def test_legacy_identity_file_is_retired_once(tmp_path: Path) -> None:
+    path = tmp_path / "identity.json"
+    assert retire_legacy_identity(path) is None
+    path.write_text('{"ula": "fd12:3456:789a:1:5054:ff:fe12:3456", "interface_id": "eui64"}\n')
+    assert retire_legacy_identity(path) == "fd12:3456:789a:1:5054:ff:fe12:3456"
+    assert not path.exists() and retire_legacy_identity(path) is None
+    path.write_text("garbage")
+    assert retire_legacy_identity(path) == "an unreadable address" and not path.exists()
+
+
+def test_old_interface_id_setting_still_loads(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('[host]\nhost = "ok"\ninterface_id = "eui64"\n')
+    assert load_config(tmp_path / "c.toml").interface_id == "eui64"  # the daemon warns
 
 
 def _sections(msg: dns.message.Message) -> list[tuple[str, int, int]]:

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from e2e_helpers import LineReader, env
+
+from btmm_core.keyex.identity import StaticKey, ula_of
+
+#: fixed device keys for hosts a and b, so that their inner addresses (bound to the keys)
+#: are known in advance
+KEYS = {n: StaticKey.from_private(hashlib.sha256(b"kx netns " + n.encode()).digest())
+        for n in ("a", "b")}
+A_INNER, B_INNER = (str(ula_of(KEYS[n].public)) for n in ("a", "b"))
+
+
+def device_key(path: Path, name: str) -> StaticKey:
+    """Write host ``name``'s fixed device key to ``path`` (mode 0600, as btmm makes it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(base64.b64encode(KEYS[name].private) + b"\n")
+    return KEYS[name]
 
 
 class Runner:
@@ -80,7 +99,7 @@ def runner_config(
         "dataplane": kind,
         "tun": "btmm0",
         "mtu": 1420,
-        "address": f"{me}/64",
+        "address": f"{me}/128",
         "listen_port": port,
         "key_file": str(key),
         "secret_file": str(secret),

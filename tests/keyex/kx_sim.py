@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from kx_helpers import A_ADDR, B_ADDR, PSK, WALL0, CountingRandom, key
 
 from btmm_core.dataplane.api import Endpoint
+from btmm_core.keyex.identity import ula_of
 from btmm_core.keyex.noise import HandshakeConfig, Handshaker
 from btmm_core.keyex.session import (
     Action,
@@ -26,8 +27,9 @@ from btmm_core.keyex.session import (
     SetEndpoint,
 )
 
-A_INNER = "fd00::a"
-B_INNER = "fd00::b"
+#: each host's inner address is bound to its key
+A_INNER = str(ula_of(key("a").public))
+B_INNER = str(ula_of(key("b").public))
 
 
 @dataclass

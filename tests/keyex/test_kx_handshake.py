@@ -7,6 +7,7 @@ import struct
 import pytest
 from kx_helpers import A_ADDR, B_ADDR, PSK, WALL0, CountingRandom, key, pair
 
+from btmm_core.dataplane.api import Endpoint
 from btmm_core.keyex.identity import derive_psk
 from btmm_core.keyex.noise import (
     INITIATION_LEN,
@@ -14,6 +15,7 @@ from btmm_core.keyex.noise import (
     Confirm,
     ConfirmAcked,
     Confirmed,
+    CookieReply,
     CookieStored,
     HandshakeComplete,
     HandshakeConfig,
@@ -180,7 +182,8 @@ def test_every_tampered_initiation_byte_is_refused() -> None:
 
 
 def test_every_tampered_response_byte_is_refused() -> None:
-    ha, hb = pair()
+    # forged responses are rate limited per source: a burst large enough for every byte
+    ha, hb = pair(config=HandshakeConfig(source_burst=1000))
     m1 = ha.initiate(key("b").public, 0x1111, now=0, wall=WALL0)
     init = hb.receive(m1, A_ADDR, now=0, wall=WALL0)
     assert isinstance(init, PeerInitiation)
@@ -330,3 +333,81 @@ def test_wire_messages_round_trip_through_their_dataclasses() -> None:
     conf = Confirm.parse(done.confirm)
     assert conf.kind == MessageType.CONFIRM and conf.receiver == 0x2222
     assert conf.to_bytes() == done.confirm
+
+
+# --- a thief of a device key without the account secret (issue 11, item 6) -----------------
+
+THIEF_ADDR = Endpoint("203.0.113.66", 4500)
+
+
+def thief_of_a() -> Handshaker:
+    """Holds a's device key but not the account secret."""
+    h = Handshaker(key("a"), derive_psk(b"not the account secret of a and b"), CountingRandom("t"))
+    h.add_peer(key("b").public)
+    return h
+
+
+@pytest.mark.parametrize("ahead", [599.0, 20.0])
+def test_future_stamp_from_a_stolen_device_key_does_not_lock_out_the_peer(ahead: float) -> None:
+    ha, hb = pair()
+    thief = thief_of_a()
+    forged = thief.initiate(key("b").public, 0x6666, now=0, wall=WALL0 + ahead)
+    out = hb.receive(forged, THIEF_ADDR, now=0, wall=WALL0)
+    if ahead > 30.0:  # beyond the default max_future: refused outright
+        refused(hb, out, Refusal.STALE)
+    else:
+        # within the allowed clock difference the thief is answered (the PSK comes later) ...
+        assert isinstance(out, PeerInitiation), out
+        m2, _ = hb.respond(out, 0x2222, now=0)
+        refused(thief, thief.receive(m2, B_ADDR, now=0, wall=WALL0), Refusal.DECRYPT_FAILED)
+    # ... but the real peer's next initiation, one second later, is not a "replay"
+    m1 = ha.initiate(key("b").public, 0x1111, now=1, wall=WALL0 + 1)
+    assert isinstance(hb.receive(m1, A_ADDR, now=1, wall=WALL0 + 1), PeerInitiation)
+
+
+def test_initiation_replay_is_refused_before_and_after_the_confirm() -> None:
+    """Clamping the replay floor to our clock keeps replays out: the exact repeat of the last
+    initiation, and, once the PSK is proven, anything up to its (future) timestamp."""
+    ha, hb = pair()
+    # a's clock runs 10 s ahead of b's
+    first = ha.initiate(key("b").public, 0x1111, now=0, wall=WALL0 + 10)
+    second = ha.initiate(key("b").public, 0x1112, now=0, wall=WALL0 + 11)
+    init = hb.receive(second, A_ADDR, now=0, wall=WALL0)
+    assert isinstance(init, PeerInitiation)
+    refused(hb, hb.receive(second, A_ADDR, now=0.1, wall=WALL0 + 0.1), Refusal.REPLAY)
+    m2, _ = hb.respond(init, 0x2222, now=0)
+    done = ha.receive(m2, B_ADDR, now=0, wall=WALL0)
+    assert isinstance(done, HandshakeComplete)
+    assert isinstance(hb.receive(done.confirm, A_ADDR, now=0, wall=WALL0), Confirmed)
+    refused(hb, hb.receive(first, A_ADDR, now=1, wall=WALL0 + 1), Refusal.REPLAY)
+
+
+def _forged_response(receiver: int, i: int) -> bytes:
+    """A response to a's initiation ``receiver`` that passes mac1 (a's public key is public)
+    but was not made by b."""
+    msg = Response(0x3000 + i, receiver, key(f"m{i}").public, bytes(24))
+    mac1 = mac16(blake2s(LABEL_MAC1, key("a").public), msg.body())
+    return Response(msg.sender, receiver, msg.ephemeral, msg.payload, mac1).to_bytes()
+
+
+def test_forged_responses_beyond_the_rate_are_dropped_and_counted() -> None:
+    cfg = HandshakeConfig(source_rate=1.0, source_burst=3.0)
+    ha, hb = pair(config=cfg)
+    m1 = ha.initiate(key("b").public, 0x1111, now=0, wall=WALL0)
+    init = hb.receive(m1, A_ADDR, now=0, wall=WALL0)
+    assert isinstance(init, PeerInitiation)
+    before = snapshot(ha)
+    outs = [ha.receive(_forged_response(0x1111, i), THIEF_ADDR, now=0.01 * i, wall=WALL0)
+            for i in range(10)]
+    reasons = [o.reason for o in outs if isinstance(o, Refused)]
+    # the first few cost a DH and fail to decrypt; the rest are refused before any DH
+    assert reasons == [Refusal.DECRYPT_FAILED] * 3 + [Refusal.RATE_LIMITED] * 7, reasons
+    assert ha.refused["rate_limited"] == 7
+    # cookie replies from there too: refused before decryption, counted, nothing stored
+    fake = CookieReply(0x1111, bytes(12), bytes(32)).to_bytes()
+    refused(ha, ha.receive(fake, THIEF_ADDR, now=0.2, wall=WALL0), Refusal.RATE_LIMITED)
+    assert ha.refused["rate_limited"] == 8 and ha.cookies_received == 0
+    assert snapshot(ha) == before
+    # the genuine answer from the responder's address still completes the handshake
+    m2, _ = hb.respond(init, 0x2222, now=0.2)
+    assert isinstance(ha.receive(m2, B_ADDR, now=0.2, wall=WALL0), HandshakeComplete)

@@ -11,18 +11,15 @@ from typing import Any
 
 import pytest
 from e2e_helpers import (
-    A_INNER,
     A_OUTER,
-    B_INNER,
     B_OUTER,
     PORT,
     ping6,
     transfer,
     two_hosts,
 )
-from kx_runner import Runner, runner_config
+from kx_runner import A_INNER, B_INNER, Runner, device_key, runner_config
 
-from btmm_core.keyex.identity import load_or_create
 from btmm_core.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
@@ -48,8 +45,8 @@ SESSION = {
 def test_handshake_ping_and_100mb_across_rekeys(kinds: tuple[str, str], tmp_path: Path) -> None:
     secret = tmp_path / "account.secret"
     secret.write_bytes(b"a test account secret, 32 bytes!")
-    a_key = load_or_create(tmp_path / "a.key")
-    b_key = load_or_create(tmp_path / "b.key")
+    a_key = device_key(tmp_path / "a.key", "a")
+    b_key = device_key(tmp_path / "b.key", "b")
 
     def cfg(
         kind: str,
@@ -64,7 +61,7 @@ def test_handshake_ping_and_100mb_across_rekeys(kinds: tuple[str, str], tmp_path
             "dataplane": kind,
             "tun": "btmm0",
             "mtu": 1420,
-            "address": f"{me}/64",
+            "address": f"{me}/128",
             "listen_port": PORT,
             "key_file": str(key),
             "secret_file": str(secret),
@@ -156,7 +153,7 @@ def test_transfers_both_ways_at_once_across_rekeys(kinds: tuple[str, str], tmp_p
     size = 40 * 1024 * 1024
     secret = tmp_path / "account.secret"
     secret.write_bytes(b"a test account secret, 32 bytes!")
-    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     session = {**SESSION, "rekey_after_messages": 5_000}
     with Lab() as lab:
         a, b = two_hosts(lab)

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import A_INNER, A_OUTER, A_ROAMED, B_INNER, B_OUTER, PORT, env, ping6, two_hosts
-from kx_runner import Runner, runner_config
+from e2e_helpers import A_OUTER, A_ROAMED, B_OUTER, PORT, env, ping6, two_hosts
+from kx_runner import A_INNER, B_INNER, Runner, device_key, runner_config
 
-from btmm_core.keyex.identity import load_or_create
+from btmm_core.keyex.identity import load_or_create, ula_of
 from btmm_core.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
@@ -46,7 +46,7 @@ def _no_tunnel(ra: Runner, rb: Runner, a: object, b: object) -> None:
 
 
 def test_wrong_account_secret_gets_no_tunnel(tmp_path: Path) -> None:
-    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     sa = _secret(tmp_path / "a.secret", b"the account secret of one user")
     sb = _secret(tmp_path / "b.secret", b"the account secret of another!")
     with Lab() as lab:
@@ -81,8 +81,8 @@ def test_wrong_account_secret_gets_no_tunnel(tmp_path: Path) -> None:
 
 
 def test_untrusted_device_key_gets_no_tunnel(tmp_path: Path) -> None:
-    load_or_create(tmp_path / "a.key")
-    kb = load_or_create(tmp_path / "b.key")
+    device_key(tmp_path / "a.key", "a")
+    kb = device_key(tmp_path / "b.key", "b")
     other = load_or_create(tmp_path / "other.key")  # b trusts this key, not a's
     secret = _secret(tmp_path / "secret", b"one account secret for both")
     with Lab() as lab:
@@ -111,7 +111,7 @@ def test_untrusted_device_key_gets_no_tunnel(tmp_path: Path) -> None:
                 tmp_path / "b.key",
                 secret,
                 other.public_b64,
-                A_INNER,
+                str(ula_of(other.public)),
                 A_OUTER,
                 SESSION,
             ),
@@ -130,7 +130,7 @@ def test_untrusted_device_key_gets_no_tunnel(tmp_path: Path) -> None:
 
 
 def test_late_peer_is_reached_on_demand_after_giving_up(tmp_path: Path) -> None:
-    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     secret = _secret(tmp_path / "secret", b"one account secret for both")
     with Lab() as lab:
         a, b = two_hosts(lab)
@@ -184,7 +184,7 @@ def test_late_peer_is_reached_on_demand_after_giving_up(tmp_path: Path) -> None:
 
 
 def test_responder_under_load_hands_out_cookies_and_peer_still_connects(tmp_path: Path) -> None:
-    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     secret = _secret(tmp_path / "secret", b"one account secret for both")
     # b calls itself loaded after 3 DHs within a second, for 2 s
     loaded = {"load_threshold": 3, "load_hold": 2.0}
@@ -270,7 +270,7 @@ def test_responder_under_load_hands_out_cookies_and_peer_still_connects(tmp_path
 def _pair(
     tmp_path: Path, lab: Lab, session: dict[str, object]
 ) -> tuple[Runner, Runner, object, object]:
-    ka, kb = load_or_create(tmp_path / "a.key"), load_or_create(tmp_path / "b.key")
+    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     secret = _secret(tmp_path / "secret", b"one account secret for both")
     a, b = two_hosts(lab)
     ra = Runner(

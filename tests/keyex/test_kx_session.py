@@ -5,10 +5,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from kx_sim import Network, Sim
+from kx_helpers import A_ADDR, B_ADDR, WALL0, CountingRandom, key
+from kx_sim import A_INNER, B_INNER, Network, Sim
 
+from btmm_core.dataplane.api import Endpoint
 from btmm_core.errors import ConfigError
-from btmm_core.keyex.noise import MessageType
+from btmm_core.keyex.identity import derive_psk, ula_of
+from btmm_core.keyex.noise import Handshaker, MessageType, Refused
 from btmm_core.keyex.session import (
     InstallRx,
     InstallTx,
@@ -17,6 +20,7 @@ from btmm_core.keyex.session import (
     RetireRx,
     SendControl,
     SessionConfig,
+    SetEndpoint,
 )
 
 
@@ -57,7 +61,7 @@ def test_packet_budget_triggers_rekey_before_time() -> None:
     sim.connect("a")
     sim.run_until(10.0)
     assert len(sim.established(sim.a)) == 1
-    sim.a.kx.note_packets_out("fd00::b", 1500)
+    sim.a.kx.note_packets_out(B_INNER, 1500)
     sim.run_until(11.0)
     assert len(sim.established(sim.a)) == 2
     assert sim.violations == []
@@ -68,7 +72,7 @@ def test_reject_after_messages_stops_transmission() -> None:
     sim = Sim(cfg, network=lambda src, msg, now: None if now > 5 else 0.01)
     sim.connect("a")
     sim.run_until(10.0)
-    sim.a.kx.note_packets_out("fd00::b", 2500)
+    sim.a.kx.note_packets_out(B_INNER, 2500)
     sim.run_until(11.0)
     assert sim.a.engine.tx is None
     assert any(isinstance(a, ResetPeer) for _, a in sim.a.events)
@@ -153,7 +157,7 @@ def test_lost_confirm_is_repeated_and_responder_switches_then() -> None:
     assert len(b_est) == 1
     assert 5.0 <= b_est[0][0] <= 5.4  # the repeat, one rekey_timeout later
     assert sim.violations == []
-    session = sim.a.kx.session("fd00::b")
+    session = sim.a.kx.session(B_INNER)
     assert session.unacked is None and session.current_rx == sim.b.engine.tx
     sim.run_until(600.0)
     assert sim.violations == []
@@ -169,7 +173,7 @@ def test_lost_ack_is_answered_again_without_a_second_switch() -> None:
     confirms = [t for t, src, m in sim.sent if m[0] == MessageType.CONFIRM]
     acks = [t for t, src, m in sim.sent if m[0] == MessageType.CONFIRM_ACK]
     assert len(confirms) == len(acks) == 2
-    session = sim.a.kx.session("fd00::b")
+    session = sim.a.kx.session(B_INNER)
     assert session.unacked is None and session.current_rx == sim.b.engine.tx
     assert sim.violations == []
 
@@ -257,8 +261,8 @@ def test_removed_peer_loses_its_sas_and_is_refused() -> None:
     sim = Sim()
     sim.connect("a")
     sim.run_until(5.0)
-    acts = sim.b.kx.remove_peer("fd00::a")
-    assert acts == [RemovePeer("fd00::a")]
+    acts = sim.b.kx.remove_peer(A_INNER)
+    assert acts == [RemovePeer(A_INNER)]
     assert sim.b.kx.next_deadline() is None  # no timers left for it
     sim.run_until(300.0)
     # a's rekeys now die at b: the key is unknown there, and a eventually gives up
@@ -283,8 +287,8 @@ def test_late_crossing_initiation_of_the_yielding_side_is_harmless(late: float) 
     sim = Sim(cfg, network=net)
     sim.connect("a")
     sim.run_until(10.0)
-    sim.a.kx.note_packets_out("fd00::b", 1500)
-    sim.b.kx.note_packets_out("fd00::a", 1500)
+    sim.a.kx.note_packets_out(B_INNER, 1500)
+    sim.b.kx.note_packets_out(A_INNER, 1500)
     sim.run_until(600.0)
     assert sim.violations == []
     assert not [a for _, a in sim.a.events + sim.b.events if isinstance(a, ResetPeer)]
@@ -318,7 +322,7 @@ def test_traffic_both_ways_random_loss_keeps_make_before_break(seed: int) -> Non
     sim.connect("a", "b")
     sent = {"a": 0, "b": 0}
     for step in range(300):
-        for name, inner in (("a", "fd00::b"), ("b", "fd00::a")):
+        for name, inner in (("a", B_INNER), ("b", A_INNER)):
             sent[name] += rng.randint(200, 400)
             sim.host(name).kx.note_packets_out(inner, sent[name])
         sim.run_until(step * 2.0 + 2.0)
@@ -326,3 +330,47 @@ def test_traffic_both_ways_random_loss_keeps_make_before_break(seed: int) -> Non
     assert not [a for _, a in sim.a.events + sim.b.events if isinstance(a, ResetPeer)]
     # budgets are noted every 2 s, so about one rekey per two or three notes
     assert len(sim.established(sim.a)) >= 60
+
+
+def test_add_peer_refuses_an_address_not_bound_to_the_key() -> None:
+    """Issue 11, item 1: a peer's inner address is derived from its key; no other is taken."""
+    sim = Sim()
+    c = key("c")
+    kx = sim.a.kx
+    for claimed in ("2001:db8::53", B_INNER, "fd00::c", "not an address"):
+        with pytest.raises(ConfigError, match=r"bound to its key|not an IPv6"):
+            kx.add_peer(c.public, claimed)
+    assert c.public not in kx.sessions and c.public not in kx.handshaker.peers
+    kx.add_peer(c.public, str(ula_of(c.public)))  # the bound address is accepted
+
+
+THIEF = Endpoint("203.0.113.66", 4500)
+
+
+def test_stolen_device_key_neither_moves_the_endpoint_nor_locks_out_the_peer() -> None:
+    """Issue 11, item 6: someone with a's device key but not the account secret sends b an
+    initiation from its own address, stamped 25 s ahead, just before a's rekey is due."""
+    sim = Sim()
+    sim.connect("a")
+    sim.run_until(110.0)
+    assert len(sim.established(sim.a)) == 1
+    thief = Handshaker(key("a"), derive_psk(b"some other account's secret"), CountingRandom("t"))
+    thief.add_peer(key("b").public)
+    forged = thief.initiate(key("b").public, 0x6666, sim.now, WALL0 + sim.now + 25)
+    acts = sim.b.kx.receive(forged, THIEF, sim.now, WALL0 + sim.now)
+    # b answers to where the initiation came from, but does not take it as a's endpoint
+    assert [a.destination for a in acts if isinstance(a, SendControl)] == [THIEF]
+    assert not [a for a in acts if isinstance(a, SetEndpoint)], acts
+    assert sim.b.kx.session(A_INNER).endpoint == A_ADDR
+    for act in acts:
+        if not isinstance(act, SendControl):
+            sim.b.engine.apply(act, sim.now)
+    (answer,) = [a.message for a in acts if isinstance(a, SendControl)]
+    assert isinstance(thief.receive(answer, B_ADDR, sim.now, WALL0 + sim.now), Refused)
+    # a's rekey (due at 120 s, stamped before the thief's timestamp) is still accepted
+    sim.run_until(300.0)
+    assert len(sim.established(sim.a)) == 3 and len(sim.established(sim.b)) == 3
+    assert sim.b.kx.handshaker.refused["replay"] == 0
+    assert sim.b.kx.session(A_INNER).endpoint == A_ADDR
+    assert not [a for _, a in sim.b.events if isinstance(a, SetEndpoint)]
+    assert sim.violations == []

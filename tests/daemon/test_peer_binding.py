@@ -1,0 +1,212 @@
+"""Issue 11, item 1: a peer's address is bound to its device key, and only hosts of the user's
+zone are followed. The daemon's decisions, without I/O: its peer handling runs against a
+registry that answers from a table, a model engine, and a route recorder."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import pytest
+import structlog.testing
+
+from btmm_core.daemon import service
+from btmm_core.daemon.config import Config
+from btmm_core.daemon.hosts import replace_block
+from btmm_core.daemon.identity import HostIdentity
+from btmm_core.daemon.records import PeerRecords, peer_host_label, verify_peer
+from btmm_core.daemon.service import Daemon
+from btmm_core.dataplane.api import Endpoint
+from btmm_core.errors import PeerRefused
+from btmm_core.keyex.driver import KeyExchangeDriver
+from btmm_core.keyex.identity import StaticKey, ula_of
+from btmm_core.keyex.noise import Handshaker
+from btmm_core.keyex.session import KeyExchange
+from btmm_core.llq.client import Changes, Record
+
+ZONE = dns.name.from_text("bob.members.example.")
+ME, DESKTOP, NAS = StaticKey.generate(), StaticKey.generate(), StaticKey.generate()
+
+
+def name(text: str) -> dns.name.Name:
+    return dns.name.from_text(text, origin=ZONE)
+
+
+def records(host: str, key: StaticKey, ula: ipaddress.IPv6Address | None = None) -> PeerRecords:
+    return PeerRecords(host, name(host), ula or ula_of(key.public), key.public_b64, None)
+
+
+# --- the pure decisions ---------------------------------------------------------------------
+
+
+def test_verify_peer_accepts_only_the_address_bound_to_the_key() -> None:
+    assert verify_peer(records("desktop", DESKTOP), ZONE) == DESKTOP.public
+    for ula in (ipaddress.IPv6Address("2001:db8::53"), ula_of(NAS.public),
+                ipaddress.IPv6Address("fd00::1")):
+        with pytest.raises(PeerRefused, match="its key's address"):
+            verify_peer(records("desktop", DESKTOP, ula), ZONE)
+    outside = PeerRecords("github", dns.name.from_text("github.com."), ula_of(DESKTOP.public),
+                          DESKTOP.public_b64, None)
+    with pytest.raises(PeerRefused, match="not a host name"):
+        verify_peer(outside, ZONE)
+    with pytest.raises(PeerRefused, match="unusable key"):
+        verify_peer(PeerRecords("x", name("x"), ula_of(DESKTOP.public), "KEY=", None), ZONE)
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("desktop.bob.members.example.", True),
+    ("Desktop.BOB.members.example.", True),
+    ("github.com.", False),
+    ("bob.members.example.", False),  # the apex
+    ("a.desktop.bob.members.example.", False),  # deeper
+    ("_autotunnel._udp.bob.members.example.", False),
+    ("desktop.alice.members.example.", False),  # another user's zone
+    ("bad\\032name.bob.members.example.", False),  # a space in the label
+    ("evil\\010name.bob.members.example.", False),  # a newline: hosts-file injection
+])
+def test_only_host_labels_of_the_zone_are_followed(text: str, ok: bool) -> None:
+    assert (peer_host_label(dns.name.from_text(text), ZONE) is not None) == ok
+
+
+def test_hosts_block_keeps_only_hosts_of_the_zone() -> None:
+    ula = ula_of(DESKTOP.public)
+    text = replace_block("", {"desktop.bob.members.example.": ula, "github.com.": ula,
+                              "x.desktop.bob.members.example.": ula},
+                         zone="bob.members.example.")
+    assert "desktop.bob.members.example\n" in text
+    assert "github" not in text and "x.desktop" not in text
+
+
+def test_own_identity_is_derived_from_the_device_key() -> None:
+    ident = HostIdentity.of_key(ME.public)
+    assert ident.ula == ula_of(ME.public) and ident.ula.packed[0] == 0xFD
+    assert ident.autotunnel_label() == "AutoTunnel-" + "-".join(
+        f"{b:02X}" for b in ident.ula.packed[8:])
+
+
+# --- the daemon's peer handling --------------------------------------------------------------
+
+
+@dataclass
+class ModelEngine:
+    tun_name: str = "btmm-test"
+    peers: dict[str, Endpoint | None] = field(default_factory=dict)
+
+    def add_peer(self, inner: str, endpoint: Endpoint | None = None) -> None:
+        self.peers[inner] = endpoint
+
+    def remove_peer(self, inner: str) -> None:
+        self.peers.pop(inner, None)
+
+
+class TableRegistry:
+    """Answers queries from a table, as a registry (honest or not) would."""
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
+        self.asked: list[dns.name.Name] = []
+        self.server = ("192.0.2.53", 53)
+
+    def publish(self, owner: dns.name.Name, key: StaticKey, ula: ipaddress.IPv6Address) -> None:
+        self.table[(owner, dns.rdatatype.AAAA)] = dns.rrset.from_text(
+            owner, 60, "IN", "AAAA", str(ula))
+        self.table[(owner, dns.rdatatype.TXT)] = dns.rrset.from_text(
+            owner, 60, "IN", "TXT", f'"btmm=1" "pk={key.public_b64}"')
+
+    async def query(self, qname: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+        self.asked.append(qname)
+        return self.table.get((qname, rdtype))
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, list[str]]:
+    routes: list[str] = []
+    monkeypatch.setattr(service, "set_routes", lambda dev, inners: routes.extend(inners))
+    d = Daemon.__new__(Daemon)  # no files, sockets or engine: only the peer handling
+    d.cfg = Config(path=tmp_path / "btmm.toml", host="laptop", hosts_file=tmp_path / "hosts")
+    d.zone = ZONE
+    d.static = ME
+    d.identity = HostIdentity.of_key(ME.public)
+    d.peers = {}
+    d.kx = KeyExchange(Handshaker(ME, bytes(32), os.urandom))
+    d.engine = ModelEngine()  # type: ignore[assignment]
+    d.driver = KeyExchangeDriver(d.engine, d.kx)  # type: ignore[arg-type]
+    d.registry = TableRegistry()  # type: ignore[assignment]
+    d._watch_peer = lambda peer: None  # type: ignore[method-assign]
+    return d, routes
+
+
+def browse(*targets: str) -> Changes:
+    ptr = dns.name.from_text("_autotunnel._udp", origin=ZONE)
+    return Changes(tuple(
+        Record(ptr, dns.rdatatype.PTR,
+               dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.PTR, t), 60)
+        for t in targets), (), True)
+
+
+@pytest.mark.parametrize("claim", ["2001:db8::53", "nas", "fd00::1"])
+def test_peer_publishing_an_address_not_bound_to_its_key_gets_no_route(
+    daemon: tuple[Daemon, list[str]], claim: str
+) -> None:
+    d, routes = daemon
+    reg: TableRegistry = d.registry  # type: ignore[assignment]
+    ula = ula_of(NAS.public) if claim == "nas" else ipaddress.IPv6Address(claim)
+    reg.publish(name("desktop"), DESKTOP, ula)
+    asyncio.run(d._on_browse(browse("desktop.bob.members.example.")))
+    assert d.peers == {} and routes == [] and d.kx.sessions == {}
+    assert d.engine.peers == {}  # type: ignore[attr-defined]
+    assert "desktop" not in (d.cfg.hosts_file.read_text()  # type: ignore[union-attr]
+                             if d.cfg.hosts_file.exists() else "")  # type: ignore[union-attr]
+    # once it publishes the address its key owns, it is routed
+    reg.publish(name("desktop"), DESKTOP, ula_of(DESKTOP.public))
+    asyncio.run(d._resolve(name("desktop")))
+    assert routes == [str(ula_of(DESKTOP.public))]
+    assert list(d.kx.by_inner) == [str(ula_of(DESKTOP.public))]
+
+
+def test_browse_target_outside_the_zone_is_never_followed(
+    daemon: tuple[Daemon, list[str]]
+) -> None:
+    d, routes = daemon
+    reg: TableRegistry = d.registry  # type: ignore[assignment]
+    # records that would verify, published (by a malicious registry) under foreign names
+    for owner in ("github.com.", "www.desktop.bob.members.example."):
+        reg.publish(dns.name.from_text(owner), DESKTOP, ula_of(DESKTOP.public))
+    reg.publish(name("nas"), NAS, ula_of(NAS.public))
+    asyncio.run(d._on_browse(browse("github.com.", "www.desktop.bob.members.example.",
+                                    "nas.bob.members.example.")))
+    assert [n.to_text() for n in d.peers] == ["nas.bob.members.example."]
+    assert routes == [str(ula_of(NAS.public))]
+    assert {n.to_text() for n in reg.asked} <= {"nas.bob.members.example.",
+                                                "_autotunnel._udp.nas.bob.members.example."}
+    hosts = d.cfg.hosts_file.read_text()  # type: ignore[union-attr]
+    assert "nas.bob.members.example" in hosts and "github" not in hosts
+    assert "www.desktop" not in hosts
+
+
+def test_upgrade_from_a_stored_ula_says_which_address_replaced_which(tmp_path: Path) -> None:
+    d = Daemon.__new__(Daemon)
+    d.cfg = Config(path=tmp_path / "btmm.toml", host="laptop", state_dir=tmp_path,
+                   interface_id="eui64")
+    d.static = ME
+    d.cfg.identity_file.write_text('{"ula": "fd12:3456:789a:1:5054:ff:fe12:3456"}\n')
+    with structlog.testing.capture_logs() as logs:
+        ident = d._identity()
+    assert ident.ula == ula_of(ME.public)
+    assert not d.cfg.identity_file.exists()
+    moved = [e for e in logs if "derived from its device key" in e["event"]]
+    assert len(moved) == 1 and moved[0]["old"] == "fd12:3456:789a:1:5054:ff:fe12:3456"
+    assert moved[0]["new"] == str(ula_of(ME.public))
+    assert [e for e in logs if "interface_id is no longer used" in e["event"]]
+    with structlog.testing.capture_logs() as logs:
+        d.cfg = Config(path=tmp_path / "btmm.toml", host="laptop", state_dir=tmp_path)
+        assert d._identity() == ident
+    assert logs == []  # once only
