@@ -13,6 +13,7 @@ import dns.rcode
 
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.errors import ConfigError, CredentialsRejected, RegistryError
+from btmm_core.registry.authority import device_name_problem
 from btmm_core.registry.enrol import EnrolClient
 from btmm_core.registry.keyfile import KeyFile
 from btmm_core.registry.tsig import KeyRole, TsigKey
@@ -41,6 +42,10 @@ async def enrol_device(
     timeout: float = 3.0,
 ) -> TsigKey:
     """This device's new key, agreed with the registry at ``server``."""
+    problem = device_name_problem(device)
+    if problem is not None:
+        raise ConfigError(f"{device!r} cannot be a device name: {problem}",
+                          hint="pass another --name")
     if signer.role == KeyRole.DEVICE:
         raise ConfigError(
             f"{signer.name} is a device key: it cannot enrol devices",
