@@ -103,6 +103,7 @@ class RegistryClient:
         """Send ``msg`` signed with our key; the verified answer and the request's MAC."""
         host, port = self.server
         last: Exception | None = None
+        rejected: CredentialsRejected | None = None
         for _ in range(self.tries):
             now = int(time.time())
             signed, mac = sign_request(msg.to_wire(), self.key, now)
@@ -114,10 +115,17 @@ class RegistryClient:
                     signed, mac = sign_request(msg.to_wire(), self.key, now)
                     resp = await self._tcp(signed, msg, mac, now)
                 break
+            except CredentialsRejected as exc:
+                # BADKEY/BADSIG answers are unsigned (RFC 8945 5.3.2): anyone who can spoof
+                # the registry's address could send one, so one alone is not believed
+                rejected = exc
+                continue
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 last = exc
                 continue
         else:
+            if rejected is not None:
+                raise rejected
             raise self._fail(RegistryUnreachable(
                 f"no answer from the registry at {host}:{port} after {self.tries} tries "
                 f"({type(last).__name__}: {last})",

@@ -69,6 +69,7 @@ from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
 from btmm_core.portmap.service import EventKind, MappingEvent, PortMapService
 from btmm_core.registry.keyfile import read_key_file
+from btmm_core.registry.tsig import KeyRole
 
 log = structlog.get_logger("btmm.daemon")
 
@@ -102,6 +103,10 @@ class Daemon:
         # name is the zone)
         self.key = read_key_file(cfg.credentials).key
         self.zone: dns.name.Name = self.key.zone
+        if self.key.role == KeyRole.ACCOUNT:
+            log.warning("this host holds the account key, which may change every host's "
+                        "records; give it its own key with `btmm join` (an invite from "
+                        "`btmm serve user invite`)", credentials=str(cfg.credentials))
         self.identity: HostIdentity = load_or_create_identity(cfg.identity_file, cfg.interface_id)
         self.static = load_or_create(cfg.key_file)
         self.psk = derive_psk(cfg.secret_file.read_bytes().strip())

@@ -349,3 +349,19 @@ def test_an_enrolment_replayed_after_a_restart_is_refused(tmp_path: Path) -> Non
     out = parse(RegistryCore(store).handle(wire, now + 1, Transport.UDP, "t"))
     assert out.rcode() == dns.rcode.NOTAUTH and tsig_error(out) == TsigError.BADTIME
     store.storage.close()
+
+
+def test_removing_the_account_removes_its_devices_and_invites(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite"
+    core, accounts = make_core(SqliteStorage(path))
+    now = time.time()
+    dev, *_ = enrol(core, accounts["bob"].key, "laptop", now)
+    assert dev is not None
+    other = SqliteStorage(path)
+    make_invite(other, "bob", device=None, lifetime=3600, now=now)
+    other.remove_account("bob")
+    assert other.devices("bob") == []
+    other.close()
+    core.store.refresh_accounts()
+    assert not [k for k in core.store.keys.values() if k.zone == BOB]
+    core.store.storage.close()
