@@ -98,9 +98,12 @@ class RegistryClient:
         return resp
 
     async def exchange_signed(
-        self, msg: dns.message.Message, *, check_rcode: bool = True
+        self, msg: dns.message.Message, *, check_rcode: bool = True, tcp: bool = False
     ) -> tuple[dns.message.Message, bytes]:
-        """Send ``msg`` signed with our key; the verified answer and the request's MAC."""
+        """Send ``msg`` signed with our key; the verified answer and the request's MAC.
+
+        ``tcp``: over TCP only (for a request that must not be sent twice, e.g. enrolment).
+        """
         host, port = self.server
         last: Exception | None = None
         rejected: CredentialsRejected | None = None
@@ -108,6 +111,9 @@ class RegistryClient:
             now = int(time.time())
             signed, mac = sign_request(msg.to_wire(), self.key, now)
             try:
+                if tcp:
+                    resp = await self._tcp(signed, msg, mac, now)
+                    break
                 resp = await self._udp(signed, msg, mac, now)
                 if resp.flags & dns.flags.TC:
                     msg.id = (msg.id + 1) & 0xFFFF  # a new MAC: the UDP one is spent

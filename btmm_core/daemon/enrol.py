@@ -12,7 +12,12 @@ import socket
 import dns.rcode
 
 from btmm_core.daemon.dnsclient import RegistryClient
-from btmm_core.errors import ConfigError, CredentialsRejected, RegistryError
+from btmm_core.errors import (
+    ConfigError,
+    CredentialsRejected,
+    RegistryError,
+    RegistryUnreachable,
+)
 from btmm_core.registry.authority import device_name_problem
 from btmm_core.registry.enrol import EnrolClient
 from btmm_core.registry.keyfile import KeyFile
@@ -39,7 +44,7 @@ def server_from_key_file(kf: KeyFile) -> tuple[str, int] | None:
 
 async def enrol_device(
     server: tuple[str, int], signer: TsigKey, device: str, *, replace: bool = False,
-    timeout: float = 3.0,
+    timeout: float = 10.0,
 ) -> TsigKey:
     """This device's new key, agreed with the registry at ``server``."""
     problem = device_name_problem(device)
@@ -56,16 +61,25 @@ async def enrol_device(
         raise ConfigError("an invite cannot replace an enrolled device",
                           hint="use the account's credentials file with --replace")
     client = EnrolClient(signer.zone, device, replace=replace)
-    registry = RegistryClient(server, signer, timeout=timeout, tries=3)
+    # One try over TCP: a request whose answer was lost cannot be sent again (the invite is
+    # spent, the name enrolled), so it is not left to UDP retries.
+    registry = RegistryClient(server, signer, timeout=timeout, tries=1)
     host, port = server
     try:
-        resp, mac = await registry.exchange_signed(client.request(), check_rcode=False)
+        resp, mac = await registry.exchange_signed(client.request(), check_rcode=False,
+                                                   tcp=True)
     except CredentialsRejected as e:
         what = "invite" if signer.role == KeyRole.INVITE else "account key"
         raise CredentialsRejected(
             f"the registry at {host}:{port} did not accept the {what} {signer.name}: {e.what}",
             hint="an invite works once and only until it expires: ask for a new one "
             "(`btmm serve user invite`); an account key may have been rotated",
+        ) from e
+    except RegistryUnreachable as e:
+        raise RegistryUnreachable(
+            e.what, hint="check --server and that `btmm serve` runs and is reachable over TCP; "
+            "if the registry did enrol the device before the connection broke, run `btmm join "
+            "--replace` with the account key (`btmm serve user devices` shows it)",
         ) from e
     rcode = resp.rcode()
     zone = signer.zone.to_text()

@@ -207,7 +207,8 @@ class World:
                 return
             if "no answer" not in proc.stderr or time.monotonic() > deadline:
                 raise LabError(f"btmm join on {host.name} failed: {proc.stderr.strip()[-1500:]}")
-            time.sleep(0.5)  # the gateway may still be coming up
+            # the gateway may still be coming up (no connection: nothing was enrolled)
+            time.sleep(0.5)
 
     def start_host(self, host: Host) -> None:
         host.log = host.workdir / "daemon.log"
