@@ -365,3 +365,23 @@ def test_removing_the_account_removes_its_devices_and_invites(tmp_path: Path) ->
     core.store.refresh_accounts()
     assert not [k for k in core.store.keys.values() if k.zone == BOB]
     core.store.storage.close()
+
+
+def test_key_files_round_trip_and_old_files_still_read() -> None:
+    from btmm_core.registry.devices import parse_duration
+    from btmm_core.registry.keyfile import key_file_text, parse_key_file
+    from btmm_core.registry.tsig import HMAC_SHA256
+
+    secret = bytes(range(32))
+    device = TsigKey(dns.name.from_text("laptop", origin=BOB), HMAC_SHA256, secret, BOB,
+                     KeyRole.DEVICE, "laptop")
+    invite = TsigKey(dns.name.from_text("_invite-0a0b", origin=BOB), HMAC_SHA256, secret, BOB,
+                     KeyRole.INVITE, None, 1_900_000_000.0)
+    for key in (device, invite):
+        back = parse_key_file(key_file_text(key, user="bob", server="ns.x. port 53"), "t")
+        assert back.key == key and back.user == "bob" and back.server == "ns.x. port 53"
+    # a credentials file from before (no zone line): the key is named after the zone
+    old = 'key "bob.members.example." {\n\talgorithm hmac-sha256;\n\tsecret "AAAA";\n};\n'
+    account = parse_key_file(old, "old").key
+    assert account.role == KeyRole.ACCOUNT and account.zone == BOB
+    assert [parse_duration(t) for t in ("90", "30m", "24h", "7d")] == [90, 1800, 86400, 604800]
