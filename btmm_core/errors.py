@@ -91,4 +91,12 @@ class CredentialsRejected(RegistryError):
 
 
 class ClockSkew(RegistryError):
-    """The registry refused our TSIG time (BADTIME): this host's clock is off."""
+    """The registry refused our TSIG time (BADTIME): this host's clock is off.
+
+    ``skew`` is how many seconds the registry's clock is ahead of ours (negative: behind), from
+    the signed server time in the BADTIME answer; None when the answer did not say.
+    """
+
+    def __init__(self, what: str, *, hint: str | None = None, skew: float | None = None) -> None:
+        self.skew = skew
+        super().__init__(what, hint=hint)

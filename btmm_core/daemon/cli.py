@@ -15,9 +15,9 @@ from typing import Any
 import click
 import structlog
 
-from btmm_core.daemon.config import DEFAULT_CONFIG, load_config
+from btmm_core.daemon.config import DEFAULT_CONFIG, load_config, plan_join
 from btmm_core.daemon.config import join as do_join
-from btmm_core.errors import BtmmError
+from btmm_core.errors import BtmmError, ConfigError
 
 _config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(path_type=Path), default=DEFAULT_CONFIG,
@@ -32,11 +32,15 @@ def _fail(err: BtmmError) -> click.ClickException:
 @click.command("join")
 @_config_option
 @click.option("--credentials", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              required=True, help="The credentials file from `btmm serve user add`.")
+              required=True, help="The account's credentials file (`btmm serve user add`) or "
+              "an invite (`btmm serve user invite`); only this device's own key is stored.")
 @click.option("--secret-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=None, help="File holding the account secret (else read from stdin).")
 @click.option("--name", "host", default=None, help="This host's name (default: hostname).")
-@click.option("--server", default=None, help="Registry HOST:PORT (default: found by SRV).")
+@click.option("--replace", is_flag=True,
+              help="Re-enrol a device name that is enrolled already (account key only).")
+@click.option("--server", default=None, help="Registry HOST:PORT (default: from the "
+              "credentials file).")
 @click.option("--state-dir", default=None, help="Where keys and state live (/var/lib/btmm).")
 @click.option("--dataplane", type=click.Choice(["auto", "fast", "python"]), default=None)
 @click.option("--hosts-file", default=None, help="Hosts file to manage ('' for none).")
@@ -44,10 +48,14 @@ def _fail(err: BtmmError) -> click.ClickException:
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any other setting, e.g. --set lease=1800 (numbers stay numbers).")
 def join(config_path: Path, credentials: Path, secret_file: Path | None, host: str | None,
-         server: str | None, state_dir: str | None, dataplane: str | None,
+         replace: bool, server: str | None, state_dir: str | None, dataplane: str | None,
          hosts_file: str | None, port: int | None, extra: tuple[str, ...]) -> None:
-    """Join this host to an account: store the credentials and account secret (0600) and
-    write the configuration."""
+    """Join this host to an account: enrol its own key with the registry (the key's secret
+    never crosses the network), store it and the account secret (0600) and write the
+    configuration."""
+    from btmm_core.daemon.enrol import enrol_device, server_from_key_file
+    from btmm_core.registry.keyfile import key_file_text, parse_key_file
+
     secret = secret_file.read_bytes() if secret_file else sys.stdin.buffer.read()
     settings: dict[str, Any] = {"server": server, "state_dir": state_dir,
                                 "dataplane": dataplane, "hosts_file": hosts_file, "port": port}
@@ -64,13 +72,28 @@ def join(config_path: Path, credentials: Path, secret_file: Path | None, host: s
                 continue
         settings[k] = value
     try:
-        cfg = do_join(config_path, credentials=credentials.read_bytes(), secret=secret,
+        # everything is checked before the registry is asked: an invite is spent by asking
+        cfg, _, _ = plan_join(config_path, secret=secret, host=host, settings=settings)
+        signer = parse_key_file(credentials.read_text(), str(credentials))
+        address = cfg.server_address() or server_from_key_file(signer)
+        if address is None:
+            raise ConfigError("no registry address: the credentials file names none",
+                              hint="pass --server HOST:PORT")
+        settings["server"] = f"[{address[0]}]:{address[1]}" if ":" in address[0] \
+            else f"{address[0]}:{address[1]}"
+        device_key = asyncio.run(enrol_device(address, signer.key, cfg.host, replace=replace))
+        text = key_file_text(device_key, user=signer.user,
+                             server=f"{address[0]} port {address[1]}")
+        cfg = do_join(config_path, credentials=text.encode(), secret=secret,
                       host=host, settings=settings)
     except BtmmError as err:
         raise _fail(err) from err
     except TypeError as err:
         raise click.UsageError(f"unknown setting: {err}") from err
-    click.echo(f"joined as {cfg.host}; configuration in {config_path}, state in {cfg.state_dir}")
+    except OSError as err:
+        raise click.ClickException(f"cannot read {credentials}: {err}") from err
+    click.echo(f"joined as {cfg.host} (key {device_key.name}); configuration in {config_path}, "
+               f"state in {cfg.state_dir}")
 
 
 def _setup_logging(level: str) -> None:
@@ -120,6 +143,12 @@ def _age(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}s"
 
 
+def _skew(skew: float) -> str:
+    side = "behind" if skew > 0 else "ahead of"
+    return (f"this host is {abs(skew):.0f} s {side} the registry: its signed requests are "
+            "refused (BADTIME); retrying. Set the clock (`timedatectl set-ntp true`)")
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -136,6 +165,7 @@ def render_status(st: dict[str, Any]) -> str:
         f"mapping: {h['mapping']}{', ' + h['mapping_error'] if h['mapping_error'] else ''})",
         f"registry  {h['registry']}  lease {h['lease'] or '-'}s, {_age(h['lease_left'])} left;"
         f"  llq {h['llq']}" + (f"  ERROR {h['registry_error']}" if h["registry_error"] else ""),
+        *([f"clock     {_skew(h['clock_skew'])}"] if h.get("clock_skew") is not None else []),
         f"engine    {h['dataplane']}  key {h['public_key']}",
         "",
     ]

@@ -1,7 +1,8 @@
 """The daemon's configuration: a TOML file with sane defaults, and ``btmm join``'s state.
 
 Every key is optional except the account and host name that ``btmm join`` writes. Paths that
-hold secrets (credentials, account secret, device key) are created 0600 in a 0700 directory.
+hold secrets (this device's TSIG key file, account secret, device key) are created 0600 in a
+0700 directory.
 """
 
 from __future__ import annotations
@@ -156,15 +157,14 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def join(
+def plan_join(
     config_path: Path,
     *,
-    credentials: bytes,
     secret: bytes,
     host: str | None,
     settings: dict[str, Any],
-) -> Config:
-    """Store the credentials and account secret (0600) and write the configuration file."""
+) -> tuple[Config, dict[str, Any], bytes]:
+    """Check what ``join`` will write (before anything is asked of the registry)."""
     from btmm_core.keyex.identity import MIN_SECRET_LEN
 
     secret = secret.strip()
@@ -173,9 +173,6 @@ def join(
                           f"{MIN_SECRET_LEN} are needed",
                           hint="use the same secret on all your hosts, e.g. from "
                           "`head -c 32 /dev/urandom | base64`")
-    if b"key " not in credentials or b"secret" not in credentials:
-        raise ConfigError("the credentials file holds no key statement",
-                          hint="use the file `btmm serve user add` wrote")
     name = (host or socket.gethostname().split(".")[0]).lower()
     values: dict[str, Any] = {"host": name, **{k: v for k, v in settings.items() if v is not None}}
     state_dir = Path(values.get("state_dir", DEFAULT_STATE))
@@ -186,6 +183,26 @@ def join(
         rest["hosts_file"] = None
     cfg = Config(path=config_path, host=name, state_dir=state_dir, **rest)
     validate(cfg)
+    return cfg, values, secret
+
+
+def join(
+    config_path: Path,
+    *,
+    credentials: bytes,
+    secret: bytes,
+    host: str | None,
+    settings: dict[str, Any],
+) -> Config:
+    """Store this device's key file and the account secret (0600) and write the configuration.
+
+    ``credentials`` is the device's own key file (``btmm join`` gets it by enrolment); the
+    account key never goes onto the device.
+    """
+    cfg, values, secret = plan_join(config_path, secret=secret, host=host, settings=settings)
+    if b"key " not in credentials or b"secret" not in credentials:
+        raise ConfigError("the credentials file holds no key statement",
+                          hint="use the file `btmm serve user add` wrote")
     _write_secret(cfg.credentials, credentials)
     _write_secret(cfg.secret_file, secret)
     lines = ["# btmm host daemon configuration (written by `btmm join`)"]

@@ -1,15 +1,23 @@
 """Signed DNS exchanges with the registry (UPDATE, RFC 2136; queries; TSIG, RFC 8945).
 
-A thin asyncio driver: builds nothing itself (see ``records``), sends one message over UDP with
-bounded retries (TCP when the answer is truncated), checks the TSIG of the answer and turns the
-common failures into errors that say what to do.
+A thin asyncio driver: builds nothing itself (see ``records``), signs each try afresh (a new
+Time Signed and MAC: a resent MAC would be refused as a replay), sends it over UDP with bounded
+retries (TCP when the answer is truncated), checks the answer's TSIG itself (registry/tsig.py)
+and turns the common failures into errors that say what to do. Checking the TSIG here rather
+than in dnspython keeps the signed fields of an error answer: a BADTIME answer carries the
+registry's clock in its Other Data (RFC 8945 section 5.2.3), which ``ClockSkew.skew`` reports.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import socket
+import struct
 import time
 
-import dns.asyncquery
 import dns.exception
 import dns.flags
 import dns.message
@@ -18,19 +26,51 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
-import dns.tsig
 
 from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryError, RegistryUnreachable
-from btmm_core.registry.tsig import HMAC_MD5, TsigKey
+from btmm_core.registry.tsig import (
+    MAX_FUDGE,
+    TsigError,
+    TsigKey,
+    append_tsig,
+    compute_mac,
+    last_rr_offset,
+    strip_tsig,
+)
+
+REJOIN = (
+    "this device was revoked or its key is wrong: run `btmm join` again (with an invite from "
+    "`btmm serve user invite` or the account key)"
+)
 
 
-def dns_key(key: TsigKey) -> dns.tsig.Key:
-    alg = dns.tsig.HMAC_MD5 if key.algorithm == HMAC_MD5 else dns.tsig.HMAC_SHA256
-    return dns.tsig.Key(key.name, key.secret, alg)
+def sign_request(wire: bytes, key: TsigKey, now: int) -> tuple[bytes, bytes]:
+    """The request with its TSIG RR appended, and the MAC (the answer's MAC covers it)."""
+    (qid,) = struct.unpack("!H", wire[:2])
+    mac = compute_mac(key, wire, original_id=qid, time_signed=now, fudge=MAX_FUDGE, error=0,
+                      other=b"", request_mac=None)
+    signed = append_tsig(wire, key=key, key_name=key.name, algorithm=key.algorithm,
+                         request_mac=None, time_signed=now, fudge=MAX_FUDGE, error=0)
+    return signed, mac
+
+
+def _fmt(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+class _Inbox(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait((data, addr))
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP unreachable: the timeout decides
 
 
 class RegistryClient:
-    """Talks to one registry address with one user's key."""
+    """Talks to one registry address with one key (this device's)."""
 
     def __init__(
         self,
@@ -42,52 +82,56 @@ class RegistryClient:
         source: str | None = None,
     ) -> None:
         self.server = server
-        self.key = dns_key(key)
+        self.key = key
         self.timeout = timeout
         self.tries = tries
         self.source = source
         self.last_ok: float | None = None
         self.last_error: str | None = None
+        #: seconds the registry's clock is ahead of ours, from the last BADTIME (None: fine)
+        self.clock_skew: float | None = None
+        #: answers dropped because their TSIG did not check (forged or mangled)
+        self.bad_answers = 0
 
     async def exchange(self, msg: dns.message.Message) -> dns.message.Message:
-        msg.use_tsig(self.key)
+        resp, _ = await self.exchange_signed(msg)
+        return resp
+
+    async def exchange_signed(
+        self, msg: dns.message.Message, *, check_rcode: bool = True, tcp: bool = False
+    ) -> tuple[dns.message.Message, bytes]:
+        """Send ``msg`` signed with our key; the verified answer and the request's MAC.
+
+        ``tcp``: over TCP only (for a request that must not be sent twice, e.g. enrolment).
+        """
         host, port = self.server
         last: Exception | None = None
+        rejected: CredentialsRejected | None = None
         for _ in range(self.tries):
+            now = int(time.time())
+            signed, mac = sign_request(msg.to_wire(), self.key, now)
             try:
-                resp = await dns.asyncquery.udp(
-                    msg, host, timeout=self.timeout, port=port, source=self.source
-                )
+                if tcp:
+                    resp = await self._tcp(signed, msg, mac, now)
+                    break
+                resp = await self._udp(signed, msg, mac, now)
                 if resp.flags & dns.flags.TC:
-                    resp = await dns.asyncquery.tcp(msg, host, timeout=self.timeout, port=port)
+                    msg.id = (msg.id + 1) & 0xFFFF  # a new MAC: the UDP one is spent
+                    now = int(time.time())
+                    signed, mac = sign_request(msg.to_wire(), self.key, now)
+                    resp = await self._tcp(signed, msg, mac, now)
                 break
-            except dns.tsig.PeerBadKey as exc:
-                raise self._fail(CredentialsRejected(
-                    f"the registry at {host}:{port} does not know our key {self.key.name} "
-                    "(BADKEY)",
-                    hint="the key was rotated or removed: get a new credentials file "
-                    "(`btmm serve user rotate-key`) and run `btmm join` again",
-                )) from exc
-            except (dns.tsig.PeerBadSignature, dns.tsig.BadSignature) as exc:
-                raise self._fail(CredentialsRejected(
-                    f"the registry at {host}:{port} refused our signature (BADSIG)",
-                    hint="the credentials file does not match the registry's key; copy it "
-                    "again and run `btmm join`",
-                )) from exc
-            except (dns.tsig.PeerBadTime, dns.tsig.PeerBadTruncation) as exc:
-                raise self._fail(ClockSkew(
-                    f"the registry at {host}:{port} refused our signing time (BADTIME): this "
-                    f"host's clock ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}) "
-                    "differs from the server's by more than the allowed fudge",
-                    hint="set the clock (NTP: `timedatectl set-ntp true`)",
-                )) from exc
-            except (dns.exception.Timeout, OSError) as exc:
+            except CredentialsRejected as exc:
+                # BADKEY/BADSIG answers are unsigned (RFC 8945 5.3.2): anyone who can spoof
+                # the registry's address could send one, so one alone is not believed
+                rejected = exc
+                continue
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 last = exc
                 continue
-            except dns.exception.DNSException as exc:
-                raise self._fail(RegistryError(
-                    f"unusable answer from the registry at {host}:{port}: {exc}")) from exc
         else:
+            if rejected is not None:
+                raise rejected
             raise self._fail(RegistryUnreachable(
                 f"no answer from the registry at {host}:{port} after {self.tries} tries "
                 f"({type(last).__name__}: {last})",
@@ -95,23 +139,146 @@ class RegistryClient:
                 "is reachable (UDP and TCP)",
             ))
         rcode = resp.rcode()
-        if rcode in (dns.rcode.NOTAUTH, dns.rcode.REFUSED) and msg.opcode() == dns.opcode.UPDATE:
-            zone = msg.question[0].name if msg.question else "?"
-            raise self._fail(CredentialsRejected(
-                f"the registry refused our update to {zone} ({dns.rcode.to_text(rcode)})",
-                hint="the credentials file belongs to another zone, or the names are reserved",
-            ))
-        if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-            raise self._fail(RegistryError(
-                f"the registry answered {dns.rcode.to_text(rcode)} to "
-                f"{dns.opcode.to_text(msg.opcode())}"))
+        if check_rcode:
+            if rcode in (dns.rcode.NOTAUTH, dns.rcode.REFUSED) and \
+                    msg.opcode() == dns.opcode.UPDATE:
+                zone = msg.question[0].name if msg.question else "?"
+                raise self._fail(RegistryError(
+                    f"the registry refused our update to {zone} ({dns.rcode.to_text(rcode)})",
+                    hint="this device's key may change only its own names (another device may "
+                    "hold one of them); the registry's log says which name",
+                ))
+            if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                raise self._fail(RegistryError(
+                    f"the registry answered {dns.rcode.to_text(rcode)} to "
+                    f"{dns.opcode.to_text(msg.opcode())}"))
         self.last_ok = time.time()
         self.last_error = None
-        return resp
+        self.clock_skew = None
+        return resp, mac
 
     def _fail(self, err: RegistryError) -> RegistryError:
         self.last_error = str(err)
         return err
+
+    # -- answers ------------------------------------------------------------------------
+
+    def _answer(
+        self, data: bytes, msg: dns.message.Message, mac: bytes, sent: int
+    ) -> dns.message.Message | None:
+        """The verified answer to ``msg``; None for a datagram that is not it (ignored)."""
+        host, port = self.server
+        try:
+            resp = dns.message.from_wire(data, keyring=False)
+        except Exception:  # not a DNS answer at all
+            self.bad_answers += 1
+            return None
+        if resp.id != msg.id or not resp.flags & dns.flags.QR:
+            return None
+        if resp.tsig is None:
+            self.bad_answers += 1
+            return None
+        rd = resp.tsig[0]
+        if rd.error == TsigError.BADKEY:
+            raise self._fail(CredentialsRejected(
+                f"the registry at {host}:{port} does not know our key {self.key.name} (BADKEY)",
+                hint=REJOIN,
+            ))
+        if rd.error == TsigError.BADSIG:
+            raise self._fail(CredentialsRejected(
+                f"the registry at {host}:{port} refused our signature with key {self.key.name} "
+                "(BADSIG)",
+                hint=REJOIN,
+            ))
+        expected = compute_mac(
+            self.key, strip_tsig(data, last_rr_offset(data)), original_id=rd.original_id,
+            time_signed=rd.time_signed, fudge=rd.fudge, error=rd.error, other=rd.other,
+            request_mac=mac,
+        )
+        if not hmac.compare_digest(expected, rd.mac):
+            self.bad_answers += 1  # not from the registry, or mangled: keep waiting
+            return None
+        if rd.error == TsigError.BADTIME:
+            server = None
+            if len(rd.other) == 6:
+                hi, lo = struct.unpack("!HI", rd.other)
+                server = (hi << 32) | lo
+            skew = None if server is None else float(server - sent)
+            self.clock_skew = skew
+            if skew is None:
+                what = "the registry refused our signing time (BADTIME)"
+            else:
+                ahead = "behind" if skew > 0 else "ahead of"
+                what = (f"the registry refused our signing time (BADTIME): this host's clock "
+                        f"({_fmt(sent)}) is {abs(skew):.0f} s {ahead} the registry's "
+                        f"({_fmt(server or 0)})")
+                if abs(skew) <= MAX_FUDGE:
+                    what += "; or a request of ours was stamped later than this one"
+            raise self._fail(ClockSkew(
+                what, hint="set the clock (NTP: `timedatectl set-ntp true`); the daemon "
+                "keeps retrying", skew=skew,
+            ))
+        if rd.error != TsigError.NOERROR:
+            raise self._fail(RegistryError(
+                f"the registry answered with TSIG error {rd.error} to our request"))
+        if abs(rd.time_signed - int(time.time())) > 2 * MAX_FUDGE:
+            self.bad_answers += 1  # an old signed answer replayed
+            return None
+        return resp
+
+    def _matches(self, addr: tuple[str, int]) -> bool:
+        host, port = self.server
+        try:
+            return ipaddress.ip_address(addr[0]) == ipaddress.ip_address(host) and \
+                addr[1] == port
+        except ValueError:
+            return addr[0] == host and addr[1] == port
+
+    async def _udp(
+        self, wire: bytes, msg: dns.message.Message, mac: bytes, sent: int
+    ) -> dns.message.Message:
+        loop = asyncio.get_running_loop()
+        host, port = self.server
+        local = (self.source, 0) if self.source else None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        transport, proto = await loop.create_datagram_endpoint(
+            _Inbox, local_addr=local, family=family)
+        try:
+            transport.sendto(wire, (host, port))
+            deadline = loop.time() + self.timeout
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError("no answer")
+                data, addr = await asyncio.wait_for(proto.queue.get(), left)
+                if not self._matches(addr):
+                    continue
+                resp = self._answer(data, msg, mac, sent)
+                if resp is not None:
+                    return resp
+        finally:
+            transport.close()
+
+    async def _tcp(
+        self, wire: bytes, msg: dns.message.Message, mac: bytes, sent: int
+    ) -> dns.message.Message:
+        host, port = self.server
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                self.timeout)
+        try:
+            writer.write(struct.pack("!H", len(wire)) + wire)
+            await asyncio.wait_for(writer.drain(), self.timeout)
+            while True:
+                (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2),
+                                                                 self.timeout))
+                data = await asyncio.wait_for(reader.readexactly(n), self.timeout)
+                resp = self._answer(data, msg, mac, sent)
+                if resp is not None:
+                    return resp
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
     async def query(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
         q = dns.message.make_query(name, dns.rdatatype.RdataType.make(rdtype))

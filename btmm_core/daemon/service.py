@@ -67,10 +67,12 @@ from btmm_core.keyex.identity import derive_psk, load_or_create
 from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged
-from btmm_core.llq.driver import Watcher, read_key_file
+from btmm_core.llq.driver import Watcher
 from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
 from btmm_core.portmap.service import EventKind, MappingEvent, PortMapService
+from btmm_core.registry.keyfile import read_key_file
+from btmm_core.registry.tsig import KeyRole
 
 log = structlog.get_logger("btmm.daemon")
 
@@ -100,8 +102,14 @@ class NetState:
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.key = read_key_file(cfg.credentials)
-        self.zone: dns.name.Name = self.key.name
+        # this device's own key; its file names the zone (an old account-key file: the key's
+        # name is the zone)
+        self.key = read_key_file(cfg.credentials).key
+        self.zone: dns.name.Name = self.key.zone
+        if self.key.role == KeyRole.ACCOUNT:
+            log.warning("this host holds the account key, which may change every host's "
+                        "records; give it its own key with `btmm join` (an invite from "
+                        "`btmm serve user invite`)", credentials=str(cfg.credentials))
         self.static = load_or_create(cfg.key_file)
         self.identity = self._identity()
         self.psk = derive_psk(cfg.secret_file.read_bytes().strip())
@@ -211,7 +219,9 @@ class Daemon:
                 await coro
             except asyncio.CancelledError:
                 raise
-            except (CredentialsRejected, ClockSkew) as err:
+            except CredentialsRejected as err:
+                # BADKEY/BADSIG: revoked or a wrong key; retrying cannot help (BADTIME never
+                # gets here: it is retried where it happens)
                 log.error("stopping", error=err.what, hint=err.hint)
                 self.fatal = err
                 assert self._stop is not None
@@ -295,8 +305,15 @@ class Daemon:
                     backoff = 1.0
                     assert self.lease is not None
                     wait = self.lease * self.cfg.refresh_fraction * (1 - 0.05 * self._rng.random())
-                except (CredentialsRejected, ClockSkew):
+                except CredentialsRejected:
                     raise
+                except ClockSkew as err:
+                    # never fatal: a clock that is off (or one request of ours stamped later
+                    # than this one) is retried with a capped backoff and shown in the status
+                    self.publish_error = str(err)
+                    log.error("clock skew: publishing refused (BADTIME); retrying",
+                              skew=err.skew, error=err.what, hint=err.hint, retry_in=backoff)
+                    wait, backoff = backoff, min(backoff * 2, 60.0)
                 except RegistryError as err:
                     self.publish_error = str(err)
                     log.warning("publishing failed; retrying", error=err.what, hint=err.hint,
@@ -476,9 +493,9 @@ class Daemon:
                                 peer=name.to_text(), target=srv[0].target.to_text())
                 else:
                     a = await self.registry.query(srv[0].target, dns.rdatatype.A)
-        except (CredentialsRejected, ClockSkew):
+        except CredentialsRejected:
             raise
-        except RegistryError as err:
+        except RegistryError as err:  # ClockSkew too: the next resolve retries
             log.warning("cannot resolve peer", peer=name.to_text(), error=err.what)
             return
         rec = peer_from_answers(name, self.zone, aaaa, txt, srv, a)
@@ -610,9 +627,8 @@ class Daemon:
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        assert self.engine is not None
         now = time.time()
-        infos = {p.inner: p for p in self.engine.peers()}
+        infos = {p.inner: p for p in self.engine.peers()} if self.engine is not None else {}
         peers = []
         for peer in sorted(self.peers.values(), key=lambda p: p.records.host):
             info = infos.get(str(peer.records.ula))
@@ -644,7 +660,7 @@ class Daemon:
                 "ula": str(self.identity.ula),
                 "public_key": self.static.public_b64,
                 "dataplane": type(self.engine).__name__,
-                "local_port": self.engine.local_port,
+                "local_port": None if self.engine is None else self.engine.local_port,
                 "local_address": self.net.local_address,
                 "external": None if self.net.external is None
                 else "{}:{}".format(*self.net.external),
@@ -652,6 +668,7 @@ class Daemon:
                 "mapping_error": self.net.mapping_error,
                 "registry": "{}:{}".format(*self.registry.server),
                 "registry_error": self.registry.last_error or self.publish_error,
+                "clock_skew": self.registry.clock_skew,
                 "lease": self.lease,
                 "lease_left": None if self.published_at is None or self.lease is None
                 else round(self.published_at + self.lease - now),

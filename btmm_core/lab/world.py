@@ -9,9 +9,11 @@ Topology (``nat=True``)::
 
 With ``nat=False`` the desktop (203.0.113.21) and laptop (203.0.113.22) sit on the bridge
 directly. Every process is the real command: ``btmm serve`` for the registry, ``btmm join`` and
-``btmm up`` for each host, miniupnpd on each gateway. Each host namespace gets its own hosts
-file (/etc/netns/<ns>/hosts, which ``ip netns exec`` mounts on /etc/hosts), so names resolve
-inside the lab only.
+``btmm up`` for each host, miniupnpd on each gateway. Each host enrols its own key as a user
+would: the desktop with the account's credentials file, the laptop with a single-use invite
+(``btmm serve user invite``), both from inside their namespace over the lab network. Each host
+namespace gets its own hosts file (/etc/netns/<ns>/hosts, which ``ip netns exec`` mounts on
+/etc/hosts), so names resolve inside the lab only.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Host:
     config: Path
     proc: subprocess.Popen[Any] | None = None
     log: Path | None = None
+    join_args: list[str] = field(default_factory=list)
 
     @property
     def fqdn(self) -> str:
@@ -99,12 +102,24 @@ class World:
 
     inet_ports: list[str] = field(default_factory=list)
 
-    def start_registry(self, *, lease_min: int, lease_max: int) -> None:
-        state = self.workdir / "registry"
-        env = {**_child_env(), "BTMM_REGISTRY_STATE": str(state),
-               "BTMM_REGISTRY_DOMAIN": DOMAIN}
+    def registry_env(self) -> dict[str, str]:
+        return {**_child_env(), "BTMM_REGISTRY_STATE": str(self.workdir / "registry"),
+                "BTMM_REGISTRY_DOMAIN": DOMAIN}
+
+    def serve_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``btmm serve ARGS`` on the registry's state (e.g. ``user revoke bob laptop``)."""
+        return subprocess.run(self.btmm("serve", *args), env=self.registry_env(),
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    def start_registry(self, *, lease_min: int, lease_max: int,
+                       invites: tuple[str, ...] = ()) -> None:
+        env = self.registry_env()
         subprocess.run(self.btmm("serve", "user", "add", USER), check=True, env=env,
                        capture_output=True)
+        for device in invites:
+            subprocess.run(self.btmm("serve", "user", "invite", USER, "--device", device,
+                                     "--expires", "1h", "--out", str(self.invite(device))),
+                           check=True, env=env, capture_output=True)
         log = open(self.workdir / "registry.log", "ab")  # noqa: SIM115 (owned by the process)
         self.registry = self.inet.popen(
             self.btmm("serve", "--listen", REGISTRY, "--port", "53", "--tls-port", "0",
@@ -153,7 +168,15 @@ class World:
         host.ns.run(["ip", "route", "add", "default", "via", f"{home.lan_prefix}.1"])
         self.location[host.name] = home.name
 
+    def invite(self, device: str) -> Path:
+        return self.workdir / f"{device}.invite"
+
+    @property
+    def account_key(self) -> Path:
+        return self.workdir / "registry" / "credentials" / f"{USER}.key"
+
     def add_host(self, name: str, dataplane: str, *, lease: int, extra: dict[str, Any]) -> Host:
+        """The host's namespace and files; ``join_host`` enrols it once it is plugged in."""
         ns = self.lab.ns(name)
         etc = Path("/etc/netns") / ns.name
         etc.mkdir(parents=True, exist_ok=True)
@@ -162,17 +185,30 @@ class World:
         work = self.workdir / name
         work.mkdir()
         host = Host(name, ns, work, work / "btmm.toml")
-        creds = self.workdir / "registry" / "credentials" / f"{USER}.key"
-        secret = self.workdir / "account.secret"
-        args = ["join", "--config", str(host.config), "--credentials", str(creds),
-                "--secret-file", str(secret), "--name", name, "--server", f"{REGISTRY}:53",
-                "--state-dir", str(work / "state"), "--dataplane", dataplane,
-                "--hosts-file", str(etc / "hosts"), "--set", f"lease={lease}"]
+        host.join_args = ["--config", str(host.config), "--secret-file",
+                          str(self.workdir / "account.secret"), "--name", name, "--server",
+                          f"{REGISTRY}:53", "--state-dir", str(work / "state"), "--dataplane",
+                          dataplane, "--hosts-file", str(etc / "hosts"), "--set",
+                          f"lease={lease}"]
         for k, v in extra.items():
-            args += ["--set", f"{k}={v}"]
-        subprocess.run(self.btmm(*args), check=True, env=_child_env(), capture_output=True)
+            host.join_args += ["--set", f"{k}={v}"]
         self.hosts[name] = host
         return host
+
+    def join_host(self, host: Host, credentials: Path, timeout: float = 20.0) -> None:
+        """``btmm join`` inside the host's namespace: enrol its own key with the registry."""
+        argv = host.ns.argv(self.btmm("join", "--credentials", str(credentials),
+                                      *host.join_args))
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = subprocess.run(argv, env=_child_env(), capture_output=True, text=True,
+                                  timeout=60, check=False)
+            if proc.returncode == 0:
+                return
+            if "no answer" not in proc.stderr or time.monotonic() > deadline:
+                raise LabError(f"btmm join on {host.name} failed: {proc.stderr.strip()[-1500:]}")
+            # the gateway may still be coming up (no connection: nothing was enrolled)
+            time.sleep(0.5)
 
     def start_host(self, host: Host) -> None:
         host.log = host.workdir / "daemon.log"
@@ -261,7 +297,7 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                       stdin=subprocess.DEVNULL, env=_child_env())
     del stun
-    world.start_registry(lease_min=lease_min, lease_max=lease_max)
+    world.start_registry(lease_min=lease_min, lease_max=lease_max, invites=("laptop",))
     extra = {"resolve_interval": 5.0, **(host_extra or {})}
     desktop = world.add_host("desktop", dataplanes[0], lease=lease, extra=extra)
     laptop = world.add_host("laptop", dataplanes[1], lease=lease, extra=extra)
@@ -275,6 +311,9 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
     else:
         world.plug(desktop, None, 1)
         world.plug(laptop, None, 2)
+    # as a user would: the desktop with the account's key, the laptop with an invite
+    world.join_host(desktop, world.account_key)
+    world.join_host(laptop, world.invite("laptop"))
     return world
 
 

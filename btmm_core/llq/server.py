@@ -62,6 +62,7 @@ from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
 from btmm_core.registry.model import RRsetChange
 from btmm_core.registry.tsig import (
     MAX_FUDGE,
+    KeyRole,
     TsigKey,
     TsigRecord,
     compute_mac,
@@ -334,8 +335,9 @@ class LLQServer:
             response.set_rcode(dns.rcode.REFUSED)
             return response
         private = zone.user is not None and not self._public(zone.name, q.name, q.rdtype)
-        if private and (key is None or key.zone != zone.name):
-            # RFC 8764 leaves access control to the server; user zones are private.
+        if private and (key is None or key.zone != zone.name or key.role == KeyRole.INVITE):
+            # RFC 8764 leaves access control to the server; user zones are private: the
+            # account key and every device key of the user may watch, an invite may not.
             self.stats["refused"] += 1
             log.warning("llq refused: not signed with the zone's key", peer=ctx.peer)
             response.set_rcode(dns.rcode.REFUSED)

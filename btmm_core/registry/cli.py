@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.llq.service import LLQService
 from btmm_core.registry.accounts import add_user, algorithm_text, rotate_key, write_credentials
+from btmm_core.registry.devices import list_devices, make_invite, parse_duration
 from btmm_core.registry.handler import Policy, RegistryCore
+from btmm_core.registry.keyfile import key_file_text, write_key_file
 from btmm_core.registry.server import Listen, RegistryServer
 from btmm_core.registry.storage import SqliteStorage
 from btmm_core.registry.tls import ensure_self_signed, server_context
+from btmm_core.registry.tsig import KeyRole
 from btmm_core.registry.update import NoLeasePolicy
 from btmm_core.registry.zones import ZoneConfig, ZoneStore
 
@@ -336,3 +340,70 @@ def user_rotate(ctx: click.Context, name: str, legacy_md5: bool, out: Path | Non
     finally:
         storage.close()
     click.echo(f"user {name}: new {algorithm_text(account.key)} key; credentials in {path}")
+
+
+@user.command("invite")
+@click.argument("name")
+@click.option("--device", default=None, help="The only device name the invite may enrol.")
+@click.option("--expires", "lifetime", default="24h", show_default=True,
+              help="How long the invite is valid (e.g. 30m, 24h, 7d).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Where to write the invite (a key file, 0600).")
+@click.pass_context
+def user_invite(ctx: click.Context, name: str, device: str | None, lifetime: str,
+                out: Path) -> None:
+    """Make a single-use invite that lets one new host of NAME enrol (`btmm join`)."""
+    storage = _storage(ctx)
+    try:
+        invite = make_invite(storage, name, device=device, lifetime=parse_duration(lifetime))
+        write_key_file(out, key_file_text(invite.key, user=name, server=_server_text(ctx)))
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        storage.close()
+    assert invite.key.expires is not None
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(invite.key.expires))
+    click.echo(f"invite for {name}" + (f" (device {device})" if device else "")
+               + f" valid until {until}, usable once: {out}")
+
+
+@user.command("devices")
+@click.argument("name")
+@click.pass_context
+def user_devices(ctx: click.Context, name: str) -> None:
+    """List NAME's devices (and open invites): device, key name, created."""
+    storage = _storage(ctx)
+    try:
+        entries = list_devices(storage, name)
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        storage.close()
+    for d in entries:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.created))
+        if d.key.role == KeyRole.DEVICE:
+            click.echo(f"{d.device}\t{d.key.name}\tcreated {created}")
+        else:
+            assert d.key.expires is not None
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.key.expires))
+            click.echo(f"(invite {d.device or 'any name'})\t{d.key.name}\tcreated {created}"
+                       f"\texpires {until}")
+    if not entries:
+        click.echo(f"user {name} has no devices")
+
+
+@user.command("revoke")
+@click.argument("name")
+@click.argument("device")
+@click.pass_context
+def user_revoke(ctx: click.Context, name: str, device: str) -> None:
+    """Cut DEVICE of NAME off: its key stops working and its records are deleted at once."""
+    storage = _storage(ctx)
+    try:
+        entry = storage.remove_device(name, device)
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        storage.close()
+    click.echo(f"device {device} of {name} revoked (key {entry.key.name}); its records are "
+               "deleted, peers drop it within a second of the registry noticing")

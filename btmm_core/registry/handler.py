@@ -13,6 +13,7 @@ acknowledgements), which are otherwise dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from collections.abc import Callable
@@ -30,12 +31,16 @@ import dns.rdatatype
 import dns.rrset
 import structlog
 
+from btmm_core.registry.authority import check_update
 from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.registry.enrol import ENROL_CODE
+from btmm_core.registry.enrolment import handle_enrolment
 from btmm_core.registry.fastpath import PlainQuery, scan
 from btmm_core.registry.model import ChangeSet, SeenMac
 from btmm_core.registry.storage import StorageError
 from btmm_core.registry.tsig import (
     MAX_FUDGE,
+    KeyRole,
     ReplayGuard,
     TsigError,
     TsigKey,
@@ -113,7 +118,7 @@ class RegistryCore:
         self.replay = ReplayGuard.empty(self.policy.fudge)
         for s in store.loaded_seen:
             self.replay.remember(s.key, s.time_signed, s.mac)
-        self.option_handlers: dict[int, OptionHandler] = {}
+        self.option_handlers: dict[int, OptionHandler] = {ENROL_CODE: handle_enrolment}
         self.response_handler: ResponseHandler | None = None
         self.response_wire_handler: ResponseWireHandler | None = None
         self._next_prune = 0.0
@@ -282,7 +287,9 @@ class RegistryCore:
         if zone is None:
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        if not self._public(zone, q.name, q.rdtype) and (key is None or key.zone != zone.name):
+        if not self._public(zone, q.name, q.rdtype) and (
+            key is None or key.zone != zone.name or key.role == KeyRole.INVITE
+        ):
             response.set_rcode(dns.rcode.REFUSED)
             return response
         response.flags |= dns.flags.AA
@@ -360,13 +367,20 @@ class RegistryCore:
         assert verdict is not None
         seen = SeenMac(key.name, verdict.record.time_signed, verdict.record.mac)
         grant, option = self._grant(request)
-        if grant is None:
+        authority = check_update(zone, key, request)
+        if authority.refused is not None:
             outcome_rcode = dns.rcode.REFUSED
             change: ChangeSet | None = None
+            why = authority.refused
+        elif grant is None:
+            outcome_rcode = dns.rcode.REFUSED
+            change = None
             why = "updates without a lease are refused by policy"
         else:
             outcome = plan_update(zone, request, now=now, grant=grant, seen=seen)
             outcome_rcode, change, why = outcome.rcode, outcome.change, outcome.why
+            if change is not None and authority.claims:
+                change = dataclasses.replace(change, claims=authority.claims)
         if change is None:
             # The MAC must stay spent even though nothing changed: a replay after a restart
             # could otherwise succeed once the prerequisites happen to hold.

@@ -66,6 +66,9 @@ class ChangeSet:
     deletes: tuple[RecordKey, ...] = ()
     seen: tuple[SeenMac, ...] = ()
     cause: Cause = Cause.UPDATE
+    #: owner names that a device's update put records at, outside its own subtree (the
+    #: ``AutoTunnel-...`` name of its A record): (name, device). See registry/authority.py.
+    claims: tuple[tuple[dns.name.Name, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,19 @@ class Account:
 
 
 @dataclass(frozen=True)
+class DeviceKey:
+    """A device key or an invite token of one account, as stored and listed."""
+
+    user: str
+    key: TsigKey
+    created: float
+
+    @property
+    def device(self) -> str | None:
+        return self.key.device
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What a backend loads at start: the whole durable state."""
 
@@ -109,3 +125,5 @@ class Snapshot:
     keys: tuple[TsigKey, ...]
     records: tuple[RecordRow, ...]
     seen: tuple[SeenMac, ...]
+    #: (zone, owner name, device): names outside a device's subtree that it holds
+    owners: tuple[tuple[dns.name.Name, dns.name.Name, str], ...] = ()

@@ -15,18 +15,20 @@ from pathlib import Path
 import dns.name
 import dns.rdata
 import dns.rdataclass
+import dns.rdatatype
 
 from btmm_core.errors import ConfigError
 from btmm_core.registry.model import (
     Account,
     ChangeSet,
+    DeviceKey,
     Entry,
     RecordRow,
     SeenMac,
     Snapshot,
     ZoneRow,
 )
-from btmm_core.registry.tsig import TsigKey
+from btmm_core.registry.tsig import KeyRole, TsigKey
 
 
 class StorageError(ConfigError):
@@ -62,6 +64,28 @@ class Storage(abc.ABC):
     def generation(self) -> int:
         """A number that changes when another process changed the accounts."""
 
+    # -- device keys and invite tokens (one key per device; registry/README.md) ----------
+
+    @abc.abstractmethod
+    def add_invite(self, invite: DeviceKey) -> None: ...
+
+    @abc.abstractmethod
+    def enrol_device(
+        self, device: DeviceKey, *, invite: dns.name.Name | None, replace: bool, seen: SeenMac
+    ) -> None:
+        """Store ``device``'s key, spend ``invite`` (if any) and the request's MAC, atomically.
+
+        Refused (StorageError) when the invite is gone or the device exists and not ``replace``.
+        """
+
+    @abc.abstractmethod
+    def remove_device(self, user: str, device: str) -> DeviceKey:
+        """Delete the device's key and every record it published (see registry/README.md)."""
+
+    @abc.abstractmethod
+    def devices(self, user: str) -> list[DeviceKey]:
+        """The user's device keys and invite tokens, oldest first."""
+
     def close(self) -> None:
         return None
 
@@ -84,7 +108,43 @@ CREATE TABLE IF NOT EXISTS tsig_seen (
 );
 CREATE INDEX IF NOT EXISTS tsig_seen_time ON tsig_seen (key, time_signed);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS device_keys (
+    name TEXT PRIMARY KEY, user TEXT NOT NULL, zone TEXT NOT NULL, role INTEGER NOT NULL,
+    device TEXT, algorithm TEXT NOT NULL, secret BLOB NOT NULL, created REAL NOT NULL,
+    expires REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS device_keys_device ON device_keys (zone, device)
+    WHERE role = 2;
+CREATE TABLE IF NOT EXISTS owners (
+    zone TEXT NOT NULL, name TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (zone, name)
+);
 """
+
+
+def _next_serial(serial: int) -> int:
+    s = (serial + 1) & 0xFFFFFFFF
+    return s or 1
+
+
+def device_records(
+    rows: list[tuple[dns.name.Name, int, bytes]],
+    zone: dns.name.Name,
+    device: str,
+    owned: set[dns.name.Name],
+) -> list[tuple[dns.name.Name, int, bytes]]:
+    """Which of a zone's (name, rdtype, rkey) rows a device published: everything at or below
+    ``<device>.<zone>``, at the names it holds (``owned``), and its PTR in the browse list."""
+    own = dns.name.from_text(device, origin=zone)
+    browse = dns.name.from_text("_autotunnel._udp", origin=zone)
+    ptr = dns.rdata.from_text(
+        dns.rdataclass.IN, dns.rdatatype.PTR, own.to_text()
+    ).to_digestable()
+    return [
+        (n, t, k)
+        for n, t, k in rows
+        if n.is_subdomain(own) or n in owned or (n == browse and t == dns.rdatatype.PTR
+                                                 and k == ptr)
+    ]
 
 
 def _n(name: dns.name.Name) -> str:
@@ -128,6 +188,8 @@ class SqliteStorage(Storage):
                 dns.name.from_text(z),
             )
             for n, a, sec, z in db.execute("SELECT name, algorithm, secret, zone FROM keys")
+        ) + tuple(
+            d.key for d in self._device_keys("SELECT * FROM device_keys", ())
         )
         records = []
         for z, n, t, rd, ttl, exp in db.execute(
@@ -141,7 +203,11 @@ class SqliteStorage(Storage):
             SeenMac(dns.name.from_text(k), t, bytes(m))
             for k, m, t in db.execute("SELECT key, mac, time_signed FROM tsig_seen")
         )
-        return Snapshot(zones, keys, tuple(records), seen)
+        owners = tuple(
+            (dns.name.from_text(z), dns.name.from_text(n), d)
+            for z, n, d in db.execute("SELECT zone, name, device FROM owners")
+        )
+        return Snapshot(zones, keys, tuple(records), seen, owners)
 
     def commit(self, change: ChangeSet) -> None:
         db = self._db
@@ -179,6 +245,8 @@ class SqliteStorage(Storage):
                         "DELETE FROM tsig_seen WHERE key=? AND time_signed < ?",
                         (_n(s.key), s.time_signed - 900),
                     )
+            for name, device in change.claims:
+                db.execute("INSERT OR REPLACE INTO owners VALUES (?,?,?)", (z, _n(name), device))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -230,6 +298,8 @@ class SqliteStorage(Storage):
             db.execute("DELETE FROM keys WHERE user=?", (user,))
             db.execute("DELETE FROM zones WHERE name=?", (z,))
             db.execute("DELETE FROM records WHERE zone=?", (z,))
+            db.execute("DELETE FROM device_keys WHERE zone=?", (z,))
+            db.execute("DELETE FROM owners WHERE zone=?", (z,))
             self._bump_generation()
             db.execute("COMMIT")
         except BaseException:
@@ -273,6 +343,135 @@ class SqliteStorage(Storage):
         row = self._db.execute("SELECT v FROM meta WHERE k='accounts_gen'").fetchone()
         return int(row[0])
 
+    def _device_keys(self, sql: str, args: tuple[object, ...]) -> list[DeviceKey]:
+        out = []
+        for name, user, zone, role, device, alg, secret, created, expires in self._db.execute(
+            sql, args
+        ):
+            z = dns.name.from_text(zone)
+            key = TsigKey(
+                dns.name.from_text(name),
+                dns.name.from_text(alg),
+                bytes(secret),
+                z,
+                KeyRole(role),
+                device,
+                expires,
+            )
+            out.append(DeviceKey(user, key, created))
+        return out
+
+    def _insert_device_key(self, d: DeviceKey) -> None:
+        k = d.key
+        self._db.execute(
+            "INSERT OR REPLACE INTO device_keys VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                _n(k.name), d.user, _n(k.zone), int(k.role), k.device, _n(k.algorithm),
+                k.secret, d.created, k.expires,
+            ),
+        )
+
+    def add_invite(self, invite: DeviceKey) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # expired invites are deleted whenever a new one is made (refused before that)
+            db.execute(
+                "DELETE FROM device_keys WHERE role=? AND expires < ?",
+                (int(KeyRole.INVITE), invite.created),
+            )
+            self._insert_device_key(invite)
+            self._bump_generation()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def enrol_device(
+        self, device: DeviceKey, *, invite: dns.name.Name | None, replace: bool, seen: SeenMac
+    ) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if invite is not None:
+                cur = db.execute(
+                    "DELETE FROM device_keys WHERE name=? AND role=?",
+                    (_n(invite), int(KeyRole.INVITE)),
+                )
+                if cur.rowcount != 1:
+                    raise StorageError("the invite was used already or withdrawn")
+            old = db.execute(
+                "SELECT name FROM device_keys WHERE zone=? AND device=? AND role=?",
+                (_n(device.key.zone), device.device, int(KeyRole.DEVICE)),
+            ).fetchall()
+            if old and not replace:
+                raise StorageError(f"device {device.device!r} is enrolled already")
+            for (name,) in old:
+                db.execute("DELETE FROM device_keys WHERE name=?", (name,))
+            self._insert_device_key(device)
+            db.execute(
+                "INSERT OR REPLACE INTO tsig_seen VALUES (?,?,?)",
+                (_n(seen.key), seen.mac, seen.time_signed),
+            )
+            self._bump_generation()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def remove_device(self, user: str, device: str) -> DeviceKey:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            found = self._device_keys(
+                "SELECT * FROM device_keys WHERE user=? AND device=? AND role=?",
+                (user, device, int(KeyRole.DEVICE)),
+            )
+            if not found:
+                raise StorageError(
+                    f"user {user!r} has no device {device!r}",
+                    hint=f"see 'btmm serve user devices {user}'",
+                )
+            entry = found[0]
+            zone = entry.key.zone
+            z = _n(zone)
+            owned = {
+                dns.name.from_text(n)
+                for (n,) in db.execute(
+                    "SELECT name FROM owners WHERE zone=? AND device=?", (z, device)
+                )
+            }
+            rows = [
+                (dns.name.from_text(n), t, bytes(k))
+                for n, t, k in db.execute(
+                    "SELECT name, rdtype, rkey FROM records WHERE zone=?", (z,)
+                )
+            ]
+            gone = device_records(rows, zone, device, owned)
+            for n, t, k in gone:
+                db.execute(
+                    "DELETE FROM records WHERE zone=? AND name=? AND rdtype=? AND rkey=?",
+                    (z, _n(n), t, k),
+                )
+            if gone:
+                (serial,) = db.execute("SELECT serial FROM zones WHERE name=?", (z,)).fetchone()
+                db.execute(
+                    "UPDATE zones SET serial=? WHERE name=?", (_next_serial(int(serial)), z)
+                )
+            db.execute("DELETE FROM owners WHERE zone=? AND device=?", (z, device))
+            db.execute("DELETE FROM device_keys WHERE name=?", (_n(entry.key.name),))
+            self._bump_generation()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return entry
+
+    def devices(self, user: str) -> list[DeviceKey]:
+        return self._device_keys(
+            "SELECT * FROM device_keys WHERE user=? ORDER BY created, name", (user,)
+        )
+
 
 class MemoryStorage(Storage):
     """Not durable: for sans-I/O unit tests of the handler only."""
@@ -282,15 +481,19 @@ class MemoryStorage(Storage):
         self.records: dict[tuple[dns.name.Name, dns.name.Name, int, bytes], RecordRow] = {}
         self.seen: dict[tuple[dns.name.Name, bytes], SeenMac] = {}
         self._accounts: dict[str, Account] = {}
+        self._devices: dict[dns.name.Name, DeviceKey] = {}
+        self.owners: dict[tuple[dns.name.Name, dns.name.Name], str] = {}
         self._gen = 0
         self.commits = 0
 
     def load(self) -> Snapshot:
         return Snapshot(
             tuple(self.zones.values()),
-            tuple(a.key for a in self._accounts.values()),
+            tuple(a.key for a in self._accounts.values())
+            + tuple(d.key for d in self._devices.values()),
             tuple(self.records.values()),
             tuple(self.seen.values()),
+            tuple((z, n, d) for (z, n), d in self.owners.items()),
         )
 
     def commit(self, change: ChangeSet) -> None:
@@ -302,6 +505,8 @@ class MemoryStorage(Storage):
             self.records[(u.zone, u.name, u.rdtype, u.rdata.to_digestable())] = u
         for s in change.seen:
             self.seen[(s.key, s.mac)] = s
+        for name, device in change.claims:
+            self.owners[(change.zone, name)] = device
         self.commits += 1
 
     def ensure_zone(self, zone: dns.name.Name, user: str | None) -> None:
@@ -321,6 +526,10 @@ class MemoryStorage(Storage):
         self.zones.pop(account.zone, None)
         for k in [k for k in self.records if k[0] == account.zone]:
             del self.records[k]
+        for n in [n for n, d in self._devices.items() if d.key.zone == account.zone]:
+            del self._devices[n]
+        for o in [o for o in self.owners if o[0] == account.zone]:
+            del self.owners[o]
         self._gen += 1
         return account
 
@@ -334,3 +543,69 @@ class MemoryStorage(Storage):
 
     def generation(self) -> int:
         return self._gen
+
+    def add_invite(self, invite: DeviceKey) -> None:
+        for n in [
+            n
+            for n, d in self._devices.items()
+            if d.key.role == KeyRole.INVITE
+            and d.key.expires is not None
+            and d.key.expires < invite.created
+        ]:
+            del self._devices[n]
+        self._devices[invite.key.name] = invite
+        self._gen += 1
+
+    def enrol_device(
+        self, device: DeviceKey, *, invite: dns.name.Name | None, replace: bool, seen: SeenMac
+    ) -> None:
+        if invite is not None:
+            used = self._devices.get(invite)
+            if used is None or used.key.role != KeyRole.INVITE:
+                raise StorageError("the invite was used already or withdrawn")
+        old = [
+            n
+            for n, d in self._devices.items()
+            if d.key.zone == device.key.zone
+            and d.key.role == KeyRole.DEVICE
+            and d.device == device.device
+        ]
+        if old and not replace:
+            raise StorageError(f"device {device.device!r} is enrolled already")
+        if invite is not None:
+            del self._devices[invite]
+        for n in old:
+            del self._devices[n]
+        self._devices[device.key.name] = device
+        self.seen[(seen.key, seen.mac)] = seen
+        self._gen += 1
+
+    def remove_device(self, user: str, device: str) -> DeviceKey:
+        found = [
+            d
+            for d in self._devices.values()
+            if d.user == user and d.device == device and d.key.role == KeyRole.DEVICE
+        ]
+        if not found:
+            raise StorageError(f"user {user!r} has no device {device!r}")
+        entry = found[0]
+        zone = entry.key.zone
+        owned = {n for (z, n), d in self.owners.items() if z == zone and d == device}
+        rows = [(k[1], k[2], k[3]) for k in self.records if k[0] == zone]
+        gone = device_records(rows, zone, device, owned)
+        for n, t, k in gone:
+            del self.records[(zone, n, t, k)]
+        if gone:
+            old = self.zones[zone]
+            self.zones[zone] = ZoneRow(zone, _next_serial(old.serial), old.user)
+        for n in owned:
+            del self.owners[(zone, n)]
+        del self._devices[entry.key.name]
+        self._gen += 1
+        return entry
+
+    def devices(self, user: str) -> list[DeviceKey]:
+        return sorted(
+            (d for d in self._devices.values() if d.user == user),
+            key=lambda d: (d.created, d.key.name.to_text()),
+        )

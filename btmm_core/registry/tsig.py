@@ -31,6 +31,17 @@ _DIGESTS: dict[dns.name.Name, tuple[str, int]] = {
 MAX_FUDGE = 300
 
 
+class KeyRole(enum.IntEnum):
+    """What a key may do in its zone (btmm_core/registry/authority.py has the rules)."""
+
+    #: the account's own key (``btmm serve user add``): every name of its zone
+    ACCOUNT = 1
+    #: one device's key (``btmm join``): its own names, its entry of the browse list, reads
+    DEVICE = 2
+    #: a single-use enrolment token (``btmm serve user invite``): enrols one device, nothing else
+    INVITE = 3
+
+
 class TsigError(enum.IntEnum):
     """TSIG error field values (RFC 8945 section 3)."""
 
@@ -49,6 +60,12 @@ class TsigKey:
     algorithm: dns.name.Name
     secret: bytes
     zone: dns.name.Name
+    role: KeyRole = KeyRole.ACCOUNT
+    #: the device's name (one DNS label) for DEVICE keys; for INVITE keys the only device
+    #: name the token may enrol, or None for any
+    device: str | None = None
+    #: INVITE keys only: seconds since the epoch after which the token is refused
+    expires: float | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import dns.rdtypes.IN.SRV
 from btmm_core.registry.model import (
     Cause,
     ChangeSet,
+    DeviceKey,
     Entry,
     RecordKey,
     RecordRow,
@@ -68,6 +69,8 @@ class Zone:
     rrsets: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]] = field(
         default_factory=dict
     )
+    #: names outside a device's own subtree that the device put records at (authority.py)
+    owners: dict[dns.name.Name, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Indexes over ``rrsets`` so lookups do not scan the zone: the stored types at each
@@ -228,6 +231,10 @@ class ZoneStore:
                 continue
             zone.put(r.name, r.rdtype, r.rdata, r.entry)
             self._track_lease(r)
+        for zname, name, device in snap.owners:
+            zone = self.zones.get(zname)
+            if zone is not None:
+                zone.owners[name] = device
         self.loaded_seen = snap.seen
 
     def accounts_changed(self) -> bool:
@@ -239,7 +246,50 @@ class ZoneStore:
             return
         # Everything this process committed is in the database already, so a full reload
         # loses nothing and also covers a user removed and re-added between two polls.
+        before = {z.name: {k: dict(v) for k, v in z.rrsets.items()} for z in self.zones.values()}
         self.reload()
+        # Records another process deleted (``btmm serve user revoke`` removes the device's
+        # records) are announced like any change, so watchers drop a revoked device at once.
+        for zone in self.zones.values():
+            old_sets = before.get(zone.name, {})
+            for key in old_sets.keys() | zone.rrsets.keys():
+                old, new = old_sets.get(key, {}), zone.rrsets.get(key, {})
+                added = tuple(rd for rd in new if rd not in old)
+                removed = tuple(rd for rd in old if rd not in new)
+                if not added and not removed:
+                    continue
+                event = RRsetChange(
+                    zone.name,
+                    key[0],
+                    key[1],
+                    added,
+                    removed,
+                    tuple((rd, e.ttl) for rd, e in new.items()),
+                    zone.serial,
+                    Cause.UPDATE,
+                )
+                for observer in list(self._observers):
+                    observer(event)
+
+    def enrol(
+        self, device: DeviceKey, *, invite: dns.name.Name | None, replace: bool, seen: SeenMac
+    ) -> None:
+        """Store a device key made by enrolment (durable first), then use it at once."""
+        gen = self.storage.generation()
+        self.storage.enrol_device(device, invite=invite, replace=replace, seen=seen)
+        self.version += 1
+        if invite is not None:
+            self.keys.pop(invite, None)
+        for name in [
+            k.name
+            for k in self.keys.values()
+            if k.zone == device.key.zone and k.device == device.device and k.role == device.key.role
+        ]:
+            del self.keys[name]
+        self.keys[device.key.name] = device.key
+        if self.storage.generation() == gen + 1 and self._generation == gen:
+            # only our own change: no reload needed
+            self._generation = gen + 1
 
     def find_zone(self, name: dns.name.Name) -> Zone | None:
         """The most specific zone containing ``name``."""
@@ -283,6 +333,8 @@ class ZoneStore:
         for u in change.upserts:
             zone.put(u.name, u.rdtype, u.rdata, u.entry)
             self._track_lease(u)
+        for name, device in change.claims:
+            zone.owners[name] = device
         zone.serial = change.serial
         events = []
         for (name, rdtype), old in before.items():

@@ -199,6 +199,31 @@ def test_bad_credentials_stop_the_daemon_with_a_clear_error(lab: Lab) -> None:
     assert "BADSIG" in log and "btmm join" in log
 
 
+def test_a_revoked_laptop_is_cut_off_and_the_desktop_carries_on(lab: Lab) -> None:
+    world = build_world(lab, nat=False, dataplanes=("python", "python"))
+    desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
+    for h in (desktop, laptop):
+        world.start_host(h)
+    world.wait_tunnels(15)
+    r = world.serve_cli("user", "revoke", USER, "laptop")
+    assert r.returncode == 0, r.stderr
+    # the registry deletes the laptop's records and tells the desktop's watches at once
+    _wait(lambda: not _peers(world, "desktop"), 10, "desktop dropped the revoked laptop", world)
+    assert _dig(world, "laptop.bob.members.example", "AAAA") == []
+    assert _dig(world, "_autotunnel._udp.bob.members.example", "PTR") == [
+        "desktop.bob.members.example."]
+    # the laptop's next signed request is BADKEY: it stops and says what to do
+    assert laptop.proc is not None
+    rc = laptop.proc.wait(timeout=30)
+    assert rc != 0
+    log = laptop.log.read_text() if laptop.log else ""
+    assert "BADKEY" in log and "revoked" in log and "btmm join" in log
+    st = desktop.status()
+    assert st is not None and st["host"]["registry_error"] is None
+    assert desktop.proc is not None and desktop.proc.poll() is None
+    assert _dig(world, "desktop.bob.members.example", "AAAA")
+
+
 def test_double_nat_no_mapping_is_reported_and_the_tunnel_still_comes_up(lab: Lab) -> None:
     # the laptop's home gateway sits behind a carrier-grade NAT: miniupnpd's STUN check fails,
     # so it refuses every mapping; the laptop reaches the (mapped) desktop first, and the

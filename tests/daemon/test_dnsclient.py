@@ -1,0 +1,89 @@
+"""The daemon's registry client against an in-process registry core on loopback: one forged
+(unsigned) BADKEY is not believed, a BADKEY on every try is."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import struct
+import sys
+import time
+from pathlib import Path
+
+import dns.message
+import dns.name
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
+
+from registry_helpers import make_core
+
+from btmm_core.daemon.dnsclient import RegistryClient
+from btmm_core.daemon.identity import HostIdentity
+from btmm_core.daemon.records import Publication, publish_update
+from btmm_core.errors import CredentialsRejected
+from btmm_core.registry.handler import RegistryCore, Transport
+from btmm_core.registry.tsig import TsigError, append_tsig
+
+ZONE = dns.name.from_text("bob.members.example.")
+ULA = ipaddress.IPv6Address("fd00::5")
+
+
+def forged_badkey(request: bytes) -> bytes:
+    """What an off-path attacker can send: the request turned into an unsigned BADKEY answer."""
+    (qid, flags) = struct.unpack("!HH", request[:4])
+    head = struct.pack("!HHHHHH", qid, flags | 0x8000 | 9, 1, 0, 0, 0)
+    end = 12
+    while request[end]:
+        end += 1 + request[end]
+    question = request[12 : end + 5]
+    msg = dns.message.from_wire(request, keyring=False)
+    assert msg.tsig is not None
+    return append_tsig(head + question, key=None, key_name=msg.tsig.name,
+                       algorithm=msg.tsig[0].algorithm, request_mac=msg.tsig[0].mac,
+                       time_signed=msg.tsig[0].time_signed, fudge=300, error=TsigError.BADKEY)
+
+
+class Server(asyncio.DatagramProtocol):
+    def __init__(self, core: RegistryCore, forge: int) -> None:
+        self.core = core
+        self.forge = forge
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        if self.forge:
+            self.forge -= 1
+            self.transport.sendto(forged_badkey(data), addr)
+            return
+        out = self.core.handle(data, time.time(), Transport.UDP, addr[0])
+        if out is not None:
+            self.transport.sendto(out, addr)
+
+
+async def publish(forge: int) -> None:
+    core, accounts = make_core()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: Server(core, forge), local_addr=("127.0.0.1", 0))
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        client = RegistryClient(("127.0.0.1", port), accounts["bob"].key, timeout=1.0, tries=3)
+        pub = Publication("laptop", ULA, HostIdentity(ULA).autotunnel_label(), "K" * 43 + "=",
+                          ipaddress.IPv4Address("203.0.113.3"), 4500)
+        await client.exchange(publish_update(ZONE, pub, None, 2000))
+    finally:
+        transport.close()
+
+
+def test_one_forged_badkey_is_not_believed() -> None:
+    asyncio.run(publish(forge=1))
+
+
+def test_badkey_on_every_try_is_fatal_and_says_what_to_do() -> None:
+    with pytest.raises(CredentialsRejected, match="BADKEY") as info:
+        asyncio.run(publish(forge=3))
+    assert info.value.hint is not None and "btmm join" in info.value.hint
