@@ -6,17 +6,13 @@ never stops the daemon: it backs off, retries and shows the skew in its status."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import os
 import re
-import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -25,6 +21,8 @@ import dns.name
 import dns.query
 import dns.rdatatype
 import pytest
+from live_registry import Reg as LiveReg
+from live_registry import live_registry
 
 from btmm_core.daemon.cli import render_status
 from btmm_core.daemon.config import load_config
@@ -40,26 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ZONE = dns.name.from_text("bob.members.example.")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Reg:
-    state: Path
-    port: int
-    env: dict[str, str]
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "btmm_core", *args], env=self.env,
-                              capture_output=True, text=True, timeout=60, check=check)
-
-    @property
-    def account(self) -> Path:
-        return self.state / "credentials" / "bob.key"
-
+class Reg(LiveReg):
     def join(self, tmp: Path, name: str, creds: Path, *extra: str,
              check: bool = True) -> subprocess.CompletedProcess[str]:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -73,36 +52,8 @@ class Reg:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reg]:
-    state = tmp_path_factory.mktemp("registry")
-    env = {**os.environ, "BTMM_REGISTRY_DOMAIN": "members.example",
-           "BTMM_REGISTRY_STATE": str(state), "PYTHONPATH": str(ROOT)}
-    port = _free_port()
-    reg = Reg(state, port, env)
-    reg.cli("serve", "user", "add", "bob")
-    with open(state / "server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "btmm_core", "serve", "--listen", "127.0.0.1", "--port",
-             str(port), "--tls-port", "0", "--event-loop", "asyncio"],
-            env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 20
-        q = dns.message.make_query("members.example.", dns.rdatatype.SOA)
-        while True:
-            assert proc.poll() is None, (state / "server.log").read_text()
-            try:
-                dns.query.udp(q, "127.0.0.1", port=port, timeout=0.3)
-                break
-            except (OSError, dns.exception.Timeout):
-                assert time.monotonic() < deadline, "btmm serve did not answer in 20 s"
-                time.sleep(0.1)
-        yield reg
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with live_registry(tmp_path_factory.mktemp("registry")) as reg:
+        yield Reg(reg.state, reg.port, reg.env)
 
 
 def _device_key(tmp: Path, name: str) -> TsigKey:

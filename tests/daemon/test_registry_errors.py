@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import ipaddress
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +16,7 @@ import dns.name
 import dns.query
 import dns.rdatatype
 import pytest
+from live_registry import free_port, live_registry
 
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.identity import HostIdentity
@@ -34,44 +30,10 @@ ZONE = dns.name.from_text("bob.members.example.")
 ULA = ipaddress.IPv6Address("fd00:1:2:3:4:5:6:7")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    state = tmp_path_factory.mktemp("registry")
-    env = {**os.environ, "BTMM_REGISTRY_DOMAIN": "members.example",
-           "BTMM_REGISTRY_STATE": str(state), "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "btmm_core", "serve", "user", "add", "bob"],
-                   env=env, check=True, capture_output=True, timeout=60)
-    port = _free_port()
-    with open(state / "server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "btmm_core", "serve", "--listen", "127.0.0.1", "--port",
-             str(port), "--tls-port", "0", "--event-loop", "asyncio"],
-            env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 20
-        q = dns.message.make_query("members.example.", dns.rdatatype.SOA)
-        while True:
-            assert proc.poll() is None, (state / "server.log").read_text()
-            try:
-                dns.query.udp(q, "127.0.0.1", port=port, timeout=0.3)
-                break
-            except (OSError, dns.exception.Timeout):
-                assert time.monotonic() < deadline, "btmm serve did not answer in 20 s"
-                time.sleep(0.1)
-        yield port, state / "credentials" / "bob.key"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with live_registry(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg.port, reg.account
 
 
 def _pub() -> Publication:
@@ -124,4 +86,4 @@ def test_clock_skew_is_badtime(registry: tuple[int, Path]) -> None:
 def test_nobody_listening_is_unreachable(registry: tuple[int, Path]) -> None:
     _, creds = registry
     with pytest.raises(RegistryUnreachable, match="no answer"):
-        _publish(_free_port(), read_key_file(creds))
+        _publish(free_port(), read_key_file(creds))
