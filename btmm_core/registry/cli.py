@@ -19,6 +19,7 @@ from btmm_core.llq.server import LLQConfig
 from btmm_core.llq.service import LLQService
 from btmm_core.registry.accounts import add_user, algorithm_text, rotate_key, write_credentials
 from btmm_core.registry.handler import Policy, RegistryCore
+from btmm_core.registry.limits import UpdateLimits
 from btmm_core.registry.server import Listen, RegistryServer
 from btmm_core.registry.storage import SqliteStorage
 from btmm_core.registry.tls import ensure_self_signed, server_context
@@ -116,6 +117,27 @@ _domain_option = click.option(
 @click.option("--default-lease", type=int, default=5400, show_default=True)
 @click.option("--fudge", type=int, default=300, show_default=True, help="TSIG fudge, at most 300.")
 @click.option(
+    "--update-max-rrs",
+    type=int,
+    default=UpdateLimits.max_rrs,
+    show_default=True,
+    help="RRs (prerequisites and updates) one UPDATE may carry; REFUSED beyond.",
+)
+@click.option(
+    "--update-key-rate",
+    type=float,
+    default=UpdateLimits.key_rate,
+    show_default=True,
+    help="RRs each key may change per second, sustained (0: no limit); REFUSED beyond.",
+)
+@click.option(
+    "--update-key-burst",
+    type=int,
+    default=UpdateLimits.key_burst,
+    show_default=True,
+    help="RRs a key may change at once before --update-key-rate applies.",
+)
+@click.option(
     "--tcp-idle-timeout",
     type=float,
     default=10.0,
@@ -167,6 +189,9 @@ def serve(
     no_lease: str,
     default_lease: int,
     fudge: int,
+    update_max_rrs: int,
+    update_key_rate: float,
+    update_key_burst: int,
     tcp_idle_timeout: float,
     max_connections: int,
     llq_lease_min: int,
@@ -198,6 +223,7 @@ def serve(
             lease_max=lease_max,
             no_lease=NoLeasePolicy(no_lease),
             default_lease=default_lease,
+            update_limits=UpdateLimits(update_max_rrs, update_key_rate, update_key_burst),
         )
         llq_config = LLQConfig(
             lease_min=llq_lease_min,
