@@ -120,9 +120,7 @@ def test_adds_beyond_the_zone_limit_are_refused_before_planning(
     bob = add_user(storage, "bob", PARENT, legacy=False)
     store = ZoneStore(storage, ZoneConfig(PARENT, NS, ("192.0.2.53",), 53, max_records=20))
     core = RegistryCore(store)
-    monkeypatch.setattr(
-        handler_mod, "plan_update", lambda *a, **kw: pytest.fail("planned")
-    )
+    monkeypatch.setattr(handler_mod, "plan_update", lambda *a, **kw: pytest.fail("planned"))
     r = _signed(core, bob.key, _names(21), NOW)
     assert r.rcode() == dns.rcode.REFUSED
     assert core.updates_over_limit == 1
