@@ -17,7 +17,13 @@ import structlog
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.llq.service import LLQService
-from btmm_core.registry.accounts import add_user, algorithm_text, rotate_key, write_credentials
+from btmm_core.registry.accounts import (
+    add_user,
+    algorithm_text,
+    check_user_free,
+    rotate_key,
+    write_credentials,
+)
 from btmm_core.registry.handler import Policy, RegistryCore
 from btmm_core.registry.limits import UpdateLimits
 from btmm_core.registry.server import Listen, RegistryServer
@@ -247,6 +253,8 @@ def serve(
 
     async def main() -> None:
         storage = SqliteStorage(_db(state_dir, db))
+        for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
+            check_user_free(account.user, parent, ns)
         store = ZoneStore(storage, ZoneConfig(parent, ns, tuple(glue), public_port or port))
         core = RegistryCore(store, policy)
         llq = LLQService(core, llq_config)
@@ -291,6 +299,12 @@ def _storage(ctx: click.Context) -> SqliteStorage:
         raise click.ClickException(str(e)) from e
 
 
+def _ns_name(ctx: click.Context) -> dns.name.Name:
+    parent: dns.name.Name = ctx.obj["domain"]
+    ns: str | None = ctx.obj["ns_name"]
+    return dns.name.from_text(ns) if ns else dns.name.from_text("ns", origin=parent)
+
+
 def _server_text(ctx: click.Context) -> str:
     parent: dns.name.Name = ctx.obj["domain"]
     ns = ctx.obj["ns_name"] or dns.name.from_text("ns", origin=parent).to_text()
@@ -306,6 +320,7 @@ def user_add(ctx: click.Context, name: str, legacy_md5: bool, out: Path | None) 
     """Create NAME's zone and TSIG key and write the credentials file for NAME's hosts."""
     storage = _storage(ctx)
     try:
+        check_user_free(name, ctx.obj["domain"], _ns_name(ctx))
         account = add_user(storage, name, ctx.obj["domain"], legacy=legacy_md5)
         path = out or ctx.obj["state_dir"] / "credentials" / f"{name}.key"
         write_credentials(path, account, _server_text(ctx))

@@ -127,6 +127,13 @@ def _prescan(zone: Zone, updates: list[dns.rrset.RRset]) -> UpdateOutcome | None
                 dns.rcode.REFUSED,
                 f"{dns.rdatatype.to_text(rr.rdtype)} at {rr.name} is managed by the server",
             )
+        # A CNAME would hide the SOA/NS at the apex or a discovery SRV (RFC 2181 10.1).
+        if rr.rdtype == dns.rdatatype.CNAME and rr.deleting is None and zone.is_server_name(
+            rr.name
+        ):
+            return _fail(
+                dns.rcode.REFUSED, f"no CNAME at {rr.name}: the server publishes records there"
+            )
     return None
 
 
