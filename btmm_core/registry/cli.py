@@ -151,6 +151,13 @@ _domain_option = click.option(
     help="Seconds a TCP/TLS client may stay silent before it is disconnected.",
 )
 @click.option("--max-connections", type=int, default=256, show_default=True)
+@click.option(
+    "--max-connections-per-client",
+    type=int,
+    default=32,
+    show_default=True,
+    help="TCP/TLS connections from one address (IPv6: one /64); closed at once beyond.",
+)
 @click.option("--llq-lease-min", type=int, default=900, show_default=True, help="LLQ lease floor.")
 @click.option(
     "--llq-lease-max", type=int, default=7200, show_default=True, help="LLQ lease ceiling."
@@ -200,6 +207,7 @@ def serve(
     update_key_burst: int,
     tcp_idle_timeout: float,
     max_connections: int,
+    max_connections_per_client: int,
     llq_lease_min: int,
     llq_lease_max: int,
     llq_max_total: int,
@@ -266,6 +274,7 @@ def serve(
                 tls_port or None,
                 tls,
                 max_connections=max_connections,
+                max_connections_per_client=max_connections_per_client,
                 idle_timeout=tcp_idle_timeout,
             ),
         )

@@ -1,14 +1,19 @@
-"""Bounds on the work one signed UPDATE may cause, sans-I/O (issue 11 item 5).
+"""Bounds on the work one signed UPDATE may cause, and who counts as one client, sans-I/O
+(issue 11 items 5 and 8).
 
 RFC 2136 section 3 leaves resource limits to the server. An UPDATE over TCP may carry up to
 64 KB, about 3,000 RRs; one key may send them back to back. Both are bounded before any
 planning: ``UpdateLimits.max_rrs`` per message (prerequisite and update sections together), and
 a token bucket of RRs changed per key (``KeyBudget``), refilled at ``key_rate`` per second up to
 ``key_burst``. Time is passed in as ``now``.
+
+Limits per client count an IPv6 client per /64 (``client_prefix``): one host usually holds a
+whole /64 and can pick any address in it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 
@@ -79,3 +84,20 @@ class KeyBudget:
     def _forget_full(self, now: float) -> None:
         for k in [k for k in self._buckets if self.level(k, now) >= self.burst]:
             del self._buckets[k]
+
+
+def client_prefix(address: str) -> str:
+    """The unit per-client limits count: an IPv4 address, or an IPv6 address's /64.
+
+    An IPv4-mapped IPv6 address counts as its IPv4 address; a zone index (``%eth0``) is
+    ignored. Anything that is not an IP address is returned as it is.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
