@@ -81,6 +81,9 @@ def start_btmm(state: Path, port: int, env: dict[str, str]) -> tuple[subprocess.
             str(port),
             "--tls-port",
             "0",
+            # the bench measures throughput, not the per-key budget that guards against abuse
+            "--update-key-rate",
+            "0",
             "--log-level",
             "warning",
         ],

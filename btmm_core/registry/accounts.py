@@ -30,7 +30,27 @@ def check_user(user: str) -> str:
             f"user name {user!r} is not a single DNS label",
             hint="use 1-63 lower-case letters, digits and inner hyphens",
         )
+    if user in RESERVED_USERS:
+        raise ConfigError(
+            f"user name {user!r} is reserved: the registry publishes its own {user}.DOMAIN",
+            hint="choose another user name",
+        )
     return user
+
+
+#: Labels the registry publishes under the parent domain itself: its name server's default
+#: name (ns.DOMAIN, with its address records). A user zone there would hide them.
+RESERVED_USERS = frozenset({"ns"})
+
+
+def check_user_free(user: str, parent: dns.name.Name, ns_name: dns.name.Name) -> None:
+    """Refuse a user whose zone would contain the registry's own name server ``ns_name``."""
+    zone = dns.name.from_text(user, origin=parent)
+    if ns_name.is_subdomain(zone):
+        raise ConfigError(
+            f"user {user!r}: the zone {zone} hides the registry's name server {ns_name}",
+            hint=f"choose another user name, or remove this one: btmm serve user remove {user}",
+        )
 
 
 def new_key(user: str, parent: dns.name.Name, *, legacy: bool = False) -> TsigKey:

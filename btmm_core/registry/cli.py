@@ -18,10 +18,17 @@ import structlog
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.llq.service import LLQService
-from btmm_core.registry.accounts import add_user, algorithm_text, rotate_key, write_credentials
+from btmm_core.registry.accounts import (
+    add_user,
+    algorithm_text,
+    check_user_free,
+    rotate_key,
+    write_credentials,
+)
 from btmm_core.registry.devices import list_devices, make_invite, parse_duration
 from btmm_core.registry.handler import Policy, RegistryCore
 from btmm_core.registry.keyfile import key_file_text, write_key_file
+from btmm_core.registry.limits import UpdateLimits
 from btmm_core.registry.server import Listen, RegistryServer
 from btmm_core.registry.storage import SqliteStorage
 from btmm_core.registry.tls import ensure_self_signed, server_context
@@ -120,6 +127,27 @@ _domain_option = click.option(
 @click.option("--default-lease", type=int, default=5400, show_default=True)
 @click.option("--fudge", type=int, default=300, show_default=True, help="TSIG fudge, at most 300.")
 @click.option(
+    "--update-max-rrs",
+    type=int,
+    default=UpdateLimits.max_rrs,
+    show_default=True,
+    help="RRs (prerequisites and updates) one UPDATE may carry; REFUSED beyond.",
+)
+@click.option(
+    "--update-key-rate",
+    type=float,
+    default=UpdateLimits.key_rate,
+    show_default=True,
+    help="RRs each key may change per second, sustained (0: no limit); REFUSED beyond.",
+)
+@click.option(
+    "--update-key-burst",
+    type=int,
+    default=UpdateLimits.key_burst,
+    show_default=True,
+    help="RRs a key may change at once before --update-key-rate applies.",
+)
+@click.option(
     "--tcp-idle-timeout",
     type=float,
     default=10.0,
@@ -127,6 +155,13 @@ _domain_option = click.option(
     help="Seconds a TCP/TLS client may stay silent before it is disconnected.",
 )
 @click.option("--max-connections", type=int, default=256, show_default=True)
+@click.option(
+    "--max-connections-per-client",
+    type=int,
+    default=32,
+    show_default=True,
+    help="TCP/TLS connections from one address (IPv6: one /64); closed at once beyond.",
+)
 @click.option("--llq-lease-min", type=int, default=900, show_default=True, help="LLQ lease floor.")
 @click.option(
     "--llq-lease-max", type=int, default=7200, show_default=True, help="LLQ lease ceiling."
@@ -171,8 +206,12 @@ def serve(
     no_lease: str,
     default_lease: int,
     fudge: int,
+    update_max_rrs: int,
+    update_key_rate: float,
+    update_key_burst: int,
     tcp_idle_timeout: float,
     max_connections: int,
+    max_connections_per_client: int,
     llq_lease_min: int,
     llq_lease_max: int,
     llq_max_total: int,
@@ -202,6 +241,7 @@ def serve(
             lease_max=lease_max,
             no_lease=NoLeasePolicy(no_lease),
             default_lease=default_lease,
+            update_limits=UpdateLimits(update_max_rrs, update_key_rate, update_key_burst),
         )
         llq_config = LLQConfig(
             lease_min=llq_lease_min,
@@ -225,6 +265,8 @@ def serve(
 
     async def main() -> None:
         storage = SqliteStorage(_db(state_dir, db))
+        for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
+            check_user_free(account.user, parent, ns)
         store = ZoneStore(storage, ZoneConfig(parent, ns, tuple(glue), public_port or port))
         core = RegistryCore(store, policy)
         llq = LLQService(core, llq_config)
@@ -236,6 +278,7 @@ def serve(
                 tls_port or None,
                 tls,
                 max_connections=max_connections,
+                max_connections_per_client=max_connections_per_client,
                 idle_timeout=tcp_idle_timeout,
             ),
         )
@@ -269,6 +312,12 @@ def _storage(ctx: click.Context) -> SqliteStorage:
         raise click.ClickException(str(e)) from e
 
 
+def _ns_name(ctx: click.Context) -> dns.name.Name:
+    parent: dns.name.Name = ctx.obj["domain"]
+    ns: str | None = ctx.obj["ns_name"]
+    return dns.name.from_text(ns) if ns else dns.name.from_text("ns", origin=parent)
+
+
 def _server_text(ctx: click.Context) -> str:
     parent: dns.name.Name = ctx.obj["domain"]
     ns = ctx.obj["ns_name"] or dns.name.from_text("ns", origin=parent).to_text()
@@ -284,6 +333,7 @@ def user_add(ctx: click.Context, name: str, legacy_md5: bool, out: Path | None) 
     """Create NAME's zone and TSIG key and write the credentials file for NAME's hosts."""
     storage = _storage(ctx)
     try:
+        check_user_free(name, ctx.obj["domain"], _ns_name(ctx))
         account = add_user(storage, name, ctx.obj["domain"], legacy=legacy_md5)
         path = out or ctx.obj["state_dir"] / "credentials" / f"{name}.key"
         write_credentials(path, account, _server_text(ctx))

@@ -17,7 +17,7 @@ import dataclasses
 import enum
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dns.edns
 import dns.exception
@@ -36,6 +36,7 @@ from btmm_core.registry.edns import UpdateLeaseOption
 from btmm_core.registry.enrol import ENROL_CODE
 from btmm_core.registry.enrolment import handle_enrolment
 from btmm_core.registry.fastpath import PlainQuery, scan
+from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big
 from btmm_core.registry.model import ChangeSet, SeenMac
 from btmm_core.registry.storage import StorageError
 from btmm_core.registry.tsig import (
@@ -74,6 +75,7 @@ class Policy:
     no_lease: NoLeasePolicy = NoLeasePolicy.PERMANENT
     default_lease: int = 5400
     udp_payload: int = 1232
+    update_limits: UpdateLimits = field(default_factory=UpdateLimits)
 
     def __post_init__(self) -> None:
         if not 0 < self.fudge <= MAX_FUDGE:
@@ -126,6 +128,10 @@ class RegistryCore:
         #: the ``ZoneStore.version`` it was computed at. 0 turns the cache off.
         self.answer_cache_size = 20000
         self._answers: dict[bytes, tuple[int, bytes]] = {}
+        limits = self.policy.update_limits
+        self.update_budget = KeyBudget(limits.key_rate, limits.key_burst)
+        #: Updates refused by ``_over_limits`` since start.
+        self.updates_over_limit = 0
 
     # ---- entry point -------------------------------------------------------------------
 
@@ -140,6 +146,13 @@ class RegistryCore:
                 return fast
         (flags,) = struct.unpack("!H", wire[2:4])
         opcode = (flags >> 11) & 0xF
+        if opcode == dns.opcode.UPDATE and not flags & dns.flags.QR:
+            too_big = update_too_big(wire, self.policy.update_limits)
+            if too_big is not None:
+                # Refused from the header alone: parsing 3,000 RRs costs tens of ms (item 5).
+                self.updates_over_limit += 1
+                log.warning("update over limit", peer=peer, why=too_big)
+                return _header_only(wire, dns.rcode.REFUSED)
         try:
             request = dns.message.from_wire(
                 wire,
@@ -367,19 +380,21 @@ class RegistryCore:
         assert verdict is not None
         seen = SeenMac(key.name, verdict.record.time_signed, verdict.record.mac)
         grant, option = self._grant(request)
-        authority = check_update(zone, key, request)
-        if authority.refused is not None:
-            outcome_rcode = dns.rcode.REFUSED
-            change: ChangeSet | None = None
-            why = authority.refused
+        # the limits first: they bound the work that the authority check and planning do
+        over = self._over_limits(zone, request, key, now, peer)
+        authority = None if over is not None else check_update(zone, key, request)
+        change: ChangeSet | None = None
+        if over is not None:
+            outcome_rcode, why = dns.rcode.REFUSED, over
+        elif authority is not None and authority.refused is not None:
+            outcome_rcode, why = dns.rcode.REFUSED, authority.refused
         elif grant is None:
             outcome_rcode = dns.rcode.REFUSED
-            change = None
             why = "updates without a lease are refused by policy"
         else:
             outcome = plan_update(zone, request, now=now, grant=grant, seen=seen)
             outcome_rcode, change, why = outcome.rcode, outcome.change, outcome.why
-            if change is not None and authority.claims:
+            if change is not None and authority is not None and authority.claims:
                 change = dataclasses.replace(change, claims=authority.claims)
         if change is None:
             # The MAC must stay spent even though nothing changed: a replay after a restart
@@ -409,6 +424,35 @@ class RegistryCore:
         if outcome_rcode == dns.rcode.NOERROR and option is not None:
             response.use_edns(0, 0, self.policy.udp_payload, options=[option])
         return response
+
+    def _over_limits(
+        self, zone: Zone, request: dns.message.Message, key: TsigKey, now: float, peer: str
+    ) -> str | None:
+        """Why an update is refused before any planning (issue 11 item 5), or None.
+
+        The RR count of the message was checked on the header before parsing (``handle``).
+        Cheap checks only, each O(RRs in the message): the adds against the zone's record
+        limit, then the key's budget of RRs per second (spent only when the update gets this
+        far). The exact zone size check follows planning.
+        """
+        limits = self.policy.update_limits
+        # parsed one RR per RRset: a delete-RRset/name entry is an RRset with no RR
+        changes = sum(max(len(rs), 1) for rs in request.sections[2])
+        adds = sum(len(rs) for rs in request.sections[2] if rs.deleting is None)
+        why = None
+        if adds > zone.config.max_records:
+            why = f"{adds} RRs added at once, a zone holds at most {zone.config.max_records}"
+        elif not self.update_budget.take(key.name, changes, now):
+            why = (
+                f"key over its budget of {limits.key_rate:g} RRs/s"
+                f" (burst {limits.key_burst}); {changes} RRs asked"
+            )
+        if why is not None:
+            self.updates_over_limit += 1
+            log.warning(
+                "update over limit", zone=str(zone.name), key=str(key.name), peer=peer, why=why
+            )
+        return why
 
     # ---- rendering ----------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """The registry's asyncio driver: UDP, TCP (RFC 7766) and DNS over TLS (RFC 7858) listeners,
 the lease timer and the account watcher. All protocol work is in ``RegistryCore``.
 
-TCP and TLS connections are bounded: at most ``max_connections`` at once, ``idle_timeout``
+TCP and TLS connections are bounded: at most ``max_connections`` at once and at most
+``max_connections_per_client`` from one client (an IPv4 address or an IPv6 /64), ``idle_timeout``
 seconds to send the next length prefix, ``read_timeout`` seconds to send a whole message. A
-zero length or a message too short for a header closes the connection.
+zero length or a message too short for a header closes the connection. Refused connections
+are counted in ``RegistryServer.refused`` and logged once per client while it is at its limit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import cast
 import structlog
 
 from btmm_core.registry.handler import RegistryCore, Transport
+from btmm_core.registry.limits import client_prefix
 
 log = structlog.get_logger("btmm.registry")
 
@@ -32,6 +35,7 @@ class Listen:
     tls_port: int | None = None
     tls: ssl.SSLContext | None = None
     max_connections: int = 256
+    max_connections_per_client: int = 32
     idle_timeout: float = 10.0
     read_timeout: float = 5.0
 
@@ -62,6 +66,12 @@ class RegistryServer:
         self._tcp: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
+        #: Open TCP/TLS connections per client (``client_prefix``), and the clients that were
+        #: refused since they last dropped below their limit (logged once each).
+        self._per_client: dict[str, int] = {}
+        self._refusing: set[str] = set()
+        #: Connections closed at once: "total" (max_connections) and "per_client".
+        self.refused = {"total": 0, "per_client": 0}
         self._wake = asyncio.Event()
         self.addresses: dict[str, tuple[str, int]] = {}
         #: Open TCP/TLS connections by (transport, "address#port"), for pushed messages (LLQ).
@@ -175,11 +185,20 @@ class RegistryServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= self.listen.max_connections:
+        addr = writer.get_extra_info("peername") or ("?", 0)
+        client = client_prefix(str(addr[0]))
+        over = self._over_connection_limit(client)
+        if over is not None:
+            self.refused[over] += 1
+            if client not in self._refusing:
+                self._refusing.add(client)
+                log.warning(
+                    "connection refused", client=client, limit=over, refused=self.refused[over]
+                )
             writer.close()
             return
         self._connections.add(task)
-        addr = writer.get_extra_info("peername") or ("?", 0)
+        self._per_client[client] = self._per_client.get(client, 0) + 1
         peer = f"{addr[0]}#{addr[1]}"
         self.streams[(kind, peer)] = writer
         try:
@@ -197,6 +216,10 @@ class RegistryServer:
             pass
         finally:
             self._connections.discard(task)
+            left = self._per_client.pop(client, 1) - 1
+            if left:
+                self._per_client[client] = left
+            self._refusing.discard(client)
             self.streams.pop((kind, peer), None)
             for closed in self.stream_closed_handlers:
                 try:
@@ -206,6 +229,14 @@ class RegistryServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    def _over_connection_limit(self, client: str) -> str | None:
+        """Which connection limit a new connection from ``client`` would pass, or None."""
+        if len(self._connections) >= self.listen.max_connections:
+            return "total"
+        if self._per_client.get(client, 0) >= self.listen.max_connections_per_client:
+            return "per_client"
+        return None
 
     async def _timers(self) -> None:
         store = self.core.store

@@ -8,7 +8,9 @@ behind the same abstract class. The memory backend is for unit tests and is not 
 from __future__ import annotations
 
 import abc
+import os
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
@@ -151,6 +153,38 @@ def _n(name: dns.name.Name) -> str:
     return name.to_text().lower()
 
 
+def _create_private(path: Path) -> None:
+    """Make sure only the owner can read the database: it holds every user's TSIG key.
+
+    A directory btmm creates is 0700; a database file btmm creates is 0600 before SQLite opens
+    it. SQLite creates the -wal and -shm files later with the database file's permissions, so
+    they are 0600 too whatever the umask. An existing database (or -wal/-shm) open to group or
+    others is refused rather than silently fixed: its keys may have been read already.
+    """
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = stat.S_IMODE(os.stat(p).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            raise StorageError(
+                f"the registry database file {p} is open to other users (mode {mode:04o});"
+                " it holds every user's key, so the registry will not use it",
+                hint=f"chmod 600 {path} {path}-wal {path}-shm 2>/dev/null; then consider"
+                " rotating every key (btmm serve user rotate-key NAME)",
+            )
+
+
 class SqliteStorage(Storage):
     """SQLite in WAL mode with synchronous=FULL: a commit is on disk when it returns."""
 
@@ -158,7 +192,7 @@ class SqliteStorage(Storage):
         self.path = path
         self._commits = 0
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
             self._db = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

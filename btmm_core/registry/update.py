@@ -127,6 +127,13 @@ def _prescan(zone: Zone, updates: list[dns.rrset.RRset]) -> UpdateOutcome | None
                 dns.rcode.REFUSED,
                 f"{dns.rdatatype.to_text(rr.rdtype)} at {rr.name} is managed by the server",
             )
+        # A CNAME would hide the SOA/NS at the apex or a discovery SRV (RFC 2181 10.1).
+        if rr.rdtype == dns.rdatatype.CNAME and rr.deleting is None and zone.is_server_name(
+            rr.name
+        ):
+            return _fail(
+                dns.rcode.REFUSED, f"no CNAME at {rr.name}: the server publishes records there"
+            )
     return None
 
 
@@ -148,51 +155,63 @@ def plan_update(
     if failed is not None:
         return failed
 
+    # Linear in the number of RRs (issue 11 item 5): the RRsets touched are indexed by
+    # (name, type), the types present at each touched name are kept up to date as we go, and
+    # an RRset's TTL is set once at the end instead of on every add.
     work: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]] = {}
+    present: dict[dns.name.Name, set[int]] = {}
+    ttls: dict[tuple[dns.name.Name, int], int] = {}
 
     def rrset(name: dns.name.Name, rdtype: int) -> dict[dns.rdata.Rdata, Entry]:
         key = (name, rdtype)
-        if key not in work:
-            work[key] = dict(zone.rrsets.get(key, {}))
-        return work[key]
+        target = work.get(key)
+        if target is None:
+            target = work[key] = dict(zone.rrsets.get(key, {}))
+        return target
 
     def types_at(name: dns.name.Name) -> set[int]:
-        types = zone.stored_types(name)
-        for (n, t), v in work.items():
-            if n == name:
-                if v:
-                    types.add(t)
-                else:
-                    types.discard(t)
+        types = present.get(name)
+        if types is None:
+            types = present[name] = zone.stored_types(name)
         return types
 
     for rr in updates:
         if rr.deleting is None:
-            present = types_at(rr.name)
+            types = types_at(rr.name)
             # RFC 2136 3.4.2.2: CNAME and other data never share a name; such adds are ignored.
-            if rr.rdtype == dns.rdatatype.CNAME and present - {dns.rdatatype.CNAME}:
+            if rr.rdtype == dns.rdatatype.CNAME and len(types) > (dns.rdatatype.CNAME in types):
                 continue
-            if rr.rdtype != dns.rdatatype.CNAME and dns.rdatatype.CNAME in present:
+            if rr.rdtype != dns.rdatatype.CNAME and dns.rdatatype.CNAME in types:
                 continue
             lease = grant.key_lease if rr.rdtype == dns.rdatatype.KEY else grant.lease
             expires = None if lease is None else now + lease
             target = rrset(rr.name, rr.rdtype)
             for rd in rr:
                 target[rd] = Entry(rr.ttl, expires)
-            # One TTL per RRset (RFC 2181 5.2): the newest add sets it for all.
-            for rd, e in list(target.items()):
-                if e.ttl != rr.ttl:
-                    target[rd] = Entry(rr.ttl, e.expires)
+            if target:
+                types.add(rr.rdtype)
+            # One TTL per RRset (RFC 2181 5.2): the newest add sets it for all (applied below).
+            ttls[(rr.name, rr.rdtype)] = rr.ttl
         elif rr.deleting == dns.rdataclass.ANY:
+            types = types_at(rr.name)
             if rr.rdtype == dns.rdatatype.ANY:
-                for t in types_at(rr.name):
+                for t in types:
                     rrset(rr.name, t).clear()
+                types.clear()
             else:
                 rrset(rr.name, rr.rdtype).clear()
+                types.discard(rr.rdtype)
         else:
             target = rrset(rr.name, rr.rdtype)
             for rd in rr:
                 target.pop(rd, None)
+            if not target:
+                types_at(rr.name).discard(rr.rdtype)
+    for key, ttl in ttls.items():
+        target = work[key]
+        for rd, e in target.items():
+            if e.ttl != ttl:
+                target[rd] = Entry(ttl, e.expires)
 
     upserts: list[RecordRow] = []
     deletes: list[RecordKey] = []

@@ -165,6 +165,10 @@ class Zone:
             return True
         return (name, rdtype) in self.synth
 
+    def is_server_name(self, name: dns.name.Name) -> bool:
+        """The apex and every owner of a synthesized record: no CNAME may sit there."""
+        return name == self.name or any(n == name for n, _ in self.synth)
+
     def get(self, name: dns.name.Name, rdtype: int) -> list[tuple[dns.rdata.Rdata, int]]:
         if rdtype == dns.rdatatype.SOA and name == self.name:
             return [(self.soa(), self.config.soa_ttl)]
