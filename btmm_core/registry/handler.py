@@ -18,6 +18,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import dns.edns
 import dns.exception
@@ -26,6 +27,7 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
@@ -149,10 +151,7 @@ class RegistryCore:
         if opcode == dns.opcode.UPDATE and not flags & dns.flags.QR:
             too_big = update_too_big(wire, self.policy.update_limits)
             if too_big is not None:
-                # Refused from the header alone: parsing 3,000 RRs costs tens of ms (item 5).
-                self.updates_over_limit += 1
-                log.warning("update over limit", peer=peer, why=too_big)
-                return _header_only(wire, dns.rcode.REFUSED)
+                return self._refuse_unparsed(wire, now, peer, too_big)
         try:
             request = dns.message.from_wire(
                 wire,
@@ -205,6 +204,52 @@ class RegistryCore:
             response = self._response(request)
             response.set_rcode(dns.rcode.NOTIMP)
         return self._render(response, verdict, now, limit)
+
+    def _refuse_unparsed(self, wire: bytes, now: float, peer: str, why: str) -> bytes:
+        """REFUSED for an oversized UPDATE without parsing its RRs (issue 11 item 5).
+
+        Parsing 3,000 RRs costs tens of ms; only the zone section and the last RR are read.
+        When that RR is a TSIG that verifies, the answer is signed (so nsupdate reports
+        REFUSED rather than a missing signature); nothing is changed or remembered.
+        """
+        self.updates_over_limit += 1
+        log.warning("update over limit", peer=peer, why=why)
+        try:
+            (qdcount, arcount) = struct.unpack("!HxxxxH", wire[4:12])
+            p = 12
+            for _ in range(qdcount):
+                p += dns.name.from_wire(wire, p)[1] + 4
+            header = _header_only(wire, dns.rcode.REFUSED)
+            body = header[:4] + struct.pack("!H", qdcount) + header[6:] + wire[12:p]
+            if arcount == 0:
+                return body
+            start = last_rr_offset(wire)
+            key_name, used = dns.name.from_wire(wire, start)
+            q = start + used
+            (rdtype, rdlen) = struct.unpack("!H6xH", wire[q : q + 10])
+            if rdtype != dns.rdatatype.TSIG or q + 10 + rdlen != len(wire):
+                return body
+            # a TSIG rdata (dns.rdtypes.ANY.TSIG.TSIG), whose fields dnspython leaves untyped
+            rd: Any = dns.rdata.from_wire(
+                dns.rdataclass.ANY, dns.rdatatype.TSIG, wire, q + 10, rdlen
+            )
+            record = TsigRecord(
+                key_name,
+                rd.algorithm,
+                rd.time_signed,
+                rd.fudge,
+                rd.mac,
+                rd.original_id,
+                rd.error,
+                rd.other,
+                start,
+            )
+        except Exception:  # malformed: any parse failure of untrusted input is FORMERR
+            return _header_only(wire, dns.rcode.FORMERR)
+        verdict = verify(wire, record, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
+        if not verdict.ok or verdict.key is None:
+            return body
+        return self._sign(body, verdict, now)
 
     def _cached(self, wire: bytes, plain: PlainQuery, now: float) -> bytes | None:
         """The cached answer for a plain query, or None to take the full path.

@@ -43,8 +43,8 @@ class UpdateLimits:
 def update_too_big(wire: bytes, limits: UpdateLimits) -> str | None:
     """Why an UPDATE is refused from its header alone (PRCOUNT + UPCOUNT), or None.
 
-    Checked before the message is parsed or its TSIG verified, so the reply is an unsigned
-    header (as for FORMERR); no client of ours sends more than a few dozen RRs at once.
+    Checked before the message is parsed; no client of ours sends more than a few dozen RRs
+    at once.
     """
     if len(wire) < 12:
         return None

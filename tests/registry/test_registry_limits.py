@@ -5,15 +5,18 @@ work is counted in executed lines of update.py, never timed."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+import dns.message
 import dns.name
 import dns.rcode
+import dns.tsig
 import dns.update
 import pytest
-from registry_helpers import NS, PARENT, ask, make_core, sign
+from registry_helpers import NS, PARENT, ask, dnskey, make_core, sign
 
 import btmm_core.registry.handler as handler_mod
 import btmm_core.registry.update as update_mod
@@ -99,6 +102,41 @@ def test_a_64k_update_is_refused_from_its_header_before_planning(
     assert r.rcode() == dns.rcode.REFUSED
     assert core.updates_over_limit == 1
     assert core.store.zones[dns.name.from_text(BOB)].rrsets == before
+
+
+def test_the_early_refusal_is_signed_and_verifies_with_dnspython(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    core, acc = make_core()
+    # the early refusal never parses the whole message
+    real = dns.message.from_wire
+
+    def no_full_parse(wire: bytes, *a: Any, **kw: Any) -> Any:
+        assert len(wire) < 10000, "an oversized update was parsed"
+        return real(wire, *a, **kw)
+
+    monkeypatch.setattr(dns.message, "from_wire", no_full_parse)
+    key = dnskey(acc["bob"])
+    u = _names(3000)
+    u.use_tsig(key)
+    wire = u.to_wire()
+    now = time.time()  # dnspython checks the MAC with its own clock
+    out = core.handle(wire, now, Transport.TCP, "test")
+    assert out is not None
+    r = real(out, keyring=key, request_mac=u.mac)
+    assert r.rcode() == dns.rcode.REFUSED and r.had_tsig
+    assert u.is_response(r)
+    # a forged signature gets an unsigned refusal
+    forged = _names(3000)
+    forged.use_tsig(dns.tsig.Key(key.name, b"\x07" * 32, key.algorithm))
+    bad = forged.to_wire()
+    r = real(core.handle(bad, now, Transport.TCP, "test") or b"", keyring=False)
+    assert r.rcode() == dns.rcode.REFUSED and not r.had_tsig
+    # garbage after a big header is FORMERR, never a crash
+    junk = wire[:4] + b"\x00\x01\x00\x00\x0f\xff\x00\x01" + bytes(20)
+    r = real(core.handle(junk, now, Transport.TCP, "test") or b"", keyring=False)
+    assert r.rcode() in (dns.rcode.FORMERR, dns.rcode.REFUSED)
+    assert core.updates_over_limit == 3
 
 
 def test_per_message_limit_is_configurable_and_exact() -> None:
