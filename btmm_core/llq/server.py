@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
-import ipaddress
 import random
 import struct
 from collections import Counter
@@ -59,6 +58,7 @@ import structlog
 
 from btmm_core.llq.option import LLQ_LENGTH, LLQError, LLQOpcode, LLQOption, find_llq
 from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
+from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
 from btmm_core.registry.tsig import (
     MAX_FUDGE,
@@ -179,16 +179,7 @@ def client_of(peer: str) -> str:
     """What the per-client limit counts against, from "address#port": the IPv4 address, or
     the /64 of an IPv6 address (one host or site usually holds a whole /64, so counting per
     IPv6 address would let it take as many LLQs as it picks addresses)."""
-    host = peer.rsplit("#", 1)[0]
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
+    return client_prefix(peer.rsplit("#", 1)[0])
 
 
 def _tsig_record(wire: bytes, msg: dns.message.Message) -> TsigRecord:
