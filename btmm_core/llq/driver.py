@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import ssl
 import struct
 import time
@@ -30,37 +29,13 @@ from btmm_core.llq.client import (
     Send,
     StateChanged,
 )
-from btmm_core.registry.tsig import HMAC_MD5, HMAC_SHA256, TsigKey
-
-_KEY_RE = re.compile(
-    r'key\s+"?(?P<name>[^"\s{]+)"?\s*\{\s*algorithm\s+"?(?P<alg>[\w.-]+)"?\s*;'
-    r'\s*secret\s+"(?P<secret>[A-Za-z0-9+/=]+)"\s*;\s*\}\s*;',
-    re.S,
-)
+from btmm_core.registry import keyfile
+from btmm_core.registry.tsig import TsigKey
 
 
 def read_key_file(path: Path) -> TsigKey:
-    """The TSIG key of a BIND key statement file (the registry's credentials file)."""
-    import base64
-
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read key file {path}: {e}") from e
-    m = _KEY_RE.search(text)
-    if m is None:
-        raise ConfigError(
-            f"{path} holds no key statement",
-            hint='expected key "NAME" { algorithm hmac-sha256; secret "BASE64"; };',
-        )
-    algorithms = {"hmac-sha256": HMAC_SHA256, "hmac-md5": HMAC_MD5}
-    alg = algorithms.get(m["alg"].lower().rstrip("."))
-    if alg is None:
-        alg_text = m["alg"]
-        raise ConfigError(f"{path}: algorithm {alg_text} is not supported (hmac-sha256, hmac-md5)")
-    name = dns.name.from_text(m["name"])
-    # The key's zone is not known to a client; the name stands in (it is unused here).
-    return TsigKey(name, alg, base64.b64decode(m["secret"]), name)
+    """The TSIG key of a BIND key statement file (an account or device credentials file)."""
+    return keyfile.read_key_file(path).key
 
 
 class _Protocol(asyncio.DatagramProtocol):
