@@ -39,8 +39,15 @@ IV_LEN = 8
 ESP_HEADER_LEN = 8
 #: next header value for an IPv6 inner packet
 NEXT_HEADER_IPV6 = 41
+#: the non-ESP marker (RFC 3948 §2.2): a UDP payload starting with it is a control message
 CONTROL_MARKER = b"\x00\x00\x00\x00"
+#: the NAT keepalive (RFC 3948 §2.3): a UDP payload of this one byte
 KEEPALIVE = b"\xff"
+#: the largest UDP payload of one IPv4 datagram (65535 - 20 - 8), so of one GSO send too
+MAX_UDP_PAYLOAD = 65535 - 20 - 8
+#: the largest MTU (inner packet) whose ESP-in-UDP payload still fits ``MAX_UDP_PAYLOAD``:
+#: header and IV 16 + inner + padding to 4 + pad length and next header 2 + ICV 16
+MAX_MTU = 65470
 #: the replay window accepts a packet this many sequence numbers behind the highest seen
 REPLAY_WINDOW = 4096
 #: the last sequence number an SA may send; beyond it, the SA refuses (rekey first)

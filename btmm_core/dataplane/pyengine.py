@@ -44,6 +44,8 @@ from btmm_core.dataplane.api import (
     DROP_NAMES,
     KEEPALIVE,
     MAX_CONTROL_MESSAGE,
+    MAX_MTU,
+    MAX_UDP_PAYLOAD,
     ControlPacket,
     Counters,
     DropReason,
@@ -69,16 +71,11 @@ BATCH = 64
 MAX_RX_SAS = 2
 _IPV6_HEADER = 40
 _UDP_MAX = 65535
-#: the largest inner packet whose ESP-in-UDP datagram still fits in an IPv4 packet, with room
-#: for the ESP overhead (the Rust engine uses the same bound)
-_MAX_MTU = 65535 - 64
 #: udp(7) socket options (linux/udp.h); older Python builds do not name them
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 UDP_GRO = getattr(socket, "UDP_GRO", 104)
 #: the kernel's limit on segments per GSO send (UDP_MAX_SEGMENTS in older kernels)
 GSO_MAX_SEGMENTS = 64
-#: the largest UDP payload of one IPv4 datagram: the most one GSO send can carry
-MAX_UDP_PAYLOAD = 65535 - 20 - 8
 #: no UDP GSO on this path or kernel at all: stop trying
 _GSO_UNSUPPORTED = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 #: GSO refused for this run only (e.g. a segment above the path MTU): send it unsegmented
@@ -259,10 +256,10 @@ class PythonEngine:
     kind = "python"
 
     def __init__(self, config: EngineConfig) -> None:
-        if not 1280 <= config.mtu <= _MAX_MTU:
+        if not 1280 <= config.mtu <= MAX_MTU:
             raise ConfigError(
                 f"mtu {config.mtu} is out of range",
-                hint=f"IPv6 needs at least 1280 and ESP in UDP allows at most {_MAX_MTU}",
+                hint=f"IPv6 needs at least 1280 and ESP in UDP allows at most {MAX_MTU}",
             )
         if config.event_queue < 1:
             raise ConfigError(
@@ -563,12 +560,13 @@ class PythonEngine:
         if payload == KEEPALIVE:
             self._total.keepalives_in += 1
             return None
-        if payload[:4] == CONTROL_MARKER:
+        if payload.startswith(CONTROL_MARKER):
             self._total.control_in += 1
-            if len(payload) - len(CONTROL_MARKER) > MAX_CONTROL_MESSAGE:
+            message = payload[len(CONTROL_MARKER) :]
+            if len(message) > MAX_CONTROL_MESSAGE:
                 self._total.drop(DropReason.CONTROL_OVERSIZE)
                 return None
-            self._queue_event(ControlPacket(source, payload[4:]))
+            self._queue_event(ControlPacket(source, message))
             return None
         if len(payload) < MIN_PAYLOAD or (len(payload) - MIN_PAYLOAD) % 4:
             # Checked before the SPI lookup, in the codec's own order.

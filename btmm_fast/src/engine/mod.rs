@@ -2,7 +2,7 @@
 //!
 //! TX thread (tx.rs): TUN -> (finish checksums, cut TCP super packets) -> route by inner
 //! destination -> ESP seal (in place) -> sendmmsg, with UDP GSO for runs to one endpoint.
-//! RX thread (rx.rs): recvmmsg -> the per-datagram decision (`rx::classify`) -> ESP open (in
+//! RX thread (rx.rs): recvmmsg -> the per-datagram decision (`rx::rx_classify`) -> ESP open (in
 //! place) -> checks -> TUN, merging in-order TCP segments into one write when the TUN takes
 //! virtio headers (offload.rs). This module holds the shared state and the control plane's
 //! calls.
@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 
 use crate::error::EngineError;
-use crate::esp::{self, DropReason, RxSa, TxSa, HEADER_LEN, MAX_TRAILER};
+use crate::esp::{
+    self, DropReason, RxSa, TxSa, CONTROL_MARKER, HEADER_LEN, KEEPALIVE, MAX_TRAILER,
+};
 use crate::tun::Tun;
 use crate::udp::{Udp, MAX_UDP_PAYLOAD};
 
@@ -591,8 +593,8 @@ impl Engine {
     }
 
     pub fn send_control(&self, dst: SocketAddrV4, message: &[u8]) -> Result<(), EngineError> {
-        let mut buf = Vec::with_capacity(4 + message.len());
-        buf.extend_from_slice(&[0, 0, 0, 0]);
+        let mut buf = Vec::with_capacity(CONTROL_MARKER.len() + message.len());
+        buf.extend_from_slice(&CONTROL_MARKER);
         buf.extend_from_slice(message);
         self.send_raw(&buf, dst)
     }
@@ -609,7 +611,7 @@ impl Engine {
                 fmt_inner(&inner)
             ))
         })?;
-        self.send_raw(&[0xff], dst)
+        self.send_raw(&KEEPALIVE, dst)
     }
 
     /// The event descriptor, or an error once stopped.

@@ -20,6 +20,11 @@ fn ip(args: &str) {
     assert!(st.success(), "ip {args}");
 }
 
+/// A control message as it travels: the non-ESP marker, then the message.
+fn control(message: &[u8]) -> Vec<u8> {
+    [&CONTROL_MARKER[..], message].concat()
+}
+
 fn inner(a: &str) -> Inner {
     a.parse::<Ipv6Addr>().unwrap().octets()
 }
@@ -217,7 +222,7 @@ fn engine_end_to_end_in_a_namespace() {
             .send_to(&[1, 2, 3], std::net::SocketAddr::V4(me))
             .unwrap();
         remote
-            .send_to(&[0xff], std::net::SocketAddr::V4(me))
+            .send_to(&KEEPALIVE, std::net::SocketAddr::V4(me))
             .unwrap();
         wait_for("drops", || {
             let c = e.counters();
@@ -239,7 +244,7 @@ fn engine_end_to_end_in_a_namespace() {
         // Control packets become events; the event fd follows the queue.
         assert!(!event_fd_readable(&e));
         remote
-            .send_to(b"\0\0\0\0hi", std::net::SocketAddr::V4(me))
+            .send_to(&control(b"hi"), std::net::SocketAddr::V4(me))
             .unwrap();
         wait_for("control event", || event_fd_readable(&e));
         assert_eq!(
@@ -324,7 +329,7 @@ fn engine_end_to_end_in_a_namespace() {
         // A full event queue drops control packets and counts them.
         for i in 0..6u8 {
             remote
-                .send_to(&[0, 0, 0, 0, i], std::net::SocketAddr::V4(me))
+                .send_to(&control(&[i]), std::net::SocketAddr::V4(me))
                 .unwrap();
         }
         wait_for("overflow", || e.counters().control_in == 7);
@@ -337,9 +342,9 @@ fn engine_end_to_end_in_a_namespace() {
 
         // Send control and keepalive from the engine's socket.
         e.send_control(v4(&remote), b"ctl").unwrap();
-        assert_eq!(recv(&remote).0, b"\0\0\0\0ctl");
+        assert_eq!(recv(&remote).0, control(b"ctl"));
         e.send_keepalive(peer).unwrap();
-        assert_eq!(recv(&roamed).0, [0xff]);
+        assert_eq!(recv(&roamed).0, KEEPALIVE);
 
         // Receive SAs: at most two; a third retires the oldest; SPIs are unique.
         e.install_rx_sa(peer, 0x201, &K2).unwrap();
@@ -602,11 +607,7 @@ fn control_queue_is_bounded_in_bytes_and_oversize_messages_are_dropped() {
         let me = std::net::SocketAddr::V4(e.local_addr());
         let remote = UdpSocket::bind("127.0.0.1:0").unwrap();
         e.start().unwrap();
-        let msg = |fill: u8, len: usize| {
-            let mut m = vec![0u8; 4 + len];
-            m[4..].fill(fill);
-            m
-        };
+        let msg = |fill: u8, len: usize| control(&vec![fill; len]);
         // One byte over the limit: counted and dropped, never queued.
         remote
             .send_to(&msg(9, MAX_CONTROL_MESSAGE + 1), me)
