@@ -109,5 +109,6 @@ def test_control_queue_smaller_than_one_message_is_refused(kind: str) -> None:
         listen=Endpoint("127.0.0.1", 0),
         control_queue_bytes=MAX_CONTROL_MESSAGE - 1,
     )
-    with pytest.raises((ConfigError, ValueError)):
+    with pytest.raises(ConfigError) as info:
         open_engine(cfg, kind=kind)
+    assert type(info.value) is ConfigError

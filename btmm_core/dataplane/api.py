@@ -28,9 +28,12 @@ either bound a message is dropped as ``control_overflow``. Every control datagra
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from btmm_core.errors import ConfigError
 
 #: keying material = 32-byte AES-256 key + 4-byte salt (RFC 4106 §8.1)
 KEYMAT_LEN = 36
@@ -137,6 +140,17 @@ class TxSaExhausted:
 
 
 EngineEvent = ControlPacket | PeerRoamed | TxSaExhausted
+
+
+def parse_inner(inner: str) -> ipaddress.IPv6Address:
+    """A peer's inner address as both engines take it; ``ConfigError`` when it is not IPv6."""
+    try:
+        return ipaddress.IPv6Address(inner)
+    except ValueError as exc:
+        raise ConfigError(
+            f"peer inner address {inner!r} is not an IPv6 address",
+            hint="use the peer's ULA, for example fd00::2",
+        ) from exc
 
 
 @dataclass(frozen=True)

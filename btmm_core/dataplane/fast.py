@@ -22,17 +22,13 @@ from btmm_core.dataplane.api import (
     PeerInfo,
     PeerRoamed,
     TxSaExhausted,
+    parse_inner,
 )
 from btmm_core.errors import DataPlaneError
 
 
 def _inner_bytes(inner: str) -> bytes:
-    try:
-        return ipaddress.IPv6Address(inner).packed
-    except ValueError as exc:
-        raise ValueError(
-            f"inner address {inner!r} is not an IPv6 address (expected e.g. fd00::1)"
-        ) from exc
+    return parse_inner(inner).packed
 
 
 def _inner_text(raw: bytes) -> str:

@@ -55,6 +55,7 @@ from btmm_core.dataplane.api import (
     PeerInfo,
     PeerRoamed,
     TxSaExhausted,
+    parse_inner,
 )
 from btmm_core.dataplane.esp import MIN_PAYLOAD, EspRxSa, EspTxSa
 from btmm_core.dataplane.tun import close_quietly, open_tun, set_mtu, set_up, tun_name_of
@@ -240,14 +241,21 @@ class _Peer:
         return self.inner.packed
 
 
-def _parse_inner(inner: str) -> ipaddress.IPv6Address:
+def _check_listen(listen: Endpoint) -> None:
+    """The socket's address must be an IPv4 address and a port, as the Rust engine demands
+    (``socket.bind`` would take a host name, or raise OverflowError for the port)."""
     try:
-        return ipaddress.IPv6Address(inner)
+        ipaddress.IPv4Address(listen.host)
     except ValueError as exc:
         raise ConfigError(
-            f"peer inner address {inner!r} is not an IPv6 address",
-            hint="use the peer's ULA, for example fd00::2",
+            f"listen host {listen.host!r} is not an IPv4 address",
+            hint="use an IPv4 address of this host, or 0.0.0.0 for all",
         ) from exc
+    if not 0 <= listen.port <= 65535:
+        raise ConfigError(
+            f"listen_port must be in 0..65535, got {listen.port}",
+            hint="see EngineConfig for the meaning and defaults of each field",
+        )
 
 
 class PythonEngine:
@@ -272,6 +280,7 @@ class PythonEngine:
                 f"{MAX_CONTROL_MESSAGE} (one control message)",
                 hint=f"the default ({DEFAULT_CONTROL_QUEUE_BYTES}) suits every use",
             )
+        _check_listen(config.listen)
         self._config = config
         if config.tun_fd is not None:
             self._tun_name = tun_name_of(config.tun_fd)  # refuses anything but a TUN fd
@@ -368,7 +377,7 @@ class PythonEngine:
     # -- configuration ---------------------------------------------------------------------
 
     def _peer(self, inner: str) -> _Peer:
-        peer = self._peers.get(_parse_inner(inner).packed)
+        peer = self._peers.get(parse_inner(inner).packed)
         if peer is None:
             raise UnknownPeer(
                 f"no peer with inner address {inner}", hint="add it with add_peer first"
@@ -376,7 +385,7 @@ class PythonEngine:
         return peer
 
     def add_peer(self, inner: str, endpoint: Endpoint | None = None) -> None:
-        addr = _parse_inner(inner)
+        addr = parse_inner(inner)
         with self._lock:
             if addr.packed in self._peers:
                 raise DataPlaneError(

@@ -316,28 +316,36 @@ fn fmt_inner(inner: &Inner) -> String {
 impl Engine {
     pub fn new(cfg: Config) -> Result<Engine, EngineError> {
         if cfg.mtu < 1280 || esp::sealed_len(cfg.mtu as usize) > MAX_UDP_PAYLOAD {
-            return Err(EngineError::Invalid(format!(
-                "mtu {} out of range: IPv6 needs at least 1280, and a sealed packet must fit one \
-                 UDP datagram (mtu at most 65470)",
-                cfg.mtu
-            )));
+            return Err(EngineError::config(
+                format!("mtu {} is out of range", cfg.mtu),
+                "IPv6 needs at least 1280 and ESP in UDP allows at most 65470",
+            ));
         }
         if cfg.event_queue == 0 {
-            return Err(EngineError::Invalid(
-                "event_queue must be at least 1".into(),
+            return Err(EngineError::config(
+                "event_queue 0 must be at least 1",
+                "the default (4096) suits every use",
             ));
         }
         if cfg.control_queue_bytes < MAX_CONTROL_MESSAGE {
-            return Err(EngineError::Invalid(format!(
-                "control_queue_bytes {} must be at least {MAX_CONTROL_MESSAGE} (one control \
-                 message)",
-                cfg.control_queue_bytes
-            )));
+            return Err(EngineError::config(
+                format!(
+                    "control_queue_bytes {} must be at least {MAX_CONTROL_MESSAGE} (one control \
+                     message)",
+                    cfg.control_queue_bytes
+                ),
+                format!("the default ({DEFAULT_CONTROL_QUEUE_BYTES}) suits every use"),
+            ));
         }
         let tun = match (cfg.tun_fd, cfg.tun_name.as_deref()) {
             (Some(fd), _) => Tun::attach(fd)?,
             (None, Some(name)) => Tun::open(name, cfg.mtu)?,
-            (None, None) => return Err(EngineError::Invalid("give a tun_name or a tun_fd".into())),
+            (None, None) => {
+                return Err(EngineError::config(
+                    "the engine needs a TUN device",
+                    "set EngineConfig.tun_name or tun_fd",
+                ))
+            }
         };
         let udp = Udp::bind(cfg.listen).map_err(|e| {
             let hint = match e.raw_os_error() {

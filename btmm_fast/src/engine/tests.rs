@@ -560,35 +560,35 @@ fn bad_config_is_refused() {
             mtu: 1000,
             ..base()
         }),
-        Err(EngineError::Invalid(_))
+        Err(EngineError::Config { .. })
     ));
     assert!(matches!(
         Engine::new(Config {
             mtu: 65471,
             ..base()
         }),
-        Err(EngineError::Invalid(_))
+        Err(EngineError::Config { .. })
     ));
     assert!(matches!(
         Engine::new(Config {
             event_queue: 0,
             ..base()
         }),
-        Err(EngineError::Invalid(_))
+        Err(EngineError::Config { .. })
     ));
     assert!(matches!(
         Engine::new(Config {
             control_queue_bytes: MAX_CONTROL_MESSAGE - 1,
             ..base()
         }),
-        Err(EngineError::Invalid(_))
+        Err(EngineError::Config { .. })
     ));
     assert!(matches!(
         Engine::new(Config {
             tun_name: None,
             ..base()
         }),
-        Err(EngineError::Invalid(_))
+        Err(EngineError::Config { .. })
     ));
 }
 
