@@ -231,7 +231,8 @@ class Engine(Protocol):
 class TxCodec(Protocol):
     """The bare outbound codec of one SA (for tests and benchmarks)."""
 
-    spi: int
+    @property
+    def spi(self) -> int: ...
 
     @property
     def next_seq(self) -> int: ...
@@ -244,7 +245,8 @@ class TxCodec(Protocol):
 class RxCodec(Protocol):
     """The bare inbound codec of one SA, with its replay window."""
 
-    spi: int
+    @property
+    def spi(self) -> int: ...
 
     def open(self, payload: bytes) -> bytes:
         """Decrypt one UDP payload into the inner packet; raises ``PacketDropped``. The
