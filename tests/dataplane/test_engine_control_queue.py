@@ -29,7 +29,7 @@ from btmm_core.dataplane.api import (
 from btmm_core.errors import ConfigError
 from btmm_core.lab.netns import Lab
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 _SCRIPT = textwrap.dedent(
     r"""

@@ -22,7 +22,7 @@ from btmm_core.errors import ConfigError, TunError
 from btmm_core.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 _SCRIPT = textwrap.dedent(
     r"""
