@@ -114,7 +114,7 @@ def _setup_logging(level: str) -> None:
 def up(config_path: Path, log_level: str | None) -> None:
     """Run the host daemon in the foreground until SIGTERM or Ctrl-C (clean shutdown removes
     this host's records)."""
-    from btmm_core.daemon.service import Daemon
+    from btmm_core.daemon.host import Daemon
 
     try:
         cfg = load_config(config_path)
