@@ -3,7 +3,7 @@
 Order (issue 5): PCP first; NAT-PMP when the gateway answers PCP with an unsupported version;
 UPnP IGD when neither answers. One request at a time per gateway (a lock), every exchange
 bounded by its retry schedule. Every answer's epoch goes through an ``EpochTracker``; a loss of
-state is remembered in ``state_lost`` for the service to act on.
+state is remembered in ``state_lost`` for the renewal (``renewal.MappingRenewal``) to act on.
 """
 
 from __future__ import annotations
