@@ -63,7 +63,7 @@ from btmm_core.errors import (
     RegistryError,
 )
 from btmm_core.keyex.driver import KeyExchangeDriver, Report
-from btmm_core.keyex.identity import derive_psk, load_or_create
+from btmm_core.keyex.keys import derive_psk, load_or_create
 from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged

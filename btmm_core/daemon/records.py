@@ -11,7 +11,7 @@ the driver signs them with TSIG (RFC 8945) and sends them. Names (DESIGN.md §2)
 
 What the registry (or another device of the account) says about a peer is checked before it is
 used (``peer_host_label``, ``verify_peer``): only names ``<label>.Z`` are followed, and the AAAA
-must be the address bound to the TXT key (``keyex.identity.ula_of``), which the handshake then
+must be the address bound to the TXT key (``keyex.keys.ula_of``), which the handshake then
 proves. So a record can neither point a host name outside the zone nor route an address that the
 peer's key does not own.
 """
@@ -33,7 +33,7 @@ import dns.update
 
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.errors import ConfigError, PeerRefused
-from btmm_core.keyex.identity import decode_public, ula_of
+from btmm_core.keyex.keys import decode_public, ula_of
 from btmm_core.registry.edns import UpdateLeaseOption
 
 TTL = 60

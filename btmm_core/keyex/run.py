@@ -16,7 +16,7 @@ Configuration (JSON)::
      "peers": [{"public": "<base64>", "inner": "fd..",  (optional: ula_of(public))
                 "endpoint": "192.0.2.2:4500" | null, "connect": true}]}
 
-Inner addresses are bound to keys (``btmm_core.keyex.identity.ula_of``): a peer's ``inner``
+Inner addresses are bound to keys (``btmm_core.keyex.keys.ula_of``): a peer's ``inner``
 must be the ULA of its ``public`` key, and our own ``address`` should be the ULA of our key,
 or the peer drops our packets; both default to those.
 
@@ -44,7 +44,7 @@ from btmm_core.dataplane.api import DEFAULT_MTU, Endpoint, Engine, EngineConfig
 from btmm_core.dataplane.netconf import configure_tun
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.keyex.driver import KeyExchangeDriver, Report
-from btmm_core.keyex.identity import decode_public, derive_psk, load_or_create, ula_of
+from btmm_core.keyex.keys import decode_public, derive_psk, load_or_create, ula_of
 from btmm_core.keyex.noise import HandshakeConfig, Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 

@@ -35,7 +35,7 @@ genuine confirm from another address can still move it, as it can with any authe
 packet: source addresses are not authenticated.)
 
 Each peer's inner address must be the one derived from its public key
-(``identity.ula_of``): ``KeyExchange.add_peer`` refuses any other, so the engine's check of
+(``keys.ula_of``): ``KeyExchange.add_peer`` refuses any other, so the engine's check of
 inner source addresses accepts from a peer only the address its key proves.
 
 A transmit key older than ``reject_after_time`` (or past ``reject_after_messages``) is never
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from btmm_core.dataplane.api import SEQ_MAX, Endpoint
 from btmm_core.errors import ConfigError
-from btmm_core.keyex.identity import ula_of
+from btmm_core.keyex.keys import ula_of
 from btmm_core.keyex.noise import (
     SPI_MAX,
     SPI_MIN,

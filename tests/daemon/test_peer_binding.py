@@ -27,7 +27,7 @@ from btmm_core.daemon.records import PeerRecords, peer_host_label, verify_peer
 from btmm_core.dataplane.api import Endpoint
 from btmm_core.errors import PeerRefused
 from btmm_core.keyex.driver import KeyExchangeDriver
-from btmm_core.keyex.identity import StaticKey, ula_of
+from btmm_core.keyex.keys import StaticKey, ula_of
 from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import KeyExchange
 from btmm_core.llq.client import Changes, Record

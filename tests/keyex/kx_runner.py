@@ -13,7 +13,7 @@ from typing import Any
 
 from e2e_helpers import LineReader, env
 
-from btmm_core.keyex.identity import StaticKey, ula_of
+from btmm_core.keyex.keys import StaticKey, ula_of
 
 #: fixed device keys for hosts a and b, so that their inner addresses (bound to the keys)
 #: are known in advance

@@ -14,7 +14,7 @@ import pytest
 from e2e_helpers import A_OUTER, A_ROAMED, B_OUTER, PORT, env, ping6, two_hosts
 from kx_runner import A_INNER, B_INNER, Runner, device_key, runner_config
 
-from btmm_core.keyex.identity import load_or_create, ula_of
+from btmm_core.keyex.keys import load_or_create, ula_of
 from btmm_core.lab.netns import Lab
 
 pytestmark = pytest.mark.netns

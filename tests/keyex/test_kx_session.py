@@ -10,7 +10,7 @@ from kx_sim import A_INNER, B_INNER, Network, Sim
 
 from btmm_core.dataplane.api import Endpoint
 from btmm_core.errors import ConfigError
-from btmm_core.keyex.identity import derive_psk, ula_of
+from btmm_core.keyex.keys import derive_psk, ula_of
 from btmm_core.keyex.noise import Handshaker, MessageType, Refused
 from btmm_core.keyex.session import (
     InstallRx,
