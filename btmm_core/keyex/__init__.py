@@ -3,7 +3,7 @@
 Modules: ``keys`` (device key pair, account PSK, the inner address bound to a key), ``noise``
 (the sans-I/O handshake; its docstring specifies the construction), ``session`` (sans-I/O
 per-peer lifecycle: rekey, make-before-break, expiry, retries, keepalives), ``driver``
-(asyncio, bound to a data-plane engine), ``run`` (a JSON-configured runner for tests and
+(asyncio, bound to a data-plane engine), ``cli`` (a JSON-configured runner for tests and
 development).
 
 The handshake in one paragraph

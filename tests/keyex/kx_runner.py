@@ -1,4 +1,4 @@
-"""Drive ``python -m btmm_core.keyex.run`` processes inside lab namespaces (tests only)."""
+"""Drive ``python -m btmm_core.keyex.cli`` processes inside lab namespaces (tests only)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Runner:
         self.name = name
         self.log = work / f"{name}.log"
         self.proc = ns.popen(
-            [sys.executable, "-m", "btmm_core.keyex.run", str(path)],
+            [sys.executable, "-m", "btmm_core.keyex.cli", str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log.open("w"),

@@ -1,4 +1,4 @@
-"""``python -m btmm_core.keyex.run CONFIG``: one engine, keyed by the handshake.
+"""``python -m btmm_core.keyex.cli CONFIG``: one engine, keyed by the handshake.
 
 A development and test runner until the host daemon exists: it opens a data-plane engine,
 configures its TUN device, and runs ``KeyExchangeDriver`` for the configured peers. The
@@ -161,7 +161,7 @@ def _stats(engine: Engine, kx: KeyExchange, driver: KeyExchangeDriver) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m btmm_core.keyex.run CONFIG.json\n")
+        sys.stderr.write("usage: python -m btmm_core.keyex.cli CONFIG.json\n")
         return 2
     # stdout carries the JSON protocol; logs go to stderr
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
