@@ -17,7 +17,7 @@ Configuration (JSON)::
 A peer may leave out both SAs of a direction (``tx_spi``/``tx_key`` or ``rx_spi``/``rx_key``
 null or absent): it is then added without that SA.
 
-Once the engine runs, the runner prints one line ``{"ready": true, "port": N, "tun": "..."}``
+Once the engine runs, ``btmm tunnel`` prints one line ``{"ready": true, "port": N, "tun": "..."}``
 on stdout (or ``{"ready": false, "error": "..."}`` and exits 1), logs events on stderr, and
 serves a JSON-lines control channel: one request object per line, one response per line.
 With ``--control stdio`` (the default) requests come on stdin and responses go to stdout; end
