@@ -436,7 +436,7 @@ class Session:
             times.append(float("-inf"))
         return min(times)
 
-    def on_timer(self, now: float, wall: float) -> list[Action]:
+    def tick(self, now: float, wall: float) -> list[Action]:
         cfg = self.cfg
         out: list[Action] = []
         hs = self.owner.handshaker
@@ -631,7 +631,7 @@ class KeyExchange:
         out: list[Action] = []
         for s in self.sessions.values():
             if s.next_deadline() <= now:
-                out += s.on_timer(now, wall)
+                out += s.tick(now, wall)
         return out
 
     def note_packets_out(self, inner: str, total: int) -> None:
