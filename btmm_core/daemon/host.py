@@ -687,8 +687,3 @@ class Daemon:
             os.replace(tmp, path)
             await asyncio.sleep(1.0)
 
-
-def status_counts(status: dict[str, Any]) -> dict[str, int]:
-    return {"peers": len(status["peers"]),
-            "up": sum(1 for p in status["peers"] if p["tunnel"] == "up")}
-

@@ -18,7 +18,6 @@ peer's key does not own.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -40,14 +39,6 @@ TTL = 60
 BROWSE_LABELS = ("_autotunnel", "_udp")
 #: a host label (RFC 1123 section 2.1): letters, digits and inner hyphens, at most 63
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-
-
-class TsigRcode(enum.IntEnum):
-    """TSIG errors (RFC 8945 section 5.3) a registry may answer with."""
-
-    BADSIG = 16
-    BADKEY = 17
-    BADTIME = 18
 
 
 @dataclass(frozen=True)

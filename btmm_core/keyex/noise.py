@@ -161,7 +161,6 @@ INITIATION_LEN = 4 + 4 + 32 + (KEY_LEN + TAG_LEN) + (TIMESTAMP_LEN + 4 + TAG_LEN
 RESPONSE_LEN = 4 + 4 + 4 + 32 + (8 + TAG_LEN) + 2 * MAC_LEN
 COOKIE_REPLY_LEN = 4 + 4 + COOKIE_NONCE_LEN + (MAC_LEN + TAG_LEN)
 CONFIRM_LEN = 4 + 4 + TAG_LEN
-CONFIRM_ACK_LEN = CONFIRM_LEN
 #: how many answered handshakes keep their confirm key, to re-acknowledge repeated confirms
 CONFIRMED_MEMORY = 64
 NO_MAC = bytes(MAC_LEN)
