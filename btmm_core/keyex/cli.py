@@ -37,8 +37,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from btmm_core.dataplane import open_engine
 from btmm_core.dataplane.api import DEFAULT_MTU, Endpoint, Engine, EngineConfig
 from btmm_core.dataplane.netconf import configure_tun
@@ -47,6 +45,7 @@ from btmm_core.keyex.driver import KeyExchangeDriver, Report
 from btmm_core.keyex.keys import decode_public, derive_psk, load_or_create, ula_of
 from btmm_core.keyex.noise import HandshakeConfig, Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
+from btmm_core.log import configure_logging
 
 
 def _endpoint(text: str | None) -> Endpoint | None:
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("usage: python -m btmm_core.keyex.cli CONFIG.json\n")
         return 2
     # stdout carries the JSON protocol; logs go to stderr
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    configure_logging("debug")
     try:
         cfg = json.loads(Path(args[0]).read_text())
         engine, kx = _open(cfg)
