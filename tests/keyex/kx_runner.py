@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from e2e_helpers import LineReader, env
+from e2e_helpers import A_OUTER, B_OUTER, PORT, LineReader, env
 
 from btmm_core.keyex.keys import StaticKey, ula_of
 
@@ -28,6 +28,14 @@ def device_key(path: Path, name: str) -> StaticKey:
     with os.fdopen(fd, "wb") as f:
         f.write(base64.b64encode(KEYS[name].private) + b"\n")
     return KEYS[name]
+
+
+def device_key_file(work: Path, name: str) -> Path:
+    """``work/NAME.key`` holding host ``name``'s fixed device key, written on first use."""
+    path = work / f"{name}.key"
+    if not path.exists():
+        device_key(path, name)
+    return path
 
 
 class Runner:
@@ -90,9 +98,10 @@ def runner_config(
     peer_outer: str,
     session: dict[str, Any],
     *,
-    port: int = 4500,
+    port: int = PORT,
     connect: bool = True,
     handshake: dict[str, Any] | None = None,
+    poll_interval: float = 0.2,
 ) -> dict[str, Any]:
     return {
         "handshake": handshake or {},
@@ -104,7 +113,7 @@ def runner_config(
         "key_file": str(key),
         "secret_file": str(secret),
         "session": session,
-        "poll_interval": 0.2,
+        "poll_interval": poll_interval,
         "peers": [
             {
                 "public": peer_pub,
@@ -114,3 +123,38 @@ def runner_config(
             }
         ],
     }
+
+
+_OTHER = {"a": "b", "b": "a"}
+_INNER = {"a": A_INNER, "b": B_INNER}
+_OUTER = {"a": A_OUTER, "b": B_OUTER}
+
+
+def host_runner(
+    ns: Any,
+    name: str,
+    work: Path,
+    secret: Path,
+    session: dict[str, Any],
+    *,
+    kind: str = "python",
+    peer_public: str | None = None,
+    peer_inner: str | None = None,
+    **options: Any,
+) -> Runner:
+    """Start host ``name`` (``a`` or ``b``, its fixed key written to ``work/NAME.key``) with the
+    other host as its one peer, trusted by its fixed key unless ``peer_public``/``peer_inner``
+    say otherwise; ``options`` go to ``runner_config``."""
+    other = _OTHER[name]
+    cfg = runner_config(
+        kind,
+        _INNER[name],
+        device_key_file(work, name),
+        secret,
+        peer_public or KEYS[other].public_b64,
+        peer_inner or _INNER[other],
+        _OUTER[other],
+        session,
+        **options,
+    )
+    return Runner(ns, name, cfg, work)
