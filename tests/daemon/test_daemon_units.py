@@ -30,7 +30,7 @@ from btmm_core.daemon.records import (
     withdraw_update,
 )
 from btmm_core.errors import ConfigError
-from btmm_core.keyex.identity import ula_of
+from btmm_core.keyex.keys import ula_of
 from btmm_core.registry.edns import UpdateLeaseOption
 
 ZONE = dns.name.from_text("bob.members.example.")
