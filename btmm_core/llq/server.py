@@ -62,7 +62,6 @@ from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
 from btmm_core.registry.tsig import (
     MAX_FUDGE,
-    KeyRole,
     TsigKey,
     TsigRecord,
     compute_mac,
@@ -71,23 +70,12 @@ from btmm_core.registry.tsig import (
     strip_tsig,
     tsig_rr,
 )
+from btmm_core.registry.zones import NOT_RECORD_TYPES
 
 log = structlog.get_logger("btmm.llq")
 
 #: TTL that marks a removed record in an event (RFC 8764 section 6.1).
 REMOVED_TTL = 0xFFFFFFFF
-
-_NOT_WATCHABLE = frozenset(
-    {
-        dns.rdatatype.AXFR,
-        dns.rdatatype.IXFR,
-        dns.rdatatype.MAILA,
-        dns.rdatatype.MAILB,
-        dns.rdatatype.OPT,
-        dns.rdatatype.TSIG,
-        dns.rdatatype.TKEY,
-    }
-)
 
 RecordKey = tuple[dns.name.Name, int, dns.rdata.Rdata]
 
@@ -318,22 +306,21 @@ class LLQServer:
         ):
             return reply(opt.opcode, LLQError.FORMAT_ERR, opt.llq_id)
         q = req.question[0]
-        if q.rdclass != dns.rdataclass.IN or q.rdtype in _NOT_WATCHABLE:
+        if q.rdclass != dns.rdataclass.IN or q.rdtype in NOT_RECORD_TYPES:
             return reply(opt.opcode, LLQError.FORMAT_ERR, opt.llq_id)
         zone = self.core.store.find_zone(q.name)
         key = ctx.key
         if zone is None:
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        private = zone.user is not None and not self._public(zone.name, q.name, q.rdtype)
-        if private and (key is None or key.zone != zone.name or key.role == KeyRole.INVITE):
+        if not zone.may_read(q.name, q.rdtype, key):
             # RFC 8764 leaves access control to the server; user zones are private: the
             # account key and every device key of the user may watch, an invite may not.
             self.stats["refused"] += 1
             log.warning("llq refused: not signed with the zone's key", peer=ctx.peer)
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        if not private or zone.user is None:
+        if zone.is_public(q.name, q.rdtype):
             # The parent zone and the server-made records never change through UPDATE.
             return reply(opt.opcode, LLQError.STATIC, opt.llq_id)
         key_name = key.name if key is not None else None
@@ -410,16 +397,6 @@ class LLQServer:
             options=[LLQOption(LLQOpcode.SETUP, LLQError.NO_ERROR, opt.llq_id, lease)],
         )
         return ack
-
-    @staticmethod
-    def _public(zone: dns.name.Name, name: dns.name.Name, rdtype: int) -> bool:
-        # Mirrors the registry's rule: the apex SOA/NS and the discovery SRVs are public.
-        if name == zone and rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
-            return True
-        return name.relativize(zone) in (
-            dns.name.from_text("_dns-update._udp", origin=None),
-            dns.name.from_text("_dns-llq._udp", origin=None),
-        ) and name.is_subdomain(zone)
 
     # ---- state --------------------------------------------------------------------------
 

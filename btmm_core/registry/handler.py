@@ -43,7 +43,6 @@ from btmm_core.registry.model import ChangeSet, SeenMac
 from btmm_core.registry.storage import StorageError
 from btmm_core.registry.tsig import (
     MAX_FUDGE,
-    KeyRole,
     ReplayGuard,
     TsigError,
     TsigKey,
@@ -56,7 +55,7 @@ from btmm_core.registry.tsig import (
     verify,
 )
 from btmm_core.registry.update import Grant, NoLeasePolicy, plan_update
-from btmm_core.registry.zones import LLQ_SRV, UPDATE_SRV, Zone, ZoneStore
+from btmm_core.registry.zones import TRANSFER_TYPES, Zone, ZoneStore
 
 log = structlog.get_logger("btmm.registry")
 
@@ -318,14 +317,6 @@ class RegistryCore:
         response.flags &= ~dns.flags.AA
         return response
 
-    def _public(self, zone: Zone, qname: dns.name.Name, qtype: int) -> bool:
-        """The discovery records and the apex SOA/NS are readable by anyone."""
-        if zone.user is None:
-            return True
-        if qname == zone.name and qtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
-            return True
-        return qname in (UPDATE_SRV.concatenate(zone.name), LLQ_SRV.concatenate(zone.name))
-
     def answer(self, request: dns.message.Message, key: TsigKey | None) -> dns.message.Message:
         """The standard authoritative answer to a query (also usable by option handlers)."""
         response = self._response(request)
@@ -333,21 +324,14 @@ class RegistryCore:
             response.set_rcode(dns.rcode.FORMERR)
             return response
         q = request.question[0]
-        if q.rdclass != dns.rdataclass.IN or q.rdtype in (
-            dns.rdatatype.AXFR,
-            dns.rdatatype.IXFR,
-            dns.rdatatype.MAILA,
-            dns.rdatatype.MAILB,
-        ):
+        if q.rdclass != dns.rdataclass.IN or q.rdtype in TRANSFER_TYPES:
             response.set_rcode(dns.rcode.REFUSED)
             return response
         zone = self.store.find_zone(q.name)
         if zone is None:
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        if not self._public(zone, q.name, q.rdtype) and (
-            key is None or key.zone != zone.name or key.role == KeyRole.INVITE
-        ):
+        if not zone.may_read(q.name, q.rdtype, key):
             response.set_rcode(dns.rcode.REFUSED)
             return response
         response.flags |= dns.flags.AA
