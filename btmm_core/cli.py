@@ -12,7 +12,7 @@ from btmm_core import __version__
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.dataplane.bench", "bench"),
     ("btmm_core.dataplane.runner", "tunnel"),
-    ("btmm_core.registry.cli", "serve"),
+    ("btmm_core.serve.cli", "serve"),
     ("btmm_core.llq.cli", "watch"),
     ("btmm_core.portmap.cli", "netcheck"),
     ("btmm_core.daemon.cli", "join"),
