@@ -43,7 +43,7 @@ import hmac
 import random
 import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import dns.flags
@@ -186,6 +186,10 @@ def _tsig_record(wire: bytes, msg: dns.message.Message) -> TsigRecord:
     )
 
 
+#: Answers a request with an LLQ option: (opcode, error, llq id, lease).
+_Reply = Callable[..., dns.message.Message]
+
+
 class LLQServer:
     option_codes: tuple[int, ...] = (LLQ_CODE,)
 
@@ -313,31 +317,40 @@ class LLQServer:
         if zone.is_public(q.name, q.rdtype):
             # The parent zone and the server-made records never change through UPDATE.
             return reply(opt.opcode, LLQError.STATIC, opt.llq_id)
-        key_name = key.name if key is not None else None
-        peer = ctx.peer
-        now = ctx.now
-        transport = ctx.transport
-
         if opt.opcode == LLQOpcode.REFRESH:
-            llq = self.llqs.get(opt.llq_id)
-            if (
-                llq is None
-                or llq.peer != peer
-                or llq.transport != transport
-                or llq.qname != q.name
-                or llq.qtype != q.rdtype
-                or llq.key_name != key_name
-            ):
-                return reply(LLQOpcode.REFRESH, LLQError.NO_SUCH_LLQ, opt.llq_id)
-            if opt.lease == 0:
-                self._delete(llq, "cancelled")
-                return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, 0)
-            lease = self._lease(opt.lease)
-            llq.expires = now + lease
-            heapq.heappush(self._expiry, (llq.expires, llq.llq_id))
-            self.stats["refreshes"] += 1
-            return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, lease)
+            return self._refresh(ctx, opt, reply)
+        return self._setup(ctx, opt, reply)
 
+    def _refresh(self, ctx: RequestContext, opt: LLQOption, reply: _Reply) -> dns.message.Message:
+        """A refresh (or, with lease 0, a cancel) of an established LLQ."""
+        q = ctx.request.question[0]
+        key_name = ctx.key.name if ctx.key is not None else None
+        peer, now, transport = ctx.peer, ctx.now, ctx.transport
+        llq = self.llqs.get(opt.llq_id)
+        if (
+            llq is None
+            or llq.peer != peer
+            or llq.transport != transport
+            or llq.qname != q.name
+            or llq.qtype != q.rdtype
+            or llq.key_name != key_name
+        ):
+            return reply(LLQOpcode.REFRESH, LLQError.NO_SUCH_LLQ, opt.llq_id)
+        if opt.lease == 0:
+            self._delete(llq, "cancelled")
+            return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, 0)
+        lease = self._lease(opt.lease)
+        llq.expires = now + lease
+        heapq.heappush(self._expiry, (llq.expires, llq.llq_id))
+        self.stats["refreshes"] += 1
+        return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, lease)
+
+    def _setup(self, ctx: RequestContext, opt: LLQOption, reply: _Reply) -> dns.message.Message:
+        """The setup request (answered with a challenge) or the challenge response."""
+        req = ctx.request
+        q = ctx.request.question[0]
+        key_name = ctx.key.name if ctx.key is not None else None
+        peer, now, transport = ctx.peer, ctx.now, ctx.transport
         if opt.llq_id == 0:
             # Setup request: answer with a challenge, keep nothing.
             if self._full(peer):
@@ -373,13 +386,13 @@ class LLQServer:
                     q.name,
                     q.rdtype,
                     peer,
-                    ctx.transport,
+                    transport,
                     key_name,
                     now + lease,
                     payload,
                 )
             )
-        ack = self.core.answer(req, key)
+        ack = self.core.answer(req, ctx.key)
         ack.use_edns(
             0,
             0,

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import dns.name
@@ -165,84 +166,70 @@ _domain_option = click.option(
     "--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True
 )
 @click.pass_context
-def serve(
-    ctx: click.Context,
-    state_dir: Path,
-    db: Path | None,
-    domain: str,
-    listen: str,
-    port: int,
-    tls_port: int,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    ns_name: str | None,
-    ns_address: tuple[str, ...],
-    public_port: int | None,
-    lease_min: int,
-    lease_max: int,
-    no_lease: str,
-    default_lease: int,
-    fudge: int,
-    update_max_rrs: int,
-    update_key_rate: float,
-    update_key_burst: int,
-    tcp_idle_timeout: float,
-    max_connections: int,
-    max_connections_per_client: int,
-    llq_lease_min: int,
-    llq_lease_max: int,
-    llq_max_total: int,
-    llq_max_per_client: int,
-    llq_max_unacked: int,
-    log_level: str,
-    event_loop: str,
-) -> None:
+def serve(ctx: click.Context, /, **o: Any) -> None:
     """Run the registry: authoritative DNS for DOMAIN with TSIG-signed UPDATE and leases."""
-    storage = StorageConfig(state_dir, db)
     ctx.ensure_object(dict)
-    ctx.obj.update(storage=storage, domain=domain, port=port, ns_name=ns_name)
+    ctx.obj.update(
+        storage=StorageConfig(o["state_dir"], o["db"]),
+        domain=o["domain"],
+        port=o["port"],
+        ns_name=o["ns_name"],
+    )
     if ctx.invoked_subcommand is not None:
         return
-    if domain is None:
+    if o["domain"] is None:
         param = next(p for p in ctx.command.params if p.name == "domain")
         raise click.MissingParameter(ctx=ctx, param=param)
-    _configure_logging(log_level)
+    _configure_logging(o["log_level"])
     try:
-        config = ServeConfig(
-            zone=ZoneNames(parse_domain(domain), ns_name, ns_address, public_port),
-            storage=storage,
-            listen=ListenConfig(
-                listen, port, tcp_idle_timeout, max_connections, max_connections_per_client
-            ),
-            tls=TlsConfig(tls_port, tls_cert, tls_key),
-            policy=Policy(
-                fudge=fudge,
-                lease_min=lease_min,
-                lease_max=lease_max,
-                no_lease=NoLeasePolicy(no_lease),
-                default_lease=default_lease,
-                update_limits=UpdateLimits(update_max_rrs, update_key_rate, update_key_burst),
-            ),
-            llq=LLQConfig(
-                lease_min=llq_lease_min,
-                lease_max=llq_lease_max,
-                max_total=llq_max_total,
-                max_per_client=llq_max_per_client,
-                max_unacked=llq_max_unacked,
-                fudge=fudge,
-            ),
-            log_level=log_level,
-            event_loop=event_loop,
-        )
+        config = _config(o)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     try:
         tls = compose.tls_context(config)
-        compose.run(lambda: compose.serve(config, tls), event_loop)
+        compose.run(lambda: compose.serve(config, tls), config.event_loop)
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
     except OSError as e:
-        raise click.ClickException(f"cannot listen on {listen} port {port}/{tls_port}: {e}") from e
+        raise click.ClickException(
+            f"cannot listen on {o['listen']} port {o['port']}/{o['tls_port']}: {e}"
+        ) from e
+
+
+def _config(o: dict[str, Any]) -> ServeConfig:
+    """The options of ``serve``, by the names click gives them, as a ``ServeConfig``."""
+    return ServeConfig(
+        zone=ZoneNames(parse_domain(o["domain"]), o["ns_name"], o["ns_address"], o["public_port"]),
+        storage=StorageConfig(o["state_dir"], o["db"]),
+        listen=ListenConfig(
+            o["listen"],
+            o["port"],
+            o["tcp_idle_timeout"],
+            o["max_connections"],
+            o["max_connections_per_client"],
+        ),
+        tls=TlsConfig(o["tls_port"], o["tls_cert"], o["tls_key"]),
+        policy=Policy(
+            fudge=o["fudge"],
+            lease_min=o["lease_min"],
+            lease_max=o["lease_max"],
+            no_lease=NoLeasePolicy(o["no_lease"]),
+            default_lease=o["default_lease"],
+            update_limits=UpdateLimits(
+                o["update_max_rrs"], o["update_key_rate"], o["update_key_burst"]
+            ),
+        ),
+        llq=LLQConfig(
+            lease_min=o["llq_lease_min"],
+            lease_max=o["llq_lease_max"],
+            max_total=o["llq_max_total"],
+            max_per_client=o["llq_max_per_client"],
+            max_unacked=o["llq_max_unacked"],
+            fudge=o["fudge"],
+        ),
+        log_level=o["log_level"],
+        event_loop=o["event_loop"],
+    )
 
 
 @serve.group()
