@@ -87,7 +87,7 @@ def run_once(shape: str, count: int | None) -> tuple[float, int, str]:
         now = time.time()
         wire = u.to_wire()
         t0 = time.perf_counter()
-        out = core.handle(wire, now, Transport.TCP, "bench")
+        out = core.receive(wire, now, Transport.TCP, "bench")
         took = time.perf_counter() - t0
         assert out is not None
         rcode = dns.rcode.to_text(dns.message.from_wire(out, keyring=False).rcode())

@@ -11,7 +11,7 @@ from btmm_core import __version__
 # (module, attribute): each attribute is a click command or group added to ``btmm``.
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.dataplane.cli", "tunnel"),
-    ("btmm_core.registry.cli", "serve"),
+    ("btmm_core.serve.cli", "serve"),
     ("btmm_core.llq.cli", "watch"),
     ("btmm_core.portmap.cli", "netcheck"),
     ("btmm_core.daemon.cli", "join"),

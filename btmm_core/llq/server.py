@@ -1,11 +1,12 @@
 """Long-lived query server state, sans-I/O (RFC 8764 sections 5 to 7).
 
-Messages come in through ``handle`` (the registry core's option handler for EDNS option 1) and
-``handle_ack`` (messages with QR set); RRset changes come in through ``on_change`` (a
-``ZoneStore`` observer). What goes out is appended to ``outbox`` as ``Outgoing`` datagrams, and
-``tick(now)`` does the timed work (event retransmission, lease expiry). Nothing here opens a
-socket, reads a clock or draws randomness of its own: the secret and the ``random.Random`` come
-from the driver.
+A registry plug-in (``btmm_core.registry.plugin``): requests come in through ``receive`` (the
+registry core gives it those carrying EDNS option 1), event acknowledgements through
+``receive_response`` (messages with QR set), RRset changes through ``on_changes``, and
+``tick(now)`` does the timed work (event retransmission, lease expiry). The events each of these
+sends are returned from it as ``Outgoing`` messages. Nothing here opens a socket, reads a clock
+or draws randomness of its own: the secret and the ``random.Random`` come from the composition
+root (``btmm_core.serve.compose``).
 
 Why the challenge id looks the way it does: RFC 8764 5.2 wants no state for a setup request
 until the client echoes the challenge, so the id is self-certifying: 32 bits of issue time and
@@ -42,7 +43,7 @@ import hmac
 import random
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import dns.flags
@@ -56,13 +57,20 @@ import dns.rdatatype
 import dns.rrset
 import structlog
 
-from btmm_core.llq.option import LLQ_LENGTH, LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.llq.option import (
+    LLQ_CODE,
+    LLQ_LENGTH,
+    LLQError,
+    LLQOpcode,
+    LLQOption,
+    find_llq,
+)
 from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
 from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
+from btmm_core.registry.plugin import Outgoing
 from btmm_core.registry.tsig import (
     MAX_FUDGE,
-    KeyRole,
     TsigKey,
     TsigRecord,
     compute_mac,
@@ -71,23 +79,12 @@ from btmm_core.registry.tsig import (
     strip_tsig,
     tsig_rr,
 )
+from btmm_core.registry.zones import NOT_RECORD_TYPES
 
 log = structlog.get_logger("btmm.llq")
 
 #: TTL that marks a removed record in an event (RFC 8764 section 6.1).
 REMOVED_TTL = 0xFFFFFFFF
-
-_NOT_WATCHABLE = frozenset(
-    {
-        dns.rdatatype.AXFR,
-        dns.rdatatype.IXFR,
-        dns.rdatatype.MAILA,
-        dns.rdatatype.MAILB,
-        dns.rdatatype.OPT,
-        dns.rdatatype.TSIG,
-        dns.rdatatype.TKEY,
-    }
-)
 
 RecordKey = tuple[dns.name.Name, int, dns.rdata.Rdata]
 
@@ -125,15 +122,6 @@ class LLQConfig:
             raise ValueError("resend_after needs at least one positive wait")
         if self.max_unacked < 0:
             raise ValueError("max_unacked must be 0 (no limit) or more")
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message the driver must send: to ``peer`` ("address#port") over ``transport``."""
-
-    transport: Transport
-    peer: str
-    wire: bytes
 
 
 @dataclass
@@ -198,7 +186,13 @@ def _tsig_record(wire: bytes, msg: dns.message.Message) -> TsigRecord:
     )
 
 
+#: Answers a request with an LLQ option: (opcode, error, llq id, lease).
+_Reply = Callable[..., dns.message.Message]
+
+
 class LLQServer:
+    option_codes: tuple[int, ...] = (LLQ_CODE,)
+
     def __init__(
         self,
         core: RegistryCore,
@@ -217,27 +211,15 @@ class LLQServer:
         self._per_client: Counter[str] = Counter()
         self._expiry: list[tuple[float, int]] = []
         self._resends: list[tuple[float, int, int]] = []
-        self._changes: list[RRsetChange] = []
         #: LLQs set up over TCP/TLS, by connection: they end with it.
         self._by_conn: dict[tuple[Transport, str], set[int]] = {}
-        self.outbox: list[Outgoing] = []
         self._templates: dict[
             tuple[dns.name.Name, int, tuple[tuple[RecordKey, int], ...]], bytes
         ] = {}
-        #: Called (no arguments) when there is new work for ``tick``; the driver wakes up.
-        self.notify: Callable[[], None] | None = None
         self.stats: Counter[str] = Counter()
         #: LLQs with changes waiting for room in the send window, in arrival order.
         self._waiting: dict[int, None] = {}
         self._unacked = 0
-
-    # ---- wiring -------------------------------------------------------------------------
-
-    def attach(self) -> None:
-        """Take over EDNS option 1, QR messages and RRset changes of the registry core."""
-        self.core.option_handlers[1] = self.handle
-        self.core.response_wire_handler = self.handle_ack
-        self.core.store.add_observer(self.on_change)
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -289,7 +271,7 @@ class LLQServer:
             or self._per_client[client_of(peer)] >= self.config.max_per_client
         )
 
-    def handle(self, ctx: RequestContext) -> dns.message.Message | None:
+    def receive(self, ctx: RequestContext) -> dns.message.Message | None:
         """Answer a request carrying an LLQ option (the core signs and renders it)."""
         req = ctx.request
         options = find_llq(req.options)
@@ -318,49 +300,57 @@ class LLQServer:
         ):
             return reply(opt.opcode, LLQError.FORMAT_ERR, opt.llq_id)
         q = req.question[0]
-        if q.rdclass != dns.rdataclass.IN or q.rdtype in _NOT_WATCHABLE:
+        if q.rdclass != dns.rdataclass.IN or q.rdtype in NOT_RECORD_TYPES:
             return reply(opt.opcode, LLQError.FORMAT_ERR, opt.llq_id)
         zone = self.core.store.find_zone(q.name)
         key = ctx.key
         if zone is None:
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        private = zone.user is not None and not self._public(zone.name, q.name, q.rdtype)
-        if private and (key is None or key.zone != zone.name or key.role == KeyRole.INVITE):
+        if not zone.may_read(q.name, q.rdtype, key):
             # RFC 8764 leaves access control to the server; user zones are private: the
             # account key and every device key of the user may watch, an invite may not.
             self.stats["refused"] += 1
             log.warning("llq refused: not signed with the zone's key", peer=ctx.peer)
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        if not private or zone.user is None:
+        if zone.is_public(q.name, q.rdtype):
             # The parent zone and the server-made records never change through UPDATE.
             return reply(opt.opcode, LLQError.STATIC, opt.llq_id)
-        key_name = key.name if key is not None else None
-        peer = ctx.peer
-        now = ctx.now
-        transport = ctx.transport
-
         if opt.opcode == LLQOpcode.REFRESH:
-            llq = self.llqs.get(opt.llq_id)
-            if (
-                llq is None
-                or llq.peer != peer
-                or llq.transport != transport
-                or llq.qname != q.name
-                or llq.qtype != q.rdtype
-                or llq.key_name != key_name
-            ):
-                return reply(LLQOpcode.REFRESH, LLQError.NO_SUCH_LLQ, opt.llq_id)
-            if opt.lease == 0:
-                self._delete(llq, "cancelled")
-                return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, 0)
-            lease = self._lease(opt.lease)
-            llq.expires = now + lease
-            heapq.heappush(self._expiry, (llq.expires, llq.llq_id))
-            self.stats["refreshes"] += 1
-            return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, lease)
+            return self._refresh(ctx, opt, reply)
+        return self._setup(ctx, opt, reply)
 
+    def _refresh(self, ctx: RequestContext, opt: LLQOption, reply: _Reply) -> dns.message.Message:
+        """A refresh (or, with lease 0, a cancel) of an established LLQ."""
+        q = ctx.request.question[0]
+        key_name = ctx.key.name if ctx.key is not None else None
+        peer, now, transport = ctx.peer, ctx.now, ctx.transport
+        llq = self.llqs.get(opt.llq_id)
+        if (
+            llq is None
+            or llq.peer != peer
+            or llq.transport != transport
+            or llq.qname != q.name
+            or llq.qtype != q.rdtype
+            or llq.key_name != key_name
+        ):
+            return reply(LLQOpcode.REFRESH, LLQError.NO_SUCH_LLQ, opt.llq_id)
+        if opt.lease == 0:
+            self._delete(llq, "cancelled")
+            return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, 0)
+        lease = self._lease(opt.lease)
+        llq.expires = now + lease
+        heapq.heappush(self._expiry, (llq.expires, llq.llq_id))
+        self.stats["refreshes"] += 1
+        return reply(LLQOpcode.REFRESH, LLQError.NO_ERROR, opt.llq_id, lease)
+
+    def _setup(self, ctx: RequestContext, opt: LLQOption, reply: _Reply) -> dns.message.Message:
+        """The setup request (answered with a challenge) or the challenge response."""
+        req = ctx.request
+        q = ctx.request.question[0]
+        key_name = ctx.key.name if ctx.key is not None else None
+        peer, now, transport = ctx.peer, ctx.now, ctx.transport
         if opt.llq_id == 0:
             # Setup request: answer with a challenge, keep nothing.
             if self._full(peer):
@@ -396,13 +386,13 @@ class LLQServer:
                     q.name,
                     q.rdtype,
                     peer,
-                    ctx.transport,
+                    transport,
                     key_name,
                     now + lease,
                     payload,
                 )
             )
-        ack = self.core.answer(req, key)
+        ack = self.core.answer(req, ctx.key)
         ack.use_edns(
             0,
             0,
@@ -410,16 +400,6 @@ class LLQServer:
             options=[LLQOption(LLQOpcode.SETUP, LLQError.NO_ERROR, opt.llq_id, lease)],
         )
         return ack
-
-    @staticmethod
-    def _public(zone: dns.name.Name, name: dns.name.Name, rdtype: int) -> bool:
-        # Mirrors the registry's rule: the apex SOA/NS and the discovery SRVs are public.
-        if name == zone and rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
-            return True
-        return name.relativize(zone) in (
-            dns.name.from_text("_dns-update._udp", origin=None),
-            dns.name.from_text("_dns-llq._udp", origin=None),
-        ) and name.is_subdomain(zone)
 
     # ---- state --------------------------------------------------------------------------
 
@@ -469,25 +449,15 @@ class LLQServer:
                 self._delete(llq, "connection_closed")
         return len(ids)
 
-    def holds_llq(self, transport: Transport, peer: str) -> bool:
+    def holds_connection(self, transport: Transport, peer: str) -> bool:
         """Whether the connection carries an LLQ (the driver then keeps it open when idle)."""
         return (transport, peer) in self._by_conn
 
     # ---- events -------------------------------------------------------------------------
 
-    def on_change(self, change: RRsetChange) -> None:
-        """ZoneStore observer: remember the change; ``tick`` turns it into events."""
-        self._changes.append(change)
-        if self.notify is not None:
-            self.notify()
-
-    def _watchers(self, name: dns.name.Name, rdtype: int) -> set[int]:
-        ids = set(self._by_rrset.get((name, rdtype), ()))
-        ids |= self._by_rrset.get((name, dns.rdatatype.ANY), set())
-        return ids
-
-    def _apply_changes(self, now: float) -> None:
-        changes, self._changes = self._changes, []
+    def on_changes(self, changes: Sequence[RRsetChange], now: float) -> list[Outgoing]:
+        """Committed RRset changes: queue them on the LLQs that watch them; returns the events
+        that go out at once (one per LLQ with none in flight, as the send window allows)."""
         touched: set[int] = set()
         for ch in changes:
             ids = self._watchers(ch.name, ch.rdtype)
@@ -506,10 +476,17 @@ class LLQServer:
                     llq.queued.pop(rkey, None)  # keep the order of the latest change
                     llq.queued[rkey] = ttl
                 touched.add(llq_id)
+        out: list[Outgoing] = []
         for llq_id in touched:
             llq = self.llqs[llq_id]
             if llq.inflight is None:
-                self._send_next(llq, now)
+                out += self._send_next(llq, now)
+        return out
+
+    def _watchers(self, name: dns.name.Name, rdtype: int) -> set[int]:
+        ids = set(self._by_rrset.get((name, rdtype), ()))
+        ids |= self._by_rrset.get((name, dns.rdatatype.ANY), set())
+        return ids
 
     def _event_template(
         self, qname: dns.name.Name, qtype: int, records: tuple[tuple[RecordKey, int], ...]
@@ -600,16 +577,18 @@ class LLQServer:
     def _room(self) -> bool:
         return not self.config.max_unacked or self._unacked < self.config.max_unacked
 
-    def _send_waiting(self, now: float) -> None:
+    def _send_waiting(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
         while self._waiting and self._room():
             llq_id = next(iter(self._waiting))
             del self._waiting[llq_id]
             llq = self.llqs.get(llq_id)
             if llq is not None and llq.inflight is None:
-                self._send_next(llq, now, turn=True)
+                out += self._send_next(llq, now, turn=True)
+        return out
 
-    def _send_next(self, llq: LLQ, now: float, *, turn: bool = False) -> None:
-        """Send the LLQ's next event, or queue the LLQ until the send window has room.
+    def _send_next(self, llq: LLQ, now: float, *, turn: bool = False) -> list[Outgoing]:
+        """The LLQ's next event, or none and the LLQ queued until the send window has room.
 
         Why a window: one update to a name that thousands watch makes thousands of events at
         once. Sent all together, their acknowledgements come back faster than anyone reads
@@ -619,17 +598,17 @@ class LLQServer:
         acknowledged.
         """
         if not llq.queued:
-            return
+            return []
         if not turn and (self._waiting or not self._room()):
             self._waiting[llq.llq_id] = None  # behind those already waiting
-            return
+            return []
         take = min(len(llq.queued), self.config.max_records_per_event)
         items = list(llq.queued.items())
         while True:
             built = self._event_wire(llq, items[:take], now)
             if built is None:
                 self._delete(llq, "key_gone")
-                return
+                return []
             msg_id, wire, mac = built
             if wire:
                 break
@@ -641,46 +620,43 @@ class LLQServer:
         self._unacked += 1
         llq.inflight = event
         heapq.heappush(self._resends, (event.next_at, llq.llq_id, msg_id))
-        self.outbox.append(Outgoing(llq.transport, llq.peer, wire))
         self.stats["events"] += 1
-        if self.notify is not None:
-            self.notify()
+        return [Outgoing(llq.transport, llq.peer, wire)]
 
-    def handle_ack(
-        self,
-        wire: bytes,
-        msg: dns.message.Message,
-        now: float,
-        transport: Transport,
-        peer: str,
-    ) -> bytes | None:
-        """A message with QR set: an event acknowledgement (RFC 8764 section 6.2), or noise."""
+    def receive_response(
+        self, wire: bytes, now: float, transport: Transport, peer: str
+    ) -> list[Outgoing]:
+        """A message with QR set: an event acknowledgement (RFC 8764 section 6.2), or noise.
+        Returns the events it lets go out: this LLQ's next one, and those waiting for room."""
+        try:
+            msg = dns.message.from_wire(wire, keyring=False)
+        except Exception:  # untrusted input; a response is never answered
+            return []
         options = find_llq(msg.options)
         if len(options) != 1 or options[0].malformed or options[0].opcode != LLQOpcode.EVENT:
-            return None
+            return []
         llq = self.llqs.get(options[0].llq_id)
         if llq is None or llq.peer != peer or llq.transport != transport:
             self.stats["ack_unknown"] += 1
-            return None
+            return []
         event = llq.inflight
         if event is None or event.msg_id != msg.id:
             self.stats["ack_duplicate"] += 1
-            return None
+            return []
         if llq.key_name is not None:
             # The LLQ is private: only an acknowledgement signed with its key counts, so an
             # off-path sender cannot silence events.
             if not msg.had_tsig or msg.tsig is None or msg.tsig.name != llq.key_name:
                 self.stats["ack_unsigned"] += 1
-                return None
+                return []
             if not self._ack_signed(wire, msg, llq.key_name, event, now):
                 self.stats["ack_bad_tsig"] += 1
-                return None
+                return []
         self._release(llq)
         llq.inflight = None
         self.stats["acks"] += 1
-        self._send_waiting(now)
-        self._send_next(llq, now)
-        return None
+        out = self._send_waiting(now)
+        return out + self._send_next(llq, now)
 
     def _ack_signed(
         self,
@@ -724,7 +700,7 @@ class LLQServer:
     # ---- timers -------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        if self._changes or (self._waiting and self._room()):
+        if self._waiting and self._room():
             return 0.0
         times = []
         if self._expiry:
@@ -733,10 +709,10 @@ class LLQServer:
             times.append(self._resends[0][0])
         return min(times) if times else None
 
-    def tick(self, now: float) -> None:
-        """Turn changes into events, resend unacknowledged events, expire LLQs."""
-        if self._changes:
-            self._apply_changes(now)
+    def tick(self, now: float) -> list[Outgoing]:
+        """Resend unacknowledged events, send those that waited for room, expire LLQs;
+        returns what goes out."""
+        out: list[Outgoing] = []
         while self._resends and self._resends[0][0] <= now:
             at, llq_id, msg_id = heapq.heappop(self._resends)
             llq = self.llqs.get(llq_id)
@@ -760,10 +736,11 @@ class LLQServer:
             event.next_at = now + self.config.resend_after[event.sent]
             event.sent += 1
             heapq.heappush(self._resends, (event.next_at, llq_id, msg_id))
-            self.outbox.append(Outgoing(llq.transport, llq.peer, event.wire))
+            out.append(Outgoing(llq.transport, llq.peer, event.wire))
             self.stats["resends"] += 1
-        self._send_waiting(now)  # after the resends: they may have made room
+        out += self._send_waiting(now)  # after the resends: they may have made room
         self._expire(now)
+        return out
 
     def _expire(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
@@ -771,7 +748,3 @@ class LLQServer:
             llq = self.llqs.get(llq_id)
             if llq is not None and llq.expires <= now:
                 self._delete(llq, "expired")
-
-    def take_outbox(self) -> list[Outgoing]:
-        out, self.outbox = self.outbox, []
-        return out

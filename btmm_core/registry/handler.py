@@ -6,9 +6,10 @@ EDNS version, TSIG key/MAC/time/replay, then the opcode. Nothing in a zone chang
 TSIG checks pass, and an update is answered NOERROR only after ``ZoneStore.commit`` returned,
 i.e. after it is durable.
 
-Hooks for later features: ``option_handlers`` maps an EDNS option code (LLQ is 1) to a callable
-that may take over a request; ``response_handler`` receives messages with QR set (LLQ event
-acknowledgements), which are otherwise dropped.
+Features served beside the registry plug in through ``plug`` (``registry/plugin.py``): a
+request carrying one of a plug-in's EDNS options is given to it after the TSIG checks. Messages
+with QR set are not requests: the core sends nothing back, the driver gives them to the
+plug-ins. Enrolment (EDNS option ``ENROL_CODE``) is the registry's own option handler.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from btmm_core.registry.enrolment import handle_enrolment
 from btmm_core.registry.fastpath import PlainQuery, scan
 from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big
 from btmm_core.registry.model import ChangeSet, SeenMac
+from btmm_core.registry.plugin import Plugin
 from btmm_core.registry.storage import StorageError
 from btmm_core.registry.tsig import (
     MAX_FUDGE,
-    KeyRole,
     ReplayGuard,
     TsigError,
     TsigKey,
@@ -56,7 +57,7 @@ from btmm_core.registry.tsig import (
     verify,
 )
 from btmm_core.registry.update import Grant, NoLeasePolicy, plan_update
-from btmm_core.registry.zones import LLQ_SRV, UPDATE_SRV, Zone, ZoneStore
+from btmm_core.registry.zones import TRANSFER_TYPES, Zone, ZoneStore
 
 log = structlog.get_logger("btmm.registry")
 
@@ -101,11 +102,6 @@ class RequestContext:
 
 
 OptionHandler = Callable[[RequestContext], dns.message.Message | None]
-ResponseHandler = Callable[[dns.message.Message, float, Transport, str], bytes | None]
-#: Like ``ResponseHandler`` but also given the message's wire form (needed to check a TSIG).
-ResponseWireHandler = Callable[
-    [bytes, dns.message.Message, float, Transport, str], bytes | None
-]
 
 
 def _header_only(wire: bytes, rcode: dns.rcode.Rcode) -> bytes:
@@ -123,8 +119,8 @@ class RegistryCore:
         for s in store.loaded_seen:
             self.replay.remember(s.key, s.time_signed, s.mac)
         self.option_handlers: dict[int, OptionHandler] = {ENROL_CODE: handle_enrolment}
-        self.response_handler: ResponseHandler | None = None
-        self.response_wire_handler: ResponseWireHandler | None = None
+        #: Plugged in by the composition root; the driver runs their timers and pushes.
+        self.plugins: list[Plugin] = []
         self._next_prune = 0.0
         #: Rendered answers to plain queries (before TSIG), by ``PlainQuery.key``, each with
         #: the ``ZoneStore.version`` it was computed at. 0 turns the cache off.
@@ -135,10 +131,20 @@ class RegistryCore:
         #: Updates refused by ``_over_limits`` since start.
         self.updates_over_limit = 0
 
+    def plug(self, plugin: Plugin) -> None:
+        """Give ``plugin`` the requests carrying its EDNS options (see ``registry/plugin.py``)."""
+        for code in plugin.option_codes:
+            if code in self.option_handlers:
+                raise ValueError(f"EDNS option {code} is taken already")
+            self.option_handlers[code] = plugin.receive
+        self.plugins.append(plugin)
+
     # ---- entry point -------------------------------------------------------------------
 
-    def handle(self, wire: bytes, now: float, transport: Transport, peer: str = "") -> bytes | None:
-        """Answer one DNS message; ``None`` means send nothing."""
+    def receive(
+        self, wire: bytes, now: float, transport: Transport, peer: str = ""
+    ) -> bytes | None:
+        """Answer one DNS request; ``None`` means send nothing (also for any QR message)."""
         if len(wire) < 12:
             return None
         plain = scan(wire, transport != Transport.UDP) if self.answer_cache_size else None
@@ -147,8 +153,10 @@ class RegistryCore:
             if fast is not None:
                 return fast
         (flags,) = struct.unpack("!H", wire[2:4])
+        if flags & dns.flags.QR:
+            return None
         opcode = (flags >> 11) & 0xF
-        if opcode == dns.opcode.UPDATE and not flags & dns.flags.QR:
+        if opcode == dns.opcode.UPDATE:
             too_big = update_too_big(wire, self.policy.update_limits)
             if too_big is not None:
                 return self._refuse_unparsed(wire, now, peer, too_big)
@@ -159,16 +167,8 @@ class RegistryCore:
                 one_rr_per_rrset=opcode == dns.opcode.UPDATE,
             )
         except Exception as e:  # any parse failure of untrusted input is FORMERR
-            if flags & dns.flags.QR:
-                return None
             log.debug("formerr", peer=peer, error=str(e) or type(e).__name__)
             return _header_only(wire, dns.rcode.FORMERR)
-        if request.flags & dns.flags.QR:
-            if self.response_wire_handler is not None:
-                return self.response_wire_handler(wire, request, now, transport, peer)
-            if self.response_handler is not None:
-                return self.response_handler(request, now, transport, peer)
-            return None
         limit = self._limit(request, transport)
         if request.edns > 0:
             response = dns.message.make_response(request, our_payload=self.policy.udp_payload)
@@ -318,14 +318,6 @@ class RegistryCore:
         response.flags &= ~dns.flags.AA
         return response
 
-    def _public(self, zone: Zone, qname: dns.name.Name, qtype: int) -> bool:
-        """The discovery records and the apex SOA/NS are readable by anyone."""
-        if zone.user is None:
-            return True
-        if qname == zone.name and qtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
-            return True
-        return qname in (UPDATE_SRV.concatenate(zone.name), LLQ_SRV.concatenate(zone.name))
-
     def answer(self, request: dns.message.Message, key: TsigKey | None) -> dns.message.Message:
         """The standard authoritative answer to a query (also usable by option handlers)."""
         response = self._response(request)
@@ -333,21 +325,14 @@ class RegistryCore:
             response.set_rcode(dns.rcode.FORMERR)
             return response
         q = request.question[0]
-        if q.rdclass != dns.rdataclass.IN or q.rdtype in (
-            dns.rdatatype.AXFR,
-            dns.rdatatype.IXFR,
-            dns.rdatatype.MAILA,
-            dns.rdatatype.MAILB,
-        ):
+        if q.rdclass != dns.rdataclass.IN or q.rdtype in TRANSFER_TYPES:
             response.set_rcode(dns.rcode.REFUSED)
             return response
         zone = self.store.find_zone(q.name)
         if zone is None:
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        if not self._public(zone, q.name, q.rdtype) and (
-            key is None or key.zone != zone.name or key.role == KeyRole.INVITE
-        ):
+        if not zone.may_read(q.name, q.rdtype, key):
             response.set_rcode(dns.rcode.REFUSED)
             return response
         response.flags |= dns.flags.AA
@@ -475,7 +460,7 @@ class RegistryCore:
     ) -> str | None:
         """Why an update is refused before any planning (issue 11 item 5), or None.
 
-        The RR count of the message was checked on the header before parsing (``handle``).
+        The RR count of the message was checked on the header before parsing (``receive``).
         Cheap checks only, each O(RRs in the message): the adds against the zone's record
         limit, then the key's budget of RRs per second (spent only when the update gets this
         far). The exact zone size check follows planning.
@@ -582,8 +567,9 @@ class RegistryCore:
     def next_deadline(self) -> float | None:
         return self.store.next_expiry()
 
-    def expire(self, now: float) -> int:
-        """Drop RRs whose lease ran out; returns how many RRsets changed."""
+    def tick(self, now: float) -> int:
+        """Drop RRs whose lease ran out (observers hear of each RRset); returns how many
+        RRsets changed."""
         events = self.store.expire(now)
         if now >= self._next_prune:
             self.replay.prune(int(now))

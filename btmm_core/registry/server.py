@@ -1,5 +1,8 @@
 """The registry's asyncio driver: UDP, TCP (RFC 7766) and DNS over TLS (RFC 7858) listeners,
-the lease timer and the account watcher. All protocol work is in ``RegistryCore``.
+the lease timer and the account watcher. All protocol work is in ``RegistryCore`` and in the
+plug-ins plugged into it (``registry/plugin.py``), which this driver runs alongside: it gives
+them the responses clients send, the committed RRset changes, closed connections and their
+timers, and sends what they return (from the UDP socket, or on the client's open connection).
 
 TCP and TLS connections are bounded: at most ``max_connections`` at once and at most
 ``max_connections_per_client`` from one client (an IPv4 address or an IPv6 /64), ``idle_timeout``
@@ -16,7 +19,6 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -24,6 +26,8 @@ import structlog
 
 from btmm_core.registry.handler import RegistryCore, Transport
 from btmm_core.registry.limits import client_prefix
+from btmm_core.registry.model import RRsetChange
+from btmm_core.registry.plugin import Outgoing, is_response
 
 log = structlog.get_logger("btmm.registry")
 
@@ -76,24 +80,44 @@ class RegistryServer:
         self.addresses: dict[str, tuple[str, int]] = {}
         #: Open TCP/TLS connections by (transport, "address#port"), for pushed messages (LLQ).
         self.streams: dict[tuple[Transport, str], asyncio.StreamWriter] = {}
-        #: Called with (transport, peer) when a TCP/TLS connection has closed.
-        self.stream_closed_handlers: list[Callable[[Transport, str], None]] = []
-        #: Whether an idle connection must stay open (it carries an LLQ); None: never.
-        self.keep_open: Callable[[Transport, str], bool] | None = None
         #: Pushed bytes a connection may leave unread before it is closed as stuck.
         self.max_stream_backlog = 1 << 20
+        #: RRset changes the plug-ins have not heard of yet: given to them by ``_timers``
+        #: (woken by every message), so that replies go out first and one burst of updates
+        #: makes one batch.
+        self._changes: list[RRsetChange] = []
+        core.store.add_observer(self._changes.append)
 
     def dispatch(self, data: bytes, transport: Transport, addr: tuple[str, int]) -> bytes | None:
         peer = f"{addr[0]}#{addr[1]}"
         try:
-            out = self.core.handle(data, time.time(), transport, peer)
+            if is_response(data):
+                now = time.time()
+                for plugin in self.core.plugins:
+                    self.push(plugin.receive_response(data, now, transport, peer))
+                return None
+            out = self.core.receive(data, time.time(), transport, peer)
         except Exception:
             # A bug, not bad input: bad input is FORMERR inside the core. Keep serving.
             log.exception("internal error while handling a message", peer=peer)
             return None
-        # A commit may have added a nearer lease deadline.
+        # A commit may have added a nearer lease deadline, or changes for the plug-ins.
         self._wake.set()
         return out
+
+    def push(self, outgoing: list[Outgoing]) -> None:
+        """Send what a plug-in returned; a message to a client that is gone is dropped."""
+        for out in outgoing:
+            if out.transport != Transport.UDP:
+                # A connection that is gone already told the plug-ins; nothing to do here.
+                if not self.send_stream(out.transport, out.peer, out.wire):
+                    log.debug("pushed message not sent: connection gone", peer=out.peer)
+                continue
+            host, port = out.peer.rsplit("#", 1)
+            try:
+                self.send_udp(out.wire, (host, int(port)))
+            except OSError as e:
+                log.debug("pushed message not sent", peer=out.peer, error=str(e))
 
     def send_udp(self, wire: bytes, addr: tuple[str, int]) -> bool:
         """Send a datagram from the UDP listener (LLQ events are unsolicited responses)."""
@@ -146,7 +170,7 @@ class RegistryServer:
             try:
                 return await asyncio.wait_for(reader.readexactly(2), self.listen.idle_timeout)
             except TimeoutError:
-                if self.keep_open is None or not self.keep_open(kind, peer):
+                if not any(p.holds_connection(kind, peer) for p in self.core.plugins):
                     raise
 
     async def start(self) -> None:
@@ -221,9 +245,10 @@ class RegistryServer:
                 self._per_client[client] = left
             self._refusing.discard(client)
             self.streams.pop((kind, peer), None)
-            for closed in self.stream_closed_handlers:
+            for plugin in self.core.plugins:
                 try:
-                    closed(kind, peer)
+                    if plugin.connection_closed(kind, peer):
+                        self._wake.set()  # what ended may have made room for others
                 except Exception:
                     log.exception("connection close handler failed", peer=peer)
             writer.close()
@@ -247,14 +272,32 @@ class RegistryServer:
                 if now >= next_accounts:
                     store.refresh_accounts()
                     next_accounts = now + 1.0
-                self.core.expire(now)
+                self.core.tick(now)
             except Exception:
                 log.exception("timer work failed; retrying in a second")
-            deadline = self.core.next_deadline()
+            self._run_plugins(now)
+            deadlines = [self.core.next_deadline(), *(p.next_deadline() for p in self.core.plugins)]
+            deadline = min((d for d in deadlines if d is not None), default=None)
             delay = 1.0 if deadline is None else min(max(deadline - time.time(), 0.0), 1.0)
             self._wake.clear()
+            if delay == 0.0 or self._changes:
+                await asyncio.sleep(0)  # let the sockets be read between two passes
+                continue
+            # asyncio.timeout, not wait_for: see Watcher._run (a lost cancellation).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+
+    def _run_plugins(self, now: float) -> None:
+        changes = list(self._changes)
+        self._changes.clear()  # the list the store's observer appends to
+        for plugin in self.core.plugins:
+            try:
+                if changes:
+                    self.push(plugin.on_changes(changes, now))
+                self.push(plugin.tick(now))
+            except Exception:
+                log.exception("plug-in timer work failed; retrying", plugin=type(plugin).__name__)
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -50,6 +50,24 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def ensure_zone(self, zone: dns.name.Name, user: str | None) -> None: ...
 
+    def zone_rows(self) -> tuple[ZoneRow, ...]:
+        return self.load().zones
+
+    def domain(self) -> dns.name.Name | None:
+        """The parent domain this database serves: its zone without a user (the first
+        ``btmm serve`` makes it), else the parent of its users' zones; None when it has none."""
+        rows = self.zone_rows()
+        parents = {z.name for z in rows if z.user is None}
+        if not parents:
+            parents = {z.name.parent() for z in rows}
+        if len(parents) > 1:
+            names = ", ".join(sorted(p.to_text() for p in parents))
+            raise StorageError(
+                f"the registry database holds zones of several domains ({names})",
+                hint="use one database per domain",
+            )
+        return next(iter(parents), None)
+
     @abc.abstractmethod
     def add_account(self, account: Account) -> None: ...
 
@@ -291,6 +309,10 @@ class SqliteStorage(Storage):
 
     def ensure_zone(self, zone: dns.name.Name, user: str | None) -> None:
         self._db.execute("INSERT OR IGNORE INTO zones VALUES (?, 1, ?)", (_n(zone), user))
+
+    def zone_rows(self) -> tuple[ZoneRow, ...]:
+        rows = self._db.execute("SELECT name, serial, user FROM zones")
+        return tuple(ZoneRow(dns.name.from_text(n), s, u) for n, s, u in rows)
 
     def add_account(self, account: Account) -> None:
         db = self._db

@@ -20,18 +20,10 @@ import dns.rdatatype
 import dns.rrset
 
 from btmm_core.registry.model import ChangeSet, Entry, RecordKey, RecordRow, SeenMac
-from btmm_core.registry.zones import Zone, next_serial
+from btmm_core.registry.zones import NOT_RECORD_TYPES, Zone, next_serial
 
-_META = {
-    dns.rdatatype.ANY,
-    dns.rdatatype.AXFR,
-    dns.rdatatype.IXFR,
-    dns.rdatatype.MAILA,
-    dns.rdatatype.MAILB,
-    dns.rdatatype.OPT,
-    dns.rdatatype.TSIG,
-    dns.rdatatype.TKEY,
-}
+#: Types no RR of an update may carry, except ANY where RFC 2136 3.4.1.3 gives it a meaning.
+_META = NOT_RECORD_TYPES | {dns.rdatatype.ANY}
 
 
 class NoLeasePolicy(enum.Enum):

@@ -33,12 +33,22 @@ from btmm_core.registry.model import (
     SeenMac,
 )
 from btmm_core.registry.storage import Storage
-from btmm_core.registry.tsig import TsigKey
+from btmm_core.registry.tsig import KeyRole, TsigKey
 
 Observer = Callable[[RRsetChange], None]
 
 UPDATE_SRV = dns.name.from_text("_dns-update._udp", origin=None)
 LLQ_SRV = dns.name.from_text("_dns-llq._udp", origin=None)
+
+#: Question types that ask for a zone transfer or a mailbox set: never answered (RFC 1035
+#: 3.2.3, RFC 5936 asks for a transfer protocol we do not offer).
+TRANSFER_TYPES = frozenset(
+    {dns.rdatatype.AXFR, dns.rdatatype.IXFR, dns.rdatatype.MAILA, dns.rdatatype.MAILB}
+)
+#: Types that never name a stored record: the transfer types and the pseudo-records of a
+#: message (OPT, TSIG, TKEY). No update may add one and no LLQ may watch one. ANY is a
+#: question type too, but one may watch it and an update may delete with it.
+NOT_RECORD_TYPES = TRANSFER_TYPES | {dns.rdatatype.OPT, dns.rdatatype.TSIG, dns.rdatatype.TKEY}
 
 
 @dataclass(frozen=True)
@@ -158,6 +168,22 @@ class Zone:
             86400,
             c.negative_ttl,
         )
+
+    def is_public(self, name: dns.name.Name, rdtype: int) -> bool:
+        """Readable (and watchable) without the zone's key: everything in the parent zone,
+        and in a user zone the apex SOA/NS and the discovery SRVs (any type at their names)."""
+        if self.user is None:
+            return True
+        if name == self.name and rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
+            return True
+        return name in (UPDATE_SRV.concatenate(self.name), LLQ_SRV.concatenate(self.name))
+
+    def may_read(self, name: dns.name.Name, rdtype: int, key: TsigKey | None) -> bool:
+        """Public records, or a request signed by the zone's account or device key (an invite
+        key may only enrol)."""
+        if self.is_public(name, rdtype):
+            return True
+        return key is not None and key.zone == self.name and key.role != KeyRole.INVITE
 
     def is_protected(self, name: dns.name.Name, rdtype: int) -> bool:
         """Records the server manages itself: updates may not touch them."""

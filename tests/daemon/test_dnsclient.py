@@ -59,7 +59,7 @@ class Server(asyncio.DatagramProtocol):
             self.forge -= 1
             self.transport.sendto(forged_badkey(data), addr)
             return
-        out = self.core.handle(data, time.time(), Transport.UDP, addr[0])
+        out = self.core.receive(data, time.time(), Transport.UDP, addr[0])
         if out is not None:
             self.transport.sendto(out, addr)
 

@@ -1,5 +1,5 @@
-"""Helpers for the LLQ tests: a registry core with an LLQ server on memory storage, driven on a
-virtual clock, and signed updates."""
+"""Helpers for the LLQ tests: a registry core with an LLQ server plugged in, on memory storage,
+driven on a virtual clock the way ``RegistryServer`` drives them, and signed updates."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from btmm_core.llq.client import (
 )
 from btmm_core.llq.server import LLQConfig, LLQServer
 from btmm_core.registry.handler import Policy, RegistryCore, Transport
-from btmm_core.registry.model import Account
+from btmm_core.registry.model import Account, RRsetChange
+from btmm_core.registry.plugin import Outgoing, is_response
 from btmm_core.registry.tsig import TsigKey, append_tsig
 
 NOW = 1_800_000_000.0
@@ -116,6 +117,9 @@ class Lab:
     drop: object = None
     server_up: bool = True
     sent_to_server: int = 0
+    #: What the driver holds for the next timer pass: RRset changes, events an ack let go.
+    changed: list[RRsetChange] = field(default_factory=list)
+    pushed: list[Outgoing] = field(default_factory=list)
 
     @classmethod
     def make(
@@ -126,14 +130,36 @@ class Lab:
     ) -> Lab:
         core, accounts = make_core(policy=policy or Policy(lease_min=10, lease_max=7200))
         llq = LLQServer(core, config or LLQConfig(), b"s" * 32, random.Random(seed))
-        llq.attach()
-        return cls(core, accounts, llq)
+        core.plug(llq)
+        lab = cls(core, accounts, llq)
+        core.store.add_observer(lab.changed.append)
+        return lab
 
     def restart_llq(self, seed: int = 2) -> None:
-        """A new LLQ server on the same zone data, as after a process restart."""
-        self.core.store.remove_observer(self.llq.on_change)
+        """A new core and LLQ server on the same zone data, as after a process restart."""
+        self.core = RegistryCore(self.core.store, self.core.policy)
         self.llq = LLQServer(self.core, self.llq.config, bytes([seed]) * 32, random.Random(seed))
-        self.llq.attach()
+        self.core.plug(self.llq)
+        self.changed.clear()
+        self.pushed.clear()
+
+    def send(self, wire: bytes, now: float, transport: Transport, peer: str) -> bytes | None:
+        """A message from a client, routed as ``RegistryServer.dispatch`` does: the answer,
+        and in ``pushed`` what an acknowledgement let go."""
+        if is_response(wire):
+            self.pushed += self.llq.receive_response(wire, now, transport, peer)
+            return None
+        return self.core.receive(wire, now, transport, peer)
+
+    def run_server(self, now: float | None = None) -> list[Outgoing]:
+        """One timer pass of the driver: changes to the LLQ server, its timers; what it sends."""
+        now = self.now if now is None else now
+        changes = list(self.changed)
+        self.changed.clear()  # the list the store's observer appends to
+        out, self.pushed = self.pushed, []
+        if changes:
+            out += self.llq.on_changes(changes, now)
+        return out + self.llq.tick(now)
 
     def client(
         self,
@@ -168,7 +194,7 @@ class Lab:
                 if self._lost("up", o.wire) or not self.server_up:
                     continue
                 self.sent_to_server += 1
-                answer = self.core.handle(o.wire, self.now, Transport.UDP, peer)
+                answer = self.send(o.wire, self.now, Transport.UDP, peer)
                 queue.extend(self._to_client(peer, answer))
         self.pump_server()
 
@@ -181,14 +207,13 @@ class Lab:
         """Run the LLQ server's timers and deliver what it sends."""
         if not self.server_up:
             return
-        self.llq.tick(self.now)
-        for out in self.llq.take_outbox():
+        for out in self.run_server():
             if out.peer in self.clients:
                 self.deliver(out.peer, self._to_client(out.peer, out.wire))
 
     def signed_update(self, msg: dns.message.Message, user: str = "bob") -> dns.message.Message:
         wire = sign(msg, self.accounts[user].key, int(self.now))
-        answer = parse(self.core.handle(wire, self.now, Transport.UDP, "updater#1"))
+        answer = parse(self.send(wire, self.now, Transport.UDP, "updater#1"))
         self.pump_server()
         return answer
 
@@ -198,7 +223,7 @@ class Lab:
         while self.now < end:
             self.now = min(end, self.now + step)
             if self.server_up:
-                self.core.expire(self.now)
+                self.core.tick(self.now)
             self.pump_server()
             for peer, c in list(self.clients.items()):
                 d = c.next_deadline()

@@ -20,7 +20,7 @@ def ask(lab: Lab, opt: LLQOption, peer: str) -> LLQOption:
     q = dns.message.make_query(LAPTOP, "AAAA", use_edns=0, options=[opt])
     q.flags = 0
     wire = sign(q, lab.accounts["bob"].key, int(lab.now))
-    (answer,) = find_llq(parse(lab.core.handle(wire, lab.now, Transport.UDP, peer)).options)
+    (answer,) = find_llq(parse(lab.send(wire, lab.now, Transport.UDP, peer)).options)
     return answer
 
 

@@ -35,7 +35,7 @@ def deliver_by_hand(lab: Lab, c: LLQClient, wire: bytes) -> list[object]:
     out = c.receive(wire, lab.now)
     for o in out:
         if isinstance(o, Send):
-            lab.core.handle(o.wire, lab.now, Transport.UDP, PEER)
+            lab.send(o.wire, lab.now, Transport.UDP, PEER)
     return list(out)
 
 
@@ -84,7 +84,7 @@ def test_event_older_than_the_newest_applied_is_refused() -> None:
     first = captured_event(lab, c)
     # The client never sees the first event; its acknowledgement is made by hand so that
     # the server sends the next one (as an attacker holding back the first would see).
-    lab.core.handle(
+    lab.send(
         sign_ack(ack_of(first), lab.accounts["bob"].key, int(lab.now), first),
         lab.now,
         Transport.UDP,
@@ -123,14 +123,14 @@ def test_acknowledgement_replayed_with_the_id_of_a_later_event_does_not_count() 
     first = captured_event(lab, c)
     acks = [o for o in c.receive(first, lab.now) if isinstance(o, Send)]
     assert len(acks) == 1
-    lab.core.handle(acks[0].wire, lab.now, Transport.UDP, PEER)
+    lab.send(acks[0].wire, lab.now, Transport.UDP, PEER)
     assert lab.llq.stats["acks"] == 1
     lab.signed_update(update("laptop", "AAAA", add=("fd00::2",)))
     llq = lab.llq.llqs[c.llq_id]
     second = llq.inflight
     assert second is not None
     # The captured acknowledgement of the first event, re-sent with the second event's ID.
-    lab.core.handle(with_id(acks[0].wire, second.msg_id), lab.now, Transport.UDP, PEER)
+    lab.send(with_id(acks[0].wire, second.msg_id), lab.now, Transport.UDP, PEER)
     assert llq.inflight is second, "a replayed acknowledgement silenced an event"
     assert lab.llq.stats["acks"] == 1 and lab.llq.stats["ack_bad_tsig"] == 1
     # The client's own acknowledgement of the second event counts.
@@ -150,7 +150,7 @@ def test_server_clock_stepping_back_does_not_stall_events() -> None:
     lab.now -= 3  # the registry's clock steps back
     # (The updater's clock did not: the registry refuses a Time Signed older than the last.)
     wire = sign(update("laptop", "AAAA", add=("fd00::2",)), lab.accounts["bob"].key, int(NOW) + 10)
-    assert parse(lab.core.handle(wire, lab.now, Transport.UDP, "updater#1")).rcode() == 0
+    assert parse(lab.send(wire, lab.now, Transport.UDP, "updater#1")).rcode() == 0
     lab.pump_server()
     assert {rd.to_text() for (_, _, rd) in c.known} == {"fd00::1", "fd00::2"}
     assert lab.llq.stats["acks"] == 2 and lab.llq.stats["resends"] == 0

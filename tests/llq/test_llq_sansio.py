@@ -33,7 +33,7 @@ def llq_query(
 
 def ask(lab: Lab, q: dns.message.Message, peer: str = PEER, user: str | None = "bob"):  # type: ignore[no-untyped-def]
     wire = sign(q, lab.accounts[user].key, int(lab.now)) if user else q.to_wire()
-    r = parse(lab.core.handle(wire, lab.now, Transport.UDP, peer))
+    r = parse(lab.send(wire, lab.now, Transport.UDP, peer))
     opts = find_llq(r.options)
     return r, (opts[0] if opts else None)
 
@@ -247,8 +247,7 @@ def test_event_wire_marks_removals_with_ttl_ffffffff_and_is_signed() -> None:
     lab.signed_update(update("laptop", "AAAA", add=("fd00::1",)))
     del lab.clients[PEER]  # stop delivering: look at the raw event
     lab.signed_update(update("laptop", "AAAA", delete=("fd00::1",), add=("fd00::2",)))
-    lab.llq.tick(lab.now)
-    assert lab.llq.take_outbox() == []  # the first event was acknowledged, the second in flight
+    assert lab.run_server() == []  # the first event was acknowledged, the second in flight
     event = lab.llq.llqs[c.llq_id].inflight
     assert event is not None
     msg = dns.message.from_wire(event.wire, keyring=False, one_rr_per_rrset=True)
@@ -306,17 +305,17 @@ def test_unsigned_or_forged_acknowledgement_does_not_count() -> None:
     ack.flags = dns.flags.QR
     ack.question = list(ev.question)
     ack.use_edns(0, 0, 1232, options=[LLQOption(LLQOpcode.EVENT, 0, c.llq_id, 0)])
-    lab.core.handle(ack.to_wire(), lab.now, Transport.UDP, PEER)
+    lab.send(ack.to_wire(), lab.now, Transport.UDP, PEER)
     assert lab.llq.llqs[c.llq_id].inflight is event and lab.llq.stats["ack_unsigned"] == 1
-    lab.core.handle(
+    lab.send(
         sign(ack, lab.accounts["alice"].key, int(lab.now)), lab.now, Transport.UDP, PEER
     )
     assert lab.llq.llqs[c.llq_id].inflight is event
     # Signed with the right key but as a request, not as a response to this event.
-    lab.core.handle(sign(ack, lab.accounts["bob"].key, int(lab.now)), lab.now, Transport.UDP, PEER)
+    lab.send(sign(ack, lab.accounts["bob"].key, int(lab.now)), lab.now, Transport.UDP, PEER)
     assert lab.llq.llqs[c.llq_id].inflight is event and lab.llq.stats["ack_bad_tsig"] == 1
     wire = sign_ack(ack, lab.accounts["bob"].key, int(lab.now), event.wire)
-    lab.core.handle(wire, lab.now, Transport.UDP, PEER)
+    lab.send(wire, lab.now, Transport.UDP, PEER)
     assert lab.llq.llqs[c.llq_id].inflight is None
 
 

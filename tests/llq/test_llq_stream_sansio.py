@@ -27,7 +27,7 @@ def ask(lab: Lab, opt: LLQOption, transport: Transport, peer: str = CONN, msg_id
     q = llq_query(opt)
     q.id = msg_id
     wire = sign(q, lab.accounts["bob"].key, int(lab.now))
-    r = parse(lab.core.handle(wire, lab.now, transport, peer))
+    r = parse(lab.send(wire, lab.now, transport, peer))
     opts = find_llq(r.options)
     return r, (opts[0] if opts else None)
 
@@ -45,7 +45,7 @@ def establish(lab: Lab, transport: Transport, peer: str = CONN, base: int = 10) 
 def change(lab: Lab, msg: dns.message.Message) -> None:
     """A signed UPDATE; unlike ``Lab.signed_update`` it leaves the server's outbox alone."""
     wire = sign(msg, lab.accounts["bob"].key, int(lab.now))
-    assert parse(lab.core.handle(wire, lab.now, Transport.UDP, "updater#1")).rcode() == 0
+    assert parse(lab.send(wire, lab.now, Transport.UDP, "updater#1")).rcode() == 0
 
 
 class StreamClient:
@@ -68,14 +68,13 @@ class StreamClient:
             if isinstance(o, Changes):
                 self.changes.append(o)
             elif isinstance(o, Send):
-                answer = self.lab.core.handle(o.wire, self.lab.now, self.transport, self.peer)
+                answer = self.lab.send(o.wire, self.lab.now, self.transport, self.peer)
                 if answer is not None:
                     queue.extend(self.client.receive(answer, self.lab.now))
 
     def pump(self) -> None:
         """Run the server's timers; deliver what it pushes on this connection."""
-        self.lab.llq.tick(self.lab.now)
-        for out in self.lab.llq.take_outbox():
+        for out in self.lab.run_server():
             assert out.transport == self.transport and out.peer == self.peer
             self.deliver(self.client.receive(out.wire, self.lab.now))
 
@@ -100,14 +99,12 @@ def test_no_resend_on_a_stream_and_no_ack_within_14_s_drops_the_llq() -> None:
     lab = Lab.make()
     llq_id = establish(lab, Transport.TCP)
     change(lab, update("laptop", "AAAA", add=("fd00::1",)))
-    lab.llq.tick(lab.now)
-    (event,) = lab.llq.take_outbox()
+    (event,) = lab.run_server()
     assert event.transport == Transport.TCP
     for step in range(1, 14):
-        lab.llq.tick(lab.now + step)
-        assert not lab.llq.take_outbox(), "an event on a reliable transport is not resent"
+        assert not lab.run_server(lab.now + step), "an event on a reliable transport is not resent"
     assert llq_id in lab.llq.llqs
-    lab.llq.tick(lab.now + 14.01)
+    lab.run_server(lab.now + 14.01)
     assert llq_id not in lab.llq.llqs and lab.llq.stats["unacknowledged"] == 1
     assert lab.llq.stats["resends"] == 0
 
@@ -118,17 +115,17 @@ def test_connection_closed_ends_only_that_connections_llqs() -> None:
     other_conn = establish(lab, Transport.TLS, "127.0.0.1#41001", 20)
     # The same address#port over UDP is a different client.
     over_udp = establish(lab, Transport.UDP, CONN, 30)
-    assert lab.llq.holds_llq(Transport.TCP, CONN)
+    assert lab.llq.holds_connection(Transport.TCP, CONN)
     assert lab.llq.connection_closed(Transport.TCP, CONN) == 1
     assert set(lab.llq.llqs) == {other_conn, over_udp}
-    assert on_conn not in lab.llq.llqs and not lab.llq.holds_llq(Transport.TCP, CONN)
+    assert on_conn not in lab.llq.llqs and not lab.llq.holds_connection(Transport.TCP, CONN)
     assert lab.llq.connection_closed(Transport.TCP, CONN) == 0
     # A cancel also frees the connection from keep-open.
     _, cancel = ask(
         lab, LLQOption(LLQOpcode.REFRESH, 0, other_conn, 0), Transport.TLS, "127.0.0.1#41001", 40
     )
     assert cancel is not None and cancel.error == LLQError.NO_ERROR
-    assert not lab.llq.holds_llq(Transport.TLS, "127.0.0.1#41001")
+    assert not lab.llq.holds_connection(Transport.TLS, "127.0.0.1#41001")
 
 
 def test_challenges_refreshes_and_acks_do_not_cross_transports() -> None:
@@ -144,17 +141,16 @@ def test_challenges_refreshes_and_acks_do_not_cross_transports() -> None:
     assert refresh is not None and refresh.error == LLQError.NO_SUCH_LLQ
     # An acknowledgement over UDP for the TCP LLQ does not count.
     change(lab, update("laptop", "AAAA", add=("fd00::1",)))
-    lab.llq.tick(lab.now)
-    (event,) = lab.llq.take_outbox()
+    (event,) = lab.run_server()
     ev = dns.message.from_wire(event.wire, keyring=False)
     ack = dns.message.Message(id=ev.id)
     ack.flags = dns.flags.QR
     ack.question = ev.question
     ack.use_edns(0, 0, 1232, options=[LLQOption(LLQOpcode.EVENT, 0, llq_id, 3600)])
     wire = sign_ack(ack, lab.accounts["bob"].key, int(lab.now), event.wire)
-    lab.core.handle(wire, lab.now, Transport.UDP, CONN)
+    lab.send(wire, lab.now, Transport.UDP, CONN)
     assert lab.llq.stats["acks"] == 0 and lab.llq.stats["ack_unknown"] == 1
-    lab.core.handle(wire, lab.now, Transport.TCP, CONN)
+    lab.send(wire, lab.now, Transport.TCP, CONN)
     assert lab.llq.stats["acks"] == 1
 
 
@@ -176,8 +172,7 @@ def test_client_sets_up_again_after_the_connection_closed_and_sees_what_it_misse
     first_id = sc.client.llq_id
     lab.llq.connection_closed(Transport.TCP, CONN)
     change(lab, update("laptop", "AAAA", delete=("fd00::1",), add=("fd00::2",)))
-    lab.llq.tick(lab.now)
-    assert not lab.llq.take_outbox()  # nobody to tell: the LLQ went with the connection
+    assert not lab.run_server()  # nobody to tell: the LLQ went with the connection
     sc.peer = "127.0.0.1#41002"  # the driver's new connection
     sc.deliver(sc.client.connection_lost(lab.now))
     assert sc.client.state == ClientState.ESTABLISHED and sc.client.llq_id != first_id

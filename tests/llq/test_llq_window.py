@@ -14,8 +14,9 @@ from llq_helpers import Lab, sign_ack, state_dir, update
 from test_llq_stream_sansio import change, establish
 
 from btmm_core.llq.option import LLQOpcode, LLQOption, find_llq
-from btmm_core.llq.server import LLQConfig, Outgoing
+from btmm_core.llq.server import LLQConfig
 from btmm_core.registry.handler import Transport
+from btmm_core.registry.plugin import Outgoing
 
 
 def acknowledge(lab: Lab, out: Outgoing) -> None:
@@ -25,7 +26,7 @@ def acknowledge(lab: Lab, out: Outgoing) -> None:
     ack.flags = dns.flags.QR
     ack.question = ev.question
     ack.use_edns(0, 0, 1232, options=[LLQOption(LLQOpcode.EVENT, 0, opt.llq_id, opt.lease)])
-    lab.core.handle(
+    lab.send(
         sign_ack(ack, lab.accounts["bob"].key, int(lab.now), out.wire),
         lab.now,
         out.transport,
@@ -39,14 +40,12 @@ def test_burst_goes_out_as_it_is_acknowledged() -> None:
     for i, peer in enumerate(peers):
         establish(lab, Transport.UDP, peer, 100 + 10 * i)
     change(lab, update("laptop", "AAAA", add=("fd00::1",)))
-    lab.llq.tick(lab.now)
-    first = lab.llq.take_outbox()
+    first = lab.run_server()
     assert len(first) == 2
     delivered = list(first)
     while len(delivered) < 5:
         acknowledge(lab, delivered[-1] if len(delivered) > 2 else first.pop())
-        lab.llq.tick(lab.now)
-        delivered += lab.llq.take_outbox()
+        delivered += lab.run_server()
     assert sorted(o.peer for o in delivered) == peers  # each LLQ got its event exactly once
     assert lab.llq.stats["events"] == 5 and lab.llq.stats["resends"] == 0
 
@@ -57,12 +56,9 @@ def test_silent_clients_stop_holding_the_window_after_the_first_wait() -> None:
     for i, peer in enumerate(peers):
         establish(lab, Transport.UDP, peer, 200 + 10 * i)
     change(lab, update("laptop", "AAAA", add=("fd00::1",)))
-    lab.llq.tick(lab.now)
-    assert len(lab.llq.take_outbox()) == 2  # nobody acknowledges these
-    lab.llq.tick(lab.now + 1.9)
-    assert not lab.llq.take_outbox()
-    lab.llq.tick(lab.now + 2.01)
-    out = lab.llq.take_outbox()
+    assert len(lab.run_server()) == 2  # nobody acknowledges these
+    assert not lab.run_server(lab.now + 1.9)
+    out = lab.run_server(lab.now + 2.01)
     # The two resends, and the two waiting LLQs' first transmissions.
     assert sorted(o.peer for o in out) == sorted(peers)
     assert lab.llq.stats["resends"] == 2 and lab.llq.stats["events"] == 4
@@ -73,8 +69,7 @@ def test_unlimited_window_sends_the_whole_burst() -> None:
     for i in range(5):
         establish(lab, Transport.UDP, f"127.0.0.1#{45000 + i}", 300 + 10 * i)
     change(lab, update("laptop", "AAAA", add=("fd00::1",)))
-    lab.llq.tick(lab.now)
-    assert len(lab.llq.take_outbox()) == 5
+    assert len(lab.run_server()) == 5
 
 
 def test_serve_takes_the_window_size_and_refuses_a_negative_one() -> None:

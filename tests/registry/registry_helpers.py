@@ -111,7 +111,7 @@ def tsig_error(msg: dns.message.Message) -> int:
 def ask(
     core: RegistryCore, wire: bytes, now: float, transport: Transport = Transport.UDP
 ) -> dns.message.Message:
-    return parse(core.handle(wire, now, transport, "test"))
+    return parse(core.receive(wire, now, transport, "test"))
 
 
 def free_port() -> int:

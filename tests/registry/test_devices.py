@@ -42,7 +42,7 @@ def enrol(
     client = EnrolClient(BOB, device, replace=replace, private=private)
     wire = sign(client.request(), signer, int(now))
     mac = parse(wire).tsig[0].mac  # type: ignore[index]
-    out = core.handle(wire, now, Transport.UDP, "test")
+    out = core.receive(wire, now, Transport.UDP, "test")
     assert out is not None
     answer = parse(out)
     if answer.rcode() != dns.rcode.NOERROR or answer.tsig is None or tsig_error(answer):
@@ -64,7 +64,7 @@ def publish(device: str, at: str = "fd00::1") -> dns.update.UpdateMessage:
 
 def rcode(core: RegistryCore, msg: dns.message.Message, key: TsigKey, t: float,
           now: float) -> tuple[int, int]:
-    out = parse(core.handle(sign(msg, key, int(t)), now, Transport.UDP, "test"))
+    out = parse(core.receive(sign(msg, key, int(t)), now, Transport.UDP, "test"))
     return out.rcode(), (tsig_error(out) if out.tsig is not None else 0)
 
 
@@ -210,7 +210,7 @@ def test_a_changed_public_key_breaks_the_exchange() -> None:
     wire = bytearray(sign(client.request(), accounts["bob"].key, int(now)))
     i = bytes(wire).index(client.public)
     wire[i] ^= 1
-    out = parse(core.handle(bytes(wire), now, Transport.UDP, "test"))
+    out = parse(core.receive(bytes(wire), now, Transport.UDP, "test"))
     assert out.rcode() == dns.rcode.NOTAUTH and tsig_error(out) == TsigError.BADSIG
     assert not [k for k in core.store.keys.values() if k.role == KeyRole.DEVICE]
 
@@ -275,7 +275,7 @@ def test_an_invite_enrols_once_and_only_once() -> None:
 def test_device_keys_may_watch_the_zone_invites_may_not() -> None:
     core, accounts = make_core()
     llq = LLQServer(core, LLQConfig(), b"s" * 32, random.Random(1))
-    llq.attach()
+    core.plug(llq)
     now = time.time()
     dev, *_ = enrol(core, accounts["bob"].key, "laptop", now)
     invite = make_invite(core.store.storage, "bob", device=None, lifetime=3600, now=now)
@@ -286,7 +286,7 @@ def test_device_keys_may_watch_the_zone_invites_may_not() -> None:
         q = dns.message.make_query(BROWSE, "PTR", use_edns=0, options=[
             LLQOption(LLQOpcode.SETUP, LLQError.NO_ERROR, 0, 3600)])
         q.flags = 0
-        return parse(core.handle(sign(q, key, int(t)), t, Transport.UDP, "192.0.2.7"))
+        return parse(core.receive(sign(q, key, int(t)), t, Transport.UDP, "192.0.2.7"))
 
     ok = setup(dev, now + 1)
     assert ok.rcode() == dns.rcode.NOERROR and find_llq(ok.options)[0].error == 0
@@ -343,10 +343,10 @@ def test_an_enrolment_replayed_after_a_restart_is_refused(tmp_path: Path) -> Non
     now = time.time()
     client = EnrolClient(BOB, "laptop", replace=True)
     wire = sign(client.request(), accounts["bob"].key, int(now))
-    assert parse(core.handle(wire, now, Transport.UDP, "t")).rcode() == dns.rcode.NOERROR
+    assert parse(core.receive(wire, now, Transport.UDP, "t")).rcode() == dns.rcode.NOERROR
     core.store.storage.close()
     store = ZoneStore(SqliteStorage(path), ZoneConfig(PARENT, NS, ("192.0.2.53",), 5300))
-    out = parse(RegistryCore(store).handle(wire, now + 1, Transport.UDP, "t"))
+    out = parse(RegistryCore(store).receive(wire, now + 1, Transport.UDP, "t"))
     assert out.rcode() == dns.rcode.NOTAUTH and tsig_error(out) == TsigError.BADTIME
     store.storage.close()
 

@@ -68,7 +68,7 @@ def test_signed_responses_verify_with_dnspython() -> None:
     # dnspython checks our MAC (and uses its own clock, so use the real time here).
     import time
 
-    out = core.handle(wire, time.time(), Transport.UDP)
+    out = core.receive(wire, time.time(), Transport.UDP)
     assert out is not None
     r = dns.message.from_wire(out, keyring=key, request_mac=q.mac)
     assert r.rcode() == dns.rcode.NXDOMAIN
@@ -406,7 +406,7 @@ def test_expired_records_vanish_refreshed_stay_and_observers_hear() -> None:
     assert snapshot(core)[0] == serial, "a pure lease refresh must not bump the serial"
     assert core.next_deadline() == NOW + 10
     events.clear()
-    assert core.expire(NOW + 10.5) == 1
+    assert core.tick(NOW + 10.5) == 1
     assert [(str(e.name), e.cause, e.removed[0].to_text()) for e in events] == [
         ("laptop." + BOB, Cause.EXPIRY, "fd00::1")
     ]
@@ -415,7 +415,7 @@ def test_expired_records_vanish_refreshed_stay_and_observers_hear() -> None:
     assert r.rcode() == dns.rcode.NXDOMAIN
     r = signed(core, acc, query("desktop." + BOB), now=NOW + 12)
     assert r.answer
-    core.expire(NOW + 18.5)
+    core.tick(NOW + 18.5)
     assert signed(core, acc, query("desktop." + BOB), now=NOW + 19).rcode() == dns.rcode.NXDOMAIN
 
 
@@ -476,9 +476,9 @@ def test_failed_commit_is_servfail_and_memory_unchanged() -> None:
 
 def test_short_and_garbage_messages() -> None:
     core, _ = make_core()
-    assert core.handle(b"\x01\x02", NOW, Transport.UDP) is None
+    assert core.receive(b"\x01\x02", NOW, Transport.UDP) is None
     r = parse(
-        core.handle(b"\x12\x34" + b"\x01\x00" + b"\x00\x01" * 4 + b"\xff" * 20, NOW, Transport.UDP)
+        core.receive(b"\x12\x34" + b"\x01\x00" + b"\x00\x01" * 4 + b"\xff" * 20, NOW, Transport.UDP)
     )
     assert r.id == 0x1234 and r.rcode() == dns.rcode.FORMERR
 
@@ -486,17 +486,17 @@ def test_short_and_garbage_messages() -> None:
 def test_compression_loop_is_formerr() -> None:
     core, _ = make_core()
     wire = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c" + b"\x00\x01\x00\x01"
-    assert parse(core.handle(wire, NOW, Transport.UDP)).rcode() == dns.rcode.FORMERR
+    assert parse(core.receive(wire, NOW, Transport.UDP)).rcode() == dns.rcode.FORMERR
 
 
 def test_responses_are_not_answered_and_edns_version_1_is_badvers() -> None:
     core, _ = make_core()
     q = query(BOB, "SOA")
     q.flags |= dns.flags.QR
-    assert core.handle(q.to_wire(), NOW, Transport.UDP) is None
+    assert core.receive(q.to_wire(), NOW, Transport.UDP) is None
     q = query(BOB, "SOA")
     q.use_edns(1)
-    r = parse(core.handle(q.to_wire(), NOW, Transport.UDP))
+    r = parse(core.receive(q.to_wire(), NOW, Transport.UDP))
     assert r.rcode() == dns.rcode.BADVERS
 
 
@@ -513,5 +513,17 @@ def test_option_handler_hook_can_take_over_a_request() -> None:
     core.option_handlers[1] = llq
     q = query("_dns-llq._udp." + BOB, "SRV")
     q.use_edns(0, 0, 1232, options=[dns.edns.GenericOption(1, b"\x00" * 18)])
-    r = parse(core.handle(q.to_wire(), NOW, Transport.UDP))
+    r = parse(core.receive(q.to_wire(), NOW, Transport.UDP))
     assert seen == [Transport.UDP] and r.answer and r.options[0].otype == 1
+
+
+def test_a_plugin_cannot_take_an_edns_option_that_is_taken() -> None:
+    from btmm_core.registry.enrol import ENROL_CODE
+
+    class Taker:
+        option_codes = (ENROL_CODE,)
+
+    core, _ = make_core()
+    with pytest.raises(ValueError, match="taken already"):
+        core.plug(Taker())  # type: ignore[arg-type]
+    assert not core.plugins

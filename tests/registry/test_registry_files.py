@@ -19,9 +19,9 @@ import pytest
 from registry_helpers import PARENT, ROOT, LiveRegistry, state_dir
 
 from btmm_core.registry.accounts import add_user
-from btmm_core.registry.cli import DEFAULT_STATE
 from btmm_core.registry.model import ChangeSet, Entry, RecordRow
 from btmm_core.registry.storage import SqliteStorage, StorageError
+from btmm_core.serve.config import DEFAULT_STATE
 
 UNIT = ROOT / "contrib" / "btmm-serve.service"
 

@@ -48,7 +48,7 @@ SEEDS = _seeds()
 
 def _check(wire: bytes, transport: Transport) -> None:
     before = _state(CORE)
-    out = CORE.handle(wire, NOW, transport, "fuzz")
+    out = CORE.receive(wire, NOW, transport, "fuzz")
     if out is None:
         assert _state(CORE) == before
         return
@@ -172,7 +172,7 @@ def test_cached_answers_equal_full_path(steps: list) -> None:  # type: ignore[ty
             u.add("_autotunnel._udp.laptop", 300, "SRV", "0 0 4500 laptop")
             u.delete("laptop", "TXT")
             wire = sign(u, accounts["bob"].key, now)
-            assert fast.handle(wire, now, Transport.UDP) == slow.handle(wire, now, Transport.UDP)
+            assert fast.receive(wire, now, Transport.UDP) == slow.receive(wire, now, Transport.UDP)
             continue
         q = dns.message.make_query(
             name, rdtype, use_edns=payload is not None, payload=payload or 512
@@ -190,14 +190,14 @@ def test_cached_answers_equal_full_path(steps: list) -> None:  # type: ignore[ty
         # Unsigned and forged messages are sent twice (the second can hit the cache); a
         # second identical signed message would be a replay, which is covered elsewhere.
         for _ in range(1 if signer in ("bob", "alice") else 2):
-            assert fast.handle(wire, now, transport) == slow.handle(wire, now, transport)
+            assert fast.receive(wire, now, transport) == slow.receive(wire, now, transport)
 
 
 def test_cache_is_used_and_invalidated_by_updates() -> None:
     fast, _, accounts = _pair()
     key = accounts["bob"].key
     q = dns.message.make_query("laptop.bob.members.example.", "AAAA")
-    first = fast.handle(sign(q, key, NOW), NOW, Transport.UDP)
+    first = fast.receive(sign(q, key, NOW), NOW, Transport.UDP)
     assert dns.message.from_wire(first, keyring=False).rcode() == dns.rcode.NXDOMAIN
     wire = sign(q, key, NOW + 1)
     plain = scan(wire, False)
@@ -205,10 +205,10 @@ def test_cache_is_used_and_invalidated_by_updates() -> None:
     assert fast._cached(wire, plain, NOW + 1) is not None  # a hit, answered from the cache
     u = dns.update.UpdateMessage(BOB)
     u.add("laptop", 300, "AAAA", "fd00::1")
-    fast.handle(sign(u, key, NOW + 2), NOW + 2, Transport.UDP)
+    fast.receive(sign(u, key, NOW + 2), NOW + 2, Transport.UDP)
     wire = sign(q, key, NOW + 3)
     plain = scan(wire, False)
     assert plain is not None
     assert fast._cached(wire, plain, NOW + 3) is None  # stale after the update
-    after = dns.message.from_wire(fast.handle(wire, NOW + 3, Transport.UDP), keyring=False)
+    after = dns.message.from_wire(fast.receive(wire, NOW + 3, Transport.UDP), keyring=False)
     assert [rd.to_text() for rd in after.answer[0]] == ["fd00::1"]

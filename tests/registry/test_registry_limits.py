@@ -121,7 +121,7 @@ def test_the_early_refusal_is_signed_and_verifies_with_dnspython(
     u.use_tsig(key)
     wire = u.to_wire()
     now = time.time()  # dnspython checks the MAC with its own clock
-    out = core.handle(wire, now, Transport.TCP, "test")
+    out = core.receive(wire, now, Transport.TCP, "test")
     assert out is not None
     r = real(out, keyring=key, request_mac=u.mac)
     assert r.rcode() == dns.rcode.REFUSED and r.had_tsig
@@ -130,11 +130,11 @@ def test_the_early_refusal_is_signed_and_verifies_with_dnspython(
     forged = _names(3000)
     forged.use_tsig(dns.tsig.Key(key.name, b"\x07" * 32, key.algorithm))
     bad = forged.to_wire()
-    r = real(core.handle(bad, now, Transport.TCP, "test") or b"", keyring=False)
+    r = real(core.receive(bad, now, Transport.TCP, "test") or b"", keyring=False)
     assert r.rcode() == dns.rcode.REFUSED and not r.had_tsig
     # garbage after a big header is FORMERR, never a crash
     junk = wire[:4] + b"\x00\x01\x00\x00\x0f\xff\x00\x01" + bytes(20)
-    r = real(core.handle(junk, now, Transport.TCP, "test") or b"", keyring=False)
+    r = real(core.receive(junk, now, Transport.TCP, "test") or b"", keyring=False)
     assert r.rcode() in (dns.rcode.FORMERR, dns.rcode.REFUSED)
     assert core.updates_over_limit == 3
 

@@ -1,21 +1,17 @@
-"""``btmm serve``: run the registry; ``btmm serve user ...``: manage accounts."""
+"""``btmm serve``: run the registry (composed in ``compose``); ``btmm serve user ...``: manage
+accounts in its database, which also says which domain it serves."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import click
 import dns.name
-import structlog
 
-from btmm_core.errors import BtmmError, ConfigError
+from btmm_core.errors import BtmmError
 from btmm_core.llq.server import LLQConfig
-from btmm_core.llq.service import LLQService
 from btmm_core.log import configure_logging
 from btmm_core.registry.accounts import (
     add_user,
@@ -25,44 +21,23 @@ from btmm_core.registry.accounts import (
     write_credentials,
 )
 from btmm_core.registry.devices import list_devices, make_invite, parse_duration
-from btmm_core.registry.handler import Policy, RegistryCore
+from btmm_core.registry.handler import Policy
 from btmm_core.registry.keyfile import key_file_text, write_key_file
 from btmm_core.registry.limits import UpdateLimits
-from btmm_core.registry.server import Listen, RegistryServer
 from btmm_core.registry.storage import SqliteStorage
-from btmm_core.registry.tls import ensure_self_signed, server_context
 from btmm_core.registry.tsig import KeyRole
 from btmm_core.registry.update import NoLeasePolicy
-from btmm_core.registry.zones import ZoneConfig, ZoneStore
-
-DEFAULT_STATE = Path("/var/lib/btmm-registry")
-
-
-def _domain(text: str) -> dns.name.Name:
-    try:
-        return dns.name.from_text(text)
-    except Exception as e:
-        raise ConfigError(f"--domain {text!r} is not a domain name: {e}") from e
-
-
-def _db(state_dir: Path, db: Path | None) -> Path:
-    return db if db is not None else state_dir / "registry.sqlite"
-
-
-def _run(main: Callable[[], Coroutine[Any, Any, None]], event_loop: str) -> None:
-    if event_loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            structlog.get_logger("btmm.registry").warning(
-                "uvloop is not installed; running on plain asyncio",
-            )
-        else:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(main())
-            return
-    asyncio.run(main())
-
+from btmm_core.serve import compose
+from btmm_core.serve.config import (
+    DEFAULT_STATE,
+    ListenConfig,
+    ServeConfig,
+    StorageConfig,
+    TlsConfig,
+    ZoneNames,
+    name_server,
+    parse_domain,
+)
 
 _state_option = click.option(
     "--state-dir",
@@ -80,9 +55,10 @@ _db_option = click.option(
 )
 _domain_option = click.option(
     "--domain",
-    required=True,
+    default=None,
     envvar="BTMM_REGISTRY_DOMAIN",
-    help="Parent domain, e.g. members.example.",
+    help="Parent domain, e.g. members.example (needed to serve; the user commands read it "
+    "from the database).",
 )
 
 
@@ -173,116 +149,70 @@ _domain_option = click.option(
     "--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True
 )
 @click.pass_context
-def serve(
-    ctx: click.Context,
-    state_dir: Path,
-    db: Path | None,
-    domain: str,
-    listen: str,
-    port: int,
-    tls_port: int,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    ns_name: str | None,
-    ns_address: tuple[str, ...],
-    public_port: int | None,
-    lease_min: int,
-    lease_max: int,
-    no_lease: str,
-    default_lease: int,
-    fudge: int,
-    update_max_rrs: int,
-    update_key_rate: float,
-    update_key_burst: int,
-    tcp_idle_timeout: float,
-    max_connections: int,
-    max_connections_per_client: int,
-    llq_lease_min: int,
-    llq_lease_max: int,
-    llq_max_total: int,
-    llq_max_per_client: int,
-    llq_max_unacked: int,
-    log_level: str,
-    event_loop: str,
-) -> None:
+def serve(ctx: click.Context, /, **o: Any) -> None:
     """Run the registry: authoritative DNS for DOMAIN with TSIG-signed UPDATE and leases."""
     ctx.ensure_object(dict)
     ctx.obj.update(
-        state_dir=state_dir,
-        db=_db(state_dir, db),
-        domain=_domain(domain),
-        port=port,
-        ns_name=ns_name,
-        listen=listen,
+        storage=StorageConfig(o["state_dir"], o["db"]),
+        domain=o["domain"],
+        port=o["port"],
+        ns_name=o["ns_name"],
     )
     if ctx.invoked_subcommand is not None:
         return
-    configure_logging(log_level)
-    parent = _domain(domain)
+    if o["domain"] is None:
+        param = next(p for p in ctx.command.params if p.name == "domain")
+        raise click.MissingParameter(ctx=ctx, param=param)
+    configure_logging(o["log_level"])
     try:
-        policy = Policy(
-            fudge=fudge,
-            lease_min=lease_min,
-            lease_max=lease_max,
-            no_lease=NoLeasePolicy(no_lease),
-            default_lease=default_lease,
-            update_limits=UpdateLimits(update_max_rrs, update_key_rate, update_key_burst),
-        )
-        llq_config = LLQConfig(
-            lease_min=llq_lease_min,
-            lease_max=llq_lease_max,
-            max_total=llq_max_total,
-            max_per_client=llq_max_per_client,
-            max_unacked=llq_max_unacked,
-            fudge=fudge,
-        )
+        config = _config(o)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    ns = dns.name.from_text(ns_name) if ns_name else dns.name.from_text("ns", origin=parent)
-    glue = ns_address or ((listen,) if listen not in ("0.0.0.0", "::") else ())
-    tls = None
-    if tls_port:
-        if (tls_cert is None) != (tls_key is None):
-            raise click.UsageError("give both --tls-cert and --tls-key, or neither")
-        if tls_cert is None or tls_key is None:
-            tls_cert, tls_key = ensure_self_signed(state_dir / "tls", ns.to_text(True), list(glue))
-        tls = server_context(tls_cert, tls_key)
-
-    async def main() -> None:
-        storage = SqliteStorage(_db(state_dir, db))
-        for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
-            check_user_free(account.user, parent, ns)
-        store = ZoneStore(storage, ZoneConfig(parent, ns, tuple(glue), public_port or port))
-        core = RegistryCore(store, policy)
-        llq = LLQService(core, llq_config)
-        server = RegistryServer(
-            core,
-            Listen(
-                listen,
-                port,
-                tls_port or None,
-                tls,
-                max_connections=max_connections,
-                max_connections_per_client=max_connections_per_client,
-                idle_timeout=tcp_idle_timeout,
-            ),
-        )
-        await server.start()
-        llq.start(server)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await llq.close()
-        await server.close()
-
     try:
-        _run(main, event_loop)
+        tls = compose.tls_context(config)
+        compose.run(lambda: compose.serve(config, tls), config.event_loop)
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
     except OSError as e:
-        raise click.ClickException(f"cannot listen on {listen} port {port}/{tls_port}: {e}") from e
+        raise click.ClickException(
+            f"cannot listen on {o['listen']} port {o['port']}/{o['tls_port']}: {e}"
+        ) from e
+
+
+def _config(o: dict[str, Any]) -> ServeConfig:
+    """The options of ``serve``, by the names click gives them, as a ``ServeConfig``."""
+    return ServeConfig(
+        zone=ZoneNames(parse_domain(o["domain"]), o["ns_name"], o["ns_address"], o["public_port"]),
+        storage=StorageConfig(o["state_dir"], o["db"]),
+        listen=ListenConfig(
+            o["listen"],
+            o["port"],
+            o["tcp_idle_timeout"],
+            o["max_connections"],
+            o["max_connections_per_client"],
+        ),
+        tls=TlsConfig(o["tls_port"], o["tls_cert"], o["tls_key"]),
+        policy=Policy(
+            fudge=o["fudge"],
+            lease_min=o["lease_min"],
+            lease_max=o["lease_max"],
+            no_lease=NoLeasePolicy(o["no_lease"]),
+            default_lease=o["default_lease"],
+            update_limits=UpdateLimits(
+                o["update_max_rrs"], o["update_key_rate"], o["update_key_burst"]
+            ),
+        ),
+        llq=LLQConfig(
+            lease_min=o["llq_lease_min"],
+            lease_max=o["llq_lease_max"],
+            max_total=o["llq_max_total"],
+            max_per_client=o["llq_max_per_client"],
+            max_unacked=o["llq_max_unacked"],
+            fudge=o["fudge"],
+        ),
+        log_level=o["log_level"],
+        event_loop=o["event_loop"],
+    )
 
 
 @serve.group()
@@ -290,22 +220,44 @@ def user() -> None:
     """Manage user accounts (one zone and one TSIG key each)."""
 
 
-def _storage(ctx: click.Context) -> SqliteStorage:
+def _open(ctx: click.Context) -> tuple[SqliteStorage, dns.name.Name | None]:
+    """The database and the domain it serves; an explicit --domain must be that domain."""
+    path = ctx.obj["storage"].db_path
     try:
-        return SqliteStorage(ctx.obj["db"])
+        storage = SqliteStorage(path)
+        stored = storage.domain()
+        given = parse_domain(ctx.obj["domain"]) if ctx.obj["domain"] else None
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
+    if given is not None and stored is not None and given != stored:
+        storage.close()
+        raise click.ClickException(
+            f"--domain {given} disagrees with {path}, which serves {stored}: leave --domain "
+            "out, or give the --state-dir/--db of that domain's registry"
+        )
+    if stored is None and given is not None:
+        storage.ensure_zone(given, None)  # later commands read it from here
+    return storage, stored or given
 
 
-def _ns_name(ctx: click.Context) -> dns.name.Name:
-    parent: dns.name.Name = ctx.obj["domain"]
-    ns: str | None = ctx.obj["ns_name"]
-    return dns.name.from_text(ns) if ns else dns.name.from_text("ns", origin=parent)
+def _storage(ctx: click.Context) -> SqliteStorage:
+    return _open(ctx)[0]
+
+
+def _storage_and_domain(ctx: click.Context) -> tuple[SqliteStorage, dns.name.Name]:
+    storage, domain = _open(ctx)
+    if domain is None:
+        storage.close()
+        raise click.ClickException(
+            f"{ctx.obj['storage'].db_path} has no domain yet: pass --domain (e.g. `btmm serve "
+            "--domain members.example user add NAME`) once, or start `btmm serve --domain` on it"
+        )
+    ctx.obj["parent"] = domain
+    return storage, domain
 
 
 def _server_text(ctx: click.Context) -> str:
-    parent: dns.name.Name = ctx.obj["domain"]
-    ns = ctx.obj["ns_name"] or dns.name.from_text("ns", origin=parent).to_text()
+    ns = ctx.obj["ns_name"] or name_server(ctx.obj["parent"], None).to_text()
     return f"{ns} port {ctx.obj['port']}"
 
 
@@ -316,11 +268,11 @@ def _server_text(ctx: click.Context) -> str:
 @click.pass_context
 def user_add(ctx: click.Context, name: str, legacy_md5: bool, out: Path | None) -> None:
     """Create NAME's zone and TSIG key and write the credentials file for NAME's hosts."""
-    storage = _storage(ctx)
+    storage, domain = _storage_and_domain(ctx)
     try:
-        check_user_free(name, ctx.obj["domain"], _ns_name(ctx))
-        account = add_user(storage, name, ctx.obj["domain"], legacy=legacy_md5)
-        path = out or ctx.obj["state_dir"] / "credentials" / f"{name}.key"
+        check_user_free(name, domain, name_server(domain, ctx.obj["ns_name"]))
+        account = add_user(storage, name, domain, legacy=legacy_md5)
+        path = out or ctx.obj["storage"].state_dir / "credentials" / f"{name}.key"
         write_credentials(path, account, _server_text(ctx))
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
@@ -365,10 +317,10 @@ def user_remove(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def user_rotate(ctx: click.Context, name: str, legacy_md5: bool, out: Path | None) -> None:
     """Replace NAME's TSIG key; the old key stops working at once."""
-    storage = _storage(ctx)
+    storage, domain = _storage_and_domain(ctx)
     try:
-        account = rotate_key(storage, name, ctx.obj["domain"], legacy=legacy_md5)
-        path = out or ctx.obj["state_dir"] / "credentials" / f"{name}.key"
+        account = rotate_key(storage, name, domain, legacy=legacy_md5)
+        path = out or ctx.obj["storage"].state_dir / "credentials" / f"{name}.key"
         write_credentials(path, account, _server_text(ctx))
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
@@ -388,7 +340,7 @@ def user_rotate(ctx: click.Context, name: str, legacy_md5: bool, out: Path | Non
 def user_invite(ctx: click.Context, name: str, device: str | None, lifetime: str,
                 out: Path) -> None:
     """Make a single-use invite that lets one new host of NAME enrol (`btmm join`)."""
-    storage = _storage(ctx)
+    storage, _ = _storage_and_domain(ctx)
     try:
         invite = make_invite(storage, name, device=device, lifetime=parse_duration(lifetime))
         write_key_file(out, key_file_text(invite.key, user=name, server=_server_text(ctx)))

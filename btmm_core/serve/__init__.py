@@ -1,0 +1,1 @@
+"""``btmm serve``: the composition root of the registry server (config, compose, cli)."""

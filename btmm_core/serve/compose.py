@@ -1,0 +1,129 @@
+"""The composition root of ``btmm serve``: storage, zones, the registry core, the plug-ins
+plugged into it (LLQ; later DNS Push), and the driver that serves them all.
+
+The registry knows its plug-ins only through ``registry/plugin.py``; which ones run, and with
+what secret and randomness, is decided here. The asyncio work of a plug-in (its timers, pushed
+messages, connections that close) is done by ``RegistryServer`` for every plug-in alike, so what
+remains specific to LLQ is the few lines below (its UDP receive buffer and its log lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import ssl
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from btmm_core.llq.server import LLQServer
+from btmm_core.registry.accounts import check_user_free
+from btmm_core.registry.handler import RegistryCore
+from btmm_core.registry.server import Listen, RegistryServer
+from btmm_core.registry.storage import SqliteStorage
+from btmm_core.registry.tls import ensure_self_signed, server_context
+from btmm_core.registry.zones import ZoneStore
+from btmm_core.serve.config import ServeConfig
+
+log = structlog.get_logger("btmm.registry")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """``btmm serve`` put together, not yet listening."""
+
+    core: RegistryCore
+    llq: LLQServer
+    server: RegistryServer
+
+
+def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
+    """The DoT context: the configured certificate, or a self-signed one made once."""
+    tls = config.tls
+    if not tls.port:
+        return None
+    cert, key = tls.cert, tls.key
+    if cert is None or key is None:
+        cert, key = ensure_self_signed(
+            config.storage.state_dir / "tls", config.ns.to_text(True), list(config.glue)
+        )
+    return server_context(cert, key)
+
+
+def compose(config: ServeConfig, tls: ssl.SSLContext | None) -> Registry:
+    storage = SqliteStorage(config.storage.db_path)
+    for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
+        check_user_free(account.user, config.zone.domain, config.ns)
+    core = RegistryCore(ZoneStore(storage, config.zone_config()), config.policy)
+    # A fresh secret per process: challenge ids and LLQ ids of an earlier run are void, so
+    # clients of a restarted server get NO-SUCH-LLQ and set up again.
+    llq = LLQServer(core, config.llq, os.urandom(32), random.SystemRandom())
+    core.plug(llq)
+    lst = config.listen
+    server = RegistryServer(
+        core,
+        Listen(
+            lst.host,
+            lst.port,
+            config.tls.port or None,
+            tls,
+            max_connections=lst.max_connections,
+            max_connections_per_client=lst.max_connections_per_client,
+            idle_timeout=lst.idle_timeout,
+        ),
+    )
+    return Registry(core, llq, server)
+
+
+def _size_udp_buffer(registry: Registry) -> None:
+    # Room for an acknowledgement from every LLQ at once (about 1 KiB of kernel memory each
+    # on loopback), so that a burst of events does not come back as lost acks.
+    wanted = min(max(registry.llq.config.max_total * 1024, 1 << 20), 64 << 20)
+    granted = registry.server.set_udp_receive_buffer(wanted)
+    if granted < wanted:
+        log.warning(
+            "udp receive buffer smaller than asked: acknowledgements of large event "
+            "bursts may be lost and resent; raise net.core.rmem_max or run as root",
+            asked=wanted,
+            granted=granted,
+        )
+
+
+async def serve(config: ServeConfig, tls: ssl.SSLContext | None) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    registry = compose(config, tls)
+    await registry.server.start()
+    _size_udp_buffer(registry)
+    c = config.llq
+    structlog.get_logger("btmm.llq").info(
+        "llq ready",
+        lease=f"{c.lease_min}..{c.lease_max}",
+        max_total=c.max_total,
+        max_per_client=c.max_per_client,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await registry.server.close()
+    stats = registry.llq.stats
+    structlog.get_logger("btmm.llq").info("llq stopped", **dict(sorted(stats.items())))
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]], event_loop: str) -> None:
+    """Run ``main`` on uvloop when asked for and installed, else on plain asyncio."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed; running on plain asyncio")
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main())
+            return
+    asyncio.run(main())

@@ -1,0 +1,105 @@
+"""What ``btmm serve`` runs with: one frozen ``ServeConfig``, grouped by what each part reads.
+
+The registry's own policy (``registry.handler.Policy``: leases, TSIG fudge, update limits) and the
+LLQ server's (``llq.server.LLQConfig``) are used as they are; their checks raise ``ValueError``,
+which the command line shows as a usage error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.name
+
+from btmm_core.errors import ConfigError
+from btmm_core.llq.server import LLQConfig
+from btmm_core.registry.handler import Policy
+from btmm_core.registry.zones import ZoneConfig
+
+DEFAULT_STATE = Path("/var/lib/btmm-registry")
+
+
+def parse_domain(text: str) -> dns.name.Name:
+    try:
+        return dns.name.from_text(text)
+    except Exception as e:
+        raise ConfigError(f"--domain {text!r} is not a domain name: {e}") from e
+
+
+def name_server(domain: dns.name.Name, ns_name: str | None) -> dns.name.Name:
+    """The server's host name: ``ns_name``, or ns.DOMAIN."""
+    return dns.name.from_text(ns_name) if ns_name else dns.name.from_text("ns", origin=domain)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    #: The database, credentials and the self-signed DoT certificate live here.
+    state_dir: Path = DEFAULT_STATE
+    db: Path | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.db if self.db is not None else self.state_dir / "registry.sqlite"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 53
+    #: Seconds a TCP/TLS client may stay silent before it is disconnected.
+    idle_timeout: float = 10.0
+    max_connections: int = 256
+    #: From one address (IPv6: one /64).
+    max_connections_per_client: int = 32
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    #: DNS over TLS port; 0 disables it.
+    port: int = 853
+    #: Both or neither; neither: a self-signed certificate made once in the state directory.
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.port and (self.cert is None) != (self.key is None):
+            raise ValueError("give both --tls-cert and --tls-key, or neither")
+
+
+@dataclass(frozen=True)
+class ZoneNames:
+    """What the server publishes about itself in every zone."""
+
+    domain: dns.name.Name
+    ns_name: str | None = None
+    #: Glue addresses of the server; none given: the listen address unless it is a wildcard.
+    ns_addresses: tuple[str, ...] = ()
+    #: Port in the discovery SRVs; None: the listen port.
+    public_port: int | None = None
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    zone: ZoneNames
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    policy: Policy = field(default_factory=Policy)
+    llq: LLQConfig = field(default_factory=LLQConfig)
+    log_level: str = "info"
+    event_loop: str = "uvloop"
+
+    @property
+    def ns(self) -> dns.name.Name:
+        return name_server(self.zone.domain, self.zone.ns_name)
+
+    @property
+    def glue(self) -> tuple[str, ...]:
+        if self.zone.ns_addresses:
+            return self.zone.ns_addresses
+        return (self.listen.host,) if self.listen.host not in ("0.0.0.0", "::") else ()
+
+    def zone_config(self) -> ZoneConfig:
+        port = self.zone.public_port or self.listen.port
+        return ZoneConfig(self.zone.domain, self.ns, self.glue, port)
