@@ -54,7 +54,7 @@ def join(config_path: Path, credentials: Path, secret_file: Path | None, host: s
     never crosses the network), store it and the account secret (0600) and write the
     configuration."""
     from btmm_core.daemon.enrol import enrol_device, server_from_key_file
-    from btmm_core.registry.keyfile import key_file_text, parse_key_file
+    from btmm_core.dns.keyfile import key_file_text, parse_key_file
 
     secret = secret_file.read_bytes() if secret_file else sys.stdin.buffer.read()
     settings: dict[str, Any] = {"server": server, "state_dir": state_dir,

@@ -2,7 +2,7 @@
 
 A thin asyncio driver: builds nothing itself (see ``records``), signs each try afresh (a new
 Time Signed and MAC: a resent MAC would be refused as a replay), sends it over UDP with bounded
-retries (TCP when the answer is truncated), checks the answer's TSIG itself (registry/tsig.py)
+retries (TCP when the answer is truncated), checks the answer's TSIG itself (dns/tsig.py)
 and turns the common failures into errors that say what to do. Checking the TSIG here rather
 than in dnspython keeps the signed fields of an error answer: a BADTIME answer carries the
 registry's clock in its Other Data (RFC 8945 section 5.2.3), which ``ClockSkew.skew`` reports.
@@ -27,8 +27,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryError, RegistryUnreachable
-from btmm_core.registry.tsig import (
+from btmm_core.dns.tsig import (
     MAX_FUDGE,
     TsigError,
     TsigKey,
@@ -37,6 +36,7 @@ from btmm_core.registry.tsig import (
     last_rr_offset,
     strip_tsig,
 )
+from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryError, RegistryUnreachable
 
 REJOIN = (
     "this device was revoked or its key is wrong: run `btmm join` again (with an invite from "

@@ -54,6 +54,8 @@ from btmm_core.daemon.records import (
 from btmm_core.dataplane import open_engine
 from btmm_core.dataplane.api import Endpoint, Engine, EngineConfig
 from btmm_core.dataplane.netconf import configure_tun
+from btmm_core.dns.keyfile import read_key_file
+from btmm_core.dns.tsig import KeyRole
 from btmm_core.errors import (
     BtmmError,
     ClockSkew,
@@ -71,8 +73,6 @@ from btmm_core.llq.driver import Watcher
 from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
 from btmm_core.portmap.service import EventKind, MappingEvent, PortMapService
-from btmm_core.registry.keyfile import read_key_file
-from btmm_core.registry.tsig import KeyRole
 
 log = structlog.get_logger("btmm.daemon")
 

@@ -48,9 +48,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
-from btmm_core.llq.server import REMOVED_TTL
-from btmm_core.registry.tsig import (
+from btmm_core.dns.llq_option import REMOVED_TTL, LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.tsig import (
     TsigKey,
     append_tsig,
     compute_mac,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import dns.name
 
+from btmm_core.dns import keyfile
+from btmm_core.dns.tsig import TsigKey
 from btmm_core.errors import ConfigError
 from btmm_core.llq.client import (
     Changes,
@@ -29,8 +31,6 @@ from btmm_core.llq.client import (
     Send,
     StateChanged,
 )
-from btmm_core.registry import keyfile
-from btmm_core.registry.tsig import TsigKey
 
 
 def read_key_file(path: Path) -> TsigKey:

@@ -56,11 +56,15 @@ import dns.rdatatype
 import dns.rrset
 import structlog
 
-from btmm_core.llq.option import LLQ_LENGTH, LLQError, LLQOpcode, LLQOption, find_llq
-from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
-from btmm_core.registry.limits import client_prefix
-from btmm_core.registry.model import RRsetChange
-from btmm_core.registry.tsig import (
+from btmm_core.dns.llq_option import (
+    LLQ_LENGTH,
+    REMOVED_TTL,
+    LLQError,
+    LLQOpcode,
+    LLQOption,
+    find_llq,
+)
+from btmm_core.dns.tsig import (
     MAX_FUDGE,
     KeyRole,
     TsigKey,
@@ -71,11 +75,11 @@ from btmm_core.registry.tsig import (
     strip_tsig,
     tsig_rr,
 )
+from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
+from btmm_core.registry.limits import client_prefix
+from btmm_core.registry.model import RRsetChange
 
 log = structlog.get_logger("btmm.llq")
-
-#: TTL that marks a removed record in an event (RFC 8764 section 6.1).
-REMOVED_TTL = 0xFFFFFFFF
 
 _NOT_WATCHABLE = frozenset(
     {

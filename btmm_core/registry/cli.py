@@ -15,6 +15,8 @@ import click
 import dns.name
 import structlog
 
+from btmm_core.dns.keyfile import key_file_text, write_key_file
+from btmm_core.dns.tsig import KeyRole
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.llq.service import LLQService
@@ -27,12 +29,10 @@ from btmm_core.registry.accounts import (
 )
 from btmm_core.registry.devices import list_devices, make_invite, parse_duration
 from btmm_core.registry.handler import Policy, RegistryCore
-from btmm_core.registry.keyfile import key_file_text, write_key_file
 from btmm_core.registry.limits import UpdateLimits
 from btmm_core.registry.server import Listen, RegistryServer
 from btmm_core.registry.storage import SqliteStorage
 from btmm_core.registry.tls import ensure_self_signed, server_context
-from btmm_core.registry.tsig import KeyRole
 from btmm_core.registry.update import NoLeasePolicy
 from btmm_core.registry.zones import ZoneConfig, ZoneStore
 

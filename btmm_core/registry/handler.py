@@ -33,15 +33,10 @@ import dns.rdatatype
 import dns.rrset
 import structlog
 
-from btmm_core.registry.authority import check_update
-from btmm_core.registry.edns import UpdateLeaseOption
-from btmm_core.registry.enrol import ENROL_CODE
-from btmm_core.registry.enrolment import handle_enrolment
-from btmm_core.registry.fastpath import PlainQuery, scan
-from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big
-from btmm_core.registry.model import ChangeSet, SeenMac
-from btmm_core.registry.storage import StorageError
-from btmm_core.registry.tsig import (
+from btmm_core.dns.edns import UpdateLeaseOption
+from btmm_core.dns.enrol import ENROL_CODE
+from btmm_core.dns.fastpath import PlainQuery, scan
+from btmm_core.dns.tsig import (
     MAX_FUDGE,
     KeyRole,
     ReplayGuard,
@@ -55,6 +50,11 @@ from btmm_core.registry.tsig import (
     time_other_data,
     verify,
 )
+from btmm_core.registry.authority import check_update
+from btmm_core.registry.enrolment import handle_enrolment
+from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big
+from btmm_core.registry.model import ChangeSet, SeenMac
+from btmm_core.registry.storage import StorageError
 from btmm_core.registry.update import Grant, NoLeasePolicy, plan_update
 from btmm_core.registry.zones import LLQ_SRV, UPDATE_SRV, Zone, ZoneStore
 

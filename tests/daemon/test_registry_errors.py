@@ -21,9 +21,9 @@ from live_registry import free_port, live_registry
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import Publication, granted_lease, publish_update
+from btmm_core.dns.tsig import TsigKey
 from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryUnreachable
 from btmm_core.llq.driver import read_key_file
-from btmm_core.registry.tsig import TsigKey
 
 ROOT = Path(__file__).resolve().parents[2]
 ZONE = dns.name.from_text("bob.members.example.")

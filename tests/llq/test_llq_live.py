@@ -23,10 +23,10 @@ import dns.update
 import pytest
 from llq_helpers import LAPTOP, free_port, live_registry, state_dir, update
 
+from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.tsig import TsigKey
 from btmm_core.llq.client import Changes, ClientConfig, ClientState, StateChanged
 from btmm_core.llq.driver import Watcher, read_key_file
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
-from btmm_core.registry.tsig import TsigKey
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"

@@ -25,10 +25,10 @@ import dns.tsig
 import pytest
 from llq_helpers import BOB, LAPTOP, live_registry, state_dir, update
 
+from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.tsig import TsigKey
 from btmm_core.llq.client import Changes, ClientConfig, ClientState, StateChanged
 from btmm_core.llq.driver import Watcher, read_key_file
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
-from btmm_core.registry.tsig import TsigKey
 
 HOST = "127.0.0.1"
 NS = "ns.members.example"

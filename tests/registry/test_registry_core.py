@@ -16,11 +16,11 @@ import dns.update
 import pytest
 from registry_helpers import HMAC_MD5, ask, dnskey, make_core, parse, sign, tsig_error
 
-from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.dns.edns import UpdateLeaseOption
+from btmm_core.dns.tsig import TsigError
 from btmm_core.registry.handler import Policy, Transport
 from btmm_core.registry.model import Cause, RRsetChange
 from btmm_core.registry.storage import MemoryStorage
-from btmm_core.registry.tsig import TsigError
 from btmm_core.registry.update import NoLeasePolicy
 
 NOW = 1_800_000_000.0

@@ -1,4 +1,4 @@
-"""Strict TSIG verification and signing for the registry, sans-I/O.
+"""Strict TSIG verification and signing, sans-I/O, for servers and clients alike.
 
 RFC 8945 (Secret Key Transaction Authentication for DNS). The MAC is computed here rather than
 by dnspython's message code so that the time is always the caller's ``now`` and the fudge is

@@ -1,5 +1,6 @@
 """Key files: a BIND key statement (so ``nsupdate -k FILE`` and ``dig -k FILE`` read it) with
-``# btmm ...`` comment lines that tell btmm what the key is for.
+``# btmm ...`` comment lines that tell btmm what the key is for. The key is a TSIG key
+(RFC 8945: a name, an algorithm, a shared secret). Every key file is read and written here.
 
 Three kinds, told apart by the comments: the account key (``btmm serve user add``), an invite
 token (``btmm serve user invite``: ``# btmm invite:``) and a device key (``btmm join``:
@@ -20,8 +21,8 @@ from pathlib import Path
 import dns.exception
 import dns.name
 
+from btmm_core.dns.tsig import HMAC_MD5, HMAC_SHA256, KeyRole, TsigKey
 from btmm_core.errors import ConfigError
-from btmm_core.registry.tsig import HMAC_MD5, HMAC_SHA256, KeyRole, TsigKey
 
 _KEY = re.compile(
     r'key\s+"?(?P<name>[^"\s{]+)"?\s*\{\s*algorithm\s+"?(?P<alg>[A-Za-z0-9.-]+)"?\s*;\s*'
