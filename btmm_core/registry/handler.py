@@ -45,11 +45,11 @@ from btmm_core.dns.tsig import (
     TsigRecord,
     TsigVerdict,
     append_tsig,
-    last_rr_offset,
     rr_size,
     time_other_data,
     verify,
 )
+from btmm_core.dns.wire import last_rr_offset
 from btmm_core.registry.authority import check_update
 from btmm_core.registry.enrolment import handle_enrolment
 from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big

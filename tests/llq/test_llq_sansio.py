@@ -22,7 +22,7 @@ from btmm_core.dns.llq_option import (
     find_llq,
     kdig_hex,
 )
-from btmm_core.dns.tsig import last_rr_offset
+from btmm_core.dns.wire import last_rr_offset
 from btmm_core.llq.client import ClientConfig, ClientState, LLQClient, Send, answer_ttls
 from btmm_core.llq.server import LLQConfig
 from btmm_core.registry.handler import Transport
