@@ -38,9 +38,10 @@ import dns.update
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from btmm_core.dns.keyfile import read_key  # noqa: E402
 from btmm_core.llq.client import Changes as ChangesOut  # noqa: E402
 from btmm_core.llq.client import ClientConfig, ClientState, Output  # noqa: E402
-from btmm_core.llq.driver import Watcher, read_key_file  # noqa: E402
+from btmm_core.llq.driver import Watcher  # noqa: E402
 
 PARENT = "members.example."
 NAME = dns.name.from_text("bench.bob.members.example.")
@@ -94,7 +95,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, float | int]:
-    key = read_key_file(key_path)
+    key = read_key(key_path)
     tkey = dns.tsig.Key(key.name, key.secret, key.algorithm)
     cfg = ClientConfig(lease=7200)
     watchers = [

@@ -16,11 +16,9 @@ import random
 import ssl
 import struct
 import time
-from pathlib import Path
 
 import dns.name
 
-from btmm_core.dns import keyfile
 from btmm_core.dns.tsig import TsigKey
 from btmm_core.errors import ConfigError
 from btmm_core.llq.client import (
@@ -31,11 +29,6 @@ from btmm_core.llq.client import (
     Send,
     StateChanged,
 )
-
-
-def read_key_file(path: Path) -> TsigKey:
-    """The TSIG key of a BIND key statement file (an account or device credentials file)."""
-    return keyfile.read_key_file(path).key
 
 
 class _Protocol(asyncio.DatagramProtocol):
