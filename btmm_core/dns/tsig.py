@@ -58,7 +58,13 @@ class TsigError(enum.IntEnum):
 
 @dataclass(frozen=True)
 class TsigKey:
-    """A key as the server knows it: the algorithm is fixed per key."""
+    """A TSIG key and where it is valid.
+
+    Name, algorithm and secret are all that signing and verifying need (RFC 8945); the
+    algorithm is fixed per key. Zone and role say what the key may do: the registry stores
+    them, and every key file names them (dns/keyfile.py), so a client reads them from its
+    file rather than making them up.
+    """
 
     name: dns.name.Name
     algorithm: dns.name.Name
@@ -279,13 +285,44 @@ def append_tsig(
 
     ``request_mac`` is None when signing a request, the request's MAC when signing a response.
     """
-    (original_id,) = struct.unpack("!H", response[:2])
+    return _append(response, key, key_name, algorithm, request_mac, time_signed, fudge,
+                   error, other)[0]
+
+
+def sign(
+    wire: bytes,
+    key: TsigKey,
+    *,
+    time_signed: int,
+    fudge: int,
+    request_mac: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """``wire`` signed by ``key`` (TSIG RR appended, error 0), and the MAC.
+
+    The MAC is returned because the answer to a signed message is signed over it: keep it to
+    check that answer (``expected_mac``).
+    """
+    return _append(wire, key, key.name, key.algorithm, request_mac, time_signed, fudge, 0, b"")
+
+
+def _append(
+    wire: bytes,
+    key: TsigKey | None,
+    key_name: dns.name.Name,
+    algorithm: dns.name.Name,
+    request_mac: bytes | None,
+    time_signed: int,
+    fudge: int,
+    error: int,
+    other: bytes,
+) -> tuple[bytes, bytes]:
+    (original_id,) = struct.unpack("!H", wire[:2])
     if key is None:
         mac = b""
     else:
         mac = compute_mac(
             key,
-            response,
+            wire,
             original_id=original_id,
             time_signed=time_signed,
             fudge=fudge,
@@ -303,50 +340,8 @@ def append_tsig(
         error=error,
         other=other,
     )
-    return _with_rr(response, rr)
-
-
-def sign(
-    wire: bytes,
-    key: TsigKey,
-    *,
-    time_signed: int,
-    fudge: int,
-    request_mac: bytes | None = None,
-) -> tuple[bytes, bytes]:
-    """``wire`` signed by ``key`` (TSIG RR appended, error 0), and the MAC.
-
-    The MAC is returned because the answer to a signed message is signed over it: keep it to
-    check that answer (``expected_mac``).
-    """
-    (original_id,) = struct.unpack_from("!H", wire)
-    mac = compute_mac(
-        key,
-        wire,
-        original_id=original_id,
-        time_signed=time_signed,
-        fudge=fudge,
-        error=0,
-        other=b"",
-        request_mac=request_mac,
-    )
-    rr = tsig_rr(
-        key.name,
-        key.algorithm,
-        time_signed=time_signed,
-        fudge=fudge,
-        mac=mac,
-        original_id=original_id,
-        error=0,
-        other=b"",
-    )
-    return _with_rr(wire, rr), mac
-
-
-def _with_rr(wire: bytes, rr: bytes) -> bytes:
-    """``wire`` with ``rr`` appended to its additional section."""
     (arcount,) = struct.unpack("!H", wire[10:12])
-    return wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr
+    return wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr, mac
 
 
 def time_other_data(now: int) -> bytes:
