@@ -45,6 +45,7 @@ from btmm_core.dns.tsig import (
     TsigRecord,
     TsigVerdict,
     append_tsig,
+    record_of,
     rr_size,
     time_other_data,
     verify,
@@ -274,19 +275,7 @@ class RegistryCore:
     # ---- TSIG ----------------------------------------------------------------------------
 
     def _verify(self, wire: bytes, request: dns.message.Message, now: float) -> TsigVerdict:
-        assert request.tsig is not None
-        rd = request.tsig[0]
-        record = TsigRecord(
-            request.tsig.name,
-            rd.algorithm,
-            rd.time_signed,
-            rd.fudge,
-            rd.mac,
-            rd.original_id,
-            rd.error,
-            rd.other,
-            last_rr_offset(wire),
-        )
+        record = record_of(wire, request)
         verdict = verify(wire, record, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
         if not verdict.ok or verdict.key is None:
             return verdict
