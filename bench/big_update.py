@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """How long one maximal signed UPDATE (as many RRs as fit in a 64 KB TCP message) holds the
 registry's core, sans-I/O, on SQLite in a temporary directory (issue 11 item 5).
 
-    PYTHONPATH=$PWD python3 bench/big_update.py [--reps 3]
-    PYTHONPATH=$PWD python3 bench/big_update.py --live [--source DIR]
+    python3 -m bench.big_update [--reps 3]
+    python3 -m bench.big_update --live [--source DIR]
 
 ``--live`` starts ``btmm serve`` (from ``--source``, default this checkout: point it at an
 older checkout to compare) on loopback, sends the maximal UPDATE over TCP while another
@@ -24,8 +23,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,6 +36,8 @@ import dns.rcode
 import dns.tsig
 import dns.update
 
+from bench import REPO
+from bench.serve import free_port, serving
 from btmm_core.registry.accounts import add_user
 from btmm_core.registry.handler import RegistryCore, Transport
 from btmm_core.registry.limits import UpdateLimits
@@ -98,15 +97,6 @@ def run_once(shape: str, count: int | None) -> tuple[float, int, str]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.bind(("127.0.0.1", 0))
-        port = int(u.getsockname()[1])
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-        t.bind(("127.0.0.1", port))  # raises if taken for TCP: run again
-    return port
-
-
 def live(source: Path) -> None:
     state = Path(tempfile.mkdtemp(prefix="btmm-bigupd-live-"))
     env = dict(
@@ -115,81 +105,58 @@ def live(source: Path) -> None:
         BTMM_REGISTRY_DOMAIN=PARENT.to_text(),
         BTMM_REGISTRY_STATE=str(state),
     )
-    port = _free_port()
-    serve = [sys.executable, "-m", "btmm_core", "serve"]
-    # cwd: python -m puts it first on sys.path, before --source
-    subprocess.run(
-        [*serve, "user", "add", "bob"], env=env, cwd=state, check=True, capture_output=True
-    )
-    text = (state / "credentials" / "bob.key").read_text()
-    secret = base64.b64decode(text.split('secret "')[1].split('"')[0])
+    port = free_port()
     zone = dns.name.from_text("bob", origin=PARENT)
-    log = open(state / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            *serve,
-            "--port",
-            str(port),
-            "--tls-port",
-            "0",
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=state,
-        stdout=log,
-        stderr=log,
-    )
+    options = ["--log-level", "warning"]
     try:
-        q = dns.message.make_query(zone, "SOA")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                dns.query.udp(q, "127.0.0.1", port=port, timeout=0.5)
-                break
-            except (OSError, dns.exception.Timeout):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("btmm serve did not start") from None
-        u = maximal(zone, "names")
-        keyring = {zone: dns.tsig.Key(zone, secret)}
-        u.use_tsig(keyring, zone)
-        wire = u.to_wire()  # rendered before the clock starts
-        result: dict[str, float | str] = {}
-
-        def send() -> None:
-            with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
-                t0 = time.perf_counter()
-                dns.query.send_tcp(sock, wire)
-                r, _ = dns.query.receive_tcp(sock, keyring=keyring, request_mac=u.mac)
-                result["update"] = time.perf_counter() - t0
-                result["rcode"] = dns.rcode.to_text(r.rcode())
-
-        worker = threading.Thread(target=send)
-        worker.start()
-        slowest = 0.0
-        while worker.is_alive():
-            t0 = time.perf_counter()
-            dns.query.udp(q, "127.0.0.1", port=port, timeout=120)
-            slowest = max(slowest, time.perf_counter() - t0)
-            time.sleep(0.01)
-        worker.join()
+        # cwd: python -m puts it first on sys.path, before --source
+        with serving(env, port, options, state / "server.log", zone.to_text(), cwd=state):
+            text = (state / "credentials" / "bob.key").read_text()
+            secret = base64.b64decode(text.split('secret "')[1].split('"')[0])
+            rrs, rcode, took, slowest = time_update(port, zone, secret)
         print(
-            f"live ({source}): {len(u.update)} RRs -> {result['rcode']} in"
-            f" {float(result['update']) * 1000:.1f} ms; slowest query meanwhile"
-            f" {slowest * 1000:.1f} ms"
+            f"live ({source}): {rrs} RRs -> {rcode} in {took * 1000:.1f} ms;"
+            f" slowest query meanwhile {slowest * 1000:.1f} ms"
         )
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def time_update(port: int, zone: dns.name.Name, secret: bytes) -> tuple[int, str, float, float]:
+    """Send the maximal UPDATE over TCP while asking a UDP query every 10 ms: its RR count,
+    rcode and seconds, and the slowest query answer seen meanwhile."""
+    u = maximal(zone, "names")
+    keyring = {zone: dns.tsig.Key(zone, secret)}
+    u.use_tsig(keyring, zone)
+    wire = u.to_wire()  # rendered before the clock starts
+    result: dict[str, float | str] = {}
+
+    def send() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+            t0 = time.perf_counter()
+            dns.query.send_tcp(sock, wire)
+            r, _ = dns.query.receive_tcp(sock, keyring=keyring, request_mac=u.mac)
+            result["update"] = time.perf_counter() - t0
+            result["rcode"] = dns.rcode.to_text(r.rcode())
+
+    q = dns.message.make_query(zone, "SOA")
+    worker = threading.Thread(target=send)
+    worker.start()
+    slowest = 0.0
+    while worker.is_alive():
+        t0 = time.perf_counter()
+        dns.query.udp(q, "127.0.0.1", port=port, timeout=120)
+        slowest = max(slowest, time.perf_counter() - t0)
+        time.sleep(0.01)
+    worker.join()
+    return len(u.update), str(result["rcode"]), float(result["update"]), slowest
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--live", action="store_true")
-    ap.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[1])
+    ap.add_argument("--source", type=Path, default=REPO)
     args = ap.parse_args()
     if args.live:
         live(args.source)

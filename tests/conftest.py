@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+# The namespace helpers of the data-plane tests (tests/dataplane/e2e_helpers.py) also serve the
+# key-exchange and benchmark tests: `from e2e_helpers import ...` works in every directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dataplane"))
 
 from btmm_core.dataplane import KINDS, rx_codec, tx_codec
 from btmm_core.dataplane.api import RxCodec, TxCodec

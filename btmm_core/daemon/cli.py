@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
@@ -13,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import structlog
 
 from btmm_core.daemon.config import DEFAULT_CONFIG, load_config, plan_join
 from btmm_core.daemon.config import join as do_join
 from btmm_core.errors import BtmmError, ConfigError
+from btmm_core.log import LEVELS, configure_logging
 
 _config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(path_type=Path), default=DEFAULT_CONFIG,
@@ -96,29 +95,18 @@ def join(config_path: Path, credentials: Path, secret_file: Path | None, host: s
                f"state in {cfg.state_dir}")
 
 
-def _setup_logging(level: str) -> None:
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)),
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=True),
-                    structlog.dev.ConsoleRenderer(colors=False)],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-
-
 @click.command("up")
 @_config_option
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+@click.option("--log-level", type=click.Choice(LEVELS),
               default=None, help="Overrides the configuration's log_level.")
 def up(config_path: Path, log_level: str | None) -> None:
     """Run the host daemon in the foreground until SIGTERM or Ctrl-C (clean shutdown removes
     this host's records)."""
-    from btmm_core.daemon.service import Daemon
+    from btmm_core.daemon.host import Daemon
 
     try:
         cfg = load_config(config_path)
-        _setup_logging(log_level or cfg.log_level)
+        configure_logging(log_level or cfg.log_level)
         daemon = Daemon(cfg)
         daemon.open()
     except BtmmError as err:

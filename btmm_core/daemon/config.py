@@ -154,7 +154,7 @@ def plan_join(
     settings: dict[str, Any],
 ) -> tuple[Config, dict[str, Any], bytes]:
     """Check what ``join`` will write (before anything is asked of the registry)."""
-    from btmm_core.keyex.identity import MIN_SECRET_LEN
+    from btmm_core.keyex.keys import MIN_SECRET_LEN
 
     secret = secret.strip()
     if len(secret) < MIN_SECRET_LEN:

@@ -1,7 +1,7 @@
 """The host's inner identity: a ULA (RFC 4193) bound to its device key, and the names derived
 from it (DESIGN.md §2).
 
-The address is ``btmm_core.keyex.identity.ula_of(public key)``: ``fd`` + 15 bytes of a hash of
+The address is ``btmm_core.keyex.keys.ula_of(public key)``: ``fd`` + 15 bytes of a hash of
 the device's X25519 public key. Every peer checks a published address against the published
 key, and the key exchange proves the key, so no host can claim another host's address (or any
 address outside fd00::/8). The address stays the same while the host moves (TCP connections
@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from btmm_core.keyex.identity import ula_of
+from btmm_core.keyex.keys import ula_of
 
 
 @dataclass(frozen=True)

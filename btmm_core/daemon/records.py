@@ -11,14 +11,13 @@ the driver signs them with TSIG (RFC 8945) and sends them. Names (DESIGN.md §2)
 
 What the registry (or another device of the account) says about a peer is checked before it is
 used (``peer_host_label``, ``verify_peer``): only names ``<label>.Z`` are followed, and the AAAA
-must be the address bound to the TXT key (``keyex.identity.ula_of``), which the handshake then
+must be the address bound to the TXT key (``keyex.keys.ula_of``), which the handshake then
 proves. So a record can neither point a host name outside the zone nor route an address that the
 peer's key does not own.
 """
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -34,20 +33,12 @@ import dns.update
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.errors import ConfigError, PeerRefused
-from btmm_core.keyex.identity import decode_public, ula_of
+from btmm_core.keyex.keys import decode_public, ula_of
 
 TTL = 60
 BROWSE_LABELS = ("_autotunnel", "_udp")
 #: a host label (RFC 1123 section 2.1): letters, digits and inner hyphens, at most 63
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-
-
-class TsigRcode(enum.IntEnum):
-    """TSIG errors (RFC 8945 section 5.3) a registry may answer with."""
-
-    BADSIG = 16
-    BADKEY = 17
-    BADTIME = 18
 
 
 @dataclass(frozen=True)

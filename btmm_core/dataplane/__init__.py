@@ -67,7 +67,7 @@ def tx_codec(spi: int, keymat: bytes, next_seq: int = 1, kind: str | None = None
     if resolve_kind(kind) == "fast":
         from btmm_core import _fast
 
-        return _fast.TxSa(spi, keymat, next_seq)  # type: ignore[no-any-return]
+        return _fast.TxSa(spi, keymat, next_seq)
     from btmm_core.dataplane.esp import EspTxSa
 
     return EspTxSa(spi, keymat, next_seq)
@@ -78,7 +78,7 @@ def rx_codec(spi: int, keymat: bytes, kind: str | None = None) -> RxCodec:
     if resolve_kind(kind) == "fast":
         from btmm_core import _fast
 
-        return _fast.RxSa(spi, keymat)  # type: ignore[no-any-return]
+        return _fast.RxSa(spi, keymat)
     from btmm_core.dataplane.esp import EspRxSa
 
     return EspRxSa(spi, keymat)

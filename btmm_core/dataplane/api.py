@@ -28,9 +28,12 @@ either bound a message is dropped as ``control_overflow``. Every control datagra
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from btmm_core.errors import ConfigError
 
 #: keying material = 32-byte AES-256 key + 4-byte salt (RFC 4106 §8.1)
 KEYMAT_LEN = 36
@@ -39,8 +42,15 @@ IV_LEN = 8
 ESP_HEADER_LEN = 8
 #: next header value for an IPv6 inner packet
 NEXT_HEADER_IPV6 = 41
+#: the non-ESP marker (RFC 3948 §2.2): a UDP payload starting with it is a control message
 CONTROL_MARKER = b"\x00\x00\x00\x00"
+#: the NAT keepalive (RFC 3948 §2.3): a UDP payload of this one byte
 KEEPALIVE = b"\xff"
+#: the largest UDP payload of one IPv4 datagram (65535 - 20 - 8), so of one GSO send too
+MAX_UDP_PAYLOAD = 65535 - 20 - 8
+#: the largest MTU (inner packet) whose ESP-in-UDP payload still fits ``MAX_UDP_PAYLOAD``:
+#: header and IV 16 + inner + padding to 4 + pad length and next header 2 + ICV 16
+MAX_MTU = 65470
 #: the replay window accepts a packet this many sequence numbers behind the highest seen
 REPLAY_WINDOW = 4096
 #: the last sequence number an SA may send; beyond it, the SA refuses (rekey first)
@@ -132,6 +142,17 @@ class TxSaExhausted:
 EngineEvent = ControlPacket | PeerRoamed | TxSaExhausted
 
 
+def parse_inner(inner: str) -> ipaddress.IPv6Address:
+    """A peer's inner address as both engines take it; ``ConfigError`` when it is not IPv6."""
+    try:
+        return ipaddress.IPv6Address(inner)
+    except ValueError as exc:
+        raise ConfigError(
+            f"peer inner address {inner!r} is not an IPv6 address",
+            hint="use the peer's ULA, for example fd00::2",
+        ) from exc
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to open an engine.
@@ -210,7 +231,8 @@ class Engine(Protocol):
 class TxCodec(Protocol):
     """The bare outbound codec of one SA (for tests and benchmarks)."""
 
-    spi: int
+    @property
+    def spi(self) -> int: ...
 
     @property
     def next_seq(self) -> int: ...
@@ -223,7 +245,8 @@ class TxCodec(Protocol):
 class RxCodec(Protocol):
     """The bare inbound codec of one SA, with its replay window."""
 
-    spi: int
+    @property
+    def spi(self) -> int: ...
 
     def open(self, payload: bytes) -> bytes:
         """Decrypt one UDP payload into the inner packet; raises ``PacketDropped``. The

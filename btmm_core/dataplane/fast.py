@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import btmm_core._fast as _fast
 from btmm_core.dataplane.api import (
@@ -22,17 +22,16 @@ from btmm_core.dataplane.api import (
     PeerInfo,
     PeerRoamed,
     TxSaExhausted,
+    parse_inner,
 )
 from btmm_core.errors import DataPlaneError
 
+if TYPE_CHECKING:  # the shapes of the extension's plain values exist only in _fast.pyi
+    from btmm_core._fast import _Counters, _Event
+
 
 def _inner_bytes(inner: str) -> bytes:
-    try:
-        return ipaddress.IPv6Address(inner).packed
-    except ValueError as exc:
-        raise ValueError(
-            f"inner address {inner!r} is not an IPv6 address (expected e.g. fd00::1)"
-        ) from exc
+    return parse_inner(inner).packed
 
 
 def _inner_text(raw: bytes) -> str:
@@ -47,7 +46,7 @@ def _endpoint(raw: tuple[str, int] | None) -> Endpoint | None:
     return None if raw is None else Endpoint(raw[0], raw[1])
 
 
-def _counters(raw: dict[str, Any]) -> Counters:
+def _counters(raw: _Counters) -> Counters:
     return Counters(
         packets_in=raw["packets_in"],
         bytes_in=raw["bytes_in"],
@@ -59,19 +58,16 @@ def _counters(raw: dict[str, Any]) -> Counters:
     )
 
 
-def _event(raw: tuple[Any, ...]) -> EngineEvent:
-    kind = raw[0]
-    if kind == "control":
-        return ControlPacket(Endpoint(raw[1], raw[2]), bytes(raw[3]))
-    if kind == "roamed":
-        new = _endpoint(raw[3])
-        if new is None:
-            raise DataPlaneError("the fast engine reported a roam without a new endpoint")
-        return PeerRoamed(_inner_text(raw[1]), _endpoint(raw[2]), new)
-    if kind == "exhausted":
-        return TxSaExhausted(_inner_text(raw[1]), raw[2])
+def _event(raw: _Event) -> EngineEvent:
+    match raw:
+        case ("control", host, port, payload):
+            return ControlPacket(Endpoint(host, port), bytes(payload))
+        case ("roamed", inner, old, new):
+            return PeerRoamed(_inner_text(inner), _endpoint(old), Endpoint(new[0], new[1]))
+        case ("exhausted", inner, spi):
+            return TxSaExhausted(_inner_text(inner), spi)
     raise DataPlaneError(
-        f"the fast engine reported an unknown event {kind!r}",
+        f"the fast engine reported an unknown event {raw[0]!r}",
         hint="btmm_core._fast and btmm_core were built from different versions; reinstall",
     )
 

@@ -44,6 +44,8 @@ from btmm_core.dataplane.api import (
     DROP_NAMES,
     KEEPALIVE,
     MAX_CONTROL_MESSAGE,
+    MAX_MTU,
+    MAX_UDP_PAYLOAD,
     ControlPacket,
     Counters,
     DropReason,
@@ -53,6 +55,7 @@ from btmm_core.dataplane.api import (
     PeerInfo,
     PeerRoamed,
     TxSaExhausted,
+    parse_inner,
 )
 from btmm_core.dataplane.esp import MIN_PAYLOAD, EspRxSa, EspTxSa
 from btmm_core.dataplane.tun import close_quietly, open_tun, set_mtu, set_up, tun_name_of
@@ -69,16 +72,11 @@ BATCH = 64
 MAX_RX_SAS = 2
 _IPV6_HEADER = 40
 _UDP_MAX = 65535
-#: the largest inner packet whose ESP-in-UDP datagram still fits in an IPv4 packet, with room
-#: for the ESP overhead (the Rust engine uses the same bound)
-_MAX_MTU = 65535 - 64
 #: udp(7) socket options (linux/udp.h); older Python builds do not name them
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 UDP_GRO = getattr(socket, "UDP_GRO", 104)
 #: the kernel's limit on segments per GSO send (UDP_MAX_SEGMENTS in older kernels)
 GSO_MAX_SEGMENTS = 64
-#: the largest UDP payload of one IPv4 datagram: the most one GSO send can carry
-MAX_UDP_PAYLOAD = 65535 - 20 - 8
 #: no UDP GSO on this path or kernel at all: stop trying
 _GSO_UNSUPPORTED = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 #: GSO refused for this run only (e.g. a segment above the path MTU): send it unsegmented
@@ -243,14 +241,21 @@ class _Peer:
         return self.inner.packed
 
 
-def _parse_inner(inner: str) -> ipaddress.IPv6Address:
+def _check_listen(listen: Endpoint) -> None:
+    """The socket's address must be an IPv4 address and a port, as the Rust engine demands
+    (``socket.bind`` would take a host name, or raise OverflowError for the port)."""
     try:
-        return ipaddress.IPv6Address(inner)
+        ipaddress.IPv4Address(listen.host)
     except ValueError as exc:
         raise ConfigError(
-            f"peer inner address {inner!r} is not an IPv6 address",
-            hint="use the peer's ULA, for example fd00::2",
+            f"listen host {listen.host!r} is not an IPv4 address",
+            hint="use an IPv4 address of this host, or 0.0.0.0 for all",
         ) from exc
+    if not 0 <= listen.port <= 65535:
+        raise ConfigError(
+            f"listen_port must be in 0..65535, got {listen.port}",
+            hint="see EngineConfig for the meaning and defaults of each field",
+        )
 
 
 class PythonEngine:
@@ -259,10 +264,10 @@ class PythonEngine:
     kind = "python"
 
     def __init__(self, config: EngineConfig) -> None:
-        if not 1280 <= config.mtu <= _MAX_MTU:
+        if not 1280 <= config.mtu <= MAX_MTU:
             raise ConfigError(
                 f"mtu {config.mtu} is out of range",
-                hint=f"IPv6 needs at least 1280 and ESP in UDP allows at most {_MAX_MTU}",
+                hint=f"IPv6 needs at least 1280 and ESP in UDP allows at most {MAX_MTU}",
             )
         if config.event_queue < 1:
             raise ConfigError(
@@ -275,6 +280,7 @@ class PythonEngine:
                 f"{MAX_CONTROL_MESSAGE} (one control message)",
                 hint=f"the default ({DEFAULT_CONTROL_QUEUE_BYTES}) suits every use",
             )
+        _check_listen(config.listen)
         self._config = config
         if config.tun_fd is not None:
             self._tun_name = tun_name_of(config.tun_fd)  # refuses anything but a TUN fd
@@ -371,7 +377,7 @@ class PythonEngine:
     # -- configuration ---------------------------------------------------------------------
 
     def _peer(self, inner: str) -> _Peer:
-        peer = self._peers.get(_parse_inner(inner).packed)
+        peer = self._peers.get(parse_inner(inner).packed)
         if peer is None:
             raise UnknownPeer(
                 f"no peer with inner address {inner}", hint="add it with add_peer first"
@@ -379,7 +385,7 @@ class PythonEngine:
         return peer
 
     def add_peer(self, inner: str, endpoint: Endpoint | None = None) -> None:
-        addr = _parse_inner(inner)
+        addr = parse_inner(inner)
         with self._lock:
             if addr.packed in self._peers:
                 raise DataPlaneError(
@@ -563,12 +569,13 @@ class PythonEngine:
         if payload == KEEPALIVE:
             self._total.keepalives_in += 1
             return None
-        if payload[:4] == CONTROL_MARKER:
+        if payload.startswith(CONTROL_MARKER):
             self._total.control_in += 1
-            if len(payload) - len(CONTROL_MARKER) > MAX_CONTROL_MESSAGE:
+            message = payload[len(CONTROL_MARKER) :]
+            if len(message) > MAX_CONTROL_MESSAGE:
                 self._total.drop(DropReason.CONTROL_OVERSIZE)
                 return None
-            self._queue_event(ControlPacket(source, payload[4:]))
+            self._queue_event(ControlPacket(source, message))
             return None
         if len(payload) < MIN_PAYLOAD or (len(payload) - MIN_PAYLOAD) % 4:
             # Checked before the SPI lookup, in the codec's own order.

@@ -78,9 +78,10 @@ def tun_name_of(fd: int) -> str:
     """The name of the TUN device an open file descriptor is attached to."""
     try:
         res = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a negative descriptor
         raise TunError(
-            f"file descriptor {fd} is not an attached TUN device: {exc.strerror}",
+            f"file descriptor {fd} is not an attached TUN device: "
+            f"{getattr(exc, 'strerror', None) or exc}",
             hint="pass a descriptor returned by TUNSETIFF on /dev/net/tun",
         ) from exc
     name_raw, flags = _IFREQ.unpack(res)

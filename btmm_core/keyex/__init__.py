@@ -1,9 +1,10 @@
 """Authenticated key exchange (Noise IKpsk2 in the spirit of WireGuard) and SA lifecycle.
 
-Modules: ``identity`` (device key pair, account PSK), ``noise`` (the sans-I/O handshake; its
-docstring specifies the construction), ``session`` (sans-I/O per-peer lifecycle: rekey,
-make-before-break, expiry, retries, keepalives), ``driver`` (asyncio, bound to a data-plane
-engine), ``run`` (a JSON-configured runner for tests and development).
+Modules: ``keys`` (device key pair, account PSK, the inner address bound to a key), ``noise``
+(the sans-I/O handshake; its docstring specifies the construction), ``session`` (sans-I/O
+per-peer lifecycle: rekey, make-before-break, expiry, retries, keepalives), ``driver``
+(asyncio, bound to a data-plane engine), ``cli`` (a JSON-configured runner for tests and
+development).
 
 The handshake in one paragraph
 ------------------------------
@@ -30,7 +31,7 @@ stolen device key alone fails at message 2, a leaked account secret alone fails 
 static DH); replay an initiation to the same responder (timestamps must increase, and must lie
 within ``max_skew`` behind and ``max_future`` ahead of its clock, which bounds replays after a
 restart); claim another device's inner address (it is derived from the device key, see
-``identity.ula_of``); move a peer's endpoint with an initiation (only messages that prove the
+``keys.ula_of``); move a peer's endpoint with an initiation (only messages that prove the
 PSK do); lock a peer out with a far-future timestamp (see ``noise``); make an initiator do
 Diffie-Hellman work with forged responses beyond a per-source rate; decrypt recorded
 tunnel traffic after a later compromise of device keys and account secret (the SA keys depend

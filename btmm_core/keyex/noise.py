@@ -16,7 +16,7 @@ The pattern is ``Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s`` with the prologue ``PRO
 
 Noise itself supplies mutual authentication, forward secrecy, the hiding of the initiator's
 identity (its static key travels encrypted) and key confirmation of the responder. The PSK
-(derived from the account secret, see ``identity.derive_psk``) is mixed in by message 2, so
+(derived from the account secret, see ``keys.derive_psk``) is mixed in by message 2, so
 a thief of a device key who lacks the account secret cannot complete a handshake. After
 message 2, ``Split()`` gives c1 (initiator to responder) and c2 (the other way). Those are
 Noise transport keys for ChaChaPoly; the ESP SAs use AES-256-GCM, so each is expanded with
@@ -108,7 +108,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from btmm_core.dataplane.api import KEYMAT_LEN, Endpoint
 from btmm_core.errors import ConfigError
-from btmm_core.keyex.identity import KEY_LEN, PSK_LEN, StaticKey
+from btmm_core.keyex.keys import KEY_LEN, PSK_LEN, StaticKey
 
 PROTOCOL_NAME = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 PROLOGUE = b"btmm keyex v1"
@@ -161,7 +161,6 @@ INITIATION_LEN = 4 + 4 + 32 + (KEY_LEN + TAG_LEN) + (TIMESTAMP_LEN + 4 + TAG_LEN
 RESPONSE_LEN = 4 + 4 + 4 + 32 + (8 + TAG_LEN) + 2 * MAC_LEN
 COOKIE_REPLY_LEN = 4 + 4 + COOKIE_NONCE_LEN + (MAC_LEN + TAG_LEN)
 CONFIRM_LEN = 4 + 4 + TAG_LEN
-CONFIRM_ACK_LEN = CONFIRM_LEN
 #: how many answered handshakes keep their confirm key, to re-acknowledge repeated confirms
 CONFIRMED_MEMORY = 64
 NO_MAC = bytes(MAC_LEN)

@@ -35,7 +35,7 @@ genuine confirm from another address can still move it, as it can with any authe
 packet: source addresses are not authenticated.)
 
 Each peer's inner address must be the one derived from its public key
-(``identity.ula_of``): ``KeyExchange.add_peer`` refuses any other, so the engine's check of
+(``keys.ula_of``): ``KeyExchange.add_peer`` refuses any other, so the engine's check of
 inner source addresses accepts from a peer only the address its key proves.
 
 A transmit key older than ``reject_after_time`` (or past ``reject_after_messages``) is never
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from btmm_core.dataplane.api import SEQ_MAX, Endpoint
 from btmm_core.errors import ConfigError
-from btmm_core.keyex.identity import ula_of
+from btmm_core.keyex.keys import ula_of
 from btmm_core.keyex.noise import (
     SPI_MAX,
     SPI_MIN,
@@ -436,7 +436,7 @@ class Session:
             times.append(float("-inf"))
         return min(times)
 
-    def on_timer(self, now: float, wall: float) -> list[Action]:
+    def tick(self, now: float, wall: float) -> list[Action]:
         cfg = self.cfg
         out: list[Action] = []
         hs = self.owner.handshaker
@@ -631,7 +631,7 @@ class KeyExchange:
         out: list[Action] = []
         for s in self.sessions.values():
             if s.next_deadline() <= now:
-                out += s.on_timer(now, wall)
+                out += s.tick(now, wall)
         return out
 
     def note_packets_out(self, inner: str, total: int) -> None:

@@ -29,7 +29,7 @@ from btmm_core.portmap.diagnosis import (
     diagnose_host,
 )
 from btmm_core.portmap.hops import DEFAULT_PROBE_TARGET, hop_address
-from btmm_core.portmap.service import MappingEvent, PortMapService
+from btmm_core.portmap.renewal import MappingEvent, MappingRenewal
 
 
 def _event_json(ev: MappingEvent) -> dict[str, Any]:
@@ -137,19 +137,19 @@ async def _netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], 
 
 async def _watch(client: PortMapClient, port: int, lifetime: int, seconds: float,
                  reboot_delay: float) -> int:
-    """Run the keep-alive service for ``seconds``, one JSON line per event."""
-    service = PortMapService(client, port, lifetime=lifetime, reboot_delay_max=reboot_delay)
+    """Run the keep-alive renewal for ``seconds``, one JSON line per event."""
+    renewal = MappingRenewal(client, port, lifetime=lifetime, reboot_delay_max=reboot_delay)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Stop cleanly so that the mapping is deleted on the gateway.
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+    await renewal.start()
     deadline = time.monotonic() + seconds
     mapped = False
     try:
         while (left := deadline - time.monotonic()) > 0 and not stop.is_set():
-            get = asyncio.ensure_future(service.events.get())
+            get = asyncio.ensure_future(renewal.events.get())
             stopped = asyncio.ensure_future(stop.wait())
             done, _ = await asyncio.wait({get, stopped}, timeout=left,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -161,9 +161,9 @@ async def _watch(client: PortMapClient, port: int, lifetime: int, seconds: float
             mapped = mapped or ev.mapping is not None
             click.echo(json.dumps(_event_json(ev)), nl=True)
     finally:
-        await service.stop(delete=True)
-        while not service.events.empty():
-            click.echo(json.dumps(_event_json(service.events.get_nowait())))
+        await renewal.stop(delete=True)
+        while not renewal.events.empty():
+            click.echo(json.dumps(_event_json(renewal.events.get_nowait())))
     return 0 if mapped else 1
 
 

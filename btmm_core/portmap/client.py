@@ -3,7 +3,7 @@
 Order (issue 5): PCP first; NAT-PMP when the gateway answers PCP with an unsupported version;
 UPnP IGD when neither answers. One request at a time per gateway (a lock), every exchange
 bounded by its retry schedule. Every answer's epoch goes through an ``EpochTracker``; a loss of
-state is remembered in ``state_lost`` for the service to act on.
+state is remembered in ``state_lost`` for the renewal (``renewal.MappingRenewal``) to act on.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ async def run_exchange(exchange: Exchange[T], local_address: str | None = None) 
     answer: list[T] = []
 
     def feed(data: bytes, addr: tuple[str, int]) -> None:
-        got = exchange.on_datagram(data, (addr[0], addr[1]))
+        got = exchange.receive(data, (addr[0], addr[1]))
         if got is not None:
             answer.append(got)
 
@@ -123,8 +123,9 @@ async def run_exchange(exchange: Exchange[T], local_address: str | None = None) 
     try:
         transport.sendto(exchange.start(time.monotonic()))
         while exchange.state is ExchangeState.WAITING:
-            assert exchange.deadline is not None
-            delay = max(0.0, exchange.deadline - time.monotonic())
+            deadline = exchange.next_deadline()
+            assert deadline is not None
+            delay = max(0.0, deadline - time.monotonic())
             proto.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proto.wake.wait(), delay)
@@ -134,7 +135,7 @@ async def run_exchange(exchange: Exchange[T], local_address: str | None = None) 
                 raise NothingListening(
                     f"nothing listens on {exchange.server[0]} port {exchange.server[1]} "
                     f"(ICMP port unreachable)")
-            again = exchange.on_timer(time.monotonic())
+            again = exchange.tick(time.monotonic())
             if again is not None:
                 transport.sendto(again)
         if answer:

@@ -72,9 +72,13 @@ class Exchange(Generic[T]):
         self._rand = rand
         self.state = ExchangeState.IDLE
         self.tries = 0
-        self.deadline: float | None = None
+        self._deadline: float | None = None
         self.answer: T | None = None
         self.ignored: list[str] = []
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` has something to do: None unless waiting for an answer."""
+        return self._deadline
 
     def start(self, now: float) -> bytes:
         """First transmission: returns the datagram to send."""
@@ -84,23 +88,23 @@ class Exchange(Generic[T]):
         return self._transmit(now)
 
     def _transmit(self, now: float) -> bytes:
-        self.deadline = now + self.schedule.interval(self.tries, self._rand())
+        self._deadline = now + self.schedule.interval(self.tries, self._rand())
         self.tries += 1
         return self.request
 
-    def on_timer(self, now: float) -> bytes | None:
-        """Called at or after ``deadline``: a retransmission, or None once the tries ran out."""
-        if self.state is not ExchangeState.WAITING or self.deadline is None:
+    def tick(self, now: float) -> bytes | None:
+        """At or after ``next_deadline()``: a retransmission, or None once the tries ran out."""
+        if self.state is not ExchangeState.WAITING or self._deadline is None:
             return None
-        if now < self.deadline:
+        if now < self._deadline:
             return None
         if self.tries >= self.schedule.max_tries:
             self.state = ExchangeState.EXHAUSTED
-            self.deadline = None
+            self._deadline = None
             return None
         return self._transmit(now)
 
-    def on_datagram(self, data: bytes, source: tuple[str, int]) -> T | None:
+    def receive(self, data: bytes, source: tuple[str, int]) -> T | None:
         """Feed a received datagram; returns the answer once one is accepted."""
         if self.state is not ExchangeState.WAITING:
             return None
@@ -116,6 +120,6 @@ class Exchange(Generic[T]):
             self.ignored.append("answer to another request")
             return None
         self.state = ExchangeState.DONE
-        self.deadline = None
+        self._deadline = None
         self.answer = answer
         return answer

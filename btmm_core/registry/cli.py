@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -20,6 +18,7 @@ from btmm_core.dns.tsig import KeyRole
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.llq.service import LLQService
+from btmm_core.log import configure_logging
 from btmm_core.registry.accounts import (
     add_user,
     algorithm_text,
@@ -37,20 +36,6 @@ from btmm_core.registry.update import NoLeasePolicy
 from btmm_core.registry.zones import ZoneConfig, ZoneStore
 
 DEFAULT_STATE = Path("/var/lib/btmm-registry")
-
-
-def _configure_logging(level: str) -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            structlog.dev.ConsoleRenderer(colors=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 def _domain(text: str) -> dns.name.Name:
@@ -232,7 +217,7 @@ def serve(
     )
     if ctx.invoked_subcommand is not None:
         return
-    _configure_logging(log_level)
+    configure_logging(log_level)
     parent = _domain(domain)
     try:
         policy = Policy(

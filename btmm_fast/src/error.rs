@@ -1,12 +1,16 @@
-//! Errors of the engine, mapped one to one onto btmm_core.errors by python.rs.
+//! Errors of the engine, mapped one to one onto Python exceptions by `python.rs`
+//! (`engine_err`): the class is the one the Python engine raises for the same mistake.
 
 use std::fmt;
 use std::io;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineError {
-    /// Bad argument from the caller (Python: ValueError).
+    /// A malformed argument of a call, such as keying material of the wrong length (Python:
+    /// ValueError, as the Python ESP codec raises).
     Invalid(String),
+    /// A bad engine setting: MTU, queue bounds, no TUN device named (Python: ConfigError).
+    Config { what: String, hint: Option<String> },
     /// TUN device could not be opened or configured (Python: TunError).
     Tun { what: String, hint: Option<String> },
     /// Missing privileges (Python: PermissionNeeded).
@@ -25,6 +29,13 @@ impl EngineError {
         }
     }
 
+    pub fn config(what: impl Into<String>, hint: impl Into<String>) -> Self {
+        EngineError::Config {
+            what: what.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
     pub fn io(context: &str, err: &io::Error) -> Self {
         EngineError::data_plane(format!("{context}: {err}"))
     }
@@ -32,7 +43,8 @@ impl EngineError {
     pub fn what(&self) -> &str {
         match self {
             EngineError::Invalid(w) | EngineError::UnknownPeer(w) => w,
-            EngineError::Tun { what, .. }
+            EngineError::Config { what, .. }
+            | EngineError::Tun { what, .. }
             | EngineError::Permission { what, .. }
             | EngineError::DataPlane { what, .. } => what,
         }
@@ -40,7 +52,8 @@ impl EngineError {
 
     pub fn hint(&self) -> Option<&str> {
         match self {
-            EngineError::Tun { hint, .. }
+            EngineError::Config { hint, .. }
+            | EngineError::Tun { hint, .. }
             | EngineError::Permission { hint, .. }
             | EngineError::DataPlane { hint, .. } => hint.as_deref(),
             _ => None,

@@ -29,6 +29,11 @@ pub const MAX_TRAILER: usize = 3 + 2 + ICV_LEN;
 /// Smallest valid payload: header, a 4-byte plaintext (trailer), ICV.
 pub const MIN_PAYLOAD: usize = HEADER_LEN + ICV_LEN + 4;
 pub const NEXT_HEADER_IPV6: u8 = 41;
+/// Non-ESP marker (RFC 3948 §2.2): a UDP payload starting with it is a control message, not
+/// ESP (SPI 0 is never valid).
+pub const CONTROL_MARKER: [u8; 4] = [0; 4];
+/// NAT keepalive (RFC 3948 §2.3): a UDP payload of this one byte, counted and dropped.
+pub const KEEPALIVE: [u8; 1] = [0xff];
 
 /// Why a packet was dropped; the values are shared with Python's `DropReason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -15,6 +15,7 @@ use crate::engine::{self, CounterSnapshot, Event, Inner};
 use crate::error::EngineError;
 use crate::esp::{self, DropReason};
 
+static CONFIG_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 static PACKET_DROPPED: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 static SA_EXHAUSTED: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 static DATA_PLANE_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
@@ -49,28 +50,22 @@ fn btmm_error(
     build().unwrap_or_else(|e| e)
 }
 
+/// The one translation of the engine's errors into Python: each variant becomes the class the
+/// Python engine raises for the same mistake (btmm_core.errors; ValueError for a malformed
+/// argument, as the Python ESP codec raises), so callers catch the same class whichever
+/// engine runs.
 fn engine_err(py: Python<'_>, e: EngineError) -> PyErr {
-    match e {
-        EngineError::Invalid(what) => PyValueError::new_err(what),
-        EngineError::Tun { what, hint } => {
-            btmm_error(py, &TUN_ERROR, "TunError", &what, hint.as_deref())
+    let (cell, name, what, hint) = match e {
+        EngineError::Invalid(what) => return PyValueError::new_err(what),
+        EngineError::UnknownPeer(what) => (&UNKNOWN_PEER, "UnknownPeer", what, None),
+        EngineError::Config { what, hint } => (&CONFIG_ERROR, "ConfigError", what, hint),
+        EngineError::Tun { what, hint } => (&TUN_ERROR, "TunError", what, hint),
+        EngineError::Permission { what, hint } => {
+            (&PERMISSION_NEEDED, "PermissionNeeded", what, hint)
         }
-        EngineError::Permission { what, hint } => btmm_error(
-            py,
-            &PERMISSION_NEEDED,
-            "PermissionNeeded",
-            &what,
-            hint.as_deref(),
-        ),
-        EngineError::UnknownPeer(what) => btmm_error(py, &UNKNOWN_PEER, "UnknownPeer", &what, None),
-        EngineError::DataPlane { what, hint } => btmm_error(
-            py,
-            &DATA_PLANE_ERROR,
-            "DataPlaneError",
-            &what,
-            hint.as_deref(),
-        ),
-    }
+        EngineError::DataPlane { what, hint } => (&DATA_PLANE_ERROR, "DataPlaneError", what, hint),
+    };
+    btmm_error(py, cell, name, &what, hint.as_deref())
 }
 
 fn dropped(py: Python<'_>, reason: DropReason) -> PyErr {
@@ -96,18 +91,30 @@ fn exhausted(py: Python<'_>, spi: u32) -> PyErr {
     )
 }
 
-/// Integers are taken as Python ints and range-checked here so that every bad value raises
-/// ValueError (PyO3's own conversions would raise OverflowError or TypeError).
-fn int_in(v: &Bound<'_, PyAny>, what: &str, lo: i128, hi: i128) -> PyResult<i128> {
+/// `v` as an integer in `lo..=hi`, or why not. Integers are taken as Python ints and
+/// range-checked here so that a bad value gets the project's class (PyO3's own conversions
+/// would raise OverflowError or TypeError).
+fn int_range(v: &Bound<'_, PyAny>, what: &str, lo: i128, hi: i128) -> Result<i128, String> {
     let n: i128 = v
         .extract()
-        .map_err(|_| PyValueError::new_err(format!("{what} must be an integer in {lo}..{hi}")))?;
+        .map_err(|_| format!("{what} must be an integer in {lo}..{hi}"))?;
     if n < lo || n > hi {
-        return Err(PyValueError::new_err(format!(
-            "{what} must be in {lo}..{hi}, got {n}"
-        )));
+        return Err(format!("{what} must be in {lo}..{hi}, got {n}"));
     }
     Ok(n)
+}
+
+/// An argument of a call: out of range is a ValueError.
+fn int_in(v: &Bound<'_, PyAny>, what: &str, lo: i128, hi: i128) -> PyResult<i128> {
+    int_range(v, what, lo, hi).map_err(PyValueError::new_err)
+}
+
+/// A field of EngineConfig: out of range is a ConfigError, as in the Python engine.
+fn setting(v: &Bound<'_, PyAny>, what: &str, lo: i128, hi: i128) -> Result<i128, EngineError> {
+    int_range(v, what, lo, hi).map_err(|what| EngineError::Config {
+        what,
+        hint: Some("see EngineConfig for the meaning and defaults of each field".into()),
+    })
 }
 
 fn spi_arg(v: &Bound<'_, PyAny>) -> PyResult<u32> {
@@ -298,26 +305,37 @@ impl PyEngine {
         event_queue: &Bound<'_, PyAny>,
         control_queue_bytes: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
-        let tun_fd = match tun_fd {
-            Some(v) if !v.is_none() => Some(int_in(v, "tun_fd", 0, i128::from(i32::MAX))? as i32),
-            _ => None,
+        let config = || -> Result<engine::Config, EngineError> {
+            let tun_fd = match tun_fd {
+                // A negative descriptor is refused by the TUN layer (TunError), as in Python.
+                Some(v) if !v.is_none() => {
+                    Some(setting(v, "tun_fd", i32::MIN.into(), i32::MAX.into())? as i32)
+                }
+                _ => None,
+            };
+            let ip: Ipv4Addr = listen_host.parse().map_err(|_| {
+                EngineError::config(
+                    format!("listen host {listen_host:?} is not an IPv4 address"),
+                    "use an IPv4 address of this host, or 0.0.0.0 for all",
+                )
+            })?;
+            let port = setting(listen_port, "listen_port", 0, 65535)? as u16;
+            Ok(engine::Config {
+                tun_name,
+                tun_fd,
+                listen: SocketAddrV4::new(ip, port),
+                mtu: setting(mtu, "mtu", 0, i128::from(u32::MAX))? as u32,
+                event_queue: setting(event_queue, "event_queue", 1, 1 << 24)? as usize,
+                control_queue_bytes: setting(
+                    control_queue_bytes,
+                    "control_queue_bytes",
+                    0,
+                    1 << 40,
+                )? as usize,
+            })
         };
-        let ip: Ipv4Addr = listen_host.parse().map_err(|_| {
-            PyValueError::new_err(format!(
-                "listen host {listen_host:?} is not an IPv4 address"
-            ))
-        })?;
-        let cfg = engine::Config {
-            tun_name,
-            tun_fd,
-            listen: SocketAddrV4::new(ip, int_in(listen_port, "listen_port", 0, 65535)? as u16),
-            mtu: int_in(mtu, "mtu", 0, i128::from(u32::MAX))? as u32,
-            event_queue: int_in(event_queue, "event_queue", 1, 1 << 24)? as usize,
-            control_queue_bytes: int_in(control_queue_bytes, "control_queue_bytes", 0, 1 << 40)?
-                as usize,
-        };
-        let engine = py
-            .allow_threads(|| engine::Engine::new(cfg))
+        let engine = config()
+            .and_then(|cfg| py.allow_threads(|| engine::Engine::new(cfg)))
             .map_err(|e| engine_err(py, e))?;
         Ok(PyEngine { engine })
     }

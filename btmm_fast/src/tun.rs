@@ -99,9 +99,10 @@ impl Tun {
     /// brings it up.
     pub fn open(name: &str, mtu: u32) -> Result<Tun, EngineError> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
-            return Err(EngineError::Invalid(format!(
-                "TUN name {name:?} must be 1..15 bytes without '/', spaces or NUL"
-            )));
+            return Err(EngineError::Tun {
+                what: format!("invalid TUN device name {name:?}"),
+                hint: Some("use 1 to 15 bytes without '/', spaces or NUL".into()),
+            });
         }
         // SAFETY: open(2) with a NUL-terminated literal path.
         let raw = unsafe {
@@ -160,9 +161,10 @@ impl Tun {
     /// privileged helper). It must be a layer-3 device without packet information.
     pub fn attach(raw: RawFd) -> Result<Tun, EngineError> {
         if raw < 0 {
-            return Err(EngineError::Invalid(format!(
-                "tun_fd {raw} is not a file descriptor"
-            )));
+            return Err(EngineError::Tun {
+                what: format!("tun_fd {raw} is not a file descriptor"),
+                hint: Some("pass a descriptor returned by TUNSETIFF on /dev/net/tun".into()),
+            });
         }
         let mut req = IfReq::new("");
         // SAFETY: TUNGETIFF fills a `struct ifreq`; on a non-TUN fd it fails with EBADFD/EINVAL.
@@ -283,14 +285,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_names() {
-        assert!(matches!(Tun::open("", 1400), Err(EngineError::Invalid(_))));
+        assert!(matches!(Tun::open("", 1400), Err(EngineError::Tun { .. })));
         assert!(matches!(
             Tun::open("a-very-long-name-x", 1400),
-            Err(EngineError::Invalid(_))
+            Err(EngineError::Tun { .. })
         ));
         assert!(matches!(
             Tun::open("a/b", 1400),
-            Err(EngineError::Invalid(_))
+            Err(EngineError::Tun { .. })
         ));
     }
 

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The kernel's limit on segments per GSO send (UDP_MAX_SEGMENTS in older kernels).
 const GSO_MAX_SEGMENTS: usize = 64;
-/// Largest UDP payload of one (super-)datagram over IPv4.
-const MAX_UDP_PAYLOAD: usize = 65507;
+/// Largest UDP payload of one datagram over IPv4 (65535 - 20 - 8), and so of one GSO send.
+pub const MAX_UDP_PAYLOAD: usize = 65507;
 /// Socket buffers large enough to absorb a few batches at line rate.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 

@@ -31,7 +31,7 @@ from btmm_core.daemon.records import (
 )
 from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.errors import ConfigError
-from btmm_core.keyex.identity import ula_of
+from btmm_core.keyex.keys import ula_of
 
 ZONE = dns.name.from_text("bob.members.example.")
 ULA = ipaddress.IPv6Address("fd12:3456:789a:1:5054:ff:fe12:3456")

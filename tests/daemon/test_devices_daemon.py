@@ -27,9 +27,9 @@ from live_registry import live_registry
 from btmm_core.daemon.cli import render_status
 from btmm_core.daemon.config import load_config
 from btmm_core.daemon.dnsclient import RegistryClient
+from btmm_core.daemon.host import Daemon
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import Publication, publish_update
-from btmm_core.daemon.service import Daemon
 from btmm_core.dns.keyfile import read_key_file
 from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.errors import ClockSkew, CredentialsRejected

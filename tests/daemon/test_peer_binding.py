@@ -18,16 +18,16 @@ import dns.rrset
 import pytest
 import structlog.testing
 
-from btmm_core.daemon import service
+from btmm_core.daemon import host as daemon_host
 from btmm_core.daemon.config import Config
+from btmm_core.daemon.host import Daemon
 from btmm_core.daemon.hosts import replace_block
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import PeerRecords, peer_host_label, verify_peer
-from btmm_core.daemon.service import Daemon
 from btmm_core.dataplane.api import Endpoint
 from btmm_core.errors import PeerRefused
 from btmm_core.keyex.driver import KeyExchangeDriver
-from btmm_core.keyex.identity import StaticKey, ula_of
+from btmm_core.keyex.keys import StaticKey, ula_of
 from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import KeyExchange
 from btmm_core.llq.client import Changes, Record
@@ -129,7 +129,7 @@ class TableRegistry:
 @pytest.fixture
 def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, list[str]]:
     routes: list[str] = []
-    monkeypatch.setattr(service, "set_routes", lambda dev, inners: routes.extend(inners))
+    monkeypatch.setattr(daemon_host, "set_routes", lambda dev, inners: routes.extend(inners))
     d = Daemon.__new__(Daemon)  # no files, sockets or engine: only the peer handling
     d.cfg = Config(path=tmp_path / "btmm.toml", host="laptop", hosts_file=tmp_path / "hosts")
     d.zone = ZONE

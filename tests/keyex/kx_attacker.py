@@ -14,7 +14,7 @@ import sys
 import time
 
 from btmm_core.dataplane.api import CONTROL_MARKER
-from btmm_core.keyex.identity import StaticKey, decode_public
+from btmm_core.keyex.keys import StaticKey, decode_public
 from btmm_core.keyex.noise import Handshaker, MessageType
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from btmm_core.dataplane.api import Endpoint
-from btmm_core.keyex.identity import StaticKey, derive_psk
+from btmm_core.keyex.keys import StaticKey, derive_psk
 from btmm_core.keyex.noise import HandshakeConfig, Handshaker
 
 SECRET = b"correct horse battery staple, account 1"

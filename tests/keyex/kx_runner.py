@@ -1,4 +1,4 @@
-"""Drive ``python -m btmm_core.keyex.run`` processes inside lab namespaces (tests only)."""
+"""Drive ``python -m btmm_core.keyex.cli`` processes inside lab namespaces (tests only)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from e2e_helpers import LineReader, env
+from e2e_helpers import A_OUTER, B_OUTER, PORT, LineReader, env
 
-from btmm_core.keyex.identity import StaticKey, ula_of
+from btmm_core.keyex.keys import StaticKey, ula_of
 
 #: fixed device keys for hosts a and b, so that their inner addresses (bound to the keys)
 #: are known in advance
@@ -30,6 +30,14 @@ def device_key(path: Path, name: str) -> StaticKey:
     return KEYS[name]
 
 
+def device_key_file(work: Path, name: str) -> Path:
+    """``work/NAME.key`` holding host ``name``'s fixed device key, written on first use."""
+    path = work / f"{name}.key"
+    if not path.exists():
+        device_key(path, name)
+    return path
+
+
 class Runner:
     def __init__(self, ns: Any, name: str, cfg: dict[str, Any], work: Path) -> None:
         path = work / f"{name}.json"
@@ -37,7 +45,7 @@ class Runner:
         self.name = name
         self.log = work / f"{name}.log"
         self.proc = ns.popen(
-            [sys.executable, "-m", "btmm_core.keyex.run", str(path)],
+            [sys.executable, "-m", "btmm_core.keyex.cli", str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log.open("w"),
@@ -90,9 +98,10 @@ def runner_config(
     peer_outer: str,
     session: dict[str, Any],
     *,
-    port: int = 4500,
+    port: int = PORT,
     connect: bool = True,
     handshake: dict[str, Any] | None = None,
+    poll_interval: float = 0.2,
 ) -> dict[str, Any]:
     return {
         "handshake": handshake or {},
@@ -104,7 +113,7 @@ def runner_config(
         "key_file": str(key),
         "secret_file": str(secret),
         "session": session,
-        "poll_interval": 0.2,
+        "poll_interval": poll_interval,
         "peers": [
             {
                 "public": peer_pub,
@@ -114,3 +123,38 @@ def runner_config(
             }
         ],
     }
+
+
+_OTHER = {"a": "b", "b": "a"}
+_INNER = {"a": A_INNER, "b": B_INNER}
+_OUTER = {"a": A_OUTER, "b": B_OUTER}
+
+
+def host_runner(
+    ns: Any,
+    name: str,
+    work: Path,
+    secret: Path,
+    session: dict[str, Any],
+    *,
+    kind: str = "python",
+    peer_public: str | None = None,
+    peer_inner: str | None = None,
+    **options: Any,
+) -> Runner:
+    """Start host ``name`` (``a`` or ``b``, its fixed key written to ``work/NAME.key``) with the
+    other host as its one peer, trusted by its fixed key unless ``peer_public``/``peer_inner``
+    say otherwise; ``options`` go to ``runner_config``."""
+    other = _OTHER[name]
+    cfg = runner_config(
+        kind,
+        _INNER[name],
+        device_key_file(work, name),
+        secret,
+        peer_public or KEYS[other].public_b64,
+        peer_inner or _INNER[other],
+        _OUTER[other],
+        session,
+        **options,
+    )
+    return Runner(ns, name, cfg, work)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from kx_helpers import A_ADDR, B_ADDR, PSK, WALL0, CountingRandom, key
 
 from btmm_core.dataplane.api import Endpoint
-from btmm_core.keyex.identity import ula_of
+from btmm_core.keyex.keys import ula_of
 from btmm_core.keyex.noise import HandshakeConfig, Handshaker
 from btmm_core.keyex.session import (
     Action,

@@ -8,7 +8,7 @@ import pytest
 from kx_helpers import A_ADDR, B_ADDR, PSK, WALL0, CountingRandom, key, pair
 
 from btmm_core.dataplane.api import Endpoint
-from btmm_core.keyex.identity import derive_psk
+from btmm_core.keyex.keys import derive_psk
 from btmm_core.keyex.noise import (
     INITIATION_LEN,
     LABEL_MAC1,

@@ -7,18 +7,14 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 from e2e_helpers import (
-    A_OUTER,
-    B_OUTER,
-    PORT,
     ping6,
     transfer,
     two_hosts,
 )
-from kx_runner import A_INNER, B_INNER, Runner, device_key, runner_config
+from kx_runner import A_INNER, B_INNER, KEYS, host_runner
 
 from btmm_core.lab.netns import Lab
 
@@ -45,54 +41,13 @@ SESSION = {
 def test_handshake_ping_and_100mb_across_rekeys(kinds: tuple[str, str], tmp_path: Path) -> None:
     secret = tmp_path / "account.secret"
     secret.write_bytes(b"a test account secret, 32 bytes!")
-    a_key = device_key(tmp_path / "a.key", "a")
-    b_key = device_key(tmp_path / "b.key", "b")
-
-    def cfg(
-        kind: str,
-        me: str,
-        key: Path,
-        peer_pub: str,
-        peer_inner: str,
-        peer_outer: str,
-        connect: bool,
-    ) -> dict[str, Any]:
-        return {
-            "dataplane": kind,
-            "tun": "btmm0",
-            "mtu": 1420,
-            "address": f"{me}/128",
-            "listen_port": PORT,
-            "key_file": str(key),
-            "secret_file": str(secret),
-            "session": SESSION,
-            "poll_interval": 0.05,
-            "peers": [
-                {
-                    "public": peer_pub,
-                    "inner": peer_inner,
-                    "endpoint": f"{peer_outer}:{PORT}",
-                    "connect": connect,
-                }
-            ],
-        }
 
     with Lab() as lab:
         a, b = two_hosts(lab)
-        ra = Runner(
-            a,
-            "a",
-            cfg(kinds[0], A_INNER, tmp_path / "a.key", b_key.public_b64, B_INNER, B_OUTER, True),
-            tmp_path,
-        )
-        rb = Runner(
-            b,
-            "b",
-            cfg(kinds[1], B_INNER, tmp_path / "b.key", a_key.public_b64, A_INNER, A_OUTER, True),
-            tmp_path,
-        )
+        ra = host_runner(a, "a", tmp_path, secret, SESSION, kind=kinds[0], poll_interval=0.05)
+        rb = host_runner(b, "b", tmp_path, secret, SESSION, kind=kinds[1], poll_interval=0.05)
         try:
-            for r, k in ((ra, a_key), (rb, b_key)):
+            for r, k in ((ra, KEYS["a"]), (rb, KEYS["b"])):
                 ready = r.next(30, "ready")
                 assert ready.get("ready") is True, ready
                 assert ready["public"] == k.public_b64
@@ -153,40 +108,11 @@ def test_transfers_both_ways_at_once_across_rekeys(kinds: tuple[str, str], tmp_p
     size = 40 * 1024 * 1024
     secret = tmp_path / "account.secret"
     secret.write_bytes(b"a test account secret, 32 bytes!")
-    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     session = {**SESSION, "rekey_after_messages": 5_000}
     with Lab() as lab:
         a, b = two_hosts(lab)
-        ra = Runner(
-            a,
-            "a",
-            runner_config(
-                kinds[0],
-                A_INNER,
-                tmp_path / "a.key",
-                secret,
-                kb.public_b64,
-                B_INNER,
-                B_OUTER,
-                session,
-            ),
-            tmp_path,
-        )
-        rb = Runner(
-            b,
-            "b",
-            runner_config(
-                kinds[1],
-                B_INNER,
-                tmp_path / "b.key",
-                secret,
-                ka.public_b64,
-                A_INNER,
-                A_OUTER,
-                session,
-            ),
-            tmp_path,
-        )
+        ra = host_runner(a, "a", tmp_path, secret, session, kind=kinds[0])
+        rb = host_runner(b, "b", tmp_path, secret, session, kind=kinds[1])
         try:
             assert ra.next(30, "ready")["ready"] and rb.next(30, "ready")["ready"]
             ra.wait_event("established", 30)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from e2e_helpers import A_OUTER, A_ROAMED, B_OUTER, PORT, env, ping6, two_hosts
-from kx_runner import A_INNER, B_INNER, Runner, device_key, runner_config
+from kx_runner import A_INNER, B_INNER, KEYS, Runner, host_runner
 
-from btmm_core.keyex.identity import load_or_create, ula_of
+from btmm_core.keyex.keys import load_or_create, ula_of
 from btmm_core.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
@@ -46,27 +46,12 @@ def _no_tunnel(ra: Runner, rb: Runner, a: object, b: object) -> None:
 
 
 def test_wrong_account_secret_gets_no_tunnel(tmp_path: Path) -> None:
-    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     sa = _secret(tmp_path / "a.secret", b"the account secret of one user")
     sb = _secret(tmp_path / "b.secret", b"the account secret of another!")
     with Lab() as lab:
         a, b = two_hosts(lab)
-        ra = Runner(
-            a,
-            "a",
-            runner_config(
-                "python", A_INNER, tmp_path / "a.key", sa, kb.public_b64, B_INNER, B_OUTER, SESSION
-            ),
-            tmp_path,
-        )
-        rb = Runner(
-            b,
-            "b",
-            runner_config(
-                "python", B_INNER, tmp_path / "b.key", sb, ka.public_b64, A_INNER, A_OUTER, SESSION
-            ),
-            tmp_path,
-        )
+        ra = host_runner(a, "a", tmp_path, sa, SESSION)
+        rb = host_runner(b, "b", tmp_path, sb, SESSION)
         try:
             assert ra.next(30, "ready")["ready"] and rb.next(30, "ready")["ready"]
             _no_tunnel(ra, rb, a, b)
@@ -81,41 +66,14 @@ def test_wrong_account_secret_gets_no_tunnel(tmp_path: Path) -> None:
 
 
 def test_untrusted_device_key_gets_no_tunnel(tmp_path: Path) -> None:
-    device_key(tmp_path / "a.key", "a")
-    kb = device_key(tmp_path / "b.key", "b")
     other = load_or_create(tmp_path / "other.key")  # b trusts this key, not a's
     secret = _secret(tmp_path / "secret", b"one account secret for both")
     with Lab() as lab:
         a, b = two_hosts(lab)
-        ra = Runner(
-            a,
-            "a",
-            runner_config(
-                "python",
-                A_INNER,
-                tmp_path / "a.key",
-                secret,
-                kb.public_b64,
-                B_INNER,
-                B_OUTER,
-                SESSION,
-            ),
-            tmp_path,
-        )
-        rb = Runner(
-            b,
-            "b",
-            runner_config(
-                "python",
-                B_INNER,
-                tmp_path / "b.key",
-                secret,
-                other.public_b64,
-                str(ula_of(other.public)),
-                A_OUTER,
-                SESSION,
-            ),
-            tmp_path,
+        ra = host_runner(a, "a", tmp_path, secret, SESSION)
+        rb = host_runner(
+            b, "b", tmp_path, secret, SESSION,
+            peer_public=other.public_b64, peer_inner=str(ula_of(other.public)),
         )
         try:
             assert ra.next(30, "ready")["ready"] and rb.next(30, "ready")["ready"]
@@ -130,46 +88,16 @@ def test_untrusted_device_key_gets_no_tunnel(tmp_path: Path) -> None:
 
 
 def test_late_peer_is_reached_on_demand_after_giving_up(tmp_path: Path) -> None:
-    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     secret = _secret(tmp_path / "secret", b"one account secret for both")
     with Lab() as lab:
         a, b = two_hosts(lab)
-        ra = Runner(
-            a,
-            "a",
-            runner_config(
-                "python",
-                A_INNER,
-                tmp_path / "a.key",
-                secret,
-                kb.public_b64,
-                B_INNER,
-                B_OUTER,
-                SESSION,
-            ),
-            tmp_path,
-        )
+        ra = host_runner(a, "a", tmp_path, secret, SESSION)
         rb: Runner | None = None
         try:
             assert ra.next(30, "ready")["ready"]
             assert "no handshake answer" in ra.wait_event("failed", 30)["what"]
             # b comes up passive: it neither initiates nor has traffic of its own
-            rb = Runner(
-                b,
-                "b",
-                runner_config(
-                    "python",
-                    B_INNER,
-                    tmp_path / "b.key",
-                    secret,
-                    ka.public_b64,
-                    A_INNER,
-                    A_OUTER,
-                    SESSION,
-                    connect=False,
-                ),
-                tmp_path,
-            )
+            rb = host_runner(b, "b", tmp_path, secret, SESSION, connect=False)
             assert rb.next(30, "ready")["ready"]
             # a's traffic to b is dropped for want of an SA, which brings the session up
             deadline = time.monotonic() + 30
@@ -184,30 +112,13 @@ def test_late_peer_is_reached_on_demand_after_giving_up(tmp_path: Path) -> None:
 
 
 def test_responder_under_load_hands_out_cookies_and_peer_still_connects(tmp_path: Path) -> None:
-    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     secret = _secret(tmp_path / "secret", b"one account secret for both")
     # b calls itself loaded after 3 DHs within a second, for 2 s
     loaded = {"load_threshold": 3, "load_hold": 2.0}
     with Lab() as lab:
         a, b = two_hosts(lab)
         a.run(["ip", "addr", "add", f"{A_ROAMED}/24", "dev", "eth0"])
-        rb = Runner(
-            b,
-            "b",
-            runner_config(
-                "python",
-                B_INNER,
-                tmp_path / "b.key",
-                secret,
-                ka.public_b64,
-                A_INNER,
-                A_OUTER,
-                SESSION,
-                connect=False,
-                handshake=loaded,
-            ),
-            tmp_path,
-        )
+        rb = host_runner(b, "b", tmp_path, secret, SESSION, connect=False, handshake=loaded)
         ra: Runner | None = None
         try:
             assert rb.next(30, "ready")["ready"]
@@ -220,7 +131,7 @@ def test_responder_under_load_hands_out_cookies_and_peer_still_connects(tmp_path
                     "5555",
                     B_OUTER,
                     str(PORT),
-                    kb.public_b64,
+                    KEYS["b"].public_b64,
                     "80",
                     "0.1",
                 ],
@@ -230,21 +141,7 @@ def test_responder_under_load_hands_out_cookies_and_peer_still_connects(tmp_path
                 env=env(),
             )
             time.sleep(1.0)
-            ra = Runner(
-                a,
-                "a",
-                runner_config(
-                    "python",
-                    A_INNER,
-                    tmp_path / "a.key",
-                    secret,
-                    kb.public_b64,
-                    B_INNER,
-                    B_OUTER,
-                    SESSION,
-                ),
-                tmp_path,
-            )
+            ra = host_runner(a, "a", tmp_path, secret, SESSION)
             assert ra.next(30, "ready")["ready"]
             est = ra.wait_event("established", 30)
             assert est["initiator"] is True
@@ -270,25 +167,10 @@ def test_responder_under_load_hands_out_cookies_and_peer_still_connects(tmp_path
 def _pair(
     tmp_path: Path, lab: Lab, session: dict[str, object]
 ) -> tuple[Runner, Runner, object, object]:
-    ka, kb = device_key(tmp_path / "a.key", "a"), device_key(tmp_path / "b.key", "b")
     secret = _secret(tmp_path / "secret", b"one account secret for both")
     a, b = two_hosts(lab)
-    ra = Runner(
-        a,
-        "a",
-        runner_config(
-            "python", A_INNER, tmp_path / "a.key", secret, kb.public_b64, B_INNER, B_OUTER, session
-        ),
-        tmp_path,
-    )
-    rb = Runner(
-        b,
-        "b",
-        runner_config(
-            "python", B_INNER, tmp_path / "b.key", secret, ka.public_b64, A_INNER, A_OUTER, session
-        ),
-        tmp_path,
-    )
+    ra = host_runner(a, "a", tmp_path, secret, session)
+    rb = host_runner(b, "b", tmp_path, secret, session)
     assert ra.next(30, "ready")["ready"] and rb.next(30, "ready")["ready"]
     ra.wait_event("established", 30)
     rb.wait_event("established", 30)

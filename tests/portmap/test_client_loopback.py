@@ -1,4 +1,4 @@
-"""The asyncio client and service against a gateway simulator on loopback.
+"""The asyncio client and renewal against a gateway simulator on loopback.
 
 The simulator is built from the same sans-I/O encoders; it lets the tests do what miniupnpd
 cannot be made to do on demand: speak NAT-PMP only, answer with a wrong nonce, answer from the
@@ -18,8 +18,8 @@ import pytest
 from btmm_core.portmap import natpmp, pcp
 from btmm_core.portmap.client import PortMapClient
 from btmm_core.portmap.diagnosis import Outcome, Verdict, diagnose_failure
+from btmm_core.portmap.renewal import EventKind, MappingRenewal
 from btmm_core.portmap.retry import RetrySchedule
-from btmm_core.portmap.service import EventKind, PortMapService
 
 EXT = ipaddress.IPv4Address("198.51.100.7")
 FAST = RetrySchedule(initial=0.05, max_tries=3)
@@ -208,33 +208,33 @@ def test_one_request_at_a_time() -> None:
     asyncio.run(main())
 
 
-def test_service_recreates_after_reboot_announcement() -> None:
+def test_renewal_recreates_after_reboot_announcement() -> None:
     async def main() -> None:
         gw, port, tr = await _with_gateway("pcp")
         client = _client(port)
-        service = PortMapService(client, 4500, lifetime=600, reboot_delay_max=0.05,
+        renewal = MappingRenewal(client, 4500, lifetime=600, reboot_delay_max=0.05,
                                  listen_announcements=False, rng=random.Random(2))
-        await service.start()
-        first = await asyncio.wait_for(service.events.get(), 5)
+        await renewal.start()
+        first = await asyncio.wait_for(renewal.events.get(), 5)
         assert first.kind is EventKind.MAPPED
         gw.reboot()
         # An announcement from someone else is ignored; the gateway's own one is not.
         ann = pcp.encode_response(pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, gw.epoch()))
-        service._on_announcement(ann, "127.0.0.2")
-        assert service.events.empty()
-        service._on_announcement(ann, "127.0.0.1")
-        again = await asyncio.wait_for(service.events.get(), 5)
+        renewal._on_announcement(ann, "127.0.0.2")
+        assert renewal.events.empty()
+        renewal._on_announcement(ann, "127.0.0.1")
+        again = await asyncio.wait_for(renewal.events.get(), 5)
         assert again.kind is EventKind.RECREATED and "ANNOUNCE" in again.reason
         # A NAT-PMP announcement of a new external address (no reboot: the epoch is fine)
-        # makes the service ask again; this time the gateway hands out another port.
+        # makes the renewal ask again; this time the gateway hands out another port.
         gw.external_port = 4700
-        service._on_announcement(natpmp.encode_response(natpmp.PublicAddressResponse(
+        renewal._on_announcement(natpmp.encode_response(natpmp.PublicAddressResponse(
             0, gw.epoch(), ipaddress.IPv4Address("198.51.100.8"))), "127.0.0.1")
-        changed = await asyncio.wait_for(service.events.get(), 5)
+        changed = await asyncio.wait_for(renewal.events.get(), 5)
         assert changed.kind is EventKind.CHANGED and changed.mapping is not None
         assert changed.mapping.external_port == 4700
-        await service.stop()
-        deleted = await asyncio.wait_for(service.events.get(), 5)
+        await renewal.stop()
+        deleted = await asyncio.wait_for(renewal.events.get(), 5)
         assert deleted.kind is EventKind.DELETED
         last = pcp.decode_request(gw.received[-1])
         assert last.lifetime == 0  # delete on shutdown
@@ -249,34 +249,34 @@ def test_announce_after_a_quick_restart_recreates_even_when_the_epoch_looks_fine
     async def main() -> None:
         gw, port, tr = await _with_gateway("pcp")
         client = _client(port)
-        service = PortMapService(client, 4500, lifetime=600, reboot_delay_max=0.05,
+        renewal = MappingRenewal(client, 4500, lifetime=600, reboot_delay_max=0.05,
                                  listen_announcements=False, rng=random.Random(3))
-        await service.start()
-        first = await asyncio.wait_for(service.events.get(), 5)
+        await renewal.start()
+        first = await asyncio.wait_for(renewal.events.get(), 5)
         assert first.kind is EventKind.MAPPED
         ann = pcp.encode_response(pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, gw.epoch() + 1))
-        service._on_announcement(ann, "127.0.0.1")
-        again = await asyncio.wait_for(service.events.get(), 5)
+        renewal._on_announcement(ann, "127.0.0.1")
+        again = await asyncio.wait_for(renewal.events.get(), 5)
         assert again.kind is EventKind.RECREATED and "ANNOUNCE" in again.reason
-        await service.stop()
+        await renewal.stop()
         tr.close()
     asyncio.run(main())
 
 
-def test_service_renews_at_half_lifetime_and_sees_epoch_reset() -> None:
+def test_renewal_renews_at_half_lifetime_and_sees_epoch_reset() -> None:
     async def main() -> None:
         gw, port, tr = await _with_gateway("pcp")
         client = _client(port)
-        service = PortMapService(client, 4500, lifetime=2, reboot_delay_max=0.0,
+        renewal = MappingRenewal(client, 4500, lifetime=2, reboot_delay_max=0.0,
                                  listen_announcements=False)
-        await service.start()
-        assert (await asyncio.wait_for(service.events.get(), 5)).kind is EventKind.MAPPED
-        renewed = await asyncio.wait_for(service.events.get(), 5)  # after ~1 s
+        await renewal.start()
+        assert (await asyncio.wait_for(renewal.events.get(), 5)).kind is EventKind.MAPPED
+        renewed = await asyncio.wait_for(renewal.events.get(), 5)  # after ~1 s
         assert renewed.kind is EventKind.RENEWED
         gw.reboot()  # silently: only the next renewal's epoch shows it
         gw.clock_offset = 0
-        lost = await asyncio.wait_for(service.events.get(), 5)
+        lost = await asyncio.wait_for(renewal.events.get(), 5)
         assert lost.kind is EventKind.RECREATED and "epoch" in lost.reason
-        await service.stop()
+        await renewal.stop()
         tr.close()
     asyncio.run(main())

@@ -27,9 +27,10 @@ def _run_to_exhaustion(ex: Exchange[object]) -> list[float]:
     sends = [now]
     ex.start(now)
     for _ in range(100):
-        assert ex.deadline is not None
-        now = ex.deadline
-        if ex.on_timer(now) is None:
+        deadline = ex.next_deadline()
+        assert deadline is not None
+        now = deadline
+        if ex.tick(now) is None:
             break
         sends.append(now)
     assert ex.state is ExchangeState.EXHAUSTED
@@ -59,9 +60,9 @@ def test_pcp_schedule_jitter_and_cap() -> None:
 def test_timer_before_deadline_sends_nothing() -> None:
     ex: Exchange[object] = Exchange(b"x", GW, lambda d: d, NATPMP_SCHEDULE)
     ex.start(10.0)
-    assert ex.on_timer(10.1) is None
+    assert ex.tick(10.1) is None
     assert ex.state is ExchangeState.WAITING
-    assert ex.on_timer(10.25) == b"x"
+    assert ex.tick(10.25) == b"x"
     assert ex.tries == 2
 
 
@@ -70,14 +71,14 @@ def test_answers_only_from_the_gateway() -> None:
     ex = Exchange(req.encode(), GW, natpmp.answer_parser(req), NATPMP_SCHEDULE)
     ex.start(0.0)
     good = struct.pack("!BBHIHHI", 0, 129, 0, 1, 4500, 4500, 60)
-    assert ex.on_datagram(good, ("192.168.7.66", 5351)) is None
-    assert ex.on_datagram(good, ("192.168.7.1", 5350)) is None
-    assert ex.on_datagram(b"\x00", GW) is None  # malformed: ignored, still waiting
+    assert ex.receive(good, ("192.168.7.66", 5351)) is None
+    assert ex.receive(good, ("192.168.7.1", 5350)) is None
+    assert ex.receive(b"\x00", GW) is None  # malformed: ignored, still waiting
     assert ex.state is ExchangeState.WAITING and len(ex.ignored) == 3
-    assert ex.on_datagram(good, GW) is not None
+    assert ex.receive(good, GW) is not None
     assert ex.state is ExchangeState.DONE
-    assert ex.on_timer(100.0) is None
-    assert ex.on_datagram(good, GW) is None  # one answer per exchange
+    assert ex.tick(100.0) is None
+    assert ex.receive(good, GW) is None  # one answer per exchange
 
 
 def test_pcp_exchange_ignores_wrong_nonce_then_accepts() -> None:
@@ -89,8 +90,8 @@ def test_pcp_exchange_ignores_wrong_nonce_then_accepts() -> None:
     other = pcp.MapData(b"m" * 12, 17, 1, 1, req.map.external_address)
     bad = pcp.encode_response(pcp.Response(pcp.Opcode.MAP, 0, 60, 1, other))
     good = pcp.encode_response(pcp.Response(pcp.Opcode.MAP, 0, 60, 1, req.map))
-    assert ex.on_datagram(bad, GW) is None
-    assert ex.on_datagram(good, GW) is not None
+    assert ex.receive(bad, GW) is None
+    assert ex.receive(good, GW) is not None
 
 
 def test_start_twice_is_an_error() -> None:

@@ -90,7 +90,7 @@ CHILD = textwrap.dedent(
     from btmm_core.dataplane.api import (ControlPacket, Counters, DropReason, Endpoint,
         EngineConfig, PeerInfo, PeerRoamed, TxSaExhausted, Engine)
     from btmm_core.dataplane.fast import FastEngine
-    from btmm_core.errors import DataPlaneError, UnknownPeer
+    from btmm_core.errors import ConfigError, DataPlaneError, UnknownPeer
 
     KEY_A = bytes(range(36)); KEY_B = bytes(range(100, 136))
     PEER = "fd00:b7::2"
@@ -148,7 +148,7 @@ CHILD = textwrap.dedent(
         try:
             e.add_peer("not-an-address")
             raise AssertionError("bad address accepted")
-        except ValueError:
+        except ConfigError:
             pass
         e.install_rx_sa(PEER, 0x200, KEY_B)
         e.install_tx_sa(PEER, 0x100, KEY_A)
@@ -255,7 +255,7 @@ def test_tun_errors_are_tun_errors() -> None:
         try:
             FastEngine(EngineConfig(tun_name="x" * 20, listen=Endpoint("127.0.0.1", 0)))
             raise AssertionError("a 20-byte interface name was accepted")
-        except ValueError:
+        except TunError:
             pass
         print("child ok")
         """

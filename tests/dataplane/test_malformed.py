@@ -5,43 +5,18 @@ another exception, and a refused packet leaves the SA able to open the next vali
 from __future__ import annotations
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from codec_helpers import KEYMAT, drop_reason, seal_by_hand, top
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from btmm_core.dataplane import rx_codec, tx_codec
 from btmm_core.dataplane.api import DropReason, RxCodec
-from btmm_core.errors import PacketDropped
 
 SPI = 0x00C0FFEE
-KEYMAT = bytes(range(0x40, 0x40 + 36))
-_AEAD = AESGCM(KEYMAT[:32])
 
 
 def seal_plaintext(seq: int, plaintext: bytes, spi: int = SPI) -> bytes:
-    """An authentic packet around an arbitrary plaintext (trailer included), built by hand."""
-    lo = seq % 2**32
-    aad = spi.to_bytes(4, "big") + (seq >> 32).to_bytes(4, "big") + lo.to_bytes(4, "big")
-    iv = seq.to_bytes(8, "big")
-    return (
-        spi.to_bytes(4, "big")
-        + lo.to_bytes(4, "big")
-        + iv
-        + _AEAD.encrypt(KEYMAT[32:] + iv, plaintext, aad)
-    )
-
-
-def reason(rx: RxCodec, payload: bytes) -> DropReason | None:
-    try:
-        rx.open(payload)
-    except PacketDropped as exc:
-        assert isinstance(exc.reason, int), exc.reason  # a DropReason value
-        return DropReason(exc.reason)
-    return None
-
-
-def top(rx: RxCodec) -> int:
-    return int(rx.top)  # type: ignore[attr-defined]
+    return seal_by_hand(seq, plaintext, spi)
 
 
 @pytest.fixture
@@ -55,10 +30,10 @@ def test_every_truncation(kind: str, rx: RxCodec) -> None:
     first, second = tx.seal(inner), tx.seal(inner)
     for n in range(len(first)):
         want = DropReason.MALFORMED if n < 36 or (n - 32) % 4 else DropReason.AUTH
-        assert reason(rx, first[:n]) is want, n
+        assert drop_reason(rx, first[:n]) is want, n
     # Trailing bytes are not ignored either: they shift the ICV.
     for extra in (b"\0" * 4, b"\xff" * 16):
-        assert reason(rx, first + extra) is DropReason.AUTH
+        assert drop_reason(rx, first + extra) is DropReason.AUTH
     assert top(rx) == 0
     assert rx.open(second) == inner
     assert rx.open(first) == inner
@@ -77,9 +52,9 @@ def test_every_single_bit_flip_of_header_iv_and_icv(rx: RxCodec) -> None:
                 want = DropReason.REPLAY  # the low half became 0: sequence number 0
             else:
                 want = DropReason.AUTH
-            assert reason(rx, bytes(bad)) is want, (i, bit)
+            assert drop_reason(rx, bytes(bad)) is want, (i, bit)
     assert top(rx) == 0
-    assert reason(rx, good) is None
+    assert drop_reason(rx, good) is None
 
 
 def test_ciphertext_bit_flips(rx: RxCodec) -> None:
@@ -87,8 +62,8 @@ def test_ciphertext_bit_flips(rx: RxCodec) -> None:
     for i in range(16, len(good) - 16):
         bad = bytearray(good)
         bad[i] ^= 0x80
-        assert reason(rx, bytes(bad)) is DropReason.AUTH, i
-    assert reason(rx, good) is None
+        assert drop_reason(rx, bytes(bad)) is DropReason.AUTH, i
+    assert drop_reason(rx, good) is None
 
 
 @pytest.mark.parametrize(
@@ -109,9 +84,9 @@ def test_ciphertext_bit_flips(rx: RxCodec) -> None:
 def test_bad_trailer(rx: RxCodec, plaintext: bytes, why: str) -> None:
     """An authentic packet with a broken trailer is MALFORMED. The ICV passed, so the window has
     recorded its sequence number (the sender will never use it again); nothing else changed."""
-    assert reason(rx, seal_plaintext(5, plaintext)) is DropReason.MALFORMED, why
+    assert drop_reason(rx, seal_plaintext(5, plaintext)) is DropReason.MALFORMED, why
     assert top(rx) == 5
-    assert reason(rx, seal_plaintext(5, b"ab\x00\x29")) is DropReason.REPLAY
+    assert drop_reason(rx, seal_plaintext(5, b"ab\x00\x29")) is DropReason.REPLAY
     assert rx.open(seal_plaintext(4, b"ab\x00\x29")) == b"ab"
     assert rx.open(seal_plaintext(6, b"abcd\x01\x02\x02\x29")) == b"abcd"
 
@@ -125,7 +100,7 @@ def test_trailer_accepts_exactly_the_valid_forms(rx: RxCodec) -> None:
 
 @pytest.mark.parametrize("spi", [0, 1, SPI - 1, SPI + 1, 0xFFFFFFFF])
 def test_unknown_spi(rx: RxCodec, spi: int) -> None:
-    assert reason(rx, seal_plaintext(1, b"ab\x00\x29", spi=spi)) is DropReason.UNKNOWN_SPI
+    assert drop_reason(rx, seal_plaintext(1, b"ab\x00\x29", spi=spi)) is DropReason.UNKNOWN_SPI
     assert top(rx) == 0
     assert rx.open(seal_plaintext(1, b"ab\x00\x29")) == b"ab"
 
@@ -146,7 +121,7 @@ def test_unknown_spi(rx: RxCodec, spi: int) -> None:
 )
 def test_short_or_foreign_payloads(rx: RxCodec, payload: bytes) -> None:
     """Length first, then SPI: anything too short is MALFORMED whatever it says."""
-    got = reason(rx, payload)
+    got = drop_reason(rx, payload)
     if len(payload) < 36 or (len(payload) - 32) % 4:
         assert got is DropReason.MALFORMED
     else:
@@ -160,7 +135,7 @@ def test_oversize(kind: str, rx: RxCodec) -> None:
     for size in (65536, 100_000):
         size -= (size - 32) % 4
         garbage = SPI.to_bytes(4, "big") + (7).to_bytes(4, "big") + bytes(size - 8)
-        assert reason(rx, garbage) is DropReason.AUTH
+        assert drop_reason(rx, garbage) is DropReason.AUTH
     tx = tx_codec(SPI, KEYMAT, kind=kind)
     big = bytes(70_000)
     assert rx.open(tx.seal(big)) == big
@@ -168,7 +143,7 @@ def test_oversize(kind: str, rx: RxCodec) -> None:
 
 def test_zero_sequence_number_refused(rx: RxCodec) -> None:
     """Sequence number 0 is never sent; even an authentic packet carrying it is a REPLAY."""
-    assert reason(rx, seal_plaintext(0, b"ab\x00\x29")) is DropReason.REPLAY
+    assert drop_reason(rx, seal_plaintext(0, b"ab\x00\x29")) is DropReason.REPLAY
     assert top(rx) == 0
 
 
@@ -183,7 +158,7 @@ def test_zero_sequence_number_refused(rx: RxCodec) -> None:
 )
 def test_random_bytes_only_ever_drop(kind: str, payload: bytes) -> None:
     rx = rx_codec(SPI, KEYMAT, kind=kind)
-    got = reason(rx, payload)
+    got = drop_reason(rx, payload)
     if len(payload) < 36 or (len(payload) - 32) % 4:
         assert got is DropReason.MALFORMED
     elif payload[:4] != SPI.to_bytes(4, "big"):

@@ -1,7 +1,7 @@
 """``btmm up``: the host daemon's asyncio wiring (DESIGN.md §1).
 
 No protocol logic lives here: records are built in ``records``, the LLQ client, the port
-mapping service and the key exchange are their own packages. This module decides *when*:
+mapping renewal and the key exchange are their own packages. This module decides *when*:
 publish at start and before the lease runs out (and at once when the external endpoint
 changes), follow the browse list and each peer's endpoint records by LLQ, keep one key-exchange
 session per peer, watch addresses and routes, and write the status file and hosts block.
@@ -65,14 +65,14 @@ from btmm_core.errors import (
     RegistryError,
 )
 from btmm_core.keyex.driver import KeyExchangeDriver, Report
-from btmm_core.keyex.identity import derive_psk, load_or_create
+from btmm_core.keyex.keys import derive_psk, load_or_create
 from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged
 from btmm_core.llq.driver import Watcher
 from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
-from btmm_core.portmap.service import EventKind, MappingEvent, PortMapService
+from btmm_core.portmap.renewal import EventKind, MappingEvent, MappingRenewal
 
 log = structlog.get_logger("btmm.daemon")
 
@@ -126,7 +126,7 @@ class Daemon:
         self.llq_state = "idle"
         self.started = time.time()
         self._republish = asyncio.Event()
-        self._portmap: PortMapService | None = None
+        self._portmap: MappingRenewal | None = None
         self._portmap_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._browse: Watcher | None = None
@@ -351,7 +351,7 @@ class Daemon:
             return
         self.net.mapping = "requesting"
         client = PortMapClient(gateway, local_address=local)
-        self._portmap = PortMapService(client, self.engine.local_port)
+        self._portmap = MappingRenewal(client, self.engine.local_port)
         await self._portmap.start()
         self._portmap_task = asyncio.create_task(self._portmap_events(self._portmap))
         # nothing is published until the gateway answers: a private address helps no peer
@@ -374,9 +374,9 @@ class Daemon:
             with contextlib.suppress(BtmmError, OSError, TimeoutError):
                 await asyncio.wait_for(pm.stop(delete=delete), 5.0)
 
-    async def _portmap_events(self, service: PortMapService) -> None:
+    async def _portmap_events(self, renewal: MappingRenewal) -> None:
         while True:
-            ev: MappingEvent = await service.events.get()
+            ev: MappingEvent = await renewal.events.get()
             if ev.kind == EventKind.FAILED:
                 self.net.mapping = "failed"
                 self.net.mapping_error = ev.reason
@@ -686,9 +686,4 @@ class Daemon:
             tmp.write_text(data)
             os.replace(tmp, path)
             await asyncio.sleep(1.0)
-
-
-def status_counts(status: dict[str, Any]) -> dict[str, int]:
-    return {"peers": len(status["peers"]),
-            "up": sum(1 for p in status["peers"] if p["tunnel"] == "up")}
 

@@ -1,6 +1,6 @@
 """Keep one inbound UDP mapping alive and say when its public address or port changes.
 
-The asyncio service around ``PortMapClient``: map, renew at half the lifetime, listen for the
+The asyncio driver around ``PortMapClient``: map, renew at half the lifetime, listen for the
 gateway's announcements on 224.0.0.1:5350 (NAT-PMP address announcements, RFC 6886 §3.2.1; PCP
 ANNOUNCE, RFC 6887 §14.1.3), and when an answer or an announcement shows that the gateway lost
 its state (epoch rules) re-create the mapping after a random delay of up to 5 s (so that a whole
@@ -47,11 +47,11 @@ class MappingEvent:
 
 
 class _AnnounceProto(asyncio.DatagramProtocol):
-    def __init__(self, service: PortMapService) -> None:
-        self.service = service
+    def __init__(self, renewal: MappingRenewal) -> None:
+        self.renewal = renewal
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.service._on_announcement(data, addr[0])
+        self.renewal._on_announcement(data, addr[0])
 
 
 def _announcement_socket(local_address: str) -> socket.socket:
@@ -68,7 +68,7 @@ def _announcement_socket(local_address: str) -> socket.socket:
     return s
 
 
-class PortMapService:
+class MappingRenewal:
     """Maps ``internal_port`` on the gateway and keeps it mapped until ``stop``."""
 
     def __init__(
@@ -96,7 +96,7 @@ class PortMapService:
 
     async def start(self) -> None:
         if self._task is not None:
-            raise PortMapError("the port mapping service is already running")
+            raise PortMapError("the port mapping renewal is already running")
         if self.listen_announcements:
             loop = asyncio.get_running_loop()
             sock = _announcement_socket(self.client.local_address)

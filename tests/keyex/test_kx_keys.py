@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from btmm_core.errors import ConfigError
-from btmm_core.keyex.identity import (
+from btmm_core.keyex.keys import (
     StaticKey,
     decode_public,
     derive_psk,

@@ -15,7 +15,7 @@ from btmm_core.dataplane.api import Endpoint, EngineConfig, RxCodec, TxCodec
 from btmm_core.errors import ConfigError, DataPlaneError, EngineUnavailable
 
 KEYMAT = bytes(range(0x40, 0x40 + 36))
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

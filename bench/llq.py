@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """LLQ bench (RFC 8764): event latency (update sent -> event received) p50/p99 and events per
 second, with N long-lived queries on one name, ``btmm serve`` on loopback.
 
-    python3 bench/llq_bench.py [--llqs 1000 10000] [--updates 10] [--reps 1]
+    python3 -m bench.llq [--llqs 1000 10000] [--updates 10] [--reps 1]
 
 All watchers live in this one process (one UDP socket each, asyncio): what is measured is the
 whole loop, server and clients, on a shared 2-core machine. Each update is sent after the
@@ -18,10 +17,7 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,22 +31,15 @@ import dns.rdatatype
 import dns.tsig
 import dns.update
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from btmm_core.dns.keyfile import read_key  # noqa: E402
-from btmm_core.llq.client import Changes as ChangesOut  # noqa: E402
-from btmm_core.llq.client import ClientConfig, ClientState, Output  # noqa: E402
-from btmm_core.llq.driver import Watcher  # noqa: E402
+from bench import REPO
+from bench.serve import free_port, serving
+from btmm_core.dns.keyfile import read_key
+from btmm_core.llq.client import Changes as ChangesOut
+from btmm_core.llq.client import ClientConfig, ClientState, Output
+from btmm_core.llq.driver import Watcher
 
 PARENT = "members.example."
 NAME = dns.name.from_text("bench.bob.members.example.")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.bind(("127.0.0.1", 0))
-        return int(u.getsockname()[1])
 
 
 class TimedWatcher(Watcher):
@@ -94,9 +83,9 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
-async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, float | int]:
+async def establish(port: int, key_path: Path, n: int) -> list[TimedWatcher]:
+    """``n`` watchers of NAME, started 200 at a time, all with an established LLQ."""
     key = read_key(key_path)
-    tkey = dns.tsig.Key(key.name, key.secret, key.algorithm)
     cfg = ClientConfig(lease=7200)
     watchers = [
         TimedWatcher(("127.0.0.1", port), NAME, dns.rdatatype.AAAA, key=key, config=cfg)
@@ -115,6 +104,50 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
                 states[w.client.state.value] = states.get(w.client.state.value, 0) + 1
             raise RuntimeError(f"LLQs not established in 5 minutes: {states}")
         await asyncio.sleep(0.1)
+    return watchers
+
+
+async def push_updates(
+    port: int, tkey: dns.tsig.Key, watchers: list[TimedWatcher], updates: int
+) -> tuple[list[float], list[float], list[int]]:
+    """Each update sent once the previous one reached every watcher (or 60 s passed): the
+    latencies, the events/s per update and, per update, how many watchers missed it."""
+    n = len(watchers)
+    latencies: list[float] = []
+    rates: list[float] = []
+    missed: list[int] = []
+    for u in range(updates):
+        msg = dns.update.UpdateMessage("bob.members.example.")
+        if u % 2 == 0:
+            msg.add(NAME, 300, "AAAA", "fd00::b")
+        else:
+            msg.delete(NAME, "AAAA", "fd00::b")
+        msg.use_tsig(tkey)
+        sent = time.monotonic()
+        r = await asyncio.to_thread(dns.query.udp, msg, "127.0.0.1", port=port, timeout=5)
+        assert r.rcode() == dns.rcode.NOERROR
+        while sum(len(w.arrivals) > u for w in watchers) < n:
+            if time.monotonic() - sent > 60:
+                break
+            await asyncio.sleep(0.005)
+        got = [w.arrivals[u] - sent for w in watchers if len(w.arrivals) > u]
+        missed.append(n - len(got))
+        latencies += got
+        if missed[-1]:
+            # An LLQ dropped after unacknowledged events: its client only learns at the
+            # next refresh. Count it and stop: later arrivals no longer line up by index.
+            if got:
+                rates.append(len(got) / max(got))
+            break
+        rates.append(n / max(got))
+    return latencies, rates, missed
+
+
+async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, float | int]:
+    key = read_key(key_path)
+    tkey = dns.tsig.Key(key.name, key.secret, key.algorithm)
+    t0 = time.monotonic()
+    watchers = await establish(port, key_path, n)
     setup_s = time.monotonic() - t0
     client_ports = {w.local_address[1] for w in watchers}
     drops0 = udp_drops({port}), udp_drops(client_ports), udp_rcvbuf_errors()
@@ -122,31 +155,7 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
     rates: list[float] = []
     missed: list[int] = []
     try:
-        for u in range(updates):
-            msg = dns.update.UpdateMessage("bob.members.example.")
-            if u % 2 == 0:
-                msg.add(NAME, 300, "AAAA", "fd00::b")
-            else:
-                msg.delete(NAME, "AAAA", "fd00::b")
-            msg.use_tsig(tkey)
-            sent = time.monotonic()
-            r = await asyncio.to_thread(dns.query.udp, msg, "127.0.0.1", port=port, timeout=5)
-            assert r.rcode() == dns.rcode.NOERROR
-            while sum(len(w.arrivals) > u for w in watchers) < n:
-                if time.monotonic() - sent > 60:
-                    break
-                await asyncio.sleep(0.005)
-            got = [w.arrivals[u] - sent for w in watchers if len(w.arrivals) > u]
-            missed.append(n - len(got))
-            if missed[-1]:
-                # An LLQ dropped after unacknowledged events: its client only learns at the
-                # next refresh. Count it and stop: later arrivals no longer line up by index.
-                latencies += got
-                if got:
-                    rates.append(len(got) / max(got))
-                break
-            latencies += got
-            rates.append(n / max(got))
+        latencies, rates, missed = await push_updates(port, tkey, watchers, updates)
     finally:
         drops1 = udp_drops({port}), udp_drops(client_ports), udp_rcvbuf_errors()
         await asyncio.gather(*(w.close() for w in watchers))
@@ -170,6 +179,13 @@ async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, floa
     }
 
 
+def server_counters(log: Path) -> None:
+    """The server's LLQ counters (events, resends, acks, drops), logged as it stops."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "llq stopped" in line or "udp receive buffer" in line:
+            print("# server:", line.strip(), file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llqs", type=int, nargs="+", default=[1000, 10000])
@@ -178,65 +194,23 @@ def main() -> None:
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="btmm-llq-bench-"))
     env = dict(os.environ, BTMM_REGISTRY_DOMAIN=PARENT, BTMM_REGISTRY_STATE=str(state))
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(REPO)
     port = free_port()
-    server_log = open(state / "server.log", "wb")  # noqa: SIM115 - closed after the server
-    subprocess.run(
-        [sys.executable, "-m", "btmm_core", "serve", "user", "add", "bob"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "btmm_core",
-            "serve",
-            "--port",
-            str(port),
-            "--tls-port",
-            "0",
-            # Room for every run's LLQs: a cancel lost at the end of one run leaves its LLQ
-            # until the lease ends, and the next run must not meet SERV-FULL.
-            "--llq-max-total",
-            str(sum(args.llqs) * args.reps + 10),
-            "--llq-max-per-client",
-            str(sum(args.llqs) * args.reps + 10),
-            "--log-level",
-            "info",
-        ],
-        env=env,
-        stdout=server_log,
-        stderr=server_log,
-    )
+    # Room for every run's LLQs: a cancel lost at the end of one run leaves its LLQ until the
+    # lease ends, and the next run must not meet SERV-FULL.
+    room = str(sum(args.llqs) * args.reps + 10)
+    options = ["--llq-max-total", room, "--llq-max-per-client", room, "--log-level", "info"]
     try:
-        q = dns.message.make_query(PARENT, "SOA")
-        for _ in range(100):
-            try:
-                dns.query.udp(q, "127.0.0.1", port=port, timeout=0.3)
-                break
-            except Exception:
-                time.sleep(0.1)
-        results = []
-        for rep in range(args.reps):
-            for n in args.llqs:
-                res = asyncio.run(run(port, state / "credentials" / "bob.key", n, args.updates))
-                res["rep"] = rep
-                print(json.dumps(res), flush=True)
-                results.append(res)
+        with serving(env, port, options, state / "server.log", PARENT):
+            for rep in range(args.reps):
+                for n in args.llqs:
+                    key = state / "credentials" / "bob.key"
+                    res = asyncio.run(run(port, key, n, args.updates))
+                    res["rep"] = rep
+                    print(json.dumps(res), flush=True)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        server_log.close()
-        # The server's LLQ counters (events, resends, acks, drops), logged as it stops.
-        for line in (state / "server.log").read_text(errors="replace").splitlines():
-            if "llq stopped" in line or "udp receive buffer" in line:
-                print("# server:", line.strip(), file=sys.stderr, flush=True)
+        if (state / "server.log").exists():
+            server_counters(state / "server.log")
         shutil.rmtree(state, ignore_errors=True)
 
 

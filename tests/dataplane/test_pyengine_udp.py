@@ -15,10 +15,9 @@ import time
 import pytest
 from e2e_helpers import REPO
 
-from btmm_core.dataplane.api import Endpoint
+from btmm_core.dataplane.api import MAX_UDP_PAYLOAD, Endpoint
 from btmm_core.dataplane.pyengine import (
     GSO_MAX_SEGMENTS,
-    MAX_UDP_PAYLOAD,
     UDP_GRO,
     UdpBatchSender,
     _enabled,

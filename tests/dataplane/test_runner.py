@@ -15,7 +15,7 @@ import pytest
 from e2e_helpers import REPO, LineReader, Tunnel, env, pair_configs, two_hosts, wait_for
 
 from btmm_core.dataplane.api import Endpoint
-from btmm_core.dataplane.runner import parse_config, parse_endpoint
+from btmm_core.dataplane.cli import parse_config, parse_endpoint
 from btmm_core.errors import ConfigError
 from btmm_core.lab.netns import Lab
 

@@ -1,4 +1,4 @@
-"""Device identity and the account pre-shared key.
+"""Device keys, the inner address bound to them, and the account pre-shared key.
 
 Each host has one X25519 key pair (RFC 7748); its public key is what the user's other hosts
 trust (the daemon publishes it in the host's TXT record). The private key lives in a file

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from btmm_core.dataplane import open_engine
-from btmm_core.dataplane.api import Endpoint, EngineConfig
-from btmm_core.errors import ConfigError
+from btmm_core.dataplane.api import MAX_MTU, Endpoint, EngineConfig
+from btmm_core.errors import ConfigError, TunError
 from btmm_core.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 _SCRIPT = textwrap.dedent(
     r"""
@@ -79,6 +79,7 @@ _SCRIPT = textwrap.dedent(
     eng.retire_rx_sa("fd00::2", 0x101)
     obs["after_retire"] = spis("fd00::2")
     obs["bad_keymat"] = err(lambda: eng.install_tx_sa("fd00::2", 7, K[:35]))
+    obs["bad_inner"] = err(lambda: eng.add_peer("not-an-address"))
     eng.remove_peer("fd00::2")
     obs["peers_after_remove"] = sorted(p.inner for p in eng.peers())
     obs["removed_spi_free"] = err(lambda: eng.install_rx_sa("fd00::3", 0x102, K))
@@ -166,6 +167,7 @@ def test_engine_configuration_and_events(kind: str) -> None:
     assert obs["retire_unknown"] == "DataPlaneError"
     assert obs["after_retire"] == [[0x102]]
     assert obs["bad_keymat"] == "ValueError"
+    assert obs["bad_inner"] == "ConfigError"
     assert obs["peers_after_remove"] == ["fd00::3"]
     assert obs["removed_spi_free"] is None
     assert obs["rx_spis_c"] == [[0x100, 0x102]]
@@ -189,18 +191,33 @@ def test_engine_configuration_and_events(kind: str) -> None:
     assert obs["exhausted_drops"] == 3
 
 
+def _config(**fields: Any) -> EngineConfig:
+    return EngineConfig(**{"tun_name": "btbad0", "listen": Endpoint("127.0.0.1", 0), **fields})
+
+
 @pytest.mark.parametrize(
-    "config",
+    ("config", "error"),
     [
-        EngineConfig(tun_name="btbad0", listen=Endpoint("127.0.0.1", 0), mtu=1279),
-        EngineConfig(tun_name="btbad0", listen=Endpoint("127.0.0.1", 0), mtu=65535),
-        EngineConfig(tun_name="btbad0", listen=Endpoint("127.0.0.1", 0), event_queue=0),
-        EngineConfig(tun_name=None, tun_fd=None, listen=Endpoint("127.0.0.1", 0)),
+        (_config(mtu=1279), ConfigError),
+        (_config(mtu=-1), ConfigError),
+        (_config(mtu=MAX_MTU + 1), ConfigError),
+        (_config(mtu=65535), ConfigError),
+        (_config(event_queue=0), ConfigError),
+        (_config(control_queue_bytes=-1), ConfigError),
+        (_config(tun_name=None, tun_fd=None), ConfigError),
+        (_config(listen=Endpoint("not-an-address", 0)), ConfigError),
+        (_config(listen=Endpoint("::1", 0)), ConfigError),
+        (_config(listen=Endpoint("127.0.0.1", 65536)), ConfigError),
+        (_config(tun_name="x" * 20), TunError),
+        (_config(tun_name=None, tun_fd=-1), TunError),
     ],
+    ids=lambda v: None if isinstance(v, EngineConfig) else v.__name__,
 )
-def test_bad_config_refused_before_any_device(kind: str, config: EngineConfig) -> None:
-    """Checked before a TUN device or socket exists, so this runs outside a namespace. (The
-    contract does not fix the class: the Python engine says ConfigError, the Rust binding
-    ValueError, as for other bad arguments.)"""
-    with pytest.raises((ConfigError, ValueError)):
+def test_bad_config_refused_before_any_device(
+    kind: str, config: EngineConfig, error: type[Exception]
+) -> None:
+    """Checked before a TUN device or socket exists, so this runs outside a namespace. Both
+    engines raise exactly the same class for each bad setting."""
+    with pytest.raises(error) as info:
         open_engine(config, kind=kind)
+    assert type(info.value) is error, info.value

@@ -1,4 +1,4 @@
-"""``python -m btmm_core.keyex.run CONFIG``: one engine, keyed by the handshake.
+"""``python -m btmm_core.keyex.cli CONFIG``: one engine, keyed by the handshake.
 
 A development and test runner until the host daemon exists: it opens a data-plane engine,
 configures its TUN device, and runs ``KeyExchangeDriver`` for the configured peers. The
@@ -16,7 +16,7 @@ Configuration (JSON)::
      "peers": [{"public": "<base64>", "inner": "fd..",  (optional: ula_of(public))
                 "endpoint": "192.0.2.2:4500" | null, "connect": true}]}
 
-Inner addresses are bound to keys (``btmm_core.keyex.identity.ula_of``): a peer's ``inner``
+Inner addresses are bound to keys (``btmm_core.keyex.keys.ula_of``): a peer's ``inner``
 must be the ULA of its ``public`` key, and our own ``address`` should be the ULA of our key,
 or the peer drops our packets; both default to those.
 
@@ -37,16 +37,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from btmm_core.dataplane import open_engine
 from btmm_core.dataplane.api import DEFAULT_MTU, Endpoint, Engine, EngineConfig
 from btmm_core.dataplane.netconf import configure_tun
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.keyex.driver import KeyExchangeDriver, Report
-from btmm_core.keyex.identity import decode_public, derive_psk, load_or_create, ula_of
+from btmm_core.keyex.keys import decode_public, derive_psk, load_or_create, ula_of
 from btmm_core.keyex.noise import HandshakeConfig, Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
+from btmm_core.log import configure_logging
 
 
 def _endpoint(text: str | None) -> Endpoint | None:
@@ -161,10 +160,10 @@ def _stats(engine: Engine, kx: KeyExchange, driver: KeyExchangeDriver) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m btmm_core.keyex.run CONFIG.json\n")
+        sys.stderr.write("usage: python -m btmm_core.keyex.cli CONFIG.json\n")
         return 2
     # stdout carries the JSON protocol; logs go to stderr
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    configure_logging("debug")
     try:
         cfg = json.loads(Path(args[0]).read_text())
         engine, kx = _open(cfg)

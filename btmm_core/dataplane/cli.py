@@ -17,7 +17,7 @@ Configuration (JSON)::
 A peer may leave out both SAs of a direction (``tx_spi``/``tx_key`` or ``rx_spi``/``rx_key``
 null or absent): it is then added without that SA.
 
-Once the engine runs, the runner prints one line ``{"ready": true, "port": N, "tun": "..."}``
+Once the engine runs, ``btmm tunnel`` prints one line ``{"ready": true, "port": N, "tun": "..."}``
 on stdout (or ``{"ready": false, "error": "..."}`` and exits 1), logs events on stderr, and
 serves a JSON-lines control channel: one request object per line, one response per line.
 With ``--control stdio`` (the default) requests come on stdin and responses go to stdout; end
@@ -47,7 +47,6 @@ import contextlib
 import errno
 import ipaddress
 import json
-import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -75,6 +74,7 @@ from btmm_core.dataplane.api import (
 )
 from btmm_core.dataplane.netconf import configure_tun
 from btmm_core.errors import BtmmError, ConfigError, DataPlaneError, PermissionNeeded
+from btmm_core.log import configure_logging
 
 #: events kept for the ``events`` request; older ones are dropped (and counted as lost)
 EVENT_BACKLOG = 4096
@@ -512,20 +512,6 @@ def _log_event(event: EngineEvent) -> None:
         log.warning("transmit SA exhausted, rekey needed", inner=event.inner, spi=event.spi)
 
 
-def _setup_logging(verbose: bool) -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="%H:%M:%S.%f", utc=False),
-            structlog.dev.ConsoleRenderer(colors=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.INFO
-        ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
-
-
 def _control_option(_: click.Context, __: click.Parameter, value: str) -> str:
     if value == "stdio" or (value.startswith("unix:") and len(value) > 5):
         return value
@@ -567,7 +553,7 @@ def tunnel(config_path: Path, dataplane: str | None, control: str, verbose: bool
     {"cmd": "send_control", "endpoint": "host:port", "payload": "<hex>"}
     {"cmd": "send_keepalive", "inner": ...}  {"cmd": "quit"}
     """
-    _setup_logging(verbose)
+    configure_logging("debug" if verbose else "info")
     try:
         config = load_config(config_path)
         if dataplane is not None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).resolve()
 
 # Outer ("internet") addresses: documentation range; inner: ULA.

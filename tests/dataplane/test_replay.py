@@ -13,47 +13,21 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from codec_helpers import KEYMAT, drop_reason, esp_plaintext, seal_by_hand, top
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from btmm_core.dataplane import rx_codec
 from btmm_core.dataplane.api import DropReason, RxCodec
 from btmm_core.dataplane.esp import infer_seq
-from btmm_core.errors import PacketDropped
 
 W = 4096
 SPI = 0x0BAD_CAFE
-KEYMAT = bytes(range(0x40, 0x40 + 36))
-_AEAD = AESGCM(KEYMAT[:32])
 
 
 def seal(seq: int, inner: bytes = b"", *, forge: bool = False) -> bytes:
-    """A packet of this SA with sequence number ``seq``, built by hand; ``forge`` flips a bit
-    of the ICV."""
-    lo = seq % 2**32
-    aad = SPI.to_bytes(4, "big") + (seq >> 32).to_bytes(4, "big") + lo.to_bytes(4, "big")
-    iv = seq.to_bytes(8, "big")
-    n = -(len(inner) + 2) % 4
-    pt = inner + bytes(range(1, n + 1)) + bytes([n, 41])
-    body = _AEAD.encrypt(KEYMAT[32:] + iv, pt, aad)
-    if forge:
-        body = body[:-1] + bytes([body[-1] ^ 1])
-    return SPI.to_bytes(4, "big") + lo.to_bytes(4, "big") + iv + body
-
-
-def outcome(rx: RxCodec, payload: bytes) -> DropReason | None:
-    """None when the packet was accepted, else why it was dropped."""
-    try:
-        rx.open(payload)
-    except PacketDropped as exc:
-        assert isinstance(exc.reason, int), exc.reason  # a DropReason value
-        return DropReason(exc.reason)
-    return None
-
-
-def top(rx: RxCodec) -> int:
-    return int(rx.top)  # type: ignore[attr-defined]
+    """A packet of this SA with sequence number ``seq``; ``forge`` flips a bit of the ICV."""
+    return seal_by_hand(seq, esp_plaintext(inner), SPI, forge=forge)
 
 
 @pytest.fixture
@@ -63,12 +37,12 @@ def rx(kind: str) -> RxCodec:
 
 def test_in_order_delivery_then_every_replay_order_refused(rx: RxCodec) -> None:
     packets = [seal(s, bytes([s % 256])) for s in range(1, 201)]
-    assert [outcome(rx, p) for p in packets] == [None] * 200
+    assert [drop_reason(rx, p) for p in packets] == [None] * 200
     assert top(rx) == 200
     shuffled = packets[:]
     random.Random(4303).shuffle(shuffled)
     for order in (packets, packets[::-1], shuffled):
-        assert {outcome(rx, p) for p in order} == {DropReason.REPLAY}
+        assert {drop_reason(rx, p) for p in order} == {DropReason.REPLAY}
     assert top(rx) == 200
 
 
@@ -82,63 +56,63 @@ def test_reordered_inside_window_accepted_exactly_once(rx: RxCodec) -> None:
         rng.shuffle(chunk)
         order += chunk
     assert sorted(order) == seqs
-    accepted = [s for s in order if outcome(rx, seal(s)) is None]
+    accepted = [s for s in order if drop_reason(rx, seal(s)) is None]
     assert sorted(accepted) == seqs
     assert top(rx) == 3 * W - 1
     for s in rng.sample(seqs[-W + 1 :], 200):
-        assert outcome(rx, seal(s)) is DropReason.REPLAY
+        assert drop_reason(rx, seal(s)) is DropReason.REPLAY
 
 
 def test_window_edge(rx: RxCodec) -> None:
     high = 10 * W
-    assert outcome(rx, seal(high)) is None
+    assert drop_reason(rx, seal(high)) is None
     # W - 1 behind the highest: the oldest number the window still holds.
-    assert outcome(rx, seal(high - W + 1)) is None
-    assert outcome(rx, seal(high - W + 1)) is DropReason.REPLAY
+    assert drop_reason(rx, seal(high - W + 1)) is None
+    assert drop_reason(rx, seal(high - W + 1)) is DropReason.REPLAY
     # W behind: outside the window. Appendix A infers it into the next 2**32 block, where the
     # ICV cannot match.
-    assert outcome(rx, seal(high - W)) is DropReason.AUTH
-    assert outcome(rx, seal(1)) is DropReason.AUTH
+    assert drop_reason(rx, seal(high - W)) is DropReason.AUTH
+    assert drop_reason(rx, seal(1)) is DropReason.AUTH
     assert top(rx) == high
     # The edge moves with top.
-    assert outcome(rx, seal(high + 1)) is None
-    assert outcome(rx, seal(high - W + 2)) is None
-    assert outcome(rx, seal(high - W + 1)) is DropReason.AUTH
+    assert drop_reason(rx, seal(high + 1)) is None
+    assert drop_reason(rx, seal(high - W + 2)) is None
+    assert drop_reason(rx, seal(high - W + 1)) is DropReason.AUTH
 
 
 def test_big_jump_clears_the_window(rx: RxCodec) -> None:
-    assert outcome(rx, seal(5)) is None
-    assert outcome(rx, seal(5 + 2 * W)) is None
+    assert drop_reason(rx, seal(5)) is None
+    assert drop_reason(rx, seal(5 + 2 * W)) is None
     for s in range(5 + W + 1, 5 + 2 * W):
-        assert outcome(rx, seal(s)) is None, s
-    assert outcome(rx, seal(5 + W)) is DropReason.AUTH
+        assert drop_reason(rx, seal(s)) is None, s
+    assert drop_reason(rx, seal(5 + W)) is DropReason.AUTH
 
 
 def test_sequence_zero_refused(rx: RxCodec) -> None:
-    assert outcome(rx, seal(0)) is DropReason.REPLAY
+    assert drop_reason(rx, seal(0)) is DropReason.REPLAY
     assert top(rx) == 0
 
 
 def test_forged_huge_seq_does_not_move_top(rx: RxCodec) -> None:
     for s in range(1, 11):
-        assert outcome(rx, seal(s)) is None
+        assert drop_reason(rx, seal(s)) is None
     for forged_seq in (0xFFFFFFFF, 0xFFFFF000, 2**31, 11 + W):
-        assert outcome(rx, seal(forged_seq, forge=True)) is DropReason.AUTH
+        assert drop_reason(rx, seal(forged_seq, forge=True)) is DropReason.AUTH
         assert top(rx) == 10
     # The window did not move: packets just above 10 still open, in order and out of order.
-    assert outcome(rx, seal(13)) is None
-    assert outcome(rx, seal(11)) is None
-    assert outcome(rx, seal(12)) is None
+    assert drop_reason(rx, seal(13)) is None
+    assert drop_reason(rx, seal(11)) is None
+    assert drop_reason(rx, seal(12)) is None
     assert top(rx) == 13
 
 
 def test_forged_duplicate_is_replay_before_auth(rx: RxCodec) -> None:
     """The replay check runs first and changes nothing; a forged copy of a seen number is a
     replay, a forged new number is an AUTH failure, and the genuine packet still opens."""
-    assert outcome(rx, seal(7)) is None
-    assert outcome(rx, seal(7, forge=True)) is DropReason.REPLAY
-    assert outcome(rx, seal(6, forge=True)) is DropReason.AUTH
-    assert outcome(rx, seal(6)) is None
+    assert drop_reason(rx, seal(7)) is None
+    assert drop_reason(rx, seal(7, forge=True)) is DropReason.REPLAY
+    assert drop_reason(rx, seal(6, forge=True)) is DropReason.AUTH
+    assert drop_reason(rx, seal(6)) is None
 
 
 # --- infer_seq (the Python function; the Rust one is exercised through the codec above) ---
@@ -230,11 +204,11 @@ def test_window_matches_model(
     while s < start:
         s = min(s + 2**32 - 2 * W, start)
         assert model.deliver(s, False) is None
-        assert outcome(rx, seal(s)) is None
+        assert drop_reason(rx, seal(s)) is None
     sequence = [(start + off, forged) for off, forged in items if start + off <= 2**64 - 1]
     # Replay some of the packets already in the list, after the list.
     sequence += [sequence[i] for i in replays if i < len(sequence)]
     for true_seq, forged in sequence:
         expected = model.deliver(true_seq, forged)
-        assert outcome(rx, seal(true_seq, forge=forged)) is expected, (true_seq, forged)
+        assert drop_reason(rx, seal(true_seq, forge=forged)) is expected, (true_seq, forged)
         assert top(rx) == model.top
