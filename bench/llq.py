@@ -33,9 +33,10 @@ import dns.update
 
 from bench import REPO
 from bench.serve import free_port, serving
+from btmm_core.dns.keyfile import read_key
 from btmm_core.llq.client import Changes as ChangesOut
 from btmm_core.llq.client import ClientConfig, ClientState, Output
-from btmm_core.llq.driver import Watcher, read_key_file
+from btmm_core.llq.driver import Watcher
 
 PARENT = "members.example."
 NAME = dns.name.from_text("bench.bob.members.example.")
@@ -84,7 +85,7 @@ def pct(values: list[float], p: float) -> float:
 
 async def establish(port: int, key_path: Path, n: int) -> list[TimedWatcher]:
     """``n`` watchers of NAME, started 200 at a time, all with an established LLQ."""
-    key = read_key_file(key_path)
+    key = read_key(key_path)
     cfg = ClientConfig(lease=7200)
     watchers = [
         TimedWatcher(("127.0.0.1", port), NAME, dns.rdatatype.AAAA, key=key, config=cfg)
@@ -143,7 +144,7 @@ async def push_updates(
 
 
 async def run(port: int, key_path: Path, n: int, updates: int) -> dict[str, float | int]:
-    key = read_key_file(key_path)
+    key = read_key(key_path)
     tkey = dns.tsig.Key(key.name, key.secret, key.algorithm)
     t0 = time.monotonic()
     watchers = await establish(port, key_path, n)

@@ -53,7 +53,7 @@ def join(config_path: Path, credentials: Path, secret_file: Path | None, host: s
     never crosses the network), store it and the account secret (0600) and write the
     configuration."""
     from btmm_core.daemon.enrol import enrol_device, server_from_key_file
-    from btmm_core.registry.keyfile import key_file_text, parse_key_file
+    from btmm_core.dns.keyfile import key_file_text, read_key_file
 
     secret = secret_file.read_bytes() if secret_file else sys.stdin.buffer.read()
     settings: dict[str, Any] = {"server": server, "state_dir": state_dir,
@@ -73,7 +73,7 @@ def join(config_path: Path, credentials: Path, secret_file: Path | None, host: s
     try:
         # everything is checked before the registry is asked: an invite is spent by asking
         cfg, _, _ = plan_join(config_path, secret=secret, host=host, settings=settings)
-        signer = parse_key_file(credentials.read_text(), str(credentials))
+        signer = read_key_file(credentials)
         address = cfg.server_address() or server_from_key_file(signer)
         if address is None:
             raise ConfigError("no registry address: the credentials file names none",

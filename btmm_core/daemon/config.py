@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from btmm_core.dns.keyfile import write_secret
 from btmm_core.errors import ConfigError
 
 DEFAULT_CONFIG = Path(os.environ.get("BTMM_CONFIG", "/etc/btmm/btmm.toml"))
@@ -137,18 +138,6 @@ def validate(cfg: Config) -> None:
     cfg.server_address()
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -203,8 +192,8 @@ def join(
     if b"key " not in credentials or b"secret" not in credentials:
         raise ConfigError("the credentials file holds no key statement",
                           hint="use the file `btmm serve user add` wrote")
-    _write_secret(cfg.credentials, credentials)
-    _write_secret(cfg.secret_file, secret)
+    write_secret(cfg.credentials, credentials, private_dir=True)
+    write_secret(cfg.secret_file, secret, private_dir=True)
     lines = ["# btmm host daemon configuration (written by `btmm join`)"]
     for section, keys in _SECTIONS.items():
         present = [k for k in keys if k in values]

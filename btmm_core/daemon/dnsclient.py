@@ -2,7 +2,7 @@
 
 A thin asyncio driver: builds nothing itself (see ``records``), signs each try afresh (a new
 Time Signed and MAC: a resent MAC would be refused as a replay), sends it over UDP with bounded
-retries (TCP when the answer is truncated), checks the answer's TSIG itself (registry/tsig.py)
+retries (TCP when the answer is truncated), checks the answer's TSIG itself (dns/tsig.py)
 and turns the common failures into errors that say what to do. Checking the TSIG here rather
 than in dnspython keeps the signed fields of an error answer: a BADTIME answer carries the
 registry's clock in its Other Data (RFC 8945 section 5.2.3), which ``ClockSkew.skew`` reports.
@@ -27,31 +27,13 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from btmm_core.dns.tsig import MAX_FUDGE, TsigError, TsigKey, expected_mac, record_of, sign
 from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryError, RegistryUnreachable
-from btmm_core.registry.tsig import (
-    MAX_FUDGE,
-    TsigError,
-    TsigKey,
-    append_tsig,
-    compute_mac,
-    last_rr_offset,
-    strip_tsig,
-)
 
 REJOIN = (
     "this device was revoked or its key is wrong: run `btmm join` again (with an invite from "
     "`btmm serve user invite` or the account key)"
 )
-
-
-def sign_request(wire: bytes, key: TsigKey, now: int) -> tuple[bytes, bytes]:
-    """The request with its TSIG RR appended, and the MAC (the answer's MAC covers it)."""
-    (qid,) = struct.unpack("!H", wire[:2])
-    mac = compute_mac(key, wire, original_id=qid, time_signed=now, fudge=MAX_FUDGE, error=0,
-                      other=b"", request_mac=None)
-    signed = append_tsig(wire, key=key, key_name=key.name, algorithm=key.algorithm,
-                         request_mac=None, time_signed=now, fudge=MAX_FUDGE, error=0)
-    return signed, mac
 
 
 def _fmt(t: float) -> str:
@@ -109,7 +91,7 @@ class RegistryClient:
         rejected: CredentialsRejected | None = None
         for _ in range(self.tries):
             now = int(time.time())
-            signed, mac = sign_request(msg.to_wire(), self.key, now)
+            signed, mac = sign(msg.to_wire(), self.key, time_signed=now, fudge=MAX_FUDGE)
             try:
                 if tcp:
                     resp = await self._tcp(signed, msg, mac, now)
@@ -118,7 +100,7 @@ class RegistryClient:
                 if resp.flags & dns.flags.TC:
                     msg.id = (msg.id + 1) & 0xFFFF  # a new MAC: the UDP one is spent
                     now = int(time.time())
-                    signed, mac = sign_request(msg.to_wire(), self.key, now)
+                    signed, mac = sign(msg.to_wire(), self.key, time_signed=now, fudge=MAX_FUDGE)
                     resp = await self._tcp(signed, msg, mac, now)
                 break
             except CredentialsRejected as exc:
@@ -178,30 +160,25 @@ class RegistryClient:
         if resp.tsig is None:
             self.bad_answers += 1
             return None
-        rd = resp.tsig[0]
-        if rd.error == TsigError.BADKEY:
+        rec = record_of(data, resp)
+        if rec.error == TsigError.BADKEY:
             raise self._fail(CredentialsRejected(
                 f"the registry at {host}:{port} does not know our key {self.key.name} (BADKEY)",
                 hint=REJOIN,
             ))
-        if rd.error == TsigError.BADSIG:
+        if rec.error == TsigError.BADSIG:
             raise self._fail(CredentialsRejected(
                 f"the registry at {host}:{port} refused our signature with key {self.key.name} "
                 "(BADSIG)",
                 hint=REJOIN,
             ))
-        expected = compute_mac(
-            self.key, strip_tsig(data, last_rr_offset(data)), original_id=rd.original_id,
-            time_signed=rd.time_signed, fudge=rd.fudge, error=rd.error, other=rd.other,
-            request_mac=mac,
-        )
-        if not hmac.compare_digest(expected, rd.mac):
+        if not hmac.compare_digest(expected_mac(self.key, data, rec, request_mac=mac), rec.mac):
             self.bad_answers += 1  # not from the registry, or mangled: keep waiting
             return None
-        if rd.error == TsigError.BADTIME:
+        if rec.error == TsigError.BADTIME:
             server = None
-            if len(rd.other) == 6:
-                hi, lo = struct.unpack("!HI", rd.other)
+            if len(rec.other) == 6:
+                hi, lo = struct.unpack("!HI", rec.other)
                 server = (hi << 32) | lo
             skew = None if server is None else float(server - sent)
             self.clock_skew = skew
@@ -218,10 +195,10 @@ class RegistryClient:
                 what, hint="set the clock (NTP: `timedatectl set-ntp true`); the daemon "
                 "keeps retrying", skew=skew,
             ))
-        if rd.error != TsigError.NOERROR:
+        if rec.error != TsigError.NOERROR:
             raise self._fail(RegistryError(
-                f"the registry answered with TSIG error {rd.error} to our request"))
-        if abs(rd.time_signed - int(time.time())) > 2 * MAX_FUDGE:
+                f"the registry answered with TSIG error {rec.error} to our request"))
+        if abs(rec.time_signed - int(time.time())) > 2 * MAX_FUDGE:
             self.bad_answers += 1  # an old signed answer replayed
             return None
         return resp

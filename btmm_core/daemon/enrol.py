@@ -1,4 +1,4 @@
-"""``btmm join``'s exchange with the registry: get this device's own key (registry/enrol.py).
+"""``btmm join``'s exchange with the registry: get this device's own key (dns/enrol.py).
 
 The account key or an invite token signs one UPDATE; the answer (signed with the same key)
 lets both sides derive the device key, which never crosses the network. Only the device key is
@@ -12,16 +12,16 @@ import socket
 import dns.rcode
 
 from btmm_core.daemon.dnsclient import RegistryClient
+from btmm_core.dns.enrol import EnrolClient
+from btmm_core.dns.keyfile import KeyFile
+from btmm_core.dns.names import device_name_problem
+from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.errors import (
     ConfigError,
     CredentialsRejected,
     RegistryError,
     RegistryUnreachable,
 )
-from btmm_core.registry.authority import device_name_problem
-from btmm_core.registry.enrol import EnrolClient
-from btmm_core.registry.keyfile import KeyFile
-from btmm_core.registry.tsig import KeyRole, TsigKey
 
 
 def server_from_key_file(kf: KeyFile) -> tuple[str, int] | None:

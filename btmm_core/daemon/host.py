@@ -54,6 +54,8 @@ from btmm_core.daemon.records import (
 from btmm_core.dataplane import open_engine
 from btmm_core.dataplane.api import Endpoint, Engine, EngineConfig
 from btmm_core.dataplane.netconf import configure_tun
+from btmm_core.dns.keyfile import read_key
+from btmm_core.dns.tsig import KeyRole
 from btmm_core.errors import (
     BtmmError,
     ClockSkew,
@@ -71,8 +73,6 @@ from btmm_core.llq.driver import Watcher
 from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
 from btmm_core.portmap.renewal import EventKind, MappingEvent, MappingRenewal
-from btmm_core.registry.keyfile import read_key_file
-from btmm_core.registry.tsig import KeyRole
 
 log = structlog.get_logger("btmm.daemon")
 
@@ -104,7 +104,7 @@ class Daemon:
         self.cfg = cfg
         # this device's own key; its file names the zone (an old account-key file: the key's
         # name is the zone)
-        self.key = read_key_file(cfg.credentials).key
+        self.key = read_key(cfg.credentials)
         self.zone: dns.name.Name = self.key.zone
         if self.key.role == KeyRole.ACCOUNT:
             log.warning("this host holds the account key, which may change every host's "

@@ -31,9 +31,9 @@ import dns.rrset
 import dns.update
 
 from btmm_core.daemon.identity import HostIdentity
+from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.errors import ConfigError, PeerRefused
 from btmm_core.keyex.keys import decode_public, ula_of
-from btmm_core.registry.edns import UpdateLeaseOption
 
 TTL = 60
 BROWSE_LABELS = ("_autotunnel", "_udp")

@@ -14,9 +14,10 @@ import click
 import dns.name
 import dns.rdatatype
 
+from btmm_core.dns.keyfile import read_key
 from btmm_core.errors import BtmmError
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged
-from btmm_core.llq.driver import TRANSPORTS, Watcher, read_key_file
+from btmm_core.llq.driver import TRANSPORTS, Watcher
 
 
 @click.command()
@@ -88,7 +89,7 @@ def watch(
     try:
         qname = dns.name.from_text(name)
         qtype = dns.rdatatype.from_text(rdtype)
-        key = read_key_file(key_file) if key_file is not None else None
+        key = read_key(key_file) if key_file is not None else None
         config = ClientConfig(lease=lease, poll_interval=poll_interval)
         ssl_context = None
         if transport == "tls":

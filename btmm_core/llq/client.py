@@ -48,15 +48,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
-from btmm_core.llq.server import REMOVED_TTL
-from btmm_core.registry.tsig import (
-    TsigKey,
-    append_tsig,
-    compute_mac,
-    last_rr_offset,
-    strip_tsig,
-)
+from btmm_core.dns.llq_option import REMOVED_TTL, LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.tsig import TsigKey, expected_mac, record_of, sign
+from btmm_core.dns.wire import rrs
 
 
 class ClientState(enum.Enum):
@@ -145,33 +139,14 @@ class _Pending:
 _Key = tuple[dns.name.Name, int, dns.rdata.Rdata]
 
 
-def _skip_name(wire: bytes, p: int) -> int:
-    while True:
-        n = wire[p]
-        if n == 0:
-            return p + 1
-        if n & 0xC0 == 0xC0:
-            return p + 2
-        p += 1 + n
-
-
 def answer_ttls(wire: bytes) -> list[int]:
     """The TTLs of the answer RRs as sent, in order.
 
     dnspython reads a TTL above 2^31 - 1 as 0 (RFC 2181 section 8), but RFC 8764 marks a removal
     with 0xFFFFFFFF, so the raw value is needed.
     """
-    qd, an = struct.unpack_from("!HH", wire, 4)
-    p = 12
-    for _ in range(qd):
-        p = _skip_name(wire, p) + 4
-    ttls = []
-    for _ in range(an):
-        p = _skip_name(wire, p)
-        _, _, ttl, rdlen = struct.unpack_from("!HHIH", wire, p)
-        ttls.append(ttl)
-        p += 10 + rdlen
-    return ttls
+    (an,) = struct.unpack_from("!H", wire, 6)
+    return [rr.ttl for rr in rrs(wire, an)]
 
 
 class LLQClient:
@@ -312,30 +287,11 @@ class LLQClient:
     def _sign(
         self, wire: bytes, now: float, request_mac: bytes | None = None
     ) -> tuple[bytes, bytes | None]:
-        key = self.key
-        if key is None:
+        if self.key is None:
             return wire, None
-        mac = compute_mac(
-            key,
-            wire,
-            original_id=int.from_bytes(wire[:2], "big"),
-            time_signed=int(now),
-            fudge=self.config.fudge,
-            error=0,
-            other=b"",
-            request_mac=request_mac,
+        return sign(
+            wire, self.key, time_signed=int(now), fudge=self.config.fudge, request_mac=request_mac
         )
-        signed = append_tsig(
-            wire,
-            key=key,
-            key_name=key.name,
-            algorithm=key.algorithm,
-            request_mac=request_mac,
-            time_signed=int(now),
-            fudge=self.config.fudge,
-            error=0,
-        )
-        return signed, mac
 
     def _send(self, kind: _Kind, msg: dns.message.Message, now: float, out: list[Output]) -> None:
         wire, mac = self._sign(msg.to_wire(), now)
@@ -437,24 +393,14 @@ class LLQClient:
         key = self.key
         if key is None:
             return True
-        if msg.tsig is None or msg.tsig.name != key.name:
+        if msg.tsig is None:
             return False
-        rd = msg.tsig[0]
-        if rd.algorithm != key.algorithm or rd.error != 0:
+        rec = record_of(wire, msg)
+        if rec.key_name != key.name or rec.algorithm != key.algorithm or rec.error != 0:
             return False
-        if abs(rd.time_signed - now) > self.config.fudge:
+        if abs(rec.time_signed - now) > self.config.fudge:
             return False
-        expected = compute_mac(
-            key,
-            strip_tsig(wire, last_rr_offset(wire)),
-            original_id=rd.original_id,
-            time_signed=rd.time_signed,
-            fudge=rd.fudge,
-            error=rd.error,
-            other=rd.other,
-            request_mac=request_mac,
-        )
-        return hmac.compare_digest(expected, rd.mac)
+        return hmac.compare_digest(expected_mac(key, wire, rec, request_mac=request_mac), rec.mac)
 
     def _answer(
         self,

@@ -16,10 +16,10 @@ import random
 import ssl
 import struct
 import time
-from pathlib import Path
 
 import dns.name
 
+from btmm_core.dns.tsig import TsigKey
 from btmm_core.errors import ConfigError
 from btmm_core.llq.client import (
     Changes,
@@ -29,13 +29,6 @@ from btmm_core.llq.client import (
     Send,
     StateChanged,
 )
-from btmm_core.registry import keyfile
-from btmm_core.registry.tsig import TsigKey
-
-
-def read_key_file(path: Path) -> TsigKey:
-    """The TSIG key of a BIND key statement file (an account or device credentials file)."""
-    return keyfile.read_key_file(path).key
 
 
 class _Protocol(asyncio.DatagramProtocol):

@@ -57,34 +57,23 @@ import dns.rdatatype
 import dns.rrset
 import structlog
 
-from btmm_core.llq.option import (
+from btmm_core.dns.llq_option import (
     LLQ_CODE,
     LLQ_LENGTH,
+    REMOVED_TTL,
     LLQError,
     LLQOpcode,
     LLQOption,
     find_llq,
 )
+from btmm_core.dns.tsig import MAX_FUDGE, expected_mac, record_of, rr_size, sign
 from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
 from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
 from btmm_core.registry.plugin import Outgoing
-from btmm_core.registry.tsig import (
-    MAX_FUDGE,
-    TsigKey,
-    TsigRecord,
-    compute_mac,
-    last_rr_offset,
-    rr_size,
-    strip_tsig,
-    tsig_rr,
-)
 from btmm_core.registry.zones import NOT_RECORD_TYPES
 
 log = structlog.get_logger("btmm.llq")
-
-#: TTL that marks a removed record in an event (RFC 8764 section 6.1).
-REMOVED_TTL = 0xFFFFFFFF
 
 RecordKey = tuple[dns.name.Name, int, dns.rdata.Rdata]
 
@@ -168,22 +157,6 @@ def client_of(peer: str) -> str:
     the /64 of an IPv6 address (one host or site usually holds a whole /64, so counting per
     IPv6 address would let it take as many LLQs as it picks addresses)."""
     return client_prefix(peer.rsplit("#", 1)[0])
-
-
-def _tsig_record(wire: bytes, msg: dns.message.Message) -> TsigRecord:
-    assert msg.tsig is not None
-    rd = msg.tsig[0]
-    return TsigRecord(
-        msg.tsig.name,
-        rd.algorithm,
-        rd.time_signed,
-        rd.fudge,
-        rd.mac,
-        rd.original_id,
-        rd.error,
-        rd.other,
-        last_rr_offset(wire),
-    )
 
 
 #: Answers a request with an LLQ option: (opcode, error, llq id, lease).
@@ -542,32 +515,8 @@ class LLQServer:
         if key is None:
             return msg_id, wire, None
         llq.signed = max(llq.signed, int(now))
-        return (msg_id, *self._sign(wire, msg_id, key, llq.signed))
-
-    def _sign(self, wire: bytes, msg_id: int, key: TsigKey, now: int) -> tuple[bytes, bytes]:
-        """The signed event and its MAC (kept to check the acknowledgement)."""
-        mac = compute_mac(
-            key,
-            wire,
-            original_id=msg_id,
-            time_signed=now,
-            fudge=self.config.fudge,
-            error=0,
-            other=b"",
-            request_mac=None,
-        )
-        rr = tsig_rr(
-            key.name,
-            key.algorithm,
-            time_signed=now,
-            fudge=self.config.fudge,
-            mac=mac,
-            original_id=msg_id,
-            error=0,
-            other=b"",
-        )
-        (arcount,) = struct.unpack_from("!H", wire, 10)
-        return wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr, mac
+        # the MAC is kept to check the acknowledgement
+        return (msg_id, *sign(wire, key, time_signed=llq.signed, fudge=self.config.fudge))
 
     def _release(self, llq: LLQ) -> None:
         if llq.inflight is not None and llq.inflight.in_window:
@@ -677,7 +626,7 @@ class LLQServer:
         key = self.core.store.keys.get(key_name)
         if key is None or event.mac is None:
             return False
-        rec = _tsig_record(wire, msg)
+        rec = record_of(wire, msg)
         if (
             rec.algorithm != key.algorithm
             or rec.error != 0
@@ -685,17 +634,7 @@ class LLQServer:
             or abs(rec.time_signed - int(now)) > min(self.config.fudge, MAX_FUDGE)
         ):
             return False
-        expected = compute_mac(
-            key,
-            strip_tsig(wire, rec.start),
-            original_id=rec.original_id,
-            time_signed=rec.time_signed,
-            fudge=rec.fudge,
-            error=rec.error,
-            other=rec.other,
-            request_mac=event.mac,
-        )
-        return hmac.compare_digest(expected, rec.mac)
+        return hmac.compare_digest(expected_mac(key, wire, rec, request_mac=event.mac), rec.mac)
 
     # ---- timers -------------------------------------------------------------------------
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import dns.name
 
+from btmm_core.dns.tsig import HMAC_MD5, HMAC_SHA256, TsigKey
 from btmm_core.errors import ConfigError
 from btmm_core.registry.model import Account
 from btmm_core.registry.storage import Storage
-from btmm_core.registry.tsig import HMAC_MD5, HMAC_SHA256, TsigKey
 
 _USER = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 

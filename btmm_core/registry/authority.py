@@ -25,12 +25,11 @@ import dns.name
 import dns.rdataclass
 import dns.rdatatype
 
-from btmm_core.registry.tsig import KeyRole, TsigKey
+from btmm_core.dns.names import TUNNEL_PREFIX
+from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.registry.zones import Zone
 
 BROWSE = dns.name.from_text("_autotunnel._udp", origin=None)
-#: The first label of a tunnel-endpoint name (compared case-insensitively, as DNS does).
-TUNNEL_PREFIX = "autotunnel-"
 
 
 @dataclass(frozen=True)
@@ -47,17 +46,6 @@ def is_tunnel_name(zone: dns.name.Name, name: dns.name.Name) -> bool:
         return False
     label: bytes = name[0]
     return label.decode("ascii", "replace").lower().startswith(TUNNEL_PREFIX)
-
-
-def device_name_problem(device: str) -> str | None:
-    """Why ``device`` cannot be a device name (None: it can)."""
-    import re
-
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", device):
-        return "a device name is one DNS label: 1-63 lower-case letters, digits, inner hyphens"
-    if device.startswith(TUNNEL_PREFIX):
-        return f"names starting with {TUNNEL_PREFIX!r} are tunnel endpoints, not devices"
-    return None
 
 
 def check_update(zone: Zone, key: TsigKey, request: dns.message.Message) -> Verdict:

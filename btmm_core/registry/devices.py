@@ -1,6 +1,6 @@
 """Device keys and invite tokens of an account (``btmm serve user invite/devices/revoke``).
 
-A device key is made only by enrolment over the wire (registry/enrol.py), so its secret is
+A device key is made only by enrolment over the wire (dns/enrol.py), so its secret is
 never in a file on the registry host besides the database. An invite is a TSIG key too
 (hmac-sha256, 256 bits), stored with the role INVITE: it may enrol one device and nothing
 else, and is deleted when used; after ``expires`` it is refused (and dropped from the list).
@@ -14,11 +14,11 @@ import time
 
 import dns.name
 
+from btmm_core.dns.names import device_name_problem
+from btmm_core.dns.tsig import HMAC_SHA256, KeyRole, TsigKey
 from btmm_core.errors import ConfigError
-from btmm_core.registry.authority import device_name_problem
 from btmm_core.registry.model import DeviceKey
 from btmm_core.registry.storage import Storage
-from btmm_core.registry.tsig import HMAC_SHA256, KeyRole, TsigKey
 
 
 def parse_duration(text: str) -> float:

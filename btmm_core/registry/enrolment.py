@@ -1,4 +1,4 @@
-"""The registry's side of device enrolment (registry/enrol.py has the protocol), sans-I/O.
+"""The registry's side of device enrolment (dns/enrol.py has the protocol), sans-I/O.
 
 Installed by ``RegistryCore`` as the handler of the ``EnrolOption``: it runs after the TSIG
 checks (key, MAC, time, replay) passed, and answers with a message the core signs with the
@@ -29,11 +29,11 @@ import dns.rdatatype
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from btmm_core.registry.authority import device_name_problem
-from btmm_core.registry.enrol import find_option, server_side
+from btmm_core.dns.enrol import find_option, server_side
+from btmm_core.dns.names import device_name_problem
+from btmm_core.dns.tsig import KeyRole
 from btmm_core.registry.model import DeviceKey, SeenMac
 from btmm_core.registry.storage import StorageError
-from btmm_core.registry.tsig import KeyRole
 
 if TYPE_CHECKING:
     from btmm_core.registry.handler import RequestContext

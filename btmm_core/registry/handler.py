@@ -34,16 +34,10 @@ import dns.rdatatype
 import dns.rrset
 import structlog
 
-from btmm_core.registry.authority import check_update
-from btmm_core.registry.edns import UpdateLeaseOption
-from btmm_core.registry.enrol import ENROL_CODE
-from btmm_core.registry.enrolment import handle_enrolment
-from btmm_core.registry.fastpath import PlainQuery, scan
-from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big
-from btmm_core.registry.model import ChangeSet, SeenMac
-from btmm_core.registry.plugin import Plugin
-from btmm_core.registry.storage import StorageError
-from btmm_core.registry.tsig import (
+from btmm_core.dns.edns import UpdateLeaseOption
+from btmm_core.dns.enrol import ENROL_CODE
+from btmm_core.dns.fastpath import PlainQuery, scan
+from btmm_core.dns.tsig import (
     MAX_FUDGE,
     ReplayGuard,
     TsigError,
@@ -51,11 +45,18 @@ from btmm_core.registry.tsig import (
     TsigRecord,
     TsigVerdict,
     append_tsig,
-    last_rr_offset,
+    record_of,
     rr_size,
     time_other_data,
     verify,
 )
+from btmm_core.dns.wire import last_rr_offset
+from btmm_core.registry.authority import check_update
+from btmm_core.registry.enrolment import handle_enrolment
+from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big
+from btmm_core.registry.model import ChangeSet, SeenMac
+from btmm_core.registry.plugin import Plugin
+from btmm_core.registry.storage import StorageError
 from btmm_core.registry.update import Grant, NoLeasePolicy, plan_update
 from btmm_core.registry.zones import TRANSFER_TYPES, Zone, ZoneStore
 
@@ -274,19 +275,7 @@ class RegistryCore:
     # ---- TSIG ----------------------------------------------------------------------------
 
     def _verify(self, wire: bytes, request: dns.message.Message, now: float) -> TsigVerdict:
-        assert request.tsig is not None
-        rd = request.tsig[0]
-        record = TsigRecord(
-            request.tsig.name,
-            rd.algorithm,
-            rd.time_signed,
-            rd.fudge,
-            rd.mac,
-            rd.original_id,
-            rd.error,
-            rd.other,
-            last_rr_offset(wire),
-        )
+        record = record_of(wire, request)
         verdict = verify(wire, record, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
         if not verdict.ok or verdict.key is None:
             return verdict

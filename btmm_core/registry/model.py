@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import dns.name
 import dns.rdata
 
-from btmm_core.registry.tsig import TsigKey
+from btmm_core.dns.tsig import TsigKey
 
 
 class Cause(enum.IntEnum):

@@ -19,6 +19,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
+from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.errors import ConfigError
 from btmm_core.registry.model import (
     Account,
@@ -30,7 +31,6 @@ from btmm_core.registry.model import (
     Snapshot,
     ZoneRow,
 )
-from btmm_core.registry.tsig import KeyRole, TsigKey
 
 
 class StorageError(ConfigError):

@@ -22,6 +22,7 @@ import dns.rdtypes.ANY.NS
 import dns.rdtypes.ANY.SOA
 import dns.rdtypes.IN.SRV
 
+from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.registry.model import (
     Cause,
     ChangeSet,
@@ -33,7 +34,6 @@ from btmm_core.registry.model import (
     SeenMac,
 )
 from btmm_core.registry.storage import Storage
-from btmm_core.registry.tsig import KeyRole, TsigKey
 
 Observer = Callable[[RRsetChange], None]
 

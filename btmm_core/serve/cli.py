@@ -10,6 +10,8 @@ from typing import Any
 import click
 import dns.name
 
+from btmm_core.dns.keyfile import key_file_text, write_key_file
+from btmm_core.dns.tsig import KeyRole
 from btmm_core.errors import BtmmError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.log import configure_logging
@@ -22,10 +24,8 @@ from btmm_core.registry.accounts import (
 )
 from btmm_core.registry.devices import list_devices, make_invite, parse_duration
 from btmm_core.registry.handler import Policy
-from btmm_core.registry.keyfile import key_file_text, write_key_file
 from btmm_core.registry.limits import UpdateLimits
 from btmm_core.registry.storage import SqliteStorage
-from btmm_core.registry.tsig import KeyRole
 from btmm_core.registry.update import NoLeasePolicy
 from btmm_core.serve import compose
 from btmm_core.serve.config import (

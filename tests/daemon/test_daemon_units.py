@@ -29,9 +29,9 @@ from btmm_core.daemon.records import (
     srv_name,
     withdraw_update,
 )
+from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.errors import ConfigError
 from btmm_core.keyex.keys import ula_of
-from btmm_core.registry.edns import UpdateLeaseOption
 
 ZONE = dns.name.from_text("bob.members.example.")
 ULA = ipaddress.IPv6Address("fd12:3456:789a:1:5054:ff:fe12:3456")

@@ -30,9 +30,9 @@ from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.host import Daemon
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import Publication, publish_update
+from btmm_core.dns.keyfile import read_key_file
+from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.errors import ClockSkew, CredentialsRejected
-from btmm_core.registry.keyfile import read_key_file
-from btmm_core.registry.tsig import KeyRole, TsigKey
 
 ROOT = Path(__file__).resolve().parents[2]
 ZONE = dns.name.from_text("bob.members.example.")

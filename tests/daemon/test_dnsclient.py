@@ -21,9 +21,9 @@ from registry_helpers import make_core
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import Publication, publish_update
+from btmm_core.dns.tsig import TsigError, append_tsig
 from btmm_core.errors import CredentialsRejected
 from btmm_core.registry.handler import RegistryCore, Transport
-from btmm_core.registry.tsig import TsigError, append_tsig
 
 ZONE = dns.name.from_text("bob.members.example.")
 ULA = ipaddress.IPv6Address("fd00::5")

@@ -21,9 +21,9 @@ from live_registry import free_port, live_registry
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import Publication, granted_lease, publish_update
+from btmm_core.dns.keyfile import read_key
+from btmm_core.dns.tsig import TsigKey
 from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryUnreachable
-from btmm_core.llq.driver import read_key_file
-from btmm_core.registry.tsig import TsigKey
 
 ROOT = Path(__file__).resolve().parents[2]
 ZONE = dns.name.from_text("bob.members.example.")
@@ -48,7 +48,7 @@ def _publish(port: int, key: TsigKey) -> dns.message.Message:
 
 def test_publish_is_granted_a_lease_and_readable(registry: tuple[int, Path]) -> None:
     port, creds = registry
-    key = read_key_file(creds)
+    key = read_key(creds)
     resp = _publish(port, key)
     assert granted_lease(resp) == 2000
     client = RegistryClient(("127.0.0.1", port), key)
@@ -59,7 +59,7 @@ def test_publish_is_granted_a_lease_and_readable(registry: tuple[int, Path]) -> 
 
 def test_wrong_secret_is_badsig(registry: tuple[int, Path]) -> None:
     port, creds = registry
-    key = read_key_file(creds)
+    key = read_key(creds)
     wrong = TsigKey(key.name, key.algorithm, bytes(32), key.zone)
     with pytest.raises(CredentialsRejected, match="BADSIG"):
         _publish(port, wrong)
@@ -67,7 +67,7 @@ def test_wrong_secret_is_badsig(registry: tuple[int, Path]) -> None:
 
 def test_unknown_key_is_badkey(registry: tuple[int, Path]) -> None:
     port, creds = registry
-    key = read_key_file(creds)
+    key = read_key(creds)
     stranger = TsigKey(dns.name.from_text("mallory.members.example."), key.algorithm,
                        base64.b64decode("c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"), key.zone)
     with pytest.raises(CredentialsRejected, match="BADKEY"):
@@ -76,7 +76,7 @@ def test_unknown_key_is_badkey(registry: tuple[int, Path]) -> None:
 
 def test_clock_skew_is_badtime(registry: tuple[int, Path]) -> None:
     port, creds = registry
-    key = read_key_file(creds)
+    key = read_key(creds)
     skewed = time.time() - 3600  # an hour behind: far outside the 300 s fudge
     with mock.patch("dns.message.time.time", return_value=skewed), \
             pytest.raises(ClockSkew, match="BADTIME"):
@@ -86,4 +86,4 @@ def test_clock_skew_is_badtime(registry: tuple[int, Path]) -> None:
 def test_nobody_listening_is_unreachable(registry: tuple[int, Path]) -> None:
     _, creds = registry
     with pytest.raises(RegistryUnreachable, match="no answer"):
-        _publish(free_port(), read_key_file(creds))
+        _publish(free_port(), read_key(creds))

@@ -26,6 +26,7 @@ from registry_helpers import (
     state_dir,
 )
 
+from btmm_core.dns.tsig import TsigKey, append_tsig
 from btmm_core.llq.client import (
     Changes,
     ClientConfig,
@@ -38,7 +39,6 @@ from btmm_core.llq.server import LLQConfig, LLQServer
 from btmm_core.registry.handler import Policy, RegistryCore, Transport
 from btmm_core.registry.model import Account, RRsetChange
 from btmm_core.registry.plugin import Outgoing, is_response
-from btmm_core.registry.tsig import TsigKey, append_tsig
 
 NOW = 1_800_000_000.0
 BOB = dns.name.from_text("bob.members.example.")
@@ -94,7 +94,7 @@ def update(
     for a in add:
         u.add(name, ttl, rdtype, a)
     if lease is not None:
-        from btmm_core.registry.edns import UpdateLeaseOption
+        from btmm_core.dns.edns import UpdateLeaseOption
 
         u.use_edns(0, 0, 1232, options=[UpdateLeaseOption(lease)])
     return u

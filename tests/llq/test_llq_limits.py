@@ -11,7 +11,7 @@ import dns.name
 import pytest
 from llq_helpers import LAPTOP, Lab, parse, sign
 
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
 from btmm_core.llq.server import LLQConfig, client_of
 from btmm_core.registry.handler import Transport
 

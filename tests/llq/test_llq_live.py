@@ -23,10 +23,11 @@ import dns.update
 import pytest
 from llq_helpers import LAPTOP, free_port, live_registry, state_dir, update
 
+from btmm_core.dns.keyfile import read_key
+from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.tsig import TsigKey
 from btmm_core.llq.client import Changes, ClientConfig, ClientState, StateChanged
-from btmm_core.llq.driver import Watcher, read_key_file
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
-from btmm_core.registry.tsig import TsigKey
+from btmm_core.llq.driver import Watcher
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -51,7 +52,7 @@ def reg() -> Iterator:  # type: ignore[type-arg]
 
 
 def key_of(reg, user: str = "bob") -> TsigKey:  # type: ignore[no-untyped-def]
-    return read_key_file(reg.keyfile(user))
+    return read_key(reg.keyfile(user))
 
 
 def dnspython_key(key: TsigKey) -> dns.tsig.Key:

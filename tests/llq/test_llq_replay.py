@@ -12,8 +12,8 @@ import dns.flags
 import dns.message
 from llq_helpers import NOW, Lab, parse, sign, sign_ack, update
 
+from btmm_core.dns.llq_option import LLQOpcode, LLQOption, find_llq
 from btmm_core.llq.client import Changes, LLQClient, Send
-from btmm_core.llq.option import LLQOpcode, LLQOption, find_llq
 from btmm_core.registry.handler import Transport
 
 PEER = "127.0.0.1#40000"

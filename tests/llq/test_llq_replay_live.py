@@ -18,10 +18,9 @@ import dns.rdatatype
 from llq_helpers import live_registry, state_dir, update
 from test_llq_live import key_of, next_change, rdatas, send_update, until_state
 
+from btmm_core.dns.llq_option import REMOVED_TTL, LLQOpcode, find_llq
 from btmm_core.llq.client import Changes, ClientState, answer_ttls
 from btmm_core.llq.driver import Watcher
-from btmm_core.llq.option import LLQOpcode, find_llq
-from btmm_core.llq.server import REMOVED_TTL
 
 HOST = "127.0.0.1"
 

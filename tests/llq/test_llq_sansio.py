@@ -14,11 +14,18 @@ import dns.tsig
 import pytest
 from llq_helpers import BOB, LAPTOP, NOW, Lab, parse, sign, sign_ack, update
 
+from btmm_core.dns.llq_option import (
+    REMOVED_TTL,
+    LLQError,
+    LLQOpcode,
+    LLQOption,
+    find_llq,
+    kdig_hex,
+)
+from btmm_core.dns.wire import last_rr_offset
 from btmm_core.llq.client import ClientConfig, ClientState, LLQClient, Send, answer_ttls
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq, kdig_hex
-from btmm_core.llq.server import REMOVED_TTL, LLQConfig
+from btmm_core.llq.server import LLQConfig
 from btmm_core.registry.handler import Transport
-from btmm_core.registry.tsig import last_rr_offset
 
 PEER = "127.0.0.1#40000"
 

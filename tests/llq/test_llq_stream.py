@@ -25,10 +25,11 @@ import dns.tsig
 import pytest
 from llq_helpers import BOB, LAPTOP, live_registry, state_dir, update
 
+from btmm_core.dns.keyfile import read_key
+from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.tsig import TsigKey
 from btmm_core.llq.client import Changes, ClientConfig, ClientState, StateChanged
-from btmm_core.llq.driver import Watcher, read_key_file
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
-from btmm_core.registry.tsig import TsigKey
+from btmm_core.llq.driver import Watcher
 
 HOST = "127.0.0.1"
 NS = "ns.members.example"
@@ -54,7 +55,7 @@ def reg() -> Iterator:  # type: ignore[type-arg]
 
 
 def key_of(reg) -> TsigKey:  # type: ignore[no-untyped-def]
-    return read_key_file(reg.keyfile("bob"))
+    return read_key(reg.keyfile("bob"))
 
 
 def send_update(reg, u: dns.message.Message) -> None:  # type: ignore[no-untyped-def]

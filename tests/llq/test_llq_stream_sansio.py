@@ -10,8 +10,8 @@ import dns.message
 import dns.rdatatype
 from llq_helpers import LAPTOP, Lab, parse, sign, sign_ack, update
 
+from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
 from btmm_core.llq.client import Changes, ClientState, LLQClient, Output, Send
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
 from btmm_core.registry.handler import Transport
 
 CONN = "127.0.0.1#41000"

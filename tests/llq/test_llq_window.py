@@ -13,7 +13,7 @@ import dns.message
 from llq_helpers import Lab, sign_ack, state_dir, update
 from test_llq_stream_sansio import change, establish
 
-from btmm_core.llq.option import LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.llq_option import LLQOpcode, LLQOption, find_llq
 from btmm_core.llq.server import LLQConfig
 from btmm_core.registry.handler import Transport
 from btmm_core.registry.plugin import Outgoing

@@ -23,17 +23,17 @@ import dns.query
 import dns.rdatatype
 import dns.tsig
 
-from btmm_core.registry.accounts import add_user
-from btmm_core.registry.handler import Policy, RegistryCore, Transport
-from btmm_core.registry.model import Account
-from btmm_core.registry.storage import MemoryStorage, Storage
-from btmm_core.registry.tsig import (
+from btmm_core.dns.tsig import (
     HMAC_MD5,
     HMAC_SHA256,
     TsigKey,
     compute_mac,
     tsig_rr,
 )
+from btmm_core.registry.accounts import add_user
+from btmm_core.registry.handler import Policy, RegistryCore, Transport
+from btmm_core.registry.model import Account
+from btmm_core.registry.storage import MemoryStorage, Storage
 from btmm_core.registry.zones import ZoneConfig, ZoneStore
 
 PARENT = dns.name.from_text("members.example.")

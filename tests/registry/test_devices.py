@@ -18,15 +18,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from registry_helpers import PARENT, make_core, parse, sign, tsig_error
 
-from btmm_core.llq.option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.edns import UpdateLeaseOption
+from btmm_core.dns.enrol import EnrolClient
+from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
+from btmm_core.dns.tsig import KeyRole, TsigError, TsigKey
 from btmm_core.llq.server import LLQConfig, LLQServer
 from btmm_core.registry.devices import list_devices, make_invite
-from btmm_core.registry.edns import UpdateLeaseOption
-from btmm_core.registry.enrol import EnrolClient
 from btmm_core.registry.handler import RegistryCore, Transport
 from btmm_core.registry.model import RRsetChange
 from btmm_core.registry.storage import SqliteStorage, StorageError
-from btmm_core.registry.tsig import KeyRole, TsigError, TsigKey
 from btmm_core.registry.zones import ZoneConfig, ZoneStore
 
 BOB = dns.name.from_text("bob.members.example.")
@@ -368,9 +368,9 @@ def test_removing_the_account_removes_its_devices_and_invites(tmp_path: Path) ->
 
 
 def test_key_files_round_trip_and_old_files_still_read() -> None:
+    from btmm_core.dns.keyfile import key_file_text, parse_key_file
+    from btmm_core.dns.tsig import HMAC_SHA256
     from btmm_core.registry.devices import parse_duration
-    from btmm_core.registry.keyfile import key_file_text, parse_key_file
-    from btmm_core.registry.tsig import HMAC_SHA256
 
     secret = bytes(range(32))
     device = TsigKey(dns.name.from_text("laptop", origin=BOB), HMAC_SHA256, secret, BOB,

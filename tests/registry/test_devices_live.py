@@ -17,9 +17,9 @@ import dns.rcode
 import dns.tsig
 from registry_helpers import live_registry, state_dir
 
-from btmm_core.registry.enrol import EnrolClient
-from btmm_core.registry.keyfile import key_file_text, read_key_file, write_key_file
-from btmm_core.registry.tsig import KeyRole, TsigKey
+from btmm_core.dns.enrol import EnrolClient
+from btmm_core.dns.keyfile import key_file_text, read_key_file, write_key_file
+from btmm_core.dns.tsig import KeyRole, TsigKey
 
 BOB = dns.name.from_text("bob.members.example.")
 BADKEY = -17  # the registry did not know the key (answered unsigned)

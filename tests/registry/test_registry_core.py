@@ -16,11 +16,11 @@ import dns.update
 import pytest
 from registry_helpers import HMAC_MD5, ask, dnskey, make_core, parse, sign, tsig_error
 
-from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.dns.edns import UpdateLeaseOption
+from btmm_core.dns.tsig import TsigError
 from btmm_core.registry.handler import Policy, Transport
 from btmm_core.registry.model import Cause, RRsetChange
 from btmm_core.registry.storage import MemoryStorage
-from btmm_core.registry.tsig import TsigError
 from btmm_core.registry.update import NoLeasePolicy
 
 NOW = 1_800_000_000.0
@@ -518,7 +518,7 @@ def test_option_handler_hook_can_take_over_a_request() -> None:
 
 
 def test_a_plugin_cannot_take_an_edns_option_that_is_taken() -> None:
-    from btmm_core.registry.enrol import ENROL_CODE
+    from btmm_core.dns.enrol import ENROL_CODE
 
     class Taker:
         option_codes = (ENROL_CODE,)

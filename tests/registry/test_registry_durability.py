@@ -17,7 +17,7 @@ import dns.update
 from registry_helpers import LiveRegistry, dnskey, live_registry, state_dir
 from test_registry_live import account, dig_short
 
-from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.dns.edns import UpdateLeaseOption
 
 BOB = "bob.members.example."
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from registry_helpers import make_core, sign
 
-from btmm_core.registry.edns import UpdateLeaseOption
-from btmm_core.registry.fastpath import scan
+from btmm_core.dns.edns import UpdateLeaseOption
+from btmm_core.dns.fastpath import scan
 from btmm_core.registry.handler import Policy, RegistryCore, Transport
 
 NOW = 1_800_000_000

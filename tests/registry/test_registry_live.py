@@ -28,9 +28,9 @@ from registry_helpers import (
     tsig_error,
 )
 
-from btmm_core.registry.edns import UpdateLeaseOption
+from btmm_core.dns.edns import UpdateLeaseOption
+from btmm_core.dns.tsig import HMAC_SHA256, TsigError, TsigKey
 from btmm_core.registry.model import Account
-from btmm_core.registry.tsig import HMAC_SHA256, TsigError, TsigKey
 
 BOB = "bob.members.example."
 ALICE = "alice.members.example."

@@ -1,5 +1,7 @@
 """Key files: a BIND key statement (so ``nsupdate -k FILE`` and ``dig -k FILE`` read it) with
-``# btmm ...`` comment lines that tell btmm what the key is for.
+``# btmm ...`` comment lines that tell btmm what the key is for. The key is a TSIG key
+(RFC 8945: a name, an algorithm, a shared secret). Every key file is read and written here,
+and so is the host daemon's account secret (``write_secret``).
 
 Three kinds, told apart by the comments: the account key (``btmm serve user add``), an invite
 token (``btmm serve user invite``: ``# btmm invite:``) and a device key (``btmm join``:
@@ -20,8 +22,8 @@ from pathlib import Path
 import dns.exception
 import dns.name
 
+from btmm_core.dns.tsig import HMAC_MD5, HMAC_SHA256, KeyRole, TsigKey
 from btmm_core.errors import ConfigError
-from btmm_core.registry.tsig import HMAC_MD5, HMAC_SHA256, KeyRole, TsigKey
 
 _KEY = re.compile(
     r'key\s+"?(?P<name>[^"\s{]+)"?\s*\{\s*algorithm\s+"?(?P<alg>[A-Za-z0-9.-]+)"?\s*;\s*'
@@ -107,13 +109,30 @@ def read_key_file(path: Path) -> KeyFile:
     return parse_key_file(text, str(path))
 
 
+def read_key(path: Path) -> TsigKey:
+    """The TSIG key of a key file (an account key, an invite or a device key)."""
+    return read_key_file(path).key
+
+
 def write_key_file(path: Path, text: str) -> None:
     """Write a key file 0600 (atomically; the directory is created 0700 if missing)."""
+    write_secret(path, text.encode())
+
+
+def write_secret(path: Path, data: bytes, *, private_dir: bool = False) -> None:
+    """Write ``data`` 0600, atomically; the directory is created 0700 if missing.
+
+    ``private_dir``: make an existing directory 0700 too, for a directory that holds nothing
+    but secrets (the host daemon's state directory); a directory the user named for one key
+    file (``btmm serve user invite --out``) is left as it is.
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if private_dir:
+        os.chmod(path.parent, 0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import dns.name
 
-from btmm_core.registry.tsig import TsigRecord
+from btmm_core.dns.tsig import TsigRecord
 
 _QR_OPCODE = 0xF800
 _RD_CD = 0x0110

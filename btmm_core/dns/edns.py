@@ -1,6 +1,7 @@
 """The EDNS0 Update Lease option, registered with dnspython.
 
-RFC 9664 (An EDNS(0) Option to Negotiate Leases on DNS Updates), section 4: option code 2,
+EDNS(0) is RFC 6891. The option is RFC 9664 (An EDNS(0) Option to Negotiate Leases on DNS
+Updates; draft-ietf-dnssd-update-lease before publication), section 4: option code 2,
 either 4 bytes (LEASE, seconds) or 8 bytes (LEASE then KEY-LEASE, seconds). Any other length
 is a format error, which dnspython turns into a parse failure (answered with FORMERR).
 """

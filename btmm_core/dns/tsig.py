@@ -1,4 +1,4 @@
-"""Strict TSIG verification and signing for the registry, sans-I/O.
+"""Strict TSIG verification and signing, sans-I/O, for servers and clients alike.
 
 RFC 8945 (Secret Key Transaction Authentication for DNS). The MAC is computed here rather than
 by dnspython's message code so that the time is always the caller's ``now`` and the fudge is
@@ -14,10 +14,14 @@ import hmac
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import dns.message
 import dns.name
 import dns.rdataclass
 import dns.rdatatype
+
+from btmm_core.dns.wire import last_rr_offset
 
 HMAC_SHA256 = dns.name.from_text("hmac-sha256.")
 HMAC_MD5 = dns.name.from_text("hmac-md5.sig-alg.reg.int.")
@@ -54,7 +58,13 @@ class TsigError(enum.IntEnum):
 
 @dataclass(frozen=True)
 class TsigKey:
-    """A key as the server knows it: the algorithm is fixed per key."""
+    """A TSIG key and where it is valid.
+
+    Name, algorithm and secret are all that signing and verifying need (RFC 8945); the
+    algorithm is fixed per key. Zone and role say what the key may do: the registry stores
+    them, and every key file names them (dns/keyfile.py), so a client reads them from its
+    file rather than making them up.
+    """
 
     name: dns.name.Name
     algorithm: dns.name.Name
@@ -113,27 +123,22 @@ def algorithm_digest_size(algorithm: dns.name.Name) -> int | None:
     return None if entry is None else entry[1]
 
 
-def _skip_name(wire: bytes, p: int) -> int:
-    while True:
-        length = wire[p]
-        if length == 0:
-            return p + 1
-        if length & 0xC0 == 0xC0:
-            return p + 2
-        p += 1 + length
-
-
-def last_rr_offset(wire: bytes) -> int:
-    """Offset of the last RR of a well-formed message (the TSIG RR when there is one)."""
-    qd, an, ns, ar = struct.unpack("!HHHH", wire[4:12])
-    p = 12
-    for _ in range(qd):
-        p = _skip_name(wire, p) + 4
-    for _ in range(an + ns + ar - 1):
-        p = _skip_name(wire, p) + 8
-        (rdlen,) = struct.unpack("!H", wire[p : p + 2])
-        p += 2 + rdlen
-    return p
+def record_of(wire: bytes, msg: dns.message.Message) -> TsigRecord:
+    """The TSIG RR of ``msg`` (parsed from ``wire``; ``msg.tsig`` must be set)."""
+    assert msg.tsig is not None
+    # a TSIG rdata (dns.rdtypes.ANY.TSIG.TSIG), whose fields dnspython leaves untyped
+    rd: Any = msg.tsig[0]
+    return TsigRecord(
+        msg.tsig.name,
+        rd.algorithm,
+        rd.time_signed,
+        rd.fudge,
+        rd.mac,
+        rd.original_id,
+        rd.error,
+        rd.other,
+        last_rr_offset(wire),
+    )
 
 
 def _variables(
@@ -175,6 +180,26 @@ def compute_mac(
     return h.digest()
 
 
+def expected_mac(
+    key: TsigKey, wire: bytes, record: TsigRecord, *, request_mac: bytes | None
+) -> bytes:
+    """The MAC ``key`` gives the received message ``wire`` whose TSIG RR is ``record``.
+
+    ``request_mac`` is None for a request, the MAC of the request for its answer (RFC 8945
+    section 5.3): an answer checked with the MAC its asker sent counts for that request only.
+    """
+    return compute_mac(
+        key,
+        strip_tsig(wire, record.start),
+        original_id=record.original_id,
+        time_signed=record.time_signed,
+        fudge=record.fudge,
+        error=record.error,
+        other=record.other,
+        request_mac=request_mac,
+    )
+
+
 def strip_tsig(wire: bytes, start: int) -> bytes:
     """The message as it was before the TSIG RR was appended (ARCOUNT one less)."""
     (arcount,) = struct.unpack("!H", wire[10:12])
@@ -200,16 +225,7 @@ def verify(
     # RFC 8945 5.2.2.1: longer than the hash or shorter than max(10, half the hash) is FORMERR.
     if size > full or size < max(10, full // 2):
         return TsigVerdict(TsigError.NOERROR, key, record, formerr=True)
-    expected = compute_mac(
-        key,
-        strip_tsig(wire, record.start),
-        original_id=record.original_id,
-        time_signed=record.time_signed,
-        fudge=record.fudge,
-        error=record.error,
-        other=record.other,
-        request_mac=None,
-    )
+    expected = expected_mac(key, wire, record, request_mac=None)
     if not hmac.compare_digest(expected[:size], record.mac):
         return TsigVerdict(TsigError.BADSIG, None, record)
     if abs(record.time_signed - now) > min(fudge, MAX_FUDGE):
@@ -269,13 +285,44 @@ def append_tsig(
 
     ``request_mac`` is None when signing a request, the request's MAC when signing a response.
     """
-    (original_id,) = struct.unpack("!H", response[:2])
+    return _append(response, key, key_name, algorithm, request_mac, time_signed, fudge,
+                   error, other)[0]
+
+
+def sign(
+    wire: bytes,
+    key: TsigKey,
+    *,
+    time_signed: int,
+    fudge: int,
+    request_mac: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """``wire`` signed by ``key`` (TSIG RR appended, error 0), and the MAC.
+
+    The MAC is returned because the answer to a signed message is signed over it: keep it to
+    check that answer (``expected_mac``).
+    """
+    return _append(wire, key, key.name, key.algorithm, request_mac, time_signed, fudge, 0, b"")
+
+
+def _append(
+    wire: bytes,
+    key: TsigKey | None,
+    key_name: dns.name.Name,
+    algorithm: dns.name.Name,
+    request_mac: bytes | None,
+    time_signed: int,
+    fudge: int,
+    error: int,
+    other: bytes,
+) -> tuple[bytes, bytes]:
+    (original_id,) = struct.unpack("!H", wire[:2])
     if key is None:
         mac = b""
     else:
         mac = compute_mac(
             key,
-            response,
+            wire,
             original_id=original_id,
             time_signed=time_signed,
             fudge=fudge,
@@ -293,8 +340,8 @@ def append_tsig(
         error=error,
         other=other,
     )
-    (arcount,) = struct.unpack("!H", response[10:12])
-    return response[:10] + struct.pack("!H", arcount + 1) + response[12:] + rr
+    (arcount,) = struct.unpack("!H", wire[10:12])
+    return wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr, mac
 
 
 def time_other_data(now: int) -> bytes:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from btmm_core.registry.tsig import HMAC_SHA256, KeyRole, TsigKey
+from btmm_core.dns.tsig import HMAC_SHA256, KeyRole, TsigKey
 
 ENROL_CODE = 65321
 VERSION = 1

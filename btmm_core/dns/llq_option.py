@@ -1,4 +1,5 @@
-"""The LLQ EDNS0 option (RFC 8764 section 3.2), registered with dnspython for option code 1.
+"""The LLQ EDNS0 option (RFC 8764 section 3.2; EDNS(0): RFC 6891), registered with dnspython
+for option code 1.
 
 Eighteen bytes: LLQ-VERSION (16 bits), LLQ-OPCODE (16), LLQ-ERROR (16), LLQ-ID (64),
 LLQ-LEASE (32). An option of any other length is kept, marked malformed, instead of failing the
@@ -20,6 +21,9 @@ LLQ_CODE = 1
 LLQ_VERSION = 1
 LLQ_LENGTH = 18
 _FORMAT = "!HHHQI"
+
+#: TTL that marks a removed record in an event (RFC 8764 section 6.1).
+REMOVED_TTL = 0xFFFFFFFF
 
 
 class LLQOpcode(enum.IntEnum):
