@@ -7,9 +7,9 @@ ceiling: what the codec would cost if framing, replay window and copies were fre
 engine's loops run in Rust (``_fast.bench_codec`` / ``_fast.bench_aead`` return seconds); the
 Python engine's loops run over ``EspTxSa.seal``/``EspRxSa.open`` and ``AESGCM``.
 
-The machine is shared and noisy (DESIGN.md §6): measurements are interleaved (each repetition
-visits every engine, size and system in turn) and reported as median with min-max, plus the
-ratio codec/ceiling. Throughput counts inner bytes only.
+The machine is shared and noisy (docs/architecture.md section 11): measurements are
+interleaved (each repetition visits every engine, size and system in turn) and reported as
+median with min-max, plus the ratio codec/ceiling. Throughput counts inner bytes only.
 
 Where valgrind is installed, the fast engine's two Rust loops are also counted in instructions
 per packet (callgrind: a count that does not depend on the machine's load). Each loop runs in

@@ -17,10 +17,11 @@ The harness is cut in three:
 
 and ``cli`` is the command (``python3 -m bench.e2e``, ``btmm bench --e2e``).
 
-The machine is shared and noisy (DESIGN.md §6): repetitions are interleaved (rep 1 of every
-system, then rep 2, ...), and every system in every repetition gets a fresh lab, so that
-nothing of one run (a full socket buffer, a stray process) leaks into the next. Every traffic
-source is iperf3 with ``-t``, and every command runs with a timeout: nothing sends unbounded.
+The machine is shared and noisy (docs/architecture.md section 11): repetitions are
+interleaved (rep 1 of every system, then rep 2, ...), and every system in every repetition
+gets a fresh lab, so that nothing of one run (a full socket buffer, a stray process) leaks into
+the next. Every traffic source is iperf3 with ``-t``, and every command runs with a timeout:
+nothing sends unbounded.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``btmm up``: the host daemon's asyncio wiring (DESIGN.md §1).
+"""``btmm up``: the host daemon's asyncio wiring (docs/architecture.md section 4).
 
 No protocol logic lives here: records are built in ``records``, the LLQ client, the port
 mapping renewal and the key exchange are their own packages. This module decides *when*:
@@ -170,7 +170,8 @@ class Daemon:
         configured = self.cfg.server_address()
         if configured is not None:
             return configured
-        # RFC 2136 has no discovery; DNS-SD style SRV under the user's zone (DESIGN.md §2)
+        # RFC 2136 has no discovery: a DNS-SD style SRV under the user's zone
+        # (docs/architecture.md section 6)
         qname = dns.name.from_text("_dns-update._udp", origin=self.zone)
         try:
             ans = await asyncio.to_thread(dns.resolver.resolve, qname, "SRV")
@@ -432,8 +433,8 @@ class Daemon:
     def _poke_peers(self) -> None:
         """After our outer address changed, send each peer one datagram through the tunnel
         (to the discard port of its ULA): an authenticated packet from the new endpoint moves
-        the peer's idea of where we are at once (DESIGN.md decision 5), without waiting for
-        its LLQ event or the next rekey."""
+        the peer's idea of where we are at once (docs/architecture.md decision 5), without
+        waiting for its LLQ event or the next rekey."""
         for peer in self.peers.values():
             with contextlib.suppress(OSError), socket.socket(socket.AF_INET6,
                                                              socket.SOCK_DGRAM) as s:

@@ -1,5 +1,5 @@
 """The host's inner identity: a ULA (RFC 4193) bound to its device key, and the names derived
-from it (DESIGN.md §2).
+from it (docs/architecture.md section 6).
 
 The address is ``btmm_core.keyex.keys.ula_of(public key)``: ``fd`` + 15 bytes of a hash of
 the device's X25519 public key. Every peer checks a published address against the published

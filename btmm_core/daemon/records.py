@@ -1,7 +1,8 @@
 """The records a host publishes and how a peer is read back from them, sans-I/O.
 
 DNS UPDATE (RFC 2136) messages with an update lease (RFC 9664, EDNS0 option 2) are built here;
-the driver signs them with TSIG (RFC 8945) and sends them. Names (DESIGN.md §2), in zone Z:
+the driver signs them with TSIG (RFC 8945) and sends them. Names (docs/architecture.md
+section 6), in zone Z:
 
 - ``<host>.Z``  AAAA (the ULA) and TXT (``btmm=1``, ``pk=<base64 X25519 key>``, model, version)
 - ``_autotunnel._udp.<host>.Z``  SRV 0 0 <external port> ``AutoTunnel-XX-...-XX.Z``

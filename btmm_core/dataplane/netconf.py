@@ -2,7 +2,7 @@
 
 The engine opens the TUN device; this module gives it what the kernel needs to route inner
 IPv6 traffic into it: link up, the MTU, the host's inner address, and one /128 route per peer
-(the engine routes by inner destination, DESIGN.md decision 5). It acts on the network
+(the engine routes by inner destination, docs/architecture.md decision 5). It acts on the network
 namespace of the calling process, so a tunnel started with ``ip netns exec`` configures its
 own namespace.
 """

@@ -1,8 +1,8 @@
 """Durable storage for the registry behind one interface, with the SQLite (WAL) backend.
 
 ``Storage.commit`` returns only once the change set is durable: the server answers NOERROR to
-an update after that and not before (DESIGN.md decision 4). A clustered backend later fits
-behind the same abstract class. The memory backend is for unit tests and is not durable.
+an update after that and not before (docs/architecture.md decision 4). A clustered backend
+later fits behind the same abstract class. The memory backend is for unit tests and is not durable.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ applied in memory, then announced to observers as one ``RRsetChange`` per RRset.
 subscribes with ``ZoneStore.add_observer``.
 
 Server-managed records are synthesized, not stored: the SOA (its serial is the zone's), the
-apex NS, and the discovery SRVs ``_dns-update._udp`` and ``_dns-llq._udp`` (DESIGN.md 2).
+apex NS, and the discovery SRVs ``_dns-update._udp`` and ``_dns-llq._udp``
+(docs/architecture.md section 6).
 """
 
 from __future__ import annotations
