@@ -1,8 +1,9 @@
 """``python -m btmm_core.keyex.cli CONFIG``: one engine, keyed by the handshake.
 
-A development and test runner until the host daemon exists: it opens a data-plane engine,
-configures its TUN device, and runs ``KeyExchangeDriver`` for the configured peers. The
-handshake itself is specified in ``btmm_core.keyex.noise``.
+The key exchange without the registry, for tests and for debugging a handshake by hand (``btmm
+up`` is the real program): it opens a data-plane engine, configures its TUN device, and runs
+``KeyExchangeDriver`` for the peers of a JSON file. The handshake itself is specified in
+``btmm_core.keyex.noise``.
 
 Configuration (JSON)::
 
