@@ -18,6 +18,7 @@ from typing import Any
 
 import dns.message
 import dns.name
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
@@ -126,10 +127,15 @@ def algorithm_digest_size(algorithm: dns.name.Name) -> int | None:
 def record_of(wire: bytes, msg: dns.message.Message) -> TsigRecord:
     """The TSIG RR of ``msg`` (parsed from ``wire``; ``msg.tsig`` must be set)."""
     assert msg.tsig is not None
+    return record_from_rdata(msg.tsig.name, msg.tsig[0], last_rr_offset(wire))
+
+
+def record_from_rdata(key_name: dns.name.Name, rdata: dns.rdata.Rdata, start: int) -> TsigRecord:
+    """The TSIG RR owned by ``key_name`` whose rdata dnspython parsed, starting at ``start``."""
     # a TSIG rdata (dns.rdtypes.ANY.TSIG.TSIG), whose fields dnspython leaves untyped
-    rd: Any = msg.tsig[0]
+    rd: Any = rdata
     return TsigRecord(
-        msg.tsig.name,
+        key_name,
         rd.algorithm,
         rd.time_signed,
         rd.fudge,
@@ -137,7 +143,7 @@ def record_of(wire: bytes, msg: dns.message.Message) -> TsigRecord:
         rd.original_id,
         rd.error,
         rd.other,
-        last_rr_offset(wire),
+        start,
     )
 
 

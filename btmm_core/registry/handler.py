@@ -19,7 +19,6 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import dns.edns
 import dns.exception
@@ -42,9 +41,9 @@ from btmm_core.dns.tsig import (
     ReplayGuard,
     TsigError,
     TsigKey,
-    TsigRecord,
     TsigVerdict,
     append_tsig,
+    record_from_rdata,
     record_of,
     rr_size,
     time_other_data,
@@ -230,21 +229,10 @@ class RegistryCore:
             (rdtype, rdlen) = struct.unpack("!H6xH", wire[q : q + 10])
             if rdtype != dns.rdatatype.TSIG or q + 10 + rdlen != len(wire):
                 return body
-            # a TSIG rdata (dns.rdtypes.ANY.TSIG.TSIG), whose fields dnspython leaves untyped
-            rd: Any = dns.rdata.from_wire(
+            rdata = dns.rdata.from_wire(
                 dns.rdataclass.ANY, dns.rdatatype.TSIG, wire, q + 10, rdlen
             )
-            record = TsigRecord(
-                key_name,
-                rd.algorithm,
-                rd.time_signed,
-                rd.fudge,
-                rd.mac,
-                rd.original_id,
-                rd.error,
-                rd.other,
-                start,
-            )
+            record = record_from_rdata(key_name, rdata, start)
         except Exception:  # malformed: any parse failure of untrusted input is FORMERR
             return _header_only(wire, dns.rcode.FORMERR)
         verdict = verify(wire, record, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
