@@ -504,39 +504,22 @@ class RegistryCore:
             return wire
         rec = verdict.record
         t = int(now)
+        key, time_signed, other = verdict.key, t, b""
         if verdict.error in (TsigError.BADKEY, TsigError.BADSIG):
             # RFC 8945 5.3.2: never signed, MAC empty.
-            return append_tsig(
-                wire,
-                key=None,
-                key_name=rec.key_name,
-                algorithm=rec.algorithm,
-                request_mac=rec.mac,
-                time_signed=rec.time_signed,
-                fudge=self.policy.fudge,
-                error=verdict.error,
-            )
-        if verdict.error == TsigError.BADTIME:
-            return append_tsig(
-                wire,
-                key=verdict.key,
-                key_name=rec.key_name,
-                algorithm=rec.algorithm,
-                request_mac=rec.mac,
-                time_signed=rec.time_signed,
-                fudge=self.policy.fudge,
-                error=verdict.error,
-                other=time_other_data(t),
-            )
+            key, time_signed = None, rec.time_signed
+        elif verdict.error == TsigError.BADTIME:
+            time_signed, other = rec.time_signed, time_other_data(t)
         return append_tsig(
             wire,
-            key=verdict.key,
+            key=key,
             key_name=rec.key_name,
             algorithm=rec.algorithm,
             request_mac=rec.mac,
-            time_signed=t,
+            time_signed=time_signed,
             fudge=self.policy.fudge,
             error=verdict.error,
+            other=other,
         )
 
     # ---- timers -------------------------------------------------------------------------------
