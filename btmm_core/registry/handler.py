@@ -387,22 +387,7 @@ class RegistryCore:
         assert verdict is not None
         seen = SeenMac(key.name, verdict.record.time_signed, verdict.record.mac)
         grant, option = self._grant(request)
-        # the limits first: they bound the work that the authority check and planning do
-        over = self._over_limits(zone, request, key, now, peer)
-        authority = None if over is not None else check_update(zone, key, request)
-        change: ChangeSet | None = None
-        if over is not None:
-            outcome_rcode, why = dns.rcode.REFUSED, over
-        elif authority is not None and authority.refused is not None:
-            outcome_rcode, why = dns.rcode.REFUSED, authority.refused
-        elif grant is None:
-            outcome_rcode = dns.rcode.REFUSED
-            why = "updates without a lease are refused by policy"
-        else:
-            outcome = plan_update(zone, request, now=now, grant=grant, seen=seen)
-            outcome_rcode, change, why = outcome.rcode, outcome.change, outcome.why
-            if change is not None and authority is not None and authority.claims:
-                change = dataclasses.replace(change, claims=authority.claims)
+        outcome_rcode, change, why = self._plan(zone, request, key, seen, grant, now, peer)
         if change is None:
             # The MAC must stay spent even though nothing changed: a replay after a restart
             # could otherwise succeed once the prerequisites happen to hold.
@@ -431,6 +416,32 @@ class RegistryCore:
         if outcome_rcode == dns.rcode.NOERROR and option is not None:
             response.use_edns(0, 0, self.policy.udp_payload, options=[option])
         return response
+
+    def _plan(
+        self,
+        zone: Zone,
+        request: dns.message.Message,
+        key: TsigKey,
+        seen: SeenMac,
+        grant: Grant | None,
+        now: float,
+        peer: str,
+    ) -> tuple[dns.rcode.Rcode, ChangeSet | None, str]:
+        """The update's rcode, the change it makes (None: nothing to change) and why."""
+        # the limits first: they bound the work that the authority check and planning do
+        over = self._over_limits(zone, request, key, now, peer)
+        if over is not None:
+            return dns.rcode.REFUSED, None, over
+        authority = check_update(zone, key, request)
+        if authority.refused is not None:
+            return dns.rcode.REFUSED, None, authority.refused
+        if grant is None:
+            return dns.rcode.REFUSED, None, "updates without a lease are refused by policy"
+        outcome = plan_update(zone, request, now=now, grant=grant, seen=seen)
+        change = outcome.change
+        if change is not None and authority.claims:
+            change = dataclasses.replace(change, claims=authority.claims)
+        return outcome.rcode, change, outcome.why
 
     def _over_limits(
         self, zone: Zone, request: dns.message.Message, key: TsigKey, now: float, peer: str
