@@ -192,18 +192,30 @@ class RegistryCore:
 
         op = request.opcode()
         if op == dns.opcode.QUERY:
-            body = self._body(self.answer(request, key), verdict, limit)
-            if plain is not None:
-                if len(self._answers) >= self.answer_cache_size:
-                    self._answers.clear()
-                self._answers[plain.key] = (self.store.version, body)
-            return self._sign(body, verdict, now)
+            return self._query(request, key, verdict, plain, now, limit)
         if op == dns.opcode.UPDATE:
             response = self._update(request, verdict, now, peer)
         else:
             response = self._response(request)
             response.set_rcode(dns.rcode.NOTIMP)
         return self._render(response, verdict, now, limit)
+
+    def _query(
+        self,
+        request: dns.message.Message,
+        key: TsigKey | None,
+        verdict: TsigVerdict | None,
+        plain: PlainQuery | None,
+        now: float,
+        limit: int,
+    ) -> bytes:
+        """Answer a QUERY; a plain query's unsigned answer is kept for ``_cached``."""
+        body = self._body(self.answer(request, key), verdict, limit)
+        if plain is not None:
+            if len(self._answers) >= self.answer_cache_size:
+                self._answers.clear()
+            self._answers[plain.key] = (self.store.version, body)
+        return self._sign(body, verdict, now)
 
     def _refuse_unparsed(self, wire: bytes, now: float, peer: str, why: str) -> bytes:
         """REFUSED for an oversized UPDATE without parsing its RRs (issue 11 item 5).
