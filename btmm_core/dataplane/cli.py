@@ -518,6 +518,28 @@ def _control_option(_: click.Context, __: click.Parameter, value: str) -> str:
     raise click.BadParameter("use stdio or unix:PATH")
 
 
+def _announce(engine: Engine, config: TunnelConfig, control: str) -> None:
+    """Log that the tunnel is up and print the ready line on stdout."""
+    log.info(
+        "tunnel up",
+        engine=engine.kind,
+        tun=engine.tun_name,
+        port=engine.local_port,
+        address=str(config.address),
+        peers=len(config.peers),
+        control=control,
+    )
+    _emit(
+        sys.stdout,
+        {
+            "ready": True,
+            "port": engine.local_port,
+            "tun": engine.tun_name,
+            "engine": engine.kind,
+        },
+    )
+
+
 @click.command("tunnel")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -569,24 +591,7 @@ def tunnel(config_path: Path, dataplane: str | None, control: str, verbose: bool
 
     def announce() -> None:
         nonlocal ready
-        log.info(
-            "tunnel up",
-            engine=engine.kind,
-            tun=engine.tun_name,
-            port=engine.local_port,
-            address=str(config.address),
-            peers=len(config.peers),
-            control=control,
-        )
-        _emit(
-            sys.stdout,
-            {
-                "ready": True,
-                "port": engine.local_port,
-                "tun": engine.tun_name,
-                "engine": engine.kind,
-            },
-        )
+        _announce(engine, config, control)
         ready = True
 
     try:

@@ -45,6 +45,7 @@ def _labels(wire: bytes, p: int) -> tuple[list[bytes], int] | None:
         p += 1 + n
 
 
+# One long function on purpose: it runs for every query, and helper calls would cost there.
 def scan(wire: bytes, stream: bool) -> PlainQuery | None:
     if len(wire) < 17:
         return None

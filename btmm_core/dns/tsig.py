@@ -18,6 +18,7 @@ from typing import Any
 
 import dns.message
 import dns.name
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
@@ -126,10 +127,15 @@ def algorithm_digest_size(algorithm: dns.name.Name) -> int | None:
 def record_of(wire: bytes, msg: dns.message.Message) -> TsigRecord:
     """The TSIG RR of ``msg`` (parsed from ``wire``; ``msg.tsig`` must be set)."""
     assert msg.tsig is not None
+    return record_from_rdata(msg.tsig.name, msg.tsig[0], last_rr_offset(wire))
+
+
+def record_from_rdata(key_name: dns.name.Name, rdata: dns.rdata.Rdata, start: int) -> TsigRecord:
+    """The TSIG RR owned by ``key_name`` whose rdata dnspython parsed, starting at ``start``."""
     # a TSIG rdata (dns.rdtypes.ANY.TSIG.TSIG), whose fields dnspython leaves untyped
-    rd: Any = msg.tsig[0]
+    rd: Any = rdata
     return TsigRecord(
-        msg.tsig.name,
+        key_name,
         rd.algorithm,
         rd.time_signed,
         rd.fudge,
@@ -137,7 +143,7 @@ def record_of(wire: bytes, msg: dns.message.Message) -> TsigRecord:
         rd.original_id,
         rd.error,
         rd.other,
-        last_rr_offset(wire),
+        start,
     )
 
 
@@ -285,44 +291,13 @@ def append_tsig(
 
     ``request_mac`` is None when signing a request, the request's MAC when signing a response.
     """
-    return _append(response, key, key_name, algorithm, request_mac, time_signed, fudge,
-                   error, other)[0]
-
-
-def sign(
-    wire: bytes,
-    key: TsigKey,
-    *,
-    time_signed: int,
-    fudge: int,
-    request_mac: bytes | None = None,
-) -> tuple[bytes, bytes]:
-    """``wire`` signed by ``key`` (TSIG RR appended, error 0), and the MAC.
-
-    The MAC is returned because the answer to a signed message is signed over it: keep it to
-    check that answer (``expected_mac``).
-    """
-    return _append(wire, key, key.name, key.algorithm, request_mac, time_signed, fudge, 0, b"")
-
-
-def _append(
-    wire: bytes,
-    key: TsigKey | None,
-    key_name: dns.name.Name,
-    algorithm: dns.name.Name,
-    request_mac: bytes | None,
-    time_signed: int,
-    fudge: int,
-    error: int,
-    other: bytes,
-) -> tuple[bytes, bytes]:
-    (original_id,) = struct.unpack("!H", wire[:2])
+    (original_id,) = struct.unpack("!H", response[:2])
     if key is None:
         mac = b""
     else:
         mac = compute_mac(
             key,
-            wire,
+            response,
             original_id=original_id,
             time_signed=time_signed,
             fudge=fudge,
@@ -340,8 +315,36 @@ def _append(
         error=error,
         other=other,
     )
-    (arcount,) = struct.unpack("!H", wire[10:12])
-    return wire[:10] + struct.pack("!H", arcount + 1) + wire[12:] + rr, mac
+    (arcount,) = struct.unpack("!H", response[10:12])
+    return response[:10] + struct.pack("!H", arcount + 1) + response[12:] + rr
+
+
+def sign(
+    wire: bytes,
+    key: TsigKey,
+    *,
+    time_signed: int,
+    fudge: int,
+    request_mac: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """``wire`` signed by ``key`` (TSIG RR appended, error 0), and the MAC.
+
+    The MAC is returned because the answer to a signed message is signed over it: keep it to
+    check that answer (``expected_mac``).
+    """
+    signed = append_tsig(
+        wire,
+        key=key,
+        key_name=key.name,
+        algorithm=key.algorithm,
+        request_mac=request_mac,
+        time_signed=time_signed,
+        fudge=fudge,
+        error=0,
+    )
+    # The RR ends with the MAC, then Original ID, Error and Other Len (0): six bytes.
+    _, size = _DIGESTS[key.algorithm]
+    return signed, signed[-6 - size : -6]
 
 
 def time_other_data(now: int) -> bytes:

@@ -457,22 +457,7 @@ class Session:
             self.rx = [r for r in self.rx if r.spi != spi]
             out.append(RetireRx(self.inner, spi))
         # expiry first: a key past its lifetime is never used, whatever else happens
-        expired_rx = [r for r in self.rx if now >= r.created + cfg.reject_after_time]
-        for r in expired_rx:
-            out.append(RetireRx(self.inner, r.spi))
-            self.rx.remove(r)
-            if r.spi == self.current_rx:
-                self.current_rx = None
-            if self.responded is not None and self.responded.keys.rx_spi == r.spi:
-                hs.forget_awaiting(r.spi)  # never confirmed within a key lifetime
-                self.responded = None
-            if self.unacked is not None and self.unacked.rx_spi == r.spi:
-                self._drop_unacked()
-        if self.tx is not None and (
-            now >= self.tx.created + cfg.reject_after_time
-            or self.packets_out - self.tx.packets_base >= cfg.reject_after_messages
-        ):
-            out += self._reset()
+        out += self._expire(now)
         if self.pending is not None and now >= self.next_retry:
             assert self.attempt_started is not None
             if now >= self.attempt_started + cfg.rekey_attempt_time:
@@ -507,6 +492,29 @@ class Session:
             self.next_keepalive = now + cfg.keepalive_interval
         if self.tx is None:
             self.next_keepalive = float("inf")
+        return out
+
+    def _expire(self, now: float) -> list[Action]:
+        """Retire receive SAs past their lifetime; a spent transmit key resets the peer."""
+        cfg = self.cfg
+        out: list[Action] = []
+        expired_rx = [r for r in self.rx if now >= r.created + cfg.reject_after_time]
+        for r in expired_rx:
+            out.append(RetireRx(self.inner, r.spi))
+            self.rx.remove(r)
+            if r.spi == self.current_rx:
+                self.current_rx = None
+            if self.responded is not None and self.responded.keys.rx_spi == r.spi:
+                # never confirmed within a key lifetime
+                self.owner.handshaker.forget_awaiting(r.spi)
+                self.responded = None
+            if self.unacked is not None and self.unacked.rx_spi == r.spi:
+                self._drop_unacked()
+        if self.tx is not None and (
+            now >= self.tx.created + cfg.reject_after_time
+            or self.packets_out - self.tx.packets_base >= cfg.reject_after_messages
+        ):
+            out += self._reset()
         return out
 
     def _reset(self) -> list[Action]:

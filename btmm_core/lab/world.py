@@ -421,6 +421,26 @@ def _fresh_status(host: Host, since: float, wait: float = 5.0) -> dict[str, Any]
         time.sleep(0.1)
 
 
+def _roam(world: World, desktop: Host, laptop: Host) -> bool:
+    """Move the laptop to the cafe during a transfer; True when the transfer arrived intact."""
+    rate = 2e6
+    total = int(rate * 12)
+    _say(f"\nroaming: {total / 1e6:.0f} MB at {rate / 1e6:.0f} MB/s from the laptop;"
+         " after 4 s the laptop moves from home gw2 to the cafe gw3")
+    src, sink = start_transfer(world, laptop, desktop, total, rate=rate, port=5002)
+    time.sleep(4)
+    world.plug(laptop, world.homes["gw3"], 1)
+    _say("  laptop now on 192.168.3.11 behind gw3 (203.0.113.4)")
+    sent, got = finish_transfer(src, sink)
+    ok = sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"]
+    _say(f"  the same TCP connection finished: {sent['bytes'] / 1e6:.0f} MB in "
+         f"{sent['seconds']:.1f} s, SHA-256 {'matches' if ok else 'DIFFERS'}\n")
+    for h in (desktop, laptop):
+        _say(f"$ btmm status   # on {h.name} ({world.location[h.name]})")
+        _say(world.status_text(h) + "\n")
+    return bool(ok)
+
+
 def run_lab(dataplane: str, keep: bool, roam: bool, size: int) -> int:
     """Build the world, run it, report, tear it down. Returns the exit status."""
     planes = {"mixed": ("fast", "python")}.get(dataplane, (dataplane, dataplane))
@@ -452,24 +472,8 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int) -> int:
                  f"SHA-256 {'matches' if ok else 'DIFFERS'}")
             if not ok:
                 return 1
-            if roam:
-                rate = 2e6
-                total = int(rate * 12)
-                _say(f"\nroaming: {total / 1e6:.0f} MB at {rate / 1e6:.0f} MB/s from the laptop;"
-                     " after 4 s the laptop moves from home gw2 to the cafe gw3")
-                src, sink = start_transfer(world, laptop, desktop, total, rate=rate, port=5002)
-                time.sleep(4)
-                world.plug(laptop, world.homes["gw3"], 1)
-                _say("  laptop now on 192.168.3.11 behind gw3 (203.0.113.4)")
-                sent, got = finish_transfer(src, sink)
-                ok = sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"]
-                _say(f"  the same TCP connection finished: {sent['bytes'] / 1e6:.0f} MB in "
-                     f"{sent['seconds']:.1f} s, SHA-256 {'matches' if ok else 'DIFFERS'}\n")
-                for h in (desktop, laptop):
-                    _say(f"$ btmm status   # on {h.name} ({world.location[h.name]})")
-                    _say(world.status_text(h) + "\n")
-                if not ok:
-                    return 1
+            if roam and not _roam(world, desktop, laptop):
+                return 1
             if keep:
                 _say("left running for exploring (Ctrl-C tears it down), for example:")
                 for h in (desktop, laptop):

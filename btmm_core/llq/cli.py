@@ -107,7 +107,6 @@ def watch(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         end = time.monotonic() + timeout if timeout > 0 else None
-        printed = 0
         address = (server, port if port is not None else 853 if transport == "tls" else 53)
         async with Watcher(
             address,
@@ -119,35 +118,53 @@ def watch(
             ssl_context=ssl_context,
             server_hostname=tls_name or server,
         ) as w:
-            while not stop.is_set():
-                wait = None if end is None else end - time.monotonic()
-                if wait is not None and wait <= 0:
-                    break
-                get = asyncio.ensure_future(w.events.get())
-                halt = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait(
-                    {get, halt}, timeout=wait, return_when="FIRST_COMPLETED"
-                )
-                halt.cancel()
-                if get not in done:
-                    get.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await get
-                    continue
-                event = get.result()
-                if isinstance(event, StateChanged):
-                    if not quiet:
-                        print(f"# {event.state.value}: {event.why}", file=sys.stderr, flush=True)
-                    continue
-                assert isinstance(event, Changes)
-                for r in event.removed:
-                    print(f"- {r.to_text()}", flush=True)
-                    printed += 1
-                for r in event.added:
-                    print(f"+ {r.to_text()}", flush=True)
-                    printed += 1
-                if count and printed >= count:
-                    break
+            await _print_events(w, stop, end, count, quiet)
         return 0
 
     sys.exit(asyncio.run(main()))
+
+
+async def _print_events(
+    w: Watcher, stop: asyncio.Event, end: float | None, count: int, quiet: bool
+) -> None:
+    """Print ``w``'s events until ``stop`` is set, ``end`` passes or ``count`` record lines."""
+    printed = 0
+    while not stop.is_set():
+        wait = None if end is None else end - time.monotonic()
+        if wait is not None and wait <= 0:
+            break
+        event = await _next_event(w.events, stop, wait)
+        if event is None:
+            continue
+        printed += _print_event(event, quiet)
+        if count and printed >= count:
+            break
+
+
+async def _next_event(
+    events: asyncio.Queue[Changes | StateChanged], stop: asyncio.Event, wait: float | None
+) -> Changes | StateChanged | None:
+    """The next event, or None when ``stop`` is set or ``wait`` seconds pass first."""
+    get = asyncio.ensure_future(events.get())
+    halt = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({get, halt}, timeout=wait, return_when="FIRST_COMPLETED")
+    halt.cancel()
+    if get not in done:
+        get.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await get
+        return None
+    return get.result()
+
+
+def _print_event(event: Changes | StateChanged, quiet: bool) -> int:
+    """Print a state line on stderr or the record lines on stdout; returns the record lines."""
+    if isinstance(event, StateChanged):
+        if not quiet:
+            print(f"# {event.state.value}: {event.why}", file=sys.stderr, flush=True)
+        return 0
+    for r in event.removed:
+        print(f"- {r.to_text()}", flush=True)
+    for r in event.added:
+        print(f"+ {r.to_text()}", flush=True)
+    return len(event.removed) + len(event.added)

@@ -15,6 +15,7 @@ from btmm_core.portmap.addresses import AddressKind, classify
 from btmm_core.portmap.client import (
     DEFAULT_LIFETIME,
     PROTOCOLS,
+    Mapping,
     MapResult,
     PortMapClient,
     default_gateway,
@@ -108,21 +109,7 @@ async def _netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], 
                 out["verdict"] = Verdict.MAPPED.value
             say(out)
         else:
-            click.echo(f"gateway:        {gw}")
-            click.echo(f"local address:  {local}")
-            click.echo(f"tried:          {tried}")
-            if m is not None:
-                click.echo(f"protocol:       {m.protocol}")
-                click.echo(f"public address: {m.external_address}")
-                click.echo(f"mapping:        UDP {m.external_address}:{m.external_port} -> "
-                           f"{m.internal_address}:{m.internal_port}")
-                click.echo(f"lifetime:       {m.lifetime} s granted, "
-                           f"{m.remaining(time.monotonic()):.0f} s remaining")
-            if diag is not None:
-                click.echo(f"diagnosis:      {diag.text}")
-            elif m is not None:
-                click.echo(f"result:         peers can reach UDP port {m.external_port} at "
-                           f"{m.external_address}")
+            _print_mapping(gw, local, tried, m, diag)
         if m is not None and not keep:
             try:
                 await client.delete(m)
@@ -133,6 +120,26 @@ async def _netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], 
         return 0 if m is not None and diag is None else 1
     finally:
         await client.close()
+
+
+def _print_mapping(gw: str, local: str, tried: str, m: Mapping | None,
+                   diag: Diagnosis | None) -> None:
+    """The text form of ``btmm netcheck``'s result."""
+    click.echo(f"gateway:        {gw}")
+    click.echo(f"local address:  {local}")
+    click.echo(f"tried:          {tried}")
+    if m is not None:
+        click.echo(f"protocol:       {m.protocol}")
+        click.echo(f"public address: {m.external_address}")
+        click.echo(f"mapping:        UDP {m.external_address}:{m.external_port} -> "
+                   f"{m.internal_address}:{m.internal_port}")
+        click.echo(f"lifetime:       {m.lifetime} s granted, "
+                   f"{m.remaining(time.monotonic()):.0f} s remaining")
+    if diag is not None:
+        click.echo(f"diagnosis:      {diag.text}")
+    elif m is not None:
+        click.echo(f"result:         peers can reach UDP port {m.external_port} at "
+                   f"{m.external_address}")
 
 
 async def _watch(client: PortMapClient, port: int, lifetime: int, seconds: float,

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from btmm_core.dns.enrol import find_option, server_side
 from btmm_core.dns.names import device_name_problem
-from btmm_core.dns.tsig import KeyRole
+from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.registry.model import DeviceKey, SeenMac
 from btmm_core.registry.storage import StorageError
 
@@ -39,6 +39,23 @@ if TYPE_CHECKING:
     from btmm_core.registry.handler import RequestContext
 
 log = structlog.get_logger("btmm.registry")
+
+
+def _key_problem(key: TsigKey, device: str, replace: bool, now: float) -> str | None:
+    """Why ``key`` may not enrol ``device`` (answered REFUSED), or None."""
+    problem = device_name_problem(device)
+    if problem is not None:
+        return problem
+    if key.role == KeyRole.DEVICE:
+        return "a device key cannot enrol devices"
+    if key.role == KeyRole.INVITE:
+        if key.expires is not None and now > key.expires:
+            return "the invite has expired"
+        if key.device is not None and key.device != device:
+            return f"the invite is for device {key.device}"
+        if replace:
+            return "only the account key may replace a device"
+    return None
 
 
 def handle_enrolment(ctx: RequestContext) -> dns.message.Message | None:
@@ -70,20 +87,10 @@ def handle_enrolment(ctx: RequestContext) -> dns.message.Message | None:
     if key is None or zone.user is None or key.zone != zone.name or request.tsig is None:
         return refuse(dns.rcode.REFUSED, "not signed with a key of this zone")
     device = option.text
-    problem = device_name_problem(device)
+    problem = _key_problem(key, device, option.replace, ctx.now)
     if problem is not None:
         return refuse(dns.rcode.REFUSED, problem)
-    if key.role == KeyRole.DEVICE:
-        return refuse(dns.rcode.REFUSED, "a device key cannot enrol devices")
-    invite = None
-    if key.role == KeyRole.INVITE:
-        if key.expires is not None and ctx.now > key.expires:
-            return refuse(dns.rcode.REFUSED, "the invite has expired")
-        if key.device is not None and key.device != device:
-            return refuse(dns.rcode.REFUSED, f"the invite is for device {key.device}")
-        if option.replace:
-            return refuse(dns.rcode.REFUSED, "only the account key may replace a device")
-        invite = key.name
+    invite = key.name if key.role == KeyRole.INVITE else None
     enrolled = any(
         k.role == KeyRole.DEVICE and k.zone == zone.name and k.device == device
         for k in ctx.core.store.keys.values()

@@ -19,7 +19,6 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import dns.edns
 import dns.exception
@@ -42,9 +41,9 @@ from btmm_core.dns.tsig import (
     ReplayGuard,
     TsigError,
     TsigKey,
-    TsigRecord,
     TsigVerdict,
     append_tsig,
+    record_from_rdata,
     record_of,
     rr_size,
     time_other_data,
@@ -193,18 +192,30 @@ class RegistryCore:
 
         op = request.opcode()
         if op == dns.opcode.QUERY:
-            body = self._body(self.answer(request, key), verdict, limit)
-            if plain is not None:
-                if len(self._answers) >= self.answer_cache_size:
-                    self._answers.clear()
-                self._answers[plain.key] = (self.store.version, body)
-            return self._sign(body, verdict, now)
+            return self._query(request, key, verdict, plain, now, limit)
         if op == dns.opcode.UPDATE:
             response = self._update(request, verdict, now, peer)
         else:
             response = self._response(request)
             response.set_rcode(dns.rcode.NOTIMP)
         return self._render(response, verdict, now, limit)
+
+    def _query(
+        self,
+        request: dns.message.Message,
+        key: TsigKey | None,
+        verdict: TsigVerdict | None,
+        plain: PlainQuery | None,
+        now: float,
+        limit: int,
+    ) -> bytes:
+        """Answer a QUERY; a plain query's unsigned answer is kept for ``_cached``."""
+        body = self._body(self.answer(request, key), verdict, limit)
+        if plain is not None:
+            if len(self._answers) >= self.answer_cache_size:
+                self._answers.clear()
+            self._answers[plain.key] = (self.store.version, body)
+        return self._sign(body, verdict, now)
 
     def _refuse_unparsed(self, wire: bytes, now: float, peer: str, why: str) -> bytes:
         """REFUSED for an oversized UPDATE without parsing its RRs (issue 11 item 5).
@@ -230,21 +241,10 @@ class RegistryCore:
             (rdtype, rdlen) = struct.unpack("!H6xH", wire[q : q + 10])
             if rdtype != dns.rdatatype.TSIG or q + 10 + rdlen != len(wire):
                 return body
-            # a TSIG rdata (dns.rdtypes.ANY.TSIG.TSIG), whose fields dnspython leaves untyped
-            rd: Any = dns.rdata.from_wire(
+            rdata = dns.rdata.from_wire(
                 dns.rdataclass.ANY, dns.rdatatype.TSIG, wire, q + 10, rdlen
             )
-            record = TsigRecord(
-                key_name,
-                rd.algorithm,
-                rd.time_signed,
-                rd.fudge,
-                rd.mac,
-                rd.original_id,
-                rd.error,
-                rd.other,
-                start,
-            )
+            record = record_from_rdata(key_name, rdata, start)
         except Exception:  # malformed: any parse failure of untrusted input is FORMERR
             return _header_only(wire, dns.rcode.FORMERR)
         verdict = verify(wire, record, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
@@ -399,22 +399,7 @@ class RegistryCore:
         assert verdict is not None
         seen = SeenMac(key.name, verdict.record.time_signed, verdict.record.mac)
         grant, option = self._grant(request)
-        # the limits first: they bound the work that the authority check and planning do
-        over = self._over_limits(zone, request, key, now, peer)
-        authority = None if over is not None else check_update(zone, key, request)
-        change: ChangeSet | None = None
-        if over is not None:
-            outcome_rcode, why = dns.rcode.REFUSED, over
-        elif authority is not None and authority.refused is not None:
-            outcome_rcode, why = dns.rcode.REFUSED, authority.refused
-        elif grant is None:
-            outcome_rcode = dns.rcode.REFUSED
-            why = "updates without a lease are refused by policy"
-        else:
-            outcome = plan_update(zone, request, now=now, grant=grant, seen=seen)
-            outcome_rcode, change, why = outcome.rcode, outcome.change, outcome.why
-            if change is not None and authority is not None and authority.claims:
-                change = dataclasses.replace(change, claims=authority.claims)
+        outcome_rcode, change, why = self._plan(zone, request, key, seen, grant, now, peer)
         if change is None:
             # The MAC must stay spent even though nothing changed: a replay after a restart
             # could otherwise succeed once the prerequisites happen to hold.
@@ -443,6 +428,32 @@ class RegistryCore:
         if outcome_rcode == dns.rcode.NOERROR and option is not None:
             response.use_edns(0, 0, self.policy.udp_payload, options=[option])
         return response
+
+    def _plan(
+        self,
+        zone: Zone,
+        request: dns.message.Message,
+        key: TsigKey,
+        seen: SeenMac,
+        grant: Grant | None,
+        now: float,
+        peer: str,
+    ) -> tuple[dns.rcode.Rcode, ChangeSet | None, str]:
+        """The update's rcode, the change it makes (None: nothing to change) and why."""
+        # the limits first: they bound the work that the authority check and planning do
+        over = self._over_limits(zone, request, key, now, peer)
+        if over is not None:
+            return dns.rcode.REFUSED, None, over
+        authority = check_update(zone, key, request)
+        if authority.refused is not None:
+            return dns.rcode.REFUSED, None, authority.refused
+        if grant is None:
+            return dns.rcode.REFUSED, None, "updates without a lease are refused by policy"
+        outcome = plan_update(zone, request, now=now, grant=grant, seen=seen)
+        change = outcome.change
+        if change is not None and authority.claims:
+            change = dataclasses.replace(change, claims=authority.claims)
+        return outcome.rcode, change, outcome.why
 
     def _over_limits(
         self, zone: Zone, request: dns.message.Message, key: TsigKey, now: float, peer: str
@@ -516,39 +527,22 @@ class RegistryCore:
             return wire
         rec = verdict.record
         t = int(now)
+        key, time_signed, other = verdict.key, t, b""
         if verdict.error in (TsigError.BADKEY, TsigError.BADSIG):
             # RFC 8945 5.3.2: never signed, MAC empty.
-            return append_tsig(
-                wire,
-                key=None,
-                key_name=rec.key_name,
-                algorithm=rec.algorithm,
-                request_mac=rec.mac,
-                time_signed=rec.time_signed,
-                fudge=self.policy.fudge,
-                error=verdict.error,
-            )
-        if verdict.error == TsigError.BADTIME:
-            return append_tsig(
-                wire,
-                key=verdict.key,
-                key_name=rec.key_name,
-                algorithm=rec.algorithm,
-                request_mac=rec.mac,
-                time_signed=rec.time_signed,
-                fudge=self.policy.fudge,
-                error=verdict.error,
-                other=time_other_data(t),
-            )
+            key, time_signed = None, rec.time_signed
+        elif verdict.error == TsigError.BADTIME:
+            time_signed, other = rec.time_signed, time_other_data(t)
         return append_tsig(
             wire,
-            key=verdict.key,
+            key=key,
             key_name=rec.key_name,
             algorithm=rec.algorithm,
             request_mac=rec.mac,
-            time_signed=t,
+            time_signed=time_signed,
             fudge=self.policy.fudge,
             error=verdict.error,
+            other=other,
         )
 
     # ---- timers -------------------------------------------------------------------------------

@@ -129,28 +129,15 @@ def _prescan(zone: Zone, updates: list[dns.rrset.RRset]) -> UpdateOutcome | None
     return None
 
 
-def plan_update(
-    zone: Zone,
-    request: dns.message.Message,
-    *,
-    now: float,
-    grant: Grant,
-    seen: SeenMac | None = None,
-) -> UpdateOutcome:
-    """Check and apply an UPDATE's prerequisite and update sections to a copy of ``zone``.
+_Work = dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]]
 
-    ``request`` must be parsed with ``one_rr_per_rrset=True`` so the update order is kept.
-    """
-    prereqs = list(request.sections[1])
-    updates = list(request.sections[2])
-    failed = _check_prerequisites(zone, prereqs) or _prescan(zone, updates)
-    if failed is not None:
-        return failed
 
+def _apply_updates(zone: Zone, updates: list[dns.rrset.RRset], now: float, grant: Grant) -> _Work:
+    """The RRsets the update section touches, as they are after it (RFC 2136 3.4.2)."""
     # Linear in the number of RRs (issue 11 item 5): the RRsets touched are indexed by
     # (name, type), the types present at each touched name are kept up to date as we go, and
     # an RRset's TTL is set once at the end instead of on every add.
-    work: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]] = {}
+    work: _Work = {}
     present: dict[dns.name.Name, set[int]] = {}
     ttls: dict[tuple[dns.name.Name, int], int] = {}
 
@@ -205,6 +192,12 @@ def plan_update(
             if e.ttl != ttl:
                 target[rd] = Entry(ttl, e.expires)
 
+    return work
+
+
+def _diff(zone: Zone, work: _Work) -> tuple[list[RecordRow], list[RecordKey], bool]:
+    """Rows to write and keys to delete so the zone holds ``work``, and whether the data
+    changed (a new deadline alone does not bump the serial)."""
     upserts: list[RecordRow] = []
     deletes: list[RecordKey] = []
     data_changed = False
@@ -219,6 +212,29 @@ def plan_update(
                 upserts.append(RecordRow(zone.name, name, rdtype, rd, e))
                 if rd not in old or old[rd].ttl != e.ttl:
                     data_changed = True
+    return upserts, deletes, data_changed
+
+
+def plan_update(
+    zone: Zone,
+    request: dns.message.Message,
+    *,
+    now: float,
+    grant: Grant,
+    seen: SeenMac | None = None,
+) -> UpdateOutcome:
+    """Check and apply an UPDATE's prerequisite and update sections to a copy of ``zone``.
+
+    ``request`` must be parsed with ``one_rr_per_rrset=True`` so the update order is kept.
+    """
+    prereqs = list(request.sections[1])
+    updates = list(request.sections[2])
+    failed = _check_prerequisites(zone, prereqs) or _prescan(zone, updates)
+    if failed is not None:
+        return failed
+
+    work = _apply_updates(zone, updates, now, grant)
+    upserts, deletes, data_changed = _diff(zone, work)
     growth = sum(len(v) for v in work.values()) - sum(len(zone.rrsets.get(k, {})) for k in work)
     if growth > 0 and zone.record_count() + growth > zone.config.max_records:
         return _fail(dns.rcode.REFUSED, f"zone would exceed {zone.config.max_records} records")

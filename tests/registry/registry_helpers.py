@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import dns.query
 import dns.rdatatype
 import dns.tsig
 
+from bench.serve import free_port
 from btmm_core.dns.tsig import (
     HMAC_MD5,
     HMAC_SHA256,
@@ -112,21 +112,6 @@ def ask(
     core: RegistryCore, wire: bytes, now: float, transport: Transport = Transport.UDP
 ) -> dns.message.Message:
     return parse(core.receive(wire, now, transport, "test"))
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return int(port)
-    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
 @dataclass
@@ -239,4 +224,4 @@ def live_registry(
             reg.proc.wait(timeout=5)
 
 
-__all__ = ["HMAC_MD5", "HMAC_SHA256"]
+__all__ = ["HMAC_MD5", "HMAC_SHA256", "free_port"]
