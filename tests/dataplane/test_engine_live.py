@@ -187,7 +187,7 @@ def test_control_packet_is_delivered_with_its_source(live: Live) -> None:
 
 def test_stun_is_delivered_whole_and_sent_raw(live: Live) -> None:
     # A STUN Binding success answer (RFC 8489 §5) from c: handed over whole, no marker.
-    answer = bytes.fromhex("0101000c" "2112a442") + bytes(range(12)) + bytes(12)
+    answer = bytes.fromhex("0101000c2112a442") + bytes(range(12)) + bytes(12)
     live.ta.events()
     before = live.before()
     live.udp([answer])
@@ -195,7 +195,7 @@ def test_stun_is_delivered_whole_and_sent_raw(live: Live) -> None:
     events = [e for e in live.ta.events() if e["type"] == "stun"]
     assert events == [{"type": "stun", "source": C_ENDPOINT, "payload": answer.hex()}], events
     # Engine to engine: a sends a Binding request, b's engine hands it over with a's address.
-    request = bytes.fromhex("00010000" "2112a442") + bytes(range(12))
+    request = bytes.fromhex("000100002112a442") + bytes(range(12))
     live.tb.events()
     live.ta.ok("send_stun", endpoint=f"{B_OUTER}:{PORT}", payload=request.hex())
 
