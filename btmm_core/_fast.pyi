@@ -36,11 +36,13 @@ class _Peer(TypedDict):
 
 #: ("control", source host, source port, message without the non-ESP marker)
 _ControlEvent = tuple[Literal["control"], str, int, bytes]
+#: ("stun", source host, source port, the whole STUN message)
+_StunEvent = tuple[Literal["stun"], str, int, bytes]
 #: ("roamed", inner, old endpoint, new endpoint)
 _RoamedEvent = tuple[Literal["roamed"], bytes, _Endpoint | None, _Endpoint]
 #: ("exhausted", inner, SPI of the transmit SA)
 _ExhaustedEvent = tuple[Literal["exhausted"], bytes, int]
-_Event = _ControlEvent | _RoamedEvent | _ExhaustedEvent
+_Event = _ControlEvent | _StunEvent | _RoamedEvent | _ExhaustedEvent
 
 @final
 class TxSa:
@@ -96,6 +98,9 @@ class Engine:
     def install_rx_sa(self, inner: bytes, spi: int, keymat: bytes) -> None: ...
     def retire_rx_sa(self, inner: bytes, spi: int) -> None: ...
     def send_control(self, endpoint: _Endpoint, message: bytes) -> None: ...
+    def send_stun(self, endpoint: _Endpoint, message: bytes) -> None:
+        """Send one STUN message without the marker; ValueError for anything that is not
+        one (RFC 8489 header, length field matching) or is longer than 1024 bytes."""
     def send_keepalive(self, inner: bytes) -> None: ...
     def fileno(self) -> int:
         """An eventfd that is readable while events are queued."""

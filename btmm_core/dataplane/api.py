@@ -17,12 +17,20 @@ A UDP payload that starts with four zero bytes is a control message (non-ESP mar
 engine strips the marker and hands the rest to Python with the source address. A payload of
 one 0xFF byte is a NAT keepalive: counted and dropped.
 
-Control messages are unauthenticated until the control plane has looked at them, so what
-waits for it is bounded: a message longer than ``MAX_CONTROL_MESSAGE`` (a handshake message
-is under 200 bytes) is dropped as ``control_oversize``, and the queued messages hold at most
+A payload with the shape of a STUN message (RFC 8489 §5, ``looks_like_stun``) whose first
+four bytes are not the SPI of one of the engine's receive SAs is handed to Python whole, as
+a ``StunPacket``, and ``send_stun`` sends one without any marker: the daemon runs STUN from
+the tunnel's own socket, so the server-reflexive address it learns is that of the tunnel
+port. ESP is recognised first because an ESP packet can have STUN's shape (its sequence
+number's low half, at bytes 4..8, can equal the magic cookie).
+
+Control and STUN messages are unauthenticated until the control plane has looked at them,
+so what waits for it is bounded: a message longer than ``MAX_CONTROL_MESSAGE`` (a handshake
+message is under 200 bytes, a STUN Binding answer under 100) is dropped as
+``control_oversize``, and the queued messages hold at most
 ``EngineConfig.control_queue_bytes`` payload bytes (besides ``event_queue`` events); past
-either bound a message is dropped as ``control_overflow``. Every control datagram counts in
-``control_in``, dropped or not.
+either bound a message is dropped as ``control_overflow``. Every control or STUN datagram
+counts in ``control_in``, dropped or not.
 """
 
 from __future__ import annotations
@@ -57,8 +65,12 @@ REPLAY_WINDOW = 4096
 SEQ_MAX = 2**64 - 1
 DEFAULT_PORT = 4500
 DEFAULT_MTU = 1420
-#: the largest control message (after the marker) handed to the control plane
+#: the largest control message (after the marker), and the largest STUN message, handed to
+#: the control plane or sent for it
 MAX_CONTROL_MESSAGE = 1024
+#: RFC 8489 §5: every STUN message carries this at bytes 4..8, after a 20-byte header
+STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
+STUN_HEADER_LEN = 20
 #: default bound of the queued control messages, in payload bytes
 DEFAULT_CONTROL_QUEUE_BYTES = 4 << 20
 
@@ -75,7 +87,7 @@ class DropReason(enum.IntEnum):
     NO_SA = 7  #: outbound packet to a peer without a transmit SA or endpoint
     SA_EXHAUSTED = 8  #: transmit SA used up its sequence space
     CONTROL_OVERFLOW = 9  #: control/event queue to Python was full (events or bytes)
-    CONTROL_OVERSIZE = 10  #: control message longer than MAX_CONTROL_MESSAGE
+    CONTROL_OVERSIZE = 10  #: control or STUN message longer than MAX_CONTROL_MESSAGE
 
 
 DROP_NAMES: dict[DropReason, str] = {r: r.name.lower() for r in DropReason}
@@ -123,6 +135,14 @@ class ControlPacket:
 
 
 @dataclass(frozen=True)
+class StunPacket:
+    """A STUN message (RFC 8489) received on the engine's UDP socket: the whole datagram."""
+
+    source: Endpoint
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class PeerRoamed:
     """An authenticated packet moved a peer's outer endpoint."""
 
@@ -139,7 +159,20 @@ class TxSaExhausted:
     spi: int
 
 
-EngineEvent = ControlPacket | PeerRoamed | TxSaExhausted
+EngineEvent = ControlPacket | StunPacket | PeerRoamed | TxSaExhausted
+
+
+def looks_like_stun(datagram: bytes) -> bool:
+    """True when ``datagram`` has the shape of one whole STUN message (RFC 8489 §5): the top
+    two bits of byte 0 zero, the magic cookie at bytes 4..8, and a length field (bytes 2..4,
+    the bytes after the header) that is a multiple of 4 and exactly the rest of the datagram.
+    Twin of ``looks_like_stun`` in btmm_fast/src/stun.rs; says nothing about the contents."""
+    if len(datagram) < STUN_HEADER_LEN or datagram[0] & 0xC0:
+        return False
+    if datagram[4:8] != STUN_MAGIC_COOKIE:
+        return False
+    length = int.from_bytes(datagram[2:4], "big")
+    return length % 4 == 0 and length == len(datagram) - STUN_HEADER_LEN
 
 
 def parse_inner(inner: str) -> ipaddress.IPv6Address:
@@ -208,6 +241,11 @@ class Engine(Protocol):
 
     def send_control(self, destination: Endpoint, message: bytes) -> None:
         """Send ``CONTROL_MARKER + message`` from the engine's UDP socket."""
+
+    def send_stun(self, destination: Endpoint, message: bytes) -> None:
+        """Send one STUN message as it is (no marker) from the engine's UDP socket.
+        ``ValueError`` when it is not one (``looks_like_stun``) or is longer than
+        ``MAX_CONTROL_MESSAGE``: the engine sends no arbitrary datagrams."""
 
     def send_keepalive(self, inner: str) -> None:
         """Send a one-byte 0xFF NAT keepalive to the peer's endpoint."""

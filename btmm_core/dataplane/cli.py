@@ -30,11 +30,13 @@ is ignored. Requests (``id``, if given, is echoed back)::
     {"cmd": "events"}                       -> {"ok": true, "events": [...], "lost": N}
     {"cmd": "update_peer", "inner": "...", "endpoint": "h:p" | null}
     {"cmd": "send_control", "endpoint": "h:p", "payload": "<hex>"}
+    {"cmd": "send_stun", "endpoint": "h:p", "payload": "<hex>"}
     {"cmd": "send_keepalive", "inner": "..."}
     {"cmd": "quit"}
 
 Events (drained by ``events``, oldest first): ``{"type": "control", "source": "h:p",
-"payload": "<hex>"}``, ``{"type": "roamed", "inner": ..., "old": "h:p" | null, "new": "h:p"}``,
+"payload": "<hex>"}``, ``{"type": "stun", "source": "h:p", "payload": "<hex>"}``,
+``{"type": "roamed", "inner": ..., "old": "h:p" | null, "new": "h:p"}``,
 ``{"type": "tx_sa_exhausted", "inner": ..., "spi": N}``. Failed requests answer
 ``{"ok": false, "error": "..."}``. SIGTERM and SIGINT stop the engine cleanly.
 """
@@ -70,6 +72,7 @@ from btmm_core.dataplane.api import (
     EngineEvent,
     PeerInfo,
     PeerRoamed,
+    StunPacket,
     TxSaExhausted,
 )
 from btmm_core.dataplane.netconf import configure_tun
@@ -242,6 +245,12 @@ def event_to_json(event: EngineEvent) -> dict[str, Any]:
             "source": format_endpoint(event.source),
             "payload": event.payload.hex(),
         }
+    if isinstance(event, StunPacket):
+        return {
+            "type": "stun",
+            "source": format_endpoint(event.source),
+            "payload": event.payload.hex(),
+        }
     if isinstance(event, PeerRoamed):
         return {
             "type": "roamed",
@@ -342,6 +351,11 @@ class ControlSession:
         self.engine.send_control(parse_endpoint(req["endpoint"]), payload)
         return {}
 
+    def _send_stun(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        payload = bytes.fromhex(str(req.get("payload", "")))
+        self.engine.send_stun(parse_endpoint(req["endpoint"]), payload)
+        return {}
+
     def _send_keepalive(self, req: Mapping[str, Any]) -> dict[str, Any]:
         self.engine.send_keepalive(str(req["inner"]))
         return {}
@@ -358,6 +372,7 @@ class ControlSession:
         "events": _events,
         "update_peer": _update_peer,
         "send_control": _send_control,
+        "send_stun": _send_stun,
         "send_keepalive": _send_keepalive,
         "quit": _quit,
     }
@@ -508,6 +523,8 @@ def _log_event(event: EngineEvent) -> None:
             length=len(event.payload),
             head=event.payload[:16].hex(),
         )
+    elif isinstance(event, StunPacket):
+        log.info("stun packet", source=format_endpoint(event.source), length=len(event.payload))
     elif isinstance(event, TxSaExhausted):
         log.warning("transmit SA exhausted, rekey needed", inner=event.inner, spi=event.spi)
 

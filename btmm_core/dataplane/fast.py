@@ -21,6 +21,7 @@ from btmm_core.dataplane.api import (
     EngineEvent,
     PeerInfo,
     PeerRoamed,
+    StunPacket,
     TxSaExhausted,
     parse_inner,
 )
@@ -62,6 +63,8 @@ def _event(raw: _Event) -> EngineEvent:
     match raw:
         case ("control", host, port, payload):
             return ControlPacket(Endpoint(host, port), bytes(payload))
+        case ("stun", host, port, payload):
+            return StunPacket(Endpoint(host, port), bytes(payload))
         case ("roamed", inner, old, new):
             return PeerRoamed(_inner_text(inner), _endpoint(old), Endpoint(new[0], new[1]))
         case ("exhausted", inner, spi):
@@ -123,6 +126,9 @@ class FastEngine:
 
     def send_control(self, destination: Endpoint, message: bytes) -> None:
         self._engine.send_control((destination.host, destination.port), message)
+
+    def send_stun(self, destination: Endpoint, message: bytes) -> None:
+        self._engine.send_stun((destination.host, destination.port), message)
 
     def send_keepalive(self, inner: str) -> None:
         self._engine.send_keepalive(_inner_bytes(inner))

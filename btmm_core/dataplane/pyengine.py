@@ -1,8 +1,9 @@
 """The pure-Python data plane engine: TUN <-> ESP (AES-256-GCM) <-> UDP.
 
 Standards: RFC 4303 (ESP), RFC 4106 (AES-GCM in ESP), RFC 3948 (ESP in UDP, the one-byte NAT
-keepalive and the non-ESP marker). The wire format and the drop rules are those of
-``btmm_core/dataplane/api.py``; the per-packet crypto is ``btmm_core.dataplane.esp``.
+keepalive and the non-ESP marker), RFC 8489 §5 (the shape of a STUN message sharing the port).
+The wire format and the drop rules are those of ``btmm_core/dataplane/api.py``; the
+per-packet crypto is ``btmm_core.dataplane.esp``.
 
 This engine is the readable twin of the Rust one, meant for debugging and for machines where
 the extension is not built. It owns two threads: one reads the TUN device and sends ESP, the
@@ -54,7 +55,9 @@ from btmm_core.dataplane.api import (
     EngineEvent,
     PeerInfo,
     PeerRoamed,
+    StunPacket,
     TxSaExhausted,
+    looks_like_stun,
     parse_inner,
 )
 from btmm_core.dataplane.esp import MIN_PAYLOAD, EspRxSa, EspTxSa
@@ -455,6 +458,26 @@ class PythonEngine:
                 hint="check the address and that the network is up",
             ) from exc
 
+    def send_stun(self, destination: Endpoint, message: bytes) -> None:
+        if not looks_like_stun(message):
+            raise ValueError(
+                f"send_stun refuses a {len(message)}-byte message that is not a STUN message "
+                "(RFC 8489 header with the magic cookie and a length field matching its size)"
+            )
+        if len(message) > MAX_CONTROL_MESSAGE:
+            raise ValueError(
+                f"send_stun refuses a {len(message)}-byte STUN message; "
+                f"at most {MAX_CONTROL_MESSAGE}"
+            )
+        try:
+            self._send(message, destination)
+        except OSError as exc:
+            raise DataPlaneError(
+                f"sending a STUN message to {destination.host}:{destination.port} failed: "
+                f"{exc.strerror or exc}",
+                hint="check the address and that the network is up",
+            ) from exc
+
     def send_keepalive(self, inner: str) -> None:
         with self._lock:
             peer = self._peer(inner)
@@ -480,8 +503,8 @@ class PythonEngine:
 
     def _queue_event(self, event: EngineEvent) -> bool:
         """Queue an event for Python (call with ``_lock`` held); False when the queue is full
-        (in events, or in control bytes for a control message)."""
-        size = len(event.payload) if isinstance(event, ControlPacket) else 0
+        (in events, or in control bytes for a control or STUN message)."""
+        size = len(event.payload) if isinstance(event, ControlPacket | StunPacket) else 0
         if (
             len(self._events) >= self._config.event_queue
             or self._control_bytes + size > self._config.control_queue_bytes
@@ -496,7 +519,9 @@ class PythonEngine:
     def drain(self, limit: int = 256) -> Sequence[EngineEvent]:
         with self._lock:
             out = [self._events.popleft() for _ in range(min(limit, len(self._events)))]
-            self._control_bytes -= sum(len(e.payload) for e in out if isinstance(e, ControlPacket))
+            self._control_bytes -= sum(
+                len(e.payload) for e in out if isinstance(e, ControlPacket | StunPacket)
+            )
             if not self._events:
                 # Cleared under the lock, so a producer cannot slip an event in between the
                 # last pop and the read and leave it queued with the fd not readable.
@@ -564,7 +589,7 @@ class PythonEngine:
 
     def inbound(self, payload: bytes, source: Endpoint) -> tuple[bytes, _Peer] | None:
         """Handle one UDP payload; return the inner packet to write to the TUN and its peer, or
-        None when it was a control message, a keepalive or a drop (counted). Call with
+        None when it was a control or STUN message, a keepalive or a drop (counted). Call with
         ``_lock`` held; count the delivery with ``delivered`` once the write succeeded."""
         if payload == KEEPALIVE:
             self._total.keepalives_in += 1
@@ -576,6 +601,21 @@ class PythonEngine:
                 self._total.drop(DropReason.CONTROL_OVERSIZE)
                 return None
             self._queue_event(ControlPacket(source, message))
+            return None
+        # STUN shares the port so that the reflexive address the daemon learns is this
+        # socket's. STUN's shape cannot rule out ESP: ESP's bytes 4..8 are the low half of its
+        # sequence number, which does reach the magic cookie, and its first four bytes (the
+        # SPI) can read as a STUN type and length. So a datagram that names one of our receive
+        # SAs is ESP, whatever it looks like, and only one that names none and has STUN's
+        # shape is STUN. The reverse collision (a real STUN message whose type and length spell
+        # one of our SPIs, odds about one in 2**32 per SA) is dropped as ESP until a rekey
+        # replaces that SPI; the STUN client then times out and asks again, as for any loss.
+        if looks_like_stun(payload) and int.from_bytes(payload[:4], "big") not in self._by_spi:
+            self._total.control_in += 1
+            if len(payload) > MAX_CONTROL_MESSAGE:
+                self._total.drop(DropReason.CONTROL_OVERSIZE)
+                return None
+            self._queue_event(StunPacket(source, payload))
             return None
         if len(payload) < MIN_PAYLOAD or (len(payload) - MIN_PAYLOAD) % 4:
             # Checked before the SPI lookup, in the codec's own order.

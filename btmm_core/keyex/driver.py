@@ -6,6 +6,12 @@ sans-I/O key exchange, turns the key exchange's actions into engine calls (``ins
 before ``install_tx_sa``, ``retire_rx_sa``), runs its timers on the event loop's clock, and
 polls the engine's per-peer packet counters for the rekey packet budget. No protocol logic
 lives here.
+
+The engine also hands over STUN messages (RFC 8489) that arrive on its socket, because the
+daemon runs STUN from that socket to learn the tunnel port's reflexive address. They are no
+business of the key exchange: the driver passes each to ``on_stun`` when one is set and
+ignores it otherwise. Nothing sets ``on_stun`` yet; daemon/host.py will, when STUN is wired
+into ``btmm up`` in a later step.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from btmm_core.dataplane.api import (
     Endpoint,
     Engine,
     PeerRoamed,
+    StunPacket,
     TxSaExhausted,
 )
 from btmm_core.errors import BtmmError
@@ -57,12 +64,15 @@ class KeyExchangeDriver:
         wall: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
         on_report: Callable[[Report], None] | None = None,
+        on_stun: Callable[[StunPacket], None] | None = None,
     ) -> None:
         self.engine = engine
         self.kx = kx
         self.wall = wall
         self.poll_interval = poll_interval
         self.on_report = on_report
+        #: gets each STUN message the engine received (see the module docstring)
+        self.on_stun = on_stun
         self.errors = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -114,6 +124,9 @@ class KeyExchangeDriver:
         for event in self.engine.drain():
             if isinstance(event, ControlPacket):
                 self._apply(self.kx.receive(event.payload, event.source, self._now(), self.wall()))
+            elif isinstance(event, StunPacket):
+                if self.on_stun is not None:
+                    self.on_stun(event)
             elif isinstance(event, PeerRoamed):
                 s = self.kx.by_inner.get(event.inner)
                 if s is not None:

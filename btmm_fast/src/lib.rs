@@ -6,6 +6,7 @@ pub mod engine;
 pub mod error;
 pub mod esp;
 pub mod replay;
+pub mod stun;
 pub mod tun;
 pub mod udp;
 

@@ -452,6 +452,20 @@ impl PyEngine {
             .map_err(|e| engine_err(py, e))
     }
 
+    /// Sends one STUN message without the marker; ValueError for anything that is not STUN.
+    fn send_stun(
+        &self,
+        py: Python<'_>,
+        endpoint: &Bound<'_, PyAny>,
+        message: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let dst = endpoint_arg(endpoint)?
+            .ok_or_else(|| PyValueError::new_err("send_stun needs an endpoint"))?;
+        let message = bytes_arg(message, "message")?;
+        py.allow_threads(|| self.engine.send_stun(dst, &message))
+            .map_err(|e| engine_err(py, e))
+    }
+
     fn send_keepalive(&self, py: Python<'_>, inner: &Bound<'_, PyAny>) -> PyResult<()> {
         let inner = inner_arg(inner)?;
         py.allow_threads(|| self.engine.send_keepalive(inner))
@@ -481,6 +495,15 @@ impl PyEngine {
                     py,
                     [
                         "control".into_pyobject(py)?.into_any(),
+                        source.ip().to_string().into_pyobject(py)?.into_any(),
+                        source.port().into_pyobject(py)?.into_any(),
+                        PyBytes::new(py, &payload).into_any(),
+                    ],
+                )?,
+                Event::Stun { source, payload } => PyTuple::new(
+                    py,
+                    [
+                        "stun".into_pyobject(py)?.into_any(),
                         source.ip().to_string().into_pyobject(py)?.into_any(),
                         source.port().into_pyobject(py)?.into_any(),
                         PyBytes::new(py, &payload).into_any(),

@@ -185,6 +185,27 @@ def test_control_packet_is_delivered_with_its_source(live: Live) -> None:
     assert got == [{"type": "control", "source": f"{A_OUTER}:{PORT}", "payload": "0170696e67"}]
 
 
+def test_stun_is_delivered_whole_and_sent_raw(live: Live) -> None:
+    # A STUN Binding success answer (RFC 8489 §5) from c: handed over whole, no marker.
+    answer = bytes.fromhex("0101000c2112a442") + bytes(range(12)) + bytes(12)
+    live.ta.events()
+    before = live.before()
+    live.udp([answer])
+    live.expect(before, {"control_in": 1})
+    events = [e for e in live.ta.events() if e["type"] == "stun"]
+    assert events == [{"type": "stun", "source": C_ENDPOINT, "payload": answer.hex()}], events
+    # Engine to engine: a sends a Binding request, b's engine hands it over with a's address.
+    request = bytes.fromhex("000100002112a442") + bytes(range(12))
+    live.tb.events()
+    live.ta.ok("send_stun", endpoint=f"{B_OUTER}:{PORT}", payload=request.hex())
+
+    def arrived() -> list[dict[str, Any]]:
+        return [e for e in live.tb.events() if e["type"] == "stun"]
+
+    got = wait_for(arrived, 30, "a's STUN request at b")
+    assert got == [{"type": "stun", "source": f"{A_OUTER}:{PORT}", "payload": request.hex()}]
+
+
 def test_garbage_udp_is_malformed(live: Live) -> None:
     before = live.before()
     live.udp([b"\x13\x37\x42", b"\x01\x02\x03\x04\x05\x06\x07"])

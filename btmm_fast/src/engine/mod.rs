@@ -28,6 +28,7 @@ use crate::error::EngineError;
 use crate::esp::{
     self, DropReason, RxSa, TxSa, CONTROL_MARKER, HEADER_LEN, KEEPALIVE, MAX_TRAILER,
 };
+use crate::stun;
 use crate::tun::Tun;
 use crate::udp::{Udp, MAX_UDP_PAYLOAD};
 
@@ -49,8 +50,9 @@ const TX_SLOT: usize = HEADER_LEN + MAX_READ + MAX_TRAILER + 3;
 const RX_SLOT: usize = MAX_PACKET + 1;
 /// Receive SAs per peer: the current one and the previous (make-before-break rekey).
 pub const MAX_RX_SAS: usize = 2;
-/// Largest control message (after the non-ESP marker) handed to the control plane; a
-/// handshake message is under 200 bytes, anything longer is dropped as `control_oversize`.
+/// Largest control message (after the non-ESP marker), and largest STUN message, handed to or
+/// sent by the control plane; a handshake message is under 200 bytes and a STUN Binding
+/// exchange under 100, anything longer is dropped as `control_oversize` (refused when sent).
 pub const MAX_CONTROL_MESSAGE: usize = 1024;
 /// Default bound of the control messages queued for the control plane, in payload bytes.
 pub const DEFAULT_CONTROL_QUEUE_BYTES: usize = 4 << 20;
@@ -65,13 +67,19 @@ pub struct Config {
     pub listen: SocketAddrV4,
     pub mtu: u32,
     pub event_queue: usize,
-    /// Bound of the queued control messages' payload bytes (they are unauthenticated).
+    /// Bound of the queued control and STUN messages' payload bytes (they are
+    /// unauthenticated).
     pub control_queue_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Control {
+        source: SocketAddrV4,
+        payload: Vec<u8>,
+    },
+    /// A STUN message (RFC 8489), the whole datagram.
+    Stun {
         source: SocketAddrV4,
         payload: Vec<u8>,
     },
@@ -256,7 +264,8 @@ fn eventfd_clear(fd: RawFd) {
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
-/// Events for the control plane and the payload bytes of the control messages among them.
+/// Events for the control plane and the payload bytes of the control and STUN messages among
+/// them (both unauthenticated, so bounded together).
 #[derive(Default)]
 struct EventQueue {
     queue: VecDeque<Event>,
@@ -265,7 +274,7 @@ struct EventQueue {
 
 fn control_bytes(ev: &Event) -> usize {
     match ev {
-        Event::Control { payload, .. } => payload.len(),
+        Event::Control { payload, .. } | Event::Stun { payload, .. } => payload.len(),
         _ => 0,
     }
 }
@@ -605,6 +614,27 @@ impl Engine {
         buf.extend_from_slice(&CONTROL_MARKER);
         buf.extend_from_slice(message);
         self.send_raw(&buf, dst)
+    }
+
+    /// Sends one STUN message as it is (no marker), so that its answer tells this socket's
+    /// reflexive address. Anything that does not have STUN's shape, or is longer than
+    /// `MAX_CONTROL_MESSAGE`, is refused: the engine must not become a sender of arbitrary
+    /// datagrams.
+    pub fn send_stun(&self, dst: SocketAddrV4, message: &[u8]) -> Result<(), EngineError> {
+        if !stun::looks_like_stun(message) {
+            return Err(EngineError::Invalid(format!(
+                "send_stun refuses a {}-byte message that is not a STUN message (RFC 8489 \
+                 header with the magic cookie and a length field matching its size)",
+                message.len()
+            )));
+        }
+        if message.len() > MAX_CONTROL_MESSAGE {
+            return Err(EngineError::Invalid(format!(
+                "send_stun refuses a {}-byte STUN message; at most {MAX_CONTROL_MESSAGE}",
+                message.len()
+            )));
+        }
+        self.send_raw(message, dst)
     }
 
     pub fn send_keepalive(&self, inner: Inner) -> Result<(), EngineError> {

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::esp::{self, DropReason, CONTROL_MARKER, KEEPALIVE};
 use crate::offload::{self, TcpSeg, VNET_HDR_LEN};
+use crate::stun;
 use crate::udp::RecvBatch;
 
 fn count_in(tally: &mut Tally, peer: &Peer, len: usize) {
@@ -137,6 +138,8 @@ pub(super) enum RxDecision<'t> {
     Keepalive,
     /// A control message for the control plane (the non-ESP marker stripped).
     Control(Range<usize>),
+    /// A STUN message (RFC 8489) for the control plane: the whole datagram.
+    Stun,
     /// Refused; `peer` is set when the drop is attributable to a peer (its SA matched).
     Drop {
         reason: DropReason,
@@ -151,8 +154,9 @@ pub(super) enum RxDecision<'t> {
 }
 
 /// Decides what one datagram is, in the order fixed by btmm_core/dataplane/api.py: keepalive,
-/// truncated, control (bounded by `MAX_CONTROL_MESSAGE`), ESP length, SPI, ICV and replay
-/// (which moves the SA's window), then the inner packet's checks. ESP is opened in place in
+/// truncated, control (bounded by `MAX_CONTROL_MESSAGE`), STUN (same bound) unless its first
+/// four bytes name one of our receive SAs, ESP length, SPI, ICV and replay (which moves the
+/// SA's window), then the inner packet's checks. ESP is opened in place in
 /// `payload`; nothing is allocated and no shared state but `sas` is touched, so the caller
 /// applies the counters, the endpoint move and the events.
 pub(super) fn rx_classify<'t>(
@@ -174,10 +178,24 @@ pub(super) fn rx_classify<'t>(
         }
         return RxDecision::Control(CONTROL_MARKER.len()..payload.len());
     }
+    let spi = esp::payload_spi(payload).unwrap_or(0);
+    // STUN shares the port so that the reflexive address the daemon learns is this socket's.
+    // STUN's shape cannot rule out ESP: ESP's bytes 4..8 are the low half of its sequence
+    // number, which does reach the magic cookie, and its first four bytes (the SPI) can read
+    // as a STUN type and length. So a datagram that names one of our receive SAs is ESP,
+    // whatever it looks like, and only one that names none and has STUN's shape is STUN. The
+    // reverse collision (a real STUN message whose type and length spell one of our SPIs, odds
+    // about one in 2^32 per SA) is dropped as ESP until a rekey replaces that SPI; the STUN
+    // client then times out and asks again, which is what it does for any lost answer.
+    if stun::looks_like_stun(payload) && !sas.contains_key(&spi) {
+        if payload.len() > MAX_CONTROL_MESSAGE {
+            return drop(DropReason::ControlOversize);
+        }
+        return RxDecision::Stun;
+    }
     if esp::check_length(payload.len()).is_err() {
         return drop(DropReason::Malformed);
     }
-    let spi = esp::payload_spi(payload).unwrap_or(0);
     let Some(RxEntry { peer, sa }) = sas.get_mut(&spi) else {
         return drop(DropReason::UnknownSpi);
     };
@@ -255,8 +273,17 @@ pub(super) fn rx_loop(
                             };
                             events.push((ev, None));
                         }
+                        RxDecision::Stun => {
+                            tally.control_in += 1;
+                            let ev = Event::Stun {
+                                source: src,
+                                payload: payload.to_vec(),
+                            };
+                            events.push((ev, None));
+                        }
                         RxDecision::Drop { reason, peer } => {
-                            // An oversize control message is still control traffic.
+                            // An oversize control (or STUN) message is still control
+                            // traffic.
                             if reason == DropReason::ControlOversize {
                                 tally.control_in += 1;
                             }
@@ -330,16 +357,20 @@ mod tests {
         SocketAddrV4::new([192, 0, 2, 1].into(), port)
     }
 
-    /// Peer fd00::2 with receive SA `SPI`, and peer fd00::3 with `OTHER_SPI`.
-    fn table(endpoint: Option<SocketAddrV4>) -> HashMap<u32, RxEntry> {
-        let entry = |spi, last, ep| RxEntry {
+    /// Peer fd00::<last> with the receive SA `spi`.
+    fn entry(spi: u32, last: u8, ep: Option<SocketAddrV4>) -> RxEntry {
+        RxEntry {
             peer: Arc::new(Peer {
                 inner: inner(last),
                 endpoint: AtomicU64::new(pack(ep)),
                 counters: Counters::default(),
             }),
             sa: RxSa::new(spi, &KEY).unwrap(),
-        };
+        }
+    }
+
+    /// Peer fd00::2 with receive SA `SPI`, and peer fd00::3 with `OTHER_SPI`.
+    fn table(endpoint: Option<SocketAddrV4>) -> HashMap<u32, RxEntry> {
         HashMap::from([
             (SPI, entry(SPI, 2, endpoint)),
             (OTHER_SPI, entry(OTHER_SPI, 3, None)),
@@ -365,6 +396,7 @@ mod tests {
     enum Seen {
         Keepalive,
         Control(Vec<u8>),
+        Stun(Vec<u8>),
         Drop(DropReason, Option<Inner>),
         Deliver(Inner, Vec<u8>, Option<Roam>),
     }
@@ -379,6 +411,7 @@ mod tests {
         match rx_classify(&mut buf, src, truncated, sas) {
             RxDecision::Keepalive => Seen::Keepalive,
             RxDecision::Control(r) => Seen::Control(buf[r].to_vec()),
+            RxDecision::Stun => Seen::Stun(buf),
             RxDecision::Drop { reason, peer } => Seen::Drop(reason, peer.map(|p| p.inner)),
             RxDecision::Deliver { inner, peer, roam } => {
                 Seen::Deliver(peer.inner, buf[inner].to_vec(), roam)
@@ -550,5 +583,80 @@ mod tests {
                 })
             )
         );
+    }
+    /// A STUN message of type `kind` with `attrs` bytes of attributes (RFC 8489 §5).
+    fn stun_message(kind: u16, attrs: usize) -> Vec<u8> {
+        let mut m = kind.to_be_bytes().to_vec();
+        m.extend_from_slice(&(attrs as u16).to_be_bytes());
+        m.extend_from_slice(&stun::MAGIC_COOKIE);
+        m.extend_from_slice(&[0x5a; 12]);
+        m.extend(std::iter::repeat_n(0x11u8, attrs));
+        m
+    }
+
+    #[test]
+    fn stun_messages_go_to_the_control_plane_whole() {
+        let mut sas = table(None);
+        for m in [stun_message(0x0001, 0), stun_message(0x0101, 12)] {
+            assert_eq!(see(&mut sas, &m, addr(1), false), Seen::Stun(m.clone()));
+        }
+        let largest = stun_message(0x0101, MAX_CONTROL_MESSAGE - stun::HEADER_LEN);
+        assert_eq!(
+            see(&mut sas, &largest, addr(1), false),
+            Seen::Stun(largest.clone())
+        );
+        let over = stun_message(0x0101, MAX_CONTROL_MESSAGE - stun::HEADER_LEN + 4);
+        assert_eq!(
+            see(&mut sas, &over, addr(1), false),
+            Seen::Drop(DropReason::ControlOversize, None)
+        );
+        // A wrong length field makes it not STUN: then it is judged as ESP, as before (32
+        // bytes are too short for ESP; 40 are long enough, and name no SA).
+        for attrs in [12, 20] {
+            let mut bad = stun_message(0x0101, attrs);
+            bad[3] += 4;
+            let reason = if attrs == 12 {
+                DropReason::Malformed
+            } else {
+                DropReason::UnknownSpi
+            };
+            assert_eq!(
+                see(&mut sas, &bad, addr(1), false),
+                Seen::Drop(reason, None)
+            );
+        }
+        // A truncated datagram is malformed even when its head looks like STUN.
+        assert_eq!(
+            see(&mut sas, &stun_message(1, 0), addr(1), true),
+            Seen::Drop(DropReason::Malformed, None)
+        );
+    }
+
+    #[test]
+    fn esp_for_one_of_our_spis_is_esp_even_when_it_looks_like_stun() {
+        // An ESP packet whose SPI reads as "Binding request, length 60" and whose sequence
+        // number's low half is the magic cookie: STUN's shape exactly (80 bytes on the wire).
+        let spi = 0x0001_003c;
+        let pkt = packet(inner(2));
+        let esp = sealed(spi, 0x2112_a442, &pkt);
+        assert_eq!(esp.len(), 80);
+        assert!(stun::looks_like_stun(&esp));
+        let mut ours = HashMap::from([(spi, entry(spi, 2, Some(addr(1))))]);
+        // A forged one under our SPI is an ESP drop charged to the peer, never STUN ...
+        let mut forged = esp.clone();
+        forged[40] ^= 1;
+        assert!(stun::looks_like_stun(&forged));
+        assert_eq!(
+            see(&mut ours, &forged, addr(1), false),
+            Seen::Drop(DropReason::Auth, Some(inner(2)))
+        );
+        // ... and the genuine one is delivered.
+        assert_eq!(
+            see(&mut ours, &esp, addr(1), false),
+            Seen::Deliver(inner(2), pkt.clone(), None)
+        );
+        // The same bytes when that SPI is not ours: STUN, for the control plane to judge.
+        let mut theirs = table(None);
+        assert_eq!(see(&mut theirs, &esp, addr(1), false), Seen::Stun(esp));
     }
 }

@@ -646,6 +646,81 @@ fn control_queue_is_bounded_in_bytes_and_oversize_messages_are_dropped() {
     });
 }
 
+/// A STUN Binding message (RFC 8489 §5) of type `kind` with `attrs` bytes of attributes.
+fn stun_message(kind: u16, attrs: usize) -> Vec<u8> {
+    let mut m = kind.to_be_bytes().to_vec();
+    m.extend_from_slice(&(attrs as u16).to_be_bytes());
+    m.extend_from_slice(&crate::stun::MAGIC_COOKIE);
+    m.extend_from_slice(&[0x3c; 12]);
+    m.extend(std::iter::repeat_n(0x22u8, attrs));
+    m
+}
+
+#[test]
+fn stun_travels_raw_from_and_to_the_engine_socket() {
+    in_private_netns(|| {
+        let e = Engine::new(Config {
+            tun_name: Some("btmms0".into()),
+            tun_fd: None,
+            listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            mtu: 1400,
+            event_queue: 4096,
+            control_queue_bytes: 2 * MAX_CONTROL_MESSAGE,
+        })
+        .expect("engine");
+        let me = std::net::SocketAddr::V4(e.local_addr());
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        e.start().unwrap();
+
+        // Out: the request leaves as it is, from the engine's port.
+        let request = stun_message(0x0001, 8);
+        e.send_stun(v4(&server), &request).unwrap();
+        let (got, from) = recv(&server);
+        assert_eq!((got, from), (request, me));
+        // Anything else is refused, so the engine sends no arbitrary datagrams.
+        for bad in [
+            b"hello".to_vec(),
+            control(b"x"),
+            stun_message(0x0001, 8)[..27].to_vec(),
+            stun_message(0x0101, MAX_CONTROL_MESSAGE - 16),
+        ] {
+            assert!(matches!(
+                e.send_stun(v4(&server), &bad),
+                Err(EngineError::Invalid(_))
+            ));
+        }
+
+        // In: the answer comes out whole, with its source; STUN shares the control budget.
+        let answer = stun_message(0x0101, 12);
+        server.send_to(&answer, me).unwrap();
+        server
+            .send_to(&stun_message(0x0101, MAX_CONTROL_MESSAGE - 16), me)
+            .unwrap();
+        server
+            .send_to(&control(&[1; MAX_CONTROL_MESSAGE]), me)
+            .unwrap();
+        server
+            .send_to(&control(&[2; MAX_CONTROL_MESSAGE]), me)
+            .unwrap();
+        wait_for("stun and control", || e.counters().control_in == 4);
+        let c = e.counters();
+        assert_eq!(c.drop_count(DropReason::ControlOversize), 1);
+        assert_eq!(c.drop_count(DropReason::ControlOverflow), 1);
+        let evs = e.drain(10);
+        assert_eq!(
+            evs[0],
+            Event::Stun {
+                source: v4(&server),
+                payload: answer
+            }
+        );
+        assert!(matches!(&evs[1], Event::Control { payload, .. } if payload[0] == 1));
+        assert_eq!(evs.len(), 2);
+        e.stop();
+        assert!(e.send_stun(v4(&server), &stun_message(1, 0)).is_err());
+    });
+}
+
 #[test]
 fn endpoint_packing() {
     for ep in [
