@@ -226,7 +226,7 @@ def test_builders_refuse_what_cannot_be_encoded() -> None:
     (SAMPLE_IPV6_RESPONSE, True),
     (b"\x00\x00\x00\x00" + b"\x01" * 40, False),  # the non-ESP marker of a control message
     (b"\xff", False),  # a NAT keepalive
-    (b"\x00\x00\x01\x00" + GOOD[4:], False),  # ESP with SPI 256 is not STUN
+    (b"\x00\x00\x01\x00" + GOOD[4:], False),  # length field 256 does not match
     (GOOD[:2] + b"\x00\x04" + GOOD[4:20] + b"\0\0", False),  # length 4, 2 bytes follow
     (GOOD[:2] + b"\x00\x02" + GOOD[4:20] + b"\0\0", False),  # length not a multiple of 4
     (b"\x80" + GOOD[1:], False),
