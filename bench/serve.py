@@ -68,7 +68,7 @@ def serving(
     add_user(env, cwd=cwd)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*SERVE, "--port", str(port), "--tls-port", "0", *options],
+            [*SERVE, "--port", str(port), "--tls-port", "0", "--no-stun", *options],
             env=env,
             cwd=cwd,
             stdout=out,

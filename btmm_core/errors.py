@@ -58,7 +58,13 @@ class PortMapError(BtmmError):
 
 
 class MalformedMessage(PortMapError):
-    """A NAT-PMP or PCP datagram could not be parsed; it is ignored."""
+    """A NAT-PMP, PCP or STUN datagram could not be parsed; it is ignored (or, for a STUN
+    request, answered with an error). ``reason`` says why when the codec has a code for it
+    (``stun.message.Fault``)."""
+
+    def __init__(self, what: str, *, hint: str | None = None, reason: object = None) -> None:
+        self.reason = reason
+        super().__init__(what, hint=hint)
 
 
 class MappingRefused(PortMapError):

@@ -22,6 +22,7 @@ RANKS: dict[str, int] = {
     "_fast": 0,
     "log": 1,
     "dns": 1,
+    "stun": 1,
     "dataplane": 2,
     "keyex": 3,
     "portmap": 3,

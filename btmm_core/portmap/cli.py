@@ -1,4 +1,7 @@
-"""``btmm netcheck``: ask the gateway for a UDP mapping and say what happened, in words."""
+"""``btmm netcheck``: ask the gateway for a UDP mapping and say what happened, in words; with
+``--stun``, also ask STUN servers from one socket for this host's reflexive address and tell
+whether the NAT's mapping depends on the destination (RFC 4787 section 4.1), like
+``tailscale netcheck``."""
 
 from __future__ import annotations
 
@@ -31,6 +34,59 @@ from btmm_core.portmap.diagnosis import (
 )
 from btmm_core.portmap.hops import DEFAULT_PROBE_TARGET, hop_address
 from btmm_core.portmap.renewal import MappingEvent, MappingRenewal
+from btmm_core.stun.client import BindingTransaction, MappingBehaviour, mapping_behaviour
+from btmm_core.stun.driver import parse_servers, query, resolve
+
+#: Where a user waits: requests at 0, 0.5, 1.5 and 3.5 s, given up at 5.5 s (RFC 8489's full
+#: schedule waits 39.5 s).
+STUN_TRIES = 4
+STUN_LAST_WAIT = 4
+
+MAPPING_TEXT = {
+    MappingBehaviour.ENDPOINT_INDEPENDENT: "endpoint-independent (one public address and port "
+    "for every destination: a hole punched towards one peer works for all)",
+    MappingBehaviour.DEPENDS_ON_DESTINATION: "depends on destination (the NAT maps each "
+    "destination to another public port: hole punching needs a relay or a port mapping)",
+    MappingBehaviour.UNKNOWN: "unknown (needs answers from two server addresses, e.g. "
+    "--stun HOST:3478,3479 with `btmm serve --stun-alt-port 3479`)",
+    MappingBehaviour.NO_ANSWER: "no answer (UDP to the STUN server is blocked, or it is off)",
+}
+
+
+async def _stun_check(spec: str) -> tuple[dict[str, Any], int]:
+    """Ask every server in ``spec`` from one socket: the JSON facts and an exit code (0 when
+    every server answered)."""
+    servers = [resolve(h, p) for h, p in parse_servers(spec)]
+    local, txs = await query(servers, rc=STUN_TRIES, rm=STUN_LAST_WAIT)
+    verdict = mapping_behaviour([tx.mapped for tx in txs])
+    out: dict[str, Any] = {
+        "local": f"{local[0]}:{local[1]}",
+        "servers": [_stun_json(tx) for tx in txs],
+        "mapping": verdict.value,
+    }
+    return out, 0 if all(tx.mapped is not None for tx in txs) else 1
+
+
+def _stun_json(tx: BindingTransaction) -> dict[str, Any]:
+    out: dict[str, Any] = {"server": str(tx.server)}
+    if tx.mapped is not None:
+        out["reflexive"] = str(tx.mapped)
+        if tx.rtt is not None:
+            out["rtt_ms"] = round(tx.rtt * 1000, 1)
+    else:
+        out["error"] = tx.error
+    return out
+
+
+def _print_stun(stun: dict[str, Any]) -> None:
+    click.echo(f"stun socket:    {stun['local']}")
+    for s in stun["servers"]:
+        if "reflexive" in s:
+            click.echo(f"stun server:    {s['server']} -> reflexive {s['reflexive']} "
+                       f"({s.get('rtt_ms', 0):.0f} ms)")
+        else:
+            click.echo(f"stun server:    {s['server']} -> {s['error']}")
+    click.echo(f"stun mapping:   {MAPPING_TEXT[MappingBehaviour(stun['mapping'])]}")
 
 
 def _event_json(ev: MappingEvent) -> dict[str, Any]:
@@ -71,11 +127,29 @@ async def _double_nat_probe(result: MapResult, probe: str) -> Diagnosis | None:
 
 async def _netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], lifetime: int,
                     keep: bool, watch: float | None, as_json: bool, probe: str,
-                    reboot_delay: float) -> int:
+                    reboot_delay: float, stun_spec: str | None = None,
+                    stun_only: bool = False) -> int:
+    extra: dict[str, Any] = {}
+    stun_code = 0
+    if stun_spec is not None:
+        extra["stun"], stun_code = await _stun_check(stun_spec)
+        if not as_json:
+            _print_stun(extra["stun"])
+    if stun_only:
+        if as_json:
+            click.echo(json.dumps(extra))
+        return stun_code
+    return max(stun_code, await _gateway_check(gateway, port, protocols, lifetime, keep, watch,
+                                               as_json, probe, reboot_delay, extra))
+
+
+async def _gateway_check(gateway: str | None, port: int, protocols: tuple[str, ...],
+                         lifetime: int, keep: bool, watch: float | None, as_json: bool,
+                         probe: str, reboot_delay: float, extra: dict[str, Any]) -> int:
     gw = gateway or default_gateway()
     local = local_address_towards(gw) if gw else None
     pre = diagnose_host(local, gw)
-    say = (lambda d: click.echo(json.dumps(d))) if as_json else None
+    say = (lambda d: click.echo(json.dumps({**d, **extra}))) if as_json else None
     if pre is not None:
         if say:
             say({"verdict": pre.verdict.value, "diagnosis": pre.text, "gateway": gw,
@@ -88,6 +162,8 @@ async def _netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], 
     assert gw is not None and local is not None
     client = PortMapClient(gw, local_address=local, protocols=protocols)
     if watch is not None:
+        if say and extra:
+            say({})
         return await _watch(client, port, lifetime, watch, reboot_delay)
     try:
         result = await client.map_udp(port, lifetime=lifetime)
@@ -190,13 +266,31 @@ async def _watch(client: PortMapClient, port: int, lifetime: int, seconds: float
               help="address for the TTL-2 probe that looks for a second NAT")
 @click.option("--reboot-delay", default=5.0, show_default=True, type=float,
               help="with --watch: longest random wait before re-creating after a reboot")
+@click.option("--stun", "stun_spec", metavar="HOST:PORT[,HOST:PORT2]",
+              help="STUN server(s) to ask from one local socket: this host's reflexive address "
+              "and, with two server addresses, whether the NAT maps per destination (a PORT "
+              "alone reuses the host before it; `btmm serve` answers on 3478)")
+@click.option("--stun-only", is_flag=True,
+              help="with --stun: skip the gateway's mapping protocols")
 def netcheck(gateway: str | None, port: int, protocols: tuple[str, ...], lifetime: int,
              keep: bool, watch: float | None, as_json: bool, probe: str,
-             reboot_delay: float) -> None:
-    """Show the gateway, the mapping protocol that worked, the public address and mapping."""
+             reboot_delay: float, stun_spec: str | None, stun_only: bool) -> None:
+    """Show the gateway, the mapping protocol that worked, the public address and mapping;
+    with --stun, the reflexive address and the NAT's mapping behaviour."""
+    if stun_only and stun_spec is None:
+        raise click.UsageError("--stun-only needs --stun HOST:PORT")
+    if stun_spec is not None:
+        try:
+            parse_servers(stun_spec)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--stun") from exc
     try:
         code = asyncio.run(_netcheck(gateway, port, protocols or PROTOCOLS, lifetime, keep,
-                                     watch, as_json, probe, reboot_delay))
+                                     watch, as_json, probe, reboot_delay, stun_spec, stun_only))
+    except OSError as exc:
+        if stun_spec is None:
+            raise
+        raise click.ClickException(f"STUN: {exc}") from exc
     except PortMapError as exc:
         raise click.ClickException(str(exc)) from exc
     raise SystemExit(code)

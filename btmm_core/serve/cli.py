@@ -33,6 +33,7 @@ from btmm_core.serve.config import (
     ListenConfig,
     ServeConfig,
     StorageConfig,
+    StunConfig,
     TlsConfig,
     ZoneNames,
     name_server,
@@ -143,6 +144,22 @@ _domain_option = click.option(
     help="LLQ events outstanding in their first transmission; a burst waits beyond (0: no limit).",
 )
 @click.option(
+    "--stun-port",
+    type=int,
+    default=3478,
+    show_default=True,
+    help="UDP port of the STUN responder (Binding requests; on the --listen address).",
+)
+@click.option(
+    "--stun-alt-port",
+    type=int,
+    default=0,
+    show_default=True,
+    help="A second STUN port, so that a client can tell whether its NAT maps per destination "
+    "(0: none).",
+)
+@click.option("--no-stun", is_flag=True, help="Answer no STUN and publish no _stun._udp SRV.")
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
 @click.option(
@@ -174,8 +191,10 @@ def serve(ctx: click.Context, /, **o: Any) -> None:
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
     except OSError as e:
+        stun = "" if o["no_stun"] else f", STUN {o['stun_port']}" + (
+            f"/{o['stun_alt_port']}" if o["stun_alt_port"] else "")
         raise click.ClickException(
-            f"cannot listen on {o['listen']} port {o['port']}/{o['tls_port']}: {e}"
+            f"cannot listen on {o['listen']} port {o['port']}/{o['tls_port']}{stun}: {e}"
         ) from e
 
 
@@ -210,6 +229,7 @@ def _config(o: dict[str, Any]) -> ServeConfig:
             max_unacked=o["llq_max_unacked"],
             fudge=o["fudge"],
         ),
+        stun=StunConfig(not o["no_stun"], o["stun_port"], o["stun_alt_port"]),
         log_level=o["log_level"],
         event_loop=o["event_loop"],
     )

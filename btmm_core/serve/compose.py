@@ -1,5 +1,6 @@
 """The composition root of ``btmm serve``: storage, zones, the registry core, the plug-ins
-plugged into it (LLQ; later DNS Push), and the driver that serves them all.
+plugged into it (LLQ; later DNS Push), the driver that serves them all, and the STUN responder
+beside them (its own UDP port; the zones publish it as ``_stun._udp``).
 
 The registry knows its plug-ins only through ``registry/plugin.py``; which ones run, and with
 what secret and randomness, is decided here. The asyncio work of a plug-in (its timers, pushed
@@ -20,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from btmm_core import __version__
 from btmm_core.llq.server import LLQServer
 from btmm_core.registry.accounts import check_user_free
 from btmm_core.registry.handler import RegistryCore
@@ -28,8 +30,13 @@ from btmm_core.registry.storage import SqliteStorage
 from btmm_core.registry.tls import ensure_self_signed, server_context
 from btmm_core.registry.zones import ZoneStore
 from btmm_core.serve.config import ServeConfig
+from btmm_core.stun.responder import StunResponder
+from btmm_core.stun.server import StunServer
 
 log = structlog.get_logger("btmm.registry")
+
+#: What the STUN responder says it is (RFC 8489 14.14).
+SOFTWARE = f"btmm {__version__}"
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Registry:
     core: RegistryCore
     llq: LLQServer
     server: RegistryServer
+    stun: StunServer | None = None
 
 
 def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -76,7 +84,10 @@ def compose(config: ServeConfig, tls: ssl.SSLContext | None) -> Registry:
             idle_timeout=lst.idle_timeout,
         ),
     )
-    return Registry(core, llq, server)
+    stun = None
+    if config.stun.enabled:
+        stun = StunServer(StunResponder(software=SOFTWARE), lst.host, config.stun.ports)
+    return Registry(core, llq, server, stun)
 
 
 def _size_udp_buffer(registry: Registry) -> None:
@@ -98,6 +109,15 @@ async def serve(config: ServeConfig, tls: ssl.SSLContext | None) -> None:
     registry = compose(config, tls)
     await registry.server.start()
     _size_udp_buffer(registry)
+    if registry.stun is not None:
+        try:
+            await registry.stun.start()
+        except OSError:
+            await registry.server.close()
+            raise
+        structlog.get_logger("btmm.stun").info(
+            "stun ready", listen=[f"{h}:{p}" for h, p in registry.stun.addresses]
+        )
     c = config.llq
     structlog.get_logger("btmm.llq").info(
         "llq ready",
@@ -110,6 +130,11 @@ async def serve(config: ServeConfig, tls: ssl.SSLContext | None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if registry.stun is not None:
+        registry.stun.close()
+        structlog.get_logger("btmm.stun").info(
+            "stun stopped", **registry.stun.responder.stats.as_dict()
+        )
     await registry.server.close()
     stats = registry.llq.stats
     structlog.get_logger("btmm.llq").info("llq stopped", **dict(sorted(stats.items())))

@@ -80,6 +80,31 @@ class ZoneNames:
 
 
 @dataclass(frozen=True)
+class StunConfig:
+    """The STUN responder (``stun/``): on the listen address, answering Binding requests."""
+
+    enabled: bool = True
+    port: int = 3478
+    #: A second port answering the same; 0: none. A client asking both from one socket sees
+    #: whether its NAT maps per destination (``btmm netcheck``).
+    alt_port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not 1 <= self.port <= 65535:
+            raise ValueError(f"--stun-port {self.port} is not a port (1..65535)")
+        if self.enabled and not 0 <= self.alt_port <= 65535:
+            raise ValueError(f"--stun-alt-port {self.alt_port} is not a port (0..65535)")
+        if self.enabled and self.alt_port == self.port:
+            raise ValueError("--stun-alt-port must differ from --stun-port")
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        if not self.enabled:
+            return ()
+        return (self.port, self.alt_port) if self.alt_port else (self.port,)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     zone: ZoneNames
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -87,6 +112,7 @@ class ServeConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     policy: Policy = field(default_factory=Policy)
     llq: LLQConfig = field(default_factory=LLQConfig)
+    stun: StunConfig = field(default_factory=StunConfig)
     log_level: str = "info"
     event_loop: str = "uvloop"
 
@@ -102,4 +128,5 @@ class ServeConfig:
 
     def zone_config(self) -> ZoneConfig:
         port = self.zone.public_port or self.listen.port
-        return ZoneConfig(self.zone.domain, self.ns, self.glue, port)
+        stun = self.stun.port if self.stun.enabled else None
+        return ZoneConfig(self.zone.domain, self.ns, self.glue, port, stun_port=stun)

@@ -69,7 +69,7 @@ def live_registry(state: Path) -> Iterator[Reg]:
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "btmm_core", "serve", "--listen", "127.0.0.1", "--port",
-                 str(reg.port), "--tls-port", "0", "--event-loop", "asyncio"],
+                 str(reg.port), "--tls-port", "0", "--no-stun", "--event-loop", "asyncio"],
                 env=env, stdout=out, stderr=out)
         try:
             if not _answering(proc, reg.port, log):

@@ -155,6 +155,8 @@ class LiveRegistry:
                 str(self.port),
                 "--tls-port",
                 str(self.tls_port),
+                # Off unless a test asks: the default port would be shared by parallel runs.
+                *(() if "--stun-port" in self.args else ("--no-stun",)),
                 *self.args,
             ],
             env=self.env,
