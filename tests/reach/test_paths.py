@@ -363,7 +363,7 @@ def test_stale_and_future_requests_are_refused() -> None:
     assert b.drops == {"stale": 1}
 
 
-def test_authenticated_esp_makes_an_endpoint_usable_a_request_does_not() -> None:
+def test_authenticated_esp_makes_an_unpublished_endpoint_usable() -> None:
     pm = manager("a", "b")
     pm.set_candidates([Candidate(LAN, ep("192.168.1.10"))], [Candidate(MAPPED, ep("203.0.113.2"))])
     pm.start(0.0, WALL0)
