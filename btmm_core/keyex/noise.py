@@ -137,6 +137,18 @@ class MessageType(enum.IntEnum):
     COOKIE_REPLY = 3
     CONFIRM = 4
     CONFIRM_ACK = 5
+    #: connectivity checks (``reach.probe``): they share the control channel but never reach
+    #: the handshake (``is_path_message``)
+    PATH_PROBE = 6
+    PATH_PROBE_REPLY = 7
+
+
+PATH_MESSAGES = frozenset({MessageType.PATH_PROBE, MessageType.PATH_PROBE_REPLY})
+
+
+def is_path_message(message: bytes) -> bool:
+    """A connectivity check rather than a handshake message (type 6 or 7, reserved zero)."""
+    return len(message) >= 4 and message[0] in PATH_MESSAGES and message[1:4] == b"\0\0\0"
 
 
 class Refusal(enum.IntEnum):

@@ -66,6 +66,7 @@ from btmm_core.keyex.noise import (
     Refused,
     SaKeys,
     SendReply,
+    is_path_message,
 )
 
 #: an answered handshake waits this many ``rekey_timeout`` intervals for its confirm (the
@@ -612,6 +613,9 @@ class KeyExchange:
         return []
 
     def receive(self, payload: bytes, source: Endpoint, now: float, wall: float) -> list[Action]:
+        if is_path_message(payload):
+            # connectivity checks belong to reach.paths; the daemon routes them there
+            return []
         out = self.handshaker.receive(payload, source, now, wall)
         if isinstance(out, Refused):
             self.refusals = [*self.refusals[-63:], out]

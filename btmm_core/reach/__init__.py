@@ -1,0 +1,1 @@
+"""Reaching a peer: endpoint candidates, authenticated connectivity checks, path selection."""
