@@ -17,8 +17,8 @@ A UDP payload that starts with four zero bytes is a control message (non-ESP mar
 engine strips the marker and hands the rest to Python with the source address. A payload of
 one 0xFF byte is a NAT keepalive: counted and dropped.
 
-A payload with the shape of a STUN message (RFC 8489 §5, ``looks_like_stun``) whose first
-four bytes are not the SPI of one of the engine's receive SAs is handed to Python whole, as
+A payload with the shape of a STUN message (RFC 8489 §5,
+``btmm_core.stun.message.looks_like_stun``) whose first four bytes are not the SPI of one of the engine's receive SAs is handed to Python whole, as
 a ``StunPacket``, and ``send_stun`` sends one without any marker: the daemon runs STUN from
 the tunnel's own socket, so the server-reflexive address it learns is that of the tunnel
 port. ESP is recognised first because an ESP packet can have STUN's shape (its sequence
@@ -69,8 +69,6 @@ DEFAULT_MTU = 1420
 #: the control plane or sent for it
 MAX_CONTROL_MESSAGE = 1024
 #: RFC 8489 §5: every STUN message carries this at bytes 4..8, after a 20-byte header
-STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
-STUN_HEADER_LEN = 20
 #: default bound of the queued control messages, in payload bytes
 DEFAULT_CONTROL_QUEUE_BYTES = 4 << 20
 
@@ -160,19 +158,6 @@ class TxSaExhausted:
 
 
 EngineEvent = ControlPacket | StunPacket | PeerRoamed | TxSaExhausted
-
-
-def looks_like_stun(datagram: bytes) -> bool:
-    """True when ``datagram`` has the shape of one whole STUN message (RFC 8489 §5): the top
-    two bits of byte 0 zero, the magic cookie at bytes 4..8, and a length field (bytes 2..4,
-    the bytes after the header) that is a multiple of 4 and exactly the rest of the datagram.
-    Twin of ``looks_like_stun`` in btmm_fast/src/stun.rs; says nothing about the contents."""
-    if len(datagram) < STUN_HEADER_LEN or datagram[0] & 0xC0:
-        return False
-    if datagram[4:8] != STUN_MAGIC_COOKIE:
-        return False
-    length = int.from_bytes(datagram[2:4], "big")
-    return length % 4 == 0 and length == len(datagram) - STUN_HEADER_LEN
 
 
 def parse_inner(inner: str) -> ipaddress.IPv6Address:

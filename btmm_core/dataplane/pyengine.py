@@ -57,7 +57,6 @@ from btmm_core.dataplane.api import (
     PeerRoamed,
     StunPacket,
     TxSaExhausted,
-    looks_like_stun,
     parse_inner,
 )
 from btmm_core.dataplane.esp import MIN_PAYLOAD, EspRxSa, EspTxSa
@@ -69,6 +68,7 @@ from btmm_core.errors import (
     SaExhausted,
     UnknownPeer,
 )
+from btmm_core.stun.message import looks_like_stun
 
 #: packets handled per wake-up before looking at the wake fd again
 BATCH = 64

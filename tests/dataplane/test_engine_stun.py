@@ -20,15 +20,13 @@ from typing import Any
 
 import pytest
 
-from btmm_core.dataplane.api import (
-    MAX_CONTROL_MESSAGE,
-    STUN_HEADER_LEN,
-    STUN_MAGIC_COOKIE,
-    looks_like_stun,
-)
+from btmm_core.dataplane.api import MAX_CONTROL_MESSAGE
 from btmm_core.lab.netns import Lab
+from btmm_core.stun.message import HEADER_LEN as STUN_HEADER_LEN
+from btmm_core.stun.message import MAGIC_COOKIE, looks_like_stun
 
 REPO = Path(__file__).resolve().parents[2]
+STUN_MAGIC_COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 
 
 def stun_message(kind: int, attrs: int, fill: int = 0x11) -> bytes:
@@ -57,8 +55,10 @@ _HELPERS = r"""
 import json, select, socket, sys, time
 sys.path.insert(0, sys.argv[1])
 from btmm_core.dataplane import open_engine, tx_codec
-from btmm_core.dataplane.api import (MAX_CONTROL_MESSAGE as MAX, STUN_MAGIC_COOKIE,
+from btmm_core.dataplane.api import (MAX_CONTROL_MESSAGE as MAX,
     ControlPacket, EngineConfig, Endpoint, StunPacket)
+from btmm_core.stun.message import MAGIC_COOKIE
+STUN_MAGIC_COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 
 obs = {}
 
