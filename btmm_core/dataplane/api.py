@@ -21,8 +21,9 @@ A payload with the shape of a STUN message (RFC 8489 §5,
 ``btmm_core.stun.message.looks_like_stun``) whose first four bytes are not the SPI of one of
 the engine's receive SAs is handed to Python whole, as a ``StunPacket``, and ``send_stun``
 sends one without any marker: the daemon runs STUN from the tunnel's own socket, so the
-server-reflexive address it learns is that of the tunnel port. ESP is recognised first because an ESP packet can have STUN's shape (its sequence
-number's low half, at bytes 4..8, can equal the magic cookie).
+server-reflexive address it learns is that of the tunnel port. ESP is recognised first
+because an ESP packet can have STUN's shape (its sequence number's low half, at bytes 4..8,
+can equal the magic cookie).
 
 Control and STUN messages are unauthenticated until the control plane has looked at them,
 so what waits for it is bounded: a message longer than ``MAX_CONTROL_MESSAGE`` (a handshake
