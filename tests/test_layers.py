@@ -27,6 +27,7 @@ RANKS: dict[str, int] = {
     "portmap": 3,
     "registry": 3,
     "llq": 4,
+    "reach": 4,
     "daemon": 5,
     "serve": 5,
     "lab": 6,
