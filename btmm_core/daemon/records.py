@@ -185,21 +185,24 @@ def _replace_candidates(
 ) -> None:
     """Delete the whole candidate SRV RRset and add the new one in the same UPDATE: RFC 2136
     section 3.4.2 applies the update section in order and the registry commits it as one
-    transaction, so a reader sees the old set or the new one, never a mix, and no candidate
-    of an earlier run stays in the set (an unchanged set costs no serial and no LLQ event:
-    only its leases move). Address names the new set no longer uses are deleted too; those
-    of a run that crashed are no longer referenced and expire with their lease."""
+    transaction, so a reader sees the old set or the new one, never a mix. The first publish
+    of a run replaces the set too, so nothing a crashed run left stays in it; its address
+    names are no longer referenced and expire with their lease. A refresh of an unchanged set
+    only re-adds it (its leases move; no serial, no LLQ event). Address names the new set no
+    longer uses are deleted."""
     srv, addresses = _candidate_rrsets(pub, zone)
-    upd.delete(candidate_srv_name(pub.host, zone), dns.rdatatype.SRV)
-    keep = {r.name for r in addresses}
-    if previous is not None:
-        for old in _candidate_rrsets(previous, zone)[1]:
-            if old.name not in keep:
-                upd.delete(old.name)
+    if previous is None or previous.candidates != pub.candidates:
+        upd.delete(candidate_srv_name(pub.host, zone), dns.rdatatype.SRV)
+        keep = {r.name for r in addresses}
+        if previous is not None:
+            for old in _candidate_rrsets(previous, zone)[1]:
+                if old.name not in keep:
+                    upd.delete(old.name)
+        for rrset in addresses:
+            upd.delete(rrset.name)  # an A that became an AAAA leaves no A behind
     if srv is not None:
         upd.add(srv.name, srv)
     for rrset in addresses:
-        upd.delete(rrset.name)  # an A that became an AAAA leaves no A behind
         upd.add(rrset.name, rrset)
 
 
