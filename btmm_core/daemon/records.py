@@ -196,10 +196,8 @@ def _replace_candidates(
         keep = {r.name for r in addresses}
         if previous is not None:
             for old in _candidate_rrsets(previous, zone)[1]:
-                if old.name not in keep:
+                if old.name not in keep:  # a kept name holds the same data (its hash says so)
                     upd.delete(old.name)
-        for rrset in addresses:
-            upd.delete(rrset.name)  # an A that became an AAAA leaves no A behind
     if srv is not None:
         upd.add(srv.name, srv)
     for rrset in addresses:

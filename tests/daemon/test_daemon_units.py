@@ -190,6 +190,10 @@ def test_status_table() -> None:
     text = render_status(st)
     assert "desktop.bob.members.example" in text and "2.0KiB" in text
     assert "203.0.113.3:4500" in text and "llq established" in text
+    assert "candidate " not in text  # a status written before candidates existed
+    st["host"]["candidates"] = [{"kind": "lan", "endpoint": "192.168.2.11:4500"},  # type: ignore[index]
+                                {"kind": "mapped", "endpoint": "203.0.113.3:4500"}]
+    assert "candidate lan 192.168.2.11:4500, mapped 203.0.113.3:4500" in render_status(st)
 
 
 def test_lost_mapping_withdraws_the_endpoint_records() -> None:
