@@ -154,6 +154,9 @@ def render_status(st: dict[str, Any]) -> str:
         f"registry  {h['registry']}  lease {h['lease'] or '-'}s, {_age(h['lease_left'])} left;"
         f"  llq {h['llq']}" + (f"  ERROR {h['registry_error']}" if h["registry_error"] else ""),
         *([f"clock     {_skew(h['clock_skew'])}"] if h.get("clock_skew") is not None else []),
+        # published for the path probes of issue 13; per peer only in --json (a wide table)
+        *(["candidate " + ", ".join(f"{c['kind']} {c['endpoint']}" for c in h["candidates"])]
+          if h.get("candidates") else []),
         f"engine    {h['dataplane']}  key {h['public_key']}",
         "",
     ]

@@ -2,7 +2,8 @@
 
 A thin asyncio driver: builds nothing itself (see ``records``), signs each try afresh (a new
 Time Signed and MAC: a resent MAC would be refused as a replay), sends it over UDP with bounded
-retries (TCP when the answer is truncated), checks the answer's TSIG itself (dns/tsig.py)
+retries (TCP when the answer is truncated, or at once when the request itself is larger than
+``UDP_REQUEST_MAX``), checks the answer's TSIG itself (dns/tsig.py)
 and turns the common failures into errors that say what to do. Checking the TSIG here rather
 than in dnspython keeps the signed fields of an error answer: a BADTIME answer carries the
 registry's clock in its Other Data (RFC 8945 section 5.2.3), which ``ClockSkew.skew`` reports.
@@ -30,10 +31,21 @@ import dns.rrset
 from btmm_core.dns.tsig import MAX_FUDGE, TsigError, TsigKey, expected_mac, record_of, sign
 from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryError, RegistryUnreachable
 
+#: the largest request sent over UDP: the EDNS buffer size every resolver accepts without IP
+#: fragmentation (DNS flag day 2020); a larger one (an UPDATE with many candidates) goes by TCP
+UDP_REQUEST_MAX = 1232
+#: a DNS message over TCP (RFC 1035 section 4.2.2: a two-byte length)
+MAX_MESSAGE = 65535
+
 REJOIN = (
     "this device was revoked or its key is wrong: run `btmm join` again (with an invite from "
     "`btmm serve user invite` or the account key)"
 )
+
+
+def _wire(msg: dns.message.Message) -> bytes:
+    # dnspython would cap the request at our own EDNS payload size, which bounds the answer
+    return msg.to_wire(max_size=MAX_MESSAGE)
 
 
 def _fmt(t: float) -> str:
@@ -91,16 +103,16 @@ class RegistryClient:
         rejected: CredentialsRejected | None = None
         for _ in range(self.tries):
             now = int(time.time())
-            signed, mac = sign(msg.to_wire(), self.key, time_signed=now, fudge=MAX_FUDGE)
+            signed, mac = sign(_wire(msg), self.key, time_signed=now, fudge=MAX_FUDGE)
             try:
-                if tcp:
+                if tcp or len(signed) > UDP_REQUEST_MAX:
                     resp = await self._tcp(signed, msg, mac, now)
                     break
                 resp = await self._udp(signed, msg, mac, now)
                 if resp.flags & dns.flags.TC:
                     msg.id = (msg.id + 1) & 0xFFFF  # a new MAC: the UDP one is spent
                     now = int(time.time())
-                    signed, mac = sign(msg.to_wire(), self.key, time_signed=now, fudge=MAX_FUDGE)
+                    signed, mac = sign(_wire(msg), self.key, time_signed=now, fudge=MAX_FUDGE)
                     resp = await self._tcp(signed, msg, mac, now)
                 break
             except CredentialsRejected as exc:

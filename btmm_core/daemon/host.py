@@ -24,6 +24,7 @@ from typing import Any
 import dns.name
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 import structlog
 
 from btmm_core import __version__
@@ -34,19 +35,25 @@ from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
 from btmm_core.daemon.netutil import (
     del_route,
     drain,
+    local_addresses,
     local_ipv4_towards,
     netlink_monitor,
     set_routes,
 )
 from btmm_core.daemon.records import (
+    CandidateRead,
     PeerRecords,
     Publication,
+    address_types,
     browse_name,
+    candidate_refs,
+    candidate_srv_name,
     granted_lease,
     host_name,
     peer_from_answers,
     peer_host_label,
     publish_update,
+    read_candidates,
     srv_name,
     verify_peer,
     withdraw_update,
@@ -73,6 +80,7 @@ from btmm_core.llq.driver import Watcher
 from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
 from btmm_core.portmap.renewal import EventKind, MappingEvent, MappingRenewal
+from btmm_core.reach.candidates import Candidate, LocalAddress, gather
 
 log = structlog.get_logger("btmm.daemon")
 
@@ -97,6 +105,11 @@ class NetState:
     mapping_error: str | None = None
     #: the mapping failed: publish identity records without an endpoint
     unreachable: bool = False
+    #: the interfaces' IPv4 addresses, where LAN candidates come from
+    local: tuple[LocalAddress, ...] = ()
+    #: the server-reflexive endpoint (STUN, RFC 8489); None until the daemon asks a STUN
+    #: server, which a later step of issue 13 adds: until then no REFLEXIVE candidate
+    reflexive: Endpoint | None = None
 
 
 class Daemon:
@@ -274,8 +287,19 @@ class Daemon:
             host=self.cfg.host, ula=self.identity.ula,
             autotunnel=self.identity.autotunnel_label(), public_key=self.static.public_b64,
             external_address=None if addr is None else ipaddress.IPv4Address(addr),
-            external_port=port, version=__version__,
+            external_port=port, version=__version__, candidates=self._candidates(),
         )
+
+    def _candidates(self) -> tuple[Candidate, ...]:
+        """Where peers could reach this host's engine: its LAN addresses, the mapping (or its
+        own public address) and, once STUN lands, the reflexive endpoint. Published for the
+        probes of a later step of issue 13; nothing connects to them yet."""
+        if self.engine is None:
+            return ()
+        ext = self.net.external
+        return gather(self.net.local, self.engine.local_port,
+                      mapped=None if ext is None else Endpoint(*ext),
+                      reflexive=self.net.reflexive, tunnel=self.engine.tun_name)
 
     async def _publish_once(self, pub: Publication) -> None:
         assert self.registry is not None
@@ -289,7 +313,8 @@ class Daemon:
         if changed:
             log.info("records published", lease=self.lease,
                      endpoint=None if pub.external_port is None
-                     else f"{pub.external_address}:{pub.external_port}")
+                     else f"{pub.external_address}:{pub.external_port}",
+                     candidates=[_candidate_text(c) for c in pub.candidates])
         else:
             log.debug("records refreshed", lease=self.lease)
 
@@ -327,6 +352,10 @@ class Daemon:
 
     async def _check_network(self, first: bool = False) -> None:
         assert self.registry is not None and self.engine is not None
+        addresses = tuple(await asyncio.to_thread(local_addresses))
+        if addresses != self.net.local:
+            self.net.local = addresses
+            self._republish.set()  # the LAN candidates may have changed
         local = local_ipv4_towards(self.registry.server[0])
         gateway = self.cfg.gateway or default_gateway()
         if not first and (local, gateway) == (self.net.local_address, self.net.gateway):
@@ -494,17 +523,34 @@ class Daemon:
                                 peer=name.to_text(), target=srv[0].target.to_text())
                 else:
                     a = await self.registry.query(srv[0].target, dns.rdatatype.A)
+            cands = await self._read_candidates(name)
         except CredentialsRejected:
             raise
         except RegistryError as err:  # ClockSkew too: the next resolve retries
             log.warning("cannot resolve peer", peer=name.to_text(), error=err.what)
             return
-        rec = peer_from_answers(name, self.zone, aaaa, txt, srv, a)
+        rec = peer_from_answers(name, self.zone, aaaa, txt, srv, a, cands)
         if rec is None:
             if name in self.peers:
                 await self._drop_peer(name, "its records are gone")
             return
         await self._apply_peer(rec)
+
+    async def _read_candidates(self, name: dns.name.Name) -> CandidateRead:
+        """The peer's candidates: its candidate SRV, then one address lookup per target
+        (two when the expected family is absent), at most ``MAX_CANDIDATES`` targets."""
+        assert self.registry is not None
+        host = name.relativize(self.zone).to_text()
+        srv = await self.registry.query(candidate_srv_name(host, self.zone), dns.rdatatype.SRV)
+        refs, refused = candidate_refs(name, srv)
+        found: dict[dns.name.Name, list[dns.rrset.RRset | None]] = {}
+        for ref in refs:
+            for rdtype in address_types(ref.kind):
+                ans = await self.registry.query(ref.target, rdtype)
+                found.setdefault(ref.target, []).append(ans)
+                if ans is not None and len(ans):
+                    break
+        return read_candidates(refs, found, refused)
 
     async def _apply_peer(self, rec: PeerRecords) -> None:
         assert self.driver is not None and self.kx is not None and self.engine is not None
@@ -516,6 +562,10 @@ class Daemon:
         ):
             await self._drop_peer(rec.name, "new identity or key")
             peer = None
+        old_refused = () if peer is None else peer.records.candidates_refused
+        if rec.candidates_refused and rec.candidates_refused != old_refused:
+            log.warning("peer's candidate records refused", peer=rec.host,
+                        why=list(rec.candidates_refused))
         if peer is None:
             try:
                 public = verify_peer(rec, self.zone)
@@ -532,7 +582,8 @@ class Daemon:
             await asyncio.to_thread(set_routes, self.engine.tun_name, [inner])
             self._write_hosts()
             log.info("peer added", peer=rec.host, ula=inner,
-                     endpoint=None if endpoint is None else f"{endpoint.host}:{endpoint.port}")
+                     endpoint=None if endpoint is None else f"{endpoint.host}:{endpoint.port}",
+                     candidates=[_candidate_text(c) for c in rec.candidates])
             self._watch_peer(peer)
             if endpoint is not None:
                 self.driver.connect(inner)
@@ -546,14 +597,22 @@ class Daemon:
                 self.engine.update_peer(inner, endpoint)
                 if session.tx is None and not session.busy():
                     self.driver.connect(inner)
+        if rec.candidates != peer.records.candidates:
+            # kept for the probes of a later step of issue 13; nothing connects to them yet
+            log.info("peer candidates changed", peer=rec.host,
+                     candidates=[_candidate_text(c) for c in rec.candidates])
         peer.records = rec
 
     def _watch_peer(self, peer: Peer) -> None:
-        """LLQs on the peer's SRV and A names: a new port or address arrives as an event."""
+        """LLQs on the peer's SRV and A names and its candidate SRV: a new port, address or
+        candidate arrives as an event (a candidate's target name changes with its address, so
+        the candidate SRV alone covers them all)."""
         assert self.registry is not None
         rec = peer.records
         srv = srv_name(rec.host, self.zone)
-        questions: list[tuple[dns.name.Name, int]] = [(srv, dns.rdatatype.SRV)]
+        questions: list[tuple[dns.name.Name, int]] = [
+            (srv, dns.rdatatype.SRV), (candidate_srv_name(rec.host, self.zone), dns.rdatatype.SRV),
+        ]
         target = self._target_of(rec)
         if target is not None:
             questions.append((target, dns.rdatatype.A))
@@ -641,6 +700,8 @@ class Daemon:
                 "endpoint": None if ep is None else f"{ep.host}:{ep.port}",
                 "published_endpoint": None if peer.records.endpoint is None
                 else "{}:{}".format(*peer.records.endpoint),
+                "candidates": [_candidate_json(c) for c in peer.records.candidates],
+                "candidates_refused": list(peer.records.candidates_refused),
                 "tunnel": "up" if info is not None and info.tx_spi is not None else "down",
                 "handshake_age": None if peer.established_at is None
                 else round(now - peer.established_at, 1),
@@ -667,6 +728,9 @@ class Daemon:
                 else "{}:{}".format(*self.net.external),
                 "mapping": self.net.mapping,
                 "mapping_error": self.net.mapping_error,
+                # what peers read now (the next publish follows a change within a second)
+                "candidates": [] if self.published is None
+                else [_candidate_json(c) for c in self.published.candidates],
                 "registry": "{}:{}".format(*self.registry.server),
                 "registry_error": self.registry.last_error or self.publish_error,
                 "clock_skew": self.registry.clock_skew,
@@ -688,3 +752,14 @@ class Daemon:
             os.replace(tmp, path)
             await asyncio.sleep(1.0)
 
+
+def _endpoint_text(ep: Endpoint) -> str:
+    return f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
+
+
+def _candidate_text(c: Candidate) -> str:
+    return f"{c.kind.name.lower()} {_endpoint_text(c.endpoint)}"
+
+
+def _candidate_json(c: Candidate) -> dict[str, object]:
+    return {"kind": c.kind.name.lower(), "endpoint": _endpoint_text(c.endpoint)}

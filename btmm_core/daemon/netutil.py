@@ -13,6 +13,12 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from btmm_core.errors import TunError
+from btmm_core.reach.candidates import LocalAddress
+
+#: net_device_flags (linux/if.h)
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+IFF_RUNNING = 0x40
 
 
 def local_ipv4_towards(address: str) -> str | None:
@@ -24,6 +30,34 @@ def local_ipv4_towards(address: str) -> str | None:
             return str(s.getsockname()[0])
     except OSError:
         return None
+
+
+def local_addresses() -> list[LocalAddress]:
+    """Every IPv4 address of every interface, with the interface's state, in interface order
+    (``reach.candidates.gather`` picks the LAN candidates from them). Empty where netlink is
+    unavailable: then the host publishes no LAN candidate, as before."""
+    try:
+        with IPRoute() as ipr:
+            links = {
+                link["index"]: (link.get_attr("IFLA_IFNAME") or "", int(link["flags"]))
+                for link in ipr.get_links()
+            }
+            addrs = ipr.get_addr(family=socket.AF_INET)
+    except (OSError, NetlinkError):
+        return []
+    out: list[LocalAddress] = []
+    for msg in sorted(addrs, key=lambda m: int(m["index"])):
+        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if not address:
+            continue
+        name, flags = links.get(int(msg["index"]), ("", 0))
+        out.append(LocalAddress(
+            interface=name,
+            address=str(address),
+            up=flags & (IFF_UP | IFF_RUNNING) == IFF_UP | IFF_RUNNING,
+            loopback=bool(flags & IFF_LOOPBACK),
+        ))
+    return out
 
 
 def set_routes(ifname: str, inners: list[str]) -> None:

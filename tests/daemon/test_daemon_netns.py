@@ -73,6 +73,12 @@ def test_cold_start_reach_by_name_within_15s(lab: Lab, planes: tuple[str, str]) 
     assert st is not None
     assert st["host"]["external"] == "203.0.113.3:4500"  # the miniupnpd mapping
     assert st["host"]["mapping"].startswith(("pcp", "natpmp"))
+    # its endpoint candidates, published beside the seed's records and read by the desktop
+    laptop_cands = [{"kind": "lan", "endpoint": "192.168.2.11:4500"},  # lab/world.py
+                    {"kind": "mapped", "endpoint": "203.0.113.3:4500"}]
+    assert st["host"]["candidates"] == laptop_cands
+    _wait(lambda: [p["candidates"] for p in world.hosts["desktop"].status()["peers"]]
+          == [laptop_cands], 5, "the laptop's candidates at the desktop", world)
     hosts = (Path("/etc/netns") / world.hosts["laptop"].ns.name / "hosts").read_text()
     assert "desktop.bob.members.example" in hosts
 
@@ -182,6 +188,10 @@ def test_no_nat_ping_by_name_and_status_json(lab: Lab) -> None:
     (peer,) = st["peers"]
     assert peer["name"] == "desktop.bob.members.example." and peer["tunnel"] == "up"
     assert peer["packets_out"] >= 3 and peer["endpoint"] == "203.0.113.21:4500"
+    # a public address is a MAPPED candidate (no LAN one: it is not private)
+    assert st["host"]["candidates"] == [{"kind": "mapped", "endpoint": "203.0.113.22:4500"}]
+    assert peer["candidates"] == [{"kind": "mapped", "endpoint": "203.0.113.21:4500"}]
+    assert peer["candidates_refused"] == []
 
 
 def test_bad_credentials_stop_the_daemon_with_a_clear_error(lab: Lab) -> None:

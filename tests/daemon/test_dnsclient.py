@@ -1,5 +1,6 @@
 """The daemon's registry client against an in-process registry core on loopback: one forged
-(unsigned) BADKEY is not believed, a BADKEY on every try is."""
+(unsigned) BADKEY is not believed, a BADKEY on every try is; an UPDATE too big for UDP goes by
+TCP."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
 
 from registry_helpers import make_core
 
-from btmm_core.daemon.dnsclient import RegistryClient
+from btmm_core.daemon.dnsclient import UDP_REQUEST_MAX, RegistryClient
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import Publication, publish_update
+from btmm_core.dataplane.api import Endpoint
 from btmm_core.dns.tsig import TsigError, append_tsig
 from btmm_core.errors import CredentialsRejected
+from btmm_core.reach.candidates import Candidate, CandidateKind
 from btmm_core.registry.handler import RegistryCore, Transport
 
 ZONE = dns.name.from_text("bob.members.example.")
@@ -87,3 +90,57 @@ def test_badkey_on_every_try_is_fatal_and_says_what_to_do() -> None:
     with pytest.raises(CredentialsRejected, match="BADKEY") as info:
         asyncio.run(publish(forge=3))
     assert info.value.hint is not None and "btmm join" in info.value.hint
+
+
+async def publish_big() -> tuple[int, int]:
+    """A publication with eight candidates replacing eight others is larger than one UDP
+    request may be: it goes by TCP at once (and the registry takes it)."""
+    core, accounts = make_core()
+    loop = asyncio.get_running_loop()
+    udp = Server(core, 0)
+    datagrams = 0
+
+    def count(data: bytes, addr: tuple[str, int]) -> None:
+        nonlocal datagrams
+        datagrams += 1
+        Server.datagram_received(udp, data, addr)
+
+    udp.datagram_received = count  # type: ignore[method-assign]
+    transport, _ = await loop.create_datagram_endpoint(lambda: udp, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    streams = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal streams
+        streams += 1
+        (n,) = struct.unpack("!H", await reader.readexactly(2))
+        out = core.receive(await reader.readexactly(n), time.time(), Transport.TCP, "test")
+        assert out is not None
+        writer.write(struct.pack("!H", len(out)) + out)
+        await writer.drain()
+        writer.close()
+
+    tcp = await asyncio.start_server(serve, "127.0.0.1", port)
+    try:
+        client = RegistryClient(("127.0.0.1", port), accounts["bob"].key, timeout=1.0, tries=2)
+
+        def pub(first: int, n: int = 8) -> Publication:
+            return Publication(
+                "laptop", ULA, HostIdentity(ULA).autotunnel_label(), "K" * 43 + "=",
+                ipaddress.IPv4Address("203.0.113.3"), 4500,
+                candidates=tuple(Candidate(CandidateKind.LAN, Endpoint(f"10.0.0.{i}", 4500))
+                                 for i in range(first, first + n)))
+
+        msg = publish_update(ZONE, pub(10), pub(1), 2000)
+        assert len(msg.to_wire(max_size=65535)) > UDP_REQUEST_MAX
+        await client.exchange(msg)
+        await client.exchange(publish_update(ZONE, pub(1, 2), pub(10), 2000))  # by UDP
+    finally:
+        tcp.close()
+        transport.close()
+    return datagrams, streams
+
+
+def test_an_update_too_big_for_udp_goes_by_tcp() -> None:
+    datagrams, streams = asyncio.run(publish_big())
+    assert (datagrams, streams) == (1, 1)

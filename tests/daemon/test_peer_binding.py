@@ -186,7 +186,8 @@ def test_browse_target_outside_the_zone_is_never_followed(
     assert [n.to_text() for n in d.peers] == ["nas.bob.members.example."]
     assert routes == [str(ula_of(NAS.public))]
     assert {n.to_text() for n in reg.asked} <= {"nas.bob.members.example.",
-                                                "_autotunnel._udp.nas.bob.members.example."}
+                                                "_autotunnel._udp.nas.bob.members.example.",
+                                                "_btmm-path._udp.nas.bob.members.example."}
     hosts = d.cfg.hosts_file.read_text()  # type: ignore[union-attr]
     assert "nas.bob.members.example" in hosts and "github" not in hosts
     assert "www.desktop" not in hosts
@@ -210,3 +211,34 @@ def test_upgrade_from_a_stored_ula_says_which_address_replaced_which(tmp_path: P
         d.cfg = Config(path=tmp_path / "btmm.toml", host="laptop", state_dir=tmp_path)
         assert d._identity() == ident
     assert logs == []  # once only
+
+
+def test_a_peers_candidates_are_kept_and_foreign_targets_never_asked(
+    daemon: tuple[Daemon, list[str]]
+) -> None:
+    d, _ = daemon
+    reg: TableRegistry = d.registry  # type: ignore[assignment]
+    reg.publish(name("nas"), NAS, ula_of(NAS.public))
+    cand_srv = name("_btmm-path._udp.nas")
+    reg.table[(cand_srv, dns.rdatatype.SRV)] = dns.rrset.from_text_list(
+        cand_srv, 60, "IN", "SRV", [f"1 0 4500 c1-a.nas.{ZONE}", f"3 0 61000 c2-b.nas.{ZONE}",
+                                    f"1 0 4500 c1-x.desktop.{ZONE}"])
+    for owner, addr in (("c1-a.nas", "192.168.1.10"), ("c2-b.nas", "203.0.113.2"),
+                        ("c1-x.desktop", "198.51.100.66")):
+        reg.table[(name(owner), dns.rdatatype.A)] = dns.rrset.from_text(
+            name(owner), 60, "IN", "A", addr)
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(d._on_browse(browse("nas.bob.members.example.")))
+    rec = d.peers[name("nas")].records
+    assert [(c.kind.name, c.endpoint.host, c.endpoint.port) for c in rec.candidates] == [
+        ("LAN", "192.168.1.10", 4500), ("MAPPED", "203.0.113.2", 61000)]
+    assert len(rec.candidates_refused) == 1 and "outside" in rec.candidates_refused[0]
+    assert name("c1-x.desktop") not in reg.asked
+    assert [e for e in logs if e["event"] == "peer's candidate records refused"]
+    # a new set replaces the old one on the next read (an LLQ event or the periodic one)
+    reg.table[(cand_srv, dns.rdatatype.SRV)] = dns.rrset.from_text(
+        cand_srv, 60, "IN", "SRV", f"3 0 61000 c2-b.nas.{ZONE}")
+    asyncio.run(d._resolve(name("nas")))
+    rec = d.peers[name("nas")].records
+    assert [c.endpoint.host for c in rec.candidates] == ["203.0.113.2"]
+    assert rec.candidates_refused == ()

@@ -68,7 +68,7 @@ def sign(
     algorithm: dns.name.Name | None = None,
 ) -> bytes:
     """Sign a request as a client would, with everything chosen by the caller."""
-    wire = msg.to_wire()
+    wire = msg.to_wire(max_size=65535)  # not the EDNS payload size: that bounds the answer
     alg = algorithm or key.algorithm
     signing = TsigKey(key.name, alg, key.secret, key.zone)
     mac = compute_mac(
