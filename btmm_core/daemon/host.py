@@ -915,6 +915,7 @@ class Daemon:
         for peer in sorted(self.peers.values(), key=lambda p: p.records.host):
             inner = str(peer.records.ula)
             info = infos.get(inner)
+            session = None if self.kx is None else self.kx.by_inner.get(inner)
             c = info.counters if info is not None else None
             ep = info.endpoint if info is not None else None
             peers.append({
@@ -932,6 +933,9 @@ class Daemon:
                 "handshake_age": None if peer.established_at is None
                 else round(now - peer.established_at, 1),
                 "handshakes": peer.handshakes,
+                # initiations sent again for want of an answer (the cold-start rule: a first
+                # handshake that follows an answered path needs none)
+                "handshake_retries": 0 if session is None else session.retries,
                 "last_failure": peer.last_failure,
                 "bytes_in": c.bytes_in if c else 0,
                 "bytes_out": c.bytes_out if c else 0,

@@ -45,6 +45,13 @@ def _peer(world: World, host: str) -> dict[str, Any]:
     return dict(peers[0]) if peers else {}
 
 
+def _no_retry(world: World) -> None:
+    """The cold-start rule: neither side's first handshake went unanswered."""
+    for name in world.hosts:
+        peer = _peer(world, name)
+        assert peer["handshake_retries"] == 0, (name, peer)
+
+
 def _ping_and_transfer(world: World, size: int) -> None:
     laptop, desktop = world.hosts["laptop"], world.hosts["desktop"]
     ping = laptop.ns.run(["ping", "-6", "-c", "2", "-W", "5", desktop.fqdn], check=False)
@@ -61,6 +68,7 @@ def test_no_mapping_two_homes_get_a_punched_path(lab: Lab, planes: tuple[str, st
     for h in world.hosts.values():
         world.start_host(h)
     world.wait_tunnels(40)
+    _no_retry(world)
     for name in ("desktop", "laptop"):
         st = world.hosts[name].status()
         assert st is not None
@@ -82,6 +90,7 @@ def test_same_home_uses_the_lan_path(lab: Lab, planes: tuple[str, str]) -> None:
     for h in world.hosts.values():
         world.start_host(h)
     world.wait_tunnels(40)
+    _no_retry(world)
     for name, other_lan in (("desktop", "192.168.1.11:4500"), ("laptop", "192.168.1.10:4500")):
         peer = _peer(world, name)
         assert peer["path"] == "lan" and peer["tunnel"] == "up"
