@@ -525,7 +525,14 @@ class Daemon:
         mapped candidates."""
         while True:
             self._stun_wake.clear()
-            await self._stun_once()
+            try:
+                await self._stun_once()
+            except CredentialsRejected:
+                raise
+            except (BtmmError, OSError) as err:
+                # a failed STUN round costs the REFLEXIVE candidate, never the daemon
+                self.net.stun_error = str(err)
+                log.warning("STUN failed", error=str(err))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stun_wake.wait(), STUN_INTERVAL)
 
