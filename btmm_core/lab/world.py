@@ -129,9 +129,11 @@ class World:
         log.close()
         _wait_udp_listening(self.inet, 53)
 
-    def add_home(self, name: str, wan: str, lan_prefix: str, *, behind_isp: bool = False) -> Home:
+    def add_home(self, name: str, wan: str, lan_prefix: str, *, behind_isp: bool = False,
+                 miniupnpd: bool = True) -> Home:
         """A home gateway with its WAN on the internet bridge, or (``behind_isp``) behind a
-        carrier-grade NAT in shared space 100.64.0.0/10 with no mapping protocol: double NAT."""
+        carrier-grade NAT in shared space 100.64.0.0/10 with no mapping protocol: double NAT.
+        Without ``miniupnpd`` it is plain nftables masquerade: no mapping protocol at all."""
         ns = self.lab.ns(name)
         wan_cidr, wan_gw = f"{wan}/24", REGISTRY
         if behind_isp:
@@ -148,7 +150,8 @@ class World:
         ns.run(["ip", "link", "set", "lan0", "up"])
         gw = make_gateway(self.lab, ns, wan_if="wan0", wan_cidr=wan_cidr,
                           wan_gateway=wan_gw, lan_if="lan0", lan_cidr=f"{lan_prefix}.1/24")
-        gw.start_miniupnpd(MiniupnpdConfig(natpmp=True, upnp=False, stun_host=STUN[0]))
+        if miniupnpd:
+            gw.start_miniupnpd(MiniupnpdConfig(natpmp=True, upnp=False, stun_host=STUN[0]))
         home = Home(name, gw, lan_prefix)
         self.homes[name] = home
         return home
@@ -280,8 +283,11 @@ def secrets_suffix() -> str:
 def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("auto", "auto"),
                 lease: int = 1800, lease_min: int = 1800, lease_max: int = 7200,
                 host_extra: dict[str, Any] | None = None, cafe: bool = False,
-                laptop_double_nat: bool = False, workdir: Path | None = None) -> World:
-    """Build the namespaces, start the registry and join both hosts (daemons not started)."""
+                laptop_double_nat: bool = False, mapping: bool = True, same_home: bool = False,
+                workdir: Path | None = None) -> World:
+    """Build the namespaces, start the registry and join both hosts (daemons not started).
+    ``mapping=False``: the gateways run no miniupnpd; ``same_home``: the laptop sits on the
+    desktop's LAN (gw1, which does not hairpin)."""
     work = workdir or Path(tempfile.mkdtemp(prefix="btmm-world-"))
     if workdir is None:
         lab.on_close(lambda: shutil.rmtree(work, ignore_errors=True))
@@ -302,12 +308,13 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
     desktop = world.add_host("desktop", dataplanes[0], lease=lease, extra=extra)
     laptop = world.add_host("laptop", dataplanes[1], lease=lease, extra=extra)
     if nat:
-        h1 = world.add_home("gw1", "203.0.113.2", "192.168.1")
-        h2 = world.add_home("gw2", "203.0.113.3", "192.168.2", behind_isp=laptop_double_nat)
+        h1 = world.add_home("gw1", "203.0.113.2", "192.168.1", miniupnpd=mapping)
+        h2 = world.add_home("gw2", "203.0.113.3", "192.168.2", behind_isp=laptop_double_nat,
+                            miniupnpd=mapping)
         if cafe:
-            world.add_home("gw3", "203.0.113.4", "192.168.3")
+            world.add_home("gw3", "203.0.113.4", "192.168.3", miniupnpd=mapping)
         world.plug(desktop, h1, 0)
-        world.plug(laptop, h2, 1)
+        world.plug(laptop, h1 if same_home else h2, 1)
     else:
         world.plug(desktop, None, 1)
         world.plug(laptop, None, 2)
