@@ -507,9 +507,11 @@ def _paths(world: World, host: Host) -> None:
     for p in (host.status() or {}).get("peers", []):
         if "path" not in p:
             continue
-        rtt = p.get("rtt_ms")
-        _say(f"  path {host.name} -> {p['name'].split('.')[0]}: {p['path']}"
-             + (f", rtt {rtt:.1f} ms" if isinstance(rtt, (int, float)) else ""))
+        rtt, where = p.get("rtt_ms"), p.get("path_endpoint")
+        _say(f"  path {host.name} -> {p['name'].split('.')[0]}: {p['path'] or 'none'}"
+             + (f" {where}" if where else "")
+             + (f", rtt {rtt:.1f} ms" if isinstance(rtt, (int, float)) else "")
+             + (f" ({p['path_state']})" if p.get("path_state") else ""))
 
 
 def _show(world: World, *hosts: Host) -> None:
