@@ -511,7 +511,9 @@ def _paths(world: World, host: Host) -> None:
         _say(f"  path {host.name} -> {p['name'].split('.')[0]}: {p['path'] or 'none'}"
              + (f" {where}" if where else "")
              + (f", rtt {rtt:.1f} ms" if isinstance(rtt, (int, float)) else "")
-             + (f" ({p['path_state']})" if p.get("path_state") else ""))
+             + (f" ({p['path_state']})" if p.get("path_state") else "")
+             + (f", handshake retries {p['handshake_retries']}"
+                if "handshake_retries" in p else ""))
 
 
 def _show(world: World, *hosts: Host) -> None:
