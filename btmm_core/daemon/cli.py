@@ -154,22 +154,32 @@ def render_status(st: dict[str, Any]) -> str:
         f"registry  {h['registry']}  lease {h['lease'] or '-'}s, {_age(h['lease_left'])} left;"
         f"  llq {h['llq']}" + (f"  ERROR {h['registry_error']}" if h["registry_error"] else ""),
         *([f"clock     {_skew(h['clock_skew'])}"] if h.get("clock_skew") is not None else []),
-        # published for the path probes of issue 13; per peer only in --json (a wide table)
+        *([f"reflexive {h['reflexive'] or h.get('peer_reflexive') or '-'} (STUN "
+           f"{h.get('stun_server') or '-'}" + (f", {h['stun_error']}" if h.get("stun_error")
+                                              else "") + ")"] if "reflexive" in h else []),
+        # what peers check paths to; per peer only in --json (a wide table)
         *(["candidate " + ", ".join(f"{c['kind']} {c['endpoint']}" for c in h["candidates"])]
           if h.get("candidates") else []),
         f"engine    {h['dataplane']}  key {h['public_key']}",
         "",
     ]
-    cols = ("peer", "ula", "endpoint", "tunnel", "handshake", "rx", "tx", "drops")
+    cols = ("peer", "ula", "endpoint", "path", "rtt", "answered", "tunnel", "handshake", "rx",
+            "tx", "drops")
     rows = [cols]
+    whys = []
     for p in st["peers"]:
         drops = sum(p["drops"].values())
-        rows.append((p["name"].rstrip("."), p["ula"], p["endpoint"] or "-", p["tunnel"],
-                     _age(p["handshake_age"]), _bytes(p["bytes_in"]), _bytes(p["bytes_out"]),
-                     str(drops)))
+        rtt = p.get("rtt_ms")
+        rows.append((p["name"].rstrip("."), p["ula"], p["endpoint"] or "-", p.get("path") or "-",
+                     "-" if rtt is None else f"{rtt:.1f}ms", _age(p.get("last_answer")),
+                     p["tunnel"], _age(p["handshake_age"]), _bytes(p["bytes_in"]),
+                     _bytes(p["bytes_out"]), str(drops)))
+        if p.get("why"):
+            whys.append(f"  {p['name'].rstrip('.')}: {p['tunnel']}: {p['why']}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    lines += whys
     if not st["peers"]:
         lines.append("(no peers yet)")
     return "\n".join(lines)

@@ -3,8 +3,10 @@
 No protocol logic lives here: records are built in ``records``, the LLQ client, the port
 mapping renewal and the key exchange are their own packages. This module decides *when*:
 publish at start and before the lease runs out (and at once when the external endpoint
-changes), follow the browse list and each peer's endpoint records by LLQ, keep one key-exchange
-session per peer, watch addresses and routes, and write the status file and hosts block.
+changes), follow the browse list and each peer's endpoint records by LLQ, ask the registry's
+STUN server for the tunnel port's reflexive address, run the path checks of every peer
+(``daemon/pathset.py``) and point its session where they say, keep one key-exchange session per
+peer, watch addresses and routes, and write the status file and hosts block.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from btmm_core.daemon.netutil import (
     netlink_monitor,
     set_routes,
 )
+from btmm_core.daemon.pathset import PathSet, Tagged, tunnel_state
 from btmm_core.daemon.records import (
     CandidateRead,
     PeerRecords,
@@ -59,7 +62,7 @@ from btmm_core.daemon.records import (
     withdraw_update,
 )
 from btmm_core.dataplane import open_engine
-from btmm_core.dataplane.api import Endpoint, Engine, EngineConfig
+from btmm_core.dataplane.api import ControlPacket, Endpoint, Engine, EngineConfig, StunPacket
 from btmm_core.dataplane.netconf import configure_tun
 from btmm_core.dns.keyfile import read_key
 from btmm_core.dns.tsig import KeyRole
@@ -80,9 +83,30 @@ from btmm_core.llq.driver import Watcher
 from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
 from btmm_core.portmap.renewal import EventKind, MappingEvent, MappingRenewal
-from btmm_core.reach.candidates import Candidate, LocalAddress, gather
+from btmm_core.reach.candidates import Candidate, CandidateKind, LocalAddress, gather
+from btmm_core.reach.paths import (
+    PATH_NAMES,
+    PathDown,
+    PathRecovered,
+    PathStale,
+    ReflexiveSeen,
+    SendProbe,
+    UsePath,
+)
+from btmm_core.stun.client import BindingTransaction
+from btmm_core.stun.message import TransportAddress
 
 log = structlog.get_logger("btmm.daemon")
+
+#: STUN (RFC 8489) towards the registry: its default port, how often to ask again, and a
+#: shorter transaction than 6.2.1's default (requests at 0, 0.5, 1.5, 3.5, 7.5 s, given up at
+#: 11.5 s): the next network change or interval asks again anyway
+STUN_PORT = 3478
+STUN_INTERVAL = 300.0
+STUN_RC = 5
+STUN_RM = 8
+#: how often the engine's per-peer counters feed the path managers' liveness
+PATH_POLL = 0.5
 
 
 @dataclass
@@ -107,9 +131,15 @@ class NetState:
     unreachable: bool = False
     #: the interfaces' IPv4 addresses, where LAN candidates come from
     local: tuple[LocalAddress, ...] = ()
-    #: the server-reflexive endpoint (STUN, RFC 8489); None until the daemon asks a STUN
-    #: server, which a later step of issue 13 adds: until then no REFLEXIVE candidate
+    #: the server-reflexive endpoint of the engine's port (STUN, RFC 8489); None until the
+    #: registry's STUN server answered
     reflexive: Endpoint | None = None
+    #: where the STUN server is, and what the last Binding transaction came to
+    stun_server: Endpoint | None = None
+    stun_error: str | None = None
+    #: a peer-reflexive endpoint a peer saw our probes come from: our REFLEXIVE candidate
+    #: while STUN has none
+    peer_reflexive: Endpoint | None = None
 
 
 class Daemon:
@@ -144,6 +174,11 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._browse: Watcher | None = None
         self._rng = random.SystemRandom()
+        self.paths = PathSet(self.static, self.psk, os.urandom)
+        self._paths_wake = asyncio.Event()
+        self._stun_wake = asyncio.Event()
+        self._stun: BindingTransaction | None = None
+        self._stun_done = asyncio.Event()
         self.fatal: BtmmError | None = None
         self._stop: asyncio.Event | None = None
 
@@ -205,7 +240,9 @@ class Daemon:
         server = await self._find_registry()
         self.registry = RegistryClient(server, self.key)
         self.engine.start()
-        self.driver = KeyExchangeDriver(self.engine, self.kx, on_report=self._on_report)
+        self.driver = KeyExchangeDriver(self.engine, self.kx, on_report=self._on_report,
+                                        on_stun=self._on_stun,
+                                        on_path_message=self._on_path_message)
         self.driver.start()
         log.info("daemon starting", host=self.cfg.host, zone=self.zone.to_text(),
                  ula=str(self.identity.ula), registry=f"{server[0]}:{server[1]}",
@@ -217,6 +254,8 @@ class Daemon:
             self._spawn(self._netcheck(), "netcheck")
             self._spawn(self._status_writer(), "status")
             self._spawn(self._resolver(), "resolver")
+            self._spawn(self._stun_loop(), "stun")
+            self._spawn(self._path_loop(), "paths")
             self._browse = Watcher(server, browse_name(self.zone), dns.rdatatype.PTR,
                                    key=self.key, config=ClientConfig(lease=self.cfg.llq_lease))
             await self._browse.start()
@@ -280,7 +319,10 @@ class Daemon:
     # -- publishing --------------------------------------------------------------------
 
     def _publication(self) -> Publication | None:
-        if self.net.external is None and not self.net.unreachable:
+        # nothing before the gateway answered or STUN did: a lone private address is worth
+        # publishing only with something peers outside the home can reach
+        if (self.net.external is None and not self.net.unreachable
+                and self._reflexive() is None):
             return None
         addr, port = self.net.external if self.net.external is not None else (None, None)
         return Publication(
@@ -292,14 +334,17 @@ class Daemon:
 
     def _candidates(self) -> tuple[Candidate, ...]:
         """Where peers could reach this host's engine: its LAN addresses, the mapping (or its
-        own public address) and, once STUN lands, the reflexive endpoint. Published for the
-        probes of a later step of issue 13; nothing connects to them yet."""
+        own public address) and the reflexive endpoint (STUN's, or else what a peer saw our
+        probes come from). Published for the peers' path checks, and our side of our own."""
         if self.engine is None:
             return ()
         ext = self.net.external
         return gather(self.net.local, self.engine.local_port,
                       mapped=None if ext is None else Endpoint(*ext),
-                      reflexive=self.net.reflexive, tunnel=self.engine.tun_name)
+                      reflexive=self._reflexive(), tunnel=self.engine.tun_name)
+
+    def _reflexive(self) -> Endpoint | None:
+        return self.net.reflexive or self.net.peer_reflexive
 
     async def _publish_once(self, pub: Publication) -> None:
         assert self.registry is not None
@@ -362,6 +407,9 @@ class Daemon:
             return
         log.info("network", local=local, gateway=gateway, before=self.net.local_address)
         self.net.local_address, self.net.gateway = local, gateway
+        # what a peer saw belongs to the old network; STUN asks again at once
+        self.net.peer_reflexive = None
+        self._stun_wake.set()
         await self._stop_portmap(delete=False)
         self.net.unreachable = False
         if local is None:
@@ -468,6 +516,180 @@ class Daemon:
             with contextlib.suppress(OSError), socket.socket(socket.AF_INET6,
                                                              socket.SOCK_DGRAM) as s:
                 s.sendto(b"btmm roam", (str(peer.records.ula), 9))
+
+    # -- STUN: the tunnel port's reflexive address ---------------------------------------
+
+    async def _stun_loop(self) -> None:
+        """Ask at start, after every network change and every ``STUN_INTERVAL`` seconds.
+        Runs beside start-up, never before it: a host without STUN still has its LAN and
+        mapped candidates."""
+        while True:
+            self._stun_wake.clear()
+            try:
+                await self._stun_once()
+            except CredentialsRejected:
+                raise
+            except (BtmmError, OSError) as err:
+                # a failed STUN round costs the REFLEXIVE candidate, never the daemon
+                self.net.stun_error = str(err)
+                log.warning("STUN failed", error=str(err))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stun_wake.wait(), STUN_INTERVAL)
+
+    async def _stun_server(self) -> Endpoint:
+        """The SRV ``_stun._udp.<zone>`` the registry synthesizes (its target's address when
+        the registry gives one), else the registry's own address and port 3478."""
+        assert self.registry is not None
+        host, port = self.registry.server[0], STUN_PORT
+        try:
+            srv = await self.registry.query(dns.name.from_text("_stun._udp", origin=self.zone),
+                                            dns.rdatatype.SRV)
+            if srv is not None and len(srv):
+                best = sorted(srv, key=lambda r: (r.priority, -r.weight))[0]
+                port = int(best.port)
+                with contextlib.suppress(RegistryError):
+                    a = await self.registry.query(best.target, dns.rdatatype.A)
+                    if a is not None and len(a):
+                        host = str(a[0].address)
+        except CredentialsRejected:
+            raise
+        except RegistryError as err:
+            log.debug("no STUN SRV; asking the registry's address", error=err.what)
+        return Endpoint(host, port)
+
+    async def _stun_once(self) -> None:
+        assert self.engine is not None
+        if self.net.local_address is None:
+            self.net.stun_error = "no route to the registry"
+            return
+        server = await self._stun_server()
+        self.net.stun_server = server
+        loop = asyncio.get_running_loop()
+        tx = BindingTransaction(TransportAddress(server.host, server.port), os.urandom,
+                                rc=STUN_RC, rm=STUN_RM)
+        self._stun, done = tx, self._stun_done
+        done.clear()
+        try:
+            data: bytes | None = tx.start(loop.time())
+            while not tx.finished:
+                if data is not None:
+                    try:
+                        self.engine.send_stun(server, data)
+                    except (BtmmError, OSError, ValueError) as err:
+                        log.debug("cannot send a STUN request", error=str(err))
+                deadline = tx.next_deadline()
+                if deadline is None:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), max(deadline - loop.time(), 0.0))
+                data = None if tx.finished else tx.tick(loop.time())
+        finally:
+            self._stun = None
+        if tx.mapped is None:
+            self.net.stun_error = tx.error or "no answer"
+            log.warning("STUN: no reflexive address", server=_endpoint_text(server),
+                        error=self.net.stun_error)
+            if self.net.reflexive is not None:
+                self.net.reflexive = None
+                self._republish.set()
+            return
+        found = Endpoint(tx.mapped.host, tx.mapped.port)
+        self.net.stun_error = None
+        if found != self.net.reflexive:
+            log.info("STUN: reflexive address", reflexive=_endpoint_text(found),
+                     server=_endpoint_text(server), rtt=None if tx.rtt is None
+                     else round(tx.rtt, 3))
+            self.net.reflexive = found
+            self._republish.set()
+            self._paths_wake.set()
+
+    def _on_stun(self, packet: StunPacket) -> None:
+        tx = self._stun
+        if tx is None:
+            return
+        loop = asyncio.get_running_loop()
+        tx.receive(packet.payload, TransportAddress(packet.source.host, packet.source.port),
+                   loop.time())
+        if tx.finished:
+            self._stun_done.set()
+
+    # -- paths: connectivity checks per peer ----------------------------------------------
+
+    def _on_path_message(self, packet: ControlPacket) -> None:
+        loop = asyncio.get_running_loop()
+        self._apply_paths(self.paths.receive(packet.payload, packet.source, loop.time(),
+                                             time.time()))
+        self._paths_wake.set()
+
+    async def _path_loop(self) -> None:
+        """One timer for every peer's path manager, and the engine's counters read every
+        ``PATH_POLL`` seconds as the managers' liveness evidence."""
+        assert self.engine is not None
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time()
+        while True:
+            now = loop.time()
+            self._apply_paths(self.paths.set_local(self._candidates(), now, time.time()))
+            if now >= next_poll:
+                try:
+                    infos = self.engine.peers()
+                except BtmmError as err:
+                    log.warning("reading engine counters failed", error=str(err))
+                    infos = []
+                self._apply_paths(self.paths.observe(infos, now))
+                next_poll = now + PATH_POLL
+            self._apply_paths(self.paths.tick(now, time.time()))
+            deadline = self.paths.next_deadline()
+            wake = next_poll if deadline is None else min(deadline, next_poll)
+            self._paths_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._paths_wake.wait(), max(wake - loop.time(), 0.0))
+
+    def _apply_paths(self, tagged: list[Tagged]) -> None:
+        assert self.engine is not None and self.driver is not None and self.kx is not None
+        for inner, out in tagged:
+            if isinstance(out, SendProbe):
+                try:
+                    self.engine.send_control(out.destination, out.data)
+                except (BtmmError, OSError, ValueError) as err:
+                    log.debug("cannot send a path probe", to=_endpoint_text(out.destination),
+                              error=str(err))
+                continue
+            peer = self._peer_of(inner)
+            if isinstance(out, UsePath):
+                log.info("path", peer=peer, path=PATH_NAMES[out.kind],
+                         endpoint=_endpoint_text(out.endpoint),
+                         rtt_ms=None if out.rtt is None else round(out.rtt * 1000, 1))
+                if inner in self.kx.by_inner:
+                    self.driver.move_peer(inner, out.endpoint)
+            elif isinstance(out, PathStale):
+                log.warning("path stale", peer=peer, endpoint=_endpoint_text(out.endpoint),
+                            why=out.reason)
+            elif isinstance(out, PathDown):
+                log.warning("path down", peer=peer, endpoint=_endpoint_text(out.endpoint),
+                            why=out.reason)
+            elif isinstance(out, PathRecovered):
+                log.info("path recovered", peer=peer, endpoint=_endpoint_text(out.endpoint))
+            elif isinstance(out, ReflexiveSeen):
+                self._on_reflexive_seen(out.endpoint, peer)
+
+    def _on_reflexive_seen(self, endpoint: Endpoint, peer: str) -> None:
+        """A peer saw our probes come from ``endpoint``: our REFLEXIVE candidate while STUN
+        gave none (a LAN or mapped endpoint we already publish is no news)."""
+        if self.net.reflexive is not None or self.net.peer_reflexive == endpoint:
+            return
+        if endpoint in {c.endpoint for c in self._candidates()}:
+            return
+        log.info("peer-reflexive address", reflexive=_endpoint_text(endpoint), seen_by=peer)
+        self.net.peer_reflexive = endpoint
+        self._republish.set()
+        self._paths_wake.set()
+
+    def _peer_of(self, inner: str) -> str:
+        for p in self.peers.values():
+            if str(p.records.ula) == inner:
+                return p.records.host
+        return inner
 
     # -- peers -------------------------------------------------------------------------
 
@@ -576,7 +798,9 @@ class Daemon:
             if inner == str(self.identity.ula) or inner in self.kx.by_inner:
                 log.warning("peer claims an address already in use", peer=rec.host, ula=inner)
                 return
-            self.driver.add_peer(public, inner, endpoint)
+            # no endpoint until a path answers an authenticated probe (or the peer's
+            # handshake comes in): a published address alone never carries the tunnel
+            self.driver.add_peer(public, inner, None)
             peer = Peer(rec, time.time())
             self.peers[rec.name] = peer
             await asyncio.to_thread(set_routes, self.engine.tun_name, [inner])
@@ -585,23 +809,26 @@ class Daemon:
                      endpoint=None if endpoint is None else f"{endpoint.host}:{endpoint.port}",
                      candidates=[_candidate_text(c) for c in rec.candidates])
             self._watch_peer(peer)
-            if endpoint is not None:
-                self.driver.connect(inner)
+            # the first handshake follows the first path that answers (``UsePath``), so
+            # neither side initiates before its own endpoint exists
+            loop = asyncio.get_running_loop()
+            self._apply_paths(self.paths.set_local(self._candidates(), loop.time(), time.time()))
+            self._apply_paths(self.paths.add(inner, public, _remote_candidates(rec),
+                                             loop.time(), time.time()))
+            self._paths_wake.set()
             return
         if rec.endpoint != peer.records.endpoint:
+            # checked like any candidate (below), never used as it is
             log.info("peer endpoint changed", peer=rec.host, old=peer.records.endpoint,
                      new=rec.endpoint)
-            session = self.kx.by_inner.get(inner)
-            if session is not None and endpoint is not None:
-                session.endpoint = endpoint
-                self.engine.update_peer(inner, endpoint)
-                if session.tx is None and not session.busy():
-                    self.driver.connect(inner)
         if rec.candidates != peer.records.candidates:
-            # kept for the probes of a later step of issue 13; nothing connects to them yet
             log.info("peer candidates changed", peer=rec.host,
                      candidates=[_candidate_text(c) for c in rec.candidates])
         peer.records = rec
+        loop = asyncio.get_running_loop()
+        self._apply_paths(self.paths.set_remote(inner, _remote_candidates(rec), loop.time(),
+                                                time.time()))
+        self._paths_wake.set()
 
     def _watch_peer(self, peer: Peer) -> None:
         """LLQs on the peer's SRV and A names and its candidate SRV: a new port, address or
@@ -652,6 +879,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(w.close(), 2.0)
         inner = str(peer.records.ula)
+        self.paths.remove(inner)
         if self.driver is not None and self.kx is not None and inner in self.kx.by_inner:
             with contextlib.suppress(BtmmError):
                 self.driver.remove_peer(inner)
@@ -690,8 +918,11 @@ class Daemon:
         now = time.time()
         infos = {p.inner: p for p in self.engine.peers()} if self.engine is not None else {}
         peers = []
+        mono = asyncio.get_running_loop().time()
         for peer in sorted(self.peers.values(), key=lambda p: p.records.host):
-            info = infos.get(str(peer.records.ula))
+            inner = str(peer.records.ula)
+            info = infos.get(inner)
+            session = None if self.kx is None else self.kx.by_inner.get(inner)
             c = info.counters if info is not None else None
             ep = info.endpoint if info is not None else None
             peers.append({
@@ -702,10 +933,16 @@ class Daemon:
                 else "{}:{}".format(*peer.records.endpoint),
                 "candidates": [_candidate_json(c) for c in peer.records.candidates],
                 "candidates_refused": list(peer.records.candidates_refused),
-                "tunnel": "up" if info is not None and info.tx_spi is not None else "down",
+                # up only while the path answers: keys alone are not a tunnel
+                "tunnel": tunnel_state(info is not None and info.tx_spi is not None,
+                                       self.paths.state(inner)),
+                **self.paths.status(inner, mono),
                 "handshake_age": None if peer.established_at is None
                 else round(now - peer.established_at, 1),
                 "handshakes": peer.handshakes,
+                # initiations sent again for want of an answer (the cold-start rule: a first
+                # handshake that follows an answered path needs none)
+                "handshake_retries": 0 if session is None else session.retries,
                 "last_failure": peer.last_failure,
                 "bytes_in": c.bytes_in if c else 0,
                 "bytes_out": c.bytes_out if c else 0,
@@ -728,6 +965,13 @@ class Daemon:
                 else "{}:{}".format(*self.net.external),
                 "mapping": self.net.mapping,
                 "mapping_error": self.net.mapping_error,
+                "reflexive": None if self.net.reflexive is None
+                else _endpoint_text(self.net.reflexive),
+                "peer_reflexive": None if self.net.peer_reflexive is None
+                else _endpoint_text(self.net.peer_reflexive),
+                "stun_server": None if self.net.stun_server is None
+                else _endpoint_text(self.net.stun_server),
+                "stun_error": self.net.stun_error,
                 # what peers read now (the next publish follows a change within a second)
                 "candidates": [] if self.published is None
                 else [_candidate_json(c) for c in self.published.candidates],
@@ -763,3 +1007,12 @@ def _candidate_text(c: Candidate) -> str:
 
 def _candidate_json(c: Candidate) -> dict[str, object]:
     return {"kind": c.kind.name.lower(), "endpoint": _endpoint_text(c.endpoint)}
+
+
+def _remote_candidates(rec: PeerRecords) -> tuple[Candidate, ...]:
+    """The peer's candidates, and the seed's published endpoint as a MAPPED one (a publisher
+    without candidate records still gets checked; a duplicate keeps its better kind)."""
+    cands = rec.candidates
+    if rec.endpoint is not None:
+        cands = (*cands, Candidate(CandidateKind.MAPPED, Endpoint(*rec.endpoint)))
+    return cands

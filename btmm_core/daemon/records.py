@@ -22,8 +22,8 @@ proves. So a record can neither point a host name outside the zone nor route an 
 peer's key does not own. A peer's candidates are read only from names inside its own subtree
 ``<host>.Z`` (which only its device key may write: registry/authority.py), at most
 ``MAX_CANDIDATES`` of them; anything else is refused with a reason (``CandidateRead``), never
-an exception. Nothing connects to a candidate yet (the probes of issue 13 come later); the
-daemon keeps them on its peer object and shows them in ``btmm status``.
+an exception. The daemon keeps them on its peer object, shows them in ``btmm status`` and
+hands them to the peer's path manager, which connects only to one that answers a probe.
 """
 
 from __future__ import annotations

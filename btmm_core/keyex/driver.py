@@ -10,8 +10,13 @@ lives here.
 The engine also hands over STUN messages (RFC 8489) that arrive on its socket, because the
 daemon runs STUN from that socket to learn the tunnel port's reflexive address. They are no
 business of the key exchange: the driver passes each to ``on_stun`` when one is set and
-ignores it otherwise. Nothing sets ``on_stun`` yet; daemon/host.py will, when STUN is wired
-into ``btmm up`` in a later step.
+ignores it otherwise (``btmm up`` sets it: daemon/host.py).
+
+Path probes (types 6 and 7, ``reach.probe``) ride the control channel too; ``KeyExchange.receive``
+ignores them, so the driver hands each to ``on_path_message`` when one is set (the daemon routes
+it to the sending peer's path manager). A session with no endpoint yet is not started on
+demand (outbound packets dropped for want of an SA): there is nowhere to send the initiation,
+and whoever learns a path (``move_peer``) starts it then.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from btmm_core.dataplane.api import (
     TxSaExhausted,
 )
 from btmm_core.errors import BtmmError
+from btmm_core.keyex.noise import is_path_message
 from btmm_core.keyex.session import (
     Action,
     Established,
@@ -65,6 +71,7 @@ class KeyExchangeDriver:
         poll_interval: float = 1.0,
         on_report: Callable[[Report], None] | None = None,
         on_stun: Callable[[StunPacket], None] | None = None,
+        on_path_message: Callable[[ControlPacket], None] | None = None,
     ) -> None:
         self.engine = engine
         self.kx = kx
@@ -73,6 +80,8 @@ class KeyExchangeDriver:
         self.on_report = on_report
         #: gets each STUN message the engine received (see the module docstring)
         self.on_stun = on_stun
+        #: gets each path probe message (see the module docstring)
+        self.on_path_message = on_path_message
         self.errors = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -114,6 +123,21 @@ class KeyExchangeDriver:
         """Bring up (and keep up) the session with this peer."""
         self._apply(self.kx.connect(inner, self._now(), self.wall()))
 
+    def move_peer(self, inner: str, endpoint: Endpoint) -> None:
+        """Send the peer's traffic (and handshakes) to ``endpoint`` from now on, and bring the
+        session up if it is not. The caller vouches for the endpoint: it answered an
+        authenticated probe or carried authenticated ESP."""
+        s = self.kx.by_inner[inner]
+        if s.endpoint != endpoint:
+            s.endpoint = endpoint
+            try:
+                self.engine.update_peer(inner, endpoint)
+            except BtmmError as err:
+                self.errors += 1
+                log.error("engine refused an endpoint", inner=inner, error=str(err))
+        if s.tx is None and not s.busy():
+            self.connect(inner)
+
     # -- plumbing --------------------------------------------------------------------
 
     def _now(self) -> float:
@@ -123,6 +147,10 @@ class KeyExchangeDriver:
     def _on_readable(self) -> None:
         for event in self.engine.drain():
             if isinstance(event, ControlPacket):
+                if is_path_message(event.payload):
+                    if self.on_path_message is not None:
+                        self.on_path_message(event)
+                    continue
                 self._apply(self.kx.receive(event.payload, event.source, self._now(), self.wall()))
             elif isinstance(event, StunPacket):
                 if self.on_stun is not None:
@@ -157,7 +185,7 @@ class KeyExchangeDriver:
                 no_sa = info.counters.drop(DropReason.NO_SA)
                 if no_sa > self._no_sa.get(info.inner, 0):
                     s = self.kx.by_inner[info.inner]
-                    if s.tx is None and not s.busy():
+                    if s.tx is None and not s.busy() and s.endpoint is not None:
                         self._apply(self.kx.connect(info.inner, self._now(), self.wall()))
                 self._no_sa[info.inner] = no_sa
             self._tick()

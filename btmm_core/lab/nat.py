@@ -146,12 +146,27 @@ class NatGateway:
         self.ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         # miniupnpd (nftables backend) adds its rules to chains it expects to exist: a filter
         # chain for forwarding and two nat chains. The base chains here jump into them.
+        # Like a home router, the WAN side takes only replies addressed to the gateway itself
+        # (and STUN answers, which miniupnpd's check of unsolicited traffic needs, RFC 5780):
+        # an unsolicited datagram must be dropped, not answered, or its connection-tracking
+        # entry would hold the very port a LAN host's outgoing packet to that sender needs,
+        # and the NAT would give that packet another port (a hole punch across two Linux
+        # gateways would then never meet)
         rules = f"""
 table inet filter {{
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        iifname "{self.wan_if}" ct state established,related accept
+        iifname "{self.wan_if}" udp sport {{ {STUN_PORT}, {STUN_ALT_PORT} }} accept
+        iifname "{self.wan_if}" drop
+    }}
     chain forward {{
         type filter hook forward priority 0; policy drop;
         ct state established,related accept
         iifname "{self.lan_if}" oifname "{self.wan_if}" accept
+        # hosts of one LAN talk through its bridge: switched, never filtered (with
+        # br_netfilter loaded, bridged IPv4 would otherwise meet this chain's drop)
+        iifname "{self.lan_if}" oifname "{self.lan_if}" accept
         jump miniupnpd
     }}
     chain miniupnpd {{

@@ -354,13 +354,14 @@ def secrets_suffix() -> str:
 def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("auto", "auto"),
                 lease: int = 1800, lease_min: int = 1800, lease_max: int = 7200,
                 host_extra: dict[str, Any] | None = None, cafe: bool = False,
-                laptop_double_nat: bool = False, workdir: Path | None = None,
-                scenario: str = "default") -> World:
+                laptop_double_nat: bool = False, mapping: bool = True, same_home: bool = False,
+                workdir: Path | None = None, scenario: str = "default") -> World:
     """Build the namespaces, start the registry and join both hosts (daemons not started).
 
     ``scenario`` (a key of ``SCENARIOS``) picks the homes and where each host plugs in; ``cafe``
     adds the cafe network gw3 to any of them. Only the default scenario has ``nat=False`` and
-    ``laptop_double_nat``."""
+    ``laptop_double_nat``. ``mapping=False``: no gateway runs miniupnpd; ``same_home``: the
+    laptop sits on the desktop's LAN (which does not hairpin)."""
     spec = SCENARIOS[scenario]
     if scenario != "default" and (not nat or laptop_double_nat):
         raise LabError(f"scenario {scenario} is always NATed, with no carrier-grade NAT")
@@ -385,10 +386,11 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
     laptop = world.add_host("laptop", dataplanes[1], lease=lease, extra=extra)
     if nat:
         for home in (*spec.homes, *([CAFE] if cafe else [])):
-            world.add_home(home.name, home.wan, home.lan_prefix, miniupnpd=home.miniupnpd,
+            world.add_home(home.name, home.wan, home.lan_prefix,
+                           miniupnpd=home.miniupnpd and mapping,
                            behind_isp=laptop_double_nat and home.name == spec.laptop_home)
         world.plug(desktop, world.homes[spec.desktop_home], 0)
-        world.plug(laptop, world.homes[spec.laptop_home], 1)
+        world.plug(laptop, world.homes[spec.desktop_home if same_home else spec.laptop_home], 1)
     else:
         world.plug(desktop, None, 1)
         world.plug(laptop, None, 2)

@@ -4,6 +4,6 @@
 reached at) in order of preference, sans-I/O; ``daemon/records.py`` publishes them in the
 zone and reads a peer's back. ``probe`` is the authenticated connectivity check (the messages
 and their keys) and ``paths`` the per-peer path manager that punches holes, picks the best
-path that answered and watches it. The daemon does not run ``probe``/``paths`` yet: until it
-does, nothing connects to a candidate other than the seed's ``_autotunnel._udp`` endpoint.
+path that answered and watches it. ``btmm up`` runs one path manager per verified peer
+(``daemon/pathset.py``, ``daemon/host.py``) and sends a peer's tunnel where it says.
 """

@@ -31,8 +31,8 @@ address) keep the more preferred kind. At most ``MAX_PER_KIND`` of one kind and
 crowd its mapped and reflexive endpoints out of the published set.
 
 Used by ``daemon/records.py`` (the record layout in the zone) and ``daemon/host.py`` (what
-``btmm up`` publishes and shows in ``btmm status``). Nothing connects to a candidate yet: the
-connectivity checks (``reach/probe.py``) come in a later step of issue 13.
+``btmm up`` publishes and shows in ``btmm status``); ``reach.paths`` pairs them for the
+connectivity checks.
 """
 
 from __future__ import annotations

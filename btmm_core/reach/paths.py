@@ -5,10 +5,11 @@ References: RFC 8445 (ICE) sections 6.1.2 (forming and pruning candidate pairs),
 candidates), 7.3.1.4 (triggered checks); RFC 6298 section 2 (smoothed round-trip time);
 RFC 4787 sections 4 and 5 (NAT mapping and filtering behaviour hole punching relies on).
 
-Used by nothing in ``btmm up`` yet: wired into ``btmm up`` in a later step (the daemon will
-route probe messages here by their sender id, call ``note_authenticated_packet`` from the
-engine's counters and ``PeerRoamed`` events, and point the peer's endpoint where ``UsePath``
-says). Messages and their authentication are those of ``reach.probe``.
+Used by ``btmm up`` through ``daemon/pathset.py``: the daemon routes probe messages here by
+their sender id, calls ``note_outbound`` and ``note_authenticated_packet`` from the engine's
+per-peer counters (packets out, packets in at the endpoint the engine holds, which follows
+roaming), and points the peer's endpoint where ``UsePath`` says. Messages and their
+authentication are those of ``reach.probe``.
 
 Pairs
 -----

@@ -5,9 +5,9 @@ peer-reflexive candidates, symmetric responses in 7.2.5.2.1); RFC 8489 (STUN) se
 (XOR-MAPPED-ADDRESS: why a reported address is XORed); RFC 5869 (HKDF); RFC 7748 (X25519);
 RFC 7693 (BLAKE2s); RFC 3948 section 2.2 (the non-ESP marker the control channel uses).
 
-Used by ``reach.paths`` (the per-peer path manager core). Nothing in ``btmm up`` sends or
-answers probes yet: wired into ``btmm up`` in a later step. Until then ``KeyExchange.receive``
-ignores both types (``keyex.noise.is_path_message``), so a probe never reaches the handshake.
+Used by ``reach.paths`` (the per-peer path manager core), which ``btmm up`` runs per peer.
+``KeyExchange.receive`` ignores both types (``keyex.noise.is_path_message``), so a probe never
+reaches the handshake; the key-exchange driver hands them to the daemon (``on_path_message``).
 
 Where probes travel
 -------------------

@@ -15,8 +15,8 @@ Retransmission, as 6.2.1 has it: RTO 500 ms, doubling; Rc = 7 transmissions (at 
 ``mapping_behaviour`` compares the reflexive addresses one local socket got from two server
 addresses: the same address and port means endpoint-independent mapping (the NAT reuses one
 mapping for every destination, so a hole punched towards one peer serves all); different means
-the mapping depends on the destination. Used by ``btmm netcheck``; the host daemon's candidate
-gathering uses the transaction in a later step.
+the mapping depends on the destination. Used by ``btmm netcheck``; ``btmm up`` runs the
+transaction from the engine's socket for its REFLEXIVE candidate (daemon/host.py).
 """
 
 from __future__ import annotations

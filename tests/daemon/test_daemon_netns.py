@@ -68,6 +68,11 @@ def test_cold_start_reach_by_name_within_15s(lab: Lab, planes: tuple[str, str]) 
     for h in world.hosts.values():
         world.start_host(h)
     world.wait_tunnels(15)
+    # issue 13's cold-start rule: the first handshake follows an answered path probe, so it
+    # is never lost to an endpoint that did not exist yet (no retry on either side)
+    for h in world.hosts.values():
+        assert [(p["handshake_retries"], p["path"]) for p in (h.status() or {})["peers"]] == [
+            (0, "mapped")], h.name
     _transfer(world, 4_000_000)
     st = world.hosts["laptop"].status()
     assert st is not None

@@ -20,9 +20,10 @@ import structlog.testing
 
 from btmm_core.daemon import host as daemon_host
 from btmm_core.daemon.config import Config
-from btmm_core.daemon.host import Daemon
+from btmm_core.daemon.host import Daemon, NetState
 from btmm_core.daemon.hosts import replace_block
 from btmm_core.daemon.identity import HostIdentity
+from btmm_core.daemon.pathset import PathSet
 from btmm_core.daemon.records import PeerRecords, peer_host_label, verify_peer
 from btmm_core.dataplane.api import Endpoint
 from btmm_core.errors import PeerRefused
@@ -98,7 +99,12 @@ def test_own_identity_is_derived_from_the_device_key() -> None:
 @dataclass
 class ModelEngine:
     tun_name: str = "btmm-test"
+    local_port: int = 4500
     peers: dict[str, Endpoint | None] = field(default_factory=dict)
+    sent: list[tuple[Endpoint, bytes]] = field(default_factory=list)
+
+    def send_control(self, destination: Endpoint, message: bytes) -> None:
+        self.sent.append((destination, message))
 
     def add_peer(self, inner: str, endpoint: Endpoint | None = None) -> None:
         self.peers[inner] = endpoint
@@ -136,6 +142,9 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, lis
     d.static = ME
     d.identity = HostIdentity.of_key(ME.public)
     d.peers = {}
+    d.net = NetState()
+    d.paths = PathSet(ME, bytes(32), os.urandom)
+    d._paths_wake = asyncio.Event()
     d.kx = KeyExchange(Handshaker(ME, bytes(32), os.urandom))
     d.engine = ModelEngine()  # type: ignore[assignment]
     d.driver = KeyExchangeDriver(d.engine, d.kx)  # type: ignore[arg-type]

@@ -1,0 +1,199 @@
+"""The path managers of every verified peer, as the daemon holds them (core).
+
+``reach.paths.PathManager`` runs the connectivity checks of one peer; this module keeps one per
+peer and does the daemon's bookkeeping around them, without I/O, so it is tested on a virtual
+clock (tests/daemon/test_pathset.py):
+
+* routes each probe message to its peer's manager by the sender id in it
+  (``reach.probe.peek_sender``): no MAC is tried per peer, and a message naming no peer of
+  ours is counted and dropped;
+* turns the engine's per-peer counters into the managers' liveness evidence: packets sent
+  since the last look are ``note_outbound``, packets received (authenticated ESP: the engine
+  counts only what opened under one of our SAs) are ``note_authenticated_packet`` from the
+  endpoint the engine holds for the peer, which follows the last authenticated packet;
+* remembers why a path went stale or down, for ``btmm status``.
+
+Outputs are the managers', each tagged with the peer's inner address; the daemon
+(``daemon/host.py``) carries them out. Security rule (issue 13): nothing here moves an
+endpoint; only a manager's ``UsePath`` does, and a manager says it only for a pair that
+answered an authenticated probe or carried authenticated ESP.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from btmm_core.dataplane.api import Endpoint, PeerInfo
+from btmm_core.keyex.keys import StaticKey
+from btmm_core.reach.candidates import Candidate
+from btmm_core.reach.paths import (
+    PATH_NAMES,
+    Output,
+    PathConfig,
+    PathDown,
+    PathManager,
+    PathRecovered,
+    PathStale,
+    PathState,
+    UsePath,
+)
+from btmm_core.reach.probe import key_id, peek_sender
+
+#: an output of one peer's manager: (the peer's inner address, the output)
+Tagged = tuple[str, Output]
+
+
+@dataclass
+class _Entry:
+    manager: PathManager
+    remote: tuple[Candidate, ...]
+    why: str | None = None  #: why the path went stale or down
+    packets_in: int = 0
+    packets_out: int = 0
+
+
+class PathSet:
+    """One ``PathManager`` per verified peer, keyed by the peer's inner address."""
+
+    def __init__(self, static: StaticKey, psk: bytes, random: Callable[[int], bytes],
+                 config: PathConfig | None = None) -> None:
+        self.static = static
+        self.psk = psk
+        self.random = random
+        self.config = config
+        self.local: tuple[Candidate, ...] = ()
+        self._peers: dict[str, _Entry] = {}
+        self._by_id: dict[bytes, str] = {}
+        self.drops: Counter[str] = Counter()
+
+    def __contains__(self, inner: str) -> bool:
+        return inner in self._peers
+
+    def manager(self, inner: str) -> PathManager:
+        return self._peers[inner].manager
+
+    # -- peers and candidates ---------------------------------------------------------------
+
+    def add(self, inner: str, public: bytes, remote: Iterable[Candidate], now: float,
+            wall: float) -> list[Tagged]:
+        """A verified peer: start checking its candidates at once."""
+        self.remove(inner)
+        manager = PathManager(self.static, public, self.psk, self.random, self.config)
+        entry = _Entry(manager, tuple(remote))
+        self._peers[inner] = entry
+        self._by_id[key_id(public)] = inner
+        manager.set_candidates(self.local, entry.remote)
+        return self._tag(inner, manager.start(now, wall))
+
+    def remove(self, inner: str) -> None:
+        entry = self._peers.pop(inner, None)
+        if entry is not None:
+            self._by_id = {k: v for k, v in self._by_id.items() if v != inner}
+
+    def set_remote(self, inner: str, remote: Iterable[Candidate], now: float,
+                   wall: float) -> list[Tagged]:
+        """The peer's candidates as read now; a change starts a new round of checks."""
+        entry = self._peers.get(inner)
+        remote = tuple(remote)
+        if entry is None or remote == entry.remote:
+            return []
+        entry.remote = remote
+        return self._tag(inner, entry.manager.update_candidates(self.local, remote, now, wall))
+
+    def set_local(self, local: Iterable[Candidate], now: float, wall: float) -> list[Tagged]:
+        """Our own candidates; a change re-checks every peer (our paths may have changed)."""
+        local = tuple(local)
+        if local == self.local:
+            return []
+        self.local = local
+        out: list[Tagged] = []
+        for inner, entry in self._peers.items():
+            out += self._tag(inner, entry.manager.update_candidates(local, entry.remote, now,
+                                                                     wall))
+        return out
+
+    # -- events -------------------------------------------------------------------------------
+
+    def receive(self, data: bytes, source: Endpoint, now: float,
+                wall: float) -> list[Tagged]:
+        """A probe message from ``source``, routed to its peer's manager by its sender id."""
+        sender = peek_sender(data)
+        inner = None if sender is None else self._by_id.get(sender)
+        if inner is None:
+            self.drops["unknown_sender"] += 1
+            return []
+        return self._tag(inner, self._peers[inner].manager.receive(data, source, now, wall))
+
+    def observe(self, infos: Sequence[PeerInfo], now: float) -> list[Tagged]:
+        """The engine's per-peer counters, read on the poll tick."""
+        out: list[Tagged] = []
+        for info in infos:
+            entry = self._peers.get(info.inner)
+            if entry is None:
+                continue
+            c = info.counters
+            if c.packets_out > entry.packets_out:
+                entry.manager.note_outbound(now)
+            if c.packets_in > entry.packets_in and info.endpoint is not None:
+                out += self._tag(info.inner,
+                                 entry.manager.note_authenticated_packet(info.endpoint, now))
+            entry.packets_in, entry.packets_out = c.packets_in, c.packets_out
+        return out
+
+    def next_deadline(self) -> float | None:
+        times = [t for e in self._peers.values()
+                 if (t := e.manager.next_deadline()) is not None]
+        return min(times, default=None)
+
+    def tick(self, now: float, wall: float) -> list[Tagged]:
+        out: list[Tagged] = []
+        for inner, entry in self._peers.items():
+            deadline = entry.manager.next_deadline()
+            if deadline is not None and deadline <= now:
+                out += self._tag(inner, entry.manager.tick(now, wall))
+        return out
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self, inner: str, now: float) -> dict[str, object]:
+        """``path``, ``rtt_ms``, ``last_answer`` (seconds ago), ``path_state`` and ``why``."""
+        entry = self._peers.get(inner)
+        if entry is None:
+            return {"path": None, "path_endpoint": None, "rtt_ms": None, "last_answer": None,
+                    "path_state": None, "why": None, "probe_drops": {}}
+        st = entry.manager.status()
+        return {
+            "path": None if st.kind is None else PATH_NAMES[st.kind],
+            "path_endpoint": None if st.endpoint is None
+            else f"{st.endpoint.host}:{st.endpoint.port}",
+            "rtt_ms": None if st.rtt is None else round(st.rtt * 1000, 1),
+            "last_answer": None if st.last_heard is None else round(now - st.last_heard, 1),
+            "path_state": st.state.name.lower(),
+            "why": entry.why if st.state in (PathState.STALE, PathState.DOWN) else None,
+            "probe_drops": dict(entry.manager.drops),
+        }
+
+    def state(self, inner: str) -> PathState | None:
+        entry = self._peers.get(inner)
+        return None if entry is None else entry.manager.state
+
+    def _tag(self, inner: str, outputs: list[Output]) -> list[Tagged]:
+        entry = self._peers[inner]
+        for o in outputs:
+            if isinstance(o, (PathStale, PathDown)):
+                entry.why = o.reason
+            elif isinstance(o, (PathRecovered, UsePath)):
+                entry.why = None
+        return [(inner, o) for o in outputs]
+
+
+def tunnel_state(has_tx_sa: bool, state: PathState | None) -> str:
+    """What ``btmm status`` says of a tunnel: ``up`` only while its path answers."""
+    if not has_tx_sa:
+        return "down"
+    if state is None or state == PathState.UP:
+        return "up"
+    return {PathState.STALE: "stale", PathState.DOWN: "down",
+            PathState.SEARCHING: "searching"}[state]
