@@ -547,9 +547,9 @@ def _roam(world: World, desktop: Host, laptop: Host, to: str) -> bool:
     rate = 2e6
     total = int(rate * 12)
     home = world.homes[to]
-    where = ("the desktop's home" if world.location[desktop.name] == to else "the cafe")
+    where = "the desktop's home " if world.location[desktop.name] == to else ""
     _say(f"\nroaming: {total / 1e6:.0f} MB at {rate / 1e6:.0f} MB/s from the laptop;"
-         f" after 4 s the laptop moves from home {world.location[laptop.name]} to {where} {to}")
+         f" after 4 s the laptop moves from home {world.location[laptop.name]} to {where}{to}")
     src, sink = start_transfer(world, laptop, desktop, total, rate=rate, port=5002)
     time.sleep(4)
     world.plug(laptop, home, 1)
@@ -568,14 +568,11 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "
     roam_to = spec.roam_to or (DEFAULT_ROAM_TO if roam else None)
     planes = {"mixed": ("fast", "python")}.get(dataplane, (dataplane, dataplane))
     with Lab("btmmlab") as lab:
-        homes = {h.name for h in spec.homes}
         _say(f"building the world in namespaces {lab.prefix}-*: registry on the internet "
              "(203.0.113.1), "
              + ("two homes behind NAT gateways with miniupnpd" if scenario == "default" else
-                f"scenario {scenario}: {spec.demonstrates}")
-             + (", a cafe network for roaming" if roam_to and roam_to not in homes else ""))
-        world = build_world(lab, nat=True, dataplanes=planes, cafe=roam_to == CAFE.name,
-                            scenario=scenario)
+                f"scenario {scenario}: {spec.demonstrates}"))
+        world = build_world(lab, nat=True, dataplanes=planes, scenario=scenario)
         desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
         t0 = time.monotonic()
         for h in (desktop, laptop):
