@@ -1,11 +1,11 @@
 """A whole Back to My Mac world in network namespaces, and ``btmm lab``.
 
-Topology (``nat=True``)::
+Topology (``nat=True``, the default scenario)::
 
     registry + STUN (ns "inet", bridge br0: 203.0.113.1, STUN on .10/.11)
       |-- gw1 (203.0.113.2 | 192.168.1.1, nftables masquerade + miniupnpd) -- desktop 192.168.1.10
-      |-- gw2 (203.0.113.3 | 192.168.2.1, ...)                               -- laptop  192.168.2.10
-      `-- gw3 (203.0.113.4 | 192.168.3.1, ...)   "cafe": where --roam moves the laptop
+      |-- gw2 (203.0.113.3 | 192.168.2.1, ...)                               -- laptop  192.168.2.11
+      `-- gw3 (203.0.113.4 | 192.168.3.1, ...)   "cafe" (``cafe=True``): a third network
 
 With ``nat=False`` the desktop (203.0.113.21) and laptop (203.0.113.22) sit on the bridge
 directly. Every process is the real command: ``btmm serve`` for the registry, ``btmm join`` and
@@ -14,6 +14,29 @@ would: the desktop with the account's credentials file, the laptop with a single
 (``btmm serve user invite``), both from inside their namespace over the lab network. Each host
 namespace gets its own hosts file (/etc/netns/<ns>/hosts, which ``ip netns exec`` mounts on
 /etc/hosts), so names resolve inside the lab only.
+
+Scenarios (``btmm lab --scenario NAME``, ``build_world(scenario=NAME)``; ``SCENARIOS``):
+
+============  =================================================  ===========================
+name          topology                                           what it demonstrates
+============  =================================================  ===========================
+default       desktop behind gw1, laptop behind gw2, both        a tunnel over the mapped
+              gateways map ports (miniupnpd, NAT-PMP/PCP)        path; ``--roam`` does what
+                                                                 roam-home does
+same-home     desktop .10 and laptop .11 on gw1's LAN, gw1       the LAN path: the gateway
+              maps ports but does not hairpin (a packet to its   drops what its own LAN
+              own public address from its LAN is not sent back)  sends to its public address
+no-mapping    desktop behind gw1, laptop behind gw2, neither     a punched path: both
+              gateway runs miniupnpd (plain masquerade)          publish only reflexive and
+                                                                 LAN candidates
+roam-home     default's homes; mid-transfer the laptop moves     the path moves from mapped
+              from gw2 into the desktop's home gw1               to LAN under a running TCP
+                                                                 connection
+============  =================================================  ===========================
+
+same-home, no-mapping and roam-home get their tunnel from the path probes in ``btmm up``
+(issue 13): each host publishes its LAN, mapped and reflexive candidates, both probe every pair
+and the handshake follows the best path that answered (LAN > mapped > punched).
 """
 
 from __future__ import annotations
@@ -28,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +69,50 @@ USER = "bob"
 REGISTRY = "203.0.113.1"
 STUN = ("203.0.113.10", "203.0.113.11")
 SECRET = b"lab account secret: not for real use"
+
+
+@dataclass(frozen=True)
+class HomeSpec:
+    """One home network: its gateway's WAN address, its LAN, whether the gateway maps ports."""
+
+    name: str
+    wan: str
+    lan_prefix: str
+    miniupnpd: bool = True
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A topology and what it shows; see the table in the module docstring."""
+
+    name: str
+    demonstrates: str
+    homes: tuple[HomeSpec, ...]
+    desktop_home: str
+    laptop_home: str
+    roam_to: str | None = None  # the home the laptop moves into mid-transfer
+
+
+GW1 = HomeSpec("gw1", "203.0.113.2", "192.168.1")
+GW2 = HomeSpec("gw2", "203.0.113.3", "192.168.2")
+CAFE = HomeSpec("gw3", "203.0.113.4", "192.168.3")
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("default", "two homes whose gateways map a port: the mapped path",
+             (GW1, GW2), "gw1", "gw2"),
+    Scenario("same-home", "both hosts behind one gateway that does not hairpin: the LAN path",
+             (GW1,), "gw1", "gw1"),
+    Scenario("no-mapping", "two homes whose gateways map nothing (plain masquerade): "
+             "a punched path", (replace(GW1, miniupnpd=False), replace(GW2, miniupnpd=False)),
+             "gw1", "gw2"),
+    Scenario("roam-home", "the laptop moves into the desktop's home mid-transfer: the path "
+             "moves from mapped to LAN and the same TCP connection finishes",
+             (GW1, GW2), "gw1", "gw2", roam_to="gw1"),
+)}
+
+# where `btmm lab --roam` (the default scenario) moves the laptop: into the desktop's home,
+# the case a mapping alone never reached (issue 13; before it, the cafe gw3)
+DEFAULT_ROAM_TO = "gw1"
 
 
 @dataclass
@@ -133,7 +200,7 @@ class World:
                  miniupnpd: bool = True) -> Home:
         """A home gateway with its WAN on the internet bridge, or (``behind_isp``) behind a
         carrier-grade NAT in shared space 100.64.0.0/10 with no mapping protocol: double NAT.
-        Without ``miniupnpd`` it is plain nftables masquerade: no mapping protocol at all."""
+        ``miniupnpd=False``: the gateway only masquerades (no PCP, NAT-PMP or UPnP)."""
         ns = self.lab.ns(name)
         wan_cidr, wan_gw = f"{wan}/24", REGISTRY
         if behind_isp:
@@ -184,6 +251,9 @@ class World:
         etc = Path("/etc/netns") / ns.name
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+        # a name not (yet) in the hosts file must fail at once, not wait on the machine's own
+        # resolver (which the lab cannot reach anyway): nothing listens on the namespace's lo
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         self.lab.on_close(lambda: shutil.rmtree(etc, ignore_errors=True))
         work = self.workdir / name
         work.mkdir()
@@ -284,10 +354,16 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
                 lease: int = 1800, lease_min: int = 1800, lease_max: int = 7200,
                 host_extra: dict[str, Any] | None = None, cafe: bool = False,
                 laptop_double_nat: bool = False, mapping: bool = True, same_home: bool = False,
-                workdir: Path | None = None) -> World:
+                workdir: Path | None = None, scenario: str = "default") -> World:
     """Build the namespaces, start the registry and join both hosts (daemons not started).
-    ``mapping=False``: the gateways run no miniupnpd; ``same_home``: the laptop sits on the
-    desktop's LAN (gw1, which does not hairpin)."""
+
+    ``scenario`` (a key of ``SCENARIOS``) picks the homes and where each host plugs in; ``cafe``
+    adds the cafe network gw3 to any of them. Only the default scenario has ``nat=False`` and
+    ``laptop_double_nat``. ``mapping=False``: no gateway runs miniupnpd; ``same_home``: the
+    laptop sits on the desktop's LAN (which does not hairpin)."""
+    spec = SCENARIOS[scenario]
+    if scenario != "default" and (not nat or laptop_double_nat):
+        raise LabError(f"scenario {scenario} is always NATed, with no carrier-grade NAT")
     work = workdir or Path(tempfile.mkdtemp(prefix="btmm-world-"))
     if workdir is None:
         lab.on_close(lambda: shutil.rmtree(work, ignore_errors=True))
@@ -308,13 +384,12 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
     desktop = world.add_host("desktop", dataplanes[0], lease=lease, extra=extra)
     laptop = world.add_host("laptop", dataplanes[1], lease=lease, extra=extra)
     if nat:
-        h1 = world.add_home("gw1", "203.0.113.2", "192.168.1", miniupnpd=mapping)
-        h2 = world.add_home("gw2", "203.0.113.3", "192.168.2", behind_isp=laptop_double_nat,
-                            miniupnpd=mapping)
-        if cafe:
-            world.add_home("gw3", "203.0.113.4", "192.168.3", miniupnpd=mapping)
-        world.plug(desktop, h1, 0)
-        world.plug(laptop, h1 if same_home else h2, 1)
+        for home in (*spec.homes, *([CAFE] if cafe else [])):
+            world.add_home(home.name, home.wan, home.lan_prefix,
+                           miniupnpd=home.miniupnpd and mapping,
+                           behind_isp=laptop_double_nat and home.name == spec.laptop_home)
+        world.plug(desktop, world.homes[spec.desktop_home], 0)
+        world.plug(laptop, world.homes[spec.desktop_home if same_home else spec.laptop_home], 1)
     else:
         world.plug(desktop, None, 1)
         world.plug(laptop, None, 2)
@@ -428,46 +503,88 @@ def _fresh_status(host: Host, since: float, wait: float = 5.0) -> dict[str, Any]
         time.sleep(0.1)
 
 
-def _roam(world: World, desktop: Host, laptop: Host) -> bool:
-    """Move the laptop to the cafe during a transfer; True when the transfer arrived intact."""
+def _paths(world: World, host: Host) -> None:
+    """The path each peer's tunnel uses, from ``btmm status --json`` (when it reports one)."""
+    for p in (host.status() or {}).get("peers", []):
+        if "path" not in p:
+            continue
+        rtt, where = p.get("rtt_ms"), p.get("path_endpoint")
+        _say(f"  path {host.name} -> {p['name'].split('.')[0]}: {p['path'] or 'none'}"
+             + (f" {where}" if where else "")
+             + (f", rtt {rtt:.1f} ms" if isinstance(rtt, (int, float)) else "")
+             + (f" ({p['path_state']})" if p.get("path_state") else "")
+             + (f", handshake retries {p['handshake_retries']}"
+                if "handshake_retries" in p else ""))
+
+
+def _show(world: World, *hosts: Host) -> None:
+    for h in hosts:
+        _say(f"$ btmm status   # on {h.name} ({world.location[h.name]})")
+        _say(world.status_text(h) + "\n")
+    for h in hosts:
+        _paths(world, h)
+
+
+def first_ping(world: World, src: Host, dst: Host, timeout: float) -> float:
+    """Seconds until ``src`` gets its first answer to a ping of ``dst`` by name (the name
+    appears in src's hosts file once its daemon has read dst's records); LabError if none."""
+    t0 = time.monotonic()
+    while True:
+        left = timeout - (time.monotonic() - t0)
+        if left <= 0:
+            raise LabError(f"no ping answer from {dst.fqdn} after {timeout} s",
+                           hint=world.tails())
+        # one process keeps sending (every 50 ms, bounded by -w) until the first answer
+        proc = src.ns.run(["ping", "-6", "-n", "-q", "-c", "1", "-i", "0.05", "-w",
+                           str(max(1, int(left))), dst.fqdn], check=False, timeout=left + 5)
+        if proc.returncode == 0:
+            return time.monotonic() - t0
+        time.sleep(0.05)  # the name is not known yet: ping exits at once
+
+
+def _roam(world: World, desktop: Host, laptop: Host, to: str) -> bool:
+    """Move the laptop into home ``to`` during a transfer; True when it arrived intact."""
     rate = 2e6
     total = int(rate * 12)
+    home = world.homes[to]
+    where = "the desktop's home " if world.location[desktop.name] == to else ""
     _say(f"\nroaming: {total / 1e6:.0f} MB at {rate / 1e6:.0f} MB/s from the laptop;"
-         " after 4 s the laptop moves from home gw2 to the cafe gw3")
+         f" after 4 s the laptop moves from home {world.location[laptop.name]} to {where}{to}")
     src, sink = start_transfer(world, laptop, desktop, total, rate=rate, port=5002)
     time.sleep(4)
-    world.plug(laptop, world.homes["gw3"], 1)
-    _say("  laptop now on 192.168.3.11 behind gw3 (203.0.113.4)")
+    world.plug(laptop, home, 1)
+    _say(f"  laptop now on {home.lan_prefix}.11 behind {to} ({home.gw.wan_address})")
     sent, got = finish_transfer(src, sink)
     ok = sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"]
     _say(f"  the same TCP connection finished: {sent['bytes'] / 1e6:.0f} MB in "
          f"{sent['seconds']:.1f} s, SHA-256 {'matches' if ok else 'DIFFERS'}\n")
-    for h in (desktop, laptop):
-        _say(f"$ btmm status   # on {h.name} ({world.location[h.name]})")
-        _say(world.status_text(h) + "\n")
+    _show(world, desktop, laptop)
     return bool(ok)
 
 
-def run_lab(dataplane: str, keep: bool, roam: bool, size: int) -> int:
+def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "default") -> int:
     """Build the world, run it, report, tear it down. Returns the exit status."""
+    spec = SCENARIOS[scenario]
+    roam_to = spec.roam_to or (DEFAULT_ROAM_TO if roam else None)
     planes = {"mixed": ("fast", "python")}.get(dataplane, (dataplane, dataplane))
     with Lab("btmmlab") as lab:
         _say(f"building the world in namespaces {lab.prefix}-*: registry on the internet "
-             "(203.0.113.1), two homes behind NAT gateways with miniupnpd"
-             + (", a cafe network for roaming" if roam else ""))
-        world = build_world(lab, nat=True, dataplanes=planes, cafe=roam)
+             "(203.0.113.1), "
+             + ("two homes behind NAT gateways with miniupnpd" if scenario == "default" else
+                f"scenario {scenario}: {spec.demonstrates}"))
+        world = build_world(lab, nat=True, dataplanes=planes, scenario=scenario)
         desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
         t0 = time.monotonic()
         for h in (desktop, laptop):
             world.start_host(h)
         try:
-            up = world.wait_tunnels(30)
-            _say(f"tunnels up {up:.1f} s after `btmm up` started on both hosts\n")
-            for h in (desktop, laptop):
-                _say(f"$ btmm status   # on {h.name} ({world.location[h.name]})")
-                _say(world.status_text(h) + "\n")
+            ping = first_ping(world, laptop, desktop, 30)
+            up = world.wait_tunnels(max(1.0, 30 - ping))
+            _say(f"tunnels up {max(up, ping):.1f} s after `btmm up` started on both hosts; "
+                 f"first ping by name answered after {ping:.1f} s\n")
+            _show(world, desktop, laptop)
             before = _fresh_status(laptop, time.time())
-            _say(f"transfer: laptop -> {desktop.fqdn}, {size / 1e6:.0f} MB over TCP")
+            _say(f"\ntransfer: laptop -> {desktop.fqdn}, {size / 1e6:.0f} MB over TCP")
             src, sink = start_transfer(world, laptop, desktop, size)
             sent, got = finish_transfer(src, sink)
             after = _fresh_status(laptop, time.time())
@@ -479,7 +596,7 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int) -> int:
                  f"SHA-256 {'matches' if ok else 'DIFFERS'}")
             if not ok:
                 return 1
-            if roam and not _roam(world, desktop, laptop):
+            if roam_to and not _roam(world, desktop, laptop, roam_to):
                 return 1
             if keep:
                 _say("left running for exploring (Ctrl-C tears it down), for example:")
@@ -504,19 +621,28 @@ def _lab_command() -> Any:
     import click
 
     @click.command("lab")
+    @click.option("--scenario", type=click.Choice(list(SCENARIOS)), default="default",
+                  show_default=True,
+                  help="default: two homes that map ports; same-home: both hosts behind one "
+                       "gateway; no-mapping: gateways without miniupnpd; roam-home: the laptop "
+                       "moves into the desktop's home mid-transfer.")
     @click.option("--dataplane", type=click.Choice(["auto", "fast", "python", "mixed"]),
                   default="auto", show_default=True,
                   help="Engine of both hosts; mixed: fast on the desktop, python on the laptop.")
     @click.option("--keep", is_flag=True, help="Leave the world running until Ctrl-C.")
     @click.option("--roam", is_flag=True,
-                  help="Move the laptop to another network in the middle of a transfer.")
+                  help="Move the laptop into the desktop's home in the middle of a transfer "
+                       "(default scenario; roam-home always does).")
     @click.option("--megabytes", type=int, default=100, show_default=True,
                   help="Size of the transfer.")
-    def lab(dataplane: str, keep: bool, roam: bool, megabytes: int) -> None:
+    def lab(scenario: str, dataplane: str, keep: bool, roam: bool, megabytes: int) -> None:
         """Build a whole Back to My Mac world in network namespaces (registry, two homes behind
         NAT gateways running miniupnpd, a desktop and a laptop running `btmm up`), wait for the
         tunnels, show `btmm status`, transfer by name, print throughput, tear down."""
-        sys.exit(run_lab(dataplane, keep, roam, megabytes * 1_000_000))
+        if roam and scenario != "default":
+            raise click.UsageError("--roam goes with the default scenario (roam-home always "
+                                   "roams)")
+        sys.exit(run_lab(dataplane, keep, roam, megabytes * 1_000_000, scenario))
 
     return lab
 

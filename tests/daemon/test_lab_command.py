@@ -29,7 +29,9 @@ def test_btmm_lab_roam_runs_and_cleans_up() -> None:
     assert re.search(r"[1-9]\d* Mbit/s, [1-9]\d* packets/s", out), out
     assert "the same TCP connection finished" in out
     assert out.count("SHA-256 matches") == 2 and "DIFFERS" not in out
-    assert "203.0.113.4:4500" in out  # the laptop's new endpoint after the move
+    # the laptop walked into the desktop's home: the desktop now reaches it on the LAN
+    assert "laptop now on 192.168.1.11 behind gw1" in out
+    assert "path desktop -> laptop: lan 192.168.1.11:4500" in out
     prefix = re.search(r"namespaces (btmmlab[0-9a-f]+)-\*", out)
     assert prefix is not None
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
