@@ -341,6 +341,77 @@ class World:
                 out.append(f"--- {h.name} ---\n" + "\n".join(lines))
         return "\n".join(out)
 
+    # -- SSH single sign-on (issue 20): a real sshd per host, in its namespace ----------------
+
+    def ssh_dir(self, host: Host) -> Path:
+        return host.workdir / "ssh"
+
+    def enable_sso(self, host: Host, users: dict[str, str] | None = None) -> None:
+        """Give the host an ed25519 sshd host key and a user key (for root), and turn on
+        ``[sso]`` in its configuration with every file inside the host's work directory:
+        the machine's own /etc/ssh is never touched."""
+        d = self.ssh_dir(host)
+        d.mkdir(exist_ok=True)
+        for key in ("ssh_host_ed25519_key", "id_ed25519"):
+            if not (d / key).exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                                f"{key} of {host.name}", "-f", str(d / key)], check=True,
+                               capture_output=True, timeout=30)
+        table = ", ".join(f'"{u}" = "{p}"' for u, p in (users or {"root": USER}).items())
+        with open(host.config, "a") as f:
+            f.write(f"""
+[sso]
+enabled = true
+users = {{{table}}}
+host_key = "{d / 'ssh_host_ed25519_key.pub'}"
+user_key = "{d / 'id_ed25519.pub'}"
+sshd_dropin = "{d / 'sshd_config.d' / 'btmm.conf'}"
+known_hosts = "{d / 'ssh_known_hosts'}"
+sshd_pid_file = "{d / 'sshd.pid'}"
+""")
+
+    def start_sshd(self, host: Host, port: int = 22) -> subprocess.Popen[Any]:
+        """OpenSSH's sshd in the host's namespace with its own configuration (which includes
+        btmm's drop-in), in a UTS namespace of its own named after the host, so ``hostname``
+        over ssh says which host answered."""
+        d = self.ssh_dir(host)
+        cfg = d / "sshd_config"
+        cfg.write_text(
+            f"Include {d / 'sshd_config.d' / 'btmm.conf'}\n"
+            f"Port {port}\nListenAddress ::\nHostKey {d / 'ssh_host_ed25519_key'}\n"
+            f"PidFile {d / 'sshd.pid'}\nAuthorizedKeysFile none\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            # the lab's files live under /tmp, which is world-writable
+            "StrictModes no\nLogLevel VERBOSE\n")
+        # sshd's privilege separation directory (an empty directory; the package ships none
+        # until its service first runs)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        log = open(d / "sshd.log", "ab")  # noqa: SIM115 (owned by the process)
+        proc = host.ns.popen(["unshare", "--uts", "sh", "-c",
+                              f'hostname {host.name} && exec /usr/sbin/sshd -D -e -f "$0"',
+                              str(cfg)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 10
+        while not (d / "sshd.pid").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"sshd on {host.name} did not start",
+                               hint=(d / "sshd.log").read_text(errors="replace")[-2000:])
+            time.sleep(0.05)
+        return proc
+
+    def ssh(self, src: Host, dst: str, command: str, *, key: Path | None = None,
+            port: int = 22, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """``ssh root@DST COMMAND`` from ``src``'s namespace as a user would run it, with no
+        password and no host-key question possible (BatchMode, StrictHostKeyChecking), the
+        known hosts btmm wrote and the key beside which btmm put the certificate."""
+        d = self.ssh_dir(src)
+        return src.ns.run(
+            ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+             "-o", "UserKnownHostsFile=/dev/null", "-o",
+             f"GlobalKnownHostsFile={d / 'ssh_known_hosts'}", "-o", "IdentitiesOnly=yes",
+             "-o", "ConnectTimeout=5", "-i", str(key or d / "id_ed25519"), "-p", str(port),
+             f"root@{dst}", command], check=False, timeout=timeout)
+
     def status_text(self, host: Host) -> str:
         proc = host.ns.run(self.btmm("status", "--config", str(host.config)), check=False)
         return (proc.stdout or proc.stderr).rstrip()
