@@ -383,6 +383,15 @@ sshd_pid_file = "{d / 'sshd.pid'}"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             # the lab's files live under /tmp, which is world-writable
             "StrictModes no\nLogLevel VERBOSE\n")
+        # the daemon writes its drop-in at start; sshd reads it when it starts (or on the
+        # SIGHUP the daemon sends once sshd's pid file exists)
+        dropin = d / "sshd_config.d" / "btmm.conf"
+        deadline = time.monotonic() + 10
+        while not dropin.exists():
+            if time.monotonic() > deadline:
+                raise LabError(f"btmm up on {host.name} wrote no sshd drop-in",
+                               hint=self.tails())
+            time.sleep(0.05)
         # sshd's privilege separation directory (an empty directory; the package ships none
         # until its service first runs)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -633,6 +642,27 @@ def _roam(world: World, desktop: Host, laptop: Host, to: str) -> bool:
     return bool(ok)
 
 
+def _ssh_step(world: World, src: Host, dst: Host) -> bool:
+    """``ssh DST hostname`` from ``src`` with btmm's certificates (issue 20); True when the
+    destination's sshd answered with its name, asking nothing."""
+    world.start_sshd(dst)
+    _say(f"\nssh: {src.name} -> {dst.name} by name, signed by each device's CA: no password, "
+         "no host-key question (BatchMode=yes, StrictHostKeyChecking=yes)")
+    _say(f"  $ ssh root@{dst.fqdn} hostname   # on the {src.name}")
+    t0 = time.monotonic()
+    while True:
+        proc = world.ssh(src, dst.fqdn, "hostname")
+        if proc.returncode == 0 or time.monotonic() - t0 > 15:
+            break
+        time.sleep(0.5)
+    if proc.returncode != 0:
+        _say(f"  ssh failed: {proc.stderr.strip()[-500:]}")
+        return False
+    _say(f"  {proc.stdout.strip()}")
+    _say(f"  (after {time.monotonic() - t0:.1f} s)")
+    return proc.stdout.strip() == dst.name
+
+
 def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "default") -> int:
     """Build the world, run it, report, tear it down. Returns the exit status."""
     spec = SCENARIOS[scenario]
@@ -645,6 +675,8 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "
                 f"scenario {scenario}: {spec.demonstrates}"))
         world = build_world(lab, nat=True, dataplanes=planes, scenario=scenario)
         desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
+        for h in (desktop, laptop):
+            world.enable_sso(h)
         t0 = time.monotonic()
         for h in (desktop, laptop):
             world.start_host(h)
@@ -668,6 +700,8 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "
             if not ok:
                 return 1
             if roam_to and not _roam(world, desktop, laptop, roam_to):
+                return 1
+            if not _ssh_step(world, laptop, desktop):
                 return 1
             if keep:
                 _say("left running for exploring (Ctrl-C tears it down), for example:")
