@@ -257,7 +257,13 @@ class Daemon:
         self._write_hosts()  # replaces a block a crashed run may have left
         try:
             if self.sso is not None:
-                self.sso.start(time.time())
+                try:
+                    self.sso.start(time.time())
+                except OSError as err:
+                    # the tunnels matter more than ssh: carry on, say so in the status
+                    self.sso.state.error = f"cannot write the SSH files: {err}"
+                    log.error("SSH single sign-on not set up", error=str(err),
+                              hint="check [sso] paths and that btmm runs as root")
                 self._spawn(self._sso_loop(), "sso")
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
@@ -323,7 +329,11 @@ class Daemon:
             with contextlib.suppress(OSError):
                 write_hosts(self.cfg.hosts_file, {})
         if self.sso is not None:
-            self.sso.stop()
+            try:
+                self.sso.stop()
+            except OSError as err:
+                log.warning("could not remove the sshd drop-in", error=str(err),
+                            path=str(self.cfg.sso_sshd_dropin))
         with contextlib.suppress(OSError):
             self.cfg.status_file.unlink()
         log.info("daemon stopped")
