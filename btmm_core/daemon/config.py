@@ -175,7 +175,8 @@ def _check_sso(path: Path, values: dict[str, Any]) -> None:
     for k in ("sso_host_validity", "sso_user_validity"):
         v = values.get(k, 3600.0)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 600 <= v <= 7 * 86400:
-            raise ConfigError(f"{path}: [sso] {k[4:]} must be seconds between 600 and 604800 (renewal runs every minute)")
+            raise ConfigError(f"{path}: [sso] {k[4:]} must be seconds between 600 and 604800",
+                              hint="certificates are renewed by a check once a minute")
 
 
 def validate(cfg: Config) -> None:
