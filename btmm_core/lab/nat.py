@@ -267,6 +267,19 @@ table inet nat {{
             (self.workdir / "leases").unlink(missing_ok=True)
         self.start_miniupnpd(cfg)
 
+    def silence_announcements(self) -> None:
+        """Drop what the gateway sends to UDP port 5350 (the NAT-PMP and PCP announcements,
+        RFC 6886 section 3.2.1, RFC 6887 section 14.1.3): a gateway whose mapping service
+        starts without telling its LAN, so hosts find it only by asking again."""
+        self.ns.run(["nft", "-f", "-"], input="""
+table inet lab_quiet {
+    chain output {
+        type filter hook output priority 0; policy accept;
+        udp dport 5350 drop
+    }
+}
+""")
+
     def clear_mappings(self) -> None:
         """Empty miniupnpd's chains (what a router reboot does to its NAT table)."""
         for table, chain in (("filter", "miniupnpd"), ("nat", "prerouting_miniupnpd"),
