@@ -40,7 +40,9 @@ from the endpoint we sent it to) or carried authenticated ESP (``note_authentica
 which only the engine calls); a request proves nothing about the path back, so it only
 triggers a check. Among such pairs: LAN > IPV6 > MAPPED > REFLEXIVE (punched) > RELAY, then a
 clearly lower RTT (below ``rtt_switch_ratio`` of the path in use). A better pair that answers
-a re-check replaces the path in use (``UsePath``): only the outer endpoint changes.
+a re-check replaces the path in use (``UsePath``): only the outer endpoint changes. When the
+endpoint in use is republished under a better kind (a gateway began to map the pinhole's own
+port), the path keeps its endpoint and takes the kind (``UsePath`` to the same endpoint).
 
 Liveness
 --------
