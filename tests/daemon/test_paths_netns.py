@@ -219,9 +219,9 @@ def test_a_mapping_that_starts_late_upgrades_the_punched_path_without_loss(
     port, so each host republishes its reflexive endpoint as a MAPPED candidate, the peer's
     LLQ delivers it, and the path manager gives the path in use the better kind without
     moving it (``UsePath`` to the same endpoint). That is right: the endpoint no longer needs
-    the pinhole (a DNAT rule forwards it, so it survives a flushed conntrack table, see the
-    next test), and not moving loses nothing. (Where the granted port differs, the peer moves
-    to it after one answered probe: tests/reach/test_paths.py.)
+    the pinhole (a DNAT rule forwards it, so it survives a flushed conntrack table:
+    ``test_a_dropped_pinhole_recovers_...``), and not moving loses nothing. (Where the
+    granted port differs, the peer moves to it once it answered a probe: the next test.)
 
     ``announced``: miniupnpd's start-up announcement (PCP ANNOUNCE, RFC 6887 14.1.3) makes
     the daemon ask at once. ``retried``: the gateway's announcements are dropped, so the
@@ -254,6 +254,36 @@ def test_a_mapping_that_starts_late_upgrades_the_punched_path_without_loss(
         assert "mapped" in [c["kind"] for c in st["host"]["candidates"]]
     _no_retry(world)
     assert 'path=mapped' in (desktop.log.read_text() if desktop.log else "")
+
+
+def test_a_mapping_on_another_port_moves_the_path_without_loss(lab: Lab) -> None:
+    """The desktop's gateway starts mapping but grants 4501, not the 4500 its pinhole uses:
+    the desktop publishes a MAPPED candidate beside its reflexive one, the laptop probes it,
+    and once it answers moves its path there (``UsePath``: only the outer endpoint changes)
+    under a running ping series and TCP transfer, losing nothing."""
+    world = build_world(lab, nat=True, dataplanes=("fast", "fast"), mapping=False)
+    before = _punched(world, ("fast", "fast"))
+    assert before["laptop"] == "203.0.113.2:4500"
+    laptop, desktop = world.hosts["laptop"], world.hosts["desktop"]
+    ping = PingSeries(world, laptop, desktop, world.workdir / "ping.txt")
+    src, sink = start_transfer(world, laptop, desktop, 6_000_000, rate=1e6)
+    _wait(lambda: ping.replied_after(0, 10), 10, "the ping series", world)
+    world.start_mapping("gw1", external_ports="4501-4600")
+    _wait(lambda: _paths(world)["laptop"][:2] == ("mapped", "203.0.113.2:4501"), 30,
+          "the laptop's path moved to the mapping", world)
+    moved_at = time.time()
+    _wait(lambda: ping.replied_after(moved_at, 20), 10, "pings after the move", world)
+    lost, gap = ping.stop()
+    sent, got = finish_transfer(src, sink)
+    print(f"\nmove to the mapping: pings lost {len(lost)}, longest gap {gap * 1000:.0f} ms")
+    assert lost == [], lost
+    assert sent["bytes"] == got["bytes"] == 6_000_000 and sent["sha256"] == got["sha256"]
+    st = desktop.status()
+    assert st is not None and st["host"]["external"] == "203.0.113.2:4501"
+    kinds = {c["kind"]: c["endpoint"] for c in st["host"]["candidates"]}
+    assert kinds["mapped"] == "203.0.113.2:4501" and kinds["reflexive"] == "203.0.113.2:4500"
+    # the laptop still answers the desktop, whichever of its endpoints the desktop uses
+    assert _paths(world)["desktop"][2] == "up"
 
 
 @pytest.mark.parametrize("planes", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
