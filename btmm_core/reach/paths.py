@@ -41,7 +41,7 @@ which only the engine calls); a request proves nothing about the path back, so i
 triggers a check. Among such pairs: LAN > IPV6 > MAPPED > REFLEXIVE (punched) > RELAY, then a
 clearly lower RTT (below ``rtt_switch_ratio`` of the path in use). A better pair that answers
 a re-check replaces the path in use (``UsePath``): only the outer endpoint changes. When the
-endpoint in use is republished under a better kind (a gateway began to map the pinhole's own
+endpoint in use is republished under another kind (a gateway began to map the pinhole's own
 port), the path keeps its endpoint and takes the kind (``UsePath`` to the same endpoint).
 
 Liveness
@@ -321,9 +321,10 @@ class PathManager:
     ) -> list[Output]:
         """Either side's candidates changed: re-pair and probe at once, backoff reset.
 
-        When the endpoint in use is now published under a better kind (a gateway began to map
-        the very port the pinhole used), the path in use keeps its endpoint and takes the
-        kind: ``UsePath`` says so, and moves nothing."""
+        When the endpoint in use is now published under another kind (a gateway began to map
+        the very port the pinhole used, or stopped), the path in use keeps its endpoint and
+        takes the kind: ``UsePath`` says so, and moves nothing; the round of checks that
+        follows may then find a better pair."""
         active = self.active
         kind = None if active is None else active.kind
         self.set_candidates(local, remote)

@@ -275,6 +275,10 @@ def test_the_path_in_use_takes_the_kind_it_is_now_published_under() -> None:
     assert a.pm.status().endpoint == punched and a.pm.status().kind == MAPPED
     assert [(p.endpoint, p.kind) for _, p in a.paths] == [(punched, REFLEXIVE), (punched, MAPPED)]
     assert not [e for _, e in a.events if isinstance(e, (PathStale, PathDown))]
+    # the mapping goes away again, the pinhole stays: back to punched, still no move
+    remote = [Candidate(LAN, b.addr), Candidate(REFLEXIVE, punched)]
+    out = a.pm.update_candidates(local, remote, net.now, WALL0 + net.now)
+    assert out[0] == UsePath(punched, REFLEXIVE, a.pm.status().rtt)
 
 
 def test_upgrade_by_rtt_within_one_kind() -> None:
