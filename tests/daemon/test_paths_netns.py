@@ -3,8 +3,9 @@ STUN responder) and ``btmm up``: two homes whose gateways run no mapping protoco
 nftables masquerade: the tunnel needs a punched path), both hosts in one home behind a gateway
 that does not hairpin (the tunnel needs the LAN path), a gateway that starts mapping while a
 punched path carries traffic (the path becomes ``mapped`` without a lost packet), a gateway
-that drops the pinhole (conntrack flushed: the tunnel comes back within seconds), and forged
-or replayed probes from an attacker namespace, which must move no endpoint.
+that drops the pinhole (conntrack flushed: the tunnel comes back within seconds), a path that
+stops answering (``btmm status``: stale, down with why, up again), and forged or replayed
+probes from an attacker namespace, which must move no endpoint.
 
 Figures (recovery gaps) are printed; run with ``-s`` to see them. They are measurements, not
 assertions: the tests wait for each condition with a deadline."""
@@ -155,14 +156,14 @@ class PingSeries:
     with SIGINT and returns the sequence numbers lost and the longest gap between replies."""
 
     def __init__(self, world: World, src: Host, dst: Host, out: Path,
-                 interval: float = 0.05) -> None:
+                 interval: float = 0.05, longest: float = 20.0) -> None:
         self.out = out
         self.interval = interval
         with out.open("w") as f:
-            # bounded: at most 20 s of pings even if nobody stops it
+            # bounded: at most ``longest`` s of pings even if nobody stops it
             self.proc = src.ns.popen(
                 ["ping", "-6", "-n", "-D", "-i", str(interval), "-W", "1",
-                 "-c", str(int(20 / interval)), dst.fqdn],
+                 "-c", str(int(longest / interval)), dst.fqdn],
                 stdout=f, stderr=subprocess.STDOUT)
 
     def replies(self) -> dict[int, float]:
@@ -325,6 +326,60 @@ def test_a_dropped_pinhole_recovers_and_a_mapped_path_never_loses_it(
         assert {t for _, _, t in _paths(world).values()} == {"up"}
         if path == "mapped":
             assert lost == [], lost
+
+
+#: a gateway that drops everything of the tunnel both ways, ahead of its own rules
+_CUT = """
+table inet lab_cut {
+    chain forward {
+        type filter hook forward priority -10; policy accept;
+        udp sport 4500 drop
+        udp dport 4500 drop
+    }
+}
+"""
+
+
+def test_a_path_that_stops_answering_goes_stale_then_down_and_comes_back(lab: Lab) -> None:
+    """The desktop's gateway drops the tunnel's packets both ways for a while (no flush: the
+    pinholes stay). ``btmm status`` on the laptop, which keeps pinging, says ``stale`` (5 s:
+    still used, a search runs) and then ``down`` (10 s) with why; once the gateway forwards
+    again the search, backing off from 1 s, finds the path and the tunnel is ``up``."""
+    world = build_world(lab, nat=True, dataplanes=("fast", "fast"), mapping=False)
+    _punched(world, ("fast", "fast"))
+    laptop, desktop = world.hosts["laptop"], world.hosts["desktop"]
+    gw1 = world.homes["gw1"].gw
+    seen: list[tuple[str, str | None]] = []
+
+    def laptop_state(want: str) -> bool:
+        peer = _peer(world, "laptop")
+        state = (peer.get("tunnel"), peer.get("why"))
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        return state[0] == want
+
+    ping = PingSeries(world, laptop, desktop, world.workdir / "ping.txt", interval=0.2,
+                      longest=60)
+    _wait(lambda: ping.replied_after(0, 3), 10, "the ping series", world)
+    cut = time.monotonic()
+    gw1.ns.run(["nft", "-f", "-"], input=_CUT)
+    _wait(lambda: laptop_state("down"), 20, "the laptop's tunnel down", world)
+    down_after = time.monotonic() - cut
+    gw1.ns.run(["nft", "delete", "table", "inet", "lab_cut"])
+    healed, healed_wall = time.monotonic(), time.time()
+    _wait(lambda: laptop_state("up") and ping.replied_after(healed_wall, 3), 30,
+          "the laptop's tunnel up again", world)
+    back_after = time.monotonic() - healed
+    ping.stop()
+    print(f"\ncut: the laptop said {[t for t, _ in seen]}, down {down_after:.1f} s after the "
+          f"cut, up again {back_after:.1f} s after the gateway forwarded again")
+    states = [t for t, _ in seen]
+    assert states.index("stale") < states.index("down") < len(states) - 1
+    assert states[-1] == "up"
+    why = next(w for t, w in seen if t == "down")
+    assert why is not None and "no authenticated packet" in why
+    assert _paths(world)["desktop"][2] == "up"
+    _ping_and_transfer(world, 500_000)
 
 
 # --- replayed probes -------------------------------------------------------------------------
