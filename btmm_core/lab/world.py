@@ -217,11 +217,23 @@ class World:
         ns.run(["ip", "link", "set", "lan0", "up"])
         gw = make_gateway(self.lab, ns, wan_if="wan0", wan_cidr=wan_cidr,
                           wan_gateway=wan_gw, lan_if="lan0", lan_cidr=f"{lan_prefix}.1/24")
-        if miniupnpd:
-            gw.start_miniupnpd(MiniupnpdConfig(natpmp=True, upnp=False, stun_host=STUN[0]))
         home = Home(name, gw, lan_prefix)
         self.homes[name] = home
+        if miniupnpd:
+            self.start_mapping(name)
         return home
+
+    def start_mapping(self, name: str, *, announce: bool = True,
+                      external_ports: str | None = None) -> None:
+        """Start miniupnpd (NAT-PMP and PCP) on home ``name``'s gateway, also while its hosts
+        run: a gateway whose mapping service comes up late. ``announce=False`` drops its
+        start-up announcements, so the hosts find it only by asking again;
+        ``external_ports`` ("4501-4600") is what it grants instead of the port asked for."""
+        gw = self.homes[name].gw
+        if not announce:
+            gw.silence_announcements()
+        gw.start_miniupnpd(MiniupnpdConfig(natpmp=True, upnp=False, stun_host=STUN[0],
+                                           external_ports=external_ports))
 
     def plug(self, host: Host, home: Home | None, index: int) -> None:
         """Connect ``host``'s eth0 to a home LAN (or, with None, to the internet bridge)."""
