@@ -145,6 +145,17 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _names_lines(names: dict[str, Any] | None) -> list[str]:
+    if not names:
+        return []
+    if not names["listening"]:
+        line = "names     no stub resolver" + (f" ({names['error']})" if names["error"] else "")
+    else:
+        up = ", ".join(names["upstreams"]) or "none (other names REFUSED)"
+        line = f"names     stub {names['stub']} via {names['wiring']}; upstream {up}"
+    return [line, *([f"          {names['hint']}"] if names.get("hint") else [])]
+
+
 def render_status(st: dict[str, Any]) -> str:
     h = st["host"]
     lines = [
@@ -161,6 +172,7 @@ def render_status(st: dict[str, Any]) -> str:
         *(["candidate " + ", ".join(f"{c['kind']} {c['endpoint']}" for c in h["candidates"])]
           if h.get("candidates") else []),
         f"engine    {h['dataplane']}  key {h['public_key']}",
+        *_names_lines(st.get("names")),
         "",
     ]
     cols = ("peer", "ula", "endpoint", "path", "rtt", "answered", "tunnel", "handshake", "rx",

@@ -34,6 +34,7 @@ from btmm_core.daemon.config import Config
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.hosts import write_hosts
 from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
+from btmm_core.daemon.naming import Names
 from btmm_core.daemon.netutil import (
     del_route,
     drain,
@@ -181,6 +182,7 @@ class Daemon:
         self._stun_done = asyncio.Event()
         self.fatal: BtmmError | None = None
         self._stop: asyncio.Event | None = None
+        self.names = Names(cfg, self.zone)
 
     # -- set up ------------------------------------------------------------------------
 
@@ -249,6 +251,7 @@ class Daemon:
                  port=self.engine.local_port, public=self.static.public_b64)
         self._write_hosts()  # replaces a block a crashed run may have left
         try:
+            await self.names.start(self.engine.tun_name)
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
             self._spawn(self._netcheck(), "netcheck")
@@ -309,6 +312,7 @@ class Daemon:
             await self._stop_portmap(delete=True)
         if self.driver is not None:
             self.driver.close()
+        await self.names.close()
         if self.cfg.hosts_file is not None:
             with contextlib.suppress(OSError):
                 write_hosts(self.cfg.hosts_file, {})
@@ -902,10 +906,12 @@ class Daemon:
                     peer.last_failure = report.what
 
     def _write_hosts(self) -> None:
+        hosts = {p.records.name: p.records.ula for p in self.peers.values()}
+        hosts[host_name(self.cfg.host, self.zone)] = self.identity.ula
+        self.names.update(hosts)
         if self.cfg.hosts_file is None:
             return
-        names = {p.records.name.to_text(): p.records.ula for p in self.peers.values()}
-        names[host_name(self.cfg.host, self.zone).to_text()] = self.identity.ula
+        names = {name.to_text(): ula for name, ula in hosts.items()}
         try:
             write_hosts(self.cfg.hosts_file, names, zone=self.zone.to_text())
         except OSError as err:
@@ -985,6 +991,7 @@ class Daemon:
                 "uptime": round(now - self.started),
             },
             "peers": peers,
+            "names": self.names.status(),
         }
 
     async def _status_writer(self) -> None:
