@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import Coroutine, Sequence
+from typing import cast
 
 import structlog
 
@@ -31,8 +32,8 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's UDP transport is not a subclass of asyncio's; it has the same methods
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.server.on_udp(data, addr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import struct
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -16,6 +17,7 @@ import dns.rdatatype
 import dns.reversename
 import pytest
 
+from btmm_core.daemon.config import load_config
 from btmm_core.errors import ConfigError
 from btmm_core.names.stub import (
     MAX_QUERY,
@@ -188,3 +190,17 @@ def test_query_header_fields_are_echoed() -> None:
     assert isinstance(out, Reply)
     (qid, flags) = struct.unpack("!HH", out.wire[:4])
     assert qid == q.id and not flags & dns.flags.RD
+
+
+def test_names_section_of_the_daemon_config(tmp_path: Path) -> None:
+    path = tmp_path / "btmm.toml"
+    path.write_text('[host]\nhost = "laptop"\n[names]\nstub = "127.0.0.9:5353"\n'
+                    'upstream = "192.0.2.1"\nresolv_conf = "/tmp/r.conf"\n')
+    cfg = load_config(path)
+    assert (cfg.stub, cfg.upstream, cfg.resolv_conf) == (
+        "127.0.0.9:5353", "192.0.2.1", Path("/tmp/r.conf"))
+    path.write_text('[host]\nhost = "laptop"\n')
+    assert load_config(path).stub == "127.0.0.153:53"
+    path.write_text('[host]\nhost = "laptop"\n[names]\nstub = "0.0.0.0:53"\n')
+    with pytest.raises(ConfigError):
+        load_config(path)
