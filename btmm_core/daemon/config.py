@@ -17,6 +17,7 @@ from typing import Any
 
 from btmm_core.dns.keyfile import write_secret
 from btmm_core.errors import ConfigError
+from btmm_core.names.dnssd import ServiceSpec, parse_services
 from btmm_core.names.system import parse_stub, parse_upstreams
 
 DEFAULT_CONFIG = Path(os.environ.get("BTMM_CONFIG", "/etc/btmm/btmm.toml"))
@@ -60,6 +61,8 @@ class Config:
     #: ``resolv_conf`` as the daemon starts; "none": REFUSED
     upstream: str = ""
     resolv_conf: Path = Path("/etc/resolv.conf")
+    #: ``[services]``: what this host publishes by wide-area DNS-SD (``names/dnssd.py``)
+    services: tuple[ServiceSpec, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -110,6 +113,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     known = {f.name: f for f in fields(Config)}
     values: dict[str, Any] = {}
+    services = data.get("services", {})
+    if not isinstance(services, dict):
+        raise ConfigError(f"{path}: [services] must be a table", hint="e.g. ssh = 22")
+    values["services"] = parse_services(services)
     for section, keys in _SECTIONS.items():
         table = data.get(section, {})
         if not isinstance(table, dict):

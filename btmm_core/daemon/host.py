@@ -62,6 +62,7 @@ from btmm_core.daemon.records import (
     verify_peer,
     withdraw_update,
 )
+from btmm_core.daemon.services import ServicePublisher
 from btmm_core.dataplane import open_engine
 from btmm_core.dataplane.api import ControlPacket, Endpoint, Engine, EngineConfig, StunPacket
 from btmm_core.dataplane.netconf import configure_tun
@@ -183,6 +184,7 @@ class Daemon:
         self.fatal: BtmmError | None = None
         self._stop: asyncio.Event | None = None
         self.names = Names(cfg, self.zone)
+        self.services = ServicePublisher(cfg, self.zone)
 
     # -- set up ------------------------------------------------------------------------
 
@@ -254,6 +256,7 @@ class Daemon:
             await self.names.start(self.engine.tun_name)
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
+            self._spawn(self.services.run(self.registry), "services")
             self._spawn(self._netcheck(), "netcheck")
             self._spawn(self._status_writer(), "status")
             self._spawn(self._resolver(), "resolver")
@@ -301,6 +304,7 @@ class Daemon:
         if self._browse is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._browse.close(), 2.0)
+        await self.services.withdraw(self.registry)
         if self.published is not None and self.registry is not None:
             try:
                 await self.registry.exchange(withdraw_update(self.zone, self.published))
@@ -992,6 +996,7 @@ class Daemon:
             },
             "peers": peers,
             "names": self.names.status(),
+            "services": self.services.status(),
         }
 
     async def _status_writer(self) -> None:
