@@ -253,7 +253,7 @@ class Daemon:
                  port=self.engine.local_port, public=self.static.public_b64)
         self._write_hosts()  # replaces a block a crashed run may have left
         try:
-            await self.names.start(self.engine.tun_name)
+            await self.names.start(self.engine.tun_name, self.registry.query)
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
             self._spawn(self.services.run(self.registry), "services")

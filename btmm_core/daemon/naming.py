@@ -13,7 +13,7 @@ import dns.name
 import structlog
 
 from btmm_core.daemon.config import Config
-from btmm_core.names.server import StubServer
+from btmm_core.names.server import RegistryLookup, StubServer
 from btmm_core.names.stub import StubCore, host_records
 from btmm_core.names.system import (
     Wiring,
@@ -38,8 +38,9 @@ class Names:
         self._link: str | None = None
         self._hosts: dict[dns.name.Name, ipaddress.IPv6Address] = {}
 
-    async def start(self, link: str) -> None:
-        """Listen on the stub address and point the host's resolver at it where we can."""
+    async def start(self, link: str, registry: RegistryLookup | None = None) -> None:
+        """Listen on the stub address and point the host's resolver at it where we can;
+        ``registry``: how DNS-SD names are asked of the registry (signed)."""
         if not self.cfg.stub:
             return
         stub = parse_stub(self.cfg.stub)
@@ -48,9 +49,10 @@ class Names:
         except OSError:
             resolv = ""
         self.upstreams = choose_upstreams(self.cfg.upstream, resolv, stub)
-        core = StubCore(self.zone, forwarding=bool(self.upstreams))
+        core = StubCore(self.zone, forwarding=bool(self.upstreams),
+                        registry=registry is not None)
         core.replace(host_records(self._hosts))
-        server = StubServer(core, stub, self.upstreams)
+        server = StubServer(core, stub, self.upstreams, registry)
         try:
             await server.start()
         except OSError as err:

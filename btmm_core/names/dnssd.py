@@ -203,3 +203,19 @@ def instance_name(text: str, zone: dns.name.Name) -> dns.name.Name:
 def txt_text(strings: list[bytes]) -> str:
     """TXT strings for people: ``k=v`` joined by spaces, empty ones left out."""
     return " ".join(s.decode("utf-8", "replace") for s in strings if s)
+
+
+def is_dnssd_name(name: dns.name.Name, zone: dns.name.Name) -> bool:
+    """Whether ``name`` is where DNS-SD browsing looks in ``zone``: a service type
+    ``_x._tcp|_udp``, a subtype ``_y._sub._x._tcp``, an instance ``<i>._x._tcp``, or a name
+    under ``_dns-sd._udp`` (RFC 6763 sections 4, 7.1, 9, 11). btmm's own ``_autotunnel`` and
+    ``_btmm-path`` records are not DNS-SD."""
+    if not name.is_subdomain(zone) or name == zone:
+        return False
+    rel = [label.lower() for label in name.relativize(zone).labels]
+    if len(rel) < 2 or len(rel) > 4 or rel[-1] not in (b"_tcp", b"_udp"):
+        return False
+    service = rel[-2]
+    if not service.startswith(b"_") or service in (b"_autotunnel", b"_btmm-path"):
+        return False
+    return len(rel) < 4 or rel[1] == b"_sub"

@@ -7,12 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import cast
 
+import dns.name
+import dns.rrset
 import structlog
 
-from btmm_core.names.stub import Dropped, Forward, Reply, StubCore, Transport
+from btmm_core.names.stub import AskRegistry, Dropped, Forward, Reply, StubCore, Transport
+
+#: How the stub asks the registry (the daemon's signed ``RegistryClient.query``).
+RegistryLookup = Callable[[dns.name.Name, int], Awaitable[dns.rrset.RRset | None]]
 
 log = structlog.get_logger("btmm.names")
 
@@ -52,9 +57,14 @@ class StubServer:
     """Runs ``core`` on ``address`` (UDP and TCP); forwards to ``upstreams`` in order."""
 
     def __init__(
-        self, core: StubCore, address: tuple[str, int], upstreams: Sequence[tuple[str, int]]
+        self,
+        core: StubCore,
+        address: tuple[str, int],
+        upstreams: Sequence[tuple[str, int]],
+        registry: RegistryLookup | None = None,
     ) -> None:
         self.core = core
+        self.registry = registry
         self.address = address
         self.upstreams = tuple(upstreams)
         self._udp: _Udp | None = None
@@ -104,6 +114,8 @@ class StubServer:
             self._send_udp(out.wire, addr)
         elif isinstance(out, Forward):
             self._spawn(self._forward_udp(out, addr))
+        elif isinstance(out, AskRegistry):
+            self._spawn(self._registry_udp(out, addr))
 
     def _send_udp(self, wire: bytes, addr: tuple[str, int]) -> None:
         if self._udp is not None and self._udp.transport is not None:
@@ -112,6 +124,19 @@ class StubServer:
     async def _forward_udp(self, fwd: Forward, addr: tuple[str, int]) -> None:
         answer = await self._ask(fwd.wire, tcp=False)
         self._send_udp(answer, addr)
+
+    async def _registry_udp(self, ask: AskRegistry, addr: tuple[str, int]) -> None:
+        self._send_udp(await self._ask_registry(ask, Transport.UDP), addr)
+
+    async def _ask_registry(self, ask: AskRegistry, transport: Transport) -> bytes:
+        if self.registry is None:
+            return self.core.upstream_failed(ask.wire)
+        try:
+            rrset = await asyncio.wait_for(self.registry(ask.qname, ask.qtype), UPSTREAM_TIMEOUT)
+        except Exception as err:  # the registry's errors (BtmmError), timeouts, OSError
+            log.debug("registry lookup failed", name=ask.qname.to_text(), error=str(err))
+            return self.core.upstream_failed(ask.wire)
+        return self.core.registry_answer(ask.wire, rrset, transport)
 
     # ---- TCP -------------------------------------------------------------------------
 
@@ -132,7 +157,12 @@ class StubServer:
                 out = self.core.receive(data, Transport.TCP, asyncio.get_running_loop().time())
                 if isinstance(out, Dropped):
                     return
-                wire = out.wire if isinstance(out, Reply) else await self._ask(out.wire, tcp=True)
+                if isinstance(out, Reply):
+                    wire = out.wire
+                elif isinstance(out, AskRegistry):
+                    wire = await self._ask_registry(out, Transport.TCP)
+                else:
+                    wire = await self._ask(out.wire, tcp=True)
                 writer.write(struct.pack("!H", len(wire)) + wire)
                 await writer.drain()
         except (ConnectionError, OSError):

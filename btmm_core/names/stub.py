@@ -5,9 +5,11 @@ RFC 1034/1035 (answers), RFC 2308 (negative answers with the SOA), RFC 6891 (EDN
 never asked of anyone else), RFC 6761 section 6.3 spirit (a private name never leaves).
 
 The stub answers for the user's zone from what the daemon's long-lived queries keep current
-(``StubCore.replace``: every peer's AAAA and its reverse PTR, service records); it never asks
-the registry or anyone else about the zone, so a query for a name in the zone that the daemon
-does not know is NXDOMAIN here, not a question to another resolver. Everything else is
+(``StubCore.replace``: every peer's AAAA and its reverse PTR). DNS-SD names of the zone
+(``dnssd.is_dnssd_name``: service types, instances, ``_dns-sd._udp``) are asked of the
+registry, signed with this device's key (``AskRegistry``), so any DNS-SD client on the host can
+browse through the stub. No other resolver is ever asked about the zone: a name in it that is
+neither known nor DNS-SD is NXDOMAIN here. Everything else is
 forwarded to the upstream resolvers when there are some, else REFUSED. A malformed query with a
 readable header is FORMERR, anything shorter or a response is dropped and counted.
 """
@@ -36,6 +38,8 @@ import dns.rdtypes.IN.AAAA
 import dns.reversename
 import dns.rrset
 
+from btmm_core.names.dnssd import is_dnssd_name
+
 #: TTL of every answer from the zone: peers come and go within seconds, so caches (nscd,
 #: resolved) must ask again soon.
 ANSWER_TTL = 5
@@ -43,6 +47,9 @@ ANSWER_TTL = 5
 MAX_QUERY = 1232
 #: Our EDNS payload size (RFC 6891 section 6.2.5; the DNS flag day 2020 value).
 UDP_PAYLOAD = 1232
+#: The longest TTL the stub gives a record it read from the registry.
+MAX_REGISTRY_TTL = 60
+_DNSSD_TYPES = frozenset({dns.rdatatype.PTR, dns.rdatatype.SRV, dns.rdatatype.TXT})
 #: RFC 6303 section 4.5: the reverse zone of fd00::/8 (locally assigned ULAs).
 ULA_REVERSE = dns.name.from_text("d.f.ip6.arpa.")
 
@@ -76,11 +83,21 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class AskRegistry:
+    """Ask the registry (signed) for ``qname``/``qtype`` and give the answer to
+    ``StubCore.registry_answer`` with ``wire``, the client's query."""
+
+    wire: bytes
+    qname: dns.name.Name
+    qtype: int
+
+
+@dataclass(frozen=True)
 class Dropped:
     reason: StubDrop
 
 
-Output = Reply | Forward | Dropped
+Output = Reply | Forward | AskRegistry | Dropped
 
 Records = Mapping[tuple[dns.name.Name, int], tuple[dns.rdata.Rdata, ...]]
 
@@ -122,12 +139,15 @@ class StubCore:
     """Answers for ``zone`` (and the ULA reverse zone) from ``replace``'d records.
 
     ``forwarding``: whether there are upstream resolvers to forward other names to (else
-    REFUSED). ``stats`` counts answers by kind and drops by reason.
+    REFUSED); ``registry``: whether DNS-SD names go to the registry. ``stats`` counts answers
+    by kind and drops by reason.
     """
 
-    def __init__(self, zone: dns.name.Name, *, forwarding: bool) -> None:
+    def __init__(self, zone: dns.name.Name, *, forwarding: bool, registry: bool = False) -> None:
         self.zone = zone
         self.forwarding = forwarding
+        #: whether DNS-SD names may be asked of the registry (``AskRegistry``)
+        self.registry = registry
         self._records: dict[tuple[dns.name.Name, int], tuple[dns.rdata.Rdata, ...]] = {}
         self._names: set[dns.name.Name] = set()
         self.stats: Counter[str] = Counter()
@@ -197,8 +217,38 @@ class StubCore:
             response = self._response(query)
             response.set_rcode(dns.rcode.REFUSED)
             return Reply(response.to_wire())
+        if (
+            self.registry
+            and q.rdtype in _DNSSD_TYPES
+            and q.rdclass == dns.rdataclass.IN
+            and (q.name, q.rdtype) not in self._records
+            and is_dnssd_name(q.name, self.zone)
+        ):
+            self.stats["registry"] += 1
+            return AskRegistry(data, q.name, q.rdtype)
         self.stats["answered"] += 1
         return Reply(self._render(self._answer(query), limit))
+
+    def registry_answer(
+        self, query: bytes, rrset: dns.rrset.RRset | None, transport: Transport
+    ) -> bytes:
+        """The answer to ``query`` (an ``AskRegistry``) from what the registry returned;
+        None: nothing there (NODATA: the registry's answer does not tell NXDOMAIN apart)."""
+        msg = dns.message.from_wire(query)
+        response = self._response(msg)
+        response.flags |= dns.flags.AA
+        q = msg.question[0]
+        if rrset is not None and rrset.name == q.name and rrset.rdtype == q.rdtype:
+            out = dns.rrset.RRset(q.name, dns.rdataclass.IN, rrset.rdtype)
+            for rd in rrset:
+                out.add(rd, min(rrset.ttl, MAX_REGISTRY_TTL))
+            response.answer.append(out)
+        else:
+            response.authority.append(self._soa(self.zone))
+        limit = 65535 if transport == Transport.TCP else (
+            512 if msg.edns < 0 else max(512, min(msg.payload, UDP_PAYLOAD))
+        )
+        return self._render(response, limit)
 
     def upstream_answer(self, query: bytes, answer: bytes) -> bytes | None:
         """``answer`` if it answers ``query`` (same ID, a response, the same question), else

@@ -98,6 +98,11 @@ def test_services_published_changed_withdrawn_and_expired(lab: Lab) -> None:
     assert _dig(world, f"desktop._ssh._tcp.{ZONE}", "TXT") == ['"u=alice"']
     assert _dig(world, f"b._dns-sd._udp.{ZONE}", "PTR") == [f"{ZONE}."]
     assert _dig(world, f"_services._dns-sd._udp.{ZONE}", "PTR") == [f"_ssh._tcp.{ZONE}."]
+    # any DNS client on the laptop browses through the stub (asked of the registry, signed)
+    via_stub = laptop.ns.run(["dig", "@127.0.0.153", "+short", f"_ssh._tcp.{ZONE}", "PTR"])
+    assert via_stub.stdout.split() == [f"desktop._ssh._tcp.{ZONE}."]
+    via_stub = laptop.ns.run(["dig", "+short", f"desktop._ssh._tcp.{ZONE}", "SRV"])
+    assert via_stub.stdout.split() == ["0", "0", "22", f"desktop.{ZONE}."]
     # TTL no longer than the lease
     ttl = world.inet.run(["dig", f"@{REGISTRY}", "-k", str(world.account_key), "+noall",
                           "+answer", f"desktop._ssh._tcp.{ZONE}", "SRV"]).stdout.split()[1]

@@ -15,12 +15,15 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.reversename
+import dns.rrset
 import pytest
 
 from btmm_core.daemon.config import load_config
 from btmm_core.errors import ConfigError
+from btmm_core.names.dnssd import is_dnssd_name
 from btmm_core.names.stub import (
     MAX_QUERY,
+    AskRegistry,
     Dropped,
     Forward,
     Reply,
@@ -204,3 +207,36 @@ def test_names_section_of_the_daemon_config(tmp_path: Path) -> None:
     path.write_text('[host]\nhost = "laptop"\n[names]\nstub = "0.0.0.0:53"\n')
     with pytest.raises(ConfigError):
         load_config(path)
+
+
+def test_dnssd_names_are_asked_of_the_registry_and_nothing_else_of_the_zone() -> None:
+    c = StubCore(ZONE, forwarding=True, registry=True)
+    c.replace(host_records({DESKTOP: ULA}))
+    ptr = dns.name.from_text("_ssh._tcp", origin=ZONE)
+    q = dns.message.make_query(ptr, "PTR")
+    out = c.receive(q.to_wire(), Transport.UDP, 0.0)
+    assert isinstance(out, AskRegistry) and (out.qname, out.qtype) == (ptr, dns.rdatatype.PTR)
+    rrset = dns.rrset.from_text(ptr, 3600, "IN", "PTR", "desktop._ssh._tcp." + ZONE.to_text())
+    r = dns.message.from_wire(c.registry_answer(out.wire, rrset, Transport.UDP))
+    assert r.id == q.id and r.answer[0][0].target.to_text().startswith("desktop._ssh._tcp")
+    assert r.answer[0].ttl == 60  # capped
+    r = dns.message.from_wire(c.registry_answer(out.wire, None, Transport.UDP))
+    assert r.rcode() == dns.rcode.NOERROR and not r.answer and r.authority
+    for name, rdtype in (("_autotunnel._udp", "PTR"), ("desktop", "TXT"),
+                         ("_btmm-path._udp.desktop", "SRV"), ("_ssh._tcp", "AAAA")):
+        out = c.receive(dns.message.make_query(dns.name.from_text(name, origin=ZONE),
+                                               rdtype).to_wire(), Transport.UDP, 0.0)
+        assert isinstance(out, Reply), name
+    # without a registry lookup: answered here (NXDOMAIN), never forwarded
+    r = ask(core(), ptr, "PTR")
+    assert r.rcode() == dns.rcode.NXDOMAIN
+
+
+@pytest.mark.parametrize(("rel", "yes"), [
+    ("_ssh._tcp", True), ("laptop._ssh._tcp", True), ("_printer._sub._ipp._tcp", True),
+    ("b._dns-sd._udp", True), ("_services._dns-sd._udp", True), ("laptop", False),
+    ("_autotunnel._udp", False), ("_btmm-path._udp.laptop", False), ("a.b._ssh._tcp", False),
+    ("ssh._tcp", False),
+])
+def test_dnssd_names(rel: str, yes: bool) -> None:
+    assert is_dnssd_name(dns.name.from_text(rel, origin=ZONE), ZONE) is yes
