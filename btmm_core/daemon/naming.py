@@ -62,10 +62,11 @@ class Names:
                         error=self.error)
             return
         self.server = server
-        if resolved_present():
-            if await self._resolvectl(resolvectl_commands(link, stub, self.zone)):
-                self._link = link
-                self.wiring = Wiring.RESOLVED
+        if resolved_present() and await self._resolvectl(
+            resolvectl_commands(link, stub, self.zone)
+        ):
+            self._link = link
+            self.wiring = Wiring.RESOLVED
         elif points_at_stub(resolv, stub):
             self.wiring = Wiring.RESOLV_CONF
         else:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import cast
+from typing import Any, cast
 
 import dns.name
 import dns.rrset
@@ -71,6 +71,8 @@ class StubServer:
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_clients = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -91,6 +93,14 @@ class StubServer:
             self._udp.transport.close()
         if self._tcp is not None:
             self._tcp.close()
+            # closing a client's stream ends its handler (a read fails), which frees the port
+            for writer in list(self._writers):
+                writer.close()
+            await self._tcp.wait_closed()
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=1.0)
+        # the UDP socket is closed on the loop's next turn; the address is free after it
+        await asyncio.sleep(0)
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -146,6 +156,10 @@ class StubServer:
             writer.close()
             return
         self._tcp_clients += 1
+        self._writers.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
             while True:
                 try:
@@ -169,6 +183,8 @@ class StubServer:
             return
         finally:
             self._tcp_clients -= 1
+            self._writers.discard(writer)
+            self._handlers.discard(handler)
             writer.close()
 
     # ---- upstream --------------------------------------------------------------------
