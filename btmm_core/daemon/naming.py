@@ -74,6 +74,11 @@ class Names:
         log.info("stub resolver", address=self.cfg.stub, wiring=self.wiring.value,
                  upstreams=[f"{h}:{p}" for h, p in self.upstreams])
 
+    @property
+    def hosts(self) -> dict[dns.name.Name, ipaddress.IPv6Address]:
+        """The hosts the stub answers for (this one and each verified peer)."""
+        return dict(self._hosts)
+
     def update(self, hosts: Mapping[dns.name.Name, ipaddress.IPv6Address]) -> None:
         """The hosts (this one and each verified peer) the stub answers for, from now on."""
         self._hosts = dict(hosts)
