@@ -30,6 +30,7 @@ RANKS: dict[str, int] = {
     "registry": 3,
     "llq": 4,
     "reach": 4,
+    "names": 4,
     "daemon": 5,
     "serve": 5,
     "lab": 6,

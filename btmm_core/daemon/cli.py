@@ -209,6 +209,15 @@ def _ssh_line(s: dict[str, Any]) -> str:
     if s["revoked"]:
         line += f"; revoked {', '.join(s['revoked'])}"
     return line + (f"  ERROR {s['error']}" if s.get("error") else "")
+def _names_lines(names: dict[str, Any] | None) -> list[str]:
+    if not names:
+        return []
+    if not names["listening"]:
+        line = "names     no stub resolver" + (f" ({names['error']})" if names["error"] else "")
+    else:
+        up = ", ".join(names["upstreams"]) or "none (other names REFUSED)"
+        line = f"names     stub {names['stub']} via {names['wiring']}; upstream {up}"
+    return [line, *([f"          {names['hint']}"] if names.get("hint") else [])]
 
 
 def render_status(st: dict[str, Any]) -> str:
@@ -228,6 +237,7 @@ def render_status(st: dict[str, Any]) -> str:
           if h.get("candidates") else []),
         f"engine    {h['dataplane']}  key {h['public_key']}",
         *([_ssh_line(h["ssh"])] if h.get("ssh") else []),
+        *_names_lines(st.get("names")),
         "",
     ]
     cols = ("peer", "ula", "endpoint", "path", "rtt", "answered", "tunnel", "handshake", "rx",
@@ -280,3 +290,75 @@ def status(config_path: Path, as_json: bool) -> None:
     except BtmmError as err:
         raise _fail(err) from err
     click.echo(json.dumps(st, indent=1) if as_json else render_status(st))
+
+
+def _browser(config_path: Path) -> Any:
+    from btmm_core.daemon.browse import Browser
+
+    try:
+        return Browser(load_config(config_path))
+    except BtmmError as err:
+        raise _fail(err) from err
+
+
+@click.command("browse")
+@_config_option
+@click.argument("service_type", metavar="[TYPE]", required=False)
+@click.option("--watch", is_flag=True, help="Keep following: '+' and '-' lines as instances "
+              "come and go (by long-lived query), until Ctrl-C.")
+@click.option("--timeout", type=float, default=0.0, help="With --watch: stop after this many "
+              "seconds (0: never).")
+def browse(config_path: Path, service_type: str | None, watch: bool, timeout: float) -> None:
+    """The services of this account's hosts (wide-area DNS-SD, RFC 6763): TYPE is e.g. ssh
+    or _smb._tcp; without it every type the zone lists. One line per instance: name,
+    host:port, TXT."""
+    from btmm_core.names.dnssd import service_type as parse_type
+
+    b = _browser(config_path)
+    try:
+        stype = parse_type(service_type, b.zone) if service_type else None
+    except (BtmmError, ValueError) as err:
+        raise click.UsageError(str(err)) from err
+
+    async def main() -> None:
+        if not watch:
+            for inst in await b.browse(stype):
+                click.echo(inst.line(b.zone))
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        until = time.monotonic() + timeout if timeout > 0 else None
+        def emit(line: str) -> None:
+            click.echo(line)
+            sys.stdout.flush()  # a pipe reader sees each change at once
+
+        await b.watch(stype, emit, stop, until)
+
+    try:
+        asyncio.run(main())
+    except BtmmError as err:
+        raise _fail(err) from err
+
+
+@click.command("resolve")
+@_config_option
+@click.argument("name")
+def resolve(config_path: Path, name: str) -> None:
+    """Host, port, addresses and TXT of a service instance NAME (e.g. laptop._ssh._tcp)."""
+    from btmm_core.names.dnssd import instance_name
+
+    b = _browser(config_path)
+    try:
+        qname = instance_name(name, b.zone)
+        found = asyncio.run(b.resolve(qname, addresses=True))
+    except BtmmError as err:
+        raise _fail(err) from err
+    if found is None:
+        raise click.ClickException(f"no service instance {qname}")
+    click.echo(qname.to_text())
+    click.echo(f"  host  {found.host or '-'}")
+    click.echo(f"  port  {found.port if found.port is not None else '-'}")
+    click.echo(f"  addr  {', '.join(found.addresses) or '-'}")
+    click.echo(f"  txt   {found.txt or '-'}")

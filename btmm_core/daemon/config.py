@@ -17,6 +17,8 @@ from typing import Any
 
 from btmm_core.dns.keyfile import write_secret
 from btmm_core.errors import ConfigError
+from btmm_core.names.dnssd import ServiceSpec, parse_services
+from btmm_core.names.system import parse_stub, parse_upstreams
 
 DEFAULT_CONFIG = Path(os.environ.get("BTMM_CONFIG", "/etc/btmm/btmm.toml"))
 DEFAULT_STATE = Path("/var/lib/btmm")
@@ -67,6 +69,14 @@ class Config:
     sso_sshd_pid_file: Path = Path("/run/sshd.pid")
     sso_host_validity: float = 4 * 3600.0
     sso_user_validity: float = 10 * 3600.0
+    #: the stub resolver's loopback ADDR:PORT ("": none); names/system.py says why this one
+    stub: str = "127.0.0.153:53"
+    #: resolvers for names outside the zone: "ADDR[:PORT], ..."; "": the nameservers of
+    #: ``resolv_conf`` as the daemon starts; "none": REFUSED
+    upstream: str = ""
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    #: ``[services]``: what this host publishes by wide-area DNS-SD (``names/dnssd.py``)
+    services: tuple[ServiceSpec, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -103,6 +113,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "registry": ("server", "lease", "refresh_fraction", "llq_lease", "resolve_interval"),
     "tunnel": ("dataplane", "tun", "port", "mtu", "keepalive"),
     "network": ("portmap", "gateway", "netcheck_interval"),
+    "names": ("stub", "upstream", "resolv_conf"),
 }
 #: [sso] keys; each is the field ``sso_<key>``
 _SSO_KEYS = ("enabled", "users", "host_key", "user_key", "sshd_dropin", "known_hosts",
@@ -119,6 +130,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     known = {f.name: f for f in fields(Config)}
     values: dict[str, Any] = {}
+    services = data.get("services", {})
+    if not isinstance(services, dict):
+        raise ConfigError(f"{path}: [services] must be a table", hint="e.g. ssh = 22")
+    values["services"] = parse_services(services)
     for section, keys in _SECTIONS.items():
         table = data.get(section, {})
         if not isinstance(table, dict):
@@ -139,11 +154,12 @@ def load_config(path: Path) -> Config:
     _check_sso(path, values)
     if "host" not in values:
         raise ConfigError(f"{path}: [host] host is missing", hint="run `btmm join`")
-    for k in ("state_dir", "hosts_file"):
+    for k in ("state_dir", "hosts_file", "resolv_conf"):
         if k in values:
             values[k] = Path(values[k]) if values[k] else None
-    if values.get("state_dir") is None:
-        values.pop("state_dir", None)
+    for k in ("state_dir", "resolv_conf"):
+        if values.get(k) is None:
+            values.pop(k, None)
     for k, v in values.items():
         want = known[k].type
         if want in ("int", "float") and not isinstance(v, (int, float)):
@@ -187,6 +203,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"portmap = {cfg.portmap!r}: use \"auto\" or \"off\"")
     if not 0.1 <= cfg.refresh_fraction <= 0.95:
         raise ConfigError("refresh_fraction must be between 0.1 and 0.95")
+    if cfg.stub:
+        parse_stub(cfg.stub)
+        if cfg.upstream.strip() != "none":
+            parse_upstreams(cfg.upstream)
     cfg.server_address()
 
 

@@ -34,6 +34,7 @@ from btmm_core.daemon.config import Config
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.hosts import write_hosts
 from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
+from btmm_core.daemon.naming import Names
 from btmm_core.daemon.netutil import (
     del_route,
     drain,
@@ -61,6 +62,7 @@ from btmm_core.daemon.records import (
     verify_peer,
     withdraw_update,
 )
+from btmm_core.daemon.services import ServicePublisher
 from btmm_core.daemon.sso import Sso
 from btmm_core.dataplane import open_engine
 from btmm_core.dataplane.api import ControlPacket, Endpoint, Engine, EngineConfig, StunPacket
@@ -188,6 +190,8 @@ class Daemon:
         self._stun_done = asyncio.Event()
         self.fatal: BtmmError | None = None
         self._stop: asyncio.Event | None = None
+        self.names = Names(cfg, self.zone)
+        self.services = ServicePublisher(cfg, self.zone)
 
     # -- set up ------------------------------------------------------------------------
 
@@ -265,8 +269,10 @@ class Daemon:
                     log.error("SSH single sign-on not set up", error=str(err),
                               hint="check [sso] paths and that btmm runs as root")
                 self._spawn(self._sso_loop(), "sso")
+            await self.names.start(self.engine.tun_name, self.registry.query)
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
+            self._spawn(self.services.run(self.registry), "services")
             self._spawn(self._netcheck(), "netcheck")
             self._spawn(self._status_writer(), "status")
             self._spawn(self._resolver(), "resolver")
@@ -314,6 +320,7 @@ class Daemon:
         if self._browse is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._browse.close(), 2.0)
+        await self.services.withdraw(self.registry)
         if self.published is not None and self.registry is not None:
             try:
                 await self.registry.exchange(withdraw_update(self.zone, self.published))
@@ -325,6 +332,7 @@ class Daemon:
             await self._stop_portmap(delete=True)
         if self.driver is not None:
             self.driver.close()
+        await self.names.close()
         if self.cfg.hosts_file is not None:
             with contextlib.suppress(OSError):
                 write_hosts(self.cfg.hosts_file, {})
@@ -978,10 +986,12 @@ class Daemon:
                     peer.last_failure = report.what
 
     def _write_hosts(self) -> None:
+        hosts = {p.records.name: p.records.ula for p in self.peers.values()}
+        hosts[host_name(self.cfg.host, self.zone)] = self.identity.ula
+        self.names.update(hosts)
         if self.cfg.hosts_file is None:
             return
-        names = {p.records.name.to_text(): p.records.ula for p in self.peers.values()}
-        names[host_name(self.cfg.host, self.zone).to_text()] = self.identity.ula
+        names = {name.to_text(): ula for name, ula in hosts.items()}
         try:
             write_hosts(self.cfg.hosts_file, names, zone=self.zone.to_text())
         except OSError as err:
@@ -1062,6 +1072,8 @@ class Daemon:
                 **({"ssh": self.sso.status(now)} if self.sso is not None else {}),
             },
             "peers": peers,
+            "names": self.names.status(),
+            "services": self.services.status(),
         }
 
     async def _status_writer(self) -> None:

@@ -12,8 +12,9 @@ directly. Every process is the real command: ``btmm serve`` for the registry, ``
 ``btmm up`` for each host, miniupnpd on each gateway. Each host enrols its own key as a user
 would: the desktop with the account's credentials file, the laptop with a single-use invite
 (``btmm serve user invite``), both from inside their namespace over the lab network. Each host
-namespace gets its own hosts file (/etc/netns/<ns>/hosts, which ``ip netns exec`` mounts on
-/etc/hosts), so names resolve inside the lab only.
+namespace gets its own hosts file and resolv.conf (/etc/netns/<ns>/, which ``ip netns exec``
+mounts on /etc/), the latter naming the daemon's stub resolver, so names resolve inside the lab
+only.
 
 Scenarios (``btmm lab --scenario NAME``, ``build_world(scenario=NAME)``; ``SCENARIOS``):
 
@@ -263,9 +264,11 @@ class World:
         etc = Path("/etc/netns") / ns.name
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
-        # a name not (yet) in the hosts file must fail at once, not wait on the machine's own
-        # resolver (which the lab cannot reach anyway): nothing listens on the namespace's lo
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        # programs ask the daemon's stub resolver (``names/``, default 127.0.0.153); a name it
+        # does not know fails at once, never waiting on the machine's own resolver (which the
+        # lab cannot reach anyway): before the daemon starts nothing listens there
+        (etc / "resolv.conf").write_text(
+            "nameserver 127.0.0.153\noptions timeout:1 attempts:1\n")
         self.lab.on_close(lambda: shutil.rmtree(etc, ignore_errors=True))
         work = self.workdir / name
         work.mkdir()

@@ -77,6 +77,18 @@ _domain_option = click.option(
 @click.option(
     "--public-port", type=int, default=None, help="Port in the discovery SRVs (default: --port)."
 )
+@click.option(
+    "--public-browse",
+    "public_browse",
+    multiple=True,
+    metavar="USER",
+    help="Let anyone read USER's DNS-SD browse records (repeatable; off for every user by "
+    "default): the service PTRs, each instance's SRV and TXT, the RFC 6763 section 11 domain "
+    "PTRs and the LLQ/DNS Push discovery SRVs answer without a TSIG signature, so unsigned "
+    "clients (mDNSResponder's dns-sd, avahi) can browse. Privacy: anyone who knows the zone's "
+    "name then sees which services its hosts offer, their host names, ports and TXT; host "
+    "addresses, keys and tunnel endpoints stay behind the key.",
+)
 @click.option("--lease-min", type=int, default=1800, show_default=True)
 @click.option("--lease-max", type=int, default=7200, show_default=True)
 @click.option(
@@ -201,7 +213,13 @@ def serve(ctx: click.Context, /, **o: Any) -> None:
 def _config(o: dict[str, Any]) -> ServeConfig:
     """The options of ``serve``, by the names click gives them, as a ``ServeConfig``."""
     return ServeConfig(
-        zone=ZoneNames(parse_domain(o["domain"]), o["ns_name"], o["ns_address"], o["public_port"]),
+        zone=ZoneNames(
+            parse_domain(o["domain"]),
+            o["ns_name"],
+            o["ns_address"],
+            o["public_port"],
+            tuple(o["public_browse"]),
+        ),
         storage=StorageConfig(o["state_dir"], o["db"]),
         listen=ListenConfig(
             o["listen"],

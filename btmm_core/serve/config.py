@@ -77,6 +77,8 @@ class ZoneNames:
     ns_addresses: tuple[str, ...] = ()
     #: Port in the discovery SRVs; None: the listen port.
     public_port: int | None = None
+    #: Users whose zones let anyone read their DNS-SD browse records (``--public-browse``).
+    public_browse: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,4 +131,11 @@ class ServeConfig:
     def zone_config(self) -> ZoneConfig:
         port = self.zone.public_port or self.listen.port
         stun = self.stun.port if self.stun.enabled else None
-        return ZoneConfig(self.zone.domain, self.ns, self.glue, port, stun_port=stun)
+        return ZoneConfig(
+            self.zone.domain,
+            self.ns,
+            self.glue,
+            port,
+            stun_port=stun,
+            public_browse=frozenset(self.zone.public_browse),
+        )
