@@ -49,7 +49,7 @@ class Run:
     failure: str = ""
 
 
-def parse_run(out: str, returncode: int, seconds: float) -> Run:
+def parse_run(out: str, returncode: int, seconds: float, err: str = "") -> Run:
     """Read one run's output. ``paths`` are each host's path when the tunnels came up (the
     throughput is measured on it), ``final_paths`` the ones at the end (after the move, for
     roam-home); ``handshake_retries`` is the sum over the status lines printed right after the
@@ -64,7 +64,8 @@ def parse_run(out: str, returncode: int, seconds: float) -> Run:
     failure = ""
     if not ok:
         failed = [line for line in out.splitlines() if "lab failed" in line or "Error" in line]
-        failure = failed[0] if failed else f"exit status {returncode}"
+        last = err.strip().splitlines()[-1:] if err.strip() else []
+        failure = (failed[0] if failed else last[0] if last else "") or f"exit status {returncode}"
     return Run(ok=ok, seconds=seconds,
                first_ping=float(ping.group(1)) if ping else None,
                tunnels_up=float(up.group(1)) if up else None,
@@ -84,7 +85,7 @@ def run_once(scenario: str, pair: str, megabytes: int, timeout: float = 300) -> 
                               check=False)
     except subprocess.TimeoutExpired:
         return Run(ok=False, seconds=time.monotonic() - t0, failure=f"timeout {timeout} s")
-    return parse_run(proc.stdout, proc.returncode, time.monotonic() - t0)
+    return parse_run(proc.stdout, proc.returncode, time.monotonic() - t0, proc.stderr)
 
 
 @dataclass

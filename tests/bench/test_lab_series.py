@@ -38,3 +38,9 @@ def test_summary_counts_the_longest_streak_and_totals_retries() -> None:
     assert s["paths"] == ["mapped → lan"] and s["handshake_retries_total"] == 3
     assert s["runs_with_retries"] == 3 and s["failures"] == ["lab failed: x"]
     assert "| roam-home | fast/python | 3/4 |" in table([s])
+
+
+def test_a_run_that_printed_nothing_says_what_it_wrote_to_stderr() -> None:
+    run = parse_run("", 1, 0.5, "Traceback ...\nSyntaxError: invalid syntax\n")
+    assert not run.ok and run.failure == "SyntaxError: invalid syntax"
+    assert parse_run("", 1, 0.5).failure == "exit status 1"
