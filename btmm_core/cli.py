@@ -17,6 +17,8 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.daemon.cli", "join"),
     ("btmm_core.daemon.cli", "up"),
     ("btmm_core.daemon.cli", "status"),
+    ("btmm_core.daemon.cli", "ping"),
+    ("btmm_core.daemon.cli", "down"),
     ("btmm_core.lab.world", "lab"),
 )
 

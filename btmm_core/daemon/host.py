@@ -6,7 +6,8 @@ publish at start and before the lease runs out (and at once when the external en
 changes), follow the browse list and each peer's endpoint records by LLQ, ask the registry's
 STUN server for the tunnel port's reflexive address, run the path checks of every peer
 (``daemon/pathset.py``) and point its session where they say, keep one key-exchange session per
-peer, watch addresses and routes, and write the status file and hosts block.
+peer, watch addresses and routes, keep the hosts block, and answer ``btmm status``, ``btmm
+ping`` and ``btmm down`` on the control socket (``control_server.py``) with the state of now.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import os
 import random
 import socket
@@ -31,7 +31,10 @@ import structlog
 
 from btmm_core import __version__
 from btmm_core.daemon.config import Config
+from btmm_core.daemon.control import Op, PingArgs, Request
+from btmm_core.daemon.control_server import ControlServer
 from btmm_core.daemon.dnsclient import RegistryClient
+from btmm_core.daemon.echo import EchoSocket
 from btmm_core.daemon.hosts import write_hosts
 from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
 from btmm_core.daemon.netutil import (
@@ -181,6 +184,9 @@ class Daemon:
         self._stun_done = asyncio.Event()
         self.fatal: BtmmError | None = None
         self._stop: asyncio.Event | None = None
+        self.control: ControlServer | None = None
+        #: what the clean shutdown did, for a ``down`` request waiting on it
+        self._stopped: asyncio.Future[dict[str, Any]] | None = None
 
     # -- set up ------------------------------------------------------------------------
 
@@ -237,6 +243,27 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         assert self.engine is not None and self.kx is not None
         self._stop = stop
+        # first, so that `btmm status` and `btmm down` work from the start and another
+        # daemon on the same state is found before anything is touched
+        self._stopped = asyncio.get_running_loop().create_future()
+        self.control = ControlServer(self.cfg.control_path, self.on_control)
+        await self.control.start()
+        with contextlib.suppress(OSError):
+            # written every second by versions before the control socket; it would only show
+            # the past now
+            self.cfg.legacy_status_file.unlink()
+        try:
+            await self._run(stop)
+        finally:
+            if not self._stopped.done():
+                self._stopped.set_result({"withdrawn": None, "peers_dropped": 0,
+                                          "error": None if self.fatal is None
+                                          else self.fatal.what})
+            # last: a `down` waiting on ``_stopped`` is answered before the socket goes
+            await self.control.close()
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        assert self.engine is not None and self.kx is not None
         server = await self._find_registry()
         self.registry = RegistryClient(server, self.key)
         self.engine.start()
@@ -252,7 +279,6 @@ class Daemon:
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
             self._spawn(self._netcheck(), "netcheck")
-            self._spawn(self._status_writer(), "status")
             self._spawn(self._resolver(), "resolver")
             self._spawn(self._stun_loop(), "stun")
             self._spawn(self._path_loop(), "paths")
@@ -288,6 +314,8 @@ class Daemon:
         self._tasks.append(asyncio.create_task(guarded(), name=name))
 
     async def _shutdown(self) -> None:
+        withdrawn: bool | None = None
+        dropped = len(self.peers)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -302,7 +330,9 @@ class Daemon:
             try:
                 await self.registry.exchange(withdraw_update(self.zone, self.published))
                 log.info("records withdrawn")
+                withdrawn = True
             except BtmmError as err:
+                withdrawn = False
                 log.warning("could not withdraw records; they expire with their lease",
                             error=str(err))
         if self._portmap is not None:
@@ -312,9 +342,10 @@ class Daemon:
         if self.cfg.hosts_file is not None:
             with contextlib.suppress(OSError):
                 write_hosts(self.cfg.hosts_file, {})
-        with contextlib.suppress(OSError):
-            self.cfg.status_file.unlink()
         log.info("daemon stopped")
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result({"withdrawn": withdrawn, "peers_dropped": dropped,
+                                      "error": None if self.fatal is None else self.fatal.what})
 
     # -- publishing --------------------------------------------------------------------
 
@@ -987,14 +1018,74 @@ class Daemon:
             "peers": peers,
         }
 
-    async def _status_writer(self) -> None:
-        path = self.cfg.status_file
-        while True:
-            data = json.dumps(self.status(), indent=1) + "\n"
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(data)
-            os.replace(tmp, path)
-            await asyncio.sleep(1.0)
+    # -- control socket ------------------------------------------------------------------
+
+    async def on_control(self, request: Request) -> dict[str, Any]:
+        """Answer one control request (``control.py``) with the state of now."""
+        if request.op == Op.HELLO:
+            return {"versions": [1], "ops": [o.value for o in Op], "pid": os.getpid(),
+                    "software": __version__}
+        if request.op == Op.STATUS:
+            if self.registry is None:
+                raise BtmmError("the daemon is starting: it is looking for the registry",
+                                hint="ask again in a moment")
+            return self.status()
+        if request.op == Op.PING:
+            return await self.ping(PingArgs.parse(request.args))
+        assert request.op == Op.DOWN
+        assert self._stop is not None and self._stopped is not None
+        log.info("stopping: asked on the control socket")
+        self._stop.set()
+        return await asyncio.shield(self._stopped)
+
+    def find_peer(self, what: str) -> Peer:
+        """The peer a user means by ``what``: its name, its host label or its ULA."""
+        want = what.rstrip(".").lower()
+        for peer in self.peers.values():
+            rec = peer.records
+            if want in (rec.name.to_text(omit_final_dot=True).lower(), rec.host.lower()):
+                return peer
+            with contextlib.suppress(ValueError):
+                if ipaddress.IPv6Address(want) == rec.ula:
+                    return peer
+        known = ", ".join(sorted(p.records.host for p in self.peers.values())) or "none yet"
+        raise BtmmError(f"no peer {what!r}", hint=f"peers: {known} (see `btmm status`)")
+
+    async def ping(self, args: PingArgs) -> dict[str, Any]:
+        """ICMPv6 echo to the peer's ULA through the tunnel (``echo.py`` says why not a path
+        probe), with the path in use beside it."""
+        assert self.engine is not None
+        peer = self.find_peer(args.peer)
+        inner = str(peer.records.ula)
+        mono = asyncio.get_running_loop().time()
+        path = self.paths.status(inner, mono)
+        info = next((p for p in self.engine.peers() if p.inner == inner), None)
+        ident = self._rng.randrange(1, 0x10000)
+        token = os.urandom(16)
+        try:
+            echo = EchoSocket(self.engine.tun_name)
+        except OSError as err:
+            raise BtmmError(f"cannot open an ICMPv6 socket on {self.engine.tun_name}: {err}",
+                            hint="`btmm up` needs root (CAP_NET_RAW) for this") from err
+        try:
+            rtts = await echo.round_trips(inner, ident, token, args.count, args.interval,
+                                          args.timeout)
+        finally:
+            echo.close()
+        ep = None if info is None else info.endpoint
+        return {
+            "peer": peer.records.name.to_text(),
+            "ula": inner,
+            "tunnel": tunnel_state(info is not None and info.tx_spi is not None,
+                                   self.paths.state(inner)),
+            "endpoint": None if ep is None else _endpoint_text(ep),
+            "path": path["path"],
+            "path_endpoint": path["path_endpoint"],
+            "path_rtt_ms": path["rtt_ms"],
+            "sent": args.count,
+            "received": sum(r is not None for r in rtts),
+            "rtt_ms": [None if r is None else round(r * 1000, 3) for r in rtts],
+        }
 
 
 def _endpoint_text(ep: Endpoint) -> str:

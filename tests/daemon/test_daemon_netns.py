@@ -184,7 +184,8 @@ def test_no_nat_ping_by_name_and_status_json(lab: Lab) -> None:
             world.btmm("status", "--json", "--config", str(laptop.config))).stdout)
         return st
 
-    # the status file is rewritten once a second: wait for one written after the pings
+    # asked on the control socket: the engine's counters as of now (bumped right after each
+    # send call returns, so awaited with a deadline rather than looked at once)
     _wait(lambda: status()["peers"][0]["packets_out"] >= 3, 5,  # type: ignore[index]
           "the pings in the status", world)
     st: Any = status()
