@@ -100,12 +100,17 @@ def join(config_path: Path, credentials: Path, secret_file: Path | None, host: s
 @_config_option
 @click.option("--log-level", type=click.Choice(LEVELS),
               default=None, help="Overrides the configuration's log_level.")
-def up(config_path: Path, log_level: str | None) -> None:
-    """Run the host daemon in the foreground until SIGTERM or Ctrl-C (clean shutdown removes
-    this host's records)."""
+@click.option("--metrics", "metrics_at", metavar="HOST:PORT", default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (loopback addresses "
+              "only; default: off).")
+def up(config_path: Path, log_level: str | None, metrics_at: str | None) -> None:
+    """Run the host daemon in the foreground until SIGTERM, Ctrl-C or `btmm down` (a clean
+    shutdown removes this host's records)."""
     from btmm_core.daemon.host import Daemon
+    from btmm_core.metrics.exporter import parse_listen
 
     try:
+        metrics = None if metrics_at is None else parse_listen(metrics_at)
         cfg = load_config(config_path)
         configure_logging(log_level or cfg.log_level)
         daemon = Daemon(cfg)
@@ -119,7 +124,7 @@ def up(config_path: Path, log_level: str | None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await daemon.run(stop)
+        await daemon.run(stop, metrics)
 
     try:
         with daemon.engine:

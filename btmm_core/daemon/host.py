@@ -19,6 +19,7 @@ import os
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 import structlog
+from prometheus_client import CollectorRegistry
 
 from btmm_core import __version__
 from btmm_core.daemon.config import Config
@@ -37,6 +39,7 @@ from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.daemon.echo import EchoSocket
 from btmm_core.daemon.hosts import write_hosts
 from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
+from btmm_core.daemon.metrics import DaemonCollector
 from btmm_core.daemon.netutil import (
     del_route,
     drain,
@@ -83,6 +86,7 @@ from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged
 from btmm_core.llq.driver import Watcher
+from btmm_core.metrics.exporter import MetricsServer
 from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
 from btmm_core.portmap.renewal import EventKind, MappingEvent, MappingRenewal
@@ -185,6 +189,8 @@ class Daemon:
         self.fatal: BtmmError | None = None
         self._stop: asyncio.Event | None = None
         self.control: ControlServer | None = None
+        #: how often each peer's tunnel was pointed at a path (``UsePath``), for the metrics
+        self.path_changes: Counter[str] = Counter()
         #: what the clean shutdown did, for a ``down`` request waiting on it
         self._stopped: asyncio.Future[dict[str, Any]] | None = None
 
@@ -240,7 +246,9 @@ class Daemon:
 
     # -- main --------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, metrics: tuple[str, int] | None = None) -> None:
+        """Run until ``stop`` is set; ``metrics``: serve Prometheus metrics there (a loopback
+        HOST, PORT; ``metrics/exporter.py``)."""
         assert self.engine is not None and self.kx is not None
         self._stop = stop
         # first, so that `btmm status` and `btmm down` work from the start and another
@@ -252,9 +260,17 @@ class Daemon:
             # written every second by versions before the control socket; it would only show
             # the past now
             self.cfg.legacy_status_file.unlink()
+        exporter = None
         try:
+            if metrics is not None:
+                registry = CollectorRegistry(auto_describe=False)
+                registry.register(DaemonCollector(self))
+                exporter = MetricsServer(registry, *metrics)
+                await exporter.start()
             await self._run(stop)
         finally:
+            if exporter is not None:
+                await exporter.close()
             if not self._stopped.done():
                 self._stopped.set_result({"withdrawn": None, "peers_dropped": 0,
                                           "error": None if self.fatal is None
@@ -691,6 +707,7 @@ class Daemon:
                 log.info("path", peer=peer, path=PATH_NAMES[out.kind],
                          endpoint=_endpoint_text(out.endpoint),
                          rtt_ms=None if out.rtt is None else round(out.rtt * 1000, 1))
+                self.path_changes[inner] += 1
                 if inner in self.kx.by_inner:
                     self.driver.move_peer(inner, out.endpoint)
             elif isinstance(out, PathStale):

@@ -291,10 +291,11 @@ class World:
             # the gateway may still be coming up (no connection: nothing was enrolled)
             time.sleep(0.5)
 
-    def start_host(self, host: Host) -> None:
+    def start_host(self, host: Host, *args: str) -> None:
+        """``btmm up`` in the host's namespace; ``args``: more options (``--metrics ...``)."""
         host.log = host.workdir / "daemon.log"
         log = open(host.log, "ab")  # noqa: SIM115 (owned by the process)
-        host.proc = host.ns.popen(self.btmm("up", "--config", str(host.config)),
+        host.proc = host.ns.popen(self.btmm("up", "--config", str(host.config), *args),
                                   stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                   env=_child_env())
         log.close()

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,11 +45,23 @@ def _packets_out(host: Host) -> int:
     return sum(p["packets_out"] for p in st.get("peers", []))
 
 
+def _metrics(host: Host) -> dict[str, float]:
+    text = host.ns.run([sys.executable, "-c", "import sys, urllib.request; sys.stdout.write("
+                        "urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())",
+                        "http://127.0.0.1:9430/metrics"]).stdout
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def test_status_ping_and_down_over_the_control_socket(lab: Lab) -> None:
     world = build_world(lab, nat=False, dataplanes=("fast", "python"))
     desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
-    for h in (desktop, laptop):
-        world.start_host(h)
+    world.start_host(desktop)
+    world.start_host(laptop, "--metrics", "127.0.0.1:9430")  # the namespace's own loopback
     world.wait_tunnels(15)
     for h in (desktop, laptop):
         mode = os.stat(h.control_socket).st_mode
@@ -86,6 +99,19 @@ def test_status_ping_and_down_over_the_control_socket(lab: Lab) -> None:
     unknown = _btmm(world, laptop, "ping", "printer")
     assert unknown.returncode == 1
     assert "no peer 'printer'" in unknown.stderr and "peers: desktop" in unknown.stderr
+
+    # its metrics, scraped inside its namespace: the same counters, the peer by its label
+    m = _metrics(laptop)
+    assert m['btmm_peer_packets_total{direction="out",peer="desktop"}'] >= before + 3 + 3
+    assert m['btmm_peer_packets_total{direction="in",peer="desktop"}'] >= 6
+    assert m['btmm_peer_bytes_total{direction="out",peer="desktop"}'] > 0
+    assert m['btmm_peer_handshakes_total{peer="desktop"}'] >= 1
+    assert m['btmm_peer_rekeys_total{peer="desktop"}'] >= 0
+    assert m['btmm_peer_path_changes_total{peer="desktop"}'] >= 1
+    assert m['btmm_peer_tunnel_up{peer="desktop"}'] == 1
+    assert m["btmm_peers"] == 1
+    assert m['btmm_control_requests_total{result="ok"}'] >= 3
+    assert m['btmm_control_requests_total{result="failed"}'] == 1  # the unknown peer
 
     # btmm down: answered once the daemon has stopped and withdrawn its records
     assert _dig(world, laptop.fqdn, "AAAA")
