@@ -43,9 +43,9 @@ class RegistryCollector(Collector):
         responses = CounterMetricFamily("btmm_registry_responses",
                                         "DNS answers sent, by opcode (QUERY, UPDATE, ...) and "
                                         "rcode", labels=["opcode", "rcode"])
-        for (opcode, rcode), n in sorted(core.responses.items()):
-            responses.add_metric([_name(dns.opcode.to_text, opcode),
-                                  _name(dns.rcode.to_text, rcode)], n)
+        for codes, n in sorted(core.responses.items()):
+            responses.add_metric([_name(dns.opcode.to_text, codes >> 8),
+                                  _name(dns.rcode.to_text, codes & 0xFF)], n)
         yield responses
         tsig = CounterMetricFamily("btmm_registry_tsig_errors",
                                    "Signed requests refused, by TSIG error", labels=["kind"])
