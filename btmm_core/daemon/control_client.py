@@ -8,6 +8,7 @@ answer in time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -44,7 +45,9 @@ def ask(path: Path, op: Op, args: dict[str, Any] | None = None,
         except TimeoutError as exc:
             raise BtmmError(f"the daemon did not accept a connection on {path} within "
                             f"{timeout:g} s", hint="it may be hung; see its log") from exc
-        sock.sendall(Request(op, args or {}).to_line())
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # a daemon that refuses may close before all is sent; its reply says why
+            sock.sendall(Request(op, args or {}).to_line())
         line = _read_line(sock, deadline, path)
     finally:
         sock.close()

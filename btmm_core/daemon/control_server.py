@@ -43,6 +43,8 @@ IDLE_TIMEOUT = 60.0
 #: after a request over ``MAX_LINE``: how much more of it is read and dropped, for how long
 DISCARD_BYTES = 1 << 20
 DISCARD_SECONDS = 2.0
+#: how long a refused connection's request is waited for before the refusal is sent anyway
+REFUSE_READ = 2.0
 #: sun_path holds 108 bytes with its terminating NUL
 MAX_PATH = 107
 
@@ -168,15 +170,20 @@ class ControlServer:
         assert task is not None
         try:
             uid = peer_uid(writer.get_extra_info("socket"))
+            refusal = None
             if uid is not None and uid not in (0, os.getuid()):
-                await self._send(writer, Reply.error(ErrorCode.REFUSED,
-                                                     "only root may ask the btmm daemon",
-                                                     hint="run it with sudo"))
-                return
-            if len(self._connections) >= MAX_CONNECTIONS:
-                await self._send(writer, Reply.error(ErrorCode.REFUSED,
-                                                     "too many control connections",
-                                                     hint="try again in a moment"))
+                refusal = Reply.error(ErrorCode.REFUSED, "only root may ask the btmm daemon",
+                                      hint="run it with sudo")
+            elif len(self._connections) >= MAX_CONNECTIONS:
+                refusal = Reply.error(ErrorCode.REFUSED, "too many control connections",
+                                      hint="try again in a moment")
+            if refusal is not None:
+                self._count(ErrorCode.REFUSED.text)
+                # the request is read (and not looked at) before the refusal goes out: a
+                # client still sending into a closed socket would lose the reply that says why
+                with contextlib.suppress(TimeoutError, ValueError):
+                    await asyncio.wait_for(reader.readline(), REFUSE_READ)
+                await self._send(writer, refusal)
                 return
             self._connections[task] = False
             await self._serve(task, reader, writer)

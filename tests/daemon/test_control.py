@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from btmm_core.daemon.control import (
     parse_request,
 )
 from btmm_core.daemon.control_client import ask
-from btmm_core.daemon.control_server import ControlServer, claim_path
+from btmm_core.daemon.control_server import MAX_CONNECTIONS, ControlServer, claim_path
 from btmm_core.daemon.echo import ECHO_REPLY, ECHO_REQUEST, Echo, reply_filter
 from btmm_core.errors import ConfigError, ControlError, DaemonNotRunning
 
@@ -265,3 +266,76 @@ def test_status_and_ping_commands_over_the_socket(sock_dir: Path) -> None:
         assert "no peer 'nobody'" in result.output and "peers: none yet" in result.output
 
     _serve(sock_dir / "state" / "control.sock", body)
+
+
+def _ask_as(uid: int, path: Path) -> bytes:
+    """One status request from a child process running as ``uid`` (forked: an interpreter of
+    its own may live where that user cannot read); its reply line."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then out
+        try:
+            os.close(r)
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(b'{"v":1,"op":"status"}\n')
+            os.write(w, s.makefile("rb").readline())
+        except BaseException as exc:  # said to the parent, whose json.loads then fails
+            os.write(w, repr(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        line = f.read()
+    os.waitpid(pid, 0)
+    return line
+
+
+def test_only_root_is_answered_even_if_the_mode_is_loosened(sock_dir: Path) -> None:
+    path = sock_dir / "control.sock"
+
+    def body(_: ControlServer) -> None:
+        # what a careless chmod would do: the socket's mode no longer keeps anyone out
+        os.chmod(sock_dir, 0o755)
+        os.chmod(path, 0o666)
+        reply = json.loads(_ask_as(65534, path))
+        assert reply["ok"] is False and reply["error"]["code"] == "refused"
+        assert reply["error"]["hint"] == "run it with sudo"
+        assert "result" not in reply
+
+    _serve(path, body)
+
+
+def test_connections_beyond_the_limit_are_refused_and_the_rest_served(sock_dir: Path) -> None:
+    path = sock_dir / "control.sock"
+
+    def body(server: ControlServer) -> None:
+        held = []
+        try:
+            for _ in range(MAX_CONNECTIONS):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(10)
+                s.connect(str(path))
+                s.sendall(b'{"v":1,"op":"hello"}\n')
+                assert json.loads(s.makefile("rb").readline())["ok"]  # it is being served
+                held.append(s)
+            with pytest.raises(ControlError, match="too many control connections") as info:
+                ask(path, Op.STATUS)
+            assert info.value.code == "refused"
+            held.pop().close()
+            deadline = time.monotonic() + 10
+            while True:  # the freed slot is given back once the server saw the close
+                try:
+                    assert ask(path, Op.STATUS) == {"peers": [], "time": 1.0}
+                    break
+                except ControlError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        finally:
+            for s in held:
+                s.close()
+
+    _serve(path, body)

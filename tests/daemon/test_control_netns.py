@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from btmm_core.daemon.control import Op
+from btmm_core.daemon.control_client import ask
 from btmm_core.lab.netns import Lab
 from btmm_core.lab.world import REGISTRY, USER, Host, World, build_world
 
@@ -67,6 +69,9 @@ def test_status_ping_and_down_over_the_control_socket(lab: Lab) -> None:
         mode = os.stat(h.control_socket).st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, h.name
     assert not (laptop.workdir / "state" / "status.json").exists()
+    hello = ask(laptop.control_socket, Op.HELLO)
+    assert hello["versions"] == [1] and hello["ops"] == ["hello", "status", "ping", "down"]
+    assert laptop.proc is not None and hello["pid"] == laptop.proc.pid
 
     # status is asked, not read from a file written once a second: the counters are the
     # engine's as of the request. Each engine bumps its counter right after its send call
