@@ -20,6 +20,8 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.daemon.cli", "ssh_cert"),
     ("btmm_core.daemon.cli", "browse"),
     ("btmm_core.daemon.cli", "resolve"),
+    ("btmm_core.daemon.cli", "ping"),
+    ("btmm_core.daemon.cli", "down"),
     ("btmm_core.lab.world", "lab"),
 )
 

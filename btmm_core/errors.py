@@ -106,3 +106,16 @@ class ClockSkew(RegistryError):
     def __init__(self, what: str, *, hint: str | None = None, skew: float | None = None) -> None:
         self.skew = skew
         super().__init__(what, hint=hint)
+
+
+class DaemonNotRunning(BtmmError):
+    """No ``btmm up`` answers on its control socket: never started, stopped, or crashed."""
+
+
+class ControlError(BtmmError):
+    """``btmm up`` answered a control request with an error; ``code`` names it (the protocol's
+    ``ErrorCode``, lower case: ``failed``, ``unknown_op``, ...)."""
+
+    def __init__(self, what: str, *, hint: str | None = None, code: str = "failed") -> None:
+        self.code = code
+        super().__init__(what, hint=hint)

@@ -21,6 +21,7 @@ RANKS: dict[str, int] = {
     "errors": 0,
     "_fast": 0,
     "log": 1,
+    "metrics": 1,
     "dns": 1,
     "stun": 1,
     "sso": 1,

@@ -1,4 +1,5 @@
-"""``btmm join``, ``btmm up`` and ``btmm status``."""
+"""``btmm join``, ``btmm up``, and ``btmm status``, ``ping`` and ``down`` (which ask the running
+daemon over its control socket)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import click
 
 from btmm_core.daemon.config import DEFAULT_CONFIG, load_config, plan_join
 from btmm_core.daemon.config import join as do_join
+from btmm_core.daemon.control import MAX_PING_COUNT, MAX_PING_TIMEOUT, Op
+from btmm_core.daemon.control_client import ask
 from btmm_core.errors import BtmmError, ConfigError
 from btmm_core.log import LEVELS, configure_logging
 
@@ -99,12 +102,17 @@ def join(config_path: Path, credentials: Path, secret_file: Path | None, host: s
 @_config_option
 @click.option("--log-level", type=click.Choice(LEVELS),
               default=None, help="Overrides the configuration's log_level.")
-def up(config_path: Path, log_level: str | None) -> None:
-    """Run the host daemon in the foreground until SIGTERM or Ctrl-C (clean shutdown removes
-    this host's records)."""
+@click.option("--metrics", "metrics_at", metavar="HOST:PORT", default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (loopback addresses "
+              "only; default: off).")
+def up(config_path: Path, log_level: str | None, metrics_at: str | None) -> None:
+    """Run the host daemon in the foreground until SIGTERM, Ctrl-C or `btmm down` (a clean
+    shutdown removes this host's records)."""
     from btmm_core.daemon.host import Daemon
+    from btmm_core.metrics.exporter import parse_listen
 
     try:
+        metrics = None if metrics_at is None else parse_listen(metrics_at)
         cfg = load_config(config_path)
         configure_logging(log_level or cfg.log_level)
         daemon = Daemon(cfg)
@@ -118,7 +126,7 @@ def up(config_path: Path, log_level: str | None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await daemon.run(stop)
+        await daemon.run(stop, metrics)
 
     try:
         with daemon.engine:
@@ -262,33 +270,22 @@ def render_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def read_status(path: Path, stale: float = 10.0) -> dict[str, Any]:
+def _ask(config_path: Path, op: Op, args: dict[str, Any] | None = None,
+         timeout: float = 5.0) -> dict[str, Any]:
     try:
-        st: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise BtmmError(f"no status at {path}: the daemon is not running",
-                        hint="start it with `btmm up` (or `systemctl start btmm`)") from exc
-    try:
-        os.kill(int(st["pid"]), 0)
-    except ProcessLookupError as exc:
-        raise BtmmError(f"the daemon (pid {st['pid']}) is gone; {path} is stale",
-                        hint="start it with `btmm up`") from exc
-    if time.time() - float(st["time"]) > stale:
-        raise BtmmError(f"the daemon has not updated {path} for over {stale:.0f} s",
-                        hint="it may be hung; see its log")
-    return st
+        cfg = load_config(config_path)
+        return ask(cfg.control_path, op, args, timeout)
+    except BtmmError as err:
+        raise _fail(err) from err
 
 
 @click.command("status")
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_path: Path, as_json: bool) -> None:
-    """This host (identity, endpoint, mapping, lease, LLQ) and each peer (tunnel, bytes)."""
-    try:
-        cfg = load_config(config_path)
-        st = read_status(cfg.status_file)
-    except BtmmError as err:
-        raise _fail(err) from err
+    """This host (identity, endpoint, mapping, lease, LLQ) and each peer (tunnel, bytes), as
+    the running daemon sees them now."""
+    st = _ask(config_path, Op.STATUS)
     click.echo(json.dumps(st, indent=1) if as_json else render_status(st))
 
 
@@ -362,3 +359,56 @@ def resolve(config_path: Path, name: str) -> None:
     click.echo(f"  port  {found.port if found.port is not None else '-'}")
     click.echo(f"  addr  {', '.join(found.addresses) or '-'}")
     click.echo(f"  txt   {found.txt or '-'}")
+
+
+def render_ping(r: dict[str, Any]) -> str:
+    path = r.get("path") or "none"
+    where = f" {r['path_endpoint']}" if r.get("path_endpoint") else ""
+    probe = f", probe rtt {r['path_rtt_ms']:.1f} ms" if r.get("path_rtt_ms") is not None else ""
+    lines = [f"PING {r['peer'].rstrip('.')} ({r['ula']}) through the tunnel ({r['tunnel']}); "
+             f"path {path}{where}{probe}"]
+    got = [t for t in r["rtt_ms"] if t is not None]
+    for seq, t in enumerate(r["rtt_ms"], 1):
+        lines.append(f"  seq {seq}: " + ("no reply" if t is None else f"{t:.2f} ms"))
+    summary = f"{r['sent']} sent, {r['received']} received"
+    if got:
+        summary += (f", rtt min/avg/max {min(got):.2f}/{sum(got) / len(got):.2f}/"
+                    f"{max(got):.2f} ms")
+    lines.append(summary)
+    return "\n".join(lines)
+
+
+@click.command("ping")
+@_config_option
+@click.argument("peer")
+@click.option("--count", type=click.IntRange(1, MAX_PING_COUNT), default=3,
+              show_default=True, help="Echo requests to send.")
+@click.option("-i", "--interval", type=click.FloatRange(0.01, 1.0), default=0.2,
+              show_default=True, help="Seconds between requests.")
+@click.option("-W", "--timeout", type=click.FloatRange(0.1, MAX_PING_TIMEOUT), default=2.0,
+              show_default=True, help="Seconds to wait for replies after the last request.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ping(config_path: Path, peer: str, count: int, interval: float, timeout: float,
+         as_json: bool) -> None:
+    """ICMPv6 echo to PEER's address through the tunnel (sent by the daemon), and the path it
+    takes. PEER: a host label, a name or a ULA. Exit status 1 when no reply came."""
+    args = {"peer": peer, "count": count, "interval": interval, "timeout": timeout}
+    r = _ask(config_path, Op.PING, args, timeout=count * interval + timeout + 5.0)
+    click.echo(json.dumps(r, indent=1) if as_json else render_ping(r))
+    if not r["received"]:
+        sys.exit(1)
+
+
+@click.command("down")
+@_config_option
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the daemon to finish stopping.")
+def down(config_path: Path, timeout: float) -> None:
+    """Stop the running daemon cleanly: its records are withdrawn from the registry, its
+    tunnels, routes and hosts entries removed. Returns once it has stopped."""
+    r = _ask(config_path, Op.DOWN, timeout=timeout)
+    withdrawn = {True: "its records withdrawn",
+                 False: "its records could not be withdrawn (they expire with their lease)",
+                 None: "it had published no records"}[r.get("withdrawn")]
+    click.echo(f"btmm up stopped: {withdrawn}; {r.get('peers_dropped', 0)} peer(s) dropped"
+               + (f"; it had stopped on: {r['error']}" if r.get("error") else ""))

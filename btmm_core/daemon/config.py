@@ -77,6 +77,9 @@ class Config:
     resolv_conf: Path = Path("/etc/resolv.conf")
     #: ``[services]``: what this host publishes by wide-area DNS-SD (``names/dnssd.py``)
     services: tuple[ServiceSpec, ...] = ()
+    #: where ``btmm up`` listens for ``btmm status``, ``ping`` and ``down`` (a Unix socket,
+    #: 0600); empty: ``control.sock`` in the state directory
+    control_socket: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -96,7 +99,12 @@ class Config:
         return self.state_dir / "identity.json"
 
     @property
-    def status_file(self) -> Path:
+    def control_path(self) -> Path:
+        return self.control_socket or self.state_dir / "control.sock"
+
+    @property
+    def legacy_status_file(self) -> Path:
+        """Where versions before the control socket wrote their status every second."""
         return self.state_dir / "status.json"
 
     def server_address(self) -> tuple[str, int] | None:
@@ -109,7 +117,7 @@ class Config:
 
 
 _SECTIONS: dict[str, tuple[str, ...]] = {
-    "host": ("host", "state_dir", "interface_id", "hosts_file", "log_level"),
+    "host": ("host", "state_dir", "interface_id", "hosts_file", "log_level", "control_socket"),
     "registry": ("server", "lease", "refresh_fraction", "llq_lease", "resolve_interval"),
     "tunnel": ("dataplane", "tun", "port", "mtu", "keepalive"),
     "network": ("portmap", "gateway", "netcheck_interval"),
@@ -154,7 +162,7 @@ def load_config(path: Path) -> Config:
     _check_sso(path, values)
     if "host" not in values:
         raise ConfigError(f"{path}: [host] host is missing", hint="run `btmm join`")
-    for k in ("state_dir", "hosts_file", "resolv_conf"):
+    for k in ("state_dir", "hosts_file", "resolv_conf", "control_socket"):
         if k in values:
             values[k] = Path(values[k]) if values[k] else None
     for k in ("state_dir", "resolv_conf"):
@@ -238,7 +246,7 @@ def plan_join(
     values: dict[str, Any] = {"host": name, **{k: v for k, v in settings.items() if v is not None}}
     state_dir = Path(values.get("state_dir", DEFAULT_STATE))
     values["state_dir"] = str(state_dir)
-    rest: dict[str, Any] = {k: (Path(v) if k == "hosts_file" and v else v)
+    rest: dict[str, Any] = {k: (Path(v) if k in ("hosts_file", "control_socket") and v else v)
                             for k, v in values.items() if k not in ("host", "state_dir")}
     if rest.get("hosts_file") == "":
         rest["hosts_file"] = None

@@ -6,7 +6,8 @@ publish at start and before the lease runs out (and at once when the external en
 changes), follow the browse list and each peer's endpoint records by LLQ, ask the registry's
 STUN server for the tunnel port's reflexive address, run the path checks of every peer
 (``daemon/pathset.py``) and point its session where they say, keep one key-exchange session per
-peer, watch addresses and routes, and write the status file and hosts block.
+peer, watch addresses and routes, keep the hosts block, and answer ``btmm status``, ``btmm
+ping`` and ``btmm down`` on the control socket (``control_server.py``) with the state of now.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import os
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +29,17 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 import structlog
+from prometheus_client import CollectorRegistry
 
 from btmm_core import __version__
 from btmm_core.daemon.config import Config
+from btmm_core.daemon.control import Op, PingArgs, Request
+from btmm_core.daemon.control_server import ControlServer
 from btmm_core.daemon.dnsclient import RegistryClient
+from btmm_core.daemon.echo import EchoSocket
 from btmm_core.daemon.hosts import write_hosts
 from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
+from btmm_core.daemon.metrics import DaemonCollector
 from btmm_core.daemon.naming import Names
 from btmm_core.daemon.netutil import (
     del_route,
@@ -83,6 +89,7 @@ from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged
 from btmm_core.llq.driver import Watcher
+from btmm_core.metrics.exporter import MetricsServer
 from btmm_core.portmap.addresses import is_behind_nat
 from btmm_core.portmap.client import PortMapClient, default_gateway
 from btmm_core.portmap.renewal import EventKind, MappingEvent, MappingRenewal
@@ -192,6 +199,11 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self.names = Names(cfg, self.zone)
         self.services = ServicePublisher(cfg, self.zone)
+        self.control: ControlServer | None = None
+        #: how often each peer's tunnel was pointed at a path (``UsePath``), for the metrics
+        self.path_changes: Counter[str] = Counter()
+        #: what the clean shutdown did, for a ``down`` request waiting on it
+        self._stopped: asyncio.Future[dict[str, Any]] | None = None
 
     # -- set up ------------------------------------------------------------------------
 
@@ -245,9 +257,40 @@ class Daemon:
 
     # -- main --------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, metrics: tuple[str, int] | None = None) -> None:
+        """Run until ``stop`` is set; ``metrics``: serve Prometheus metrics there (a loopback
+        HOST, PORT; ``metrics/exporter.py``)."""
         assert self.engine is not None and self.kx is not None
         self._stop = stop
+        # first, so that `btmm status` and `btmm down` work from the start and another
+        # daemon on the same state is found before anything is touched
+        self._stopped = asyncio.get_running_loop().create_future()
+        self.control = ControlServer(self.cfg.control_path, self.on_control)
+        await self.control.start()
+        with contextlib.suppress(OSError):
+            # written every second by versions before the control socket; it would only show
+            # the past now
+            self.cfg.legacy_status_file.unlink()
+        exporter = None
+        try:
+            if metrics is not None:
+                registry = CollectorRegistry(auto_describe=False)
+                registry.register(DaemonCollector(self))
+                exporter = MetricsServer(registry, *metrics)
+                await exporter.start()
+            await self._run(stop)
+        finally:
+            if exporter is not None:
+                await exporter.close()
+            if not self._stopped.done():
+                self._stopped.set_result({"withdrawn": None, "peers_dropped": 0,
+                                          "error": None if self.fatal is None
+                                          else self.fatal.what})
+            # last: a `down` waiting on ``_stopped`` is answered before the socket goes
+            await self.control.close()
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        assert self.engine is not None and self.kx is not None
         server = await self._find_registry()
         self.registry = RegistryClient(server, self.key)
         self.engine.start()
@@ -274,7 +317,6 @@ class Daemon:
             self._spawn(self._publisher(), "publisher")
             self._spawn(self.services.run(self.registry), "services")
             self._spawn(self._netcheck(), "netcheck")
-            self._spawn(self._status_writer(), "status")
             self._spawn(self._resolver(), "resolver")
             self._spawn(self._stun_loop(), "stun")
             self._spawn(self._path_loop(), "paths")
@@ -310,6 +352,8 @@ class Daemon:
         self._tasks.append(asyncio.create_task(guarded(), name=name))
 
     async def _shutdown(self) -> None:
+        withdrawn: bool | None = None
+        dropped = len(self.peers)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -325,7 +369,9 @@ class Daemon:
             try:
                 await self.registry.exchange(withdraw_update(self.zone, self.published))
                 log.info("records withdrawn")
+                withdrawn = True
             except BtmmError as err:
+                withdrawn = False
                 log.warning("could not withdraw records; they expire with their lease",
                             error=str(err))
         if self._portmap is not None:
@@ -342,9 +388,10 @@ class Daemon:
             except OSError as err:
                 log.warning("could not remove the sshd drop-in", error=str(err),
                             path=str(self.cfg.sso_sshd_dropin))
-        with contextlib.suppress(OSError):
-            self.cfg.status_file.unlink()
         log.info("daemon stopped")
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result({"withdrawn": withdrawn, "peers_dropped": dropped,
+                                      "error": None if self.fatal is None else self.fatal.what})
 
     # -- publishing --------------------------------------------------------------------
 
@@ -692,6 +739,7 @@ class Daemon:
                 log.info("path", peer=peer, path=PATH_NAMES[out.kind],
                          endpoint=_endpoint_text(out.endpoint),
                          rtt_ms=None if out.rtt is None else round(out.rtt * 1000, 1))
+                self.path_changes[inner] += 1
                 if inner in self.kx.by_inner:
                     self.driver.move_peer(inner, out.endpoint)
             elif isinstance(out, PathStale):
@@ -1076,14 +1124,74 @@ class Daemon:
             "services": self.services.status(),
         }
 
-    async def _status_writer(self) -> None:
-        path = self.cfg.status_file
-        while True:
-            data = json.dumps(self.status(), indent=1) + "\n"
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(data)
-            os.replace(tmp, path)
-            await asyncio.sleep(1.0)
+    # -- control socket ------------------------------------------------------------------
+
+    async def on_control(self, request: Request) -> dict[str, Any]:
+        """Answer one control request (``control.py``) with the state of now."""
+        if request.op == Op.HELLO:
+            return {"versions": [1], "ops": [o.value for o in Op], "pid": os.getpid(),
+                    "software": __version__}
+        if request.op == Op.STATUS:
+            if self.registry is None:
+                raise BtmmError("the daemon is starting: it is looking for the registry",
+                                hint="ask again in a moment")
+            return self.status()
+        if request.op == Op.PING:
+            return await self.ping(PingArgs.parse(request.args))
+        assert request.op == Op.DOWN
+        assert self._stop is not None and self._stopped is not None
+        log.info("stopping: asked on the control socket")
+        self._stop.set()
+        return await asyncio.shield(self._stopped)
+
+    def find_peer(self, what: str) -> Peer:
+        """The peer a user means by ``what``: its name, its host label or its ULA."""
+        want = what.rstrip(".").lower()
+        for peer in self.peers.values():
+            rec = peer.records
+            if want in (rec.name.to_text(omit_final_dot=True).lower(), rec.host.lower()):
+                return peer
+            with contextlib.suppress(ValueError):
+                if ipaddress.IPv6Address(want) == rec.ula:
+                    return peer
+        known = ", ".join(sorted(p.records.host for p in self.peers.values())) or "none yet"
+        raise BtmmError(f"no peer {what!r}", hint=f"peers: {known} (see `btmm status`)")
+
+    async def ping(self, args: PingArgs) -> dict[str, Any]:
+        """ICMPv6 echo to the peer's ULA through the tunnel (``echo.py`` says why not a path
+        probe), with the path in use beside it."""
+        assert self.engine is not None
+        peer = self.find_peer(args.peer)
+        inner = str(peer.records.ula)
+        mono = asyncio.get_running_loop().time()
+        path = self.paths.status(inner, mono)
+        info = next((p for p in self.engine.peers() if p.inner == inner), None)
+        ident = self._rng.randrange(1, 0x10000)
+        token = os.urandom(16)
+        try:
+            echo = EchoSocket(self.engine.tun_name)
+        except OSError as err:
+            raise BtmmError(f"cannot open an ICMPv6 socket on {self.engine.tun_name}: {err}",
+                            hint="`btmm up` needs root (CAP_NET_RAW) for this") from err
+        try:
+            rtts = await echo.round_trips(inner, ident, token, args.count, args.interval,
+                                          args.timeout)
+        finally:
+            echo.close()
+        ep = None if info is None else info.endpoint
+        return {
+            "peer": peer.records.name.to_text(),
+            "ula": inner,
+            "tunnel": tunnel_state(info is not None and info.tx_spi is not None,
+                                   self.paths.state(inner)),
+            "endpoint": None if ep is None else _endpoint_text(ep),
+            "path": path["path"],
+            "path_endpoint": path["path_endpoint"],
+            "path_rtt_ms": path["rtt_ms"],
+            "sent": args.count,
+            "received": sum(r is not None for r in rtts),
+            "rtt_ms": [None if r is None else round(r * 1000, 3) for r in rtts],
+        }
 
 
 def _endpoint_text(ep: Endpoint) -> str:

@@ -56,6 +56,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from btmm_core.daemon.control import Op
+from btmm_core.daemon.control_client import ask
+from btmm_core.errors import BtmmError
 from btmm_core.lab.nat import (
     MiniupnpdConfig,
     NatGateway,
@@ -130,12 +133,17 @@ class Host:
     def fqdn(self) -> str:
         return f"{self.name}.{USER}.{DOMAIN}"
 
+    @property
+    def control_socket(self) -> Path:
+        return self.workdir / "state" / "control.sock"
+
     def status(self) -> dict[str, Any] | None:
-        path = self.workdir / "state" / "status.json"
+        """``btmm status --json`` as of now, asked on the daemon's control socket (a path
+        in the file system, so reachable from outside the host's namespace); None while no
+        daemon answers."""
         try:
-            data: dict[str, Any] = json.loads(path.read_text())
-            return data
-        except (OSError, ValueError):
+            return ask(self.control_socket, Op.STATUS)
+        except BtmmError:
             return None
 
 
@@ -298,10 +306,11 @@ class World:
             # the gateway may still be coming up (no connection: nothing was enrolled)
             time.sleep(0.5)
 
-    def start_host(self, host: Host) -> None:
+    def start_host(self, host: Host, *args: str) -> None:
+        """``btmm up`` in the host's namespace; ``args``: more options (``--metrics ...``)."""
         host.log = host.workdir / "daemon.log"
         log = open(host.log, "ab")  # noqa: SIM115 (owned by the process)
-        host.proc = host.ns.popen(self.btmm("up", "--config", str(host.config)),
+        host.proc = host.ns.popen(self.btmm("up", "--config", str(host.config), *args),
                                   stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                   env=_child_env())
         log.close()
@@ -319,9 +328,6 @@ class World:
         with contextlib.suppress(ValueError):
             host.ns.procs.remove(host.proc)
         host.proc = None
-        if kill:
-            # a killed daemon leaves its TUN device and status behind, like a crashed host
-            (host.workdir / "state" / "status.json").unlink(missing_ok=True)
 
     # -- waiting and measuring ------------------------------------------------------------
 
@@ -588,16 +594,6 @@ def _pps(before: dict[str, Any] | None, after: dict[str, Any] | None, seconds: f
     return (out(after) - out(before)) / seconds if seconds > 0 else 0.0
 
 
-def _fresh_status(host: Host, since: float, wait: float = 5.0) -> dict[str, Any] | None:
-    """The host's status as written after ``since`` (the daemon writes it every second)."""
-    deadline = time.monotonic() + wait
-    while True:
-        st = host.status()
-        if (st is not None and st.get("time", 0) >= since) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.1)
-
-
 def _paths(world: World, host: Host) -> None:
     """The path each peer's tunnel uses, from ``btmm status --json`` (when it reports one)."""
     for p in (host.status() or {}).get("peers", []):
@@ -701,11 +697,11 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "
             _say(f"tunnels up {max(up, ping):.1f} s after `btmm up` started on both hosts; "
                  f"first ping by name answered after {ping:.1f} s\n")
             _show(world, desktop, laptop)
-            before = _fresh_status(laptop, time.time())
+            before = laptop.status()
             _say(f"\ntransfer: laptop -> {desktop.fqdn}, {size / 1e6:.0f} MB over TCP")
             src, sink = start_transfer(world, laptop, desktop, size)
             sent, got = finish_transfer(src, sink)
-            after = _fresh_status(laptop, time.time())
+            after = laptop.status()
             ok = sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"]
             secs = sent["seconds"]
             _say(f"  {sent['bytes'] / 1e6:.0f} MB to {sent['address']} in {secs:.2f} s: "

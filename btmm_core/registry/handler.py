@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -111,6 +112,23 @@ def _header_only(wire: bytes, rcode: dns.rcode.Rcode) -> bytes:
     return struct.pack("!HHHHHH", qid, flags, 0, 0, 0, 0)
 
 
+def _codes(reply: bytes) -> int:
+    """``opcode << 8 | rcode`` of a reply we made. Only BADVERS (16) needs the OPT record's
+    upper bits, and only a reply with no answer and no authority records can be one, so
+    nothing is walked for the answers that matter for speed."""
+    rcode = reply[3] & 0xF
+    if rcode == 0 and reply[6:10] == b"\0\0\0\0" and reply[10:12] != b"\0\0":
+        try:
+            p = last_rr_offset(reply)
+            p += dns.name.from_wire(reply, p)[1]
+            rdtype, ttl = struct.unpack_from("!H2xI", reply, p)
+            if rdtype == dns.rdatatype.OPT:
+                rcode |= (ttl >> 24) << 4
+        except (dns.exception.DNSException, struct.error, IndexError):
+            pass
+    return ((reply[2] >> 3) & 0xF) << 8 | rcode
+
+
 class RegistryCore:
     def __init__(self, store: ZoneStore, policy: Policy | None = None) -> None:
         self.store = store
@@ -130,6 +148,12 @@ class RegistryCore:
         self.update_budget = KeyBudget(limits.key_rate, limits.key_burst)
         #: Updates refused by ``_over_limits`` since start.
         self.updates_over_limit = 0
+        #: Answers since start by ``opcode << 8 | rcode`` (extended rcodes included), TSIG
+        #: refusals by kind (``TsigError`` name, or FORMERR), RRsets whose lease ran out: what
+        #: ``btmm serve --metrics`` shows.
+        self.responses: Counter[int] = Counter()
+        self.tsig_errors: Counter[str] = Counter()
+        self.leases_expired = 0
 
     def plug(self, plugin: Plugin) -> None:
         """Give ``plugin`` the requests carrying its EDNS options (see ``registry/plugin.py``)."""
@@ -145,6 +169,14 @@ class RegistryCore:
         self, wire: bytes, now: float, transport: Transport, peer: str = ""
     ) -> bytes | None:
         """Answer one DNS request; ``None`` means send nothing (also for any QR message)."""
+        reply = self._receive(wire, now, transport, peer)
+        if reply is not None:
+            self.responses[_codes(reply)] += 1
+        return reply
+
+    def _receive(
+        self, wire: bytes, now: float, transport: Transport, peer: str
+    ) -> bytes | None:
         if len(wire) < 12:
             return None
         plain = scan(wire, transport != Transport.UDP) if self.answer_cache_size else None
@@ -290,9 +322,11 @@ class RegistryCore:
     ) -> bytes:
         response = self._response(request)
         if verdict.formerr:
+            self.tsig_errors["FORMERR"] += 1
             response.set_rcode(dns.rcode.FORMERR)
             return self._render(response, None, now, limit)
         response.set_rcode(dns.rcode.NOTAUTH)
+        self.tsig_errors[verdict.error.name] += 1
         log.warning(
             "tsig refused",
             key=str(verdict.record.key_name),
@@ -565,6 +599,7 @@ class RegistryCore:
         """Drop RRs whose lease ran out (observers hear of each RRset); returns how many
         RRsets changed."""
         events = self.store.expire(now)
+        self.leases_expired += len(events)
         if now >= self._next_prune:
             self.replay.prune(int(now))
             self._next_prune = now + 10.0

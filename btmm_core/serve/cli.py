@@ -15,6 +15,7 @@ from btmm_core.dns.tsig import KeyRole
 from btmm_core.errors import BtmmError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.log import configure_logging
+from btmm_core.metrics.exporter import parse_listen
 from btmm_core.registry.accounts import (
     add_user,
     algorithm_text,
@@ -177,6 +178,12 @@ _domain_option = click.option(
 @click.option(
     "--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True
 )
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (loopback only; default: off).",
+)
 @click.pass_context
 def serve(ctx: click.Context, /, **o: Any) -> None:
     """Run the registry: authoritative DNS for DOMAIN with TSIG-signed UPDATE and leases."""
@@ -192,11 +199,13 @@ def serve(ctx: click.Context, /, **o: Any) -> None:
     if o["domain"] is None:
         param = next(p for p in ctx.command.params if p.name == "domain")
         raise click.MissingParameter(ctx=ctx, param=param)
-    configure_logging(o["log_level"])
     try:
         config = _config(o)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    except BtmmError as e:
+        raise click.UsageError(e.what + (f" ({e.hint})" if e.hint else "")) from e
+    configure_logging(o["log_level"])
     try:
         tls = compose.tls_context(config)
         compose.run(lambda: compose.serve(config, tls), config.event_loop)
@@ -250,6 +259,7 @@ def _config(o: dict[str, Any]) -> ServeConfig:
         stun=StunConfig(not o["no_stun"], o["stun_port"], o["stun_alt_port"]),
         log_level=o["log_level"],
         event_loop=o["event_loop"],
+        metrics=None if o.get("metrics") is None else parse_listen(o["metrics"]),
     )
 
 

@@ -22,7 +22,9 @@ from typing import Any
 import structlog
 
 from btmm_core import __version__
+from btmm_core.errors import BtmmError
 from btmm_core.llq.server import LLQServer
+from btmm_core.metrics.exporter import MetricsServer
 from btmm_core.registry.accounts import check_user_free
 from btmm_core.registry.handler import RegistryCore
 from btmm_core.registry.server import Listen, RegistryServer
@@ -30,6 +32,7 @@ from btmm_core.registry.storage import SqliteStorage
 from btmm_core.registry.tls import ensure_self_signed, server_context
 from btmm_core.registry.zones import ZoneStore
 from btmm_core.serve.config import ServeConfig
+from btmm_core.serve.metrics import metrics_registry
 from btmm_core.stun.responder import StunResponder
 from btmm_core.stun.server import StunServer
 
@@ -125,11 +128,23 @@ async def serve(config: ServeConfig, tls: ssl.SSLContext | None) -> None:
         max_total=c.max_total,
         max_per_client=c.max_per_client,
     )
+    exporter = None
+    if config.metrics is not None:
+        exporter = MetricsServer(metrics_registry(registry), *config.metrics)
+        try:
+            await exporter.start()
+        except BtmmError:
+            if registry.stun is not None:
+                registry.stun.close()
+            await registry.server.close()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if exporter is not None:
+        await exporter.close()
     if registry.stun is not None:
         registry.stun.close()
         structlog.get_logger("btmm.stun").info(

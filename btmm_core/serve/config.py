@@ -117,6 +117,8 @@ class ServeConfig:
     stun: StunConfig = field(default_factory=StunConfig)
     log_level: str = "info"
     event_loop: str = "uvloop"
+    #: serve Prometheus metrics at this loopback (host, port); None: off
+    metrics: tuple[str, int] | None = None
 
     @property
     def ns(self) -> dns.name.Name:

@@ -118,7 +118,12 @@ def test_host_dies_records_expire_and_peer_drops(lab: Lab) -> None:
     world.wait_tunnels(15)
     time.sleep(12)  # longer than one lease: refreshes keep both published and connected
     world.wait_tunnels(5)
-    world.stop_host(world.hosts["laptop"], kill=True)  # no goodbye
+    # killed just after a refresh, so that its records have most of their 10 s left when the
+    # dig below looks (killed at a random moment they could have had well under a second)
+    laptop = world.hosts["laptop"]
+    _wait(lambda: ((laptop.status() or {}).get("host", {}).get("lease_left") or 0) >= 9, 15,
+          "a refresh of the laptop's records", world)
+    world.stop_host(laptop, kill=True)  # no goodbye
     assert _dig(world, "laptop.bob.members.example", "AAAA")  # still there until the lease ends
     _wait(lambda: not _peers(world, "desktop"), 30, "desktop dropped the dead laptop", world)
     assert _dig(world, "laptop.bob.members.example", "AAAA") == []
@@ -184,7 +189,8 @@ def test_no_nat_ping_by_name_and_status_json(lab: Lab) -> None:
             world.btmm("status", "--json", "--config", str(laptop.config))).stdout)
         return st
 
-    # the status file is rewritten once a second: wait for one written after the pings
+    # asked on the control socket: the engine's counters as of now (bumped right after each
+    # send call returns, so awaited with a deadline rather than looked at once)
     _wait(lambda: status()["peers"][0]["packets_out"] >= 3, 5,  # type: ignore[index]
           "the pings in the status", world)
     st: Any = status()

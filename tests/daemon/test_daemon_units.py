@@ -214,3 +214,4 @@ def test_shipped_example_config_loads() -> None:
     example = Path(__file__).resolve().parents[2] / "contrib" / "btmm.toml.example"
     cfg = load_config(example)
     assert (cfg.host, cfg.port, cfg.portmap, cfg.dataplane) == ("laptop", 4500, "auto", "auto")
+    assert cfg.control_path == Path("/var/lib/btmm/control.sock")

@@ -150,7 +150,7 @@ def test_revoked_device_is_refused_within_a_minute(world: World) -> None:
         assert time.monotonic() < deadline, (q.stdout, world.tails())
         time.sleep(0.5)
     in_krl = time.monotonic() - t0
-    # `btmm status` says so (status.json is rewritten every second)
+    # `btmm status` says so (it asks the running daemon)
     while (st := desktop.status()) is None or st["host"]["ssh"]["revoked"] != ["laptop"]:
         assert time.monotonic() < deadline + 5, st
         time.sleep(0.2)

@@ -60,7 +60,8 @@ def test_lease_deadlines_survive_restart_and_sigkill() -> None:
         reg.start()
         t0 = time.monotonic()
         gone = False
-        while time.monotonic() - t0 < 3:
+        # the first timer pass after start removes it; awaited with room for a busy machine
+        while time.monotonic() - t0 < 15:
             if dig_short(reg, "bob", f"brief.{BOB}", "AAAA") == []:
                 gone = True
                 break

@@ -1,0 +1,1 @@
+"""Prometheus metrics of ``btmm up`` and ``btmm serve`` (``--metrics ADDR``): the endpoint."""
