@@ -28,6 +28,7 @@ RANKS: dict[str, int] = {
     "portmap": 3,
     "registry": 3,
     "llq": 4,
+    "push": 4,
     "reach": 4,
     "daemon": 5,
     "serve": 5,
@@ -42,6 +43,8 @@ CLIENT_MODULES = (
     "btmm_core.llq.client",
     "btmm_core.llq.driver",
     "btmm_core.llq.cli",
+    "btmm_core.push.client",
+    "btmm_core.push.driver",
 )
 
 
