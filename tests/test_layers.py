@@ -31,6 +31,7 @@ RANKS: dict[str, int] = {
     "push": 4,
     "reach": 4,
     "daemon": 5,
+    "watch": 5,
     "serve": 5,
     "lab": 6,
     "cli": 7,
@@ -42,7 +43,7 @@ CLIENT_MODULES = (
     "btmm_core.daemon",
     "btmm_core.llq.client",
     "btmm_core.llq.driver",
-    "btmm_core.llq.cli",
+    "btmm_core.watch",
     "btmm_core.push.client",
     "btmm_core.push.driver",
 )

@@ -200,11 +200,12 @@ class PushServer:
 
     # ---- sessions -----------------------------------------------------------------------------
 
-    def _session(self, transport: Transport, peer: str) -> _Session:
+    def _session(self, transport: Transport, peer: str, now: float) -> _Session:
         key = (transport, peer)
         s = self.sessions.get(key)
         if s is None:
-            s = self.sessions[key] = _Session(key, client_prefix(peer.rsplit("#", 1)[0]))
+            client = client_prefix(peer.rsplit("#", 1)[0])
+            s = self.sessions[key] = _Session(key, client, last_message=now, last_activity=now)
         return s
 
     def _schedule(self, s: _Session) -> None:
@@ -216,7 +217,7 @@ class PushServer:
         """A request on this connection was signed by ``key`` and verified: bind it."""
         if transport != Transport.TLS or key.role == KeyRole.INVITE:
             return
-        s = self._session(transport, peer)
+        s = self._session(transport, peer, now)
         s.last_message = s.last_activity = now
         if key.name not in s.keys and len(s.keys) >= self.config.max_keys_per_session:
             self.stats["bind_refused"] += 1
@@ -254,7 +255,7 @@ class PushServer:
         self, wire: bytes, now: float, transport: Transport, peer: str
     ) -> list[Outgoing]:
         """One DSO message from a client; returns the answer and what it set off."""
-        s = self._session(transport, peer)
+        s = self._session(transport, peer, now)
         if s.ending is not None:
             return []  # RFC 8490 6.6.1.1: after a Retry Delay, requests are ignored
         s.last_message = now

@@ -14,6 +14,7 @@ import dns.name
 
 from btmm_core.errors import ConfigError
 from btmm_core.llq.server import LLQConfig
+from btmm_core.push.server import PushConfig
 from btmm_core.registry.handler import Policy
 from btmm_core.registry.zones import ZoneConfig
 
@@ -113,6 +114,9 @@ class ServeConfig:
     policy: Policy = field(default_factory=Policy)
     llq: LLQConfig = field(default_factory=LLQConfig)
     stun: StunConfig = field(default_factory=StunConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    #: DNS Push (RFC 8765) on the DoT port; needs ``tls.port``.
+    push_enabled: bool = True
     log_level: str = "info"
     event_loop: str = "uvloop"
 
@@ -129,4 +133,11 @@ class ServeConfig:
     def zone_config(self) -> ZoneConfig:
         port = self.zone.public_port or self.listen.port
         stun = self.stun.port if self.stun.enabled else None
-        return ZoneConfig(self.zone.domain, self.ns, self.glue, port, stun_port=stun)
+        push = self.tls.port if self.serves_push else None
+        return ZoneConfig(
+            self.zone.domain, self.ns, self.glue, port, stun_port=stun, push_port=push
+        )
+
+    @property
+    def serves_push(self) -> bool:
+        return self.push_enabled and bool(self.tls.port)

@@ -333,6 +333,8 @@ def test_inactive_session_without_subscriptions_is_aborted(lab: PushLab) -> None
     # no subscription: max(5 s, 2 x 1 s) after the last activity; keepalives do not count
     lab.now = NOW + 4
     lab.send(DSOMessage(2, (Keepalive(1_000, 3_600_000).tlv(),)).to_bytes())
+    lab.now = NOW + 4.9
+    assert lab.run() == []
     lab.now = NOW + 5
     (out,) = lab.run()
     assert out.close and lab.push.stats["abort_inactive"] == 1
