@@ -6,11 +6,11 @@ returns outputs: ``Connect`` (open a new DNS-over-TLS connection), ``Send``, ``D
 ``Changes`` (records added or removed, for the user) and ``StateChanged``. ``now`` is Unix
 time (TSIG signs with it). Randomness (message IDs, backoff jitter) comes from the caller.
 
-On each new connection the client sends, in this order (the server handles one connection's
-messages in order): a TSIG-signed query for the watched name (with a key: it binds the
-session to the key's user, since RFC 8490 5.4.6 allows no TSIG inside DSO), a DSO Keepalive
-request (asking for ``keepalive_ms``), the SUBSCRIBE, and a second signed query whose answer is
-the full current RRset. That answer replaces what the client knew (the user sees the
+On each new connection the client sends a TSIG-signed query for the watched name (with a key:
+it binds the session to the key's user, since RFC 8490 5.4.6 allows no TSIG inside DSO) and a
+DSO Keepalive request (asking for ``keepalive_ms``); once the binding is answered, the
+SUBSCRIBE and a second signed query whose answer is the full current RRset (the server handles
+one connection's messages in order). That answer replaces what the client knew (the user sees the
 difference, so nothing missed while disconnected is lost); PUSH messages before and after it
 are applied as they come (adds and removes are idempotent, so a change seen in both is seen
 once). TLS carries the integrity of the answers; their TSIG is not checked here.
@@ -153,7 +153,9 @@ class PushClient:
         self._waiting: dict[int, float] = {}
         self._subscribe_id = 0
         self._keepalive_id = 0
-        self._full_query_id: int | None = None
+        #: Signed queries awaiting an answer: id -> ("bind" | "full", sent at).
+        self._queries: dict[int, tuple[str, float]] = {}
+        self._tries = 0
         self._connected = False
 
     # ---- helpers --------------------------------------------------------------------------
@@ -165,7 +167,7 @@ class PushClient:
     def _new_id(self) -> int:
         while True:
             i = self._rng.randrange(1, 0x10000)
-            if i not in self._waiting and i != self._subscribe_id:
+            if i not in self._waiting and i not in self._queries and i != self._subscribe_id:
                 return i
 
     def _send(self, wire: bytes, now: float, out: list[Output]) -> None:
@@ -185,7 +187,7 @@ class PushClient:
         self._connected = False
         self._waiting.clear()
         self._subscribe_id = 0
-        self._full_query_id = None
+        self._queries.clear()
         if wait is None:
             c = self.config
             wait = c.backoff[min(self._attempt, len(c.backoff) - 1)]
@@ -207,25 +209,37 @@ class PushClient:
         return out
 
     def connected(self, now: float) -> list[Output]:
-        """The TLS connection is up: bind, ask for timeouts, subscribe, read the RRset."""
+        """The TLS connection is up: bind (with a key), ask for timeouts, then subscribe."""
         out: list[Output] = []
         self._connected = True
         self._reconnect_at = None
-        if self.key is not None:
-            self._send(self._query(now)[1], now, out)
+        self._tries = 0
         self._keepalive_id = self._new_id()
         self._waiting[self._keepalive_id] = now
         c = self.config
         ka = Keepalive(c.inactivity_ms, c.keepalive_ms).tlv()
+        if self.key is not None:
+            self._ask("bind", now, out)
         self._send(DSOMessage(self._keepalive_id, (ka,)).to_bytes(), now, out)
+        if self.key is None:
+            self._subscribe(now, out)
+        self._set(PushState.SUBSCRIBING, "connected; subscribing", out)
+        return out
+
+    def _ask(self, kind: str, now: float, out: list[Output]) -> None:
+        """Send the binding or the full query (they are the same signed query)."""
+        qid, wire = self._query(now)
+        self._queries[qid] = (kind, now)
+        self._send(wire, now, out)
+
+    def _subscribe(self, now: float, out: list[Output]) -> None:
+        """SUBSCRIBE, then the query whose answer is the full RRset (handled after it)."""
         self._subscribe_id = self._new_id()
         self._waiting[self._subscribe_id] = now
         sub = DSOMessage(self._subscribe_id, (self.question.tlv(),)).to_bytes()
         self._send(sub, now, out)
-        self._full_query_id, wire = self._query(now)
-        self._send(wire, now, out)
-        self._set(PushState.SUBSCRIBING, "connected; subscribing", out)
-        return out
+        self._tries = 0
+        self._ask("full", now, out)
 
     def connection_lost(self, now: float) -> list[Output]:
         out: list[Output] = []
@@ -251,8 +265,9 @@ class PushClient:
         if self._reconnect_at is not None:
             times.append(self._reconnect_at)
         if self._connected:
-            if self._waiting:
-                times.append(min(self._waiting.values()) + ESTABLISH_TIMEOUT)
+            pending = [*self._waiting.values(), *(t for _, t in self._queries.values())]
+            if pending:
+                times.append(min(pending) + ESTABLISH_TIMEOUT)
             if self.interval_ms != INFINITE and self.state == PushState.SUBSCRIBED:
                 times.append(self._last_sent + self.interval_ms / 1000)
         return min(times) if times else None
@@ -266,7 +281,8 @@ class PushClient:
             return out
         if not self._connected:
             return out
-        if self._waiting and now >= min(self._waiting.values()) + ESTABLISH_TIMEOUT:
+        pending = [*self._waiting.values(), *(t for _, t in self._queries.values())]
+        if pending and now >= min(pending) + ESTABLISH_TIMEOUT:
             out.append(Disconnect(abort=True))
             self._lose(now, "no answer from the server in 30 s", out)
             return out
@@ -290,7 +306,7 @@ class PushClient:
         if not self._connected:
             return out
         if not is_dso(wire):
-            self._answer(wire, out)
+            self._answer(wire, now, out)
             return out
         try:
             msg = DSOMessage.parse(wire)
@@ -384,15 +400,31 @@ class PushClient:
         if added or removed:
             out.append(Changes(tuple(added), tuple(removed), False))
 
-    def _answer(self, wire: bytes, out: list[Output]) -> None:
-        """A DNS answer: the one to the full query replaces the known RRset."""
+    def _answer(self, wire: bytes, now: float, out: list[Output]) -> None:
+        """The answer to the binding query (then subscribe) or to the full query (it replaces
+        the known RRset). NOTAUTH means the registry refused our TSIG; BADTIME happens when
+        several hosts share a key and their signatures cross a second boundary out of order
+        (its replay rule), so the query is signed afresh, up to three times."""
         try:
             msg = dns.message.from_wire(wire, keyring=False)
         except dns.exception.DNSException:
             return
-        if self._full_query_id is None or msg.id != self._full_query_id:
-            return  # the binding query's answer, or a stray one
-        self._full_query_id = None
+        asked = self._queries.pop(msg.id, None)
+        if asked is None:
+            return  # a stray answer
+        kind = asked[0]
+        if msg.rcode() == dns.rcode.NOTAUTH:
+            self._tries += 1
+            if self._tries < 3:
+                self._ask(kind, now, out)
+                return
+            out.append(Disconnect(abort=False))
+            self._lose(now, "the registry refuses our key (NOTAUTH)", out,
+                       wait=self.config.refused_retry)  # fmt: skip
+            return
+        if kind == "bind":
+            self._subscribe(now, out)
+            return
         if msg.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             out.append(StateChanged(self.state, f"full answer: {dns.rcode.to_text(msg.rcode())}"))
             return

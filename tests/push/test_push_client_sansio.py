@@ -9,6 +9,7 @@ import random
 
 import dns.message
 import dns.name
+import dns.rcode
 import dns.rdata
 import dns.rdatatype
 from push_helpers import LAPTOP, NOW, PEER, PushLab, aaaa_update
@@ -93,18 +94,38 @@ def removed(ch: Changes) -> list[str]:
     return [r.rdata.to_text() for r in ch.removed]
 
 
-def test_connection_sends_bind_keepalive_subscribe_then_full_query_in_order() -> None:
+def test_bind_and_keepalive_first_then_subscribe_and_full_query() -> None:
     c = PushClient(LAPTOP, AAAA, random.Random(1), key=PushLab.make().accounts["bob"].key)
     assert Connect() in c.start(NOW)
     sent = [o.wire for o in c.connected(NOW) if isinstance(o, Send)]
-    assert len(sent) == 4
+    assert len(sent) == 2
     bind = dns.message.from_wire(sent[0], keyring=False)
     assert bind.had_tsig and bind.question[0].name == LAPTOP
     ka = DSOMessage.parse(sent[1])
     assert ka.kind == Kind.REQUEST and ka.tlvs[0].dso_type == DSOType.KEEPALIVE
-    sub = DSOMessage.parse(sent[2])
+    # the binding answered: now the SUBSCRIBE and the signed full query
+    answer = dns.message.make_response(bind)
+    sent = [o.wire for o in c.receive(answer.to_wire(), NOW) if isinstance(o, Send)]
+    assert len(sent) == 2
+    sub = DSOMessage.parse(sent[0])
     assert Subscribe.from_tlv(sub.tlvs[0]) == Subscribe(LAPTOP, AAAA)
-    assert dns.message.from_wire(sent[3], keyring=False).had_tsig
+    assert dns.message.from_wire(sent[1], keyring=False).had_tsig
+
+
+def test_a_refused_signature_is_signed_again_then_given_up() -> None:
+    c = PushClient(LAPTOP, AAAA, random.Random(1), key=PushLab.make().accounts["bob"].key)
+    c.start(NOW)
+    bind = dns.message.from_wire(c.connected(NOW)[0].wire, keyring=False)  # type: ignore[union-attr]
+    for attempt in range(3):
+        refused = dns.message.make_response(bind)
+        refused.set_rcode(dns.rcode.NOTAUTH)
+        out = c.receive(refused.to_wire(), NOW + attempt)
+        if attempt < 2:
+            (again,) = out
+            assert isinstance(again, Send)
+            bind = dns.message.from_wire(again.wire, keyring=False)
+    assert Disconnect(abort=False) in out and c.state == PushState.WAITING
+    assert c.next_deadline() == NOW + 2 + 300
 
 
 def test_subscribes_and_follows_changes_through_the_server_core() -> None:
