@@ -188,8 +188,8 @@ def stop_workers(
         _, got, cpu, wall = c.recv()
         arrivals += got
         ceilings.append(
-            {"cpu_share": round(cpu / wall, 3), "deliveries_per_cpu_s": round(len(got) / cpu, 1)
-             if cpu > 0 else 0.0}
+            {"cpu_s": round(cpu, 2), "cpu_share": round(cpu / wall, 3),
+             "deliveries_per_cpu_s": round(len(got) / cpu, 1) if cpu > 0 else 0.0}
         )  # fmt: skip
     for p in procs:
         p.join(30)
@@ -283,6 +283,7 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(v, int | float) and k != "rep":
             out[k] = statistics.median(r[k] for r in rows)
     out["loadgen_max_cpu_share"] = max(c["cpu_share"] for r in rows for c in r["loadgen"])
+    out["loadgen_cpu_s"] = statistics.median(sum(c["cpu_s"] for c in r["loadgen"]) for r in rows)
     return out
 
 
