@@ -127,6 +127,55 @@ def up(config_path: Path, log_level: str | None) -> None:
         raise _fail(err) from err
 
 
+def _duration(text: str) -> float:
+    """"10h", "30m", "1d", "90s" or plain seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"{text!r} is not a duration", hint="e.g. 10h, 30m, 1d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+@click.command("ssh-cert")
+@_config_option
+@click.option("--user", default=None, help="Local user the certificate is for (default: "
+              "$SUDO_USER, else the current user); [sso] users gives their principal.")
+@click.option("--key", "key_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="Their public key (default: [sso] user_key, "
+              "~/.ssh/id_ed25519.pub).")
+@click.option("--validity", default=None, help="How long, e.g. 10h (default [sso] "
+              "user_validity).")
+def ssh_cert(config_path: Path, user: str | None, key_path: Path | None,
+             validity: str | None) -> None:
+    """Issue an SSH user certificate signed by this device's CA (SSH single sign-on; needs
+    read access to the device key, so run it as root). `ssh` picks it up beside the key."""
+    import getpass
+
+    from btmm_core.daemon.sso import Sso, user_key_path
+    from btmm_core.dns.keyfile import read_key
+    from btmm_core.keyex.keys import load_or_create, ula_of
+
+    try:
+        cfg = load_config(config_path)
+        if not cfg.sso_enabled:
+            raise ConfigError("SSH single sign-on is off",
+                              hint=f"set enabled = true under [sso] in {config_path}")
+        name = user or os.environ.get("SUDO_USER") or getpass.getuser()
+        path = key_path or user_key_path(cfg.sso_user_key, name)
+        seconds = None if validity is None else _duration(validity)
+        static = load_or_create(cfg.key_file)
+        sso = Sso(cfg, read_key(cfg.credentials).zone, static.private, static.public,
+                  cfg.secret_file.read_bytes().strip(), str(ula_of(static.public)))
+        out, info = sso.issue_user(name, path, time.time(), seconds)
+    except BtmmError as err:
+        raise _fail(err) from err
+    except OSError as err:
+        raise click.ClickException(f"cannot issue the certificate: {err}") from err
+    click.echo(f"{out}: principal {', '.join(info.principals)}, valid until "
+               f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(info.valid_before))}")
+
+
 def _age(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}s"
 
@@ -145,6 +194,32 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _cert_text(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "none"
+    if not c["valid"]:
+        return "EXPIRED" if c["left"] <= 0 else "not yet valid"
+    return f"{c['left'] // 3600}h{c['left'] % 3600 // 60:02d}m left"
+
+
+def _ssh_line(s: dict[str, Any]) -> str:
+    users = ", ".join(f"{u} {_cert_text(c)}" for u, c in s["users"].items()) or "none"
+    line = (f"ssh       host cert {_cert_text(s['host_cert'])}; user certs: {users}; "
+            f"trusts {', '.join(s['trusted'])}")
+    if s["revoked"]:
+        line += f"; revoked {', '.join(s['revoked'])}"
+    return line + (f"  ERROR {s['error']}" if s.get("error") else "")
+def _names_lines(names: dict[str, Any] | None) -> list[str]:
+    if not names:
+        return []
+    if not names["listening"]:
+        line = "names     no stub resolver" + (f" ({names['error']})" if names["error"] else "")
+    else:
+        up = ", ".join(names["upstreams"]) or "none (other names REFUSED)"
+        line = f"names     stub {names['stub']} via {names['wiring']}; upstream {up}"
+    return [line, *([f"          {names['hint']}"] if names.get("hint") else [])]
+
+
 def render_status(st: dict[str, Any]) -> str:
     h = st["host"]
     lines = [
@@ -161,6 +236,8 @@ def render_status(st: dict[str, Any]) -> str:
         *(["candidate " + ", ".join(f"{c['kind']} {c['endpoint']}" for c in h["candidates"])]
           if h.get("candidates") else []),
         f"engine    {h['dataplane']}  key {h['public_key']}",
+        *([_ssh_line(h["ssh"])] if h.get("ssh") else []),
+        *_names_lines(st.get("names")),
         "",
     ]
     cols = ("peer", "ula", "endpoint", "path", "rtt", "answered", "tunnel", "handshake", "rx",
@@ -213,3 +290,75 @@ def status(config_path: Path, as_json: bool) -> None:
     except BtmmError as err:
         raise _fail(err) from err
     click.echo(json.dumps(st, indent=1) if as_json else render_status(st))
+
+
+def _browser(config_path: Path) -> Any:
+    from btmm_core.daemon.browse import Browser
+
+    try:
+        return Browser(load_config(config_path))
+    except BtmmError as err:
+        raise _fail(err) from err
+
+
+@click.command("browse")
+@_config_option
+@click.argument("service_type", metavar="[TYPE]", required=False)
+@click.option("--watch", is_flag=True, help="Keep following: '+' and '-' lines as instances "
+              "come and go (by long-lived query), until Ctrl-C.")
+@click.option("--timeout", type=float, default=0.0, help="With --watch: stop after this many "
+              "seconds (0: never).")
+def browse(config_path: Path, service_type: str | None, watch: bool, timeout: float) -> None:
+    """The services of this account's hosts (wide-area DNS-SD, RFC 6763): TYPE is e.g. ssh
+    or _smb._tcp; without it every type the zone lists. One line per instance: name,
+    host:port, TXT."""
+    from btmm_core.names.dnssd import service_type as parse_type
+
+    b = _browser(config_path)
+    try:
+        stype = parse_type(service_type, b.zone) if service_type else None
+    except (BtmmError, ValueError) as err:
+        raise click.UsageError(str(err)) from err
+
+    async def main() -> None:
+        if not watch:
+            for inst in await b.browse(stype):
+                click.echo(inst.line(b.zone))
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        until = time.monotonic() + timeout if timeout > 0 else None
+        def emit(line: str) -> None:
+            click.echo(line)
+            sys.stdout.flush()  # a pipe reader sees each change at once
+
+        await b.watch(stype, emit, stop, until)
+
+    try:
+        asyncio.run(main())
+    except BtmmError as err:
+        raise _fail(err) from err
+
+
+@click.command("resolve")
+@_config_option
+@click.argument("name")
+def resolve(config_path: Path, name: str) -> None:
+    """Host, port, addresses and TXT of a service instance NAME (e.g. laptop._ssh._tcp)."""
+    from btmm_core.names.dnssd import instance_name
+
+    b = _browser(config_path)
+    try:
+        qname = instance_name(name, b.zone)
+        found = asyncio.run(b.resolve(qname, addresses=True))
+    except BtmmError as err:
+        raise _fail(err) from err
+    if found is None:
+        raise click.ClickException(f"no service instance {qname}")
+    click.echo(qname.to_text())
+    click.echo(f"  host  {found.host or '-'}")
+    click.echo(f"  port  {found.port if found.port is not None else '-'}")
+    click.echo(f"  addr  {', '.join(found.addresses) or '-'}")
+    click.echo(f"  txt   {found.txt or '-'}")

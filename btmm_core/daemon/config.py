@@ -17,6 +17,8 @@ from typing import Any
 
 from btmm_core.dns.keyfile import write_secret
 from btmm_core.errors import ConfigError
+from btmm_core.names.dnssd import ServiceSpec, parse_services
+from btmm_core.names.system import parse_stub, parse_upstreams
 
 DEFAULT_CONFIG = Path(os.environ.get("BTMM_CONFIG", "/etc/btmm/btmm.toml"))
 DEFAULT_STATE = Path("/var/lib/btmm")
@@ -53,6 +55,28 @@ class Config:
     gateway: str = ""
     hosts_file: Path | None = Path("/etc/hosts")
     log_level: str = "info"
+    #: [sso]: SSH single sign-on (docs/architecture.md section 12); off unless enabled
+    sso_enabled: bool = False
+    #: local user -> the principal their certificates carry (and that may log in as them)
+    sso_users: dict[str, str] = field(default_factory=dict)
+    #: the public half of the sshd host key the host certificate is for
+    sso_host_key: Path = Path("/etc/ssh/ssh_host_ed25519_key.pub")
+    #: each user's public key for automatic certificates (``~`` is the user's home)
+    sso_user_key: str = "~/.ssh/id_ed25519.pub"
+    sso_sshd_dropin: Path = Path("/etc/ssh/sshd_config.d/btmm.conf")
+    sso_known_hosts: Path = Path("/etc/ssh/ssh_known_hosts")
+    #: the running sshd's pid file: it gets SIGHUP when the drop-in or host certificate change
+    sso_sshd_pid_file: Path = Path("/run/sshd.pid")
+    sso_host_validity: float = 4 * 3600.0
+    sso_user_validity: float = 10 * 3600.0
+    #: the stub resolver's loopback ADDR:PORT ("": none); names/system.py says why this one
+    stub: str = "127.0.0.153:53"
+    #: resolvers for names outside the zone: "ADDR[:PORT], ..."; "": the nameservers of
+    #: ``resolv_conf`` as the daemon starts; "none": REFUSED
+    upstream: str = ""
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    #: ``[services]``: what this host publishes by wide-area DNS-SD (``names/dnssd.py``)
+    services: tuple[ServiceSpec, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,7 +113,11 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "registry": ("server", "lease", "refresh_fraction", "llq_lease", "resolve_interval"),
     "tunnel": ("dataplane", "tun", "port", "mtu", "keepalive"),
     "network": ("portmap", "gateway", "netcheck_interval"),
+    "names": ("stub", "upstream", "resolv_conf"),
 }
+#: [sso] keys; each is the field ``sso_<key>``
+_SSO_KEYS = ("enabled", "users", "host_key", "user_key", "sshd_dropin", "known_hosts",
+             "sshd_pid_file", "host_validity", "user_validity")
 
 
 def load_config(path: Path) -> Config:
@@ -102,6 +130,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     known = {f.name: f for f in fields(Config)}
     values: dict[str, Any] = {}
+    services = data.get("services", {})
+    if not isinstance(services, dict):
+        raise ConfigError(f"{path}: [services] must be a table", hint="e.g. ssh = 22")
+    values["services"] = parse_services(services)
     for section, keys in _SECTIONS.items():
         table = data.get(section, {})
         if not isinstance(table, dict):
@@ -111,13 +143,23 @@ def load_config(path: Path) -> Config:
                 raise ConfigError(f"{path}: unknown key {k!r} in [{section}]",
                                   hint=f"known keys: {', '.join(keys)}")
             values[k] = v
+    sso = data.get("sso", {})
+    if not isinstance(sso, dict):
+        raise ConfigError(f"{path}: [sso] must be a table")
+    for k, v in sso.items():
+        if k not in _SSO_KEYS:
+            raise ConfigError(f"{path}: unknown key {k!r} in [sso]",
+                              hint=f"known keys: {', '.join(_SSO_KEYS)}")
+        values[f"sso_{k}"] = v
+    _check_sso(path, values)
     if "host" not in values:
         raise ConfigError(f"{path}: [host] host is missing", hint="run `btmm join`")
-    for k in ("state_dir", "hosts_file"):
+    for k in ("state_dir", "hosts_file", "resolv_conf"):
         if k in values:
             values[k] = Path(values[k]) if values[k] else None
-    if values.get("state_dir") is None:
-        values.pop("state_dir", None)
+    for k in ("state_dir", "resolv_conf"):
+        if values.get(k) is None:
+            values.pop(k, None)
     for k, v in values.items():
         want = known[k].type
         if want in ("int", "float") and not isinstance(v, (int, float)):
@@ -125,6 +167,32 @@ def load_config(path: Path) -> Config:
     cfg = Config(path=path, **values)
     validate(cfg)
     return cfg
+
+
+def _check_sso(path: Path, values: dict[str, Any]) -> None:
+    from btmm_core.sso.files import principal_problem, user_problem
+
+    if not isinstance(values.get("sso_enabled", False), bool):
+        raise ConfigError(f"{path}: [sso] enabled must be true or false")
+    users = values.get("sso_users", {})
+    if not isinstance(users, dict):
+        raise ConfigError(f"{path}: [sso] users must be a table",
+                          hint='e.g. users = {"alice" = "alice"}')
+    for user, principal in users.items():
+        problem = user_problem(user) or (principal_problem(principal)
+                                         if isinstance(principal, str) else "not a string")
+        if problem is not None:
+            raise ConfigError(f"{path}: [sso] users: {user!r} = {principal!r}: {problem}")
+    for k in ("sso_host_key", "sso_sshd_dropin", "sso_known_hosts", "sso_sshd_pid_file"):
+        if k in values:
+            if not isinstance(values[k], str) or not values[k]:
+                raise ConfigError(f"{path}: [sso] {k[4:]} must be a path")
+            values[k] = Path(values[k])
+    for k in ("sso_host_validity", "sso_user_validity"):
+        v = values.get(k, 3600.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 600 <= v <= 7 * 86400:
+            raise ConfigError(f"{path}: [sso] {k[4:]} must be seconds between 600 and 604800",
+                              hint="certificates are renewed by a check once a minute")
 
 
 def validate(cfg: Config) -> None:
@@ -135,6 +203,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"portmap = {cfg.portmap!r}: use \"auto\" or \"off\"")
     if not 0.1 <= cfg.refresh_fraction <= 0.95:
         raise ConfigError("refresh_fraction must be between 0.1 and 0.95")
+    if cfg.stub:
+        parse_stub(cfg.stub)
+        if cfg.upstream.strip() != "none":
+            parse_upstreams(cfg.upstream)
     cfg.server_address()
 
 

@@ -125,6 +125,9 @@ class MiniupnpdConfig:
     max_lifetime: int = 86400
     stun_host: str | None = None
     allow_ports: str = "1024-65535"
+    #: the external ports it grants (default: ``allow_ports``); a range without the port a
+    #: host asks for makes miniupnpd grant another one
+    external_ports: str | None = None
 
 
 @dataclass
@@ -214,7 +217,7 @@ table inet nat {{
             lines += ["ext_perform_stun=yes", f"ext_stun_host={cfg.stun_host}",
                       f"ext_stun_port={STUN_PORT}"]
         net = self.lan_network
-        lines += [f"allow {cfg.allow_ports} {net} {cfg.allow_ports}",
+        lines += [f"allow {cfg.external_ports or cfg.allow_ports} {net} {cfg.allow_ports}",
                   "deny 0-65535 0.0.0.0/0 0-65535"]
         path = self.workdir / "miniupnpd.conf"
         path.write_text("\n".join(lines) + "\n")
@@ -266,6 +269,19 @@ table inet nat {{
             self.clear_mappings()
             (self.workdir / "leases").unlink(missing_ok=True)
         self.start_miniupnpd(cfg)
+
+    def silence_announcements(self) -> None:
+        """Drop what the gateway sends to UDP port 5350 (the NAT-PMP and PCP announcements,
+        RFC 6886 section 3.2.1, RFC 6887 section 14.1.3): a gateway whose mapping service
+        starts without telling its LAN, so hosts find it only by asking again."""
+        self.ns.run(["nft", "-f", "-"], input="""
+table inet lab_quiet {
+    chain output {
+        type filter hook output priority 0; policy accept;
+        udp dport 5350 drop
+    }
+}
+""")
 
     def clear_mappings(self) -> None:
         """Empty miniupnpd's chains (what a router reboot does to its NAT table)."""

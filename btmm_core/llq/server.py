@@ -288,7 +288,7 @@ class LLQServer:
             log.warning("llq refused: not signed with the zone's key", peer=ctx.peer)
             response.set_rcode(dns.rcode.REFUSED)
             return response
-        if zone.is_public(q.name, q.rdtype):
+        if zone.is_static(q.name, q.rdtype):
             # The parent zone and the server-made records never change through UPDATE.
             return reply(opt.opcode, LLQError.STATIC, opt.llq_id)
         if opt.opcode == LLQOpcode.REFRESH:

@@ -40,12 +40,20 @@ from the endpoint we sent it to) or carried authenticated ESP (``note_authentica
 which only the engine calls); a request proves nothing about the path back, so it only
 triggers a check. Among such pairs: LAN > IPV6 > MAPPED > REFLEXIVE (punched) > RELAY, then a
 clearly lower RTT (below ``rtt_switch_ratio`` of the path in use). A better pair that answers
-a re-check replaces the path in use (``UsePath``): only the outer endpoint changes.
+a re-check replaces the path in use (``UsePath``): only the outer endpoint changes. When the
+endpoint in use is republished under another kind (a gateway began to map the pinhole's own
+port), the path keeps its endpoint and takes the kind (``UsePath`` to the same endpoint).
 
 Liveness
 --------
-The path in use is expected to answer once traffic is pending (``note_outbound``) or one of
-its probes was lost. Quiet for ``quiet_after`` seconds while expected: it is probed every
+The path in use is expected to answer once traffic is pending (``note_outbound``), one of
+its probes was lost, or the peer's own traffic on it stopped (``note_authenticated_packet``,
+then nothing for ``quiet_after``): a host that only receives (a TCP sink sends nothing but
+ACKs for what arrives) would otherwise never notice that its NAT dropped the pinhole, and the
+peer's probes cannot tell it, since they die at that very NAT; our own probe re-opens the
+pinhole from inside, so the peer's traffic flows again within about ``quiet_after`` plus a
+round trip. A peer that simply stopped sending answers that one probe and nothing changes.
+Quiet for ``quiet_after`` seconds while expected: it is probed every
 ``liveness_interval``; for ``stale_after``: ``PathStale`` (still used; a search starts); for
 ``down_after``: ``PathDown`` with why, and the search goes on with backoff. Any authenticated
 packet from it first brings it back (``PathRecovered``).
@@ -276,6 +284,8 @@ class PathManager:
         self.state = PathState.SEARCHING
         self._expect_since: float | None = None  # answer expected from the active path since
         self._next_liveness = -INF
+        #: last authenticated ESP on the active path that no check has followed yet
+        self._inbound_at: float | None = None
         #: our endpoints as the peer saw them, one per path (bounded, oldest first out)
         self.observed: dict[Endpoint, None] = {}
         self.drops: Counter[str] = Counter()
@@ -309,13 +319,23 @@ class PathManager:
     def update_candidates(
         self, local: Iterable[Candidate], remote: Iterable[Candidate], now: float, wall: float
     ) -> list[Output]:
-        """Either side's candidates changed: re-pair and probe at once, backoff reset."""
+        """Either side's candidates changed: re-pair and probe at once, backoff reset.
+
+        When the endpoint in use is now published under another kind (a gateway began to map
+        the very port the pinhole used, or stopped), the path in use keeps its endpoint and
+        takes the kind: ``UsePath`` says so, and moves nothing; the round of checks that
+        follows may then find a better pair."""
+        active = self.active
+        kind = None if active is None else active.kind
         self.set_candidates(local, remote)
         self._backoff = self.config.backoff_initial
         if not self._started:
             return self.start(now, wall)
+        out: list[Output] = []
+        if active is not None and active is self.active and active.kind != kind:
+            out.append(UsePath(active.endpoint, active.kind, active.rtt))
         self._begin_attempt(now, full=True)
-        return self.tick(now, wall)
+        return out + self.tick(now, wall)
 
     def note_outbound(self, now: float) -> None:
         """Tunnel traffic to the peer is pending (the engine sent packets)."""
@@ -329,7 +349,12 @@ class PathManager:
         if pair is None:
             # a peer-reflexive endpoint, proven by ESP: the engine roams to it anyway
             pair = self._add_pair(Candidate(CandidateKind.REFLEXIVE, ep))
-        return [] if pair is None else self._on_evidence(pair, now)
+        if pair is None:
+            return []
+        out = self._on_evidence(pair, now)
+        if pair is self.active:
+            self._inbound_at = now
+        return out
 
     def receive(self, data: bytes, source: Endpoint, now: float, wall: float) -> list[Output]:
         """A probe message from ``source``. Anything wrong is counted and dropped."""
@@ -459,6 +484,7 @@ class PathManager:
         self.active = pair
         self.state = PathState.UP
         self._expect_since = None
+        self._inbound_at = None
         if not self._attempt:
             self._next_attempt = now + self.config.recheck_interval
         return [UsePath(pair.endpoint, pair.kind, pair.rtt)]
@@ -553,8 +579,11 @@ class PathManager:
     # -- liveness ---------------------------------------------------------------------------
 
     def _liveness_deadlines(self) -> list[float]:
-        if self.active is None or self._expect_since is None:
+        if self.active is None:
             return []
+        if self._expect_since is None:
+            inbound = self._inbound_at
+            return [] if inbound is None else [inbound + self.config.quiet_after]
         a, cfg, since = self.active, self.config, self._expect_since
         times = []
         if not a.probing:
@@ -567,6 +596,12 @@ class PathManager:
 
     def _liveness(self, now: float, wall: float) -> list[Output]:
         active, since, cfg = self.active, self._expect_since, self.config
+        inbound = self._inbound_at
+        if active is not None and since is None and inbound is not None \
+                and now >= inbound + cfg.quiet_after:
+            # the peer's traffic stopped: check the path once (see Liveness above)
+            self._expect_since = since = inbound
+            self._inbound_at = None
         if active is None or since is None:
             return []
         quiet = now - since
@@ -575,20 +610,23 @@ class PathManager:
             f"no authenticated packet from {active.endpoint.host}:{active.endpoint.port} for "
             f"{quiet:.1f} s while an answer was due ({active.lost} probes lost)"
         )
-        if quiet >= cfg.down_after and active.lost > 0:
+        # compared as the deadlines are computed (since + limit), so that a tick at a
+        # deadline never falls a rounding error short of it and spins
+        if now >= since + cfg.down_after and active.lost > 0:
             self.active = None
             self.state = PathState.DOWN
             self._expect_since = None
+            self._inbound_at = None
             out.append(PathDown(active.endpoint, why))
             self._backoff = cfg.backoff_initial
             self._begin_attempt(now, full=True)
             return out
-        if quiet >= cfg.stale_after and self.state == PathState.UP and active.lost > 0:
+        if now >= since + cfg.stale_after and self.state == PathState.UP and active.lost > 0:
             self.state = PathState.STALE
             out.append(PathStale(active.endpoint, why))
             self._backoff = cfg.backoff_initial
             self._begin_attempt(now, full=True)
-        due = quiet >= cfg.quiet_after and not active.probing and now >= self._next_liveness
+        due = now >= since + cfg.quiet_after and not active.probing and now >= self._next_liveness
         if due and self._take_token(now):
             out.append(self._probe(active.endpoint, now, wall))
             self._next_liveness = now + cfg.liveness_interval

@@ -339,6 +339,13 @@ class RegistryCore:
             response.set_rcode(dns.rcode.REFUSED)
             return response
         if not zone.may_read(q.name, q.rdtype, key):
+            if q.rdtype == dns.rdatatype.SOA:
+                # A resolver looking for the zone cut asks SOA at each name on the way up; the
+                # apex SOA in the authority section tells it where the zone is and reveals
+                # nothing about the name (the same answer whether it exists or not).
+                response.flags |= dns.flags.AA
+                response.authority.append(self._negative_soa(zone))
+                return response
             response.set_rcode(dns.rcode.REFUSED)
             return response
         response.flags |= dns.flags.AA
@@ -352,11 +359,15 @@ class RegistryCore:
             return response
         if not zone.name_exists(q.name):
             response.set_rcode(dns.rcode.NXDOMAIN)
-        soa = zone.soa()
-        rrset = dns.rrset.RRset(zone.name, dns.rdataclass.IN, dns.rdatatype.SOA)
-        rrset.add(soa, min(zone.config.soa_ttl, zone.config.negative_ttl))
-        response.authority.append(rrset)
+        response.authority.append(self._negative_soa(zone))
         return response
+
+    @staticmethod
+    def _negative_soa(zone: Zone) -> dns.rrset.RRset:
+        """The apex SOA for the authority section of a negative answer (RFC 2308 section 3)."""
+        rrset = dns.rrset.RRset(zone.name, dns.rdataclass.IN, dns.rdatatype.SOA)
+        rrset.add(zone.soa(), min(zone.config.soa_ttl, zone.config.negative_ttl))
+        return rrset
 
     @staticmethod
     def _add(response: dns.message.Message, zone: Zone, name: dns.name.Name, rdtype: int) -> bool:

@@ -164,13 +164,16 @@ def _apply_updates(zone: Zone, updates: list[dns.rrset.RRset], now: float, grant
                 continue
             lease = grant.key_lease if rr.rdtype == dns.rdatatype.KEY else grant.lease
             expires = None if lease is None else now + lease
+            # A cache must not keep a record longer than the registry does: the TTL never
+            # exceeds the granted lease.
+            ttl = rr.ttl if lease is None else min(rr.ttl, lease)
             target = rrset(rr.name, rr.rdtype)
             for rd in rr:
-                target[rd] = Entry(rr.ttl, expires)
+                target[rd] = Entry(ttl, expires)
             if target:
                 types.add(rr.rdtype)
             # One TTL per RRset (RFC 2181 5.2): the newest add sets it for all (applied below).
-            ttls[(rr.name, rr.rdtype)] = rr.ttl
+            ttls[(rr.name, rr.rdtype)] = ttl
         elif rr.deleting == dns.rdataclass.ANY:
             types = types_at(rr.name)
             if rr.rdtype == dns.rdatatype.ANY:

@@ -8,6 +8,12 @@ Server-managed records are synthesized, not stored: the SOA (its serial is the z
 apex NS, and the discovery SRVs ``_dns-update._udp`` and ``_dns-llq._udp``, ``_stun._udp``
 when the server answers STUN and ``_dns-push-tls._tcp`` when it serves DNS Push
 (docs/architecture.md section 6).
+
+Who may read what: the server's records are public, everything else in a user zone needs a
+key of its user. A zone whose user opted in (``ZoneConfig.public_browse``, ``btmm serve
+--public-browse``) also lets anyone read its DNS-SD browse records (RFC 6763 sections 4, 9,
+11 and 12; ``is_browse_record``), because DNS-SD clients such as mDNSResponder never sign
+their queries.
 """
 
 from __future__ import annotations
@@ -45,6 +51,19 @@ STUN_SRV = dns.name.from_text("_stun._udp", origin=None)
 #: Where DNS Push Notifications for the zone are served (RFC 8765 6.1): the DoT port.
 PUSH_SRV = dns.name.from_text("_dns-push-tls._tcp", origin=None)
 
+#: RFC 6763 section 11: the browse/registration domain enumeration names under ``_dns-sd._udp``.
+DOMAIN_ENUM_LABELS = frozenset({b"b", b"db", b"lb", b"r", b"dr"})
+#: Service types that are btmm's own plumbing (the tunnel endpoints and path candidates):
+#: never readable without a key, even in a zone that opted in to public browsing.
+PRIVATE_SERVICE_LABELS = frozenset({b"_autotunnel", b"_btmm-path"})
+#: Discovery SRVs a DNS-SD client asks for before it browses (RFC 8764 section 6.1 for LLQ,
+#: RFC 8765 section 6.1 for DNS Push); absent ones then answer NXDOMAIN instead of REFUSED.
+DISCOVERY_SRVS = frozenset(
+    dns.name.from_text(t, origin=None)
+    for t in ("_dns-llq._udp", "_dns-llq._tcp", "_dns-llq-tls._tcp", "_dns-push-tls._tcp")
+)
+_BROWSE_TYPES = frozenset({dns.rdatatype.PTR, dns.rdatatype.SRV, dns.rdatatype.TXT})
+
 #: Question types that ask for a zone transfer or a mailbox set: never answered (RFC 1035
 #: 3.2.3, RFC 5936 asks for a transfer protocol we do not offer).
 TRANSFER_TYPES = frozenset(
@@ -71,6 +90,9 @@ class ZoneConfig:
     soa_ttl: int = 3600
     negative_ttl: int = 60
     max_records: int = 2000
+    #: Users whose zones let anyone read their DNS-SD browse records (off for all by default:
+    #: it shows the world the zone's service instances and their host names and ports).
+    public_browse: frozenset[str] = frozenset()
 
 
 def next_serial(serial: int) -> int:
@@ -188,9 +210,9 @@ class Zone:
             c.negative_ttl,
         )
 
-    def is_public(self, name: dns.name.Name, rdtype: int) -> bool:
-        """Readable (and watchable) without the zone's key: everything in the parent zone,
-        and in a user zone the apex SOA/NS and the discovery SRVs (any type at their names)."""
+    def is_static(self, name: dns.name.Name, rdtype: int) -> bool:
+        """Readable by anyone and never changed by UPDATE: everything in the parent zone, and
+        in a user zone the apex SOA/NS and the discovery SRVs (any type at their names)."""
         if self.user is None:
             return True
         if name == self.name and rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
@@ -200,6 +222,37 @@ class Zone:
         if self.config.push_port is not None and name == PUSH_SRV.concatenate(self.name):
             return True
         return name in (UPDATE_SRV.concatenate(self.name), LLQ_SRV.concatenate(self.name))
+
+    def is_browse_record(self, name: dns.name.Name, rdtype: int) -> bool:
+        """A DNS-SD record a browser reads (RFC 6763): PTR at ``_type._tcp|_udp`` and at a
+        subtype ``_sub._type._proto``, SRV/TXT at an instance ``<instance>._type._proto``, the
+        service type list ``_services._dns-sd._udp`` and the domain enumeration PTRs of section
+        11 (``b``, ``db``, ``lb``, ``r``, ``dr`` under ``_dns-sd._udp``), and the LLQ and DNS Push
+        discovery SRVs. btmm's own ``_autotunnel`` and ``_btmm-path`` are not among them."""
+        if rdtype not in _BROWSE_TYPES or not name.is_subdomain(self.name):
+            return False
+        rel = [label.lower() for label in name.relativize(self.name).labels]
+        if len(rel) < 2 or rel[-1] not in (b"_tcp", b"_udp"):
+            return False
+        if rdtype == dns.rdatatype.SRV and len(rel) == 2:
+            return dns.name.Name(rel) in DISCOVERY_SRVS
+        if rel[-2:] == [b"_dns-sd", b"_udp"]:
+            return rdtype == dns.rdatatype.PTR and (
+                (len(rel) == 3 and rel[0] in DOMAIN_ENUM_LABELS)
+                or rel == [b"_services", b"_dns-sd", b"_udp"]
+            )
+        if not rel[-2].startswith(b"_") or rel[-2] in PRIVATE_SERVICE_LABELS:
+            return False
+        if rdtype == dns.rdatatype.PTR:
+            return len(rel) == 2 or (len(rel) == 4 and rel[1] == b"_sub")
+        return len(rel) == 3
+
+    def is_public(self, name: dns.name.Name, rdtype: int) -> bool:
+        """Readable (and watchable) without the zone's key: the static records, and the browse
+        records of a zone whose user opted in to public browsing."""
+        if self.is_static(name, rdtype):
+            return True
+        return self.user in self.config.public_browse and self.is_browse_record(name, rdtype)
 
     def may_read(self, name: dns.name.Name, rdtype: int, key: TsigKey | None) -> bool:
         """Public records, or a request signed by the zone's account or device key (an invite

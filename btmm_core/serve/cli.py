@@ -78,6 +78,18 @@ _domain_option = click.option(
 @click.option(
     "--public-port", type=int, default=None, help="Port in the discovery SRVs (default: --port)."
 )
+@click.option(
+    "--public-browse",
+    "public_browse",
+    multiple=True,
+    metavar="USER",
+    help="Let anyone read USER's DNS-SD browse records (repeatable; off for every user by "
+    "default): the service PTRs, each instance's SRV and TXT, the RFC 6763 section 11 domain "
+    "PTRs and the LLQ/DNS Push discovery SRVs answer without a TSIG signature, so unsigned "
+    "clients (mDNSResponder's dns-sd, avahi) can browse. Privacy: anyone who knows the zone's "
+    "name then sees which services its hosts offer, their host names, ports and TXT; host "
+    "addresses, keys and tunnel endpoints stay behind the key.",
+)
 @click.option("--lease-min", type=int, default=1800, show_default=True)
 @click.option("--lease-max", type=int, default=7200, show_default=True)
 @click.option(
@@ -236,7 +248,13 @@ def _keepalive_ms(seconds: float) -> int:
 def _config(o: dict[str, Any]) -> ServeConfig:
     """The options of ``serve``, by the names click gives them, as a ``ServeConfig``."""
     return ServeConfig(
-        zone=ZoneNames(parse_domain(o["domain"]), o["ns_name"], o["ns_address"], o["public_port"]),
+        zone=ZoneNames(
+            parse_domain(o["domain"]),
+            o["ns_name"],
+            o["ns_address"],
+            o["public_port"],
+            tuple(o["public_browse"]),
+        ),
         storage=StorageConfig(o["state_dir"], o["db"]),
         listen=ListenConfig(
             o["listen"],
@@ -455,4 +473,5 @@ def user_revoke(ctx: click.Context, name: str, device: str) -> None:
     finally:
         storage.close()
     click.echo(f"device {device} of {name} revoked (key {entry.key.name}); its records are "
-               "deleted, peers drop it within a second of the registry noticing")
+               "deleted, peers drop it within a second of the registry noticing; its SSH CA "
+               "(if it published one) is listed at _btmm-revoked for the hosts' KRL")

@@ -78,6 +78,8 @@ class ZoneNames:
     ns_addresses: tuple[str, ...] = ()
     #: Port in the discovery SRVs; None: the listen port.
     public_port: int | None = None
+    #: Users whose zones let anyone read their DNS-SD browse records (``--public-browse``).
+    public_browse: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,13 @@ class ServeConfig:
         stun = self.stun.port if self.stun.enabled else None
         push = self.tls.port if self.serves_push else None
         return ZoneConfig(
-            self.zone.domain, self.ns, self.glue, port, stun_port=stun, push_port=push
+            self.zone.domain,
+            self.ns,
+            self.glue,
+            port,
+            stun_port=stun,
+            push_port=push,
+            public_browse=frozenset(self.zone.public_browse),
         )
 
     @property

@@ -23,6 +23,7 @@ from btmm_core.daemon.config import Config
 from btmm_core.daemon.host import Daemon, NetState
 from btmm_core.daemon.hosts import replace_block
 from btmm_core.daemon.identity import HostIdentity
+from btmm_core.daemon.naming import Names
 from btmm_core.daemon.pathset import PathSet
 from btmm_core.daemon.records import PeerRecords, peer_host_label, verify_peer
 from btmm_core.dataplane.api import Endpoint
@@ -150,6 +151,8 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, lis
     d.driver = KeyExchangeDriver(d.engine, d.kx)  # type: ignore[arg-type]
     d.registry = TableRegistry()  # type: ignore[assignment]
     d._watch_peer = lambda peer: None  # type: ignore[method-assign]
+    d.names = Names(d.cfg, ZONE)  # not started: it only records the hosts it would answer
+    d.sso = None  # [sso] is off
     return d, routes
 
 
@@ -200,6 +203,9 @@ def test_browse_target_outside_the_zone_is_never_followed(
     hosts = d.cfg.hosts_file.read_text()  # type: ignore[union-attr]
     assert "nas.bob.members.example" in hosts and "github" not in hosts
     assert "www.desktop" not in hosts
+    # the stub is given the same hosts as the hosts block
+    assert {n.to_text() for n in d.names.hosts} == {"laptop.bob.members.example.",
+                                                    "nas.bob.members.example."}
 
 
 def test_upgrade_from_a_stored_ula_says_which_address_replaced_which(tmp_path: Path) -> None:

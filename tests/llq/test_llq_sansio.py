@@ -239,7 +239,7 @@ def test_events_for_add_change_delete_and_lease_expiry() -> None:
         ([f"{LAPTOP} 300 IN AAAA fd00::1"], []),
         ([f"{LAPTOP} 300 IN AAAA fd00::2"], ["fd00::1"]),
         ([], ["fd00::2"]),
-        ([f"{LAPTOP} 300 IN AAAA fd00::3"], []),
+        ([f"{LAPTOP} 10 IN AAAA fd00::3"], []),  # the TTL is cut to the 10 s lease
     ]
     lab.changes[PEER].clear()
     lab.advance(11)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reach_keys import WALL0
-from reach_sim import Host, Nat, Net, manager
+from reach_sim import ESP, TRAFFIC_INTERVAL, Host, Nat, Net, manager
 
 from btmm_core.dataplane.api import Endpoint
 from btmm_core.keyex.keys import derive_psk
@@ -214,6 +214,71 @@ def test_upgrade_from_punched_to_mapped_when_the_mapping_starts_answering() -> N
     assert b.pm.status().state == PathState.UP
     assert b.pm.status().endpoint == nat_a.map(a.addr)
     assert not [e for _, e in b.events if isinstance(e, PathDown)]
+
+
+def punched_with_traffic_from_a() -> tuple[Net, Host, Host, Nat, Nat]:
+    """Two homes on a punched path; only a sends tunnel traffic (b is a TCP sink, say)."""
+    net, a, b, nat_a, nat_b = two_homes()
+    introduce(a, b)
+    net.start(a, b)
+    a.traffic = True
+    net.run(10.0)
+    assert a.pm.status().endpoint == nat_b.map(b.addr) and b.pm.status().state == PathState.UP
+    return net, a, b, nat_a, nat_b
+
+
+def test_a_receiver_whose_nat_drops_the_pinhole_reopens_it() -> None:
+    net, a, b, _, nat_b = punched_with_traffic_from_a()
+    cut = net.now
+    nat_b.allowed.clear()  # b's gateway flushes its connection tracking: the pinhole is gone
+    net.run(cut + 20.0)
+    back = [t for t, who, _, data in net.delivered if who == "b" and data == ESP and t > cut]
+    assert back, "a's traffic never reached b again"
+    # b heard nothing for quiet_after, checked its path, and that probe re-opened the pinhole
+    # from inside; a's probes could not have told it (they die at b's gateway); without the
+    # check b would not send before its re-check, up to 30 s later
+    cfg = PathConfig()
+    first_check = min(t for t, s in b.sent if t > cut)
+    assert first_check <= cut + cfg.quiet_after + TRAFFIC_INTERVAL + 0.01
+    assert back[0] <= first_check + cfg.probe_interval + 0.1
+    for host in (a, b):
+        assert not [e for _, e in host.events if isinstance(e, (PathStale, PathDown))]
+        assert host.pm.status().state == PathState.UP and len(host.paths) == 1
+
+
+def test_a_peer_that_stops_sending_costs_one_answered_probe() -> None:
+    net, a, b, _, _ = punched_with_traffic_from_a()
+    a.traffic = False
+    stop = net.now
+    net.run(stop + 15.0)  # before the next re-check (30 s after the path was chosen)
+    checks = [s for t, s in b.sent if t > stop and isinstance(parse_probe(s.data), ProbeRequest)]
+    assert len(checks) == 1
+    assert b.pm.status().state == PathState.UP and not b.events[1:]
+    assert b.pm.status().last_heard is not None and b.pm.status().last_heard > stop
+
+
+def test_the_path_in_use_takes_the_kind_it_is_now_published_under() -> None:
+    net, a, b, _, nat_b = two_homes()
+    introduce(a, b)
+    net.start(a, b)
+    net.run(5.0)
+    punched = nat_b.map(b.addr)
+    assert a.pm.status().endpoint == punched and a.pm.status().kind == REFLEXIVE
+    # b's gateway starts mapping and grants the very port the pinhole used
+    nat_b.forward(punched.port, b.addr)
+    local = a.candidates()
+    remote = [Candidate(LAN, b.addr), Candidate(MAPPED, punched)]
+    out = a.pm.update_candidates(local, remote, net.now, WALL0 + net.now)
+    assert out[0] == UsePath(punched, MAPPED, a.pm.status().rtt)  # no move: a new name
+    net.apply(a, out)
+    net.run(net.now + 5.0)
+    assert a.pm.status().endpoint == punched and a.pm.status().kind == MAPPED
+    assert [(p.endpoint, p.kind) for _, p in a.paths] == [(punched, REFLEXIVE), (punched, MAPPED)]
+    assert not [e for _, e in a.events if isinstance(e, (PathStale, PathDown))]
+    # the mapping goes away again, the pinhole stays: back to punched, still no move
+    remote = [Candidate(LAN, b.addr), Candidate(REFLEXIVE, punched)]
+    out = a.pm.update_candidates(local, remote, net.now, WALL0 + net.now)
+    assert out[0] == UsePath(punched, REFLEXIVE, a.pm.status().rtt)
 
 
 def test_upgrade_by_rtt_within_one_kind() -> None:

@@ -42,14 +42,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_core(
-    storage: Storage | None = None, policy: Policy | None = None, port: int = 5300
+    storage: Storage | None = None,
+    policy: Policy | None = None,
+    port: int = 5300,
+    public_browse: frozenset[str] = frozenset(),
 ) -> tuple[RegistryCore, dict[str, Account]]:
     storage = storage or MemoryStorage()
     storage.ensure_zone(PARENT, None)
     accounts = {}
     for user, legacy in (("bob", False), ("alice", False), ("carol", True)):
         accounts[user] = add_user(storage, user, PARENT, legacy=legacy)
-    store = ZoneStore(storage, ZoneConfig(PARENT, NS, ("192.0.2.53",), port))
+    config = ZoneConfig(PARENT, NS, ("192.0.2.53",), port, public_browse=public_browse)
+    store = ZoneStore(storage, config)
     return RegistryCore(store, policy or Policy()), accounts
 
 

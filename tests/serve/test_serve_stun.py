@@ -52,7 +52,7 @@ def _options(**over: object) -> dict[str, object]:
         no_lease="permanent", default_lease=5400, update_max_rrs=300, update_key_rate=0.0,
         update_key_burst=10, llq_lease_min=900, llq_lease_max=7200, llq_max_total=20000,
         llq_max_per_client=256, llq_max_unacked=1000, log_level="info", event_loop="asyncio",
-        stun_port=3478, stun_alt_port=0, no_stun=False, no_push=False,
+        stun_port=3478, stun_alt_port=0, no_stun=False, public_browse=(), no_push=False,
         push_keepalive_max=3600, push_max_total=100_000, push_max_per_client=20_000,
         push_max_per_session=1024,
     )
@@ -128,3 +128,9 @@ def test_compose_starts_the_responder_on_the_listen_address(tmp_path: Path) -> N
     assert isinstance(answer.xor_mapped, TransportAddress)
     assert answer.software is not None and answer.software.startswith("btmm ")
     assert registry.stun.responder.stats.answered == 1
+
+
+def test_public_browse_option_reaches_the_zone_config() -> None:
+    assert _config(_options()).zone_config().public_browse == frozenset()
+    c = _config(_options(public_browse=("bob", "alice")))
+    assert c.zone_config().public_browse == frozenset({"bob", "alice"})

@@ -1,0 +1,124 @@
+"""Wide-area DNS-SD in the lab (issue 16): the desktop's ``[services]`` published with a lease,
+seen by ``btmm browse`` / ``btmm resolve`` on the laptop and by dig at the registry; a watch
+follows withdrawal (clean stop), a change (another port after a restart) and lease expiry
+(the host killed)."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from btmm_core.lab.netns import Lab
+from btmm_core.lab.world import REGISTRY, USER, World, build_world
+
+pytestmark = pytest.mark.netns
+
+ZONE = f"{USER}.members.example"
+LEASE = 10
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab("btmms") as lab:
+        yield lab
+
+
+def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+    q: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            q.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return q
+
+
+def _expect(q: queue.Queue[str], want: str, timeout: float, world: World) -> float:
+    t0 = time.monotonic()
+    seen = []
+    while (left := timeout - (time.monotonic() - t0)) > 0:
+        try:
+            line = q.get(timeout=left)
+        except queue.Empty:
+            break
+        seen.append(line)
+        if line == want:
+            return time.monotonic() - t0
+    raise AssertionError(f"{want!r} not within {timeout} s; saw {seen}\n{world.tails()}")
+
+
+def _services(world: World, port: int) -> None:
+    desktop = world.hosts["desktop"]
+    text = desktop.config.read_text().split("\n[services]")[0]
+    desktop.config.write_text(text + f'\n[services]\nssh = {{ port = {port}, txt = '
+                              '{ u = "alice" } }\n')
+
+
+def _dig(world: World, name: str, rdtype: str) -> list[str]:
+    creds = world.workdir / "registry" / "credentials" / f"{USER}.key"
+    out = world.inet.run(["dig", f"@{REGISTRY}", "-k", str(creds), "+short", "+norecurse",
+                          name, rdtype]).stdout
+    return sorted(line for line in out.splitlines() if line)
+
+
+def test_services_published_changed_withdrawn_and_expired(lab: Lab) -> None:
+    world = build_world(lab, nat=False, lease=LEASE, lease_min=LEASE, lease_max=60)
+    _services(world, 22)
+    laptop = world.hosts["laptop"]
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(30)
+
+    def cli(command: str, *args: str) -> list[str]:
+        return world.btmm(command, "--config", str(laptop.config), *args)
+
+    line22 = f"desktop._ssh._tcp  desktop.{ZONE}:22  u=alice"
+    deadline = time.monotonic() + 10
+    while True:
+        out = laptop.ns.run(cli("browse", "ssh"), check=False).stdout
+        if out.strip() == line22 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert out.strip() == line22, out + world.tails()
+    # every type the zone lists
+    assert laptop.ns.run(cli("browse")).stdout.strip() == line22
+    res = laptop.ns.run(cli("resolve", "desktop._ssh._tcp")).stdout
+    ula = (world.hosts["desktop"].status() or {})["host"]["ula"]
+    assert "port  22" in res and f"addr  {ula}" in res and "txt   u=alice" in res, res
+    # a standard client: dig at the registry (signed with the account key)
+    assert _dig(world, f"_ssh._tcp.{ZONE}", "PTR") == [f"desktop._ssh._tcp.{ZONE}."]
+    assert _dig(world, f"desktop._ssh._tcp.{ZONE}", "SRV") == [f"0 0 22 desktop.{ZONE}."]
+    assert _dig(world, f"desktop._ssh._tcp.{ZONE}", "TXT") == ['"u=alice"']
+    assert _dig(world, f"b._dns-sd._udp.{ZONE}", "PTR") == [f"{ZONE}."]
+    assert _dig(world, f"_services._dns-sd._udp.{ZONE}", "PTR") == [f"_ssh._tcp.{ZONE}."]
+    # any DNS client on the laptop browses through the stub (asked of the registry, signed)
+    via_stub = laptop.ns.run(["dig", "@127.0.0.153", "+short", f"_ssh._tcp.{ZONE}", "PTR"])
+    assert via_stub.stdout.split() == [f"desktop._ssh._tcp.{ZONE}."]
+    via_stub = laptop.ns.run(["dig", "+short", f"desktop._ssh._tcp.{ZONE}", "SRV"])
+    assert via_stub.stdout.split() == ["0", "0", "22", f"desktop.{ZONE}."]
+    # TTL no longer than the lease
+    ttl = world.inet.run(["dig", f"@{REGISTRY}", "-k", str(world.account_key), "+noall",
+                          "+answer", f"desktop._ssh._tcp.{ZONE}", "SRV"]).stdout.split()[1]
+    assert int(ttl) <= LEASE
+
+    watch = laptop.ns.popen(cli("browse", "ssh", "--watch", "--timeout", "50"),
+                            stdout=subprocess.PIPE, text=True)
+    lines = _lines(watch)
+    _expect(lines, "+ " + line22, 10, world)
+    world.stop_host(world.hosts["desktop"])  # clean: withdrawn
+    _expect(lines, "- desktop._ssh._tcp", 5, world)
+    _services(world, 2222)
+    world.start_host(world.hosts["desktop"])
+    _expect(lines, f"+ desktop._ssh._tcp  desktop.{ZONE}:2222  u=alice", 15, world)
+    world.stop_host(world.hosts["desktop"], kill=True)  # dies: its lease runs out
+    took = _expect(lines, "- desktop._ssh._tcp", LEASE + 8, world)
+    print(f"expired {took:.1f} s after the kill (lease {LEASE} s)")
+    watch.kill()
+    watch.wait()
