@@ -134,6 +134,8 @@ class _Session:
     last_activity: float = 0.0
     #: A Retry Delay went out at this time: the client must close within 5 s.
     ending: float | None = None
+    #: When this session's entry in the timer heap is due (None: it has none).
+    timer_at: float | None = None
     subs: dict[int, _Sub] = field(default_factory=dict)
     questions: set[Subscribe] = field(default_factory=set)
     keys: dict[dns.name.Name, TsigKey] = field(default_factory=dict)
@@ -209,8 +211,12 @@ class PushServer:
         return s
 
     def _schedule(self, s: _Session) -> None:
+        """Make sure the session's timer entry is no later than its deadline. Traffic only
+        moves a deadline later, so most messages push nothing (one entry per session, not
+        one per message: a chatty client must not grow the heap)."""
         d = s.deadline()
-        if d is not None:
+        if d is not None and (s.timer_at is None or d < s.timer_at):
+            s.timer_at = d
             heapq.heappush(self._timers, (d, s.key))
 
     def on_signed(self, transport: Transport, peer: str, key: TsigKey, now: float) -> None:
@@ -472,15 +478,16 @@ class PushServer:
         """Abort sessions whose keepalive or inactivity time ran out."""
         out: list[Outgoing] = []
         while self._timers and self._timers[0][0] <= now:
-            _, key = heapq.heappop(self._timers)
+            at, key = heapq.heappop(self._timers)
             s = self.sessions.get(key)
-            if s is None:
-                continue
+            if s is None or s.timer_at != at:
+                continue  # the session is gone, or this entry was superseded by an earlier one
+            s.timer_at = None
             d = s.deadline()
             if d is None:
                 continue
             if d > now:
-                heapq.heappush(self._timers, (d, key))  # it moved on since: look again then
+                self._schedule(s)  # it moved on since: look again then
                 continue
             if s.ending is not None:
                 why = "retry_delay_ignored"

@@ -356,3 +356,15 @@ def test_shut_down_sends_retry_delay_and_ignores_what_follows(lab: PushLab) -> N
     lab.now = NOW + 5
     (out,) = lab.run()
     assert out.close and lab.push.stats["abort_retry_delay_ignored"] == 1
+
+
+def test_a_chatty_session_keeps_one_timer_entry(lab: PushLab) -> None:
+    lab.bind()
+    subscribe(lab, 1)
+    for i in range(200):
+        lab.now = NOW + i * 0.01
+        lab.send(DSOMessage(2 + i, (Keepalive(0, 10_000).tlv(),)).to_bytes())
+    assert len(lab.push._timers) <= 2
+    lab.now = NOW + 21.99
+    (out,) = lab.run()  # twice 10 s after the last keepalive
+    assert out.close
