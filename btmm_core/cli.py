@@ -12,7 +12,7 @@ from btmm_core import __version__
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.dataplane.cli", "tunnel"),
     ("btmm_core.serve.cli", "serve"),
-    ("btmm_core.llq.cli", "watch"),
+    ("btmm_core.watch.cli", "watch"),
     ("btmm_core.portmap.cli", "netcheck"),
     ("btmm_core.daemon.cli", "join"),
     ("btmm_core.daemon.cli", "up"),

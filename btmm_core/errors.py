@@ -84,6 +84,22 @@ class PeerRefused(BtmmError):
     to its key); it gets no route and no session."""
 
 
+class DSOError(BtmmError):
+    """A DNS Stateful Operations message (RFC 8490) is malformed or breaks the protocol.
+
+    ``rcode`` is set when the fault is one a request is answered for (FORMERR for count fields
+    that are not zero, RFC 8490 section 5.4); None means a fatal error: the connection is
+    aborted (RFC 8490 section 5.3.1). ``msg_id`` is the message's ID when it could be read.
+    """
+
+    def __init__(
+        self, what: str, *, hint: str | None = None, rcode: int | None = None, msg_id: int = 0
+    ) -> None:
+        self.rcode = rcode
+        self.msg_id = msg_id
+        super().__init__(what, hint=hint)
+
+
 class RegistryError(BtmmError):
     """The host daemon's exchange with the registry failed."""
 

@@ -30,9 +30,11 @@ RANKS: dict[str, int] = {
     "portmap": 3,
     "registry": 3,
     "llq": 4,
+    "push": 4,
     "reach": 4,
     "names": 4,
     "daemon": 5,
+    "watch": 5,
     "serve": 5,
     "lab": 6,
     "cli": 7,
@@ -44,7 +46,9 @@ CLIENT_MODULES = (
     "btmm_core.daemon",
     "btmm_core.llq.client",
     "btmm_core.llq.driver",
-    "btmm_core.llq.cli",
+    "btmm_core.watch",
+    "btmm_core.push.client",
+    "btmm_core.push.driver",
 )
 
 

@@ -66,7 +66,7 @@ from btmm_core.dns.llq_option import (
     LLQOption,
     find_llq,
 )
-from btmm_core.dns.tsig import MAX_FUDGE, expected_mac, record_of, rr_size, sign
+from btmm_core.dns.tsig import MAX_FUDGE, TsigKey, expected_mac, record_of, rr_size, sign
 from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
 from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
@@ -165,6 +165,7 @@ _Reply = Callable[..., dns.message.Message]
 
 class LLQServer:
     option_codes: tuple[int, ...] = (LLQ_CODE,)
+    dso: bool = False
 
     def __init__(
         self,
@@ -421,6 +422,14 @@ class LLQServer:
             if llq is not None:
                 self._delete(llq, "connection_closed")
         return len(ids)
+
+    def receive_message(
+        self, wire: bytes, now: float, transport: Transport, peer: str
+    ) -> list[Outgoing]:
+        return []  # not a DSO plug-in
+
+    def on_signed(self, transport: Transport, peer: str, key: TsigKey, now: float) -> None:
+        return None  # LLQ checks the key of each request itself
 
     def holds_connection(self, transport: Transport, peer: str) -> bool:
         """Whether the connection carries an LLQ (the driver then keeps it open when idle)."""

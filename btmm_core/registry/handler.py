@@ -181,7 +181,7 @@ class RegistryCore:
             return None
         plain = scan(wire, transport != Transport.UDP) if self.answer_cache_size else None
         if plain is not None:
-            fast = self._cached(wire, plain, now)
+            fast = self._cached(wire, plain, now, transport, peer)
             if fast is not None:
                 return fast
         (flags,) = struct.unpack("!H", wire[2:4])
@@ -214,6 +214,8 @@ class RegistryCore:
             if not verdict.ok:
                 return self._tsig_failure(request, verdict, now, limit)
         key = verdict.key if verdict is not None else None
+        if key is not None:
+            self._signed(transport, peer, key, now)
 
         for option in request.options:
             handler = self.option_handlers.get(int(option.otype))
@@ -284,7 +286,21 @@ class RegistryCore:
             return body
         return self._sign(body, verdict, now)
 
-    def _cached(self, wire: bytes, plain: PlainQuery, now: float) -> bytes | None:
+    def _signed(self, transport: Transport, peer: str, key: TsigKey, now: float) -> None:
+        """Tell the plug-ins that ``key`` signed a request on this TCP/TLS connection."""
+        if transport == Transport.UDP:
+            return
+        for plugin in self.plugins:
+            plugin.on_signed(transport, peer, key, now)
+
+    def _cached(
+        self,
+        wire: bytes,
+        plain: PlainQuery,
+        now: float,
+        transport: Transport = Transport.UDP,
+        peer: str = "",
+    ) -> bytes | None:
         """The cached answer for a plain query, or None to take the full path.
 
         Every TSIG check is made as on the full path; any failure goes the full path too,
@@ -302,6 +318,7 @@ class RegistryCore:
             if not self.replay.check(rec.key_name, rec.time_signed, rec.mac):
                 return None
             self.replay.remember(rec.key_name, rec.time_signed, rec.mac)
+            self._signed(transport, peer, verdict.key, now)
         return self._sign(wire[:2] + cached[1][2:], verdict, now)
 
     # ---- TSIG ----------------------------------------------------------------------------

@@ -5,7 +5,9 @@ later) without the registry knowing them: the composition root (``btmm_core.serv
 A plug-in is a sans-I/O core like the registry's. It answers the requests that carry one of its
 EDNS options (the core has verified their TSIG and signs and renders the answer), and it gets
 the DNS responses clients send (QR set; LLQ event acknowledgements), every batch of committed
-RRset changes, the end of TCP/TLS connections and its own timers. Whatever it sends on its own
+RRset changes, the end of TCP/TLS connections and its own timers. A plug-in may also take the
+DSO messages (RFC 8490) of DNS-over-TLS connections and hear which TSIG key signed a request on
+a connection (DNS Push). Whatever it sends on its own
 comes back from the call that caused it, as ``Outgoing`` messages the driver delivers.
 """
 
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import dns.message
 
+    from btmm_core.dns.tsig import TsigKey
     from btmm_core.registry.handler import RequestContext, Transport
     from btmm_core.registry.model import RRsetChange
 
@@ -30,6 +33,9 @@ class Outgoing:
     transport: Transport
     peer: str
     wire: bytes
+    #: After ``wire`` (if any), forcibly abort the connection (RFC 8490 5.3: a DSO protocol
+    #: error). Ignored over UDP.
+    close: bool = False
 
 
 def is_response(wire: bytes) -> bool:
@@ -40,6 +46,9 @@ def is_response(wire: bytes) -> bool:
 class Plugin(Protocol):
     #: The EDNS option codes whose requests ``receive`` answers.
     option_codes: tuple[int, ...]
+    #: Whether DSO messages (RFC 8490, OPCODE 6) on DNS-over-TLS connections go to
+    #: ``receive_message`` (DNS Push) instead of the registry core.
+    dso: bool
 
     def receive(self, ctx: RequestContext) -> dns.message.Message | None:
         """Answer a request carrying one of ``option_codes``; None lets the core answer it."""
@@ -49,6 +58,17 @@ class Plugin(Protocol):
         self, wire: bytes, now: float, transport: Transport, peer: str
     ) -> list[Outgoing]:
         """A message with QR set from a client (unparsed, unverified)."""
+        ...
+
+    def receive_message(
+        self, wire: bytes, now: float, transport: Transport, peer: str
+    ) -> list[Outgoing]:
+        """A DSO message (only for a plug-in with ``dso`` set; unparsed)."""
+        ...
+
+    def on_signed(self, transport: Transport, peer: str, key: TsigKey, now: float) -> None:
+        """A request on a TCP/TLS connection carried a TSIG that verified with ``key`` (told
+        before the request is answered): DNS Push binds the session to that key's user."""
         ...
 
     def on_changes(self, changes: Sequence[RRsetChange], now: float) -> list[Outgoing]:

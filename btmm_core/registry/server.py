@@ -24,6 +24,7 @@ from typing import cast
 
 import structlog
 
+from btmm_core.dns.dso import is_dso
 from btmm_core.registry.handler import RegistryCore, Transport
 from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
@@ -91,6 +92,14 @@ class RegistryServer:
     def dispatch(self, data: bytes, transport: Transport, addr: tuple[str, int]) -> bytes | None:
         peer = f"{addr[0]}#{addr[1]}"
         try:
+            if transport == Transport.TLS and is_dso(data):
+                dso = [p for p in self.core.plugins if p.dso]
+                if dso:
+                    now = time.time()
+                    for plugin in dso:
+                        self.push(plugin.receive_message(data, now, transport, peer))
+                    self._wake.set()  # a session's timers may have moved
+                    return None
             if is_response(data):
                 now = time.time()
                 for plugin in self.core.plugins:
@@ -110,8 +119,10 @@ class RegistryServer:
         for out in outgoing:
             if out.transport != Transport.UDP:
                 # A connection that is gone already told the plug-ins; nothing to do here.
-                if not self.send_stream(out.transport, out.peer, out.wire):
+                if out.wire and not self.send_stream(out.transport, out.peer, out.wire):
                     log.debug("pushed message not sent: connection gone", peer=out.peer)
+                if out.close:
+                    self.abort_stream(out.transport, out.peer)
                 continue
             host, port = out.peer.rsplit("#", 1)
             try:
@@ -163,6 +174,13 @@ class RegistryServer:
             return False
         writer.write(struct.pack("!H", len(wire)) + wire)
         return True
+
+    def abort_stream(self, transport: Transport, peer: str) -> None:
+        """Reset a connection at once (RFC 8490 5.3 "forcibly abort"): nothing more is read
+        or sent on it; its reader ends and the plug-ins hear it closed."""
+        writer = self.streams.get((transport, peer))
+        if writer is not None and not writer.is_closing():
+            writer.transport.abort()
 
     async def _next_prefix(self, reader: asyncio.StreamReader, kind: Transport, peer: str) -> bytes:
         # readexactly consumes nothing until all bytes are there, so a timeout loses no data.

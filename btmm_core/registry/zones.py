@@ -5,8 +5,9 @@ applied in memory, then announced to observers as one ``RRsetChange`` per RRset.
 subscribes with ``ZoneStore.add_observer``.
 
 Server-managed records are synthesized, not stored: the SOA (its serial is the zone's), the
-apex NS, and the discovery SRVs ``_dns-update._udp`` and ``_dns-llq._udp``, and
-``_stun._udp`` when the server answers STUN (docs/architecture.md section 6).
+apex NS, and the discovery SRVs ``_dns-update._udp`` and ``_dns-llq._udp``, ``_stun._udp``
+when the server answers STUN and ``_dns-push-tls._tcp`` when it serves DNS Push
+(docs/architecture.md section 6).
 
 Who may read what: the server's records are public, everything else in a user zone needs a
 key of its user. A zone whose user opted in (``ZoneConfig.public_browse``, ``btmm serve
@@ -47,6 +48,8 @@ Observer = Callable[[RRsetChange], None]
 UPDATE_SRV = dns.name.from_text("_dns-update._udp", origin=None)
 LLQ_SRV = dns.name.from_text("_dns-llq._udp", origin=None)
 STUN_SRV = dns.name.from_text("_stun._udp", origin=None)
+#: Where DNS Push Notifications for the zone are served (RFC 8765 6.1): the DoT port.
+PUSH_SRV = dns.name.from_text("_dns-push-tls._tcp", origin=None)
 
 #: RFC 6763 section 11: the browse/registration domain enumeration names under ``_dns-sd._udp``.
 DOMAIN_ENUM_LABELS = frozenset({b"b", b"db", b"lb", b"r", b"dr"})
@@ -82,6 +85,8 @@ class ZoneConfig:
     public_port: int = 53
     #: The STUN responder's port for the ``_stun._udp`` SRV; None: no STUN, no SRV.
     stun_port: int | None = None
+    #: The DNS-over-TLS port serving DNS Push for the ``_dns-push-tls._tcp`` SRV; None: none.
+    push_port: int | None = None
     soa_ttl: int = 3600
     negative_ttl: int = 60
     max_records: int = 2000
@@ -130,13 +135,15 @@ class Zone:
                     c.soa_ttl,
                     (srv,),
                 )
-            if c.stun_port is not None:
-                stun = dns.rdtypes.IN.SRV.SRV(  # type: ignore[no-untyped-call]
-                    dns.rdataclass.IN, dns.rdatatype.SRV, 0, 0, c.stun_port, c.ns_name
+            for label, port in ((STUN_SRV, c.stun_port), (PUSH_SRV, c.push_port)):
+                if port is None:
+                    continue
+                target = dns.rdtypes.IN.SRV.SRV(  # type: ignore[no-untyped-call]
+                    dns.rdataclass.IN, dns.rdatatype.SRV, 0, 0, port, c.ns_name
                 )
-                self.synth[(STUN_SRV.concatenate(self.name), dns.rdatatype.SRV)] = (
+                self.synth[(label.concatenate(self.name), dns.rdatatype.SRV)] = (
                     c.soa_ttl,
-                    (stun,),
+                    (target,),
                 )
         elif c.ns_name.is_subdomain(self.name):
             for addr in c.ns_addresses:
@@ -211,6 +218,8 @@ class Zone:
         if name == self.name and rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS):
             return True
         if self.config.stun_port is not None and name == STUN_SRV.concatenate(self.name):
+            return True
+        if self.config.push_port is not None and name == PUSH_SRV.concatenate(self.name):
             return True
         return name in (UPDATE_SRV.concatenate(self.name), LLQ_SRV.concatenate(self.name))
 

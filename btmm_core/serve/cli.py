@@ -16,6 +16,7 @@ from btmm_core.errors import BtmmError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.log import configure_logging
 from btmm_core.metrics.exporter import parse_listen
+from btmm_core.push.server import PushConfig
 from btmm_core.registry.accounts import (
     add_user,
     algorithm_text,
@@ -173,6 +174,34 @@ _domain_option = click.option(
 )
 @click.option("--no-stun", is_flag=True, help="Answer no STUN and publish no _stun._udp SRV.")
 @click.option(
+    "--no-push",
+    is_flag=True,
+    help="Serve no DNS Push (RFC 8765) on the DoT port; publish no _dns-push-tls._tcp SRV.",
+)
+@click.option(
+    "--push-keepalive-max",
+    type=float,
+    default=3600,
+    show_default=True,
+    help="Longest DSO keepalive interval granted, seconds (at least 10, RFC 8490 6.5.2); a "
+    "session silent for twice the interval granted is closed.",
+)
+@click.option("--push-max-total", type=int, default=100_000, show_default=True)
+@click.option(
+    "--push-max-per-client",
+    type=int,
+    default=20_000,
+    show_default=True,
+    help="DNS Push subscriptions per client address (per /64 for IPv6); SERVFAIL beyond.",
+)
+@click.option(
+    "--push-max-per-session",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="DNS Push subscriptions per DSO session; REFUSED beyond.",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
 @click.option(
@@ -219,6 +248,12 @@ def serve(ctx: click.Context, /, **o: Any) -> None:
         ) from e
 
 
+def _keepalive_ms(seconds: float) -> int:
+    if seconds < 10:
+        raise ValueError(f"--push-keepalive-max {seconds:g}: at least 10 s (RFC 8490 6.5.2)")
+    return int(seconds * 1000)
+
+
 def _config(o: dict[str, Any]) -> ServeConfig:
     """The options of ``serve``, by the names click gives them, as a ``ServeConfig``."""
     return ServeConfig(
@@ -257,6 +292,13 @@ def _config(o: dict[str, Any]) -> ServeConfig:
             fudge=o["fudge"],
         ),
         stun=StunConfig(not o["no_stun"], o["stun_port"], o["stun_alt_port"]),
+        push=PushConfig(
+            keepalive_max_ms=_keepalive_ms(o["push_keepalive_max"]),
+            max_per_session=o["push_max_per_session"],
+            max_per_client=o["push_max_per_client"],
+            max_total=o["push_max_total"],
+        ),
+        push_enabled=not o["no_push"],
         log_level=o["log_level"],
         event_loop=o["event_loop"],
         metrics=None if o.get("metrics") is None else parse_listen(o["metrics"]),

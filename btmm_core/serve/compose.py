@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from btmm_core import __version__
 from btmm_core.errors import BtmmError
 from btmm_core.llq.server import LLQServer
 from btmm_core.metrics.exporter import MetricsServer
+from btmm_core.push.server import PushServer
 from btmm_core.registry.accounts import check_user_free
 from btmm_core.registry.handler import RegistryCore
 from btmm_core.registry.server import Listen, RegistryServer
@@ -50,6 +52,7 @@ class Registry:
     llq: LLQServer
     server: RegistryServer
     stun: StunServer | None = None
+    push: PushServer | None = None
 
 
 def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -74,6 +77,10 @@ def compose(config: ServeConfig, tls: ssl.SSLContext | None) -> Registry:
     # clients of a restarted server get NO-SUCH-LLQ and set up again.
     llq = LLQServer(core, config.llq, os.urandom(32), random.SystemRandom())
     core.plug(llq)
+    push = None
+    if config.serves_push:
+        push = PushServer(core, config.push)
+        core.plug(push)
     lst = config.listen
     server = RegistryServer(
         core,
@@ -90,7 +97,7 @@ def compose(config: ServeConfig, tls: ssl.SSLContext | None) -> Registry:
     stun = None
     if config.stun.enabled:
         stun = StunServer(StunResponder(software=SOFTWARE), lst.host, config.stun.ports)
-    return Registry(core, llq, server, stun)
+    return Registry(core, llq, server, stun, push)
 
 
 def _size_udp_buffer(registry: Registry) -> None:
@@ -142,7 +149,19 @@ async def serve(config: ServeConfig, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if registry.push is not None:
+        p = config.push
+        structlog.get_logger("btmm.push").info(
+            "dns push ready",
+            port=config.tls.port,
+            keepalive_ms=f"{p.keepalive_min_ms}..{p.keepalive_max_ms}",
+            max_total=p.max_total,
+            max_per_client=p.max_per_client,
+        )
     await stop.wait()
+    if registry.push is not None:
+        # A Retry Delay tells each session's client that this is a restart, not a failure.
+        registry.server.push(registry.push.shut_down(time.time()))
     if exporter is not None:
         await exporter.close()
     if registry.stun is not None:
@@ -153,6 +172,9 @@ async def serve(config: ServeConfig, tls: ssl.SSLContext | None) -> None:
     await registry.server.close()
     stats = registry.llq.stats
     structlog.get_logger("btmm.llq").info("llq stopped", **dict(sorted(stats.items())))
+    if registry.push is not None:
+        pstats = registry.push.stats
+        structlog.get_logger("btmm.push").info("dns push stopped", **dict(sorted(pstats.items())))
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]], event_loop: str) -> None:

@@ -14,6 +14,7 @@ import dns.name
 
 from btmm_core.errors import ConfigError
 from btmm_core.llq.server import LLQConfig
+from btmm_core.push.server import PushConfig
 from btmm_core.registry.handler import Policy
 from btmm_core.registry.zones import ZoneConfig
 
@@ -115,6 +116,9 @@ class ServeConfig:
     policy: Policy = field(default_factory=Policy)
     llq: LLQConfig = field(default_factory=LLQConfig)
     stun: StunConfig = field(default_factory=StunConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    #: DNS Push (RFC 8765) on the DoT port; needs ``tls.port``.
+    push_enabled: bool = True
     log_level: str = "info"
     event_loop: str = "uvloop"
     #: serve Prometheus metrics at this loopback (host, port); None: off
@@ -133,11 +137,17 @@ class ServeConfig:
     def zone_config(self) -> ZoneConfig:
         port = self.zone.public_port or self.listen.port
         stun = self.stun.port if self.stun.enabled else None
+        push = self.tls.port if self.serves_push else None
         return ZoneConfig(
             self.zone.domain,
             self.ns,
             self.glue,
             port,
             stun_port=stun,
+            push_port=push,
             public_browse=frozenset(self.zone.public_browse),
         )
+
+    @property
+    def serves_push(self) -> bool:
+        return self.push_enabled and bool(self.tls.port)

@@ -52,7 +52,9 @@ def _options(**over: object) -> dict[str, object]:
         no_lease="permanent", default_lease=5400, update_max_rrs=300, update_key_rate=0.0,
         update_key_burst=10, llq_lease_min=900, llq_lease_max=7200, llq_max_total=20000,
         llq_max_per_client=256, llq_max_unacked=1000, log_level="info", event_loop="asyncio",
-        stun_port=3478, stun_alt_port=0, no_stun=False, public_browse=(),
+        stun_port=3478, stun_alt_port=0, no_stun=False, public_browse=(), no_push=False,
+        push_keepalive_max=3600, push_max_total=100_000, push_max_per_client=20_000,
+        push_max_per_session=1024,
     )
     o.update(over)
     return o
@@ -66,6 +68,16 @@ def test_options_make_the_stun_config() -> None:
     assert c.stun.ports == (5000, 5001) and c.zone_config().stun_port == 5000
     c = _config(_options(no_stun=True))
     assert c.stun.ports == () and c.zone_config().stun_port is None
+
+
+def test_options_make_the_push_config_and_its_srv() -> None:
+    c = _config(_options(tls_port=853, push_keepalive_max=10, push_max_per_session=5))
+    assert c.serves_push and c.zone_config().push_port == 853
+    assert c.push.keepalive_max_ms == 10_000 and c.push.max_per_session == 5
+    assert _config(_options(tls_port=853, no_push=True)).zone_config().push_port is None
+    assert _config(_options(tls_port=0)).zone_config().push_port is None  # no DoT, no Push
+    with pytest.raises(ValueError, match="at least 10 s"):
+        _config(_options(tls_port=853, push_keepalive_max=9))
 
 
 @pytest.mark.parametrize(("port", "alt", "error"), [

@@ -1,4 +1,6 @@
-"""``btmm watch NAME TYPE``: print changes to an RRset as the registry pushes them (RFC 8764)."""
+"""``btmm watch NAME TYPE``: print changes to an RRset as the registry pushes them, by
+long-lived query (RFC 8764; over UDP, TCP or DNS over TLS) or by DNS Push (RFC 8765; over DNS
+over TLS). A tool composed of the two clients, hence its own package above both."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import dns.name
@@ -18,6 +21,10 @@ from btmm_core.dns.keyfile import read_key
 from btmm_core.errors import BtmmError
 from btmm_core.llq.client import Changes, ClientConfig, StateChanged
 from btmm_core.llq.driver import TRANSPORTS, Watcher
+from btmm_core.push import client as push_client
+from btmm_core.push.driver import PushWatcher
+
+Event = Changes | StateChanged | push_client.Changes | push_client.StateChanged
 
 
 @click.command()
@@ -28,14 +35,15 @@ from btmm_core.llq.driver import TRANSPORTS, Watcher
     "--port",
     type=int,
     default=None,
-    help="Registry port [default: 53, or 853 with --transport tls].",
+    help="Registry port [default: 53, or 853 with --transport tls or push].",
 )
 @click.option(
     "--transport",
-    type=click.Choice(TRANSPORTS),
+    type=click.Choice((*TRANSPORTS, "push")),
     default="udp",
     show_default=True,
-    help="UDP, TCP, or DNS over TLS: over TCP/TLS the LLQ lives as long as the connection.",
+    help="LLQ over UDP, TCP or DNS over TLS (over TCP/TLS the LLQ lives as long as the "
+    "connection), or push: a DNS Push subscription (RFC 8765) on the DoT port.",
 )
 @click.option(
     "--tls-ca",
@@ -92,7 +100,7 @@ def watch(
         key = read_key(key_file) if key_file is not None else None
         config = ClientConfig(lease=lease, poll_interval=poll_interval)
         ssl_context = None
-        if transport == "tls":
+        if transport in ("tls", "push"):
             ssl_context = ssl.create_default_context(cafile=str(tls_ca) if tls_ca else None)
     except ssl.SSLError as e:
         raise click.UsageError(f"cannot load the TLS trust anchor {tls_ca}: {e}") from e
@@ -107,33 +115,46 @@ def watch(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         end = time.monotonic() + timeout if timeout > 0 else None
-        address = (server, port if port is not None else 853 if transport == "tls" else 53)
-        async with Watcher(
-            address,
-            qname,
-            qtype,
-            key=key,
-            config=config,
-            transport=transport,
-            ssl_context=ssl_context,
-            server_hostname=tls_name or server,
-        ) as w:
-            await _print_events(w, stop, end, count, quiet)
+        tls_port = transport in ("tls", "push")
+        address = (server, port if port is not None else 853 if tls_port else 53)
+        w: Watcher | PushWatcher
+        if transport == "push":
+            w = PushWatcher(
+                address,
+                qname,
+                qtype,
+                key=key,
+                ssl_context=ssl_context,
+                server_hostname=tls_name or server,
+            )
+        else:
+            w = Watcher(
+                address,
+                qname,
+                qtype,
+                key=key,
+                config=config,
+                transport=transport,
+                ssl_context=ssl_context,
+                server_hostname=tls_name or server,
+            )
+        async with w:
+            await _print_events(w.events, stop, end, count, quiet)
         return 0
 
     sys.exit(asyncio.run(main()))
 
 
 async def _print_events(
-    w: Watcher, stop: asyncio.Event, end: float | None, count: int, quiet: bool
+    events: asyncio.Queue[Any], stop: asyncio.Event, end: float | None, count: int, quiet: bool
 ) -> None:
-    """Print ``w``'s events until ``stop`` is set, ``end`` passes or ``count`` record lines."""
+    """Print ``events`` until ``stop`` is set, ``end`` passes or ``count`` record lines."""
     printed = 0
     while not stop.is_set():
         wait = None if end is None else end - time.monotonic()
         if wait is not None and wait <= 0:
             break
-        event = await _next_event(w.events, stop, wait)
+        event = await _next_event(events, stop, wait)
         if event is None:
             continue
         printed += _print_event(event, quiet)
@@ -142,8 +163,8 @@ async def _print_events(
 
 
 async def _next_event(
-    events: asyncio.Queue[Changes | StateChanged], stop: asyncio.Event, wait: float | None
-) -> Changes | StateChanged | None:
+    events: asyncio.Queue[Any], stop: asyncio.Event, wait: float | None
+) -> Event | None:
     """The next event, or None when ``stop`` is set or ``wait`` seconds pass first."""
     get = asyncio.ensure_future(events.get())
     halt = asyncio.ensure_future(stop.wait())
@@ -154,12 +175,13 @@ async def _next_event(
         with contextlib.suppress(asyncio.CancelledError):
             await get
         return None
-    return get.result()
+    event: Event = get.result()
+    return event
 
 
-def _print_event(event: Changes | StateChanged, quiet: bool) -> int:
+def _print_event(event: Event, quiet: bool) -> int:
     """Print a state line on stderr or the record lines on stdout; returns the record lines."""
-    if isinstance(event, StateChanged):
+    if isinstance(event, StateChanged | push_client.StateChanged):
         if not quiet:
             print(f"# {event.state.value}: {event.why}", file=sys.stderr, flush=True)
         return 0
