@@ -172,7 +172,10 @@ class LiveRegistry:
         q = dns.message.make_query(PARENT, dns.rdatatype.SOA)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"btmm serve exited: {self.log()}")
+                log = self.log()
+                if "cannot listen on" in log:
+                    raise PortTaken(log)
+                raise RuntimeError(f"btmm serve exited: {log}")
             with contextlib.suppress(OSError, dns.exception.Timeout):
                 dns.query.udp(q, "127.0.0.1", port=self.port, timeout=0.3)
                 return
@@ -193,6 +196,10 @@ class LiveRegistry:
             raise
         finally:
             self.proc = None
+
+
+class PortTaken(RuntimeError):
+    """``btmm serve`` could not bind its port: free_port's port was taken in between."""
 
 
 @contextlib.contextmanager
@@ -221,7 +228,17 @@ def live_registry(
         extra = ("--legacy-md5",) if legacy else ()
         r = reg.cli("user", "add", user, *extra)
         assert r.returncode == 0, r.stderr
-    reg.start()
+    for attempt in range(5):
+        # free_port closes its probe sockets before btmm serve binds: another process on the
+        # machine may take the port in between; then try fresh ones
+        try:
+            reg.start()
+            break
+        except PortTaken:
+            if attempt == 4:
+                raise
+            (reg.state / "server.log").unlink(missing_ok=True)
+            reg.port, reg.tls_port = free_port(), free_port()
     try:
         yield reg
     finally:
