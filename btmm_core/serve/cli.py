@@ -25,7 +25,7 @@ from btmm_core.registry.accounts import (
 from btmm_core.registry.devices import list_devices, make_invite, parse_duration
 from btmm_core.registry.handler import Policy
 from btmm_core.registry.limits import UpdateLimits
-from btmm_core.registry.storage import SqliteStorage
+from btmm_core.registry.storage import Storage, open_storage
 from btmm_core.registry.update import NoLeasePolicy
 from btmm_core.serve import compose
 from btmm_core.serve.config import (
@@ -54,6 +54,13 @@ _db_option = click.option(
     default=None,
     help="SQLite file (default: STATE_DIR/registry.sqlite).",
 )
+_database_option = click.option(
+    "--database",
+    default=None,
+    envvar="BTMM_REGISTRY_DATABASE",
+    help="postgresql://USER@HOST/DB (one database for several `btmm serve`), or a SQLite file "
+    "(default: --db).",
+)
 _domain_option = click.option(
     "--domain",
     default=None,
@@ -66,6 +73,7 @@ _domain_option = click.option(
 @click.group(invoke_without_command=True)
 @_state_option
 @_db_option
+@_database_option
 @_domain_option
 @click.option("--listen", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=53, show_default=True, help="UDP and TCP port.")
@@ -169,8 +177,12 @@ _domain_option = click.option(
 def serve(ctx: click.Context, /, **o: Any) -> None:
     """Run the registry: authoritative DNS for DOMAIN with TSIG-signed UPDATE and leases."""
     ctx.ensure_object(dict)
+    try:
+        storage = StorageConfig(o["state_dir"], o["db"], o["database"])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     ctx.obj.update(
-        storage=StorageConfig(o["state_dir"], o["db"]),
+        storage=storage,
         domain=o["domain"],
         port=o["port"],
         ns_name=o["ns_name"],
@@ -202,7 +214,7 @@ def _config(o: dict[str, Any]) -> ServeConfig:
     """The options of ``serve``, by the names click gives them, as a ``ServeConfig``."""
     return ServeConfig(
         zone=ZoneNames(parse_domain(o["domain"]), o["ns_name"], o["ns_address"], o["public_port"]),
-        storage=StorageConfig(o["state_dir"], o["db"]),
+        storage=StorageConfig(o["state_dir"], o["db"], o["database"]),
         listen=ListenConfig(
             o["listen"],
             o["port"],
@@ -240,11 +252,11 @@ def user() -> None:
     """Manage user accounts (one zone and one TSIG key each)."""
 
 
-def _open(ctx: click.Context) -> tuple[SqliteStorage, dns.name.Name | None]:
+def _open(ctx: click.Context) -> tuple[Storage, dns.name.Name | None]:
     """The database and the domain it serves; an explicit --domain must be that domain."""
-    path = ctx.obj["storage"].db_path
+    path = ctx.obj["storage"].shown
     try:
-        storage = SqliteStorage(path)
+        storage = open_storage(ctx.obj["storage"].target)
         stored = storage.domain()
         given = parse_domain(ctx.obj["domain"]) if ctx.obj["domain"] else None
     except BtmmError as e:
@@ -260,16 +272,16 @@ def _open(ctx: click.Context) -> tuple[SqliteStorage, dns.name.Name | None]:
     return storage, stored or given
 
 
-def _storage(ctx: click.Context) -> SqliteStorage:
+def _storage(ctx: click.Context) -> Storage:
     return _open(ctx)[0]
 
 
-def _storage_and_domain(ctx: click.Context) -> tuple[SqliteStorage, dns.name.Name]:
+def _storage_and_domain(ctx: click.Context) -> tuple[Storage, dns.name.Name]:
     storage, domain = _open(ctx)
     if domain is None:
         storage.close()
         raise click.ClickException(
-            f"{ctx.obj['storage'].db_path} has no domain yet: pass --domain (e.g. `btmm serve "
+            f"{ctx.obj['storage'].shown} has no domain yet: pass --domain (e.g. `btmm serve "
             "--domain members.example user add NAME`) once, or start `btmm serve --domain` on it"
         )
     ctx.obj["parent"] = domain
@@ -414,3 +426,22 @@ def user_revoke(ctx: click.Context, name: str, device: str) -> None:
         storage.close()
     click.echo(f"device {device} of {name} revoked (key {entry.key.name}); its records are "
                "deleted, peers drop it within a second of the registry noticing")
+
+
+@serve.group()
+def db() -> None:
+    """The registry's database: its schema version and upgrades."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Bring the database's schema to this btmm's version (also done at every start)."""
+    config = ctx.obj["storage"]
+    try:
+        storage = open_storage(config.target)  # applies what is missing
+        version = storage.schema_version()
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    storage.close()
+    click.echo(f"{config.shown}: schema version {version}")

@@ -26,7 +26,7 @@ from btmm_core.llq.server import LLQServer
 from btmm_core.registry.accounts import check_user_free
 from btmm_core.registry.handler import RegistryCore
 from btmm_core.registry.server import Listen, RegistryServer
-from btmm_core.registry.storage import SqliteStorage
+from btmm_core.registry.storage import open_storage
 from btmm_core.registry.tls import ensure_self_signed, server_context
 from btmm_core.registry.zones import ZoneStore
 from btmm_core.serve.config import ServeConfig
@@ -63,7 +63,7 @@ def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
 
 
 def compose(config: ServeConfig, tls: ssl.SSLContext | None) -> Registry:
-    storage = SqliteStorage(config.storage.db_path)
+    storage = open_storage(config.storage.target)
     for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
         check_user_free(account.user, config.zone.domain, config.ns)
     core = RegistryCore(ZoneStore(storage, config.zone_config()), config.policy)

@@ -7,6 +7,7 @@ which the command line shows as a usage error.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,28 @@ class StorageConfig:
     #: The database, credentials and the self-signed DoT certificate live here.
     state_dir: Path = DEFAULT_STATE
     db: Path | None = None
+    #: ``postgresql://...`` (shared by several servers) or a SQLite file; None: ``db_path``.
+    database: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.db is not None and self.database is not None:
+            raise ValueError("give --database or --db, not both")
 
     @property
     def db_path(self) -> Path:
         return self.db if self.db is not None else self.state_dir / "registry.sqlite"
+
+    @property
+    def target(self) -> str | Path:
+        """What ``registry.storage.open_storage`` opens."""
+        return self.database if self.database is not None else self.db_path
+
+    @property
+    def shown(self) -> str:
+        """The database for messages, without a password a URL may carry."""
+        if self.database is None:
+            return str(self.db_path)
+        return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.database)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def test_stun_srv_only_when_stun_is_on() -> None:
 def _options(**over: object) -> dict[str, object]:
     o: dict[str, object] = dict(
         domain="members.example", ns_name=None, ns_address=(), public_port=None,
-        state_dir=Path("/nonexistent"), db=None, listen="127.0.0.1", port=53,
+        state_dir=Path("/nonexistent"), db=None, database=None, listen="127.0.0.1", port=53,
         tcp_idle_timeout=10.0, max_connections=256, max_connections_per_client=32,
         tls_port=0, tls_cert=None, tls_key=None, fudge=300, lease_min=1800, lease_max=7200,
         no_lease="permanent", default_lease=5400, update_max_rrs=300, update_key_rate=0.0,
