@@ -410,7 +410,9 @@ class RegistryCore:
         # Another server on a shared database may change the zone between planning and
         # commit (StaleZone: the store reloaded it): plan again on the new state, a few times.
         for attempt in range(1, _PLAN_ATTEMPTS + 1):
-            outcome_rcode, planned, why = self._plan(zone, request, key, seen, grant, now, peer)
+            outcome_rcode, planned, why = self._plan(
+                zone, request, key, seen, grant, now, peer, first=attempt == 1
+            )
             # The MAC must stay spent even though nothing changed: a replay after a restart
             # could otherwise succeed once the prerequisites happen to hold.
             change = planned or ChangeSet(zone.name, zone.serial, seen=(seen,))
@@ -462,10 +464,15 @@ class RegistryCore:
         grant: Grant | None,
         now: float,
         peer: str,
+        *,
+        first: bool = True,
     ) -> tuple[dns.rcode.Rcode, ChangeSet | None, str]:
-        """The update's rcode, the change it makes (None: nothing to change) and why."""
+        """The update's rcode, the change it makes (None: nothing to change) and why.
+
+        ``first``: the first plan of this update; a plan again (the zone was stale) does not
+        spend the key's budget twice."""
         # the limits first: they bound the work that the authority check and planning do
-        over = self._over_limits(zone, request, key, now, peer)
+        over = self._over_limits(zone, request, key, now, peer) if first else None
         if over is not None:
             return dns.rcode.REFUSED, None, over
         authority = check_update(zone, key, request)

@@ -52,6 +52,7 @@ import dns.rdataclass
 import dns.rdatatype
 import psycopg
 import structlog
+from psycopg.conninfo import conninfo_to_dict
 
 from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.registry.model import (
@@ -164,7 +165,10 @@ _DEVICE_COLUMNS = "name, username, zone, role, device, algorithm, secret, create
 class PgStorage(Storage):
     """PostgreSQL behind ``Storage``, for one or several servers on one database."""
 
-    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+    def __init__(self, url: str, *, upgrade: bool = True, notices: bool = False) -> None:
+        """``notices``: listen for other servers' commits (a server does; ``btmm serve user``
+        does not). Listening starts here, before anything is loaded, so that no commit falls
+        between a load and the first notice."""
         self.url = url
         #: This process's name in the notices, so that it skips its own.
         self.origin = os.urandom(6).hex()
@@ -175,6 +179,9 @@ class PgStorage(Storage):
         self._dead: list[psycopg.Connection[Row]] = []
         self._retry_at = 0.0
         self._listen_retry_at = 0.0
+        self._notices = notices
+        #: Whether a listening connection existed before: a new one means notices were lost.
+        self._listened = False
         self._resync = False
         self._commits = 0
         #: The version of each zone (by its text) that this process's memory holds.
@@ -195,11 +202,25 @@ class PgStorage(Storage):
                 f" needs {MIGRATIONS[-1][0]}",
                 hint="run 'btmm serve --database URL db upgrade'",
             )
+        if notices:
+            self._start_listening()
 
     # -- connections ---------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Row]:
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=3)
+        # The event loop waits for every statement, so none may wait long: a zone row held by
+        # a stuck server or a database that stopped answering is an error (SERVFAIL), not a
+        # hang. TCP keepalives notice a peer that vanished. What the URL says wins.
+        params: dict[str, Any] = {
+            "connect_timeout": 3,
+            "options": "-c lock_timeout=2000 -c statement_timeout=5000",
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 3,
+            "keepalives_count": 3,
+        }
+        params.update(conninfo_to_dict(self.url))
+        return psycopg.connect(autocommit=True, **params)
 
     def _conn(self) -> psycopg.Connection[Row]:
         db = self._db
@@ -449,7 +470,9 @@ class PgStorage(Storage):
             with contextlib.suppress(Exception):
                 dead.close()
         self._dead = []
-        if self._listen is None or self._listen.closed or self._listen.broken:
+        if self._notices and (
+            self._listen is None or self._listen.closed or self._listen.broken
+        ):
             self._start_listening()
         zones: set[dns.name.Name] = set()
         accounts = False
@@ -487,10 +510,10 @@ class PgStorage(Storage):
         except psycopg.Error:
             self._listen_retry_at = now + RETRY_INTERVAL
             return
-        if self._listen_retry_at:
+        if self._listened:
             # it was listening before: what happened meanwhile is unknown
             self._resync = True
-        self._listen_retry_at = now  # from now on, a new connection means a gap
+        self._listened = True
         self._listen = conn
 
     def _notify_accounts(self, cur: psycopg.Cursor[Row]) -> None:

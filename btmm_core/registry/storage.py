@@ -181,14 +181,16 @@ class Storage(abc.ABC):
         return 1
 
 
-def open_storage(database: str | Path) -> Storage:
-    """The backend for ``--database``: a ``postgresql://`` URL, or else a SQLite file."""
+def open_storage(database: str | Path, *, server: bool = False) -> Storage:
+    """The backend for ``--database``: a ``postgresql://`` URL, or else a SQLite file.
+
+    ``server``: this process serves (it must hear of other servers' commits)."""
     text = str(database)
     if text.startswith(("postgresql://", "postgres://")):
         # imported here: psycopg is needed only by those who use PostgreSQL
         from btmm_core.registry.pgstorage import PgStorage
 
-        return PgStorage(text)
+        return PgStorage(text, notices=server)
     return SqliteStorage(Path(text))
 
 

@@ -63,7 +63,7 @@ def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
 
 
 def compose(config: ServeConfig, tls: ssl.SSLContext | None) -> Registry:
-    storage = open_storage(config.storage.target)
+    storage = open_storage(config.storage.target, server=True)
     for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
         check_user_free(account.user, config.zone.domain, config.ns)
     core = RegistryCore(ZoneStore(storage, config.zone_config()), config.policy)

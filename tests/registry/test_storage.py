@@ -147,8 +147,8 @@ def test_schema_version_is_the_newest(open_db: Open) -> None:
 
 def _two_servers(pg: PgCluster) -> tuple[RegistryCore, RegistryCore, dict[str, object], str]:
     url = pg.create_database()
-    a, accounts = make_core(PgStorage(url))
-    b = RegistryCore(_store(PgStorage(url)))
+    a, accounts = make_core(PgStorage(url, notices=True))
+    b = RegistryCore(_store(PgStorage(url, notices=True)))
     return a, b, accounts, url  # type: ignore[return-value]
 
 
@@ -221,7 +221,7 @@ def test_notices_bring_other_servers_changes_to_observers(pg: PgCluster) -> None
     a, b, accounts, _ = _two_servers(pg)
     events: list[RRsetChange] = []
     b.store.add_observer(events.append)
-    b.store.sync_external()  # starts listening
+    assert b.store.sync_external() == 0  # listening since it opened: nothing yet
     now = time.time()
     wire = _update(a, accounts["bob"].key, now, "x", "fd00::1")  # type: ignore[attr-defined]
     assert parse(a.receive(wire, now, Transport.UDP, "t")).rcode() == dns.rcode.NOERROR
@@ -268,7 +268,7 @@ def test_lease_expiry_happens_once_whichever_server_runs_it(pg: PgCluster) -> No
 
 def test_a_lost_database_is_servfail_then_recovers(pg: PgCluster) -> None:
     url = pg.create_database()
-    core, accounts = make_core(PgStorage(url))
+    core, accounts = make_core(PgStorage(url, notices=True))
     key = accounts["bob"].key
     core.store.sync_external()
     now = time.time()
