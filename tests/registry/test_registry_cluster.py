@@ -28,6 +28,7 @@ from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.dns.keyfile import read_key
 from btmm_core.llq.client import Changes
 from btmm_core.llq.driver import Watcher
+from btmm_core.serve.config import StorageConfig
 
 USERS = ("u0", "u1", "u2")
 
@@ -296,3 +297,19 @@ def test_database_restart_mid_storm_servfail_then_recovery(pg: PgCluster) -> Non
         for reg in regs:
             assert _lookup(reg, "u0", "during") == []
         assert "registry database unreachable" in a.log() + b.log()
+
+
+def test_db_upgrade_reports_the_schema_version_on_both_backends(pg: PgCluster) -> None:
+    with state_dir("btmm-dbup-") as state:
+        for database, want in ((None, "schema version 1"), (pg.create_database(), "version 2")):
+            reg = LiveRegistry(state, 0, 0, (), database=database)
+            r = reg.cli("db", "upgrade")
+            assert r.returncode == 0 and want in r.stdout, r.stderr
+            if database is not None:
+                assert database in r.stdout
+        bad = LiveRegistry(state, 0, 0, (), database="postgresql://btmm@/nonexistent?host=/nope")
+        r = bad.cli("db", "upgrade")
+        assert r.returncode != 0 and "cannot connect to the registry database" in r.stderr
+    # a password in the URL is never shown
+    shown = StorageConfig(database="postgresql://btmm:s3cret@db.example/btmm").shown
+    assert "s3cret" not in shown and shown.startswith("postgresql://btmm:***@db.example")
