@@ -43,6 +43,9 @@ class Listen:
     max_connections_per_client: int = 32
     idle_timeout: float = 10.0
     read_timeout: float = 5.0
+    #: SO_REUSEPORT on every listener: several worker processes share the ports and the
+    #: kernel spreads clients over them (by address and port: one client stays with one).
+    reuse_port: bool = False
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -181,13 +184,18 @@ class RegistryServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         lst = self.listen
+        reuse = lst.reuse_port or None
         udp, _ = await loop.create_datagram_endpoint(
-            lambda: _Udp(self), local_addr=(lst.host, lst.port)
+            lambda: _Udp(self), local_addr=(lst.host, lst.port), reuse_port=reuse
         )
         self._udp.append(udp)
         self.addresses["udp"] = udp.get_extra_info("sockname")[:2]
         tcp = await asyncio.start_server(
-            lambda r, w: self._client(r, w, Transport.TCP), lst.host, lst.port, limit=70000
+            lambda r, w: self._client(r, w, Transport.TCP),
+            lst.host,
+            lst.port,
+            limit=70000,
+            reuse_port=reuse,
         )
         self._tcp.append(tcp)
         self.addresses["tcp"] = tcp.sockets[0].getsockname()[:2]
@@ -199,6 +207,7 @@ class RegistryServer:
                 ssl=lst.tls,
                 ssl_handshake_timeout=lst.read_timeout,
                 limit=70000,
+                reuse_port=reuse,
             )
             self._tcp.append(dot)
             self.addresses["tls"] = dot.sockets[0].getsockname()[:2]

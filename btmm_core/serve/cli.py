@@ -126,6 +126,13 @@ _domain_option = click.option(
 )
 @click.option("--max-connections", type=int, default=256, show_default=True)
 @click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes serving the same ports (SO_REUSEPORT) on one PostgreSQL --database.",
+)
+@click.option(
     "--max-connections-per-client",
     type=int,
     default=32,
@@ -198,8 +205,11 @@ def serve(ctx: click.Context, /, **o: Any) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     try:
-        tls = compose.tls_context(config)
-        compose.run(lambda: compose.serve(config, tls), config.event_loop)
+        if config.listen.workers > 1:
+            compose.run_workers(config, lambda: compose.tls_context(config))
+        else:
+            tls = compose.tls_context(config)
+            compose.run(lambda: compose.serve(config, tls), config.event_loop)
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
     except OSError as e:
@@ -221,6 +231,7 @@ def _config(o: dict[str, Any]) -> ServeConfig:
             o["tcp_idle_timeout"],
             o["max_connections"],
             o["max_connections_per_client"],
+            o["workers"],
         ),
         tls=TlsConfig(o["tls_port"], o["tls_cert"], o["tls_key"]),
         policy=Policy(

@@ -71,6 +71,9 @@ class ListenConfig:
     max_connections: int = 256
     #: From one address (IPv6: one /64).
     max_connections_per_client: int = 32
+    #: Processes serving the same ports (SO_REUSEPORT); more than one needs a database they
+    #: can share (PostgreSQL).
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,16 @@ class ServeConfig:
     stun: StunConfig = field(default_factory=StunConfig)
     log_level: str = "info"
     event_loop: str = "uvloop"
+
+    def __post_init__(self) -> None:
+        if self.listen.workers < 1:
+            raise ValueError(f"--workers {self.listen.workers}: at least 1")
+        shared = str(self.storage.target).startswith(("postgresql://", "postgres://"))
+        if self.listen.workers > 1 and not shared:
+            raise ValueError(
+                "--workers above 1 needs --database postgresql://...: SQLite keeps one "
+                "writer's state in memory, which other processes would not see"
+            )
 
     @property
     def ns(self) -> dns.name.Name:

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import signal
+import socket
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import dns.exception
 import dns.message
@@ -313,3 +317,78 @@ def test_db_upgrade_reports_the_schema_version_on_both_backends(pg: PgCluster) -
     # a password in the URL is never shown
     shown = StorageConfig(database="postgresql://btmm:s3cret@db.example/btmm").shown
     assert "s3cret" not in shown and shown.startswith("postgresql://btmm:***@db.example")
+
+
+def _owner_of_connection(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the server end of a loopback TCP connection."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if (int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16)) == (
+            server_port, client_port):
+            inode = f[9]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                        return pid
+    return None
+
+
+def test_workers_share_the_port_and_the_database(pg: PgCluster) -> None:
+    url = pg.create_database()
+    with state_dir("btmm-workers-") as state:
+        reg = LiveRegistry(state, free_port(), 0, ("--tls-port", "0", "--workers", "2"),
+                           database=url)
+        assert reg.cli("user", "add", "u0").returncode == 0
+        try:
+            reg.start()
+            _until(lambda: reg.log().count("registry listening") == 2, 20, "two workers")
+            m = re.search(r"pids=\[(\d+), (\d+)\]", reg.log())
+            assert m is not None and int(m.group(1)) == reg.proc.pid  # type: ignore[union-attr]
+            pids = [int(m.group(1)), int(m.group(2))]
+            key = dnskey(account(reg, "u0"))
+            owners = []
+            conns = []
+            for i in range(40):
+                s = socket.create_connection(("127.0.0.1", reg.port), timeout=5)
+                conns.append(s)
+                u = dns.update.UpdateMessage(_zone("u0"))
+                u.add(f"w{i}", 60, "AAAA", "fd00::1")
+                u.use_tsig(key)
+                dns.query.send_tcp(s, u)
+                r, _ = dns.query.receive_tcp(s, keyring={key.name: key}, request_mac=u.mac)
+                assert r.rcode() == dns.rcode.NOERROR
+                # answered, so accepted by a worker by now
+                owners.append(_owner_of_connection(reg.port, s.getsockname()[1], pids))
+            # the kernel spread the connections over both (all 40 on one: 2**-39)
+            assert set(owners) == set(pids), owners
+
+            def all_seen() -> bool:
+                for s in conns:
+                    q = dns.message.make_query(_zone("u0"), "SOA")
+                    dns.query.send_tcp(s, q)
+                    r, _ = dns.query.receive_tcp(s)
+                    if int(r.answer[0][0].serial) != 41:
+                        return False
+                return True
+
+            _until(all_seen, 10, "both workers answer the committed state")
+            for s in conns:
+                s.close()
+            assert reg.stop(signal.SIGTERM) == 0
+            for pid in pids[1:]:
+                _until(lambda p=pid: not os.path.exists(f"/proc/{p}") or  # type: ignore[misc]
+                       "zombie" in Path(f"/proc/{p}/status").read_text().lower(), 10,
+                       "worker ended")
+        finally:
+            if reg.proc is not None:
+                reg.proc.kill()
+                reg.proc.wait(timeout=5)
+
+
+def test_workers_need_a_shared_database() -> None:
+    with state_dir("btmm-workers-") as state:
+        r = LiveRegistry(state, free_port(), 0, ()).cli("--workers", "2")
+        assert r.returncode == 2 and "--workers above 1 needs --database" in r.stderr

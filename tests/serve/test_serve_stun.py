@@ -52,7 +52,7 @@ def _options(**over: object) -> dict[str, object]:
         no_lease="permanent", default_lease=5400, update_max_rrs=300, update_key_rate=0.0,
         update_key_burst=10, llq_lease_min=900, llq_lease_max=7200, llq_max_total=20000,
         llq_max_per_client=256, llq_max_unacked=1000, log_level="info", event_loop="asyncio",
-        stun_port=3478, stun_alt_port=0, no_stun=False,
+        stun_port=3478, stun_alt_port=0, no_stun=False, workers=1,
     )
     o.update(over)
     return o
