@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pg_cluster import PgCluster, pg_cluster
 
+from bench.pgcluster import PgCluster, pg_cluster
 from btmm_core.registry.storage import Storage, open_storage
 
 BACKENDS = ("sqlite", "postgresql")

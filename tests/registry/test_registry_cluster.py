@@ -24,10 +24,10 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import dns.update
-from pg_cluster import PgCluster
 from registry_helpers import LiveRegistry, dnskey, free_port, state_dir
 from test_registry_live import account, udp
 
+from bench.pgcluster import PgCluster
 from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.dns.keyfile import read_key
 from btmm_core.llq.client import Changes

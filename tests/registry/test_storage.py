@@ -15,9 +15,9 @@ import dns.rdatatype
 import dns.update
 import psycopg
 import pytest
-from pg_cluster import PgCluster
 from registry_helpers import NS, PARENT, make_core, parse, sign
 
+from bench.pgcluster import PgCluster
 from btmm_core.dns.tsig import TsigError
 from btmm_core.registry.accounts import add_user, rotate_key
 from btmm_core.registry.handler import RegistryCore, Transport

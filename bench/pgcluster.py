@@ -1,6 +1,7 @@
-"""A throwaway PostgreSQL cluster for the tests: ``initdb`` and ``pg_ctl`` from Debian's
-``postgresql`` package, in a temporary directory, as an unprivileged user (PostgreSQL refuses to
-run as root), reachable only by a unix socket in that directory (``listen_addresses=''``)."""
+"""A throwaway PostgreSQL cluster for the tests and the registry bench: ``initdb`` and ``pg_ctl``
+from Debian's ``postgresql`` package, in a temporary directory, as an unprivileged user
+(PostgreSQL refuses to run as root), reachable only by a unix socket in that directory
+(``listen_addresses=''``). Always stopped and removed by ``pg_cluster``."""
 
 from __future__ import annotations
 
@@ -55,9 +56,7 @@ class PgCluster:
         return self.root / "sock"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        kw = {}
-        if self.owner is not None:
-            kw = {"user": self.owner.pw_uid, "group": self.owner.pw_gid, "extra_groups": []}
+        owner = self.owner
         return subprocess.run(
             [str(pg_bin() / args[0]), *args[1:]],
             capture_output=True,
@@ -65,7 +64,9 @@ class PgCluster:
             timeout=120,
             check=check,
             cwd=self.root,
-            **kw,  # type: ignore[arg-type]
+            user=None if owner is None else owner.pw_uid,
+            group=None if owner is None else owner.pw_gid,
+            extra_groups=None if owner is None else [],
         )
 
     def init(self) -> None:
@@ -112,9 +113,11 @@ class PgCluster:
 
 
 @contextlib.contextmanager
-def pg_cluster() -> Iterator[PgCluster]:
-    """A running cluster, always stopped and removed afterwards."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+def pg_cluster(base: str | None = None) -> Iterator[PgCluster]:
+    """A running cluster in a new directory under ``base`` (default: /dev/shm when there is
+    one: the tests kill processes, they do not cut power), stopped and removed afterwards."""
+    if base is None and os.access("/dev/shm", os.W_OK):
+        base = "/dev/shm"
     root = Path(tempfile.mkdtemp(prefix="btmm-pg-", dir=base))
     cluster = PgCluster(root, _owner())
     try:
