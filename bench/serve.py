@@ -62,10 +62,12 @@ def serving(
     log: Path,
     zone: str,
     cwd: Path | None = None,
+    users: Sequence[str] = ("bob",),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """User bob added, then ``btmm serve --port PORT --tls-port 0 OPTIONS`` answering for
+    """``users`` added, then ``btmm serve --port PORT --tls-port 0 OPTIONS`` answering for
     ``zone``, its output in ``log``; stopped (SIGTERM, then SIGKILL) on leaving."""
-    add_user(env, cwd=cwd)
+    for user in users:
+        add_user(env, user, cwd=cwd)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*SERVE, "--port", str(port), "--tls-port", "0", "--no-stun", *options],
