@@ -22,13 +22,14 @@ One truth for N servers (docs/architecture.md section 5, "Several servers"):
   row, so each expired record goes once, whichever server gets there first; a server killed
   mid-expiry rolls back and another does it. No leader, no advisory lock to lose with a session.
 - **Fan-out by LISTEN/NOTIFY.** A commit that changed a zone sends ``NOTIFY btmm_changes``
-  with its origin and the zone's name, inside its transaction (so only committed changes are
-  announced, in commit order). Every server LISTENs on a second connection, reloads the zones
-  named by others and tells its observers (LLQ) what changed, as for its own commits.
-  Logical decoding would carry the rows themselves, but needs a replication slot per server
-  (which holds WAL back while a server is down) and ``wal_level=logical``; a notice plus a
-  reload of one zone (at most ``max_records`` rows) is simpler and loses nothing that matters:
-  when the listening connection drops, notices may be lost, so the next ``take_notices`` says
+  inside its transaction (so only committed changes are announced, in commit order) with its
+  origin, the zone, its new version and the change itself (rows as JSON, rdata in wire form;
+  a change over ``_MAX_NOTICE`` bytes goes without its rows). Every server LISTENs on a second
+  connection and applies another's change when it follows the version it holds, as it applies
+  its own commits, then tells its observers (LLQ); on a gap, or without rows, it reloads that
+  one zone. Logical decoding would carry the rows too, but needs a replication slot per
+  server (which holds WAL back while a server is down) and ``wal_level=logical``. When the
+  listening connection drops, notices may be lost, so the next ``take_notices`` says
   ``resync`` and the server reloads everything.
 - **TSIG replay across servers.** Accepted MACs go into ``tsig_seen`` in the same transaction
   as the change they signed; a MAC already there, or a Time Signed older than the newest of its
@@ -40,7 +41,9 @@ One truth for N servers (docs/architecture.md section 5, "Several servers"):
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -57,9 +60,11 @@ from psycopg.conninfo import conninfo_to_dict
 from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.registry.model import (
     Account,
+    Cause,
     ChangeSet,
     DeviceKey,
     Entry,
+    RecordKey,
     RecordRow,
     SeenMac,
     Snapshot,
@@ -438,7 +443,10 @@ class PgStorage(Storage):
                     " DO UPDATE SET device=EXCLUDED.device",
                     [(z, _n(name), device) for name, device in change.claims],
                 )
-            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin} {z}"))
+            cur.execute(
+                "SELECT pg_notify(%s, %s)",
+                (CHANNEL, f"{self.origin} {_delta_text(change, version + 1)}"),
+            )
         self._versions[z] = version + 1
 
     def ensure_zone(self, zone: dns.name.Name, user: str | None) -> None:
@@ -475,6 +483,7 @@ class PgStorage(Storage):
         ):
             self._start_listening()
         zones: set[dns.name.Name] = set()
+        changes: list[ChangeSet] = []
         accounts = False
         conn = self._listen
         if conn is not None:
@@ -487,15 +496,23 @@ class PgStorage(Storage):
                         continue
                     if what == "*accounts":
                         accounts = True
-                    else:
-                        zones.add(dns.name.from_text(what))
+                        continue
+                    zone, version, change = _parse_delta(what)
+                    z = _n(zone)
+                    known = self._versions.get(z)
+                    if zone in zones or known is None or version > known + 1 or change is None:
+                        zones.add(zone)  # a gap, or no delta: reload the zone whole
+                    elif version == known + 1:
+                        changes.append(change)
+                        self._versions[z] = version
+                    # else: older than what a reload already brought
             except psycopg.Error as e:
                 log.warning("lost the registry database's notices", error=_reason(e))
                 self._dead.append(conn)
                 self._listen = None
                 self._resync = True
         resync, self._resync = self._resync, False
-        return Notices(frozenset(zones), accounts, resync)
+        return Notices(tuple(changes), frozenset(zones), accounts, resync)
 
     def _start_listening(self) -> None:
         now = time.monotonic()
@@ -711,6 +728,66 @@ class PgStorage(Storage):
                 (user,),
             ).fetchall()
         return [_device_key(r) for r in rows]
+
+
+#: A notice carries at most this much (PostgreSQL's limit is 8000 bytes); a bigger change is
+#: announced without its rows, and the others reload the zone.
+_MAX_NOTICE = 7000
+
+
+def _delta_text(change: ChangeSet, version: int) -> str:
+    """A committed change as a notice: JSON with the rows (rdata in wire form, base64)."""
+    delta: dict[str, Any] = {"z": change.zone.to_text(), "v": version}
+    body = dict(
+        delta,
+        s=change.serial,
+        c=int(change.cause),
+        u=[
+            [u.name.to_text(), u.rdtype, u.entry.ttl, u.entry.expires,
+             _b64(u.rdata)]
+            for u in change.upserts
+        ],
+        d=[
+            [d.name.to_text(), d.rdtype, _b64(d.rdata)]
+            for d in change.deletes
+        ],
+        o=[[n.to_text(), device] for n, device in change.claims],
+    )
+    text = json.dumps(body, separators=(",", ":"))
+    return text if len(text) <= _MAX_NOTICE else json.dumps(delta, separators=(",", ":"))
+
+
+def _b64(rdata: dns.rdata.Rdata) -> str:
+    return base64.b64encode(rdata.to_wire() or b"").decode()
+
+
+def _rdata(rdtype: int, b64: str) -> dns.rdata.Rdata:
+    wire = base64.b64decode(b64)
+    return dns.rdata.from_wire(
+        dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype), wire, 0, len(wire)
+    )
+
+
+def _parse_delta(text: str) -> tuple[dns.name.Name, int, ChangeSet | None]:
+    """A notice's zone, version and change (None: the others must reload the zone)."""
+    d = json.loads(text)
+    zone = dns.name.from_text(d["z"])
+    if "s" not in d:
+        return zone, int(d["v"]), None
+    change = ChangeSet(
+        zone,
+        int(d["s"]),
+        upserts=tuple(
+            RecordRow(zone, dns.name.from_text(n), t, _rdata(t, rd), Entry(ttl, exp))
+            for n, t, ttl, exp, rd in d["u"]
+        ),
+        deletes=tuple(
+            RecordKey(zone, dns.name.from_text(n), t, _rdata(t, rd)) for n, t, rd in d["d"]
+        ),
+        cause=Cause(d["c"]),
+        claims=tuple((dns.name.from_text(n), str(dev)) for n, dev in d["o"]),
+    )
+    return zone, int(d["v"]), change
 
 
 def _one(cur: psycopg.Cursor[Row]) -> Row:

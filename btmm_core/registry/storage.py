@@ -76,6 +76,9 @@ class ZoneState:
 class Notices:
     """What other servers committed since the last ``take_notices``."""
 
+    #: their changes, in commit order, each following the last state this server holds
+    changes: tuple[ChangeSet, ...] = ()
+    #: zones to reload whole (a change was too big for a notice, or one was missed)
     zones: frozenset[dns.name.Name] = frozenset()
     #: accounts, keys or devices changed: reload them
     accounts: bool = False

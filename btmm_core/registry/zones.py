@@ -370,7 +370,9 @@ class ZoneStore:
             self.resync()
             changed = 1
         else:
-            changed = sum(len(self.reload_zone(name)) for name in sorted(notices.zones))
+            # deltas first, in commit order; then the zones whose deltas could not be used
+            changed = sum(len(self._apply(change)) for change in notices.changes)
+            changed += sum(len(self.reload_zone(name)) for name in sorted(notices.zones))
         self._must_resync = False
         return changed
 
@@ -431,8 +433,14 @@ class ZoneStore:
         except StaleZone:
             self.reload_zone(change.zone)
             raise
+        return self._apply(change)
+
+    def _apply(self, change: ChangeSet) -> list[RRsetChange]:
+        """Apply a committed change (this server's or another's) in memory; tell observers."""
         self.version += 1
-        zone = self.zones[change.zone]
+        zone = self.zones.get(change.zone)
+        if zone is None:
+            return []
         before: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]] = {}
         for key in [(d.name, d.rdtype) for d in change.deletes] + [
             (u.name, u.rdtype) for u in change.upserts

@@ -33,6 +33,7 @@ from btmm_core.registry.model import (
 from btmm_core.registry.pgstorage import MIGRATIONS, PgStorage
 from btmm_core.registry.storage import (
     DatabaseUnavailable,
+    Notices,
     Replayed,
     StaleZone,
     Storage,
@@ -301,3 +302,41 @@ def test_a_lost_database_is_servfail_then_recovers(pg: PgCluster) -> None:
     assert core.store.zones[BOB].serial == serial + 1
     names = {n.to_text() for n, _ in core.store.zones[BOB].rrsets}
     assert names == {f"a.{BOB}", f"c.{BOB}"}
+
+
+def test_notices_carry_the_change_and_a_big_one_or_a_gap_means_a_reload(pg: PgCluster) -> None:
+    a, b, _, _ = _two_servers(pg)
+    other = b.store.storage
+    assert isinstance(other, PgStorage)
+
+    def notices() -> Notices:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            n = other.take_notices()
+            if n.changes or n.zones:
+                return n
+            time.sleep(0.01)
+        raise AssertionError("no notice within 10 s")
+
+    small = ChangeSet(BOB, 2, upserts=(_row("a", "fd00::1", 2e9),))
+    a.store.commit(small)
+    n = notices()
+    assert n.zones == frozenset() and n.changes == (small,)
+    b.store._apply(n.changes[0])
+    # a change too big for a notice travels without its rows: the zone is reloaded
+    txt = tuple(
+        RecordRow(BOB, dns.name.from_text(f"t{i}", origin=BOB), dns.rdatatype.TXT,
+                  dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, "x" * 200),
+                  Entry(60, None))
+        for i in range(40)
+    )
+    a.store.commit(ChangeSet(BOB, 3, upserts=txt))
+    n = notices()
+    assert n.changes == () and n.zones == frozenset({BOB})
+    assert b.store.reload_zone(BOB) and b.store.zones[BOB].serial == 3
+    # a notice that does not follow the version this server holds (one was missed)
+    a.store.commit(ChangeSet(BOB, 4, upserts=(_row("b", "fd00::2"),)))
+    a.store.commit(ChangeSet(BOB, 5, upserts=(_row("c", "fd00::3"),)))
+    other._versions[BOB.to_text()] -= 1  # as if the first notice had been lost
+    n = notices()
+    assert n.changes == () and n.zones == frozenset({BOB})
