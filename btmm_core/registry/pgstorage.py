@@ -137,7 +137,86 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         "records by zone (the reload of one zone after another server's notice)",
         "CREATE INDEX records_zone ON records (zone);",
     ),
+    (
+        3,
+        "btmm_commit: one change set in one statement (one round trip, one implicit transaction)",
+        """
+        CREATE FUNCTION btmm_commit(
+            p_zone text, p_known bigint, p_serial bigint, p_skip_locked boolean,
+            p_seen_keys text[], p_seen_macs bytea[], p_seen_times bigint[], p_prune boolean,
+            p_del_names text[], p_del_types integer[], p_del_keys bytea[],
+            p_up_names text[], p_up_types integer[], p_up_keys bytea[], p_up_rdata bytea[],
+            p_up_ttls integer[], p_up_expires double precision[],
+            p_claim_names text[], p_claim_devices text[],
+            p_channel text, p_notice text
+        ) RETURNS bigint LANGUAGE plpgsql AS $$
+        DECLARE
+            v_version bigint;
+            v_newest bigint;
+        BEGIN
+            IF p_skip_locked THEN
+                SELECT version INTO v_version FROM zones WHERE name = p_zone
+                    FOR UPDATE SKIP LOCKED;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'zone % is being written by another server', p_zone
+                        USING ERRCODE = 'BTM02';
+                END IF;
+            ELSE
+                SELECT version INTO v_version FROM zones WHERE name = p_zone FOR UPDATE;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'zone % is gone from the database', p_zone
+                        USING ERRCODE = 'BTM01';
+                END IF;
+            END IF;
+            FOR i IN 1 .. coalesce(array_length(p_seen_keys, 1), 0) LOOP
+                SELECT max(time_signed) INTO v_newest FROM tsig_seen WHERE key = p_seen_keys[i];
+                IF v_newest IS NOT NULL AND p_seen_times[i] < v_newest THEN
+                    RAISE EXCEPTION 'a newer Time Signed of % was accepted already',
+                        p_seen_keys[i] USING ERRCODE = 'BTM03';
+                END IF;
+                INSERT INTO tsig_seen VALUES (p_seen_keys[i], p_seen_macs[i], p_seen_times[i])
+                    ON CONFLICT DO NOTHING;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'this MAC of % was accepted already', p_seen_keys[i]
+                        USING ERRCODE = 'BTM03';
+                END IF;
+                IF p_prune THEN
+                    DELETE FROM tsig_seen
+                        WHERE key = p_seen_keys[i] AND time_signed < p_seen_times[i] - 900;
+                END IF;
+            END LOOP;
+            IF v_version <> p_known THEN
+                RAISE EXCEPTION 'zone % was changed by another server', p_zone
+                    USING ERRCODE = 'BTM01';
+            END IF;
+            IF p_notice IS NULL THEN
+                RETURN v_version;
+            END IF;
+            UPDATE zones SET serial = p_serial, version = version + 1 WHERE name = p_zone;
+            DELETE FROM records r USING unnest(p_del_names, p_del_types, p_del_keys) AS d(n, t, k)
+                WHERE r.zone = p_zone AND r.name = d.n AND r.rdtype = d.t AND r.rkey = d.k;
+            INSERT INTO records
+                SELECT p_zone, u.* FROM unnest(
+                    p_up_names, p_up_types, p_up_keys, p_up_rdata, p_up_ttls, p_up_expires) AS u
+                ON CONFLICT (zone, name, rdtype, rkey) DO UPDATE
+                    SET rdata = EXCLUDED.rdata, ttl = EXCLUDED.ttl, expires = EXCLUDED.expires;
+            INSERT INTO owners
+                SELECT p_zone, c.* FROM unnest(p_claim_names, p_claim_devices) AS c
+                ON CONFLICT (zone, name) DO UPDATE SET device = EXCLUDED.device;
+            PERFORM pg_notify(p_channel, p_notice);
+            RETURN v_version + 1;
+        END
+        $$;
+        """,
+    ),
 )
+
+#: SQLSTATEs that ``btmm_commit`` raises, and what they mean here.
+_REFUSALS: dict[str, type[StorageError]] = {
+    "BTM01": StaleZone,
+    "BTM02": ZoneBusy,
+    "BTM03": Replayed,
+}
 
 
 def _n(name: dns.name.Name) -> str:
@@ -373,81 +452,67 @@ class PgStorage(Storage):
         )
 
     def commit(self, change: ChangeSet) -> None:
+        """One call of ``btmm_commit`` (migration 3) in autocommit: the checks (zone version
+        under the row lock, seen MACs, newest Time Signed), the rows and the notice go in one
+        statement, one round trip and one implicit transaction.
+
+        SKIP LOCKED only for expiry: an update must not be refused because another server is
+        writing the zone; it waits its turn (a few ms, at most ``lock_timeout``).
+        """
         z = _n(change.zone)
-        changed = bool(change.upserts or change.deletes or change.claims)
-        with self._tx() as cur:
-            # SKIP LOCKED only for expiry: an update must not be refused because another
-            # server is writing the zone; it waits its turn (a few ms).
-            lock = " SKIP LOCKED" if change.cause.name == "EXPIRY" else ""
-            row = cur.execute(
-                f"SELECT serial, version FROM zones WHERE name=%s FOR UPDATE{lock}", (z,)
+        known = self._versions.get(z)
+        if known is None:
+            raise StaleZone(f"zone {change.zone} is not loaded here yet")
+        # one row per key (last wins), as the one INSERT ... ON CONFLICT needs
+        ups = {
+            (_n(u.name), u.rdtype, u.rdata.to_digestable()): u for u in change.upserts
+        }
+        dels = {(_n(d.name), d.rdtype, d.rdata.to_digestable()) for d in change.deletes}
+        claims = {_n(name): device for name, device in change.claims}
+        changed = bool(ups or dels or claims)
+        self._commits += len(change.seen)
+        params = (
+            z,
+            known,
+            change.serial,
+            change.cause == Cause.EXPIRY,
+            [_n(x.key) for x in change.seen],
+            [x.mac for x in change.seen],
+            [x.time_signed for x in change.seen],
+            self._commits % 256 < len(change.seen),  # now and then: keep tsig_seen small
+            [k[0] for k in dels],
+            [k[1] for k in dels],
+            [k[2] for k in dels],
+            [k[0] for k in ups],
+            [k[1] for k in ups],
+            [k[2] for k in ups],
+            [u.rdata.to_wire() for u in ups.values()],
+            [u.entry.ttl for u in ups.values()],
+            [u.entry.expires for u in ups.values()],
+            list(claims),
+            list(claims.values()),
+            CHANNEL,
+            f"{self.origin} {_delta_text(change, known + 1)}" if changed else None,
+        )
+        conn = self._conn()
+        try:
+            row = conn.execute(
+                "SELECT btmm_commit(%s, %s, %s, %s, %s::text[], %s::bytea[], %s::bigint[], %s,"
+                " %s::text[], %s::integer[], %s::bytea[], %s::text[], %s::integer[],"
+                " %s::bytea[], %s::bytea[], %s::integer[], %s::double precision[],"
+                " %s::text[], %s::text[], %s, %s)",
+                params,
             ).fetchone()
-            if row is None:
-                if lock:
-                    raise ZoneBusy(f"zone {change.zone} is being written by another server")
-                raise StaleZone(f"zone {change.zone} is gone from the database")
-            serial, version = (int(v) for v in row)
-            for s in change.seen:
-                key = _n(s.key)
-                (newest,) = _one(
-                    cur.execute("SELECT max(time_signed) FROM tsig_seen WHERE key=%s", (key,))
-                )
-                if newest is not None and s.time_signed < int(newest):
-                    raise Replayed(f"a newer Time Signed of {s.key} was accepted already")
-                cur.execute(
-                    "INSERT INTO tsig_seen VALUES (%s,%s,%s) ON CONFLICT DO NOTHING",
-                    (key, s.mac, s.time_signed),
-                )
-                if cur.rowcount != 1:
-                    raise Replayed(f"this MAC of {s.key} was accepted already")
-                self._commits += 1
-                if self._commits % 256 == 0:
-                    # Older MACs fail the time check anyway; keep the table small.
-                    cur.execute(
-                        "DELETE FROM tsig_seen WHERE key=%s AND time_signed < %s",
-                        (key, s.time_signed - 900),
-                    )
-            if version != self._versions.get(z):
-                raise StaleZone(f"zone {change.zone} was changed by another server")
-            if not changed and change.serial == serial:
-                return
-            cur.execute(
-                "UPDATE zones SET serial=%s, version=version+1 WHERE name=%s", (change.serial, z)
-            )
-            if change.deletes:
-                cur.executemany(
-                    "DELETE FROM records WHERE zone=%s AND name=%s AND rdtype=%s AND rkey=%s",
-                    [(z, _n(d.name), d.rdtype, d.rdata.to_digestable()) for d in change.deletes],
-                )
-            if change.upserts:
-                cur.executemany(
-                    "INSERT INTO records VALUES (%s,%s,%s,%s,%s,%s,%s)"
-                    " ON CONFLICT (zone, name, rdtype, rkey) DO UPDATE SET"
-                    " rdata=EXCLUDED.rdata, ttl=EXCLUDED.ttl, expires=EXCLUDED.expires",
-                    [
-                        (
-                            z,
-                            _n(u.name),
-                            u.rdtype,
-                            u.rdata.to_digestable(),
-                            u.rdata.to_wire(),
-                            u.entry.ttl,
-                            u.entry.expires,
-                        )
-                        for u in change.upserts
-                    ],
-                )
-            if change.claims:
-                cur.executemany(
-                    "INSERT INTO owners VALUES (%s,%s,%s) ON CONFLICT (zone, name)"
-                    " DO UPDATE SET device=EXCLUDED.device",
-                    [(z, _n(name), device) for name, device in change.claims],
-                )
-            cur.execute(
-                "SELECT pg_notify(%s, %s)",
-                (CHANNEL, f"{self.origin} {_delta_text(change, version + 1)}"),
-            )
-        self._versions[z] = version + 1
+        except psycopg.Error as e:
+            refusal = _REFUSALS.get(e.sqlstate or "")
+            if refusal is not None:
+                raise refusal(_reason(e)) from None
+            if isinstance(e, psycopg.OperationalError):
+                self._retry_at = time.monotonic() + RETRY_INTERVAL if conn.broken else 0.0
+                raise DatabaseUnavailable(f"the registry database failed: {_reason(e)}") from e
+            raise StorageError(f"the registry database refused: {_reason(e)}") from e
+        if row is not None:
+            self._versions[z] = int(row[0])
 
     def ensure_zone(self, zone: dns.name.Name, user: str | None) -> None:
         with self._tx() as cur:
