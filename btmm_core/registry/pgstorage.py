@@ -9,6 +9,9 @@ One truth for N servers (docs/architecture.md section 5, "Several servers"):
 
 - **Durable before answered.** A commit returns after PostgreSQL's COMMIT did, with
   ``synchronous_commit`` as the cluster has it (on, by default: the WAL is flushed).
+- **One statement per commit.** ``btmm_commit`` (a PL/pgSQL function, schema version 3) does
+  the checks below, writes the rows and sends the notice in one call, which in autocommit is
+  one round trip and one transaction: a third of the time of a statement per step.
 - **Optimistic per zone.** Each zone row has a ``version``, bumped by every commit that changes
   the zone. A commit locks the zone row (``SELECT ... FOR UPDATE``) and goes ahead only if the
   version is the one this server last loaded; otherwise it stores nothing and raises
