@@ -18,6 +18,7 @@ import pytest
 from registry_helpers import NS, PARENT, make_core, parse, sign
 
 from bench.pgcluster import PgCluster
+from btmm_core.dns.enrol import EnrolClient
 from btmm_core.dns.tsig import TsigError
 from btmm_core.registry.accounts import add_user, rotate_key
 from btmm_core.registry.handler import RegistryCore, Transport
@@ -281,6 +282,9 @@ def test_a_lost_database_is_servfail_then_recovers(pg: PgCluster) -> None:
         out = parse(core.receive(_update(core, key, now + 1, "b", "fd00::2"), now + 1,
                                  Transport.UDP, "t"))
         assert out.rcode() == dns.rcode.SERVFAIL
+        enrol = sign(EnrolClient(BOB, "laptop").request(), key, int(now) + 1)
+        assert parse(core.receive(enrol, now + 1, Transport.UDP, "t")).rcode() == (
+            dns.rcode.SERVFAIL)
         with pytest.raises(DatabaseUnavailable):
             core.store.storage.generation()
         # queries are answered from the committed state meanwhile
