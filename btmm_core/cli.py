@@ -17,6 +17,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("btmm_core.daemon.cli", "join"),
     ("btmm_core.daemon.cli", "up"),
     ("btmm_core.daemon.cli", "status"),
+    ("btmm_core.daemon.cli", "ssh_cert"),
     ("btmm_core.lab.world", "lab"),
 )
 

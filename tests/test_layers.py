@@ -23,6 +23,7 @@ RANKS: dict[str, int] = {
     "log": 1,
     "dns": 1,
     "stun": 1,
+    "sso": 1,
     "dataplane": 2,
     "keyex": 3,
     "portmap": 3,

@@ -127,6 +127,55 @@ def up(config_path: Path, log_level: str | None) -> None:
         raise _fail(err) from err
 
 
+def _duration(text: str) -> float:
+    """"10h", "30m", "1d", "90s" or plain seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"{text!r} is not a duration", hint="e.g. 10h, 30m, 1d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+@click.command("ssh-cert")
+@_config_option
+@click.option("--user", default=None, help="Local user the certificate is for (default: "
+              "$SUDO_USER, else the current user); [sso] users gives their principal.")
+@click.option("--key", "key_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="Their public key (default: [sso] user_key, "
+              "~/.ssh/id_ed25519.pub).")
+@click.option("--validity", default=None, help="How long, e.g. 10h (default [sso] "
+              "user_validity).")
+def ssh_cert(config_path: Path, user: str | None, key_path: Path | None,
+             validity: str | None) -> None:
+    """Issue an SSH user certificate signed by this device's CA (SSH single sign-on; needs
+    read access to the device key, so run it as root). `ssh` picks it up beside the key."""
+    import getpass
+
+    from btmm_core.daemon.sso import Sso, user_key_path
+    from btmm_core.dns.keyfile import read_key
+    from btmm_core.keyex.keys import load_or_create, ula_of
+
+    try:
+        cfg = load_config(config_path)
+        if not cfg.sso_enabled:
+            raise ConfigError("SSH single sign-on is off",
+                              hint=f"set enabled = true under [sso] in {config_path}")
+        name = user or os.environ.get("SUDO_USER") or getpass.getuser()
+        path = key_path or user_key_path(cfg.sso_user_key, name)
+        seconds = None if validity is None else _duration(validity)
+        static = load_or_create(cfg.key_file)
+        sso = Sso(cfg, read_key(cfg.credentials).zone, static.private, static.public,
+                  cfg.secret_file.read_bytes().strip(), str(ula_of(static.public)))
+        out, info = sso.issue_user(name, path, time.time(), seconds)
+    except BtmmError as err:
+        raise _fail(err) from err
+    except OSError as err:
+        raise click.ClickException(f"cannot issue the certificate: {err}") from err
+    click.echo(f"{out}: principal {', '.join(info.principals)}, valid until "
+               f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(info.valid_before))}")
+
+
 def _age(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}s"
 
@@ -145,6 +194,23 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _cert_text(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "none"
+    if not c["valid"]:
+        return "EXPIRED" if c["left"] <= 0 else "not yet valid"
+    return f"{c['left'] // 3600}h{c['left'] % 3600 // 60:02d}m left"
+
+
+def _ssh_line(s: dict[str, Any]) -> str:
+    users = ", ".join(f"{u} {_cert_text(c)}" for u, c in s["users"].items()) or "none"
+    line = (f"ssh       host cert {_cert_text(s['host_cert'])}; user certs: {users}; "
+            f"trusts {', '.join(s['trusted'])}")
+    if s["revoked"]:
+        line += f"; revoked {', '.join(s['revoked'])}"
+    return line + (f"  ERROR {s['error']}" if s.get("error") else "")
+
+
 def render_status(st: dict[str, Any]) -> str:
     h = st["host"]
     lines = [
@@ -161,6 +227,7 @@ def render_status(st: dict[str, Any]) -> str:
         *(["candidate " + ", ".join(f"{c['kind']} {c['endpoint']}" for c in h["candidates"])]
           if h.get("candidates") else []),
         f"engine    {h['dataplane']}  key {h['public_key']}",
+        *([_ssh_line(h["ssh"])] if h.get("ssh") else []),
         "",
     ]
     cols = ("peer", "ula", "endpoint", "path", "rtt", "answered", "tunnel", "handshake", "rx",

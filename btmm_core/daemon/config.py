@@ -53,6 +53,20 @@ class Config:
     gateway: str = ""
     hosts_file: Path | None = Path("/etc/hosts")
     log_level: str = "info"
+    #: [sso]: SSH single sign-on (docs/architecture.md section 12); off unless enabled
+    sso_enabled: bool = False
+    #: local user -> the principal their certificates carry (and that may log in as them)
+    sso_users: dict[str, str] = field(default_factory=dict)
+    #: the public half of the sshd host key the host certificate is for
+    sso_host_key: Path = Path("/etc/ssh/ssh_host_ed25519_key.pub")
+    #: each user's public key for automatic certificates (``~`` is the user's home)
+    sso_user_key: str = "~/.ssh/id_ed25519.pub"
+    sso_sshd_dropin: Path = Path("/etc/ssh/sshd_config.d/btmm.conf")
+    sso_known_hosts: Path = Path("/etc/ssh/ssh_known_hosts")
+    #: the running sshd's pid file: it gets SIGHUP when the drop-in or host certificate change
+    sso_sshd_pid_file: Path = Path("/run/sshd.pid")
+    sso_host_validity: float = 4 * 3600.0
+    sso_user_validity: float = 10 * 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,6 +104,9 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "tunnel": ("dataplane", "tun", "port", "mtu", "keepalive"),
     "network": ("portmap", "gateway", "netcheck_interval"),
 }
+#: [sso] keys; each is the field ``sso_<key>``
+_SSO_KEYS = ("enabled", "users", "host_key", "user_key", "sshd_dropin", "known_hosts",
+             "sshd_pid_file", "host_validity", "user_validity")
 
 
 def load_config(path: Path) -> Config:
@@ -111,6 +128,15 @@ def load_config(path: Path) -> Config:
                 raise ConfigError(f"{path}: unknown key {k!r} in [{section}]",
                                   hint=f"known keys: {', '.join(keys)}")
             values[k] = v
+    sso = data.get("sso", {})
+    if not isinstance(sso, dict):
+        raise ConfigError(f"{path}: [sso] must be a table")
+    for k, v in sso.items():
+        if k not in _SSO_KEYS:
+            raise ConfigError(f"{path}: unknown key {k!r} in [sso]",
+                              hint=f"known keys: {', '.join(_SSO_KEYS)}")
+        values[f"sso_{k}"] = v
+    _check_sso(path, values)
     if "host" not in values:
         raise ConfigError(f"{path}: [host] host is missing", hint="run `btmm join`")
     for k in ("state_dir", "hosts_file"):
@@ -125,6 +151,32 @@ def load_config(path: Path) -> Config:
     cfg = Config(path=path, **values)
     validate(cfg)
     return cfg
+
+
+def _check_sso(path: Path, values: dict[str, Any]) -> None:
+    from btmm_core.sso.files import principal_problem, user_problem
+
+    if not isinstance(values.get("sso_enabled", False), bool):
+        raise ConfigError(f"{path}: [sso] enabled must be true or false")
+    users = values.get("sso_users", {})
+    if not isinstance(users, dict):
+        raise ConfigError(f"{path}: [sso] users must be a table",
+                          hint='e.g. users = {"alice" = "alice"}')
+    for user, principal in users.items():
+        problem = user_problem(user) or (principal_problem(principal)
+                                         if isinstance(principal, str) else "not a string")
+        if problem is not None:
+            raise ConfigError(f"{path}: [sso] users: {user!r} = {principal!r}: {problem}")
+    for k in ("sso_host_key", "sso_sshd_dropin", "sso_known_hosts", "sso_sshd_pid_file"):
+        if k in values:
+            if not isinstance(values[k], str) or not values[k]:
+                raise ConfigError(f"{path}: [sso] {k[4:]} must be a path")
+            values[k] = Path(values[k])
+    for k in ("sso_host_validity", "sso_user_validity"):
+        v = values.get(k, 3600.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 600 <= v <= 7 * 86400:
+            raise ConfigError(f"{path}: [sso] {k[4:]} must be seconds between 600 and 604800",
+                              hint="certificates are renewed by a check once a minute")
 
 
 def validate(cfg: Config) -> None:

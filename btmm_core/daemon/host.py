@@ -61,6 +61,7 @@ from btmm_core.daemon.records import (
     verify_peer,
     withdraw_update,
 )
+from btmm_core.daemon.sso import Sso
 from btmm_core.dataplane import open_engine
 from btmm_core.dataplane.api import ControlPacket, Endpoint, Engine, EngineConfig, StunPacket
 from btmm_core.dataplane.netconf import configure_tun
@@ -93,6 +94,7 @@ from btmm_core.reach.paths import (
     SendProbe,
     UsePath,
 )
+from btmm_core.sso.files import REVOKED_LABEL, Revoked, parse_revocation
 from btmm_core.stun.client import BindingTransaction
 from btmm_core.stun.message import TransportAddress
 
@@ -155,7 +157,12 @@ class Daemon:
                         "`btmm serve user invite`)", credentials=str(cfg.credentials))
         self.static = load_or_create(cfg.key_file)
         self.identity = self._identity()
-        self.psk = derive_psk(cfg.secret_file.read_bytes().strip())
+        secret = cfg.secret_file.read_bytes().strip()
+        self.psk = derive_psk(secret)
+        self.sso: Sso | None = None
+        if cfg.sso_enabled:
+            self.sso = Sso(cfg, self.zone, self.static.private, self.static.public, secret,
+                           str(self.identity.ula))
         self.engine: Engine | None = None
         self.kx: KeyExchange | None = None
         self.driver: KeyExchangeDriver | None = None
@@ -249,6 +256,15 @@ class Daemon:
                  port=self.engine.local_port, public=self.static.public_b64)
         self._write_hosts()  # replaces a block a crashed run may have left
         try:
+            if self.sso is not None:
+                try:
+                    self.sso.start(time.time())
+                except OSError as err:
+                    # the tunnels matter more than ssh: carry on, say so in the status
+                    self.sso.state.error = f"cannot write the SSH files: {err}"
+                    log.error("SSH single sign-on not set up", error=str(err),
+                              hint="check [sso] paths and that btmm runs as root")
+                self._spawn(self._sso_loop(), "sso")
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
             self._spawn(self._netcheck(), "netcheck")
@@ -312,6 +328,12 @@ class Daemon:
         if self.cfg.hosts_file is not None:
             with contextlib.suppress(OSError):
                 write_hosts(self.cfg.hosts_file, {})
+        if self.sso is not None:
+            try:
+                self.sso.stop()
+            except OSError as err:
+                log.warning("could not remove the sshd drop-in", error=str(err),
+                            path=str(self.cfg.sso_sshd_dropin))
         with contextlib.suppress(OSError):
             self.cfg.status_file.unlink()
         log.info("daemon stopped")
@@ -325,11 +347,13 @@ class Daemon:
                 and self._reflexive() is None):
             return None
         addr, port = self.net.external if self.net.external is not None else (None, None)
+        ssh_ca, ssh_bind = self.sso.published() if self.sso is not None else ("", "")
         return Publication(
             host=self.cfg.host, ula=self.identity.ula,
             autotunnel=self.identity.autotunnel_label(), public_key=self.static.public_b64,
             external_address=None if addr is None else ipaddress.IPv4Address(addr),
             external_port=port, version=__version__, candidates=self._candidates(),
+            ssh_ca=ssh_ca, ssh_bind=ssh_bind,
         )
 
     def _candidates(self) -> tuple[Candidate, ...]:
@@ -727,6 +751,7 @@ class Daemon:
             await asyncio.sleep(self.cfg.resolve_interval)
             for name in list(self.peers):
                 await self._resolve(name)
+            await self._read_revocations()
 
     async def _resolve(self, name: dns.name.Name) -> None:
         assert self.registry is not None
@@ -803,6 +828,7 @@ class Daemon:
             self.driver.add_peer(public, inner, None)
             peer = Peer(rec, time.time())
             self.peers[rec.name] = peer
+            self._sso_peers()
             await asyncio.to_thread(set_routes, self.engine.tun_name, [inner])
             self._write_hosts()
             log.info("peer added", peer=rec.host, ula=inner,
@@ -824,7 +850,10 @@ class Daemon:
         if rec.candidates != peer.records.candidates:
             log.info("peer candidates changed", peer=rec.host,
                      candidates=[_candidate_text(c) for c in rec.candidates])
+        ssh_changed = (rec.ssh_ca, rec.ssh_bind) != (peer.records.ssh_ca, peer.records.ssh_bind)
         peer.records = rec
+        if ssh_changed:
+            self._sso_peers()
         loop = asyncio.get_running_loop()
         self._apply_paths(self.paths.set_remote(inner, _remote_candidates(rec), loop.time(),
                                                 time.time()))
@@ -888,6 +917,53 @@ class Daemon:
                 await asyncio.to_thread(del_route, self.engine.tun_name, inner)
         self._write_hosts()
         log.info("peer removed", peer=peer.records.host, why=why)
+        self._sso_peers()
+        if self.sso is not None and self._stop is not None and not self._stop.is_set():
+            # a peer that vanished may have been revoked: look now, not at the next round
+            self._spawn(self._read_revocations(), "revocations")
+
+    # -- SSH single sign-on (daemon/sso.py) ---------------------------------------------
+
+    def _sso_peers(self) -> None:
+        if self.sso is not None:
+            try:
+                self.sso.set_peers(p.records for p in self.peers.values())
+            except OSError as err:
+                log.warning("cannot write the SSH trust files", error=str(err))
+
+    async def _read_revocations(self) -> None:
+        """The revoked device CAs the registry lists at ``_btmm-revoked.<zone>``."""
+        if self.sso is None or self.registry is None:
+            return
+        name = dns.name.from_text(REVOKED_LABEL, origin=self.zone)
+        try:
+            ans = await self.registry.query(name, dns.rdatatype.TXT)
+        except CredentialsRejected:
+            raise
+        except RegistryError as err:
+            log.warning("cannot read the SSH revocations", error=err.what)
+            return
+        found: list[Revoked] = []
+        for rd in ans or ():
+            rev = parse_revocation(rd.strings)
+            if isinstance(rev, str):
+                log.warning("revocation record ignored", why=rev)
+            else:
+                found.append(rev)
+        try:
+            self.sso.set_revoked(found, time.time())
+        except OSError as err:
+            log.warning("cannot write the SSH revocation list", error=str(err))
+
+    async def _sso_loop(self) -> None:
+        assert self.sso is not None
+        await self._read_revocations()
+        while True:
+            await asyncio.sleep(60.0)
+            try:
+                self.sso.tick(time.time())
+            except OSError as err:
+                log.warning("cannot renew SSH certificates", error=str(err))
 
     def _on_report(self, report: Report) -> None:
         for peer in self.peers.values():
@@ -983,6 +1059,7 @@ class Daemon:
                 else round(self.published_at + self.lease - now),
                 "llq": self.llq_state,
                 "uptime": round(now - self.started),
+                **({"ssh": self.sso.status(now)} if self.sso is not None else {}),
             },
             "peers": peers,
         }

@@ -4,7 +4,8 @@ DNS UPDATE (RFC 2136) messages with an update lease (RFC 9664, EDNS0 option 2) a
 the driver signs them with TSIG (RFC 8945) and sends them. Names (docs/architecture.md
 section 6), in zone Z:
 
-- ``<host>.Z``  AAAA (the ULA) and TXT (``btmm=1``, ``pk=<base64 X25519 key>``, model, version)
+- ``<host>.Z``  AAAA (the ULA) and TXT (``btmm=1``, ``pk=<base64 X25519 key>``, model, version,
+  with SSO its ``sshca`` and ``sshbind``)
 - ``_autotunnel._udp.<host>.Z``  SRV 0 0 <external port> ``AutoTunnel-XX-...-XX.Z``
 - ``AutoTunnel-XX-...-XX.Z``  A (the external IPv4 address)
 - ``_autotunnel._udp.Z``  PTR ``<host>.Z``: one per host, a DNS-SD style browse list (RFC 6763
@@ -80,6 +81,10 @@ class Publication:
     version: str = ""
     #: endpoint candidates, most preferred first (``reach.candidates.gather``)
     candidates: tuple[Candidate, ...] = ()
+    #: this device's SSH CA and the tag binding it to the account (base64; empty: no SSO;
+    #: docs/architecture.md section 12)
+    ssh_ca: str = ""
+    ssh_bind: str = ""
 
 
 def browse_name(zone: dns.name.Name) -> dns.name.Name:
@@ -137,7 +142,8 @@ def _rrsets(pub: Publication, zone: dns.name.Name) -> list[dns.rrset.RRset]:
     target = target_name(pub.autotunnel, zone)
     txt = " ".join(
         f'"{s}"'
-        for s in ("btmm=1", f"pk={pub.public_key}", f"model={pub.model}", f"sw={pub.version}")
+        for s in ("btmm=1", f"pk={pub.public_key}", f"model={pub.model}", f"sw={pub.version}",
+                  *((f"sshca={pub.ssh_ca}", f"sshbind={pub.ssh_bind}") if pub.ssh_ca else ()))
     )
     out = [
         dns.rrset.from_text(h, TTL, "IN", "AAAA", str(pub.ula)),
@@ -240,6 +246,9 @@ class PeerRecords:
     candidates: tuple[Candidate, ...] = ()
     #: why candidate records of the peer were not used (empty: all were)
     candidates_refused: tuple[str, ...] = ()
+    #: the peer's SSH CA and binding tag as published (unchecked; ``sso.certs.check_binding``)
+    ssh_ca: str = ""
+    ssh_bind: str = ""
 
 
 def parse_txt(strings: list[bytes]) -> dict[str, str]:
@@ -282,6 +291,8 @@ def peer_from_answers(
         version=info.get("sw", ""),
         candidates=() if candidates is None else candidates.candidates,
         candidates_refused=() if candidates is None else candidates.refused,
+        ssh_ca=info.get("sshca", ""),
+        ssh_bind=info.get("sshbind", ""),
     )
 
 

@@ -341,6 +341,86 @@ class World:
                 out.append(f"--- {h.name} ---\n" + "\n".join(lines))
         return "\n".join(out)
 
+    # -- SSH single sign-on (issue 20): a real sshd per host, in its namespace ----------------
+
+    def ssh_dir(self, host: Host) -> Path:
+        return host.workdir / "ssh"
+
+    def enable_sso(self, host: Host, users: dict[str, str] | None = None) -> None:
+        """Give the host an ed25519 sshd host key and a user key (for root), and turn on
+        ``[sso]`` in its configuration with every file inside the host's work directory:
+        the machine's own /etc/ssh is never touched."""
+        d = self.ssh_dir(host)
+        d.mkdir(exist_ok=True)
+        for key in ("ssh_host_ed25519_key", "id_ed25519"):
+            if not (d / key).exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                                f"{key} of {host.name}", "-f", str(d / key)], check=True,
+                               capture_output=True, timeout=30)
+        table = ", ".join(f'"{u}" = "{p}"' for u, p in (users or {"root": USER}).items())
+        with open(host.config, "a") as f:
+            f.write(f"""
+[sso]
+enabled = true
+users = {{{table}}}
+host_key = "{d / 'ssh_host_ed25519_key.pub'}"
+user_key = "{d / 'id_ed25519.pub'}"
+sshd_dropin = "{d / 'sshd_config.d' / 'btmm.conf'}"
+known_hosts = "{d / 'ssh_known_hosts'}"
+sshd_pid_file = "{d / 'sshd.pid'}"
+""")
+
+    def start_sshd(self, host: Host, port: int = 22) -> subprocess.Popen[Any]:
+        """OpenSSH's sshd in the host's namespace with its own configuration (which includes
+        btmm's drop-in), in a UTS namespace of its own named after the host, so ``hostname``
+        over ssh says which host answered."""
+        d = self.ssh_dir(host)
+        cfg = d / "sshd_config"
+        cfg.write_text(
+            f"Include {d / 'sshd_config.d' / 'btmm.conf'}\n"
+            f"Port {port}\nListenAddress ::\nHostKey {d / 'ssh_host_ed25519_key'}\n"
+            f"PidFile {d / 'sshd.pid'}\nAuthorizedKeysFile none\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            # the lab's files live under /tmp, which is world-writable
+            "StrictModes no\nLogLevel VERBOSE\n")
+        # the daemon writes its drop-in at start; sshd reads it when it starts (or on the
+        # SIGHUP the daemon sends once sshd's pid file exists)
+        dropin = d / "sshd_config.d" / "btmm.conf"
+        deadline = time.monotonic() + 10
+        while not dropin.exists():
+            if time.monotonic() > deadline:
+                raise LabError(f"btmm up on {host.name} wrote no sshd drop-in",
+                               hint=self.tails())
+            time.sleep(0.05)
+        # sshd's privilege separation directory (an empty directory; the package ships none
+        # until its service first runs)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        log = open(d / "sshd.log", "ab")  # noqa: SIM115 (owned by the process)
+        proc = host.ns.popen(["unshare", "--uts", "sh", "-c",
+                              f'hostname {host.name} && exec /usr/sbin/sshd -D -e -f "$0"',
+                              str(cfg)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 10
+        while not (d / "sshd.pid").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"sshd on {host.name} did not start",
+                               hint=(d / "sshd.log").read_text(errors="replace")[-2000:])
+            time.sleep(0.05)
+        return proc
+
+    def ssh(self, src: Host, dst: str, command: str, *, key: Path | None = None,
+            port: int = 22, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """``ssh root@DST COMMAND`` from ``src``'s namespace as a user would run it, with no
+        password and no host-key question possible (BatchMode, StrictHostKeyChecking), the
+        known hosts btmm wrote and the key beside which btmm put the certificate."""
+        d = self.ssh_dir(src)
+        return src.ns.run(
+            ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+             "-o", "UserKnownHostsFile=/dev/null", "-o",
+             f"GlobalKnownHostsFile={d / 'ssh_known_hosts'}", "-o", "IdentitiesOnly=yes",
+             "-o", "ConnectTimeout=5", "-i", str(key or d / "id_ed25519"), "-p", str(port),
+             f"root@{dst}", command], check=False, timeout=timeout)
+
     def status_text(self, host: Host) -> str:
         proc = host.ns.run(self.btmm("status", "--config", str(host.config)), check=False)
         return (proc.stdout or proc.stderr).rstrip()
@@ -562,6 +642,27 @@ def _roam(world: World, desktop: Host, laptop: Host, to: str) -> bool:
     return bool(ok)
 
 
+def _ssh_step(world: World, src: Host, dst: Host) -> bool:
+    """``ssh DST hostname`` from ``src`` with btmm's certificates (issue 20); True when the
+    destination's sshd answered with its name, asking nothing."""
+    world.start_sshd(dst)
+    _say(f"\nssh: {src.name} -> {dst.name} by name, signed by each device's CA: no password, "
+         "no host-key question (BatchMode=yes, StrictHostKeyChecking=yes)")
+    _say(f"  $ ssh root@{dst.fqdn} hostname   # on the {src.name}")
+    t0 = time.monotonic()
+    while True:
+        proc = world.ssh(src, dst.fqdn, "hostname")
+        if proc.returncode == 0 or time.monotonic() - t0 > 15:
+            break
+        time.sleep(0.5)
+    if proc.returncode != 0:
+        _say(f"  ssh failed: {proc.stderr.strip()[-500:]}")
+        return False
+    _say(f"  {proc.stdout.strip()}")
+    _say(f"  (after {time.monotonic() - t0:.1f} s)")
+    return proc.stdout.strip() == dst.name
+
+
 def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "default") -> int:
     """Build the world, run it, report, tear it down. Returns the exit status."""
     spec = SCENARIOS[scenario]
@@ -574,6 +675,8 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "
                 f"scenario {scenario}: {spec.demonstrates}"))
         world = build_world(lab, nat=True, dataplanes=planes, scenario=scenario)
         desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
+        for h in (desktop, laptop):
+            world.enable_sso(h)
         t0 = time.monotonic()
         for h in (desktop, laptop):
             world.start_host(h)
@@ -597,6 +700,8 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "
             if not ok:
                 return 1
             if roam_to and not _roam(world, desktop, laptop, roam_to):
+                return 1
+            if not _ssh_step(world, laptop, desktop):
                 return 1
             if keep:
                 _say("left running for exploring (Ctrl-C tears it down), for example:")

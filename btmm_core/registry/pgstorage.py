@@ -74,6 +74,7 @@ from btmm_core.registry.model import (
     ZoneRow,
 )
 from btmm_core.registry.storage import (
+    REVOKED_TTL,
     DatabaseUnavailable,
     Notices,
     Replayed,
@@ -83,6 +84,7 @@ from btmm_core.registry.storage import (
     ZoneBusy,
     ZoneState,
     device_records,
+    revocation_record,
 )
 
 log = structlog.get_logger("btmm.registry")
@@ -773,16 +775,34 @@ class PgStorage(Storage):
                 ).fetchall()
             ]
             gone = device_records(rows, zone, device, owned)
+            own = dns.name.from_text(device, origin=zone)
+            txts = [
+                _rdata_wire(int(dns.rdatatype.TXT), bytes(w))
+                for (w,) in cur.execute(
+                    "SELECT rdata FROM records WHERE zone=%s AND name=%s AND rdtype=%s",
+                    (z, _n(own), int(dns.rdatatype.TXT)),
+                ).fetchall()
+            ]
+            revoked = revocation_record(zone, device, txts, time.time())
             if gone:
                 cur.executemany(
                     "DELETE FROM records WHERE zone=%s AND name=%s AND rdtype=%s AND rkey=%s",
                     [(z, _n(n), t, k) for n, t, k in gone],
                 )
-                if row is not None:
-                    serial = (int(row[0]) + 1) & 0xFFFFFFFF or 1
-                    cur.execute(
-                        "UPDATE zones SET serial=%s, version=version+1 WHERE name=%s", (serial, z)
-                    )
+            if revoked is not None:
+                rname, rdata = revoked
+                cur.execute(
+                    "INSERT INTO records VALUES (%s,%s,%s,%s,%s,%s,%s)"
+                    " ON CONFLICT (zone, name, rdtype, rkey) DO UPDATE SET"
+                    " rdata=EXCLUDED.rdata, ttl=EXCLUDED.ttl, expires=EXCLUDED.expires",
+                    (z, _n(rname), int(dns.rdatatype.TXT), rdata.to_digestable(),
+                     rdata.to_wire(), REVOKED_TTL, None),
+                )
+            if (gone or revoked is not None) and row is not None:
+                serial = (int(row[0]) + 1) & 0xFFFFFFFF or 1
+                cur.execute(
+                    "UPDATE zones SET serial=%s, version=version+1 WHERE name=%s", (serial, z)
+                )
             cur.execute("DELETE FROM owners WHERE zone=%s AND device=%s", (z, device))
             cur.execute("DELETE FROM device_keys WHERE name=%s", (_n(entry.key.name),))
             self._notify_accounts(cur)
@@ -830,7 +850,10 @@ def _b64(rdata: dns.rdata.Rdata) -> str:
 
 
 def _rdata(rdtype: int, b64: str) -> dns.rdata.Rdata:
-    wire = base64.b64decode(b64)
+    return _rdata_wire(rdtype, base64.b64decode(b64))
+
+
+def _rdata_wire(rdtype: int, wire: bytes) -> dns.rdata.Rdata:
     return dns.rdata.from_wire(
         dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype), wire, 0, len(wire)
     )

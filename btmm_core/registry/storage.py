@@ -40,6 +40,7 @@ from btmm_core.registry.model import (
     Snapshot,
     ZoneRow,
 )
+from btmm_core.sso import files as sso_files
 
 
 class StorageError(ConfigError):
@@ -252,6 +253,30 @@ def device_records(
         if n.is_subdomain(own) or n in owned or (n == browse and t == dns.rdatatype.PTR
                                                  and k == ptr)
     ]
+
+
+REVOKED_TTL = 60
+
+
+def revocation_record(
+    zone: dns.name.Name, device: str, txts: list[dns.rdata.Rdata], now: float
+) -> tuple[dns.name.Name, dns.rdata.Rdata] | None:
+    """The permanent TXT at ``_btmm-revoked.<zone>`` that names the SSH CA a revoked device
+    published (``sshca=`` in its TXT; docs/architecture.md section 12), or None when it
+    published none. Hosts turn these into the KRL their sshd reads; a device key may not
+    change the name (``registry/authority.py``), so only the account can undo a revocation."""
+    for rd in txts:
+        for s in getattr(rd, "strings", ()):
+            key, sep, value = bytes(s).decode("ascii", "replace").partition("=")
+            if sep and key == "sshca" and value:
+                ca = sso_files.parse_revocation([f"sshca={value}".encode()])
+                if isinstance(ca, str):
+                    return None
+                strings = sso_files.revocation_strings(device, ca.ca, int(now))
+                rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT,
+                                            " ".join(f'"{t}"' for t in strings))
+                return dns.name.from_text(sso_files.REVOKED_LABEL, origin=zone), rdata
+    return None
 
 
 def _n(name: dns.name.Name) -> str:
@@ -596,12 +621,28 @@ class SqliteStorage(Storage):
                 )
             ]
             gone = device_records(rows, zone, device, owned)
+            own = dns.name.from_text(device, origin=zone)
+            txts = [
+                dns.rdata.from_wire(dns.rdataclass.IN, dns.rdatatype.TXT, bytes(w), 0, len(w))
+                for (w,) in db.execute(
+                    "SELECT rdata FROM records WHERE zone=? AND name=? AND rdtype=?",
+                    (z, _n(own), int(dns.rdatatype.TXT)),
+                )
+            ]
+            revoked = revocation_record(zone, device, txts, time.time())
             for n, t, k in gone:
                 db.execute(
                     "DELETE FROM records WHERE zone=? AND name=? AND rdtype=? AND rkey=?",
                     (z, _n(n), t, k),
                 )
-            if gone:
+            if revoked is not None:
+                rname, rdata = revoked
+                db.execute(
+                    "INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?)",
+                    (z, _n(rname), int(dns.rdatatype.TXT), rdata.to_digestable(),
+                     rdata.to_wire(), REVOKED_TTL, None),
+                )
+            if gone or revoked is not None:
                 (serial,) = db.execute("SELECT serial FROM zones WHERE name=?", (z,)).fetchone()
                 db.execute(
                     "UPDATE zones SET serial=? WHERE name=?", (_next_serial(int(serial)), z)
@@ -741,9 +782,17 @@ class MemoryStorage(Storage):
         owned = {n for (z, n), d in self.owners.items() if z == zone and d == device}
         rows = [(k[1], k[2], k[3]) for k in self.records if k[0] == zone]
         gone = device_records(rows, zone, device, owned)
+        own = dns.name.from_text(device, origin=zone)
+        txts = [r.rdata for (z, n, t, _), r in self.records.items()
+                if z == zone and n == own and t == dns.rdatatype.TXT]
+        revoked = revocation_record(zone, device, txts, time.time())
         for n, t, k in gone:
             del self.records[(zone, n, t, k)]
-        if gone:
+        if revoked is not None:
+            rname, rdata = revoked
+            self.records[(zone, rname, dns.rdatatype.TXT, rdata.to_digestable())] = RecordRow(
+                zone, rname, dns.rdatatype.TXT, rdata, Entry(REVOKED_TTL, None))
+        if gone or revoked is not None:
             old = self.zones[zone]
             self.zones[zone] = ZoneRow(zone, _next_serial(old.serial), old.user)
         for n in owned:

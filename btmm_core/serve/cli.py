@@ -436,7 +436,8 @@ def user_revoke(ctx: click.Context, name: str, device: str) -> None:
     finally:
         storage.close()
     click.echo(f"device {device} of {name} revoked (key {entry.key.name}); its records are "
-               "deleted, peers drop it within a second of the registry noticing")
+               "deleted, peers drop it within a second of the registry noticing; its SSH CA "
+               "(if it published one) is listed at _btmm-revoked for the hosts' KRL")
 
 
 @serve.group()

@@ -32,6 +32,9 @@ def test_btmm_lab_roam_runs_and_cleans_up() -> None:
     # the laptop walked into the desktop's home: the desktop now reaches it on the LAN
     assert "laptop now on 192.168.1.11 behind gw1" in out
     assert "path desktop -> laptop: lan 192.168.1.11:4500" in out
+    # it ends with ssh by name, no password: the desktop's own sshd answers `hostname`
+    assert re.search(r"ssh root@desktop\.bob\.members\.example hostname .*\n  desktop\n", out), out
+    assert "user certs: root 9h" in out
     prefix = re.search(r"namespaces (btmmlab[0-9a-f]+)-\*", out)
     assert prefix is not None
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -384,3 +384,45 @@ def test_key_files_round_trip_and_old_files_still_read() -> None:
     account = parse_key_file(old, "old").key
     assert account.role == KeyRole.ACCOUNT and account.zone == BOB
     assert [parse_duration(t) for t in ("90", "30m", "24h", "7d")] == [90, 1800, 86400, 604800]
+
+
+def test_revoking_a_device_publishes_its_ssh_ca_for_the_krl(
+    open_db: Callable[[], Storage],
+) -> None:
+    """docs/architecture.md section 12: the revoked device's CA lands at _btmm-revoked, a name
+    no device key may change, and stays there (no lease) across a restart."""
+    from btmm_core.sso.files import Revoked, parse_revocation
+
+    core, accounts = make_core(open_db())
+    now = time.time()
+    bob = accounts["bob"].key
+    a, *_ = enrol(core, bob, "desktop", now)
+    b, *_ = enrol(core, bob, "laptop", now)
+    assert a is not None and b is not None
+    ca = bytes(range(32))
+    msg = publish("laptop")
+    msg.add(f"laptop.{BOB}", 60, "TXT",
+            '"btmm=1" "pk=x" "sshca=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=" "sshbind=y"')
+    assert rcode(core, msg, b, now, now)[0] == dns.rcode.NOERROR
+    assert rcode(core, publish("desktop"), a, now, now)[0] == dns.rcode.NOERROR
+    other = open_db()
+    other.remove_device("bob", "laptop")
+    other.remove_device("bob", "desktop")  # published no CA: no revocation record
+    other.close()
+    core.store.refresh_accounts()
+    revoked = dns.name.from_text(f"_btmm-revoked.{BOB}")
+    rrset = core.store.zones[BOB].rrsets[(revoked, dns.rdatatype.TXT)]
+    found = [parse_revocation(rd.strings) for rd in rrset]
+    assert len(found) == 1 and isinstance(found[0], Revoked)
+    assert (found[0].device, found[0].ca) == ("laptop", ca)
+    assert abs(found[0].when - now) < 60
+    # a device key cannot take the revocation back
+    c, *_ = enrol(core, bob, "tablet", now + 1)
+    assert c is not None
+    undo = dns.update.UpdateMessage(BOB)
+    undo.delete(revoked, "TXT")
+    assert rcode(core, undo, c, now + 2, now + 2)[0] == dns.rcode.REFUSED
+    core.store.storage.close()
+    store = ZoneStore(open_db(), ZoneConfig(PARENT, NS, ("192.0.2.53",), 5300))
+    assert (revoked, dns.rdatatype.TXT) in store.zones[BOB].rrsets
+    store.storage.close()

@@ -1,0 +1,1 @@
+"""SSH single sign-on: OpenSSH certificates signed by a per-device CA bound to the account."""
