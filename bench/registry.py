@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench import REPO
 from bench.pgcluster import PgCluster, pg_bin, pg_cluster
-from bench.serve import free_port, serving, stop, wait_answering
+from bench.serve import free_ports, serving, stop, wait_answering
 
 ZONE = "bob.members.example."
 PARENT = "members.example."
@@ -264,7 +264,7 @@ def print_table(table: list[tuple[str, str, float, float]]) -> None:
 
 @contextlib.contextmanager
 def postgresql_systems(
-    base: Path, env: dict[str, str], cluster: PgCluster
+    base: Path, env: dict[str, str], cluster: PgCluster, pg_ports: list[int]
 ) -> Iterator[dict[str, list[Target]]]:
     """``pg1`` and ``pg2``: one and two ``btmm serve`` on their own databases of ``cluster``,
     users bob and carol, populated."""
@@ -274,7 +274,7 @@ def postgresql_systems(
         for name, servers in (("pg1", 1), ("pg2", 2)):
             url = cluster.create_database()
             state = base / name
-            ports = [free_port() for _ in range(servers)]
+            ports = [pg_ports.pop() for _ in range(servers)]
             for i, port in enumerate(ports):
                 stack.enter_context(start_btmm(
                     state, port, env, database=url, users=("bob", "carol") if i == 0 else ()))
@@ -290,7 +290,7 @@ def postgresql_systems(
 def run(base: Path, seconds: int, reps: int, postgresql: bool) -> dict[str, object]:
     """Every system up, populated, measured; the report."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    ours_port, named_port = free_port(), free_port()
+    ours_port, named_port, *pg_ports = free_ports(5)
     files = {ZONE: write_data(base), f"carol.{PARENT}": write_data(base, f"carol.{PARENT}")}
     with contextlib.ExitStack() as stack:
         secret = stack.enter_context(start_btmm(base / "btmm", ours_port, env))
@@ -305,7 +305,9 @@ def run(base: Path, seconds: int, reps: int, postgresql: bool) -> dict[str, obje
         if postgresql:
             # the cluster's own directory: initdb runs as another user, who cannot enter base
             cluster = stack.enter_context(pg_cluster(str(base.parent)))
-            systems.update(stack.enter_context(postgresql_systems(base, env, cluster)))
+            systems.update(
+                stack.enter_context(postgresql_systems(base, env, cluster, pg_ports))
+            )
         results = measure(systems, files, seconds, reps)
     table = medians(results)
     print_table(table)

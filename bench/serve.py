@@ -33,6 +33,21 @@ def free_port() -> int:
     raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports: ``free_port`` twice may give the same one back, since the
+    port is released before it returns."""
+    ports: list[int] = []
+    for _ in range(50 * n):
+        if len(ports) == n:
+            break
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    if len(ports) != n:
+        raise RuntimeError(f"no {n} different free ports on 127.0.0.1")
+    return ports
+
+
 def add_user(env: Mapping[str, str], name: str = "bob", cwd: Path | None = None) -> None:
     """``btmm serve user add NAME`` in the state directory the environment names."""
     subprocess.run([*SERVE, "user", "add", name], env=env, cwd=cwd, check=True, capture_output=True)

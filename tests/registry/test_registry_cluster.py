@@ -49,7 +49,7 @@ def cluster(pg: PgCluster, n: int, *args: str) -> Iterator[list[LiveRegistry]]:
     with state_dir("btmm-cluster-") as state:
         regs = [
             LiveRegistry(
-                state, free_port(), 0, ("--tls-port", "0", "--log-level", "warning", *args),
+                state, 0, 0, ("--tls-port", "0", "--log-level", "warning", *args),
                 database=url, name=f"server{i}",
             )
             for i in range(n)
@@ -59,6 +59,10 @@ def cluster(pg: PgCluster, n: int, *args: str) -> Iterator[list[LiveRegistry]]:
             assert r.returncode == 0, r.stderr
         try:
             for reg in regs:
+                # a port taken just before it is bound: other processes on the machine take
+                # ports too, so no list of ports is made ahead
+                used = {r.port for r in regs}
+                reg.port = next(p for p in iter(free_port, 0) if p not in used)
                 reg.start()
             yield regs
         finally:
@@ -401,3 +405,25 @@ def test_workers_need_a_shared_database() -> None:
     with state_dir("btmm-workers-") as state:
         r = LiveRegistry(state, free_port(), 0, ()).cli("--workers", "2")
         assert r.returncode == 2 and "--workers above 1 needs --database" in r.stderr
+
+
+def test_workers_end_when_their_first_process_is_killed(pg: PgCluster) -> None:
+    with state_dir("btmm-workers-") as state:
+        reg = LiveRegistry(state, free_port(), 0, ("--tls-port", "0", "--workers", "2"),
+                           database=pg.create_database())
+        assert reg.cli("user", "add", "u0").returncode == 0
+        try:
+            reg.start()
+            _until(lambda: "pids=[" in reg.log(), 20, "workers started")
+            m = re.search(r"pids=\[(\d+), (\d+)\]", reg.log())
+            assert m is not None
+            worker = int(m.group(2))
+            assert reg.stop(signal.SIGKILL) == -signal.SIGKILL
+            # no worker is left serving alone (PR_SET_PDEATHSIG), nor as a zombie for long
+            _until(lambda: not Path(f"/proc/{worker}").exists()
+                   or "zombie" in Path(f"/proc/{worker}/status").read_text().lower(),
+                   10, "the worker ended with its parent")
+        finally:
+            if reg.proc is not None:
+                reg.proc.kill()
+                reg.proc.wait(timeout=5)
