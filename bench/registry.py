@@ -3,6 +3,13 @@
 dnsperf in the same run (interleaved repetitions, medians, ratio).
 
     python3 -m bench.registry [--seconds 5] [--reps 3] [--state-dir DIR] [--json PATH]
+                              [--no-postgresql]
+
+With PostgreSQL installed (Debian ``postgresql``) two more systems run in the same rounds, on a
+throwaway cluster in the state directory's file system: ``pg1``, one ``btmm serve --database
+postgresql://...``, and ``pg2``, two of them on one database. Both get the same load: two
+dnsperf at once, one for user bob's zone and one for carol's (``pg2``: bob's at the first
+server, carol's at the second), their rates added. The other systems get one dnsperf.
 
 The state directories default to a disk-backed temporary directory (/var/tmp), because the
 update figure is meant to include the cost of making each update durable. The table goes to
@@ -22,10 +29,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import REPO
-from bench.serve import free_port, serving, stop, wait_answering
+from bench.pgcluster import PgCluster, pg_bin, pg_cluster
+from bench.serve import free_ports, serving, stop, wait_answering
 
 ZONE = "bob.members.example."
 PARENT = "members.example."
@@ -35,19 +44,42 @@ TOOLS = ("dnsperf", "named", "nsupdate", "dig")
 Results = dict[str, dict[str, list[dict[str, float]]]]
 
 
+@dataclass(frozen=True)
+class Target:
+    """One dnsperf's server and zone, and the key that signs for it."""
+
+    port: int
+    zone: str
+    secret: str
+
+
+def _secret(state: Path, user: str) -> str:
+    path = state / "credentials" / f"{user}.key"
+    m = re.search(r'secret "([^"]+)"', path.read_text())
+    if m is None:
+        raise RuntimeError(f"no secret in {path}")
+    return m.group(1)
+
+
 @contextlib.contextmanager
-def start_btmm(state: Path, port: int, env: dict[str, str]) -> Iterator[str]:
-    """``btmm serve`` on ``port`` with user bob; yields bob's TSIG secret (base64)."""
+def start_btmm(
+    state: Path,
+    port: int,
+    env: dict[str, str],
+    *,
+    database: str | None = None,
+    users: tuple[str, ...] = ("bob",),
+) -> Iterator[str]:
+    """``btmm serve`` on ``port`` with ``users`` added (on a shared ``database``, only by the
+    first server); yields bob's TSIG secret (base64)."""
     state.mkdir(parents=True, exist_ok=True)
     env = dict(env, BTMM_REGISTRY_DOMAIN=PARENT, BTMM_REGISTRY_STATE=str(state))
+    if database is not None:
+        env["BTMM_REGISTRY_DATABASE"] = database
     # the bench measures throughput, not the per-key budget that guards against abuse
     options = ["--update-key-rate", "0", "--log-level", "warning"]
-    with serving(env, port, options, state / "server.log", ZONE):
-        text = (state / "credentials" / "bob.key").read_text()
-        m = re.search(r'secret "([^"]+)"', text)
-        if m is None:
-            raise RuntimeError(f"no secret in {state / 'credentials' / 'bob.key'}")
-        yield m.group(1)
+    with serving(env, port, options, state / f"server-{port}.log", ZONE, users=users):
+        yield _secret(state, "bob")
 
 
 def start_named(state: Path, port: int, secret: str) -> subprocess.Popen[bytes]:
@@ -90,13 +122,13 @@ logging {{ category default {{ null; }}; category update {{ null; }}; }};
     return proc
 
 
-def populate(port: int, secret: str) -> None:
-    lines = [f"server 127.0.0.1 {port}", f"zone {ZONE}"]
+def populate(port: int, secret: str, zone: str = ZONE) -> None:
+    lines = [f"server 127.0.0.1 {port}", f"zone {zone}"]
     for i in range(QUERY_NAMES):
-        lines.append(f"update add hq{i}.{ZONE} 300 AAAA fd00::{i + 1:x}")
+        lines.append(f"update add hq{i}.{zone} 300 AAAA fd00::{i + 1:x}")
     lines += ["send", ""]
     r = subprocess.run(
-        ["nsupdate", "-y", f"hmac-sha256:{ZONE}:{secret}"],
+        ["nsupdate", "-y", f"hmac-sha256:{zone}:{secret}"],
         input="\n".join(lines),
         text=True,
         check=False,
@@ -107,33 +139,55 @@ def populate(port: int, secret: str) -> None:
         raise RuntimeError(f"populating port {port} failed: {r.stdout} {r.stderr}")
 
 
-def dnsperf(port: int, secret: str, datafile: Path, seconds: int, update: bool) -> dict[str, float]:
-    cmd = [
-        "dnsperf",
-        "-s",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-d",
-        str(datafile),
-        "-l",
-        str(seconds),
-        "-y",
-        f"hmac-sha256:{ZONE}:{secret}",
-        "-q",
-        "64",
-        "-t",
-        "5",
-    ]
-    if update:
-        cmd.append("-u")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    rate = re.search(r"(?:Queries|Updates) per second:\s+([\d.]+)", r.stdout)
-    done = re.search(r"(?:Queries|Updates) completed:\s+(\d+)", r.stdout)
-    lost = re.search(r"(?:Queries|Updates) lost:\s+(\d+)", r.stdout)
-    codes = re.search(r"Response codes:\s+(.*)", r.stdout)
+def dnsperf(
+    targets: list[Target], files: dict[str, tuple[Path, Path]], seconds: int, update: bool
+) -> dict[str, float]:
+    """One dnsperf per target, all at once; their rates and counts added."""
+    procs = []
+    for t in targets:
+        qfile, ufile = files[t.zone]
+        cmd = [
+            "dnsperf",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            str(t.port),
+            "-d",
+            str(ufile if update else qfile),
+            "-l",
+            str(seconds),
+            "-y",
+            f"hmac-sha256:{t.zone}:{t.secret}",
+            "-q",
+            "64",
+            "-t",
+            "5",
+        ]
+        if update:
+            cmd.append("-u")
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    parts = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 60)
+        parts.append(_parse_dnsperf(out, err))
+    return {
+        "rate": sum(p["rate"] for p in parts),
+        "completed": sum(p["completed"] for p in parts),
+        "lost": sum(p["lost"] for p in parts),
+        "noerror": sum(p["noerror"] for p in parts),
+        "codes": " | ".join(str(p["codes"]) for p in parts),  # type: ignore[dict-item]
+    }
+
+
+def _parse_dnsperf(stdout: str, stderr: str) -> dict[str, float]:
+    rate = re.search(r"(?:Queries|Updates) per second:\s+([\d.]+)", stdout)
+    done = re.search(r"(?:Queries|Updates) completed:\s+(\d+)", stdout)
+    lost = re.search(r"(?:Queries|Updates) lost:\s+(\d+)", stdout)
+    codes = re.search(r"Response codes:\s+(.*)", stdout)
     if rate is None or done is None:
-        raise RuntimeError(f"dnsperf output not understood:\n{r.stdout}\n{r.stderr}")
+        raise RuntimeError(f"dnsperf output not understood:\n{stdout}\n{stderr}")
     noerror = re.search(r"NOERROR (\d+)", codes.group(1)) if codes else None
     return {
         "rate": float(rate.group(1)),
@@ -144,33 +198,34 @@ def dnsperf(port: int, secret: str, datafile: Path, seconds: int, update: bool) 
     }
 
 
-def write_data(base: Path) -> tuple[Path, Path]:
+def write_data(base: Path, zone: str = ZONE) -> tuple[Path, Path]:
     """The dnsperf data files: queries for the populated names, and add/delete update pairs."""
-    qfile = base / "queries.txt"
-    qfile.write_text("".join(f"hq{i}.{ZONE} AAAA\n" for i in range(QUERY_NAMES)))
-    ufile = base / "updates.txt"
+    label = zone.split(".")[0]
+    qfile = base / f"queries-{label}.txt"
+    qfile.write_text("".join(f"hq{i}.{zone} AAAA\n" for i in range(QUERY_NAMES)))
+    ufile = base / f"updates-{label}.txt"
     blocks = []
     for i in range(5000):
-        blocks.append(f"{ZONE}\nadd u{i} 300 A 198.51.100.{i % 250 + 1}\nsend\n")
-        blocks.append(f"{ZONE}\ndelete u{i} A\nsend\n")
+        blocks.append(f"{zone}\nadd u{i} 300 A 198.51.100.{i % 250 + 1}\nsend\n")
+        blocks.append(f"{zone}\ndelete u{i} A\nsend\n")
     ufile.write_text("".join(blocks))
     return qfile, ufile
 
 
 def measure(
-    ports: dict[str, int], secret: str, files: tuple[Path, Path], seconds: int, reps: int
+    systems: dict[str, list[Target]], files: dict[str, tuple[Path, Path]], seconds: int,
+    reps: int,
 ) -> Results:
-    """dnsperf against each server, updates then queries, the order of the servers alternating
-    between repetitions so that neither always goes first."""
-    qfile, ufile = files
-    results: Results = {name: {"update": [], "query": []} for name in ports}
+    """dnsperf against each system, updates then queries, the order of the systems reversed
+    every other repetition so that none always goes first."""
+    results: Results = {name: {"update": [], "query": []} for name in systems}
     for rep in range(reps):
-        order = list(ports.items())
+        order = list(systems.items())
         if rep % 2:
             order.reverse()
-        for kind, datafile, upd in (("update", ufile, True), ("query", qfile, False)):
-            for name, port in order:
-                res = dnsperf(port, secret, datafile, seconds, upd)
+        for kind, upd in (("update", True), ("query", False)):
+            for name, targets in order:
+                res = dnsperf(targets, files, seconds, upd)
                 results[name][kind].append(res)
                 print(
                     f"rep {rep} {name:5} {kind:6} {res['rate']:10.1f}/s  {res['codes']}",
@@ -179,39 +234,81 @@ def measure(
     return results
 
 
-def medians(results: Results) -> list[tuple[str, float, float, float]]:
-    """Per kind: btmm's median rate, named's, and their ratio."""
+def medians(results: Results) -> list[tuple[str, str, float, float]]:
+    """Per kind and system: its median rate and its ratio to named's."""
     table = []
     for kind in ("update", "query"):
-        ours = statistics.median(r["rate"] for r in results["btmm"][kind])
         named = statistics.median(r["rate"] for r in results["named"][kind])
-        table.append((kind, ours, named, ours / named))
+        for name in results:
+            rate = statistics.median(r["rate"] for r in results[name][kind])
+            table.append((kind, name, rate, rate / named))
     return table
 
 
-def print_table(table: list[tuple[str, float, float, float]]) -> None:
+LABELS = {
+    "btmm": "btmm serve (SQLite)",
+    "named": "named",
+    "pg1": "btmm serve (PostgreSQL, 1 server)",
+    "pg2": "btmm serve (PostgreSQL, 2 servers)",
+}
+
+
+def print_table(table: list[tuple[str, str, float, float]]) -> None:
     print()
-    print("| measure (loopback, TSIG hmac-sha256) | btmm serve | named | btmm/named |")
-    print("|---|---:|---:|---:|")
-    for kind, o, n, ratio in table:
-        label = "signed durable updates/s" if kind == "update" else "signed queries/s"
-        print(f"| {label} | {o:.0f} | {n:.0f} | {ratio:.2f} |")
+    print("| measure (loopback, TSIG hmac-sha256) | system | per second | / named |")
+    print("|---|---|---:|---:|")
+    for kind, name, rate, ratio in table:
+        label = "signed durable updates" if kind == "update" else "signed queries"
+        print(f"| {label} | {LABELS.get(name, name)} | {rate:.0f} | {ratio:.2f} |")
 
 
-def run(base: Path, seconds: int, reps: int) -> dict[str, object]:
-    """Both servers up, populated, measured; the report."""
+@contextlib.contextmanager
+def postgresql_systems(
+    base: Path, env: dict[str, str], cluster: PgCluster, pg_ports: list[int]
+) -> Iterator[dict[str, list[Target]]]:
+    """``pg1`` and ``pg2``: one and two ``btmm serve`` on their own databases of ``cluster``,
+    users bob and carol, populated."""
+    zones = (ZONE, f"carol.{PARENT}")
+    with contextlib.ExitStack() as stack:
+        systems: dict[str, list[Target]] = {}
+        for name, servers in (("pg1", 1), ("pg2", 2)):
+            url = cluster.create_database()
+            state = base / name
+            ports = [pg_ports.pop() for _ in range(servers)]
+            for i, port in enumerate(ports):
+                stack.enter_context(start_btmm(
+                    state, port, env, database=url, users=("bob", "carol") if i == 0 else ()))
+            secrets = {ZONE: _secret(state, "bob"), zones[1]: _secret(state, "carol")}
+            for zone in zones:
+                populate(ports[0], secrets[zone], zone)
+            systems[name] = [
+                Target(ports[i % servers], zone, secrets[zone]) for i, zone in enumerate(zones)
+            ]
+        yield systems
+
+
+def run(base: Path, seconds: int, reps: int, postgresql: bool) -> dict[str, object]:
+    """Every system up, populated, measured; the report."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    ours_port, named_port = free_port(), free_port()
-    with start_btmm(base / "btmm", ours_port, env) as secret:
+    ours_port, named_port, *pg_ports = free_ports(5)
+    files = {ZONE: write_data(base), f"carol.{PARENT}": write_data(base, f"carol.{PARENT}")}
+    with contextlib.ExitStack() as stack:
+        secret = stack.enter_context(start_btmm(base / "btmm", ours_port, env))
         named = start_named(base / "named", named_port, secret)
-        try:
-            populate(ours_port, secret)
-            populate(named_port, secret)
-            files = write_data(base)
-            ports = {"btmm": ours_port, "named": named_port}
-            results = measure(ports, secret, files, seconds, reps)
-        finally:
-            stop(named)
+        stack.callback(stop, named)
+        populate(ours_port, secret)
+        populate(named_port, secret)
+        systems = {
+            "btmm": [Target(ours_port, ZONE, secret)],
+            "named": [Target(named_port, ZONE, secret)],
+        }
+        if postgresql:
+            # the cluster's own directory: initdb runs as another user, who cannot enter base
+            cluster = stack.enter_context(pg_cluster(str(base.parent)))
+            systems.update(
+                stack.enter_context(postgresql_systems(base, env, cluster, pg_ports))
+            )
+        results = measure(systems, files, seconds, reps)
     table = medians(results)
     print_table(table)
     return {"seconds": seconds, "reps": reps, "state_dir": str(base), "results": results,
@@ -226,7 +323,15 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--state-dir", type=Path, default=None, help="default: a new dir in /var/tmp")
     ap.add_argument("--json", type=Path, default=None, help="write the JSON report here")
+    ap.add_argument("--no-postgresql", action="store_true", help="leave out pg1 and pg2")
     args = ap.parse_args()
+    postgresql = not args.no_postgresql
+    if postgresql:
+        try:
+            pg_bin()
+        except RuntimeError as e:
+            print(f"{e}; or run with --no-postgresql", file=sys.stderr)
+            return 2
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         print(f"{', '.join(missing)} missing: apt-get install dnsperf bind9 bind9-dnsutils",
@@ -234,7 +339,7 @@ def main() -> int:
         return 2
     base = args.state_dir or Path(tempfile.mkdtemp(prefix="btmm-registry-bench-", dir="/var/tmp"))
     try:
-        report = run(base, args.seconds, args.reps)
+        report = run(base, args.seconds, args.reps, postgresql)
     finally:
         if args.state_dir is None:
             shutil.rmtree(base, ignore_errors=True)

@@ -33,6 +33,21 @@ def free_port() -> int:
     raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports: ``free_port`` twice may give the same one back, since the
+    port is released before it returns."""
+    ports: list[int] = []
+    for _ in range(50 * n):
+        if len(ports) == n:
+            break
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    if len(ports) != n:
+        raise RuntimeError(f"no {n} different free ports on 127.0.0.1")
+    return ports
+
+
 def add_user(env: Mapping[str, str], name: str = "bob", cwd: Path | None = None) -> None:
     """``btmm serve user add NAME`` in the state directory the environment names."""
     subprocess.run([*SERVE, "user", "add", name], env=env, cwd=cwd, check=True, capture_output=True)
@@ -62,10 +77,12 @@ def serving(
     log: Path,
     zone: str,
     cwd: Path | None = None,
+    users: Sequence[str] = ("bob",),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """User bob added, then ``btmm serve --port PORT --tls-port 0 OPTIONS`` answering for
+    """``users`` added, then ``btmm serve --port PORT --tls-port 0 OPTIONS`` answering for
     ``zone``, its output in ``log``; stopped (SIGTERM, then SIGKILL) on leaving."""
-    add_user(env, cwd=cwd)
+    for user in users:
+        add_user(env, user, cwd=cwd)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*SERVE, "--port", str(port), "--tls-port", "0", "--no-stun", *options],

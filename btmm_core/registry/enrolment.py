@@ -33,7 +33,7 @@ from btmm_core.dns.enrol import find_option, server_side
 from btmm_core.dns.names import device_name_problem
 from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.registry.model import DeviceKey, SeenMac
-from btmm_core.registry.storage import StorageError
+from btmm_core.registry.storage import DatabaseUnavailable, StorageError
 
 if TYPE_CHECKING:
     from btmm_core.registry.handler import RequestContext
@@ -108,6 +108,10 @@ def handle_enrolment(ctx: RequestContext) -> dns.message.Message | None:
             replace=option.replace,
             seen=SeenMac(key.name, rd.time_signed, rd.mac),
         )
+    except DatabaseUnavailable as e:  # nothing was stored; the client may try again
+        log.error("enrolment not stored", error=e.what)
+        response.set_rcode(dns.rcode.SERVFAIL)
+        return response
     except StorageError as e:
         return refuse(dns.rcode.YXDOMAIN, e.what)
     except Exception as e:  # sqlite3 errors: nothing was stored, say so

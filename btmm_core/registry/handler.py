@@ -56,11 +56,14 @@ from btmm_core.registry.enrolment import handle_enrolment
 from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big
 from btmm_core.registry.model import ChangeSet, SeenMac
 from btmm_core.registry.plugin import Plugin
-from btmm_core.registry.storage import StorageError
+from btmm_core.registry.storage import Replayed, StaleZone, StorageError
 from btmm_core.registry.update import Grant, NoLeasePolicy, plan_update
 from btmm_core.registry.zones import TRANSFER_TYPES, Zone, ZoneStore
 
 log = structlog.get_logger("btmm.registry")
+
+#: Plans of one UPDATE before it gives up (SERVFAIL) when other servers keep changing the zone.
+_PLAN_ATTEMPTS = 4
 
 
 class Transport(enum.IntEnum):
@@ -228,7 +231,9 @@ class RegistryCore:
         if op == dns.opcode.QUERY:
             return self._query(request, key, verdict, plain, now, limit)
         if op == dns.opcode.UPDATE:
-            response = self._update(request, verdict, now, peer)
+            replayed: list[TsigVerdict] = []
+            response = self._update(request, verdict, now, peer, replayed)
+            verdict = replayed[0] if replayed else verdict
         else:
             response = self._response(request)
             response.set_rcode(dns.rcode.NOTIMP)
@@ -438,7 +443,10 @@ class RegistryCore:
         verdict: TsigVerdict | None,
         now: float,
         peer: str,
+        replayed: list[TsigVerdict],
     ) -> dns.message.Message:
+        """Plan and commit an UPDATE; a replay found at commit appends the BADTIME verdict
+        its answer must be signed with to ``replayed``."""
         response = self._response(request)
         if len(request.question) != 1 or request.question[0].rdtype != dns.rdatatype.SOA:
             response.set_rcode(dns.rcode.FORMERR)
@@ -461,21 +469,39 @@ class RegistryCore:
         assert verdict is not None
         seen = SeenMac(key.name, verdict.record.time_signed, verdict.record.mac)
         grant, option = self._grant(request)
-        outcome_rcode, change, why = self._plan(zone, request, key, seen, grant, now, peer)
-        if change is None:
+        # Another server on a shared database may change the zone between planning and
+        # commit (StaleZone: the store reloaded it): plan again on the new state, a few times.
+        for attempt in range(1, _PLAN_ATTEMPTS + 1):
+            outcome_rcode, planned, why = self._plan(
+                zone, request, key, seen, grant, now, peer, first=attempt == 1
+            )
             # The MAC must stay spent even though nothing changed: a replay after a restart
             # could otherwise succeed once the prerequisites happen to hold.
-            change = ChangeSet(zone.name, zone.serial, seen=(seen,))
-        try:
-            self.store.commit(change)
-        except (StorageError, OSError) as e:
-            log.error("commit failed", zone=str(zone.name), error=str(e))
-            response.set_rcode(dns.rcode.SERVFAIL)
-            return response
-        except Exception as e:  # sqlite3 errors: the update is not durable, say so
-            log.error("commit failed", zone=str(zone.name), error=repr(e))
-            response.set_rcode(dns.rcode.SERVFAIL)
-            return response
+            change = planned or ChangeSet(zone.name, zone.serial, seen=(seen,))
+            try:
+                self.store.commit(change)
+                break
+            except StaleZone as e:
+                fresh = self.store.zones.get(zone.name)
+                if fresh is None or attempt == _PLAN_ATTEMPTS:
+                    log.error("commit failed", zone=str(zone.name), error=str(e))
+                    response.set_rcode(dns.rcode.SERVFAIL)
+                    return response
+                zone = fresh
+            except Replayed as e:
+                # another server accepted this very message (or a newer one of its key)
+                log.warning("tsig replay seen by another server", key=str(key.name), why=str(e))
+                response.set_rcode(dns.rcode.NOTAUTH)
+                replayed.append(TsigVerdict(TsigError.BADTIME, key, verdict.record))
+                return response
+            except (StorageError, OSError) as e:
+                log.error("commit failed", zone=str(zone.name), error=str(e))
+                response.set_rcode(dns.rcode.SERVFAIL)
+                return response
+            except Exception as e:  # sqlite3 errors: the update is not durable, say so
+                log.error("commit failed", zone=str(zone.name), error=repr(e))
+                response.set_rcode(dns.rcode.SERVFAIL)
+                return response
         response.set_rcode(outcome_rcode)
         log.info(
             "update",
@@ -500,10 +526,15 @@ class RegistryCore:
         grant: Grant | None,
         now: float,
         peer: str,
+        *,
+        first: bool = True,
     ) -> tuple[dns.rcode.Rcode, ChangeSet | None, str]:
-        """The update's rcode, the change it makes (None: nothing to change) and why."""
+        """The update's rcode, the change it makes (None: nothing to change) and why.
+
+        ``first``: the first plan of this update; a plan again (the zone was stale) does not
+        spend the key's budget twice."""
         # the limits first: they bound the work that the authority check and planning do
-        over = self._over_limits(zone, request, key, now, peer)
+        over = self._over_limits(zone, request, key, now, peer) if first else None
         if over is not None:
             return dns.rcode.REFUSED, None, over
         authority = check_update(zone, key, request)

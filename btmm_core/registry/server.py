@@ -29,6 +29,7 @@ from btmm_core.registry.handler import RegistryCore, Transport
 from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
 from btmm_core.registry.plugin import Outgoing, is_response
+from btmm_core.registry.storage import DatabaseUnavailable
 
 log = structlog.get_logger("btmm.registry")
 
@@ -43,6 +44,9 @@ class Listen:
     max_connections_per_client: int = 32
     idle_timeout: float = 10.0
     read_timeout: float = 5.0
+    #: SO_REUSEPORT on every listener: several worker processes share the ports and the
+    #: kernel spreads clients over them (by address and port: one client stays with one).
+    reuse_port: bool = False
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -88,6 +92,10 @@ class RegistryServer:
         #: makes one batch.
         self._changes: list[RRsetChange] = []
         core.store.add_observer(self._changes.append)
+        #: The storage's notice descriptor we watch (a database shared with other servers).
+        self._notice_fd: int | None = None
+        #: Whether the database is unreachable now (logged once per outage).
+        self._db_down = False
 
     def dispatch(self, data: bytes, transport: Transport, addr: tuple[str, int]) -> bytes | None:
         peer = f"{addr[0]}#{addr[1]}"
@@ -194,13 +202,18 @@ class RegistryServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         lst = self.listen
+        reuse = lst.reuse_port or None
         udp, _ = await loop.create_datagram_endpoint(
-            lambda: _Udp(self), local_addr=(lst.host, lst.port)
+            lambda: _Udp(self), local_addr=(lst.host, lst.port), reuse_port=reuse
         )
         self._udp.append(udp)
         self.addresses["udp"] = udp.get_extra_info("sockname")[:2]
         tcp = await asyncio.start_server(
-            lambda r, w: self._client(r, w, Transport.TCP), lst.host, lst.port, limit=70000
+            lambda r, w: self._client(r, w, Transport.TCP),
+            lst.host,
+            lst.port,
+            limit=70000,
+            reuse_port=reuse,
         )
         self._tcp.append(tcp)
         self.addresses["tcp"] = tcp.sockets[0].getsockname()[:2]
@@ -212,10 +225,12 @@ class RegistryServer:
                 ssl=lst.tls,
                 ssl_handshake_timeout=lst.read_timeout,
                 limit=70000,
+                reuse_port=reuse,
             )
             self._tcp.append(dot)
             self.addresses["tls"] = dot.sockets[0].getsockname()[:2]
         self._tasks.append(asyncio.create_task(self._timers()))
+        self._watch_notices()
         log.info(
             "registry listening",
             event_loop=type(loop).__module__.split(".")[0],
@@ -281,18 +296,54 @@ class RegistryServer:
             return "per_client"
         return None
 
+    def _watch_notices(self) -> None:
+        """Watch the descriptor on which other servers' notices arrive, following it when
+        the storage reconnects (the old one is still open when it is let go: see PgStorage)."""
+        fd = self.core.store.storage.listen_fileno()
+        if fd == self._notice_fd:
+            return
+        loop = asyncio.get_running_loop()
+        if self._notice_fd is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._notice_fd)
+        if fd is not None:
+            loop.add_reader(fd, self._on_notice)
+        self._notice_fd = fd
+
+    def _on_notice(self) -> None:
+        try:
+            if self.core.store.sync_external():
+                self._wake.set()  # the plug-ins hear of the changes on the next pass
+        except DatabaseUnavailable as e:
+            self._database_down(e)
+        except Exception:
+            log.exception("reading other servers' changes failed; retrying")
+        self._watch_notices()
+
+    def _database_down(self, e: DatabaseUnavailable) -> None:
+        if not self._db_down:
+            log.warning("registry database unreachable: updates get SERVFAIL", error=str(e))
+        self._db_down = True
+
     async def _timers(self) -> None:
         store = self.core.store
         next_accounts = 0.0
         while True:
             now = time.time()
             try:
+                store.sync_external()
                 if now >= next_accounts:
                     store.refresh_accounts()
                     next_accounts = now + 1.0
                 self.core.tick(now)
+                if self._db_down:
+                    log.info("registry database reachable again")
+                    self._db_down = False
+            except DatabaseUnavailable as e:
+                self._database_down(e)
             except Exception:
                 log.exception("timer work failed; retrying in a second")
+            self._watch_notices()
             self._run_plugins(now)
             deadlines = [self.core.next_deadline(), *(p.next_deadline() for p in self.core.plugins)]
             deadline = min((d for d in deadlines if d is not None), default=None)
@@ -318,6 +369,9 @@ class RegistryServer:
                 log.exception("plug-in timer work failed; retrying", plugin=type(plugin).__name__)
 
     async def close(self) -> None:
+        if self._notice_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._notice_fd)
+            self._notice_fd = None
         for t in self._tasks:
             t.cancel()
         for s in self._tcp:

@@ -1,8 +1,16 @@
 """Durable storage for the registry behind one interface, with the SQLite (WAL) backend.
 
 ``Storage.commit`` returns only once the change set is durable: the server answers NOERROR to
-an update after that and not before (docs/architecture.md decision 4). A clustered backend
-later fits behind the same abstract class. The memory backend is for unit tests and is not durable.
+an update after that and not before (docs/architecture.md decision 4). PostgreSQL, shared by
+several servers, sits behind the same class in ``pgstorage.py`` (``open_storage`` picks one by
+the ``--database`` given). The memory backend is for unit tests and is not durable.
+
+A backend shared by several servers says so through the hooks below, which the others leave at
+their defaults: ``commit`` raises ``StaleZone`` when another server changed the zone since this
+one loaded it (the caller reloads it with ``load_zone`` and plans again), ``ZoneBusy`` when a
+lease expiry finds the zone being written by another server, and ``Replayed`` when another
+server accepted the same TSIG MAC already; ``take_notices`` says which zones other servers
+changed, and ``listen_fileno`` is a descriptor that becomes readable when there are some.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import dns.name
@@ -37,6 +46,46 @@ from btmm_core.sso import files as sso_files
 
 class StorageError(ConfigError):
     """The registry's database cannot be used (missing, locked, corrupt, or a bad account)."""
+
+
+class DatabaseUnavailable(StorageError):
+    """The database server cannot be reached; nothing was stored. Retried by itself."""
+
+
+class StaleZone(StorageError):
+    """Another server changed the zone since this one loaded it: nothing was stored; reload the
+    zone (``load_zone``) and plan the change again."""
+
+
+class ZoneBusy(StorageError):
+    """Another server holds the zone (a lease expiry does not wait for it): nothing was stored."""
+
+
+class Replayed(StorageError):
+    """Another server accepted this TSIG MAC already, or a newer Time Signed of its key."""
+
+
+@dataclass(frozen=True)
+class ZoneState:
+    """One zone as stored: what ``load_zone`` returns."""
+
+    row: ZoneRow
+    records: tuple[RecordRow, ...]
+    owners: tuple[tuple[dns.name.Name, str], ...]
+
+
+@dataclass(frozen=True)
+class Notices:
+    """What other servers committed since the last ``take_notices``."""
+
+    #: their changes, in commit order, each following the last state this server holds
+    changes: tuple[ChangeSet, ...] = ()
+    #: zones to reload whole (a change was too big for a notice, or one was missed)
+    zones: frozenset[dns.name.Name] = frozenset()
+    #: accounts, keys or devices changed: reload them
+    accounts: bool = False
+    #: notices may have been lost (the connection to the database dropped): reload everything
+    resync: bool = False
 
 
 class Storage(abc.ABC):
@@ -110,6 +159,44 @@ class Storage(abc.ABC):
 
     def close(self) -> None:
         return None
+
+    def load_zone(self, zone: dns.name.Name) -> ZoneState | None:
+        """One zone's serial, records and owners as stored now; None when it is gone."""
+        snap = self.load()
+        rows = [z for z in snap.zones if z.name == zone]
+        if not rows:
+            return None
+        return ZoneState(
+            rows[0],
+            tuple(r for r in snap.records if r.zone == zone),
+            tuple((n, d) for z, n, d in snap.owners if z == zone),
+        )
+
+    def take_notices(self) -> Notices:
+        """Zones other servers changed since the last call (a backend of one server: none)."""
+        return Notices()
+
+    def listen_fileno(self) -> int | None:
+        """A descriptor that becomes readable when ``take_notices`` has something; None: none
+        (or none now: the driver asks again on its next timer pass)."""
+        return None
+
+    def schema_version(self) -> int:
+        """The version of the schema the database is at (after the upgrades applied at open)."""
+        return 1
+
+
+def open_storage(database: str | Path, *, server: bool = False) -> Storage:
+    """The backend for ``--database``: a ``postgresql://`` URL, or else a SQLite file.
+
+    ``server``: this process serves (it must hear of other servers' commits)."""
+    text = str(database)
+    if text.startswith(("postgresql://", "postgres://")):
+        # imported here: psycopg is needed only by those who use PostgreSQL
+        from btmm_core.registry.pgstorage import PgStorage
+
+        return PgStorage(text, notices=server)
+    return SqliteStorage(Path(text))
 
 
 _SCHEMA = """
@@ -245,6 +332,8 @@ class SqliteStorage(Storage):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
+            # one schema so far; a later one is applied here from the version it finds
+            self._db.execute("PRAGMA user_version = 1")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('accounts_gen', 0)")
         except (sqlite3.Error, OSError) as e:
             raise StorageError(
@@ -254,6 +343,9 @@ class SqliteStorage(Storage):
 
     def close(self) -> None:
         self._db.close()
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def load(self) -> Snapshot:
         db = self._db

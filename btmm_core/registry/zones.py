@@ -2,7 +2,9 @@
 
 Every committed change (an update or a lease expiry) is first made durable by the storage, then
 applied in memory, then announced to observers as one ``RRsetChange`` per RRset. LLQ (RFC 8764)
-subscribes with ``ZoneStore.add_observer``.
+subscribes with ``ZoneStore.add_observer``. Changes other servers made to a shared database
+(``sync_external``) reach memory and the observers the same way, by reloading the zones they
+name.
 
 Server-managed records are synthesized, not stored: the SOA (its serial is the zone's), the
 apex NS, and the discovery SRVs ``_dns-update._udp`` and ``_dns-llq._udp``, ``_stun._udp``
@@ -41,7 +43,7 @@ from btmm_core.registry.model import (
     RRsetChange,
     SeenMac,
 )
-from btmm_core.registry.storage import Storage
+from btmm_core.registry.storage import StaleZone, Storage, ZoneBusy
 
 Observer = Callable[[RRsetChange], None]
 
@@ -312,6 +314,10 @@ class ZoneStore:
         self._leases: list[tuple[float, int, dns.name.Name, dns.name.Name, int, bytes]] = []
         self._tiebreak = 0
         self._generation = -1
+        #: No expiry before this time: another server held a zone at the last attempt.
+        self._hold_expiry = 0.0
+        #: A reload after other servers' notices failed (database gone): do a full one.
+        self._must_resync = False
         #: Bumped on every change of zone data or accounts; cached answers carry it.
         self.version = 0
         self.storage.ensure_zone(config.parent, None)
@@ -350,6 +356,11 @@ class ZoneStore:
         """Pick up users added, removed or re-keyed by ``btmm serve user`` in another process."""
         if not self.accounts_changed():
             return
+        self.resync()
+
+    def resync(self) -> None:
+        """Reload everything and announce what changed: after accounts changed elsewhere, or
+        when notices from other servers may have been lost."""
         # Everything this process committed is in the database already, so a full reload
         # loses nothing and also covers a user removed and re-added between two polls.
         before = {z.name: {k: dict(v) for k, v in z.rrsets.items()} for z in self.zones.values()}
@@ -357,14 +368,24 @@ class ZoneStore:
         # Records another process deleted (``btmm serve user revoke`` removes the device's
         # records) are announced like any change, so watchers drop a revoked device at once.
         for zone in self.zones.values():
-            old_sets = before.get(zone.name, {})
-            for key in old_sets.keys() | zone.rrsets.keys():
-                old, new = old_sets.get(key, {}), zone.rrsets.get(key, {})
-                added = tuple(rd for rd in new if rd not in old)
-                removed = tuple(rd for rd in old if rd not in new)
-                if not added and not removed:
-                    continue
-                event = RRsetChange(
+            self._announce(zone, before.get(zone.name, {}))
+
+    def _announce(
+        self,
+        zone: Zone,
+        old_sets: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]],
+    ) -> list[RRsetChange]:
+        """Tell the observers how ``zone`` differs from ``old_sets`` (its RRsets before)."""
+        events = []
+        for key in old_sets.keys() | zone.rrsets.keys():
+            old, new = old_sets.get(key, {}), zone.rrsets.get(key, {})
+            added = tuple(rd for rd in new if rd not in old)
+            removed = tuple(rd for rd in old if rd not in new)
+            ttl_changed = any(old[rd].ttl != new[rd].ttl for rd in new if rd in old)
+            if not added and not removed and not ttl_changed:
+                continue
+            events.append(
+                RRsetChange(
                     zone.name,
                     key[0],
                     key[1],
@@ -374,8 +395,48 @@ class ZoneStore:
                     zone.serial,
                     Cause.UPDATE,
                 )
-                for observer in list(self._observers):
-                    observer(event)
+            )
+        for event in events:
+            for observer in list(self._observers):
+                observer(event)
+        return events
+
+    def reload_zone(self, name: dns.name.Name) -> list[RRsetChange]:
+        """Load one zone again from the storage (another server changed it) and announce the
+        difference; a zone gone from the database waits for the accounts reload."""
+        state = self.storage.load_zone(name)
+        old = self.zones.get(name)
+        if state is None or old is None:
+            return []
+        self.version += 1
+        zone = Zone(name, state.row.user, state.row.serial, self.config)
+        for r in state.records:
+            zone.put(r.name, r.rdtype, r.rdata, r.entry)
+            # Leases already tracked need no new heap entry; a changed or new one does.
+            was = old.rrsets.get((r.name, r.rdtype), {}).get(r.rdata)
+            if was is None or was.expires != r.entry.expires:
+                self._track_lease(r)
+        zone.owners = dict(state.owners)
+        self.zones[name] = zone
+        return self._announce(zone, old.rrsets)
+
+    def sync_external(self) -> int:
+        """Apply what other servers committed to a shared database (``Storage.take_notices``);
+        returns how many RRsets changed."""
+        notices = self.storage.take_notices()
+        full = self._must_resync or notices.resync
+        # Until this pass succeeds, what the notices said is known only here: should a reload
+        # fail (the database went away), the next pass reloads everything instead.
+        self._must_resync = True
+        if full or (notices.accounts and self.accounts_changed()):
+            self.resync()
+            changed = 1
+        else:
+            # deltas first, in commit order; then the zones whose deltas could not be used
+            changed = sum(len(self._apply(change)) for change in notices.changes)
+            changed += sum(len(self.reload_zone(name)) for name in sorted(notices.zones))
+        self._must_resync = False
+        return changed
 
     def enrol(
         self, device: DeviceKey, *, invite: dns.name.Name | None, replace: bool, seen: SeenMac
@@ -424,10 +485,24 @@ class ZoneStore:
             )
 
     def commit(self, change: ChangeSet) -> list[RRsetChange]:
-        """Make ``change`` durable, apply it in memory, tell the observers."""
-        self.storage.commit(change)
+        """Make ``change`` durable, apply it in memory, tell the observers.
+
+        ``StaleZone`` (another server changed the zone first) comes back to the caller after
+        the zone was reloaded, so that it can plan the change again on the new state.
+        """
+        try:
+            self.storage.commit(change)
+        except StaleZone:
+            self.reload_zone(change.zone)
+            raise
+        return self._apply(change)
+
+    def _apply(self, change: ChangeSet) -> list[RRsetChange]:
+        """Apply a committed change (this server's or another's) in memory; tell observers."""
         self.version += 1
-        zone = self.zones[change.zone]
+        zone = self.zones.get(change.zone)
+        if zone is None:
+            return []
         before: dict[tuple[dns.name.Name, int], dict[dns.rdata.Rdata, Entry]] = {}
         for key in [(d.name, d.rdtype) for d in change.deletes] + [
             (u.name, u.rdtype) for u in change.upserts
@@ -467,10 +542,14 @@ class ZoneStore:
         return events
 
     def next_expiry(self) -> float | None:
-        return self._leases[0][0] if self._leases else None
+        if not self._leases:
+            return None
+        return max(self._leases[0][0], self._hold_expiry)
 
     def expire(self, now: float) -> list[RRsetChange]:
         """Remove every RR whose lease ran out by ``now``; one commit (serial bump) per zone."""
+        if now < self._hold_expiry:
+            return []
         due: dict[dns.name.Name, list[RecordKey]] = {}
         while self._leases and self._leases[0][0] <= now:
             expires, _, zname, name, rdtype, digest = heapq.heappop(self._leases)
@@ -482,9 +561,30 @@ class ZoneStore:
                 if rd.to_digestable() == digest and entry.expires == expires:
                     due.setdefault(zname, []).append(RecordKey(zname, name, rdtype, rd))
         events: list[RRsetChange] = []
+        failed: Exception | None = None
         for zname, keys in due.items():
             zone = self.zones[zname]
-            events += self.commit(
-                ChangeSet(zname, next_serial(zone.serial), deletes=tuple(keys), cause=Cause.EXPIRY)
-            )
+            try:
+                events += self.commit(
+                    ChangeSet(
+                        zname, next_serial(zone.serial), deletes=tuple(keys), cause=Cause.EXPIRY
+                    )
+                )
+                continue
+            except (StaleZone, ZoneBusy) as e:
+                # Another server is on this zone (it may be expiring the same records): look
+                # again shortly. The zone was reloaded on StaleZone, so records that are gone
+                # or refreshed by then are skipped by the check above.
+                if isinstance(e, ZoneBusy):
+                    self._hold_expiry = now + 0.2
+            except Exception as e:  # the database is gone: nothing expired, try again later
+                failed = e
+                self._hold_expiry = now + 0.5
+            zone = self.zones.get(zname, zone)
+            for k in keys:
+                kept = zone.rrsets.get((k.name, k.rdtype), {}).get(k.rdata)
+                if kept is not None and kept.expires is not None:
+                    self._track_lease(RecordRow(zname, k.name, k.rdtype, k.rdata, kept))
+        if failed is not None:
+            raise failed
         return events

@@ -27,7 +27,7 @@ from btmm_core.registry.accounts import (
 from btmm_core.registry.devices import list_devices, make_invite, parse_duration
 from btmm_core.registry.handler import Policy
 from btmm_core.registry.limits import UpdateLimits
-from btmm_core.registry.storage import SqliteStorage
+from btmm_core.registry.storage import Storage, open_storage
 from btmm_core.registry.update import NoLeasePolicy
 from btmm_core.serve import compose
 from btmm_core.serve.config import (
@@ -56,6 +56,13 @@ _db_option = click.option(
     default=None,
     help="SQLite file (default: STATE_DIR/registry.sqlite).",
 )
+_database_option = click.option(
+    "--database",
+    default=None,
+    envvar="BTMM_REGISTRY_DATABASE",
+    help="postgresql://USER@HOST/DB (one database for several `btmm serve`), or a SQLite file "
+    "(default: --db).",
+)
 _domain_option = click.option(
     "--domain",
     default=None,
@@ -68,6 +75,7 @@ _domain_option = click.option(
 @click.group(invoke_without_command=True)
 @_state_option
 @_db_option
+@_database_option
 @_domain_option
 @click.option("--listen", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=53, show_default=True, help="UDP and TCP port.")
@@ -131,6 +139,13 @@ _domain_option = click.option(
     help="Seconds a TCP/TLS client may stay silent before it is disconnected.",
 )
 @click.option("--max-connections", type=int, default=256, show_default=True)
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes serving the same ports (SO_REUSEPORT) on one PostgreSQL --database.",
+)
 @click.option(
     "--max-connections-per-client",
     type=int,
@@ -217,8 +232,12 @@ _domain_option = click.option(
 def serve(ctx: click.Context, /, **o: Any) -> None:
     """Run the registry: authoritative DNS for DOMAIN with TSIG-signed UPDATE and leases."""
     ctx.ensure_object(dict)
+    try:
+        storage = StorageConfig(o["state_dir"], o["db"], o["database"])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     ctx.obj.update(
-        storage=StorageConfig(o["state_dir"], o["db"]),
+        storage=storage,
         domain=o["domain"],
         port=o["port"],
         ns_name=o["ns_name"],
@@ -236,8 +255,11 @@ def serve(ctx: click.Context, /, **o: Any) -> None:
         raise click.UsageError(e.what + (f" ({e.hint})" if e.hint else "")) from e
     configure_logging(o["log_level"])
     try:
-        tls = compose.tls_context(config)
-        compose.run(lambda: compose.serve(config, tls), config.event_loop)
+        if config.listen.workers > 1:
+            compose.run_workers(config, lambda: compose.tls_context(config))
+        else:
+            tls = compose.tls_context(config)
+            compose.run(lambda: compose.serve(config, tls), config.event_loop)
     except BtmmError as e:
         raise click.ClickException(str(e)) from e
     except OSError as e:
@@ -264,13 +286,14 @@ def _config(o: dict[str, Any]) -> ServeConfig:
             o["public_port"],
             tuple(o["public_browse"]),
         ),
-        storage=StorageConfig(o["state_dir"], o["db"]),
+        storage=StorageConfig(o["state_dir"], o["db"], o["database"]),
         listen=ListenConfig(
             o["listen"],
             o["port"],
             o["tcp_idle_timeout"],
             o["max_connections"],
             o["max_connections_per_client"],
+            o["workers"],
         ),
         tls=TlsConfig(o["tls_port"], o["tls_cert"], o["tls_key"]),
         policy=Policy(
@@ -310,11 +333,11 @@ def user() -> None:
     """Manage user accounts (one zone and one TSIG key each)."""
 
 
-def _open(ctx: click.Context) -> tuple[SqliteStorage, dns.name.Name | None]:
+def _open(ctx: click.Context) -> tuple[Storage, dns.name.Name | None]:
     """The database and the domain it serves; an explicit --domain must be that domain."""
-    path = ctx.obj["storage"].db_path
+    path = ctx.obj["storage"].shown
     try:
-        storage = SqliteStorage(path)
+        storage = open_storage(ctx.obj["storage"].target)
         stored = storage.domain()
         given = parse_domain(ctx.obj["domain"]) if ctx.obj["domain"] else None
     except BtmmError as e:
@@ -330,16 +353,16 @@ def _open(ctx: click.Context) -> tuple[SqliteStorage, dns.name.Name | None]:
     return storage, stored or given
 
 
-def _storage(ctx: click.Context) -> SqliteStorage:
+def _storage(ctx: click.Context) -> Storage:
     return _open(ctx)[0]
 
 
-def _storage_and_domain(ctx: click.Context) -> tuple[SqliteStorage, dns.name.Name]:
+def _storage_and_domain(ctx: click.Context) -> tuple[Storage, dns.name.Name]:
     storage, domain = _open(ctx)
     if domain is None:
         storage.close()
         raise click.ClickException(
-            f"{ctx.obj['storage'].db_path} has no domain yet: pass --domain (e.g. `btmm serve "
+            f"{ctx.obj['storage'].shown} has no domain yet: pass --domain (e.g. `btmm serve "
             "--domain members.example user add NAME`) once, or start `btmm serve --domain` on it"
         )
     ctx.obj["parent"] = domain
@@ -485,3 +508,22 @@ def user_revoke(ctx: click.Context, name: str, device: str) -> None:
     click.echo(f"device {device} of {name} revoked (key {entry.key.name}); its records are "
                "deleted, peers drop it within a second of the registry noticing; its SSH CA "
                "(if it published one) is listed at _btmm-revoked for the hosts' KRL")
+
+
+@serve.group()
+def db() -> None:
+    """The registry's database: its schema version and upgrades."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Bring the database's schema to this btmm's version (also done at every start)."""
+    config = ctx.obj["storage"]
+    try:
+        storage = open_storage(config.target)  # applies what is missing
+        version = storage.schema_version()
+    except BtmmError as e:
+        raise click.ClickException(str(e)) from e
+    storage.close()
+    click.echo(f"{config.shown}: schema version {version}")

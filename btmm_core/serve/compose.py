@@ -11,6 +11,8 @@ remains specific to LLQ is the few lines below (its UDP receive buffer and its l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import random
 import signal
@@ -30,7 +32,7 @@ from btmm_core.push.server import PushServer
 from btmm_core.registry.accounts import check_user_free
 from btmm_core.registry.handler import RegistryCore
 from btmm_core.registry.server import Listen, RegistryServer
-from btmm_core.registry.storage import SqliteStorage
+from btmm_core.registry.storage import open_storage
 from btmm_core.registry.tls import ensure_self_signed, server_context
 from btmm_core.registry.zones import ZoneStore
 from btmm_core.serve.config import ServeConfig
@@ -68,8 +70,10 @@ def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
     return server_context(cert, key)
 
 
-def compose(config: ServeConfig, tls: ssl.SSLContext | None) -> Registry:
-    storage = SqliteStorage(config.storage.db_path)
+def compose(config: ServeConfig, tls: ssl.SSLContext | None, *, stun: bool = True) -> Registry:
+    """Everything ``btmm serve`` runs; ``stun``: this process answers STUN (with several
+    workers only the first does: the zones still publish it, since all of them serve it)."""
+    storage = open_storage(config.storage.target, server=True)
     for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
         check_user_free(account.user, config.zone.domain, config.ns)
     core = RegistryCore(ZoneStore(storage, config.zone_config()), config.policy)
@@ -92,12 +96,13 @@ def compose(config: ServeConfig, tls: ssl.SSLContext | None) -> Registry:
             max_connections=lst.max_connections,
             max_connections_per_client=lst.max_connections_per_client,
             idle_timeout=lst.idle_timeout,
+            reuse_port=lst.workers > 1,
         ),
     )
-    stun = None
-    if config.stun.enabled:
-        stun = StunServer(StunResponder(software=SOFTWARE), lst.host, config.stun.ports)
-    return Registry(core, llq, server, stun, push)
+    responder = None
+    if config.stun.enabled and stun:
+        responder = StunServer(StunResponder(software=SOFTWARE), lst.host, config.stun.ports)
+    return Registry(core, llq, server, responder, push)
 
 
 def _size_udp_buffer(registry: Registry) -> None:
@@ -114,9 +119,9 @@ def _size_udp_buffer(registry: Registry) -> None:
         )
 
 
-async def serve(config: ServeConfig, tls: ssl.SSLContext | None) -> None:
+async def serve(config: ServeConfig, tls: ssl.SSLContext | None, *, stun: bool = True) -> None:
     """Serve until SIGTERM or SIGINT."""
-    registry = compose(config, tls)
+    registry = compose(config, tls, stun=stun)
     await registry.server.start()
     _size_udp_buffer(registry)
     if registry.stun is not None:
@@ -189,3 +194,45 @@ def run(main: Callable[[], Coroutine[Any, Any, None]], event_loop: str) -> None:
                 runner.run(main())
             return
     asyncio.run(main())
+
+
+def run_workers(config: ServeConfig, tls: Callable[[], ssl.SSLContext | None]) -> None:
+    """``config.listen.workers`` processes serving the same ports (SO_REUSEPORT), each a whole
+    registry on the shared database, so that every core answers.
+
+    The first process forks the others before any event loop, thread or database connection
+    exists, forwards SIGTERM/SIGINT to them and waits for them; each dies with it
+    (PR_SET_PDEATHSIG), so none is left serving alone. The first also answers STUN.
+    """
+    tls()  # a self-signed certificate is made once, here, not by every worker at once
+    children = []
+    for n in range(1, config.listen.workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve, and never return into the parent's code
+            code = 0
+            try:
+                _die_with_parent()
+                run(lambda: serve(config, tls(), stun=False), config.event_loop)
+            except BaseException:
+                log.exception("worker failed", worker=n)
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    log.info("workers started", workers=config.listen.workers, pids=[os.getpid(), *children])
+    try:
+        run(lambda: serve(config, tls()), config.event_loop)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG

@@ -7,6 +7,7 @@ which the command line shows as a usage error.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +39,28 @@ class StorageConfig:
     #: The database, credentials and the self-signed DoT certificate live here.
     state_dir: Path = DEFAULT_STATE
     db: Path | None = None
+    #: ``postgresql://...`` (shared by several servers) or a SQLite file; None: ``db_path``.
+    database: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.db is not None and self.database is not None:
+            raise ValueError("give --database or --db, not both")
 
     @property
     def db_path(self) -> Path:
         return self.db if self.db is not None else self.state_dir / "registry.sqlite"
+
+    @property
+    def target(self) -> str | Path:
+        """What ``registry.storage.open_storage`` opens."""
+        return self.database if self.database is not None else self.db_path
+
+    @property
+    def shown(self) -> str:
+        """The database for messages, without a password a URL may carry."""
+        if self.database is None:
+            return str(self.db_path)
+        return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", self.database)
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,9 @@ class ListenConfig:
     max_connections: int = 256
     #: From one address (IPv6: one /64).
     max_connections_per_client: int = 32
+    #: Processes serving the same ports (SO_REUSEPORT); more than one needs a database they
+    #: can share (PostgreSQL).
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,16 @@ class ServeConfig:
     event_loop: str = "uvloop"
     #: serve Prometheus metrics at this loopback (host, port); None: off
     metrics: tuple[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.listen.workers < 1:
+            raise ValueError(f"--workers {self.listen.workers}: at least 1")
+        shared = str(self.storage.target).startswith(("postgresql://", "postgres://"))
+        if self.listen.workers > 1 and not shared:
+            raise ValueError(
+                "--workers above 1 needs --database postgresql://...: SQLite keeps one "
+                "writer's state in memory, which other processes would not see"
+            )
 
     @property
     def ns(self) -> dns.name.Name:

@@ -125,6 +125,10 @@ class LiveRegistry:
     tls_port: int
     args: tuple[str, ...]
     proc: subprocess.Popen[bytes] | None = None
+    #: ``postgresql://...``: the shared database (several servers may share a state directory
+    #: then, each with its own ``name`` for its log); None: SQLite in the state directory.
+    database: str | None = None
+    name: str = "server"
 
     @property
     def env(self) -> dict[str, str]:
@@ -132,6 +136,9 @@ class LiveRegistry:
         env["BTMM_REGISTRY_DOMAIN"] = PARENT.to_text()
         env["BTMM_REGISTRY_STATE"] = str(self.state)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("BTMM_REGISTRY_DATABASE", None)
+        if self.database is not None:
+            env["BTMM_REGISTRY_DATABASE"] = self.database
         return env
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -148,7 +155,7 @@ class LiveRegistry:
         return self.state / "credentials" / f"{user}.key"
 
     def start(self) -> None:
-        log = open(self.state / "server.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.state / f"{self.name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -183,7 +190,7 @@ class LiveRegistry:
         raise RuntimeError(f"btmm serve did not answer in 20 s: {self.log()}")
 
     def log(self) -> str:
-        return (self.state / "server.log").read_text(errors="replace")
+        return (self.state / f"{self.name}.log").read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -222,8 +229,9 @@ def live_registry(
     state: Path,
     *args: str,
     users: tuple[tuple[str, bool], ...] = (("bob", False), ("alice", False), ("carol", True)),
+    database: str | None = None,
 ) -> Iterator[LiveRegistry]:
-    reg = LiveRegistry(state, free_port(), free_port(), args)
+    reg = LiveRegistry(state, free_port(), free_port(), args, database=database)
     for user, legacy in users:
         extra = ("--legacy-md5",) if legacy else ()
         r = reg.cli("user", "add", user, *extra)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import dns.message
 import dns.name
@@ -26,7 +26,7 @@ from btmm_core.llq.server import LLQConfig, LLQServer
 from btmm_core.registry.devices import list_devices, make_invite
 from btmm_core.registry.handler import RegistryCore, Transport
 from btmm_core.registry.model import RRsetChange
-from btmm_core.registry.storage import SqliteStorage, StorageError
+from btmm_core.registry.storage import Storage, StorageError
 from btmm_core.registry.zones import ZoneConfig, ZoneStore
 
 BOB = dns.name.from_text("bob.members.example.")
@@ -293,9 +293,8 @@ def test_device_keys_may_watch_the_zone_invites_may_not() -> None:
     assert setup(invite.key, now + 1).rcode() == dns.rcode.REFUSED
 
 
-def test_revoke_cuts_one_device_off_and_deletes_its_records(tmp_path: Path) -> None:
-    path = tmp_path / "registry.sqlite"
-    core, accounts = make_core(SqliteStorage(path))
+def test_revoke_cuts_one_device_off_and_deletes_its_records(open_db: Callable[[], Storage]) -> None:
+    core, accounts = make_core(open_db())
     events: list[RRsetChange] = []
     core.store.add_observer(events.append)
     now = time.time()
@@ -306,7 +305,7 @@ def test_revoke_cuts_one_device_off_and_deletes_its_records(tmp_path: Path) -> N
     assert rcode(core, publish("desktop"), a, now, now)[0] == dns.rcode.NOERROR
     assert rcode(core, publish("laptop"), b, now, now)[0] == dns.rcode.NOERROR
     # `btmm serve user revoke bob laptop` runs in another process on the same database
-    other = SqliteStorage(path)
+    other = open_db()
     entry = other.remove_device("bob", "laptop")
     assert entry.key.name == b.name
     with pytest.raises(StorageError, match="no device"):
@@ -328,7 +327,7 @@ def test_revoke_cuts_one_device_off_and_deletes_its_records(tmp_path: Path) -> N
     # the desktop carries on, and after a restart the state is the same
     assert rcode(core, publish("desktop"), a, now + 2, now + 2)[0] == dns.rcode.NOERROR
     core.store.storage.close()
-    store = ZoneStore(SqliteStorage(path), ZoneConfig(PARENT, NS, ("192.0.2.53",), 5300))
+    store = ZoneStore(open_db(), ZoneConfig(PARENT, NS, ("192.0.2.53",), 5300))
     restarted = RegistryCore(store)
     assert b.name not in store.keys and a.name in store.keys
     assert rcode(restarted, publish("desktop"), a, now + 3, now + 3)[0] == dns.rcode.NOERROR
@@ -337,27 +336,27 @@ def test_revoke_cuts_one_device_off_and_deletes_its_records(tmp_path: Path) -> N
     store.storage.close()
 
 
-def test_an_enrolment_replayed_after_a_restart_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "registry.sqlite"
-    core, accounts = make_core(SqliteStorage(path))
+def test_an_enrolment_replayed_after_a_restart_is_refused(open_db: Callable[[], Storage]) -> None:
+    core, accounts = make_core(open_db())
     now = time.time()
     client = EnrolClient(BOB, "laptop", replace=True)
     wire = sign(client.request(), accounts["bob"].key, int(now))
     assert parse(core.receive(wire, now, Transport.UDP, "t")).rcode() == dns.rcode.NOERROR
     core.store.storage.close()
-    store = ZoneStore(SqliteStorage(path), ZoneConfig(PARENT, NS, ("192.0.2.53",), 5300))
+    store = ZoneStore(open_db(), ZoneConfig(PARENT, NS, ("192.0.2.53",), 5300))
     out = parse(RegistryCore(store).receive(wire, now + 1, Transport.UDP, "t"))
     assert out.rcode() == dns.rcode.NOTAUTH and tsig_error(out) == TsigError.BADTIME
     store.storage.close()
 
 
-def test_removing_the_account_removes_its_devices_and_invites(tmp_path: Path) -> None:
-    path = tmp_path / "registry.sqlite"
-    core, accounts = make_core(SqliteStorage(path))
+def test_removing_the_account_removes_its_devices_and_invites(
+    open_db: Callable[[], Storage],
+) -> None:
+    core, accounts = make_core(open_db())
     now = time.time()
     dev, *_ = enrol(core, accounts["bob"].key, "laptop", now)
     assert dev is not None
-    other = SqliteStorage(path)
+    other = open_db()
     make_invite(other, "bob", device=None, lifetime=3600, now=now)
     other.remove_account("bob")
     assert other.devices("bob") == []
@@ -387,13 +386,14 @@ def test_key_files_round_trip_and_old_files_still_read() -> None:
     assert [parse_duration(t) for t in ("90", "30m", "24h", "7d")] == [90, 1800, 86400, 604800]
 
 
-def test_revoking_a_device_publishes_its_ssh_ca_for_the_krl(tmp_path: Path) -> None:
+def test_revoking_a_device_publishes_its_ssh_ca_for_the_krl(
+    open_db: Callable[[], Storage],
+) -> None:
     """docs/architecture.md section 12: the revoked device's CA lands at _btmm-revoked, a name
     no device key may change, and stays there (no lease) across a restart."""
     from btmm_core.sso.files import Revoked, parse_revocation
 
-    path = tmp_path / "registry.sqlite"
-    core, accounts = make_core(SqliteStorage(path))
+    core, accounts = make_core(open_db())
     now = time.time()
     bob = accounts["bob"].key
     a, *_ = enrol(core, bob, "desktop", now)
@@ -405,7 +405,7 @@ def test_revoking_a_device_publishes_its_ssh_ca_for_the_krl(tmp_path: Path) -> N
             '"btmm=1" "pk=x" "sshca=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=" "sshbind=y"')
     assert rcode(core, msg, b, now, now)[0] == dns.rcode.NOERROR
     assert rcode(core, publish("desktop"), a, now, now)[0] == dns.rcode.NOERROR
-    other = SqliteStorage(path)
+    other = open_db()
     other.remove_device("bob", "laptop")
     other.remove_device("bob", "desktop")  # published no CA: no revocation record
     other.close()
@@ -423,6 +423,6 @@ def test_revoking_a_device_publishes_its_ssh_ca_for_the_krl(tmp_path: Path) -> N
     undo.delete(revoked, "TXT")
     assert rcode(core, undo, c, now + 2, now + 2)[0] == dns.rcode.REFUSED
     core.store.storage.close()
-    store = ZoneStore(SqliteStorage(path), ZoneConfig(PARENT, NS, ("192.0.2.53",), 5300))
+    store = ZoneStore(open_db(), ZoneConfig(PARENT, NS, ("192.0.2.53",), 5300))
     assert (revoked, dns.rdatatype.TXT) in store.zones[BOB].rrsets
     store.storage.close()

@@ -14,12 +14,21 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.update
+import pytest
 from registry_helpers import LiveRegistry, dnskey, live_registry, state_dir
 from test_registry_live import account, dig_short
 
 from btmm_core.dns.edns import UpdateLeaseOption
 
 BOB = "bob.members.example."
+
+
+@pytest.fixture(params=("sqlite", "postgresql"))
+def database(request: pytest.FixtureRequest) -> str | None:
+    """Each backend in turn: None is SQLite in the state directory."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("pg").create_database())
 
 
 def _serial(reg: LiveRegistry, zone: str) -> int:
@@ -37,7 +46,7 @@ def _update(reg: LiveRegistry, user: str, name: str, lease: int | None) -> int:
     return int(dns.query.tcp(u, "127.0.0.1", port=reg.port, timeout=5).rcode())
 
 
-def test_lease_deadlines_survive_restart_and_sigkill() -> None:
+def test_lease_deadlines_survive_restart_and_sigkill(database: str | None) -> None:
     with (
         state_dir() as state,
         live_registry(
@@ -49,6 +58,7 @@ def test_lease_deadlines_survive_restart_and_sigkill() -> None:
             "--tls-port",
             "0",
             users=(("bob", False),),
+            database=database,
         ) as reg,
     ):
         assert _update(reg, "bob", "forever", None) == dns.rcode.NOERROR
@@ -77,7 +87,9 @@ def test_lease_deadlines_survive_restart_and_sigkill() -> None:
         assert "registry stopped" in reg.log()
 
 
-def test_sigkill_loses_no_acknowledged_update_and_serial_never_goes_back() -> None:
+def test_sigkill_loses_no_acknowledged_update_and_serial_never_goes_back(
+    database: str | None,
+) -> None:
     users = [f"u{i}" for i in range(4)]
     with (
         state_dir() as state,
@@ -88,6 +100,7 @@ def test_sigkill_loses_no_acknowledged_update_and_serial_never_goes_back() -> No
             "--log-level",
             "warning",
             users=tuple((u, False) for u in users),
+            database=database,
         ) as reg,
     ):
         acked: dict[str, list[str]] = {u: [] for u in users}

@@ -46,7 +46,7 @@ def test_stun_srv_only_when_stun_is_on() -> None:
 def _options(**over: object) -> dict[str, object]:
     o: dict[str, object] = dict(
         domain="members.example", ns_name=None, ns_address=(), public_port=None,
-        state_dir=Path("/nonexistent"), db=None, listen="127.0.0.1", port=53,
+        state_dir=Path("/nonexistent"), db=None, database=None, listen="127.0.0.1", port=53,
         tcp_idle_timeout=10.0, max_connections=256, max_connections_per_client=32,
         tls_port=0, tls_cert=None, tls_key=None, fudge=300, lease_min=1800, lease_max=7200,
         no_lease="permanent", default_lease=5400, update_max_rrs=300, update_key_rate=0.0,
@@ -54,7 +54,7 @@ def _options(**over: object) -> dict[str, object]:
         llq_max_per_client=256, llq_max_unacked=1000, log_level="info", event_loop="asyncio",
         stun_port=3478, stun_alt_port=0, no_stun=False, public_browse=(), no_push=False,
         push_keepalive_max=3600, push_max_total=100_000, push_max_per_client=20_000,
-        push_max_per_session=1024,
+        push_max_per_session=1024, workers=1,
     )
     o.update(over)
     return o
