@@ -133,9 +133,14 @@ def test_only_account_bound_peer_cas_are_trusted_and_revoked_ones_never(tmp_path
 
 def test_renewal_at_half_life_and_sshd_reload(tmp_path: Path) -> None:
     sso = _sso(tmp_path, StaticKey.generate())
-    # a process of ours that dies of SIGHUP stands in for sshd's pid file
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # a process of ours that dies of SIGHUP stands in for sshd's pid file; it restores the
+    # default action first (a suite run under nohup hands SIGHUP down ignored) and says when
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time\n"
+         "signal.signal(signal.SIGHUP, signal.SIG_DFL)\nprint('ready', flush=True)\n"
+         "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
         (tmp_path / "ssh" / "sshd.pid").write_text(f"{child.pid}\n")
         sso.start(NOW)
         assert child.wait(timeout=10) == -signal.SIGHUP
@@ -143,6 +148,8 @@ def test_renewal_at_half_life_and_sshd_reload(tmp_path: Path) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
     first = sso.state.host_cert
     assert first is not None
     sso.tick(NOW + 3600)
