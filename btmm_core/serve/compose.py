@@ -78,7 +78,7 @@ def compose(config: ServeConfig, tls: ssl.SSLContext | None, *, stun: bool = Tru
         check_user_free(account.user, config.zone.domain, config.ns)
     core = RegistryCore(ZoneStore(storage, config.zone_config()), config.policy)
     # updates that arrive together share one transaction (SQLite: one fsync)
-    core.group_commit = storage.groups_commits
+    core.group_commit = config.group_commit and storage.groups_commits
     # A fresh secret per process: challenge ids and LLQ ids of an earlier run are void, so
     # clients of a restarted server get NO-SUCH-LLQ and set up again.
     llq = LLQServer(core, config.llq, os.urandom(32), random.SystemRandom())
