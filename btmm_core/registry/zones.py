@@ -20,6 +20,7 @@ their queries.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -533,7 +534,12 @@ class ZoneStore:
         try:
             self.storage.commit_group(changes)
         except BaseException:
-            self.reload()
+            # Should this reload fail too, the next ``sync_external`` (every timer pass)
+            # reloads everything; until one succeeds the memory is ahead of the disk.
+            self._must_resync = True
+            with contextlib.suppress(Exception):
+                self.reload()
+                self._must_resync = False
             raise
         for event in events:
             for observer in list(self._observers):

@@ -12,6 +12,7 @@ import dns.message
 import dns.name
 import dns.query
 import dns.rcode
+import dns.rdatatype
 import dns.update
 import pytest
 from registry_helpers import make_core, parse, sign
@@ -177,3 +178,27 @@ def test_concurrent_updates_to_a_live_server_share_commits(tmp_path: Path) -> No
     rcodes = asyncio.run(run())
     assert rcodes == [dns.rcode.NOERROR] * n
     assert 1 <= len(commits) < n
+
+
+def test_memory_ahead_of_a_failed_commit_is_reloaded_later_if_not_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The commit fails and so does the reload right after it (the disk is gone): the staged
+    record stays in memory only until the timers' next ``sync_external``."""
+    storage = MemoryStorage()
+    core, acc = _grouped(storage)
+    name = dns.name.from_text("gone." + BOB)
+
+    def broken(*args: object) -> None:
+        raise OSError("disk gone")
+
+    core.receive(sign(_add("gone", "fd00::1"), acc["bob"].key, int(NOW)), NOW, Transport.UDP, "p")
+    monkeypatch.setattr(storage, "commit_group", broken)
+    monkeypatch.setattr(storage, "load", broken)
+    out = core.flush(NOW)
+    assert parse(out[0].wire).rcode() == dns.rcode.SERVFAIL
+    zone = core.store.zones[dns.name.from_text(BOB)]
+    assert zone.get(name, dns.rdatatype.AAAA)  # could not be reloaded yet
+    monkeypatch.undo()
+    core.store.sync_external()
+    assert not core.store.zones[dns.name.from_text(BOB)].get(name, dns.rdatatype.AAAA)
