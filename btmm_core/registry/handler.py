@@ -182,7 +182,7 @@ class RegistryCore:
         #: for ``flush``, which makes the whole group durable in one transaction. While a
         #: group is open, nothing is answered: other requests wait in ``_held`` too.
         self.group_commit = False
-        #: Requests held at most in one group (the driver flushes when ``flush_due``).
+        #: Requests held at most in one group (the driver flushes when ``group_full``).
         self.group_max = 256
         #: Seconds a group stays open after its first update (0: the driver's turn only).
         self.group_window = 0.0
