@@ -5,6 +5,9 @@ dnsperf in the same run (interleaved repetitions, medians, ratio).
     python3 -m bench.registry [--seconds 5] [--reps 3] [--state-dir DIR] [--json PATH]
                               [--no-postgresql]
 
+``btmm1`` is ``btmm serve --no-group-commit``: every update in its own transaction, so the
+gain of group commit is measured in the same run.
+
 With PostgreSQL installed (Debian ``postgresql``) two more systems run in the same rounds, on a
 throwaway cluster in the state directory's file system: ``pg1``, one ``btmm serve --database
 postgresql://...``, and ``pg2``, two of them on one database. Both get the same load: two
@@ -69,6 +72,7 @@ def start_btmm(
     *,
     database: str | None = None,
     users: tuple[str, ...] = ("bob",),
+    extra: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """``btmm serve`` on ``port`` with ``users`` added (on a shared ``database``, only by the
     first server); yields bob's TSIG secret (base64)."""
@@ -77,7 +81,7 @@ def start_btmm(
     if database is not None:
         env["BTMM_REGISTRY_DATABASE"] = database
     # the bench measures throughput, not the per-key budget that guards against abuse
-    options = ["--update-key-rate", "0", "--log-level", "warning"]
+    options = ["--update-key-rate", "0", "--log-level", "warning", *extra]
     with serving(env, port, options, state / f"server-{port}.log", ZONE, users=users):
         yield _secret(state, "bob")
 
@@ -247,6 +251,7 @@ def medians(results: Results) -> list[tuple[str, str, float, float]]:
 
 LABELS = {
     "btmm": "btmm serve (SQLite)",
+    "btmm1": "btmm serve (SQLite, --no-group-commit)",
     "named": "named",
     "pg1": "btmm serve (PostgreSQL, 1 server)",
     "pg2": "btmm serve (PostgreSQL, 2 servers)",
@@ -290,16 +295,21 @@ def postgresql_systems(
 def run(base: Path, seconds: int, reps: int, postgresql: bool) -> dict[str, object]:
     """Every system up, populated, measured; the report."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    ours_port, named_port, *pg_ports = free_ports(5)
+    ours_port, single_port, named_port, *pg_ports = free_ports(6)
     files = {ZONE: write_data(base), f"carol.{PARENT}": write_data(base, f"carol.{PARENT}")}
     with contextlib.ExitStack() as stack:
         secret = stack.enter_context(start_btmm(base / "btmm", ours_port, env))
         named = start_named(base / "named", named_port, secret)
         stack.callback(stop, named)
+        single = stack.enter_context(
+            start_btmm(base / "btmm1", single_port, env, extra=("--no-group-commit",))
+        )
         populate(ours_port, secret)
+        populate(single_port, single)
         populate(named_port, secret)
         systems = {
             "btmm": [Target(ours_port, ZONE, secret)],
+            "btmm1": [Target(single_port, ZONE, single)],
             "named": [Target(named_port, ZONE, secret)],
         }
         if postgresql:

@@ -55,7 +55,7 @@ from btmm_core.registry.authority import check_update
 from btmm_core.registry.enrolment import handle_enrolment
 from btmm_core.registry.limits import KeyBudget, UpdateLimits, update_too_big
 from btmm_core.registry.model import ChangeSet, SeenMac
-from btmm_core.registry.plugin import Plugin
+from btmm_core.registry.plugin import Outgoing, Plugin
 from btmm_core.registry.storage import Replayed, StaleZone, StorageError
 from btmm_core.registry.update import Grant, NoLeasePolicy, plan_update
 from btmm_core.registry.zones import TRANSFER_TYPES, Zone, ZoneStore
@@ -108,11 +108,31 @@ class RequestContext:
 OptionHandler = Callable[[RequestContext], dns.message.Message | None]
 
 
+@dataclass
+class _Held:
+    """A request that came while a group was open, in arrival order: an update staged in the
+    group (its answer, rendered once the group committed), an answer made already (it did
+    not read the zones), or a request not handled yet (it would read them)."""
+
+    transport: Transport
+    peer: str
+    request: bytes = b""
+    reply: bytes | None = None
+    response: dns.message.Message | None = None
+    option: UpdateLeaseOption | None = None
+    verdict: TsigVerdict | None = None
+    limit: int = 0
+
+
 def _header_only(wire: bytes, rcode: dns.rcode.Rcode) -> bytes:
     """An answer to a message we could not parse: its ID and opcode, QR set, no sections."""
     (qid, flags) = struct.unpack("!HH", wire[:4])
     flags = dns.flags.QR | (flags & 0x7800) | (flags & dns.flags.RD) | int(rcode)
     return struct.pack("!HHHHHH", qid, flags, 0, 0, 0, 0)
+
+
+def _is_update(wire: bytes) -> bool:
+    return len(wire) >= 12 and not wire[2] & 0x80 and (wire[2] >> 3) & 0xF == dns.opcode.UPDATE
 
 
 def _codes(reply: bytes) -> int:
@@ -157,6 +177,20 @@ class RegistryCore:
         self.responses: Counter[int] = Counter()
         self.tsig_errors: Counter[str] = Counter()
         self.leases_expired = 0
+        #: Group commit (set by the composition root when ``store.storage.groups_commits``):
+        #: an update is planned on the zones in memory and staged there; its answer waits
+        #: for ``flush``, which makes the whole group durable in one transaction. While a
+        #: group is open, nothing is answered: other requests wait in ``_held`` too.
+        self.group_commit = False
+        #: Requests held at most in one group (the driver flushes when ``group_full``).
+        self.group_max = 256
+        #: Seconds a group stays open after its first update (0: the driver's turn only).
+        self.group_window = 0.0
+        self._held: list[_Held] = []
+        self._group_opened = 0.0
+        #: Groups committed and updates in them, since start (their ratio: updates per fsync).
+        self.groups = 0
+        self.grouped_updates = 0
 
     def plug(self, plugin: Plugin) -> None:
         """Give ``plugin`` the requests carrying its EDNS options (see ``registry/plugin.py``)."""
@@ -171,11 +205,66 @@ class RegistryCore:
     def receive(
         self, wire: bytes, now: float, transport: Transport, peer: str = ""
     ) -> bytes | None:
-        """Answer one DNS request; ``None`` means send nothing (also for any QR message)."""
+        """Answer one DNS request; ``None`` means send nothing now: a QR message, or (group
+        commit) a request whose answer ``flush`` will give once the open group committed."""
+        if self._held and not _is_update(wire):
+            # It would read zones that are ahead of the disk: handle it after the commit.
+            if len(wire) >= 12 and not wire[2] & 0x80:
+                self._held.append(_Held(transport, peer, request=wire))
+            return None
         reply = self._receive(wire, now, transport, peer)
         if reply is not None:
+            if self._held:
+                self._held.append(_Held(transport, peer, reply=reply))
+                return None
             self.responses[_codes(reply)] += 1
         return reply
+
+    # ---- group commit ---------------------------------------------------------------------
+
+    @property
+    def group_open(self) -> bool:
+        """Whether answers are held for a group to commit (``flush`` at ``next_deadline``)."""
+        return bool(self._held)
+
+    @property
+    def group_full(self) -> bool:
+        """Whether the open group holds ``group_max`` requests: ``flush`` it now."""
+        return len(self._held) >= self.group_max
+
+    def flush(self, now: float) -> list[Outgoing]:
+        """Commit the open group in one transaction, then release every answer held, in
+        arrival order: each staged update with its own rcode once the group is durable, or
+        SERVFAIL if the commit failed (the zones were reloaded from the storage, so the
+        requests handled after it never see what it would have written)."""
+        held, self._held = self._held, []
+        if not held:
+            return []
+        ok = True
+        try:
+            updates = self.store.flush()
+            self.groups += 1
+            self.grouped_updates += updates
+        except Exception as e:  # sqlite3 errors too: none of the group is durable, say so
+            log.error("group commit failed", requests=len(held), error=repr(e))
+            ok = False
+        out: list[Outgoing] = []
+        for h in held:
+            reply = h.reply
+            if h.response is not None:
+                if not ok:
+                    h.response.set_rcode(dns.rcode.SERVFAIL)
+                elif h.option is not None:
+                    h.response.use_edns(0, 0, self.policy.udp_payload, options=[h.option])
+                reply = self._render(h.response, h.verdict, now, h.limit)
+            elif reply is None:
+                out_reply = self.receive(h.request, now, h.transport, h.peer)
+                if out_reply is not None:
+                    out.append(Outgoing(h.transport, h.peer, out_reply))
+                continue
+            self.responses[_codes(reply)] += 1
+            out.append(Outgoing(h.transport, h.peer, reply))
+        return out
 
     def _receive(
         self, wire: bytes, now: float, transport: Transport, peer: str
@@ -232,8 +321,17 @@ class RegistryCore:
             return self._query(request, key, verdict, plain, now, limit)
         if op == dns.opcode.UPDATE:
             replayed: list[TsigVerdict] = []
-            response = self._update(request, verdict, now, peer, replayed)
+            staged: list[UpdateLeaseOption | None] = []
+            response = self._update(request, verdict, now, peer, replayed, staged)
             verdict = replayed[0] if replayed else verdict
+            if staged:
+                if not self._held:
+                    self._group_opened = now
+                self._held.append(
+                    _Held(transport, peer, response=response, option=staged[0],
+                          verdict=verdict, limit=limit)
+                )
+                return None
         else:
             response = self._response(request)
             response.set_rcode(dns.rcode.NOTIMP)
@@ -444,9 +542,11 @@ class RegistryCore:
         now: float,
         peer: str,
         replayed: list[TsigVerdict],
+        staged: list[UpdateLeaseOption | None],
     ) -> dns.message.Message:
         """Plan and commit an UPDATE; a replay found at commit appends the BADTIME verdict
-        its answer must be signed with to ``replayed``."""
+        its answer must be signed with to ``replayed``. With group commit the change is
+        staged instead and its lease option (given once it is durable) goes to ``staged``."""
         response = self._response(request)
         if len(request.question) != 1 or request.question[0].rdtype != dns.rdatatype.SOA:
             response.set_rcode(dns.rcode.FORMERR)
@@ -478,6 +578,10 @@ class RegistryCore:
             # The MAC must stay spent even though nothing changed: a replay after a restart
             # could otherwise succeed once the prerequisites happen to hold.
             change = planned or ChangeSet(zone.name, zone.serial, seen=(seen,))
+            if self.group_commit:
+                self.store.stage(change)
+                staged.append(option if outcome_rcode == dns.rcode.NOERROR else None)
+                break
             try:
                 self.store.commit(change)
                 break
@@ -513,7 +617,7 @@ class RegistryCore:
             added=len(change.upserts),
             removed=len(change.deletes),
         )
-        if outcome_rcode == dns.rcode.NOERROR and option is not None:
+        if outcome_rcode == dns.rcode.NOERROR and option is not None and not staged:
             response.use_edns(0, 0, self.policy.udp_payload, options=[option])
         return response
 
@@ -641,11 +745,17 @@ class RegistryCore:
     # ---- timers -------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        return self.store.next_expiry()
+        expiry = self.store.next_expiry()
+        if not self._held:
+            return expiry
+        group = self._group_opened + self.group_window
+        return group if expiry is None else min(expiry, group)
 
     def tick(self, now: float) -> int:
         """Drop RRs whose lease ran out (observers hear of each RRset); returns how many
-        RRsets changed."""
+        RRsets changed. An open group must have been flushed first."""
+        if self._held:
+            raise RuntimeError("a group commit is open: flush it before tick")
         events = self.store.expire(now)
         self.leases_expired += len(events)
         if now >= self._next_prune:

@@ -96,10 +96,16 @@ class RegistryServer:
         self._notice_fd: int | None = None
         #: Whether the database is unreachable now (logged once per outage).
         self._db_down = False
+        #: The open group's commit, scheduled when it opened (group commit: RegistryCore).
+        self._group_timer: asyncio.TimerHandle | None = None
 
     def dispatch(self, data: bytes, transport: Transport, addr: tuple[str, int]) -> bytes | None:
         peer = f"{addr[0]}#{addr[1]}"
         try:
+            plugins_read = is_response(data) or (transport == Transport.TLS and is_dso(data))
+            if self.core.group_open and plugins_read:
+                # the plug-ins read the zones, which are ahead of the disk until it commits
+                self.flush_group()
             if transport == Transport.TLS and is_dso(data):
                 dso = [p for p in self.core.plugins if p.dso]
                 if dso:
@@ -114,13 +120,35 @@ class RegistryServer:
                     self.push(plugin.receive_response(data, now, transport, peer))
                 return None
             out = self.core.receive(data, time.time(), transport, peer)
+            if self.core.group_open:
+                if self.core.group_full:
+                    self.flush_group()
+                elif self._group_timer is None:
+                    # After the loop read what else is ready: the updates that arrived
+                    # together commit together, and nobody waits beyond the window.
+                    self._group_timer = asyncio.get_running_loop().call_later(
+                        self.core.group_window, self.flush_group
+                    )
         except Exception:
             # A bug, not bad input: bad input is FORMERR inside the core. Keep serving.
             log.exception("internal error while handling a message", peer=peer)
             return None
-        # A commit may have added a nearer lease deadline, or changes for the plug-ins.
-        self._wake.set()
+        # A commit may have added a nearer lease deadline, or changes for the plug-ins; a
+        # group's commit wakes the timers itself (they would commit it before it is whole).
+        if not self.core.group_open:
+            self._wake.set()
         return out
+
+    def flush_group(self) -> None:
+        """Commit the open group and send the answers it held (RegistryCore.flush)."""
+        if self._group_timer is not None:
+            self._group_timer.cancel()
+            self._group_timer = None
+        try:
+            self.push(self.core.flush(time.time()))
+        except Exception:
+            log.exception("internal error while committing a group of updates")
+        self._wake.set()  # changes for the plug-ins, maybe a nearer lease deadline
 
     def push(self, outgoing: list[Outgoing]) -> None:
         """Send what a plug-in returned; a message to a client that is gone is dropped."""
@@ -330,6 +358,8 @@ class RegistryServer:
         next_accounts = 0.0
         while True:
             now = time.time()
+            if self.core.group_open:
+                self.flush_group()  # expiry commits on its own: never before the group
             try:
                 store.sync_external()
                 if now >= next_accounts:
@@ -369,6 +399,8 @@ class RegistryServer:
                 log.exception("plug-in timer work failed; retrying", plugin=type(plugin).__name__)
 
     async def close(self) -> None:
+        if self.core.group_open:
+            self.flush_group()
         if self._notice_fd is not None:
             asyncio.get_running_loop().remove_reader(self._notice_fd)
             self._notice_fd = None

@@ -20,7 +20,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +94,20 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def load(self) -> Snapshot: ...
 
+    #: Whether ``commit_group`` writes its change sets in one transaction (one fsync), so
+    #: that the core may gather updates that arrive together (group commit). A database
+    #: shared with other servers leaves it False: its commits may be refused one by one
+    #: (``StaleZone``, ``Replayed``) and each is planned again on its own.
+    groups_commits = False
+
     @abc.abstractmethod
     def commit(self, change: ChangeSet) -> None:
         """Apply ``change`` atomically; durable when this returns."""
+
+    def commit_group(self, changes: Sequence[ChangeSet]) -> None:
+        """Apply ``changes`` in order, all or none; durable when this returns. Only called
+        when ``groups_commits`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} does not commit change sets together")
 
     @abc.abstractmethod
     def ensure_zone(self, zone: dns.name.Name, user: str | None) -> None: ...
@@ -382,51 +393,62 @@ class SqliteStorage(Storage):
         )
         return Snapshot(zones, keys, tuple(records), seen, owners)
 
+    groups_commits = True
+
     def commit(self, change: ChangeSet) -> None:
+        self.commit_group((change,))
+
+    def commit_group(self, changes: Sequence[ChangeSet]) -> None:
+        """One transaction, hence one fsync of the WAL, for all of ``changes``."""
         db = self._db
-        z = _n(change.zone)
         started = time.perf_counter()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("UPDATE zones SET serial=? WHERE name=?", (change.serial, z))
-            for d in change.deletes:
-                db.execute(
-                    "DELETE FROM records WHERE zone=? AND name=? AND rdtype=? AND rkey=?",
-                    (z, _n(d.name), d.rdtype, d.rdata.to_digestable()),
-                )
-            for u in change.upserts:
-                db.execute(
-                    "INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?)",
-                    (
-                        z,
-                        _n(u.name),
-                        u.rdtype,
-                        u.rdata.to_digestable(),
-                        u.rdata.to_wire(),
-                        u.entry.ttl,
-                        u.entry.expires,
-                    ),
-                )
-            for s in change.seen:
-                db.execute(
-                    "INSERT OR REPLACE INTO tsig_seen VALUES (?,?,?)",
-                    (_n(s.key), s.mac, s.time_signed),
-                )
-                self._commits += 1
-                if self._commits % 256 == 0:
-                    # Older MACs fail the time check anyway; keep the table small.
-                    db.execute(
-                        "DELETE FROM tsig_seen WHERE key=? AND time_signed < ?",
-                        (_n(s.key), s.time_signed - 900),
-                    )
-            for name, device in change.claims:
-                db.execute("INSERT OR REPLACE INTO owners VALUES (?,?,?)", (z, _n(name), device))
+            for change in changes:
+                self._write(change)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         if self.commit_observer is not None:
             self.commit_observer(time.perf_counter() - started)
+
+    def _write(self, change: ChangeSet) -> None:
+        db = self._db
+        z = _n(change.zone)
+        db.execute("UPDATE zones SET serial=? WHERE name=?", (change.serial, z))
+        for d in change.deletes:
+            db.execute(
+                "DELETE FROM records WHERE zone=? AND name=? AND rdtype=? AND rkey=?",
+                (z, _n(d.name), d.rdtype, d.rdata.to_digestable()),
+            )
+        for u in change.upserts:
+            db.execute(
+                "INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?)",
+                (
+                    z,
+                    _n(u.name),
+                    u.rdtype,
+                    u.rdata.to_digestable(),
+                    u.rdata.to_wire(),
+                    u.entry.ttl,
+                    u.entry.expires,
+                ),
+            )
+        for s in change.seen:
+            db.execute(
+                "INSERT OR REPLACE INTO tsig_seen VALUES (?,?,?)",
+                (_n(s.key), s.mac, s.time_signed),
+            )
+            self._commits += 1
+            if self._commits % 256 == 0:
+                # Older MACs fail the time check anyway; keep the table small.
+                db.execute(
+                    "DELETE FROM tsig_seen WHERE key=? AND time_signed < ?",
+                    (_n(s.key), s.time_signed - 900),
+                )
+        for name, device in change.claims:
+            db.execute("INSERT OR REPLACE INTO owners VALUES (?,?,?)", (z, _n(name), device))
 
     def _bump_generation(self) -> None:
         self._db.execute("UPDATE meta SET v = v + 1 WHERE k='accounts_gen'")
@@ -680,6 +702,7 @@ class MemoryStorage(Storage):
         self._devices: dict[dns.name.Name, DeviceKey] = {}
         self.owners: dict[tuple[dns.name.Name, dns.name.Name], str] = {}
         self._gen = 0
+        #: transactions committed: one per ``commit`` or ``commit_group``
         self.commits = 0
 
     def load(self) -> Snapshot:
@@ -692,7 +715,17 @@ class MemoryStorage(Storage):
             tuple((z, n, d) for (z, n), d in self.owners.items()),
         )
 
+    groups_commits = True
+
+    def commit_group(self, changes: Sequence[ChangeSet]) -> None:
+        for change in changes:
+            self._write(change)
+        self.commits += 1
+
     def commit(self, change: ChangeSet) -> None:
+        self.commit_group((change,))
+
+    def _write(self, change: ChangeSet) -> None:
         old = self.zones[change.zone]
         self.zones[change.zone] = ZoneRow(old.name, change.serial, old.user)
         for d in change.deletes:
@@ -703,7 +736,6 @@ class MemoryStorage(Storage):
             self.seen[(s.key, s.mac)] = s
         for name, device in change.claims:
             self.owners[(change.zone, name)] = device
-        self.commits += 1
 
     def ensure_zone(self, zone: dns.name.Name, user: str | None) -> None:
         self.zones.setdefault(zone, ZoneRow(zone, 1, user))

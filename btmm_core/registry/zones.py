@@ -20,6 +20,7 @@ their queries.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -320,6 +321,10 @@ class ZoneStore:
         self._must_resync = False
         #: Bumped on every change of zone data or accounts; cached answers carry it.
         self.version = 0
+        #: Group commit: change sets applied in memory (so the next update is planned on
+        #: them) but not yet durable, and the observer events they will give once they are.
+        self._staged: list[ChangeSet] = []
+        self._staged_events: list[RRsetChange] = []
         self.storage.ensure_zone(config.parent, None)
         self.reload()
 
@@ -488,8 +493,12 @@ class ZoneStore:
         """Make ``change`` durable, apply it in memory, tell the observers.
 
         ``StaleZone`` (another server changed the zone first) comes back to the caller after
-        the zone was reloaded, so that it can plan the change again on the new state.
+        the zone was reloaded, so that it can plan the change again on the new state. Staged
+        change sets must have been flushed first: this one could otherwise be durable
+        before them and their answers would not know that their group failed.
         """
+        if self._staged:
+            raise RuntimeError("a group of staged change sets is open: flush it first")
         try:
             self.storage.commit(change)
         except StaleZone:
@@ -497,8 +506,49 @@ class ZoneStore:
             raise
         return self._apply(change)
 
-    def _apply(self, change: ChangeSet) -> list[RRsetChange]:
-        """Apply a committed change (this server's or another's) in memory; tell observers."""
+    @property
+    def staged(self) -> int:
+        """Change sets applied in memory that are not durable yet (``stage``)."""
+        return len(self._staged)
+
+    def stage(self, change: ChangeSet) -> None:
+        """Apply ``change`` in memory now, durable at the next ``flush`` (group commit).
+
+        Until then the memory is ahead of the disk: the caller must answer nobody from it
+        (RegistryCore holds every answer while a group is open). Observers hear of the
+        change only after ``flush`` made it durable.
+        """
+        if not self.storage.groups_commits:
+            raise TypeError(f"{type(self.storage).__name__} does not commit change sets together")
+        self._staged.append(change)
+        self._staged_events += self._apply(change, announce=False)
+
+    def flush(self) -> int:
+        """Make the staged change sets durable in one transaction, then tell the observers;
+        returns how many there were. On failure the memory is reloaded from the storage (it
+        forgets them all) and the error is raised."""
+        changes, events = self._staged, self._staged_events
+        self._staged, self._staged_events = [], []
+        if not changes:
+            return 0
+        try:
+            self.storage.commit_group(changes)
+        except BaseException:
+            # Should this reload fail too, the next ``sync_external`` (every timer pass)
+            # reloads everything; until one succeeds the memory is ahead of the disk.
+            self._must_resync = True
+            with contextlib.suppress(Exception):
+                self.reload()
+                self._must_resync = False
+            raise
+        for event in events:
+            for observer in list(self._observers):
+                observer(event)
+        return len(changes)
+
+    def _apply(self, change: ChangeSet, *, announce: bool = True) -> list[RRsetChange]:
+        """Apply a committed change (this server's or another's) in memory; tell observers
+        (unless not ``announce``: a staged change, told at ``flush``)."""
         self.version += 1
         zone = self.zones.get(change.zone)
         if zone is None:
@@ -536,9 +586,10 @@ class ZoneStore:
                         change.cause,
                     )
                 )
-        for event in events:
-            for observer in list(self._observers):
-                observer(event)
+        if announce:
+            for event in events:
+                for observer in list(self._observers):
+                    observer(event)
         return events
 
     def next_expiry(self) -> float | None:

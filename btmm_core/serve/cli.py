@@ -217,6 +217,12 @@ _domain_option = click.option(
     help="DNS Push subscriptions per DSO session; REFUSED beyond.",
 )
 @click.option(
+    "--no-group-commit",
+    is_flag=True,
+    help="Commit every update in its own transaction (SQLite: one fsync each) instead of"
+    " sharing one among the updates that arrive together.",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
 @click.option(
@@ -324,6 +330,7 @@ def _config(o: dict[str, Any]) -> ServeConfig:
         push_enabled=not o["no_push"],
         log_level=o["log_level"],
         event_loop=o["event_loop"],
+        group_commit=not o.get("no_group_commit", False),
         metrics=None if o.get("metrics") is None else parse_listen(o["metrics"]),
     )
 

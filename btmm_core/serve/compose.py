@@ -77,6 +77,8 @@ def compose(config: ServeConfig, tls: ssl.SSLContext | None, *, stun: bool = Tru
     for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
         check_user_free(account.user, config.zone.domain, config.ns)
     core = RegistryCore(ZoneStore(storage, config.zone_config()), config.policy)
+    # updates that arrive together share one transaction (SQLite: one fsync)
+    core.group_commit = config.group_commit and storage.groups_commits
     # A fresh secret per process: challenge ids and LLQ ids of an earlier run are void, so
     # clients of a restarted server get NO-SUCH-LLQ and set up again.
     llq = LLQServer(core, config.llq, os.urandom(32), random.SystemRandom())

@@ -143,6 +143,8 @@ class ServeConfig:
     push_enabled: bool = True
     log_level: str = "info"
     event_loop: str = "uvloop"
+    #: updates arriving together share one transaction, where the storage can (SQLite)
+    group_commit: bool = True
     #: serve Prometheus metrics at this loopback (host, port); None: off
     metrics: tuple[str, int] | None = None
 

@@ -60,6 +60,13 @@ class RegistryCollector(Collector):
                                       "RRsets removed because their update lease ran out")
         expired.add_metric([], core.leases_expired)
         yield expired
+        groups = CounterMetricFamily("btmm_registry_group_commits",
+                                     "Group commits: transactions shared by the updates that "
+                                     "arrived together, and the updates in them",
+                                     labels=["kind"])
+        groups.add_metric(["transactions"], core.groups)
+        groups.add_metric(["updates"], core.grouped_updates)
+        yield groups
         zones = GaugeMetricFamily("btmm_registry_zones", "Zones served")
         zones.add_metric([], len(core.store.zones))
         yield zones

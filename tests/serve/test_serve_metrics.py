@@ -85,6 +85,9 @@ def test_scraped_after_real_traffic() -> None:
         assert m["btmm_registry_commit_seconds_sum"] > 0
         assert m['btmm_registry_commit_seconds_bucket{le="+Inf"}'] >= 1
         assert m["btmm_registry_zones"] == 2
+        # the one update went through a group commit of its own
+        assert m['btmm_registry_group_commits_total{kind="transactions"}'] == 1
+        assert m['btmm_registry_group_commits_total{kind="updates"}'] == 1
         assert m["btmm_llq_active"] == 0
         assert m["btmm_registry_updates_over_limit_total"] == 0
         assert not [k for k in m if k.startswith("btmm_stun")]  # --no-stun
