@@ -34,6 +34,7 @@ from btmm_core.push.client import PushClient
 from btmm_core.push.client import Send as PushSend
 from btmm_core.reach import probe
 from btmm_core.registry.handler import Transport
+from btmm_core.registry.model import RRsetChange
 from btmm_core.stun import message as stun
 from fuzz import targets as t
 
@@ -89,8 +90,11 @@ def _llq_exchange() -> tuple[list[bytes], list[bytes]]:
                 outs += twin.receive(reply, t.NOW + 0.1)
                 client.receive(reply, t.NOW + 0.1)
     # an event and its acknowledgement: a change to the watched RRset
+    changed: list[RRsetChange] = []
+    r.core.store.add_observer(changed.append)
     r.core.receive(_signed_update(), t.NOW, Transport.UDP, "192.0.2.99#53")
-    events = [o.wire for o in r.llq.tick(t.NOW + 1)]
+    events = [o.wire for o in r.llq.on_changes(changed, t.NOW + 1)]
+    assert events, "the LLQ set up above saw no event"
     answered += events
     for e in events:
         for o in twin.receive(e, t.NOW + 1):
@@ -192,7 +196,7 @@ def seeds() -> dict[str, list[bytes]]:
     return {
         "registry": [update, *queries, *llq_sent[:1]],
         "llq_server": llq_sent,
-        "llq_client": llq_answered,
+        "llq_client": [t.framed(llq_answered), *(t.framed([m]) for m in llq_answered)],
         "push_server": [t.framed(push_sent), *(t.framed([m]) for m in push_sent)],
         "push_client": [t.framed(push_answered), *(t.framed([m]) for m in push_answered)],
         "dso": push_sent + push_answered,

@@ -168,11 +168,13 @@ def _started_llq_client() -> LLQClient:
 
 
 def fuzz_llq_client(data: bytes) -> None:
-    """A server's answer (or an event) into ``LLQClient.receive``: outputs or nothing.
-    A new client per input: the first message of a setup is the interesting one, and the
-    rng is seeded so its request ID is the one the seeds answer."""
+    """The server's datagrams (length-prefixed, several per input: the setup answers, then
+    events) into a new ``LLQClient.receive``; its rng is seeded, so its request IDs are the
+    ones the seeds answer. Outputs or nothing, never an exception."""
     c = _started_llq_client()
-    c.receive(data, NOW + 0.1)
+    for i, message in enumerate(frames(data)):
+        c.receive(message, NOW + 0.1 * (i + 1))
+        c.tick(NOW + 0.1 * (i + 1))
 
 
 def _connected_push_client() -> PushClient:
