@@ -269,6 +269,7 @@ def fuzz_pcp(data: bytes) -> None:
 # ---- handshake, probes, STUN -------------------------------------------------------------
 
 
+@cache
 def static_key(name: str) -> StaticKey:
     return StaticKey.from_private(hashlib.sha256(b"fuzz static " + name.encode()).digest())
 
