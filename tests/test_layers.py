@@ -107,6 +107,9 @@ def violations(path: Path, root: Path = ROOT) -> list[str]:
             if name != "btmm_core.cli" or line in top_level:
                 problems.append(f"{where}: benchmark code is never imported by btmm_core")
             continue
+        if target == "fuzz" or target.startswith("fuzz."):
+            problems.append(f"{where}: the fuzz targets are a developer tool, never imported")
+            continue
         other = part_of(target)
         if other is None or own is None or other == own:
             continue

@@ -296,11 +296,17 @@ def decode_request(data: bytes) -> Request:
     version, r_op, _, lifetime = struct.unpack_from("!BBHI", data)
     if version != VERSION or r_op & RESPONSE_BIT:
         raise MalformedMessage("not a PCP version 2 request")
-    opcode = Opcode(r_op)
+    try:
+        opcode = Opcode(r_op)
+    except ValueError:
+        raise MalformedMessage(f"PCP request with unknown opcode {r_op}") from None
     client = from_ipv6(data[8:24])
     off = HEADER_LEN
     map_data = peer = None
     if opcode in (Opcode.MAP, Opcode.PEER):
+        need = HEADER_LEN + (36 if opcode is Opcode.MAP else 56)
+        if len(data) < need:
+            raise MalformedMessage(f"PCP {opcode.name} request too short: {len(data)} < {need}")
         map_data = _decode_map(data, off)
         off += 36
         if opcode is Opcode.PEER:

@@ -173,3 +173,15 @@ def test_malformed_request_raises() -> None:
         pcp.decode_request(b"\x02\x01\x00")
     with pytest.raises(MalformedMessage):
         pcp.decode_request(bytes([0]) + _map_req().encode()[1:])
+
+
+def test_request_with_unknown_opcode_or_cut_data_raises_malformed() -> None:
+    """Found by fuzzing (fuzz/ pcp target): an unknown opcode raised ValueError and a MAP or
+    PEER request cut after the header raised struct.error, not MalformedMessage."""
+    header = _map_req().encode()[:24]
+    with pytest.raises(MalformedMessage, match="unknown opcode"):
+        pcp.decode_request(bytes([2, 0x25]) + header[2:])
+    with pytest.raises(MalformedMessage, match="too short"):
+        pcp.decode_request(header)  # MAP opcode, no MAP data
+    with pytest.raises(MalformedMessage, match="too short"):
+        pcp.decode_request(bytes([2, Opcode.PEER]) + _map_req().encode()[2:])  # no peer data
