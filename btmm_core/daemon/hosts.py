@@ -20,9 +20,8 @@ import dns.exception
 import dns.name
 
 from btmm_core.daemon.records import peer_host_label
-
-BEGIN = "# BEGIN btmm (managed by btmm up; edits inside are lost)"
-END = "# END btmm"
+from btmm_core.sso.files import BEGIN, END
+from btmm_core.sso.files import replace_block as splice_block
 
 
 def in_zone(fqdn: str, zone: str) -> bool:
@@ -53,20 +52,9 @@ def replace_block(
     text: str, names: Mapping[str, ipaddress.IPv6Address], zone: str | None = None
 ) -> str:
     """``text`` with its btmm block (if any) replaced by one for ``names`` (none: removed);
-    with ``zone``, names that are not hosts of it are left out."""
-    out: list[str] = []
-    inside = False
-    for line in text.splitlines():
-        if line.strip() == BEGIN:
-            inside = True
-            continue
-        if inside:
-            if line.strip() == END:
-                inside = False
-            continue
-        out.append(line)
-    out += render_block(names, zone)
-    return "\n".join(out) + "\n" if out else ""
+    with ``zone``, names that are not hosts of it are left out. The block is spliced the way
+    the known-hosts block is (same markers, one implementation)."""
+    return splice_block(text, render_block(names, zone)[1:-1])
 
 
 def write_hosts(
