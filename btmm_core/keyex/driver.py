@@ -156,6 +156,12 @@ class KeyExchangeDriver:
                 if self.on_stun is not None:
                     self.on_stun(event)
             elif isinstance(event, PeerRoamed):
+                # authenticated ESP came from another outer address: the engine now sends
+                # there (a NAT can answer from a pinhole other than the path chosen)
+                old = event.old
+                log.info("peer roamed", inner=event.inner,
+                         old=None if old is None else f"{old.host}:{old.port}",
+                         new=f"{event.new.host}:{event.new.port}")
                 s = self.kx.by_inner.get(event.inner)
                 if s is not None:
                     s.endpoint = event.new
