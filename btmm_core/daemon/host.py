@@ -60,6 +60,7 @@ from btmm_core.daemon.records import (
     candidate_srv_name,
     granted_lease,
     host_name,
+    left_candidate_targets,
     peer_from_answers,
     peer_host_label,
     publish_update,
@@ -427,7 +428,16 @@ class Daemon:
 
     async def _publish_once(self, pub: Publication) -> None:
         assert self.registry is not None
-        msg = publish_update(self.zone, pub, self.published, self.cfg.lease)
+        left: tuple[dns.name.Name, ...] = ()
+        if self.published is None:
+            # the first publish of this run: a crashed run may have left candidate addresses
+            try:
+                srv = await self.registry.query(candidate_srv_name(pub.host, self.zone),
+                                                dns.rdatatype.SRV)
+                left = left_candidate_targets(srv, pub.host, self.zone)
+            except BtmmError as err:
+                log.debug("could not read what an earlier run published", error=str(err))
+        msg = publish_update(self.zone, pub, self.published, self.cfg.lease, left)
         resp = await self.registry.exchange(msg)
         changed = pub != self.published
         self.published = pub

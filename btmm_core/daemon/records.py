@@ -159,16 +159,41 @@ def _rrsets(pub: Publication, zone: dns.name.Name) -> list[dns.rrset.RRset]:
     return out
 
 
+def left_candidate_targets(
+    srv: dns.rrset.RRset | None, host: str, zone: dns.name.Name
+) -> tuple[dns.name.Name, ...]:
+    """The address names a candidate SRV RRset found in the zone points at, kept to the
+    host's own subtree: what an earlier run of this host left (read before its first
+    publish, so that a crashed run's addresses go at once instead of with their lease)."""
+    if srv is None or srv.rdtype != dns.rdatatype.SRV:
+        return ()
+    own = host_name(host, zone)
+    return tuple(sorted({r.target for r in srv if _one_below(r.target, own)}))
+
+
+def _one_below(name: dns.name.Name, own: dns.name.Name) -> bool:
+    """``name`` is ``<label>.<own>``: where a host's candidate addresses live."""
+    return len(name) == len(own) + 1 and name.is_subdomain(own)
+
+
 def publish_update(
-    zone: dns.name.Name, pub: Publication, previous: Publication | None, lease: int
+    zone: dns.name.Name, pub: Publication, previous: Publication | None, lease: int,
+    left_targets: Sequence[dns.name.Name] = (),
 ) -> dns.update.UpdateMessage:
     """The UPDATE that makes the zone say ``pub``, with an update lease.
 
     Unchanged data is only re-added (the registry extends its lease without a new serial, so
     watchers see no churn); an RRset whose data changed is replaced in the same message.
+    ``left_targets`` (``left_candidate_targets``): address names an earlier run published,
+    deleted here unless the new candidates use them.
     """
     upd = dns.update.UpdateMessage(zone)
     _replace_candidates(upd, zone, pub, previous)
+    keep = {r.name for r in _candidate_rrsets(pub, zone)[1]}
+    own = host_name(pub.host, zone)
+    for name in left_targets:
+        if name not in keep and _one_below(name, own):
+            upd.delete(name)
     old = {} if previous is None else {(r.name, r.rdtype): r for r in _rrsets(previous, zone)}
     new = _rrsets(pub, zone)
     for gone in old.keys() - {(r.name, r.rdtype) for r in new}:
@@ -193,7 +218,8 @@ def _replace_candidates(
     section 3.4.2 applies the update section in order and the registry commits it as one
     transaction, so a reader sees the old set or the new one, never a mix. The first publish
     of a run replaces the set too, so nothing a crashed run left stays in it; its address
-    names are no longer referenced and expire with their lease. A refresh of an unchanged set
+    names go too when the caller read them first (``left_targets``), else they expire with
+    their lease. A refresh of an unchanged set
     only re-adds it (its leases move; no serial, no LLQ event). Address names the new set no
     longer uses are deleted."""
     srv, addresses = _candidate_rrsets(pub, zone)

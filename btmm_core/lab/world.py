@@ -164,6 +164,7 @@ class World:
     hosts: dict[str, Host] = field(default_factory=dict)
     homes: dict[str, Home] = field(default_factory=dict)
     location: dict[str, str] = field(default_factory=dict)
+    _registry_args: list[str] = field(default_factory=list)
 
     def btmm(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "btmm_core.cli", *args]
@@ -196,14 +197,30 @@ class World:
             subprocess.run(self.btmm("serve", "user", "invite", USER, "--device", device,
                                      "--expires", "1h", "--out", str(self.invite(device))),
                            check=True, env=env, capture_output=True)
+        self._registry_args = ["--listen", REGISTRY, "--port", "53", "--tls-port", "0",
+                               "--ns-address", REGISTRY, "--lease-min", str(lease_min),
+                               "--lease-max", str(lease_max), "--event-loop", "asyncio"]
+        self._launch_registry()
+
+    def _launch_registry(self) -> None:
         log = open(self.workdir / "registry.log", "ab")  # noqa: SIM115 (owned by the process)
-        self.registry = self.inet.popen(
-            self.btmm("serve", "--listen", REGISTRY, "--port", "53", "--tls-port", "0",
-                      "--ns-address", REGISTRY, "--lease-min", str(lease_min),
-                      "--lease-max", str(lease_max), "--event-loop", "asyncio"),
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        self.registry = self.inet.popen(self.btmm("serve", *self._registry_args), stdout=log,
+                                        stderr=log, stdin=subprocess.DEVNULL,
+                                        env=self.registry_env())
         log.close()
         _wait_udp_listening(self.inet, 53)
+
+    def restart_registry(self, *, kill: bool = True) -> None:
+        """Stop ``btmm serve`` (SIGKILL: a crash; else SIGTERM) and start it again on the same
+        state, as a supervisor would."""
+        if self.registry is None:
+            raise LabError("the registry is not running")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.registry.pid, 9 if kill else 15)
+        self.registry.wait(timeout=15)
+        with contextlib.suppress(ValueError):
+            self.inet.procs.remove(self.registry)
+        self._launch_registry()
 
     def add_home(self, name: str, wan: str, lan_prefix: str, *, behind_isp: bool = False,
                  miniupnpd: bool = True) -> Home:
@@ -339,7 +356,7 @@ class World:
             ok = True
             for n in names:
                 st = self.hosts[n].status()
-                self._check_alive(self.hosts[n])
+                self.check_alive(self.hosts[n])
                 up = {p["name"].split(".")[0] for p in (st or {}).get("peers", [])
                       if p["tunnel"] == "up"}
                 if not set(names) - {n} <= up:
@@ -349,7 +366,7 @@ class World:
             time.sleep(0.2)
         raise LabError(f"tunnels not up after {timeout} s", hint=self.tails())
 
-    def _check_alive(self, host: Host) -> None:
+    def check_alive(self, host: Host) -> None:
         if host.proc is not None and host.proc.poll() is not None:
             raise LabError(f"btmm up on {host.name} exited {host.proc.returncode}",
                            hint=self.tails())

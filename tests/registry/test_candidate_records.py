@@ -22,6 +22,7 @@ from btmm_core.daemon.records import (
     address_types,
     candidate_refs,
     candidate_srv_name,
+    left_candidate_targets,
     publish_update,
     read_candidates,
     withdraw_update,
@@ -131,6 +132,46 @@ def test_candidates_round_trip_and_replace_the_previous_set() -> None:
     # a clean shutdown removes them all
     assert send(core, withdraw_update(BOB, pub("laptop", MAPPED)), laptop, clock()) == 0
     assert read_back(core, desktop, clock, "laptop") == ((), ())
+
+
+def _candidate_names(core: RegistryCore, host: str) -> set[dns.name.Name]:
+    own = dns.name.from_text(host, origin=BOB)
+    return {n for (n, _) in core.store.zones[BOB].rrsets
+            if len(n) == len(own) + 1 and n.is_subdomain(own)}
+
+
+def test_a_restart_after_a_crash_deletes_the_addresses_the_crashed_run_left() -> None:
+    """The daemon reads its candidate SRV before its first publish and deletes the address
+    names it points at: a SIGKILLed run's addresses go at once, not with their lease. Names
+    outside the host's own subtree in that SRV are never deleted."""
+    core, accounts = make_core()
+    clock = Clock()
+    laptop = enrol(core, accounts["bob"].key, "laptop", clock())
+    desktop = enrol(core, accounts["bob"].key, "desktop", clock())
+    crashed = pub("laptop", LAN1, MAPPED, REFLEXIVE)
+    assert send(core, publish_update(BOB, crashed, None, 3600), laptop, clock()) == 0
+    assert send(core, publish_update(BOB, pub("desktop", LAN2), None, 3600), desktop,
+                clock()) == 0
+    assert len(_candidate_names(core, "laptop")) == 3
+    srv = query(core, laptop, clock(), candidate_srv_name("laptop", BOB), dns.rdatatype.SRV)
+    left = left_candidate_targets(srv, "laptop", BOB)
+    assert len(left) == 3
+    # the new run keeps the mapping (same name: same data), its LAN address moved
+    moved = Candidate(CandidateKind.LAN, Endpoint("192.168.3.11", 4500))
+    restarted = pub("laptop", moved, MAPPED)
+    assert send(core, publish_update(BOB, restarted, None, 3600, left), laptop, clock()) == 0
+    assert read_back(core, desktop, clock, "laptop") == (restarted.candidates, ())
+    assert len(_candidate_names(core, "laptop")) == 2
+    # only names one label below the host's own are taken from a (hostile) SRV
+    foreign = dns.rrset.from_text(candidate_srv_name("laptop", BOB), 60, "IN", "SRV",
+                                  f"1 0 4500 c1-00000000.desktop.{BOB}",
+                                  f"1 0 4500 laptop.{BOB}",
+                                  f"1 0 4500 x.c1.laptop.{BOB}")
+    assert left_candidate_targets(foreign, "laptop", BOB) == ()
+    assert send(core, publish_update(BOB, restarted, restarted, 3600,
+                                     list(_candidate_names(core, "desktop"))), laptop,
+                clock()) == 0
+    assert read_back(core, laptop, clock, "desktop") == ((LAN2,), ())
 
 
 def test_the_largest_publication_fits_the_registry_limits() -> None:
