@@ -5,6 +5,7 @@
     python3 -m bench.registry      # `btmm serve` beside BIND's named under dnsperf
     python3 -m bench.llq           # LLQ event latency and events/s with N watchers
     python3 -m bench.big_update    # how long one maximal signed UPDATE holds the registry core
+    python3 -m bench.soak --minutes 60  # four hosts under churn: losses, recoveries, leaks (root)
 
 Why a package at the repository root and not ``btmm_core/bench/``: the benchmarks need what a
 user's machine does not (network namespaces through ``btmm_core.lab``, iperf3, wireguard-go,

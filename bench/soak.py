@@ -218,7 +218,7 @@ class Streams:
     """One stream per pair of hosts: back-to-back checked transfers until ``stop``."""
 
     def __init__(self, world: World, rate: float, seconds: float, t0: float,
-                 kills: list[tuple[str, float, float]]) -> None:
+                 kills: list[list[Any]]) -> None:
         self.world = world
         self.size = int(rate * seconds)
         self.rate = rate
@@ -337,7 +337,7 @@ def churn(world: World, minutes: float, interval: float, rate: float, seconds: f
           say: Any = print) -> Report:
     report = Report(minutes, interval)
     t0 = time.monotonic()
-    kills: list[tuple[str, float, float]] = []
+    kills: list[list[Any]] = []
     streams = Streams(world, rate, seconds, t0, kills)
     streams.start()
     roam_home = 0
@@ -371,14 +371,16 @@ def churn(world: World, minutes: float, interval: float, rate: float, seconds: f
                 event.detail = "SIGKILL, restarted on the same database"
             else:
                 victim = world.hosts[VICTIM]
+                # streams through it may be cut from now until it is back (or gave up)
+                kill_window = [VICTIM, now, float("inf")]
+                kills.append(kill_window)
                 world.stop_host(victim, kill=True)
                 world.start_host(victim)
                 event.detail = f"{VICTIM}'s daemon: SIGKILL, restarted"
         t_event = time.monotonic()
         _recover(world, event, t_event)
         if event.kind == "daemon-kill":
-            # streams through the killed daemon may be cut until it is back (or gave up)
-            kills.append((VICTIM, now, time.monotonic() - t0))
+            kill_window[2] = time.monotonic() - t0
         report.events.append(event)
         say(f"  {event.at:7.1f} s  {event.kind:15s} {event.detail:45s} "
             + (f"recovered in {event.recovered_after:.1f} s" if event.recovered_after is not None
@@ -392,24 +394,31 @@ def run(minutes: float, interval: float, rate: float, seconds: float,
         say: Any = print, logs: Path | None = None) -> Report:
     with Lab("btmms") as lab:
         world = build(lab)
-        if logs is not None:
-            lab.on_close(lambda: _keep_logs(world, logs))
-        static = _zone_records(world)
-        for host in world.hosts.values():
-            world.start_host(host)
-        up = world.wait_tunnels(90)
-        say(f"four hosts, six tunnels up {up:.1f} s after `btmm up`")
-        _lossy_uplink(world, LOSSY, LOSS_PERCENT)
-        start = _processes(world)
-        say(f"churn for {minutes} min: a roam every {interval:.0f} s, a fault between roams; "
-            f"streams of {rate / 1e3:.0f} kB/s x {seconds:.0f} s on each of 6 pairs; "
-            f"{LOSS_PERCENT} % loss on {LOSSY}'s uplink")
-        report = churn(world, minutes, interval, rate, seconds, say)
-        report.processes_start = start
-        report.processes_end = _processes(world)
-        for host in world.hosts.values():
-            world.stop_host(host)  # SIGTERM: a clean shutdown withdraws the host's records
-        report.records_left = sorted(_zone_records(world) - static)
+        try:
+            return _run(world, minutes, interval, rate, seconds, say)
+        finally:
+            if logs is not None:
+                _keep_logs(world, logs)
+
+
+def _run(world: World, minutes: float, interval: float, rate: float, seconds: float,
+         say: Any) -> Report:
+    static = _zone_records(world)
+    for host in world.hosts.values():
+        world.start_host(host)
+    up = world.wait_tunnels(90)
+    say(f"four hosts, six tunnels up {up:.1f} s after `btmm up`")
+    _lossy_uplink(world, LOSSY, LOSS_PERCENT)
+    start = _processes(world)
+    say(f"churn for {minutes} min: a roam every {interval:.0f} s, a fault between roams; "
+        f"streams of {rate / 1e3:.0f} kB/s x {seconds:.0f} s on each of 6 pairs; "
+        f"{LOSS_PERCENT} % loss on {LOSSY}'s uplink")
+    report = churn(world, minutes, interval, rate, seconds, say)
+    report.processes_start = start
+    report.processes_end = _processes(world)
+    for host in world.hosts.values():
+        world.stop_host(host)  # SIGTERM: a clean shutdown withdraws the host's records
+    report.records_left = sorted(_zone_records(world) - static)
     return report
 
 

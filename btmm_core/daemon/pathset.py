@@ -11,6 +11,13 @@ clock (tests/daemon/test_pathset.py):
   since the last look are ``note_outbound``, packets received (authenticated ESP: the engine
   counts only what opened under one of our SAs) are ``note_authenticated_packet`` from the
   endpoint the engine holds for the peer, which follows the last authenticated packet;
+* brings the engine back to the path in use when they part and the peer falls quiet: the
+  engine sends to where the peer's last authenticated packet came from, and a NAT that maps a
+  port for inbound traffic may send the peer's outbound traffic from another port (its own
+  masquerade). When that NAT forgets its connections (a reboot) the engine's endpoint dies
+  while the manager's path still answers its probes; once we send and hear nothing for
+  ``quiet_after``, the manager's ``UsePath`` is said again (``PathManager.repoint``), at most
+  once per ``quiet_after``, and the peer's answers move the engine on from there;
 * remembers why a path went stale or down, for ``btmm status``.
 
 Outputs are the managers', each tagged with the peer's inner address; the daemon
@@ -38,6 +45,7 @@ from btmm_core.reach.paths import (
     PathStale,
     PathState,
     UsePath,
+    canonical,
 )
 from btmm_core.reach.probe import key_id, peek_sender
 
@@ -52,6 +60,8 @@ class _Entry:
     why: str | None = None  #: why the path went stale or down
     packets_in: int = 0
     packets_out: int = 0
+    heard_at: float = float("-inf")  #: when the engine last counted a packet in
+    repointed_at: float = float("-inf")
 
 
 class PathSet:
@@ -134,12 +144,29 @@ class PathSet:
             if entry is None:
                 continue
             c = info.counters
-            if c.packets_out > entry.packets_out:
+            sending = c.packets_out > entry.packets_out
+            if sending:
                 entry.manager.note_outbound(now)
-            if c.packets_in > entry.packets_in and info.endpoint is not None:
-                out += self._tag(info.inner,
-                                 entry.manager.note_authenticated_packet(info.endpoint, now))
+            if c.packets_in > entry.packets_in:
+                entry.heard_at = now
+                if info.endpoint is not None:
+                    out += self._tag(info.inner,
+                                     entry.manager.note_authenticated_packet(info.endpoint, now))
             entry.packets_in, entry.packets_out = c.packets_in, c.packets_out
+            out += self._repoint(info, entry, sending, now)
+        return out
+
+    def _repoint(self, info: PeerInfo, entry: _Entry, sending: bool,
+                 now: float) -> list[Tagged]:
+        quiet = entry.manager.config.quiet_after
+        st = entry.manager.status()
+        if (not sending or info.endpoint is None or st.endpoint is None
+                or canonical(info.endpoint) == st.endpoint
+                or now - entry.heard_at < quiet or now - entry.repointed_at < quiet):
+            return []
+        out = self._tag(info.inner, entry.manager.repoint())
+        if out:
+            entry.repointed_at = now
         return out
 
     def next_deadline(self) -> float | None:

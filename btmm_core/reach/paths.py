@@ -396,6 +396,15 @@ class PathManager:
         out += self._send_due(now, wall)
         return out
 
+    def repoint(self) -> list[Output]:
+        """``UsePath`` again for the path in use, while it answers: for a caller that saw the
+        engine send elsewhere (it follows the source of the peer's last authenticated packet,
+        which a NAT may give a port of its own) and the peer fall quiet there."""
+        a = self.active
+        if a is None or self.state != PathState.UP:
+            return []
+        return [UsePath(a.endpoint, a.kind, a.rtt)]
+
     def status(self) -> PathStatus:
         a = self.active
         if a is None:

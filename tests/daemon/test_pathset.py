@@ -136,6 +136,40 @@ def test_authenticated_esp_counts_as_an_answer_and_silence_goes_stale_then_down(
     assert tunnel_state(True, a.state(B_INNER)) == "down"
 
 
+def test_the_engine_is_brought_back_to_the_path_when_it_falls_quiet_elsewhere() -> None:
+    """The engine follows the source of the peer's last authenticated packet, which a NAT
+    may give a port of its own (its masquerade) while the path in use goes to the port it
+    maps; when the NAT forgets that connection, we send into nothing. Once we send and hear
+    nothing for ``quiet_after`` (1 s), the manager's path is said again, once a second."""
+    a = PathSet(A, PSK, rand("a"))
+    a.set_local([lan(A_EP)], 0.0, WALL0)
+    a.add(B_INNER, B.public, [lan(B_EP)], 0.0, WALL0)
+    out = a.observe([info(B_INNER, B_EP, 5, 5)], 0.5)
+    assert [o for _, o in out if isinstance(o, UsePath)] == [
+        UsePath(B_EP, CandidateKind.LAN, None)]
+    nat = Endpoint("192.168.1.11", 38824)
+
+    def used(t: float, packets_in: int, packets_out: int) -> list[UsePath]:
+        return [o for _, o in a.observe([info(B_INNER, nat, packets_in, packets_out)], t)
+                if isinstance(o, UsePath)]
+
+    # the peer's packets come from the NAT's port: the engine roamed there, the path stays
+    assert used(1.0, 6, 6) == []
+    assert a.status(B_INNER, 1.0)["path_endpoint"] == "192.168.1.11:4500"
+    # traffic both ways there: nothing to do
+    assert used(1.5, 7, 7) == [] and used(2.0, 8, 8) == [] and used(2.6, 9, 9) == []
+    # we keep sending, nothing comes back: after 1 s, the path once, and again a second later
+    assert used(3.1, 9, 10) == []
+    assert used(3.7, 9, 11) == [UsePath(B_EP, CandidateKind.LAN, None)]
+    assert used(4.2, 9, 12) == []
+    assert used(4.8, 9, 13) == [UsePath(B_EP, CandidateKind.LAN, None)]
+    # not sending: nothing to bring back
+    assert used(6.0, 9, 13) == []
+    # the engine already there: nothing either
+    assert [o for _, o in a.observe([info(B_INNER, B_EP, 9, 20)], 7.0)
+            if isinstance(o, UsePath)] == []
+
+
 def test_candidate_changes_restart_the_checks_and_removal_forgets_the_peer() -> None:
     a = PathSet(A, PSK, rand("a"))
     a.set_local([lan(A_EP)], 0.0, WALL0)
