@@ -66,7 +66,16 @@ from btmm_core.dns.llq_option import (
     LLQOption,
     find_llq,
 )
-from btmm_core.dns.tsig import MAX_FUDGE, TsigKey, expected_mac, record_of, rr_size, sign
+from btmm_core.dns.tsig import (
+    MAX_FUDGE,
+    TsigKey,
+    expected_mac,
+    record_of,
+    rr_size,
+    sign,
+    strip_tsig,
+)
+from btmm_core.llq.fastwire import Ack, AckTsig, EventTemplate, KeyWire, canonical, parse_ack
 from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
 from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
@@ -173,6 +182,8 @@ class LLQServer:
         config: LLQConfig,
         secret: bytes,
         rng: random.Random,
+        *,
+        fast: bool = True,
     ) -> None:
         if len(secret) < 16:
             raise ValueError("the LLQ challenge secret needs at least 16 bytes")
@@ -190,6 +201,13 @@ class LLQServer:
         self._templates: dict[
             tuple[dns.name.Name, int, tuple[tuple[RecordKey, int], ...]], bytes
         ] = {}
+        #: Events and acknowledgements as bytes (``fastwire``); False: through dnspython
+        #: objects only, the reference the tests compare the fast path with.
+        self.fast = fast
+        self._fast_templates: dict[bytes, EventTemplate] = {}
+        #: Keys prepared for signing, by name, with the bytes their TSIG RR adds.
+        self._key_wires: dict[dns.name.Name, tuple[KeyWire, int]] = {}
+        self._canonical: dict[dns.name.Name, bytes] = {}
         self.stats: Counter[str] = Counter()
         #: LLQs with changes waiting for room in the send window, in arrival order.
         self._waiting: dict[int, None] = {}
@@ -503,7 +521,46 @@ class LLQServer:
         self._templates[cache_key] = wire
         return wire
 
+    def _key_wire(self, name: dns.name.Name) -> tuple[KeyWire, int] | None:
+        """The key named ``name`` prepared for signing, or None if it is gone (revoked)."""
+        key = self.core.store.keys.get(name)
+        if key is None:
+            return None
+        cached = self._key_wires.get(name)
+        if cached is None or cached[0].key is not key:
+            if len(self._key_wires) >= 65536:
+                self._key_wires.clear()
+            cached = self._key_wires[name] = (KeyWire(key), rr_size(key.name, key.algorithm, 0))
+        return cached
+
     def _event_wire(
+        self, llq: LLQ, records: list[tuple[RecordKey, int]], now: float
+    ) -> tuple[int, bytes, bytes | None] | None:
+        if not self.fast:
+            return self._event_wire_slow(llq, records, now)
+        rendered = self._event_template(llq.qname, llq.qtype, tuple(records))
+        template = self._fast_templates.get(rendered)
+        if template is None:
+            if len(self._fast_templates) >= 256:
+                self._fast_templates.clear()
+            template = self._fast_templates[rendered] = EventTemplate.of(rendered)
+        msg_id = self._rng.randrange(0x10000)
+        wire = template.event(msg_id, llq.llq_id, max(0, int(llq.expires - now)))
+        size = len(wire)
+        kw = None
+        if llq.key_name is not None:
+            kw = self._key_wire(llq.key_name)
+            if kw is None:
+                return None
+            size += kw[1]
+        if size > llq.payload and len(records) > 1:
+            return msg_id, b"", None
+        if kw is None:
+            return msg_id, wire, None
+        llq.signed = max(llq.signed, int(now))
+        return (msg_id, *kw[0].sign(wire, time_signed=llq.signed, fudge=self.config.fudge))
+
+    def _event_wire_slow(
         self, llq: LLQ, records: list[tuple[RecordKey, int]], now: float
     ) -> tuple[int, bytes, bytes | None] | None:
         template = self._event_template(llq.qname, llq.qtype, tuple(records))
@@ -586,6 +643,98 @@ class LLQServer:
     ) -> list[Outgoing]:
         """A message with QR set: an event acknowledgement (RFC 8764 section 6.2), or noise.
         Returns the events it lets go out: this LLQ's next one, and those waiting for room."""
+        if not self.fast:
+            return self._receive_response_slow(wire, now, transport, peer)
+        ack = parse_ack(wire)
+        if ack is None:
+            ack = self._ack_of(wire)  # not the usual shape: dnspython reads it
+            if ack is None:
+                return []
+        if ack.llq_options != 1 or ack.malformed or ack.opcode != LLQOpcode.EVENT:
+            return []
+        llq = self.llqs.get(ack.llq_id)
+        if llq is None or llq.peer != peer or llq.transport != transport:
+            self.stats["ack_unknown"] += 1
+            return []
+        event = llq.inflight
+        if event is None or event.msg_id != ack.msg_id:
+            self.stats["ack_duplicate"] += 1
+            return []
+        if llq.key_name is not None:
+            # The LLQ is private: only an acknowledgement signed with its key counts, so an
+            # off-path sender cannot silence events.
+            if ack.tsig is None or ack.tsig.key_name != self._canonical_of(llq.key_name):
+                self.stats["ack_unsigned"] += 1
+                return []
+            if not self._ack_signed_fast(wire, ack.tsig, llq.key_name, event, now):
+                self.stats["ack_bad_tsig"] += 1
+                return []
+        return self._acknowledged(llq, now)
+
+    def _acknowledged(self, llq: LLQ, now: float) -> list[Outgoing]:
+        self._release(llq)
+        llq.inflight = None
+        self.stats["acks"] += 1
+        out = self._send_waiting(now)
+        return out + self._send_next(llq, now)
+
+    def _canonical_of(self, name: dns.name.Name) -> bytes:
+        got = self._canonical.get(name)
+        if got is None:
+            if len(self._canonical) >= 65536:
+                self._canonical.clear()
+            got = self._canonical[name] = canonical(name)
+        return got
+
+    @staticmethod
+    def _ack_of(wire: bytes) -> Ack | None:
+        """An acknowledgement of an unusual shape, read by dnspython (None: not a message)."""
+        try:
+            msg = dns.message.from_wire(wire, keyring=False)
+        except Exception:  # untrusted input; a response is never answered
+            return None
+        options = find_llq(msg.options)
+        first = options[0] if options else None
+        tsig = None
+        if msg.had_tsig and msg.tsig is not None:
+            rec = record_of(wire, msg)
+            tsig = AckTsig(canonical(msg.tsig.name), canonical(rec.algorithm), rec.time_signed,
+                           rec.fudge, rec.mac, rec.original_id, rec.error, rec.other,
+                           rec.start)  # fmt: skip
+        return Ack(
+            msg.id,
+            len(options),
+            first is None or first.malformed,
+            first.opcode if first is not None else 0,
+            first.llq_id if first is not None else 0,
+            tsig,
+        )
+
+    def _ack_signed_fast(
+        self, wire: bytes, t: AckTsig, key_name: dns.name.Name, event: _Event, now: float
+    ) -> bool:
+        """``_ack_signed`` on bytes: the same checks, the MAC from the prepared key."""
+        prepared = self._key_wire(key_name)
+        if prepared is None or event.mac is None:
+            return False
+        kw = prepared[0]
+        if (
+            t.algorithm != kw.algorithm_canonical
+            or t.error != 0
+            or t.original_id != event.msg_id
+            or abs(t.time_signed - int(now)) > min(self.config.fudge, MAX_FUDGE)
+        ):
+            return False
+        expected = kw.mac(
+            strip_tsig(wire, t.start), original_id=t.original_id, time_signed=t.time_signed,
+            fudge=t.fudge, error=t.error, other=t.other, request_mac=event.mac,
+        )  # fmt: skip
+        return hmac.compare_digest(expected, t.mac)
+
+    def _receive_response_slow(
+        self, wire: bytes, now: float, transport: Transport, peer: str
+    ) -> list[Outgoing]:
+        """``receive_response`` through dnspython objects (``fast`` False)."""
         try:
             msg = dns.message.from_wire(wire, keyring=False)
         except Exception:  # untrusted input; a response is never answered
@@ -610,11 +759,7 @@ class LLQServer:
             if not self._ack_signed(wire, msg, llq.key_name, event, now):
                 self.stats["ack_bad_tsig"] += 1
                 return []
-        self._release(llq)
-        llq.inflight = None
-        self.stats["acks"] += 1
-        out = self._send_waiting(now)
-        return out + self._send_next(llq, now)
+        return self._acknowledged(llq, now)
 
     def _ack_signed(
         self,
