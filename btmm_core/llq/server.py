@@ -85,6 +85,16 @@ from btmm_core.registry.zones import NOT_RECORD_TYPES
 log = structlog.get_logger("btmm.llq")
 
 RecordKey = tuple[dns.name.Name, int, dns.rdata.Rdata]
+#: One queued change: the record's identity (``_record_id``), the record and its TTL.
+_Item = tuple[bytes, tuple[RecordKey, int]]
+
+
+def _record_id(name: dns.name.Name, rdtype: int, rd: dns.rdata.Rdata) -> bytes:
+    """Bytes equal exactly when the records are (names compared without case, RDATA in
+    canonical form): hashed once, where a (Name, type, Rdata) tuple is hashed by dnspython
+    at every look-up."""
+    wire = rd.to_digestable()
+    return canonical(name) + struct.pack("!HH", rdtype, len(wire)) + wire
 
 
 @dataclass(frozen=True)
@@ -146,11 +156,16 @@ class LLQ:
     key_name: dns.name.Name | None
     expires: float
     payload: int
-    queued: dict[RecordKey, int] = field(default_factory=dict)
+    #: Changes not sent yet, by the record's identity (``_record_id``), latest last.
+    queued: dict[bytes, tuple[RecordKey, int]] = field(default_factory=dict)
     inflight: _Event | None = None
     #: Time Signed of the last event: never goes back, even if the clock does, because the
     #: client refuses an event signed earlier than the newest it applied.
     signed: int = 0
+    #: The question in canonical wire form and its type (the key of its event templates).
+    qkey: bytes = b""
+    #: ``key_name`` in canonical wire form (b"": none).
+    key_canonical: bytes = b""
 
     @property
     def client(self) -> str:
@@ -206,8 +221,7 @@ class LLQServer:
         self.fast = fast
         self._fast_templates: dict[bytes, EventTemplate] = {}
         #: Keys prepared for signing, by name, with the bytes their TSIG RR adds.
-        self._key_wires: dict[dns.name.Name, tuple[KeyWire, int]] = {}
-        self._canonical: dict[dns.name.Name, bytes] = {}
+        self._key_wires: dict[bytes, tuple[KeyWire, int]] = {}
         self.stats: Counter[str] = Counter()
         #: LLQs with changes waiting for room in the send window, in arrival order.
         self._waiting: dict[int, None] = {}
@@ -396,6 +410,9 @@ class LLQServer:
     # ---- state --------------------------------------------------------------------------
 
     def _create(self, llq: LLQ) -> None:
+        llq.qkey = canonical(llq.qname) + struct.pack("!H", llq.qtype)
+        if llq.key_name is not None:
+            llq.key_canonical = canonical(llq.key_name)
         self.llqs[llq.llq_id] = llq
         self._by_rrset.setdefault((llq.qname, llq.qtype), set()).add(llq.llq_id)
         self._per_client[llq.client] += 1
@@ -470,11 +487,12 @@ class LLQServer:
             records += [((ch.name, ch.rdtype, rd), REMOVED_TTL) for rd in ch.removed]
             if not records:  # only TTLs changed: send the RRset as it is now
                 records = [((ch.name, ch.rdtype, rd), ttl) for rd, ttl in ch.after]
+            items = [(_record_id(*rkey), (rkey, ttl)) for rkey, ttl in records]
             for llq_id in ids:
-                llq = self.llqs[llq_id]
-                for rkey, ttl in records:
-                    llq.queued.pop(rkey, None)  # keep the order of the latest change
-                    llq.queued[rkey] = ttl
+                queued = self.llqs[llq_id].queued
+                for rid, item in items:
+                    queued.pop(rid, None)  # keep the order of the latest change
+                    queued[rid] = item
                 touched.add(llq_id)
         out: list[Outgoing] = []
         for llq_id in touched:
@@ -501,6 +519,15 @@ class LLQServer:
         wire = self._templates.get(cache_key)
         if wire is not None:
             return wire
+        wire = self._render_event(qname, qtype, records)
+        if len(self._templates) >= 256:
+            self._templates.clear()
+        self._templates[cache_key] = wire
+        return wire
+
+    def _render_event(
+        self, qname: dns.name.Name, qtype: int, records: Sequence[tuple[RecordKey, int]]
+    ) -> bytes:
         msg = dns.message.Message(id=0)
         msg.flags = dns.flags.QR | dns.flags.AA
         msg.question.append(
@@ -516,40 +543,44 @@ class LLQServer:
         wire = msg.to_wire()
         # The patching below relies on the option data being the message's last bytes.
         assert wire[-LLQ_LENGTH:] == LLQOption(LLQOpcode.EVENT).data()
-        if len(self._templates) >= 256:
-            self._templates.clear()
-        self._templates[cache_key] = wire
         return wire
 
-    def _key_wire(self, name: dns.name.Name) -> tuple[KeyWire, int] | None:
-        """The key named ``name`` prepared for signing, or None if it is gone (revoked)."""
-        key = self.core.store.keys.get(name)
+    def _key_wire(self, llq: LLQ) -> tuple[KeyWire, int] | None:
+        """The LLQ's key prepared for signing, or None if it is gone (revoked)."""
+        assert llq.key_name is not None
+        key = self.core.store.keys.get(llq.key_name)
         if key is None:
             return None
-        cached = self._key_wires.get(name)
+        cached = self._key_wires.get(llq.key_canonical)
         if cached is None or cached[0].key is not key:
             if len(self._key_wires) >= 65536:
                 self._key_wires.clear()
-            cached = self._key_wires[name] = (KeyWire(key), rr_size(key.name, key.algorithm, 0))
+            cached = (KeyWire(key), rr_size(key.name, key.algorithm, 0))
+            self._key_wires[llq.key_canonical] = cached
         return cached
 
     def _event_wire(
-        self, llq: LLQ, records: list[tuple[RecordKey, int]], now: float
+        self, llq: LLQ, items: list[_Item], now: float
     ) -> tuple[int, bytes, bytes | None] | None:
+        records = [item for _, item in items]
         if not self.fast:
             return self._event_wire_slow(llq, records, now)
-        rendered = self._event_template(llq.qname, llq.qtype, tuple(records))
-        template = self._fast_templates.get(rendered)
+        # the template's key: bytes, whose hash Python keeps (a dnspython name's it does not)
+        content = b"".join(
+            [llq.qkey] + [struct.pack("!HI", len(rid), ttl) + rid for rid, (_, ttl) in items]
+        )
+        template = self._fast_templates.get(content)
         if template is None:
             if len(self._fast_templates) >= 256:
                 self._fast_templates.clear()
-            template = self._fast_templates[rendered] = EventTemplate.of(rendered)
+            rendered = self._render_event(llq.qname, llq.qtype, records)
+            template = self._fast_templates[content] = EventTemplate.of(rendered)
         msg_id = self._rng.randrange(0x10000)
         wire = template.event(msg_id, llq.llq_id, max(0, int(llq.expires - now)))
         size = len(wire)
         kw = None
         if llq.key_name is not None:
-            kw = self._key_wire(llq.key_name)
+            kw = self._key_wire(llq)
             if kw is None:
                 return None
             size += kw[1]
@@ -628,8 +659,8 @@ class LLQServer:
             if wire:
                 break
             take = max(1, take // 2)
-        for rkey, _ in items[:take]:
-            del llq.queued[rkey]
+        for rid, _ in items[:take]:
+            del llq.queued[rid]
         wait = sum(self.config.resend_after) if llq.stream else self.config.resend_after[0]
         event = _Event(msg_id, wire, 1, now + wait, in_window=True, mac=mac)
         self._unacked += 1
@@ -663,10 +694,10 @@ class LLQServer:
         if llq.key_name is not None:
             # The LLQ is private: only an acknowledgement signed with its key counts, so an
             # off-path sender cannot silence events.
-            if ack.tsig is None or ack.tsig.key_name != self._canonical_of(llq.key_name):
+            if ack.tsig is None or ack.tsig.key_name != llq.key_canonical:
                 self.stats["ack_unsigned"] += 1
                 return []
-            if not self._ack_signed_fast(wire, ack.tsig, llq.key_name, event, now):
+            if not self._ack_signed_fast(wire, ack.tsig, llq, event, now):
                 self.stats["ack_bad_tsig"] += 1
                 return []
         return self._acknowledged(llq, now)
@@ -677,14 +708,6 @@ class LLQServer:
         self.stats["acks"] += 1
         out = self._send_waiting(now)
         return out + self._send_next(llq, now)
-
-    def _canonical_of(self, name: dns.name.Name) -> bytes:
-        got = self._canonical.get(name)
-        if got is None:
-            if len(self._canonical) >= 65536:
-                self._canonical.clear()
-            got = self._canonical[name] = canonical(name)
-        return got
 
     @staticmethod
     def _ack_of(wire: bytes) -> Ack | None:
@@ -711,10 +734,10 @@ class LLQServer:
         )
 
     def _ack_signed_fast(
-        self, wire: bytes, t: AckTsig, key_name: dns.name.Name, event: _Event, now: float
+        self, wire: bytes, t: AckTsig, llq: LLQ, event: _Event, now: float
     ) -> bool:
         """``_ack_signed`` on bytes: the same checks, the MAC from the prepared key."""
-        prepared = self._key_wire(key_name)
+        prepared = self._key_wire(llq)
         if prepared is None or event.mac is None:
             return False
         kw = prepared[0]
