@@ -169,7 +169,7 @@ async def _work(job: Job, conn: Connection) -> None:
         await until(functools.partial(room_among, started), 600)
     if not await until(lambda: all(ready(w) for w in watchers), 600):
         raise RuntimeError("watchers not set up in 10 minutes")
-    conn.send(("ready", time.monotonic() - t0))
+    conn.send(("ready", time.monotonic() - t0, time.process_time()))
     loop = asyncio.get_running_loop()
     cpu0, wall0 = time.process_time(), time.monotonic()
     while True:
@@ -223,7 +223,9 @@ def make_keys(state: Path, zones: int, per_zone: int, fanout: int, shared: bool)
 
 def start_workers(
     jobs: list[Job],
-) -> tuple[list[mp.process.BaseProcess], list[Connection], float]:
+) -> tuple[list[mp.process.BaseProcess], list[Connection], float, float]:
+    """The workers, each with its watchers set up: the wall time that took and the workers'
+    CPU seconds for it (their ceiling during setup)."""
     ctx = mp.get_context("spawn")
     procs: list[mp.process.BaseProcess] = []
     conns: list[Connection] = []
@@ -234,12 +236,14 @@ def start_workers(
         p.start()
         procs.append(p)
         conns.append(parent)
+    cpu = 0.0
     for c in conns:
         if not c.poll(900):
             raise RuntimeError("a load-generator worker did not get its watchers up in 15 min")
-        kind, _ = c.recv()
+        kind, _, worker_cpu = c.recv()
         assert kind == "ready"
-    return procs, conns, time.monotonic() - t0
+        cpu += worker_cpu
+    return procs, conns, time.monotonic() - t0, cpu
 
 
 def wait_caught_up(conns: list[Connection], expected: dict[str, int], timeout: float) -> int:
@@ -294,7 +298,7 @@ def run_load(args: argparse.Namespace, transport: str, keys: dict[str, Any],
     jobs = [Job(transport, port, args.cafile, "w", part)
             for part in split(watchers, args.processes) if part]  # fmt: skip
     cpu0, _ = proc_cpu_rss(server_pid)
-    procs, conns, setup = start_workers(jobs)
+    procs, conns, setup, loadgen_setup = start_workers(jobs)
     cpu1, _ = proc_cpu_rss(server_pid)
     rng = random.Random(1)
     sent: dict[int, tuple[float, str]] = {}
@@ -332,6 +336,7 @@ def run_load(args: argparse.Namespace, transport: str, keys: dict[str, Any],
         "latency_p99_ms": round(pct(lat, 99) * 1000, 2) if lat else -1,
         "setup_s": round(setup, 2),
         "server_cpu_s_setup": round(cpu1 - cpu0, 2),
+        "loadgen_cpu_s_setup": round(loadgen_setup, 2),
         "server_cpu_share_load": round((cpu2 - cpu1) / elapsed, 3),
         "server_rss_mib": round(rss2 / 2**20, 1),
         "loadgen": ceilings,
@@ -346,7 +351,7 @@ def run_fanout(args: argparse.Namespace, transport: str, keys: dict[str, Any],
     jobs = [Job(transport, port, args.cafile, "fan", part)
             for part in split(watchers, args.processes) if part]  # fmt: skip
     cpu0, _ = proc_cpu_rss(server_pid)
-    procs, conns, setup = start_workers(jobs)
+    procs, conns, setup, loadgen_setup = start_workers(jobs)
     cpu1, _ = proc_cpu_rss(server_pid)
     seq = 2_000_000 * (1 + int(time.time()) % 1000) + random.randrange(1000)
     sent = time.time()
@@ -365,7 +370,11 @@ def run_fanout(args: argparse.Namespace, transport: str, keys: dict[str, Any],
         "p50_ms": round(pct(got, 50) * 1000, 1) if got else -1,
         "setup_s": round(setup, 2),
         "server_cpu_s_setup": round(cpu1 - cpu0, 2),
+        "loadgen_cpu_s_setup": round(loadgen_setup, 2),
         "server_cpu_s_fanout": round(cpu2 - cpu1, 2),
+        # both sides' CPU for the fan-out: when the workers' is the larger, the wall time
+        # above measures the load generator more than the server
+        "loadgen_cpu_s_fanout": round(sum(c["cpu_s"] for c in ceilings), 2),
         "server_rss_mib": round(rss2 / 2**20, 1),
         "loadgen": ceilings,
     }
