@@ -380,6 +380,10 @@ def run_fanout(args: argparse.Namespace, transport: str, keys: dict[str, Any],
     }
 
 
+def log_lines(log: Path) -> list[str]:
+    return log.read_text(errors="replace").splitlines() if log.exists() else []
+
+
 def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"transport": rows[0]["transport"], "scenario": rows[0]["scenario"],
                            "reps": len(rows)}  # fmt: skip
@@ -417,7 +421,12 @@ def bench_transport(args: argparse.Namespace, transport: str) -> list[dict[str, 
                 for name, fn in (("load", run_load), ("fanout", run_fanout)):
                     if getattr(args, f"skip_{name}"):
                         continue
+                    seen = log_lines(state / "server.log")
                     row = fn(args, transport, keys, srv.pid)
+                    # refused signatures cost the watcher a retry after 2 s (module doc)
+                    new = log_lines(state / "server.log")[len(seen) :]
+                    row["server_tsig_refusals"] = sum("tsig refused" in line for line in new)
+                    row["server_warnings"] = sum("[warning" in line for line in new)
                     row["rep"] = rep
                     rows[name].append(row)
                     print(json.dumps(row), flush=True)
