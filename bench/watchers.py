@@ -48,6 +48,7 @@ import random
 import secrets
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -61,7 +62,7 @@ import dns.query
 import dns.rcode
 
 from bench import REPO
-from bench.push import pct, proc_cpu_rss, seq_of, split, update
+from bench.push import BASE, pct, proc_cpu_rss, seq_of, split, update
 from bench.serve import free_port, serving
 
 PARENT = "members.example."
@@ -70,6 +71,62 @@ TRANSPORTS = ("llq", "push")
 
 #: (zone, key name, key secret) of one watcher
 KeyRef = tuple[str, str, bytes]
+
+
+def light_llq_event(wire: bytes, sign: Any, now: int) -> tuple[list[int], bytes] | None:
+    """``--light``: an LLQ event read without dnspython, and its signed acknowledgement.
+
+    What the real client sends back (header ID and QR, the question, OPT with the LLQ option,
+    TSIG as a response to the event's MAC), built from the event's bytes; the event is not
+    verified (the bench trusts its own server; tests/llq checks the real client). None when
+    the message is not an event: the real client handles it.
+    """
+    from btmm_core.dns.wire import after_questions, rrs, skip_name
+
+    if len(wire) < 12 or not wire[2] & 0x80:
+        return None
+    msg_id = wire[:2]
+    q_end = after_questions(wire)
+    seqs: list[int] = []
+    llq: bytes | None = None
+    mac = b""
+    for rr in rrs(wire):
+        if rr.rdtype == 28 and rr.rdlength == 16 and rr.ttl != 0xFFFFFFFF:
+            seqs.append(int.from_bytes(wire[rr.rdata : rr.end]) - BASE)
+        elif rr.rdtype == 41 and rr.rdlength == 22:
+            llq = wire[rr.rdata + 4 : rr.end]
+        elif rr.rdtype == 250:
+            p = skip_name(wire, rr.rdata) + 8  # algorithm, Time Signed, Fudge
+            (size,) = struct.unpack_from("!H", wire, p)
+            mac = wire[p + 2 : p + 2 + size]
+    if llq is None or struct.unpack_from("!H", llq, 2)[0] != 3:  # not an EVENT
+        return None
+    ack = b"".join(
+        (
+            msg_id, b"\x80\x00\x00\x01\x00\x00\x00\x00\x00\x01", wire[12:q_end],
+            b"\x00", struct.pack("!HHIHHH", 41, 1232, 0, 22, 1, 18), llq,
+        )
+    )  # fmt: skip
+    signed, _ = sign(ack, time_signed=now, fudge=300, request_mac=mac)
+    return seqs, signed
+
+
+def light_push(wire: bytes) -> list[int] | None:
+    """``--light``: the AAAA adds of a PUSH read without dnspython (names are not compressed
+    in our server's PUSHes); None when the message is not a PUSH."""
+    if len(wire) < 16 or (wire[2] >> 3) & 0xF != 6 or struct.unpack_from("!H", wire, 12)[0] != 0x41:
+        return None
+    end = 16 + struct.unpack_from("!H", wire, 14)[0]
+    p, seqs = 16, []
+    while p < end:
+        while wire[p]:
+            p += 1 + wire[p]
+        rdtype, _, ttl, rdlen = struct.unpack_from("!HHIH", wire, p + 1)
+        p += 11
+        if rdtype == 28 and rdlen == 16 and ttl <= 0x7FFFFFFF:
+            seqs.append(int.from_bytes(wire[p : p + 16]) - BASE)
+        p += rdlen
+    return seqs
 
 
 @dataclass(frozen=True)
@@ -84,6 +141,8 @@ class Job:
     watchers: list[KeyRef]
     #: watchers being set up at once in this worker
     window: int = 100
+    #: events and PUSHes read (and LLQ events acknowledged) without dnspython once set up
+    light: bool = False
 
 
 def _worker(job: Job, conn: Connection) -> None:
@@ -97,8 +156,9 @@ async def _work(job: Job, conn: Connection) -> None:
 
     from btmm_core.dns.tsig import HMAC_SHA256, TsigKey
     from btmm_core.llq.client import Changes as LLQChanges
-    from btmm_core.llq.client import ClientConfig, ClientState
+    from btmm_core.llq.client import ClientConfig, ClientState, Send
     from btmm_core.llq.driver import Watcher
+    from btmm_core.llq.fastwire import KeyWire
     from btmm_core.push.client import Changes as PushChanges
     from btmm_core.push.client import PushClientConfig, PushState
     from btmm_core.push.driver import PushWatcher
@@ -133,11 +193,7 @@ async def _work(job: Job, conn: Connection) -> None:
         while True:
             ev = await w.events.get()
             if isinstance(ev, LLQChanges | PushChanges) and not ev.full:
-                now = time.time()
-                for r in ev.added:
-                    seq = seq_of(r.rdata.to_text())
-                    arrivals.append((seq, now))
-                    latest[i] = max(latest[i], seq)
+                record(i, [seq_of(r.rdata.to_text()) for r in ev.added])
 
     async def until(cond: Any, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -146,6 +202,25 @@ async def _work(job: Job, conn: Connection) -> None:
                 return False
             await asyncio.sleep(0.01)
         return True
+
+    def record(i: int, seqs: list[int]) -> None:
+        now = time.time()
+        for seq in seqs:
+            arrivals.append((seq, now))
+            latest[i] = max(latest[i], seq)
+
+    def light_receive(i: int, slow: Any, kw: KeyWire, wire: bytes, now: float) -> list[Any]:
+        if job.transport == "push":
+            seqs = light_push(wire)
+            if seqs is None:
+                return list(slow(wire, now))
+            record(i, seqs)
+            return []
+        got = light_llq_event(wire, kw.sign, int(now))
+        if got is None:
+            return list(slow(wire, now))
+        record(i, got[0])
+        return [Send(got[1])]
 
     def room_among(started: int) -> bool:
         return sum(not ready(w) for w in watchers[:started]) < job.window
@@ -169,6 +244,10 @@ async def _work(job: Job, conn: Connection) -> None:
         await until(functools.partial(room_among, started), 600)
     if not await until(lambda: all(ready(w) for w in watchers), 600):
         raise RuntimeError("watchers not set up in 10 minutes")
+    if job.light:
+        for i, w in enumerate(watchers):
+            w.client.receive = functools.partial(light_receive, i, w.client.receive,
+                                                 KeyWire(w.client.key))  # fmt: skip
     conn.send(("ready", time.monotonic() - t0, time.process_time()))
     loop = asyncio.get_running_loop()
     cpu0, wall0 = time.process_time(), time.monotonic()
@@ -295,7 +374,7 @@ def run_load(args: argparse.Namespace, transport: str, keys: dict[str, Any],
         per_zone[z] += 1
     zones = sorted(per_zone)
     port = args.tls_port if transport == "push" else args.dns_port
-    jobs = [Job(transport, port, args.cafile, "w", part)
+    jobs = [Job(transport, port, args.cafile, "w", part, light=args.light)
             for part in split(watchers, args.processes) if part]  # fmt: skip
     cpu0, _ = proc_cpu_rss(server_pid)
     procs, conns, setup, loadgen_setup = start_workers(jobs)
@@ -348,7 +427,7 @@ def run_fanout(args: argparse.Namespace, transport: str, keys: dict[str, Any],
     watchers: list[KeyRef] = keys["fanout"][: args.watchers]
     zone = watchers[0][0]
     port = args.tls_port if transport == "push" else args.dns_port
-    jobs = [Job(transport, port, args.cafile, "fan", part)
+    jobs = [Job(transport, port, args.cafile, "fan", part, light=args.light)
             for part in split(watchers, args.processes) if part]  # fmt: skip
     cpu0, _ = proc_cpu_rss(server_pid)
     procs, conns, setup, loadgen_setup = start_workers(jobs)
@@ -455,6 +534,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-fanout", action="store_true")
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument(
+        "--light",
+        action="store_true",
+        help="watchers read events (and acknowledge LLQ events) without dnspython once set up",
+    )
     ap.add_argument(
         "--shared-keys", action="store_true", help="each zone's account key for its watchers"
     )
