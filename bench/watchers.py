@@ -52,6 +52,7 @@ import struct
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -63,7 +64,7 @@ import dns.rcode
 
 from bench import REPO
 from bench.push import BASE, pct, proc_cpu_rss, seq_of, split, update
-from bench.serve import free_port, serving
+from bench.serve import free_ports, serving
 
 PARENT = "members.example."
 NS = "ns.members.example"
@@ -265,7 +266,11 @@ async def _work(job: Job, conn: Connection) -> None:
     conn.send(("done", arrivals, cpu, wall))
     for t in tasks:
         t.cancel()
-    await asyncio.gather(*(w.close() for w in watchers), return_exceptions=True)
+    # a hundred at a time: 2,500 LLQ cancels at once overflow the server's receive buffer,
+    # and a lost cancel leaves the LLQ until its lease ends (the next phase then finds the
+    # server fuller and fuller: SERV-FULL, retry in 5 min)
+    for i in range(0, len(watchers), 100):
+        await asyncio.gather(*(w.close() for w in watchers[i : i + 100]), return_exceptions=True)
 
 
 def make_keys(state: Path, zones: int, per_zone: int, fanout: int, shared: bool) -> dict[str, Any]:
@@ -398,6 +403,7 @@ def run_load(args: argparse.Namespace, transport: str, keys: dict[str, Any],
     elapsed = time.monotonic() - t_start
     cpu2, rss2 = proc_cpu_rss(server_pid)
     arrivals, ceilings = stop_workers(procs, conns)
+    left = llqs_left(args, transport)
     lat = [t - sent[s][0] for s, t in arrivals if s in sent]
     expected = sum(per_zone[z] for _, z in sent.values())
     return {
@@ -418,6 +424,7 @@ def run_load(args: argparse.Namespace, transport: str, keys: dict[str, Any],
         "loadgen_cpu_s_setup": round(loadgen_setup, 2),
         "server_cpu_share_load": round((cpu2 - cpu1) / elapsed, 3),
         "server_rss_mib": round(rss2 / 2**20, 1),
+        "llqs_left_after_close": left,
         "loadgen": ceilings,
     }
 
@@ -438,6 +445,7 @@ def run_fanout(args: argparse.Namespace, transport: str, keys: dict[str, Any],
     missing = wait_caught_up(conns, {zone: seq}, 60.0)
     cpu2, rss2 = proc_cpu_rss(server_pid)
     arrivals, ceilings = stop_workers(procs, conns)
+    left = llqs_left(args, transport)
     got = [t - sent for s, t in arrivals if s == seq]
     return {
         "transport": transport,
@@ -455,8 +463,28 @@ def run_fanout(args: argparse.Namespace, transport: str, keys: dict[str, Any],
         # above measures the load generator more than the server
         "loadgen_cpu_s_fanout": round(sum(c["cpu_s"] for c in ceilings), 2),
         "server_rss_mib": round(rss2 / 2**20, 1),
+        "llqs_left_after_close": left,
         "loadgen": ceilings,
     }
+
+
+def llq_active(metrics_port: int) -> int:
+    """LLQs the server holds now (its ``--metrics`` gauge)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return int(float(next(ln.split()[1] for ln in text.splitlines()
+                          if ln.startswith("btmm_llq_active "))))  # fmt: skip
+
+
+def llqs_left(args: argparse.Namespace, transport: str) -> int:
+    """After the watchers closed: LLQs still held once the cancels were read (30 s at most).
+    Not 0: cancels were lost, and those LLQs stay until their lease ends."""
+    if transport != "llq":
+        return 0
+    end = time.monotonic() + 30
+    while (n := llq_active(args.metrics_port)) and time.monotonic() < end:
+        time.sleep(0.2)
+    return n
 
 
 def log_lines(log: Path) -> list[str]:
@@ -483,13 +511,16 @@ def bench_transport(args: argparse.Namespace, transport: str) -> list[dict[str, 
     per_zone = max(1, -(-args.watchers // args.zones))
     fanout = 0 if args.skip_fanout else args.watchers
     keys = make_keys(state, args.zones, per_zone, fanout, args.shared_keys)
-    args.dns_port, args.tls_port = free_port(), free_port()
+    args.dns_port, args.tls_port, args.metrics_port = free_ports(3)
     args.cafile = str(state / "tls" / "dot-cert.pem")
     room = str(2 * args.watchers + 100)
+    # room for every phase's LLQs, should cancels be lost (``llqs_left_after_close``)
+    llq_room = str((2 * args.reps + 1) * args.watchers + 100)
     options = [
         "--tls-port", str(args.tls_port), "--max-connections", room,
         "--max-connections-per-client", room, "--push-max-per-client", room,
-        "--push-max-total", room, "--llq-max-total", room, "--llq-max-per-client", room,
+        "--push-max-total", room, "--llq-max-total", llq_room, "--llq-max-per-client", llq_room,
+        "--metrics", f"127.0.0.1:{args.metrics_port}",
         "--log-level", "warning", "--lease-min", "60",
     ]  # fmt: skip
     out: list[dict[str, Any]] = []

@@ -35,6 +35,8 @@ def test_watchers_bench_runs_both_transports_and_reports_its_figures() -> None:
         assert r["server_cpu_s_setup"] >= 0 and r["loadgen_cpu_s_setup"] > 0
         # a key per watcher: the registry refuses no signature (no retries after 2 s)
         assert r["server_tsig_refusals"] == 0
+        # every LLQ was cancelled when its watcher closed (the next phase starts empty)
+        assert r["llqs_left_after_close"] == 0
         assert len(r["loadgen"]) == 2
         assert all(c["cpu_share"] >= 0 and c["cpu_s"] >= 0 for c in r["loadgen"])
         if r["scenario"] == "load":
