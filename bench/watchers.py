@@ -379,7 +379,7 @@ def run_load(args: argparse.Namespace, transport: str, keys: dict[str, Any],
         per_zone[z] += 1
     zones = sorted(per_zone)
     port = args.tls_port if transport == "push" else args.dns_port
-    jobs = [Job(transport, port, args.cafile, "w", part, light=args.light)
+    jobs = [Job(transport, port, args.cafile, "w", part, args.window, args.light)
             for part in split(watchers, args.processes) if part]  # fmt: skip
     cpu0, _ = proc_cpu_rss(server_pid)
     procs, conns, setup, loadgen_setup = start_workers(jobs)
@@ -434,7 +434,7 @@ def run_fanout(args: argparse.Namespace, transport: str, keys: dict[str, Any],
     watchers: list[KeyRef] = keys["fanout"][: args.watchers]
     zone = watchers[0][0]
     port = args.tls_port if transport == "push" else args.dns_port
-    jobs = [Job(transport, port, args.cafile, "fan", part, light=args.light)
+    jobs = [Job(transport, port, args.cafile, "fan", part, args.window, args.light)
             for part in split(watchers, args.processes) if part]  # fmt: skip
     cpu0, _ = proc_cpu_rss(server_pid)
     procs, conns, setup, loadgen_setup = start_workers(jobs)
@@ -563,6 +563,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--window", type=int, default=100, help="watchers each worker sets up at once")
     ap.add_argument("--skip-fanout", action="store_true")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument(
