@@ -66,7 +66,16 @@ from btmm_core.dns.llq_option import (
     LLQOption,
     find_llq,
 )
-from btmm_core.dns.tsig import MAX_FUDGE, TsigKey, expected_mac, record_of, rr_size, sign
+from btmm_core.dns.tsig import (
+    MAX_FUDGE,
+    TsigKey,
+    expected_mac,
+    record_of,
+    rr_size,
+    sign,
+    strip_tsig,
+)
+from btmm_core.llq.fastwire import Ack, AckTsig, EventTemplate, KeyWire, canonical, parse_ack
 from btmm_core.registry.handler import RegistryCore, RequestContext, Transport
 from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.model import RRsetChange
@@ -76,6 +85,16 @@ from btmm_core.registry.zones import NOT_RECORD_TYPES
 log = structlog.get_logger("btmm.llq")
 
 RecordKey = tuple[dns.name.Name, int, dns.rdata.Rdata]
+#: One queued change: the record's identity (``_record_id``), the record and its TTL.
+_Item = tuple[bytes, tuple[RecordKey, int]]
+
+
+def _record_id(name: dns.name.Name, rdtype: int, rd: dns.rdata.Rdata) -> bytes:
+    """Bytes equal exactly when the records are (names compared without case, RDATA in
+    canonical form): hashed once, where a (Name, type, Rdata) tuple is hashed by dnspython
+    at every look-up."""
+    wire = rd.to_digestable()
+    return canonical(name) + struct.pack("!HH", rdtype, len(wire)) + wire
 
 
 @dataclass(frozen=True)
@@ -137,11 +156,16 @@ class LLQ:
     key_name: dns.name.Name | None
     expires: float
     payload: int
-    queued: dict[RecordKey, int] = field(default_factory=dict)
+    #: Changes not sent yet, by the record's identity (``_record_id``), latest last.
+    queued: dict[bytes, tuple[RecordKey, int]] = field(default_factory=dict)
     inflight: _Event | None = None
     #: Time Signed of the last event: never goes back, even if the clock does, because the
     #: client refuses an event signed earlier than the newest it applied.
     signed: int = 0
+    #: The question in canonical wire form and its type (the key of its event templates).
+    qkey: bytes = b""
+    #: ``key_name`` in canonical wire form (b"": none).
+    key_canonical: bytes = b""
 
     @property
     def client(self) -> str:
@@ -173,6 +197,8 @@ class LLQServer:
         config: LLQConfig,
         secret: bytes,
         rng: random.Random,
+        *,
+        fast: bool = True,
     ) -> None:
         if len(secret) < 16:
             raise ValueError("the LLQ challenge secret needs at least 16 bytes")
@@ -190,6 +216,12 @@ class LLQServer:
         self._templates: dict[
             tuple[dns.name.Name, int, tuple[tuple[RecordKey, int], ...]], bytes
         ] = {}
+        #: Events and acknowledgements as bytes (``fastwire``); False: through dnspython
+        #: objects only, the reference the tests compare the fast path with.
+        self.fast = fast
+        self._fast_templates: dict[bytes, EventTemplate] = {}
+        #: Keys prepared for signing, by name, with the bytes their TSIG RR adds.
+        self._key_wires: dict[bytes, tuple[KeyWire, int]] = {}
         self.stats: Counter[str] = Counter()
         #: LLQs with changes waiting for room in the send window, in arrival order.
         self._waiting: dict[int, None] = {}
@@ -378,6 +410,9 @@ class LLQServer:
     # ---- state --------------------------------------------------------------------------
 
     def _create(self, llq: LLQ) -> None:
+        llq.qkey = canonical(llq.qname) + struct.pack("!H", llq.qtype)
+        if llq.key_name is not None:
+            llq.key_canonical = canonical(llq.key_name)
         self.llqs[llq.llq_id] = llq
         self._by_rrset.setdefault((llq.qname, llq.qtype), set()).add(llq.llq_id)
         self._per_client[llq.client] += 1
@@ -452,11 +487,12 @@ class LLQServer:
             records += [((ch.name, ch.rdtype, rd), REMOVED_TTL) for rd in ch.removed]
             if not records:  # only TTLs changed: send the RRset as it is now
                 records = [((ch.name, ch.rdtype, rd), ttl) for rd, ttl in ch.after]
+            items = [(_record_id(*rkey), (rkey, ttl)) for rkey, ttl in records]
             for llq_id in ids:
-                llq = self.llqs[llq_id]
-                for rkey, ttl in records:
-                    llq.queued.pop(rkey, None)  # keep the order of the latest change
-                    llq.queued[rkey] = ttl
+                queued = self.llqs[llq_id].queued
+                for rid, item in items:
+                    queued.pop(rid, None)  # keep the order of the latest change
+                    queued[rid] = item
                 touched.add(llq_id)
         out: list[Outgoing] = []
         for llq_id in touched:
@@ -483,6 +519,15 @@ class LLQServer:
         wire = self._templates.get(cache_key)
         if wire is not None:
             return wire
+        wire = self._render_event(qname, qtype, records)
+        if len(self._templates) >= 256:
+            self._templates.clear()
+        self._templates[cache_key] = wire
+        return wire
+
+    def _render_event(
+        self, qname: dns.name.Name, qtype: int, records: Sequence[tuple[RecordKey, int]]
+    ) -> bytes:
         msg = dns.message.Message(id=0)
         msg.flags = dns.flags.QR | dns.flags.AA
         msg.question.append(
@@ -498,12 +543,55 @@ class LLQServer:
         wire = msg.to_wire()
         # The patching below relies on the option data being the message's last bytes.
         assert wire[-LLQ_LENGTH:] == LLQOption(LLQOpcode.EVENT).data()
-        if len(self._templates) >= 256:
-            self._templates.clear()
-        self._templates[cache_key] = wire
         return wire
 
+    def _key_wire(self, llq: LLQ) -> tuple[KeyWire, int] | None:
+        """The LLQ's key prepared for signing, or None if it is gone (revoked)."""
+        assert llq.key_name is not None
+        key = self.core.store.keys.get(llq.key_name)
+        if key is None:
+            return None
+        cached = self._key_wires.get(llq.key_canonical)
+        if cached is None or cached[0].key is not key:
+            if len(self._key_wires) >= 65536:
+                self._key_wires.clear()
+            cached = (KeyWire(key), rr_size(key.name, key.algorithm, 0))
+            self._key_wires[llq.key_canonical] = cached
+        return cached
+
     def _event_wire(
+        self, llq: LLQ, items: list[_Item], now: float
+    ) -> tuple[int, bytes, bytes | None] | None:
+        records = [item for _, item in items]
+        if not self.fast:
+            return self._event_wire_slow(llq, records, now)
+        # the template's key: bytes, whose hash Python keeps (a dnspython name's it does not)
+        content = b"".join(
+            [llq.qkey] + [struct.pack("!HI", len(rid), ttl) + rid for rid, (_, ttl) in items]
+        )
+        template = self._fast_templates.get(content)
+        if template is None:
+            if len(self._fast_templates) >= 256:
+                self._fast_templates.clear()
+            rendered = self._render_event(llq.qname, llq.qtype, records)
+            template = self._fast_templates[content] = EventTemplate.of(rendered)
+        msg_id = self._rng.randrange(0x10000)
+        wire = template.event(msg_id, llq.llq_id, max(0, int(llq.expires - now)))
+        size = len(wire)
+        kw = None
+        if llq.key_name is not None:
+            kw = self._key_wire(llq)
+            if kw is None:
+                return None
+            size += kw[1]
+        if size > llq.payload and len(records) > 1:
+            return msg_id, b"", None
+        if kw is None:
+            return msg_id, wire, None
+        llq.signed = max(llq.signed, int(now))
+        return (msg_id, *kw[0].sign(wire, time_signed=llq.signed, fudge=self.config.fudge))
+
+    def _event_wire_slow(
         self, llq: LLQ, records: list[tuple[RecordKey, int]], now: float
     ) -> tuple[int, bytes, bytes | None] | None:
         template = self._event_template(llq.qname, llq.qtype, tuple(records))
@@ -571,8 +659,8 @@ class LLQServer:
             if wire:
                 break
             take = max(1, take // 2)
-        for rkey, _ in items[:take]:
-            del llq.queued[rkey]
+        for rid, _ in items[:take]:
+            del llq.queued[rid]
         wait = sum(self.config.resend_after) if llq.stream else self.config.resend_after[0]
         event = _Event(msg_id, wire, 1, now + wait, in_window=True, mac=mac)
         self._unacked += 1
@@ -586,6 +674,90 @@ class LLQServer:
     ) -> list[Outgoing]:
         """A message with QR set: an event acknowledgement (RFC 8764 section 6.2), or noise.
         Returns the events it lets go out: this LLQ's next one, and those waiting for room."""
+        if not self.fast:
+            return self._receive_response_slow(wire, now, transport, peer)
+        ack = parse_ack(wire)
+        if ack is None:
+            ack = self._ack_of(wire)  # not the usual shape: dnspython reads it
+            if ack is None:
+                return []
+        if ack.llq_options != 1 or ack.malformed or ack.opcode != LLQOpcode.EVENT:
+            return []
+        llq = self.llqs.get(ack.llq_id)
+        if llq is None or llq.peer != peer or llq.transport != transport:
+            self.stats["ack_unknown"] += 1
+            return []
+        event = llq.inflight
+        if event is None or event.msg_id != ack.msg_id:
+            self.stats["ack_duplicate"] += 1
+            return []
+        if llq.key_name is not None:
+            # The LLQ is private: only an acknowledgement signed with its key counts, so an
+            # off-path sender cannot silence events.
+            if ack.tsig is None or ack.tsig.key_name != llq.key_canonical:
+                self.stats["ack_unsigned"] += 1
+                return []
+            if not self._ack_signed_fast(wire, ack.tsig, llq, event, now):
+                self.stats["ack_bad_tsig"] += 1
+                return []
+        return self._acknowledged(llq, now)
+
+    def _acknowledged(self, llq: LLQ, now: float) -> list[Outgoing]:
+        self._release(llq)
+        llq.inflight = None
+        self.stats["acks"] += 1
+        out = self._send_waiting(now)
+        return out + self._send_next(llq, now)
+
+    @staticmethod
+    def _ack_of(wire: bytes) -> Ack | None:
+        """An acknowledgement of an unusual shape, read by dnspython (None: not a message)."""
+        try:
+            msg = dns.message.from_wire(wire, keyring=False)
+        except Exception:  # untrusted input; a response is never answered
+            return None
+        options = find_llq(msg.options)
+        first = options[0] if options else None
+        tsig = None
+        if msg.had_tsig and msg.tsig is not None:
+            rec = record_of(wire, msg)
+            tsig = AckTsig(canonical(msg.tsig.name), canonical(rec.algorithm), rec.time_signed,
+                           rec.fudge, rec.mac, rec.original_id, rec.error, rec.other,
+                           rec.start)  # fmt: skip
+        return Ack(
+            msg.id,
+            len(options),
+            first is None or first.malformed,
+            first.opcode if first is not None else 0,
+            first.llq_id if first is not None else 0,
+            tsig,
+        )
+
+    def _ack_signed_fast(
+        self, wire: bytes, t: AckTsig, llq: LLQ, event: _Event, now: float
+    ) -> bool:
+        """``_ack_signed`` on bytes: the same checks, the MAC from the prepared key."""
+        prepared = self._key_wire(llq)
+        if prepared is None or event.mac is None:
+            return False
+        kw = prepared[0]
+        if (
+            t.algorithm != kw.algorithm_canonical
+            or t.error != 0
+            or t.original_id != event.msg_id
+            or abs(t.time_signed - int(now)) > min(self.config.fudge, MAX_FUDGE)
+        ):
+            return False
+        expected = kw.mac(
+            strip_tsig(wire, t.start), original_id=t.original_id, time_signed=t.time_signed,
+            fudge=t.fudge, error=t.error, other=t.other, request_mac=event.mac,
+        )  # fmt: skip
+        return hmac.compare_digest(expected, t.mac)
+
+    def _receive_response_slow(
+        self, wire: bytes, now: float, transport: Transport, peer: str
+    ) -> list[Outgoing]:
+        """``receive_response`` through dnspython objects (``fast`` False)."""
         try:
             msg = dns.message.from_wire(wire, keyring=False)
         except Exception:  # untrusted input; a response is never answered
@@ -610,11 +782,7 @@ class LLQServer:
             if not self._ack_signed(wire, msg, llq.key_name, event, now):
                 self.stats["ack_bad_tsig"] += 1
                 return []
-        self._release(llq)
-        llq.inflight = None
-        self.stats["acks"] += 1
-        out = self._send_waiting(now)
-        return out + self._send_next(llq, now)
+        return self._acknowledged(llq, now)
 
     def _ack_signed(
         self,

@@ -87,6 +87,8 @@ class RegistryServer:
         self.streams: dict[tuple[Transport, str], asyncio.StreamWriter] = {}
         #: Pushed bytes a connection may leave unread before it is closed as stuck.
         self.max_stream_backlog = 1 << 20
+        #: The last message pushed and its framed bytes (``send_stream``).
+        self._framed: tuple[bytes, bytes] = (b"", b"")
         #: RRset changes the plug-ins have not heard of yet: given to them by ``_timers``
         #: (woken by every message), so that replies go out first and one burst of updates
         #: makes one batch.
@@ -208,7 +210,10 @@ class RegistryServer:
             log.warning("closing a connection that does not read pushed messages", peer=peer)
             writer.close()
             return False
-        writer.write(struct.pack("!H", len(wire)) + wire)
+        if wire is not self._framed[0]:
+            # one change pushed to many sessions is one bytes object: frame it once
+            self._framed = (wire, struct.pack("!H", len(wire)) + wire)
+        writer.write(self._framed[1])
         return True
 
     def abort_stream(self, transport: Transport, peer: str) -> None:

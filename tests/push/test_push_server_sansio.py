@@ -368,3 +368,39 @@ def test_a_chatty_session_keeps_one_timer_entry(lab: PushLab) -> None:
     lab.now = NOW + 21.99
     (out,) = lab.run()  # twice 10 s after the last keepalive
     assert out.close
+
+
+def test_closed_sessions_leave_nothing_behind(lab: PushLab) -> None:
+    """Open and close many sessions: the session table, the subscription index, the counts
+    and the timer heap come back to (nearly) empty. A closed session's timer entry used to
+    stay until its deadline, twice the keepalive interval (up to 2 h): sessions coming and
+    going piled them up (the bench saw the server grow and slow down run after run)."""
+    for rnd in range(3):
+        peers = [f"192.0.2.{i % 250 + 1}#{6000 + rnd * 500 + i}" for i in range(300)]
+        for i, p in enumerate(peers):
+            # a second apart: two binding queries alike (same ID by chance) in one second
+            # would be one replayed message to the registry
+            lab.now = NOW + rnd * 400 + i
+            lab.bind(peer=p)
+            lab.send(DSOMessage(1, (Keepalive(15_000, 3_600_000).tlv(),)).to_bytes(), p)
+            subscribe(lab, 2, peer=p)
+        assert len(lab.push.sessions) == 300 and lab.push._total == 300
+        for p in peers:
+            assert lab.push.connection_closed(Transport.TLS, p) == 1
+        assert lab.push.sessions == {}
+        assert lab.push._by_name == {} and not lab.push._per_client and lab.push._total == 0
+        assert len(lab.push._timers) <= 64, len(lab.push._timers)
+    # the sessions still open keep their timers through a compaction
+    lab.now += 1
+    lab.bind()
+    subscribe(lab, 1)
+    lab.send(DSOMessage(2, (Keepalive(15_000, 10_000).tlv(),)).to_bytes())
+    for i in range(200):
+        p = f"198.51.100.{i % 250 + 1}#{7000 + i}"
+        lab.now += 1
+        lab.bind(peer=p)
+        subscribe(lab, 2, peer=p)
+        lab.push.connection_closed(Transport.TLS, p)
+    lab.now += 21
+    (out,) = lab.run()
+    assert out.peer == PEER and out.close  # the keepalive timeout still fires
