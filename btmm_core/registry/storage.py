@@ -16,6 +16,8 @@ changed, and ``listen_fileno`` is a descriptor that becomes readable when there 
 from __future__ import annotations
 
 import abc
+import base64
+import json
 import os
 import sqlite3
 import stat
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dns.name
 import dns.rdata
@@ -33,9 +36,11 @@ from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.errors import ConfigError
 from btmm_core.registry.model import (
     Account,
+    Cause,
     ChangeSet,
     DeviceKey,
     Entry,
+    RecordKey,
     RecordRow,
     SeenMac,
     Snapshot,
@@ -845,3 +850,71 @@ class MemoryStorage(Storage):
             (d for d in self._devices.values() if d.user == user),
             key=lambda d: (d.created, d.key.name.to_text()),
         )
+
+
+# ---- change notices: a committed change as text, for the other servers or workers --------
+
+#: What a PostgreSQL notice carries at most (its limit is 8000 bytes); a bigger change is
+#: announced without its rows, and the others reload the zone.
+MAX_NOTICE = 7000
+
+
+def delta_text(change: ChangeSet, version: int, max_len: int | None = None) -> str:
+    """A committed change as a notice: JSON with the rows (rdata in wire form, base64); over
+    ``max_len`` characters, only the zone and version (the receiver reloads the zone)."""
+    delta: dict[str, Any] = {"z": change.zone.to_text(), "v": version}
+    body = dict(
+        delta,
+        s=change.serial,
+        c=int(change.cause),
+        u=[
+            [u.name.to_text(), u.rdtype, u.entry.ttl, u.entry.expires,
+             _b64(u.rdata)]
+            for u in change.upserts
+        ],
+        d=[
+            [d.name.to_text(), d.rdtype, _b64(d.rdata)]
+            for d in change.deletes
+        ],
+        o=[[n.to_text(), device] for n, device in change.claims],
+    )
+    text = json.dumps(body, separators=(",", ":"))
+    if max_len is not None and len(text) > max_len:
+        return json.dumps(delta, separators=(",", ":"))
+    return text
+
+
+def _b64(rdata: dns.rdata.Rdata) -> str:
+    return base64.b64encode(rdata.to_wire() or b"").decode()
+
+
+def _rdata(rdtype: int, b64: str) -> dns.rdata.Rdata:
+    return rdata_wire(rdtype, base64.b64decode(b64))
+
+
+def rdata_wire(rdtype: int, wire: bytes) -> dns.rdata.Rdata:
+    return dns.rdata.from_wire(
+        dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype), wire, 0, len(wire)
+    )
+
+
+def parse_delta(text: str) -> tuple[dns.name.Name, int, ChangeSet | None]:
+    """A notice's zone, version and change (None: the others must reload the zone)."""
+    d = json.loads(text)
+    zone = dns.name.from_text(d["z"])
+    if "s" not in d:
+        return zone, int(d["v"]), None
+    change = ChangeSet(
+        zone,
+        int(d["s"]),
+        upserts=tuple(
+            RecordRow(zone, dns.name.from_text(n), t, _rdata(t, rd), Entry(ttl, exp))
+            for n, t, ttl, exp, rd in d["u"]
+        ),
+        deletes=tuple(
+            RecordKey(zone, dns.name.from_text(n), t, _rdata(t, rd)) for n, t, rd in d["d"]
+        ),
+        cause=Cause(d["c"]),
+        claims=tuple((dns.name.from_text(n), str(dev)) for n, dev in d["o"]),
+    )
+    return zone, int(d["v"]), change
