@@ -386,6 +386,16 @@ class ReplayGuard:
         if time_signed > self.last_time.get(key, 0):
             self.last_time[key] = time_signed
 
+    def admit(self, key: dns.name.Name, time_signed: int, mac: bytes) -> bool:
+        """``check``, and ``remember`` what passes: in one step (a shared guard locks once)."""
+        return self.admit_raw(_wire(key.canonicalize()), time_signed, mac)
+
+    def admit_raw(self, key: bytes, time_signed: int, mac: bytes) -> bool:
+        if not self.check_raw(key, time_signed, mac):
+            return False
+        self.remember_raw(key, time_signed, mac)
+        return True
+
     def prune(self, now: int) -> None:
         horizon = now - 2 * self.fudge
         for k in [k for k, t in self.seen.items() if t < horizon]:

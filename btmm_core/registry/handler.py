@@ -154,10 +154,14 @@ def _codes(reply: bytes) -> int:
 
 
 class RegistryCore:
-    def __init__(self, store: ZoneStore, policy: Policy | None = None) -> None:
+    def __init__(
+        self, store: ZoneStore, policy: Policy | None = None, replay: ReplayGuard | None = None
+    ) -> None:
         self.store = store
         self.policy = policy or Policy()
-        self.replay = ReplayGuard.empty(self.policy.fudge)
+        #: seen MACs and newest Time Signed per key; ``replay``: one shared with other
+        #: processes (``registry/replay.py``: workers on one SQLite file)
+        self.replay = replay if replay is not None else ReplayGuard.empty(self.policy.fudge)
         for s in store.loaded_seen:
             self.replay.remember(s.key, s.time_signed, s.mac)
         self.option_handlers: dict[int, OptionHandler] = {ENROL_CODE: handle_enrolment}
@@ -458,9 +462,8 @@ class RegistryCore:
             server_fudge=self.policy.fudge,
         ):
             return None
-        if not self.replay.check_raw(raw.name_wire, rec.time_signed, rec.mac):
+        if not self.replay.admit_raw(raw.name_wire, rec.time_signed, rec.mac):
             return None
-        self.replay.remember_raw(raw.name_wire, rec.time_signed, rec.mac)
         if transport != Transport.UDP:
             self._signed(transport, peer, raw.key, now)
         self.cached_answers += 1
@@ -480,10 +483,9 @@ class RegistryCore:
         verdict = verify(wire, record, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
         if not verdict.ok or verdict.key is None:
             return verdict
-        if not self.replay.check(record.key_name, record.time_signed, record.mac):
+        if not self.replay.admit(record.key_name, record.time_signed, record.mac):
             log.warning("tsig replay or older time signed", key=str(record.key_name))
             return TsigVerdict(TsigError.BADTIME, verdict.key, record)
-        self.replay.remember(record.key_name, record.time_signed, record.mac)
         return verdict
 
     def _tsig_failure(
@@ -618,6 +620,21 @@ class RegistryCore:
         assert verdict is not None
         seen = SeenMac(key.name, verdict.record.time_signed, verdict.record.mac)
         grant, option = self._grant(request)
+        if self.group_commit and not self._held:
+            # The group's first update: workers sharing a SQLite file take its write lock and
+            # catch up first, so that the group is planned on the latest committed state.
+            try:
+                self.store.open_group()
+            except Exception as e:  # sqlite3 errors (locked too long): nothing planned yet
+                log.error("commit failed", zone=str(zone.name), error=repr(e))
+                response.set_rcode(dns.rcode.SERVFAIL)
+                return response
+            fresh = self.store.zones.get(zone.name)
+            if fresh is None:
+                self.store.flush()  # nothing staged: lets go of the lock
+                response.set_rcode(dns.rcode.NOTAUTH)
+                return response
+            zone = fresh
         # Another server on a shared database may change the zone between planning and
         # commit (StaleZone: the store reloaded it): plan again on the new state, a few times.
         for attempt in range(1, _PLAN_ATTEMPTS + 1):

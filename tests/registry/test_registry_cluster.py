@@ -401,10 +401,11 @@ def test_workers_share_the_port_and_the_database(pg: PgCluster) -> None:
                 reg.proc.wait(timeout=5)
 
 
-def test_workers_need_a_shared_database() -> None:
+def test_workers_are_at_least_one() -> None:
+    # (SQLite takes --workers too now: tests/registry/test_registry_workers.py)
     with state_dir("btmm-workers-") as state:
-        r = LiveRegistry(state, free_port(), 0, ()).cli("--workers", "2")
-        assert r.returncode == 2 and "--workers above 1 needs --database" in r.stderr
+        r = LiveRegistry(state, free_port(), 0, ()).cli("--workers", "0")
+        assert r.returncode == 2 and "--workers 0: at least 1" in r.stderr
 
 
 def test_workers_end_when_their_first_process_is_killed(pg: PgCluster) -> None:
