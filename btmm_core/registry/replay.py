@@ -88,21 +88,27 @@ class SharedReplayGuard(ReplayGuard):
     # -- ReplayGuard ------------------------------------------------------------------------
 
     def check_raw(self, key: bytes, time_signed: int, mac: bytes) -> bool:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            return self._decide(key, time_signed, mac, store=False)
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        return self._locked(key, time_signed, mac, store=False)
 
     def remember_raw(self, key: bytes, time_signed: int, mac: bytes) -> None:
-        self.admit_raw(key, time_signed, mac)
+        self._locked(key, time_signed, mac, store=True)
 
     def admit_raw(self, key: bytes, time_signed: int, mac: bytes) -> bool:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        return self._locked(key, time_signed, mac, store=True)
+
+    def _locked(self, key: bytes, time_signed: int, mac: bytes, *, store: bool) -> bool:
+        # the hashing before the lock: other workers wait only for the table's own work
+        digest = _digest(key + mac)
+        fd = self._fd
         try:
-            return self._decide(key, time_signed, mac, store=True)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.sched_yield()  # the holder is likely running on the other core: let it end
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            return self._decide(key, time_signed, digest, store=store)
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
 
     def prune(self, now: int) -> None:
         return None  # entries are reused as their keys move on (see the module's text)
@@ -131,7 +137,7 @@ class SharedReplayGuard(ReplayGuard):
     def _newest(self, slot: int) -> int:
         return int(_TIME.unpack_from(self._mem, slot * _KEY.size + 16)[0])
 
-    def _decide(self, key: bytes, time_signed: int, mac: bytes, *, store: bool) -> bool:
+    def _decide(self, key: bytes, time_signed: int, digest: bytes, *, store: bool) -> bool:
         slot = self._slot(key)
         if slot is None:
             self.full += 1
@@ -139,16 +145,16 @@ class SharedReplayGuard(ReplayGuard):
         newest = self._newest(slot)
         if time_signed < newest:
             return False
-        digest = _digest(key + mac)
         base = _MACS + (int.from_bytes(digest[:4], "little") % BUCKETS) * _BUCKET.size
         fields = _BUCKET.unpack_from(self._mem, base)
+        if digest in fields:
+            return False  # seen (a MAC covers its time: one with this MAC is a replay)
         free = -1
         for j in range(_PER_BUCKET):
             t, owner, held = fields[3 * j : 3 * j + 3]
-            if held == digest:
-                return False  # seen (a MAC covers its time: one with this MAC is a replay)
-            if free < 0 and (held == _EMPTY or t < self._newest(owner)):
+            if held == _EMPTY or t < (newest if owner == slot else self._newest(owner)):
                 free = j  # guards nothing the time rule does not refuse already
+                break
         if free < 0:
             self.full += 1
             return False

@@ -16,6 +16,7 @@ import ctypes
 import os
 import random
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
@@ -78,6 +79,10 @@ class Worker:
     index: int
     count: int
     replay: SharedReplayGuard
+    #: the socket pairs UDP UPDATEs go through to worker 0 (``registry/server.py``
+    #: ``Forwarding``), one per other worker: worker 0 reads the first end of each, worker n
+    #: writes the second end of pair n - 1
+    forward: tuple[tuple[socket.socket, socket.socket], ...] = ()
 
 
 def compose(
@@ -122,6 +127,13 @@ def compose(
             reuse_port=lst.workers > 1,
         ),
     )
+    if worker is not None and worker.forward and core.group_commit:
+        # UDP UPDATEs go to worker 0, where they share its group commits
+        server.forward_writer = worker.index == 0
+        if worker.index == 0:
+            server.forward_sockets = tuple(pair[0] for pair in worker.forward)
+        else:
+            server.forward_sockets = (worker.forward[worker.index - 1][1],)
     responder = None
     if config.stun.enabled and stun:
         responder = StunServer(StunResponder(software=SOFTWARE), lst.host, config.stun.ports)
@@ -237,6 +249,7 @@ def run_workers(config: ServeConfig, tls: Callable[[], ssl.SSLContext | None]) -
     count = config.listen.workers
     # made before the fork, so that every worker maps the same memory
     replay = SharedReplayGuard.create(config.policy.fudge)
+    forward = tuple(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(1, count))
     children = []
     for n in range(1, count):
         pid = os.fork()
@@ -244,7 +257,7 @@ def run_workers(config: ServeConfig, tls: Callable[[], ssl.SSLContext | None]) -
             code = 0
             try:
                 _die_with_parent()
-                me = Worker(n, count, replay)
+                me = Worker(n, count, replay, forward)
                 run(
                     lambda me=me: serve(config, tls(), stun=False, worker=me),  # type: ignore[misc]
                     config.event_loop,
@@ -257,7 +270,8 @@ def run_workers(config: ServeConfig, tls: Callable[[], ssl.SSLContext | None]) -
         children.append(pid)
     log.info("workers started", workers=config.listen.workers, pids=[os.getpid(), *children])
     try:
-        run(lambda: serve(config, tls(), worker=Worker(0, count, replay)), config.event_loop)
+        run(lambda: serve(config, tls(), worker=Worker(0, count, replay, forward)),
+            config.event_loop)
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
