@@ -131,6 +131,14 @@ def test_an_update_through_one_worker_is_seen_by_the_other_and_its_llq_watcher()
         _until(lambda: _aaaa(b, key, "desk") == ["fd00::a"], 10, "the other worker answers it")
         assert b.ask(_update(key, "desk", "fd00::b")).rcode() == dns.rcode.NOERROR
         _until(lambda: _aaaa(a, key, "desk") == ["fd00::a", "fd00::b"], 10, "and back")
+        # over UDP from many source ports (both workers get some; UPDATEs are forwarded to
+        # the first worker, which answers from the shared port)
+        for i in range(12):
+            r = udp(reg, _update(key, f"u{i}", "fd00::c").to_wire())
+            assert r.rcode() == dns.rcode.NOERROR
+        for c in (a, b):
+            _until(lambda c=c: all(_aaaa(c, key, f"u{i}") == ["fd00::c"]  # type: ignore[misc]
+                                   for i in range(12)), 10, "UDP updates seen by both")
 
         tkey = read_key(reg.keyfile("u0"))
         name = dns.name.from_text(f"watched.{ZONE}")

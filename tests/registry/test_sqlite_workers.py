@@ -257,3 +257,25 @@ def test_workers_of_another_file_are_not_poked(tmp_path: Path, count: int) -> No
     assert a._peers != b._peers
     a.close()
     b.close()
+
+
+def test_forwarded_updates_are_framed_whole_however_the_stream_cuts_them() -> None:
+    from btmm_core.registry.server import Forwarding
+
+    got: list[tuple[bytes, tuple[str, int]]] = []
+
+    class Writer:
+        def answer_forwarded(self, data: bytes, addr: tuple[str, int]) -> None:
+            got.append((data, addr))
+
+    messages = [(bytes([i]) * (12 + i * 37), (f"192.0.2.{i}", 1000 + i)) for i in range(20)]
+    messages.append((b"\x01" * 40, ("2001:db8::1", 53)))
+    stream = b"".join(Forwarding.frame(m, a) for m, a in messages)
+    rng = random.Random(5)
+    fwd = Forwarding(Writer())  # type: ignore[arg-type]
+    p = 0
+    while p < len(stream):
+        n = rng.randrange(1, 60)
+        fwd.data_received(stream[p : p + n])
+        p += n
+    assert got == messages
