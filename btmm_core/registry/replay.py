@@ -9,8 +9,13 @@ be one state for all workers, for queries too (a query changes no data, but a re
 query would still bind a DNS Push session or read fresh data).
 
 The state lives in shared memory (a memfd mapped by every worker, made before they fork) and
-each ``admit_raw`` is one step under a POSIX record lock on it (``lockf``: the kernel lets go
-of it when a worker dies, so a killed worker never leaves the others locked out).
+each ``admit_raw`` is one step under a process-shared semaphore (a futex: taking it free costs
+no system call, where a ``lockf`` pair cost two inside the step and made two workers wait on
+each other at every query). The holder's pid is kept beside the table; a worker that waits
+half a second looks at it, and if the holder is dead (killed inside the step) it lets the
+semaphore go on its behalf, one such recovery at a time (under ``lockf``), so a killed worker
+never leaves the others locked out. (A holder killed in the few instructions between taking
+the semaphore and writing its pid leaves no pid: after two seconds of that, it is let go too.)
 
 Why this is the same rule as ``ReplayGuard`` and not a weaker one:
 
@@ -34,11 +39,15 @@ hash collision (refused too, never admitted) and the fail-closed cases above.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import mmap
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import struct
+from pathlib import Path
 
 from btmm_core.dns.tsig import ReplayGuard
 
@@ -51,9 +60,23 @@ _KEY = struct.Struct("<16sQ")
 _ENTRY = struct.Struct("<QI4x16s")
 _BUCKET = struct.Struct("<" + "QI4x16s" * _PER_BUCKET)
 _TIME = struct.Struct("<Q")
-_MACS = KEY_SLOTS * _KEY.size
+_HOLDER = struct.Struct("<q")
+#: the holder's pid first, then the keys, then the buckets of MACs
+_KEYS = 8
+_MACS = _KEYS + KEY_SLOTS * _KEY.size
 SIZE = _MACS + BUCKETS * _BUCKET.size
+#: seconds a worker waits for the semaphore before it looks at its holder
+_PATIENCE = 0.5
 _EMPTY = bytes(16)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _digest(data: bytes) -> bytes:
@@ -65,10 +88,15 @@ def _digest(data: bytes) -> bytes:
 class SharedReplayGuard(ReplayGuard):
     """A ``ReplayGuard`` whose state every worker forked after ``create`` shares."""
 
-    def __init__(self, fudge: int, fd: int, memory: mmap.mmap) -> None:
+    def __init__(
+        self, fudge: int, fd: int, memory: mmap.mmap, lock: multiprocessing.synchronize.Lock
+    ) -> None:
         super().__init__(fudge, {}, {})
         self._fd = fd
         self._mem = memory
+        self._lock = lock
+        #: times this worker let the semaphore go for a dead holder
+        self.recovered = 0
         #: key name (canonical wire) -> its slot in the key table; slots never move
         self._slots: dict[bytes, int] = {}
         #: messages refused because a bucket or the key table was full of live entries
@@ -79,7 +107,7 @@ class SharedReplayGuard(ReplayGuard):
         """A fresh shared state: make it before forking the workers."""
         fd = os.memfd_create("btmm-registry-replay", os.MFD_CLOEXEC)
         os.ftruncate(fd, SIZE)
-        return cls(fudge, fd, mmap.mmap(fd, SIZE))
+        return cls(fudge, fd, mmap.mmap(fd, SIZE), multiprocessing.Lock())
 
     def close(self) -> None:
         self._mem.close()
@@ -99,16 +127,36 @@ class SharedReplayGuard(ReplayGuard):
     def _locked(self, key: bytes, time_signed: int, mac: bytes, *, store: bool) -> bool:
         # the hashing before the lock: other workers wait only for the table's own work
         digest = _digest(key + mac)
-        fd = self._fd
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.sched_yield()  # the holder is likely running on the other core: let it end
-            fcntl.lockf(fd, fcntl.LOCK_EX)
+        lock = self._lock
+        orphaned = 0
+        while not lock.acquire(timeout=_PATIENCE):
+            orphaned = self._recover(orphaned)
+        _HOLDER.pack_into(self._mem, 0, os.getpid())
         try:
             return self._decide(key, time_signed, digest, store=store)
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN)
+            _HOLDER.pack_into(self._mem, 0, 0)
+            lock.release()
+
+    def _recover(self, orphaned: int) -> int:
+        """After waiting ``_PATIENCE``: let the semaphore go if its holder is dead. Returns how
+        many times in a row it was held with no pid written."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)  # one recovery at a time
+        try:
+            (holder,) = _HOLDER.unpack_from(self._mem, 0)
+            if holder == 0:
+                orphaned += 1
+                if orphaned * _PATIENCE < 2.0:
+                    return orphaned
+            elif _alive(holder):
+                return 0
+            _HOLDER.pack_into(self._mem, 0, 0)
+            with contextlib.suppress(ValueError):  # released meanwhile after all
+                self._lock.release()
+            self.recovered += 1
+            return 0
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def prune(self, now: int) -> None:
         return None  # entries are reused as their keys move on (see the module's text)
@@ -125,7 +173,7 @@ class SharedReplayGuard(ReplayGuard):
         start = int.from_bytes(digest[:4], "little") % KEY_SLOTS
         for i in range(KEY_SLOTS):
             s = (start + i) % KEY_SLOTS
-            off = s * _KEY.size
+            off = _KEYS + s * _KEY.size
             held = mem[off : off + 16]
             if held in (digest, _EMPTY):
                 if held == _EMPTY:
@@ -135,7 +183,7 @@ class SharedReplayGuard(ReplayGuard):
         return None
 
     def _newest(self, slot: int) -> int:
-        return int(_TIME.unpack_from(self._mem, slot * _KEY.size + 16)[0])
+        return int(_TIME.unpack_from(self._mem, _KEYS + slot * _KEY.size + 16)[0])
 
     def _decide(self, key: bytes, time_signed: int, digest: bytes, *, store: bool) -> bool:
         slot = self._slot(key)
@@ -161,5 +209,5 @@ class SharedReplayGuard(ReplayGuard):
         if store:
             _ENTRY.pack_into(self._mem, base + free * _ENTRY.size, time_signed, slot, digest)
             if time_signed > newest:
-                _TIME.pack_into(self._mem, slot * _KEY.size + 16, time_signed)
+                _TIME.pack_into(self._mem, _KEYS + slot * _KEY.size + 16, time_signed)
         return True

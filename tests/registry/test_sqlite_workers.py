@@ -279,3 +279,34 @@ def test_forwarded_updates_are_framed_whole_however_the_stream_cuts_them() -> No
         fwd.data_received(stream[p : p + n])
         p += n
     assert got == messages
+
+
+@pytest.mark.parametrize("writes_pid", [True, False])
+def test_a_worker_killed_holding_the_replay_lock_does_not_stop_the_others(
+    writes_pid: bool,
+) -> None:
+    import signal
+    import struct
+    import time
+
+    guard = SharedReplayGuard.create(300)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker that takes the lock and is killed inside the step
+        guard._lock.acquire()
+        if writes_pid:
+            struct.pack_into("<q", guard._mem, 0, os.getpid())
+        os.write(ready_w, b"1")
+        time.sleep(60)
+        os._exit(0)
+    assert os.read(ready_r, 1) == b"1"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    key = dns.name.from_text("bob.members.example.")
+    started = time.monotonic()
+    assert guard.admit(key, 1000, os.urandom(32))
+    waited = time.monotonic() - started
+    assert guard.recovered == 1
+    assert waited < (2.0 if writes_pid else 4.0)
+    assert guard.admit(key, 1000, os.urandom(32))  # and the lock works as before
+    guard.close()
