@@ -184,7 +184,10 @@ class RegistryServer:
                 for plugin in self.core.plugins:
                     self.push(plugin.receive_response(data, now, transport, peer))
                 return None
+            hits = self.core.cached_answers
             out = self.core.receive(data, time.time(), transport, peer)
+            if transport == Transport.UDP and self.core.cached_answers != hits:
+                return out  # from the answer cache: nothing changed, no timer to wake
             if self.core.group_open:
                 if self.core.group_full:
                     self.flush_group()
