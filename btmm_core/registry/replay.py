@@ -67,6 +67,8 @@ _MACS = _KEYS + KEY_SLOTS * _KEY.size
 SIZE = _MACS + BUCKETS * _BUCKET.size
 #: seconds a worker waits for the semaphore before it looks at its holder
 _PATIENCE = 0.5
+#: tries without blocking before a worker sleeps on the semaphore
+_SPINS = 64
 _EMPTY = bytes(16)
 
 
@@ -128,9 +130,16 @@ class SharedReplayGuard(ReplayGuard):
         # the hashing before the lock: other workers wait only for the table's own work
         digest = _digest(key + mac)
         lock = self._lock
-        orphaned = 0
-        while not lock.acquire(timeout=_PATIENCE):
-            orphaned = self._recover(orphaned)
+        if not lock.acquire(False):
+            # the holder runs on another core for a few µs: a short spin usually gets the
+            # semaphore without the sleep and wake-up a blocking wait costs both workers
+            for _ in range(_SPINS):
+                if lock.acquire(False):
+                    break
+            else:
+                orphaned = 0
+                while not lock.acquire(timeout=_PATIENCE):
+                    orphaned = self._recover(orphaned)
         _HOLDER.pack_into(self._mem, 0, os.getpid())
         try:
             return self._decide(key, time_signed, digest, store=store)
