@@ -3,6 +3,7 @@
     python3 -m bench.codec         # ESP codec per engine beside bare AES-256-GCM (= `btmm bench`)
     python3 -m bench.e2e           # iperf3 through btmm, wireguard-go, OpenVPN beside veth (root)
     python3 -m bench.registry      # `btmm serve` beside BIND's named under dnsperf
+    python3 -m bench.query_path    # µs per signed query in the registry core
     python3 -m bench.llq           # LLQ event latency and events/s with N watchers
     python3 -m bench.big_update    # how long one maximal signed UPDATE holds the registry core
     python3 -m bench.soak --minutes 60  # four hosts under churn: losses, recoveries, leaks (root)

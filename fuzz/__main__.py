@@ -20,9 +20,9 @@ NAMES = ("registry", "llq_server", "llq_client", "push_server", "push_client", "
 
 #: Modules whose bytecode atheris 2.3.0 rewrites wrongly on Python 3.11: the instrumented
 #: code raises where the original does not (a ``while True`` loop with an ``or`` of
-#: comparisons, as in ``fastpath._labels``, gets a broken stack). Every input then "crashes",
-#: so they run uninstrumented; ``--plain`` replays an input without any instrumentation to
-#: tell such a false crash from a real one.
+#: comparisons, as in the old ``fastpath._labels``, gets a broken stack). Every input then
+#: "crashes", so they run uninstrumented; ``--plain`` replays an input without any
+#: instrumentation to tell such a false crash from a real one.
 MISCOMPILED = ("btmm_core.dns.fastpath",)
 
 

@@ -357,27 +357,135 @@ class ReplayGuard:
     """Refuses a MAC seen before and a Time Signed older than the newest seen for the key.
 
     Entries older than the fudge window are forgotten: such messages fail the time check anyway.
+    Keys are held by the canonical wire form of their name (``check_raw``/``remember_raw``
+    take it as it is, so the signed-query fast path never builds a ``dns.name.Name``).
     """
 
     fudge: int
-    last_time: dict[dns.name.Name, int]
-    seen: dict[tuple[dns.name.Name, bytes], int]
+    last_time: dict[bytes, int]
+    seen: dict[tuple[bytes, bytes], int]
 
     @classmethod
     def empty(cls, fudge: int) -> ReplayGuard:
         return cls(fudge, {}, {})
 
     def check(self, key: dns.name.Name, time_signed: int, mac: bytes) -> bool:
+        return self.check_raw(_wire(key.canonicalize()), time_signed, mac)
+
+    def remember(self, key: dns.name.Name, time_signed: int, mac: bytes) -> None:
+        self.remember_raw(_wire(key.canonicalize()), time_signed, mac)
+
+    def check_raw(self, key: bytes, time_signed: int, mac: bytes) -> bool:
+        """``check`` for a key given as the canonical wire form of its name."""
         if (key, mac) in self.seen:
             return False
         return time_signed >= self.last_time.get(key, 0)
 
-    def remember(self, key: dns.name.Name, time_signed: int, mac: bytes) -> None:
+    def remember_raw(self, key: bytes, time_signed: int, mac: bytes) -> None:
         self.seen[(key, mac)] = time_signed
         if time_signed > self.last_time.get(key, 0):
             self.last_time[key] = time_signed
+
+    def admit(self, key: dns.name.Name, time_signed: int, mac: bytes) -> bool:
+        """``check``, and ``remember`` what passes: in one step (a shared guard locks once)."""
+        return self.admit_raw(_wire(key.canonicalize()), time_signed, mac)
+
+    def admit_raw(self, key: bytes, time_signed: int, mac: bytes) -> bool:
+        if not self.check_raw(key, time_signed, mac):
+            return False
+        self.remember_raw(key, time_signed, mac)
+        return True
 
     def prune(self, now: int) -> None:
         horizon = now - 2 * self.fudge
         for k in [k for k, t in self.seen.items() if t < horizon]:
             del self.seen[k]
+
+
+_TIME_FUDGE = struct.Struct("!HIH")
+#: class ANY and TTL 0 of the TSIG variables (RFC 8945 4.3.3)
+_ANY_TTL0 = struct.pack("!HI", dns.rdataclass.ANY, 0)
+
+
+@dataclass(frozen=True)
+class RawKey:
+    """A key made ready to verify and sign on bytes, for the signed-query fast path.
+
+    ``verify`` and ``sign`` give what ``verify`` and ``append_tsig`` give for the same message,
+    without a ``dns.name.Name`` (names are the canonical wire forms computed once here). Only
+    the outcome "this request is good" is decided here: any other case (wrong algorithm, a
+    truncated MAC, a bad MAC, the time outside the fudge) is ``False``, and the caller takes
+    the full path, which gives the answer that case gets.
+    """
+
+    key: TsigKey
+    #: canonical (lower-case) wire forms of the key's name and algorithm
+    name_wire: bytes
+    alg_wire: bytes
+    digest: str
+    size: int
+
+    @classmethod
+    def of(cls, key: TsigKey) -> RawKey | None:
+        """None for an algorithm this module does not know (the full path says BADKEY)."""
+        entry = _DIGESTS.get(key.algorithm)
+        if entry is None:
+            return None
+        return cls(
+            key,
+            _wire(key.name.canonicalize()),
+            _wire(key.algorithm.canonicalize()),
+            entry[0],
+            entry[1],
+        )
+
+    def verify(
+        self,
+        wire: bytes,
+        *,
+        alg_wire: bytes,
+        time_signed: int,
+        fudge: int,
+        mac: bytes,
+        original_id: int,
+        error: int,
+        other: bytes,
+        start: int,
+        now: int,
+        server_fudge: int,
+    ) -> bool:
+        """Whether the request ``wire``, whose TSIG RR (these fields) starts at ``start``, is
+        signed by this key, with a full-length MAC, within the time window."""
+        if alg_wire.lower() != self.alg_wire or len(mac) != self.size:
+            return False
+        if abs(time_signed - now) > min(server_fudge, MAX_FUDGE):
+            return False
+        (arcount,) = struct.unpack_from("!H", wire, 10)
+        data = b"".join((
+            struct.pack("!H", original_id), wire[2:10], struct.pack("!H", arcount - 1),
+            wire[12:start], self.name_wire, _ANY_TTL0, self.alg_wire,
+            _TIME_FUDGE.pack((time_signed >> 32) & 0xFFFF, time_signed & 0xFFFFFFFF, fudge),
+            struct.pack("!HH", error, len(other)), other,
+        ))  # fmt: skip
+        return hmac.compare_digest(hmac.digest(self.key.secret, data, self.digest), mac)
+
+    def sign(
+        self, response: bytes, *, key_wire: bytes, alg_wire: bytes, request_mac: bytes,
+        now: int, fudge: int,
+    ) -> bytes:
+        """``response`` with a TSIG RR (error 0) signed over ``request_mac``, as ``append_tsig``
+        makes it; ``key_wire``/``alg_wire``: the names as the request spelt them."""
+        tf = _TIME_FUDGE.pack((now >> 32) & 0xFFFF, now & 0xFFFFFFFF, fudge)
+        data = b"".join((
+            struct.pack("!H", len(request_mac)), request_mac, response, self.name_wire,
+            _ANY_TTL0, self.alg_wire, tf, b"\0\0\0\0",
+        ))  # fmt: skip
+        mac = hmac.digest(self.key.secret, data, self.digest)
+        rdata = b"".join((
+            alg_wire, tf, struct.pack("!H", len(mac)), mac, response[:2], b"\0\0\0\0",
+        ))  # fmt: skip
+        (arcount,) = struct.unpack_from("!H", response, 10)
+        return b"".join((
+            response[:10], struct.pack("!H", arcount + 1), response[12:], key_wire,
+            struct.pack("!HHIH", dns.rdatatype.TSIG, dns.rdataclass.ANY, 0, len(rdata)), rdata,
+        ))  # fmt: skip

@@ -39,6 +39,7 @@ from btmm_core.dns.enrol import ENROL_CODE
 from btmm_core.dns.fastpath import PlainQuery, scan
 from btmm_core.dns.tsig import (
     MAX_FUDGE,
+    RawKey,
     ReplayGuard,
     TsigError,
     TsigKey,
@@ -153,10 +154,14 @@ def _codes(reply: bytes) -> int:
 
 
 class RegistryCore:
-    def __init__(self, store: ZoneStore, policy: Policy | None = None) -> None:
+    def __init__(
+        self, store: ZoneStore, policy: Policy | None = None, replay: ReplayGuard | None = None
+    ) -> None:
         self.store = store
         self.policy = policy or Policy()
-        self.replay = ReplayGuard.empty(self.policy.fudge)
+        #: seen MACs and newest Time Signed per key; ``replay``: one shared with other
+        #: processes (``registry/replay.py``: workers on one SQLite file)
+        self.replay = replay if replay is not None else ReplayGuard.empty(self.policy.fudge)
         for s in store.loaded_seen:
             self.replay.remember(s.key, s.time_signed, s.mac)
         self.option_handlers: dict[int, OptionHandler] = {ENROL_CODE: handle_enrolment}
@@ -167,6 +172,13 @@ class RegistryCore:
         #: the ``ZoneStore.version`` it was computed at. 0 turns the cache off.
         self.answer_cache_size = 20000
         self._answers: dict[bytes, tuple[int, bytes]] = {}
+        #: Keys ready for the fast path, by the canonical wire form of their name, valid
+        #: while ``store.version`` is ``_raw_version`` (keys change only with a new version).
+        self._raw_keys: dict[bytes, RawKey] = {}
+        self._raw_version = -1
+        self._raw_source = store.keys
+        #: Queries answered from the cache since start (signed ones verified on bytes).
+        self.cached_answers = 0
         limits = self.policy.update_limits
         self.update_budget = KeyBudget(limits.key_rate, limits.key_burst)
         #: Updates refused by ``_over_limits`` since start.
@@ -406,23 +418,63 @@ class RegistryCore:
     ) -> bytes | None:
         """The cached answer for a plain query, or None to take the full path.
 
-        Every TSIG check is made as on the full path; any failure goes the full path too,
-        which answers it (verification has no side effects until ``remember``).
+        A signed query is verified on bytes (``RawKey``): the key, its algorithm, a
+        full-length MAC, the time window and replay are all checked as on the full path, and
+        any failure goes the full path too, which answers it (nothing is remembered before
+        every check passed). The answer is signed on bytes; it is the full path's, byte for
+        byte (tests/registry/test_query_fastpath.py).
         """
+        version = self.store.version
         cached = self._answers.get(plain.key)
-        if cached is None or cached[0] != self.store.version:
+        if cached is None or cached[0] != version:
             return None
-        verdict: TsigVerdict | None = None
         rec = plain.tsig
-        if rec is not None:
-            verdict = verify(wire, rec, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
-            if not verdict.ok or verdict.key is None:
+        if rec is None:
+            self.cached_answers += 1
+            return wire[:2] + cached[1][2:]
+        if self._raw_version != version or self._raw_source is not self.store.keys:
+            # keys may have changed (a reload or an enrolment bumps the version): prepare again
+            self._raw_keys.clear()
+            self._raw_version = version
+            self._raw_source = self.store.keys
+        lowered = rec.key_wire.lower()
+        raw = self._raw_keys.get(lowered)
+        if raw is None:
+            key = self.store.keys.get(dns.name.from_wire(lowered, 0)[0])
+            raw = None if key is None else RawKey.of(key)
+            if raw is None:
                 return None
-            if not self.replay.check(rec.key_name, rec.time_signed, rec.mac):
-                return None
-            self.replay.remember(rec.key_name, rec.time_signed, rec.mac)
-            self._signed(transport, peer, verdict.key, now)
-        return self._sign(wire[:2] + cached[1][2:], verdict, now)
+            if len(self._raw_keys) >= self.answer_cache_size:
+                self._raw_keys.clear()
+            self._raw_keys[lowered] = raw
+        t = int(now)
+        if not raw.verify(
+            wire,
+            alg_wire=rec.alg_wire,
+            time_signed=rec.time_signed,
+            fudge=rec.fudge,
+            mac=rec.mac,
+            original_id=rec.original_id,
+            error=rec.error,
+            other=rec.other,
+            start=rec.start,
+            now=t,
+            server_fudge=self.policy.fudge,
+        ):
+            return None
+        if not self.replay.admit_raw(raw.name_wire, rec.time_signed, rec.mac):
+            return None
+        if transport != Transport.UDP:
+            self._signed(transport, peer, raw.key, now)
+        self.cached_answers += 1
+        return raw.sign(
+            wire[:2] + cached[1][2:],
+            key_wire=rec.key_wire,
+            alg_wire=rec.alg_wire,
+            request_mac=rec.mac,
+            now=t,
+            fudge=self.policy.fudge,
+        )
 
     # ---- TSIG ----------------------------------------------------------------------------
 
@@ -431,10 +483,9 @@ class RegistryCore:
         verdict = verify(wire, record, self.store.keys.get, now=int(now), fudge=self.policy.fudge)
         if not verdict.ok or verdict.key is None:
             return verdict
-        if not self.replay.check(record.key_name, record.time_signed, record.mac):
+        if not self.replay.admit(record.key_name, record.time_signed, record.mac):
             log.warning("tsig replay or older time signed", key=str(record.key_name))
             return TsigVerdict(TsigError.BADTIME, verdict.key, record)
-        self.replay.remember(record.key_name, record.time_signed, record.mac)
         return verdict
 
     def _tsig_failure(
@@ -569,6 +620,21 @@ class RegistryCore:
         assert verdict is not None
         seen = SeenMac(key.name, verdict.record.time_signed, verdict.record.mac)
         grant, option = self._grant(request)
+        if self.group_commit and not self._held:
+            # The group's first update: workers sharing a SQLite file take its write lock and
+            # catch up first, so that the group is planned on the latest committed state.
+            try:
+                self.store.open_group()
+            except Exception as e:  # sqlite3 errors (locked too long): nothing planned yet
+                log.error("commit failed", zone=str(zone.name), error=repr(e))
+                response.set_rcode(dns.rcode.SERVFAIL)
+                return response
+            fresh = self.store.zones.get(zone.name)
+            if fresh is None:
+                self.store.flush()  # nothing staged: lets go of the lock
+                response.set_rcode(dns.rcode.NOTAUTH)
+                return response
+            zone = fresh
         # Another server on a shared database may change the zone between planning and
         # commit (StaleZone: the store reloaded it): plan again on the new state, a few times.
         for attempt in range(1, _PLAN_ATTEMPTS + 1):

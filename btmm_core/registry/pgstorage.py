@@ -27,7 +27,7 @@ One truth for N servers (docs/architecture.md section 5, "Several servers"):
 - **Fan-out by LISTEN/NOTIFY.** A commit that changed a zone sends ``NOTIFY btmm_changes``
   inside its transaction (so only committed changes are announced, in commit order) with its
   origin, the zone, its new version and the change itself (rows as JSON, rdata in wire form;
-  a change over ``_MAX_NOTICE`` bytes goes without its rows). Every server LISTENs on a second
+  a change over ``MAX_NOTICE`` bytes goes without its rows). Every server LISTENs on a second
   connection and applies another's change when it follows the version it holds, as it applies
   its own commits, then tells its observers (LLQ); on a gap, or without rows, it reloads that
   one zone. Logical decoding would carry the rows too, but needs a replication slot per
@@ -44,9 +44,7 @@ One truth for N servers (docs/architecture.md section 5, "Several servers"):
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -67,13 +65,13 @@ from btmm_core.registry.model import (
     ChangeSet,
     DeviceKey,
     Entry,
-    RecordKey,
     RecordRow,
     SeenMac,
     Snapshot,
     ZoneRow,
 )
 from btmm_core.registry.storage import (
+    MAX_NOTICE,
     REVOKED_TTL,
     DatabaseUnavailable,
     Notices,
@@ -83,7 +81,10 @@ from btmm_core.registry.storage import (
     StorageError,
     ZoneBusy,
     ZoneState,
+    delta_text,
     device_records,
+    parse_delta,
+    rdata_wire,
     revocation_record,
 )
 
@@ -497,7 +498,7 @@ class PgStorage(Storage):
             list(claims),
             list(claims.values()),
             CHANNEL,
-            f"{self.origin} {_delta_text(change, known + 1)}" if changed else None,
+            f"{self.origin} {delta_text(change, known + 1, MAX_NOTICE)}" if changed else None,
         )
         conn = self._conn()
         try:
@@ -567,7 +568,7 @@ class PgStorage(Storage):
                     if what == "*accounts":
                         accounts = True
                         continue
-                    zone, version, change = _parse_delta(what)
+                    zone, version, change = parse_delta(what)
                     z = _n(zone)
                     known = self._versions.get(z)
                     if zone in zones or known is None or version > known + 1 or change is None:
@@ -777,7 +778,7 @@ class PgStorage(Storage):
             gone = device_records(rows, zone, device, owned)
             own = dns.name.from_text(device, origin=zone)
             txts = [
-                _rdata_wire(int(dns.rdatatype.TXT), bytes(w))
+                rdata_wire(int(dns.rdatatype.TXT), bytes(w))
                 for (w,) in cur.execute(
                     "SELECT rdata FROM records WHERE zone=%s AND name=%s AND rdtype=%s",
                     (z, _n(own), int(dns.rdatatype.TXT)),
@@ -816,69 +817,6 @@ class PgStorage(Storage):
                 (user,),
             ).fetchall()
         return [_device_key(r) for r in rows]
-
-
-#: A notice carries at most this much (PostgreSQL's limit is 8000 bytes); a bigger change is
-#: announced without its rows, and the others reload the zone.
-_MAX_NOTICE = 7000
-
-
-def _delta_text(change: ChangeSet, version: int) -> str:
-    """A committed change as a notice: JSON with the rows (rdata in wire form, base64)."""
-    delta: dict[str, Any] = {"z": change.zone.to_text(), "v": version}
-    body = dict(
-        delta,
-        s=change.serial,
-        c=int(change.cause),
-        u=[
-            [u.name.to_text(), u.rdtype, u.entry.ttl, u.entry.expires,
-             _b64(u.rdata)]
-            for u in change.upserts
-        ],
-        d=[
-            [d.name.to_text(), d.rdtype, _b64(d.rdata)]
-            for d in change.deletes
-        ],
-        o=[[n.to_text(), device] for n, device in change.claims],
-    )
-    text = json.dumps(body, separators=(",", ":"))
-    return text if len(text) <= _MAX_NOTICE else json.dumps(delta, separators=(",", ":"))
-
-
-def _b64(rdata: dns.rdata.Rdata) -> str:
-    return base64.b64encode(rdata.to_wire() or b"").decode()
-
-
-def _rdata(rdtype: int, b64: str) -> dns.rdata.Rdata:
-    return _rdata_wire(rdtype, base64.b64decode(b64))
-
-
-def _rdata_wire(rdtype: int, wire: bytes) -> dns.rdata.Rdata:
-    return dns.rdata.from_wire(
-        dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype), wire, 0, len(wire)
-    )
-
-
-def _parse_delta(text: str) -> tuple[dns.name.Name, int, ChangeSet | None]:
-    """A notice's zone, version and change (None: the others must reload the zone)."""
-    d = json.loads(text)
-    zone = dns.name.from_text(d["z"])
-    if "s" not in d:
-        return zone, int(d["v"]), None
-    change = ChangeSet(
-        zone,
-        int(d["s"]),
-        upserts=tuple(
-            RecordRow(zone, dns.name.from_text(n), t, _rdata(t, rd), Entry(ttl, exp))
-            for n, t, ttl, exp, rd in d["u"]
-        ),
-        deletes=tuple(
-            RecordKey(zone, dns.name.from_text(n), t, _rdata(t, rd)) for n, t, rd in d["d"]
-        ),
-        cause=Cause(d["c"]),
-        claims=tuple((dns.name.from_text(n), str(dev)) for n, dev in d["o"]),
-    )
-    return zone, int(d["v"]), change
 
 
 def _one(cur: psycopg.Cursor[Row]) -> Row:

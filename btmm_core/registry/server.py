@@ -59,12 +59,71 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        forward = self.server.forward_updates
+        if forward is not None and len(data) >= 12 and data[2] & 0xF8 == 0x28:
+            # an UPDATE (QR clear, opcode 5): the writer worker answers it (``Forwarding``)
+            forward.send(data, addr)
+            return
         out = self.server.dispatch(data, Transport.UDP, addr)
         if out is not None and self.transport is not None:
             self.transport.sendto(out, addr)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp error", error=str(exc))
+
+
+class Forwarding(asyncio.Protocol):
+    """UDP UPDATEs from every worker to one (``btmm serve --workers`` on SQLite), so that they
+    share its group commits: N workers each committing small groups in turn would fsync as
+    often and hold the write lock longer (each catches up on the others' changes under it).
+
+    A stream socket pair made before the workers fork, so nobody else can write to it (a
+    datagram pair would do, but Linux queues only ``net.unix.max_dgram_qlen``, often 10,
+    datagrams). The other workers write frames on one end (length, the client's address, the
+    message), buffered by their event loop so a busy writer never blocks them; the writer
+    worker reads the other end and answers each client from its own socket on the shared port,
+    as if it had received the message. Only UDP: an UPDATE on a TCP connection is answered by
+    the worker holding it, through the same write lock and catch-up.
+    """
+
+    _HEAD = struct.Struct("!HBH")
+
+    def __init__(self, server: RegistryServer | None = None) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+        #: UPDATEs not forwarded since start (the pair is gone: lost like a UDP datagram)
+        self.dropped = 0
+
+    @classmethod
+    def frame(cls, data: bytes, addr: tuple[str, int]) -> bytes:
+        host = addr[0].encode()
+        return cls._HEAD.pack(1 + len(host) + 2 + len(data), len(host), addr[1]) + host + data
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            self.dropped += 1
+            return
+        self.transport.write(self.frame(data, addr))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer + data
+        p = 0
+        head = self._HEAD
+        while len(buf) - p >= head.size:
+            size, host_len, port = head.unpack_from(buf, p)
+            end = p + 2 + size
+            if end > len(buf):
+                break
+            host = buf[p + head.size : p + head.size + host_len].decode("ascii", "replace")
+            message = buf[p + head.size + host_len : end]
+            p = end
+            if self.server is not None and len(message) >= 12:
+                self.server.answer_forwarded(message, (host, port))
+        self._buffer = buf[p:]
 
 
 class RegistryServer:
@@ -100,6 +159,12 @@ class RegistryServer:
         self._db_down = False
         #: The open group's commit, scheduled when it opened (group commit: RegistryCore).
         self._group_timer: asyncio.TimerHandle | None = None
+        #: Workers: this one's ends of the pairs UDP UPDATEs go through (``Forwarding``), and
+        #: whether it is the writer that answers them; set by the composition root.
+        self.forward_sockets: tuple[socket.socket, ...] = ()
+        self.forward_writer = False
+        #: The forwarding protocol of a worker that is not the writer (``start`` makes it).
+        self.forward_updates: Forwarding | None = None
 
     def dispatch(self, data: bytes, transport: Transport, addr: tuple[str, int]) -> bytes | None:
         peer = f"{addr[0]}#{addr[1]}"
@@ -121,7 +186,10 @@ class RegistryServer:
                 for plugin in self.core.plugins:
                     self.push(plugin.receive_response(data, now, transport, peer))
                 return None
+            hits = self.core.cached_answers
             out = self.core.receive(data, time.time(), transport, peer)
+            if transport == Transport.UDP and self.core.cached_answers != hits:
+                return out  # from the answer cache: nothing changed, no timer to wake
             if self.core.group_open:
                 if self.core.group_full:
                     self.flush_group()
@@ -140,6 +208,13 @@ class RegistryServer:
         if not self.core.group_open:
             self._wake.set()
         return out
+
+    def answer_forwarded(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Answer an UPDATE another worker forwarded, as if it came on our UDP socket."""
+        out = self.dispatch(data, Transport.UDP, addr)
+        if out is not None:
+            with contextlib.suppress(OSError):
+                self.send_udp(out, addr)
 
     def flush_group(self) -> None:
         """Commit the open group and send the answers it held (RegistryCore.flush)."""
@@ -264,6 +339,11 @@ class RegistryServer:
             self.addresses["tls"] = dot.sockets[0].getsockname()[:2]
         self._tasks.append(asyncio.create_task(self._timers()))
         self._watch_notices()
+        for sock in self.forward_sockets:
+            fwd = Forwarding(self if self.forward_writer else None)
+            await loop.connect_accepted_socket(lambda f=fwd: f, sock)  # type: ignore[misc]
+            if not self.forward_writer:
+                self.forward_updates = fwd
         log.info(
             "registry listening",
             event_loop=type(loop).__module__.split(".")[0],
@@ -423,5 +503,7 @@ class RegistryServer:
         for s in self._tcp:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), 2.0)
+        if self.forward_updates is not None and self.forward_updates.transport is not None:
+            self.forward_updates.transport.close()
         self.core.store.storage.close()
         log.info("registry stopped")

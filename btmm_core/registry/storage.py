@@ -16,13 +16,20 @@ changed, and ``listen_fileno`` is a descriptor that becomes readable when there 
 from __future__ import annotations
 
 import abc
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
+import socket
 import sqlite3
 import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dns.name
 import dns.rdata
@@ -33,9 +40,11 @@ from btmm_core.dns.tsig import KeyRole, TsigKey
 from btmm_core.errors import ConfigError
 from btmm_core.registry.model import (
     Account,
+    Cause,
     ChangeSet,
     DeviceKey,
     Entry,
+    RecordKey,
     RecordRow,
     SeenMac,
     Snapshot,
@@ -196,6 +205,16 @@ class Storage(abc.ABC):
         """The version of the schema the database is at (after the upgrades applied at open)."""
         return 1
 
+    def begin_group(self) -> Notices | None:
+        """Before the first update of a group is planned: take the database's write lock and
+        say what other processes committed meanwhile, so that the group is planned on the
+        latest state (SQLite shared by workers). None: this backend needs no such step."""
+        return None
+
+    def end_group(self) -> None:
+        """Let go of a group begun by ``begin_group`` that staged nothing (a no-op if none)."""
+        return None
+
 
 def open_storage(database: str | Path, *, server: bool = False) -> Storage:
     """The backend for ``--database``: a ``postgresql://`` URL, or else a SQLite file.
@@ -238,6 +257,17 @@ CREATE UNIQUE INDEX IF NOT EXISTS device_keys_device ON device_keys (zone, devic
 CREATE TABLE IF NOT EXISTS owners (
     zone TEXT NOT NULL, name TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (zone, name)
 );
+"""
+
+
+#: The schema ``SqliteStorage`` brings a database to (``PRAGMA user_version``).
+SQLITE_SCHEMA = 2
+
+_CHANGES = """
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, zone TEXT NOT NULL,
+    version INTEGER NOT NULL, delta TEXT NOT NULL
+)
 """
 
 
@@ -336,6 +366,18 @@ class SqliteStorage(Storage):
         #: told how long each committed zone transaction took, BEGIN to durable COMMIT, in
         #: seconds (``btmm serve --metrics``); measured here, where the I/O is
         self.commit_observer: Callable[[float], None] | None = None
+        #: Workers (``share``): this process's mark on its rows of ``changes``, the zone
+        #: versions it holds, the last row of ``changes`` it read, its notice socket.
+        self.origin = os.urandom(6).hex()
+        self._shared = False
+        self._versions: dict[str, int] = {}
+        self._last_seq = 0
+        self._sock: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._peers: list[bytes] = []
+        self._in_group = False
+        self._next_poll = 0.0
+        self._changes_written = 0
         try:
             _create_private(path)
             self._db = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
@@ -343,27 +385,225 @@ class SqliteStorage(Storage):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
-            # one schema so far; a later one is applied here from the version it finds
-            self._db.execute("PRAGMA user_version = 1")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('accounts_gen', 0)")
+            self._upgrade()
         except (sqlite3.Error, OSError) as e:
             raise StorageError(
                 f"cannot open the registry database {path}: {e}",
                 hint="check the path given with --db and its permissions",
             ) from e
 
+    def _upgrade(self) -> None:
+        """Bring the schema to ``SQLITE_SCHEMA``, each step in one write transaction (workers
+        opening the file at once take turns; the second finds the work done)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version < 2:
+                # 2: zone versions and the changes table, for workers sharing the file
+                columns = {r[1] for r in db.execute("PRAGMA table_info(zones)")}
+                if "version" not in columns:
+                    db.execute("ALTER TABLE zones ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+                db.execute(_CHANGES)
+            db.execute(f"PRAGMA user_version = {SQLITE_SCHEMA}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
         self._db.close()
 
     def schema_version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
+    # -- several worker processes on one file ---------------------------------------------
+
+    def share(self, index: int, count: int) -> None:
+        """Serve as worker ``index`` of ``count`` processes on this file (``--workers``).
+
+        From now on every commit checks the zone versions (``StaleZone``), records its change
+        in the ``changes`` table, and pokes the other workers through a unix datagram socket
+        (abstract namespace, named after the file and the worker's index); a poke, or a
+        second without one, makes ``take_notices`` read the table. A poke carries nothing:
+        anyone on the machine may send one, and all it does is make us read the table.
+        """
+        tag = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:24]
+
+        def address(i: int) -> bytes:
+            return b"\0btmm-registry-%s-%d" % (tag.encode(), i)
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(address(index))
+        except OSError as e:
+            sock.close()
+            raise StorageError(
+                f"worker {index} of the registry on {self.path} cannot bind its notice socket:"
+                f" {e}",
+                hint="is another btmm serve --workers running on this database?",
+            ) from e
+        sock.setblocking(False)
+        self._sock = sock
+        lock = Path(f"{self.path}-writer")
+        self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._peers = [address(i) for i in range(count) if i != index]
+        self._shared = True
+        self._last_seq = int(
+            self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+        )
+
+    def listen_fileno(self) -> int | None:
+        return None if self._sock is None else self._sock.fileno()
+
+    def begin_group(self) -> Notices | None:
+        if not self._shared:
+            return None
+        if self._in_group:
+            return Notices()
+        self._begin_write()
+        self._in_group = True
+        try:
+            return self._read_changes()
+        except BaseException:
+            self.end_group()
+            raise
+
+    def end_group(self) -> None:
+        if self._in_group:
+            self._in_group = False
+            try:
+                self._db.execute("ROLLBACK")
+            finally:
+                self._end_write()
+
+    def _begin_write(self) -> None:
+        """BEGIN IMMEDIATE, workers first taking turns on a lock file (``lockf``): a worker
+        waiting for another's commit wakes the moment it ends, where SQLite's busy handler
+        would sleep up to 100 ms between tries. The kernel drops the lock of a dead worker."""
+        if self._lock_fd is not None:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._end_write()
+            raise
+
+    def _end_write(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
+
+    def take_notices(self) -> Notices:
+        if self._sock is None:
+            return Notices()
+        poked = False
+        while True:
+            try:
+                self._sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            poked = True
+        now = time.monotonic()
+        if self._in_group or (not poked and now < self._next_poll):
+            # in a group we hold the write lock: nothing can have committed since we read
+            return Notices()
+        self._next_poll = now + 1.0
+        return self._read_changes()
+
+    def _read_changes(self) -> Notices:
+        """The other workers' changes committed after the last one read (``_last_seq``)."""
+        rows = self._db.execute(
+            "SELECT seq, origin, zone, version, delta FROM changes WHERE seq > ? ORDER BY seq",
+            (self._last_seq,),
+        ).fetchall()
+        if not rows:
+            return Notices()
+        gap = rows[0][0] != self._last_seq + 1
+        self._last_seq = int(rows[-1][0])
+        if gap:  # rows we never read were pruned: we are too far behind, reload everything
+            return Notices(resync=True)
+        zones: set[dns.name.Name] = set()
+        changes: list[ChangeSet] = []
+        for _, origin, z, _, text in rows:
+            if origin == self.origin:
+                continue
+            zone, version, change = parse_delta(text)
+            known = self._versions.get(z)
+            if zone in zones or known is None or version > known + 1 or change is None:
+                zones.add(zone)  # a gap, or no delta: reload the zone whole
+            elif version == known + 1:
+                changes.append(change)
+                self._versions[z] = version
+            # else: older than what a reload already brought
+        return Notices(tuple(changes), frozenset(zones))
+
+    def _poke(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for peer in self._peers:
+            # a worker that is gone, or one whose queue is full (it will read the table)
+            with contextlib.suppress(OSError):
+                sock.sendto(b"\1", peer)
+
+    def load_zone(self, zone: dns.name.Name) -> ZoneState | None:
+        db = self._db
+        z = _n(zone)
+        own = not db.in_transaction
+        if own:
+            db.execute("BEGIN")  # one snapshot for the zone row and its records
+        try:
+            row = db.execute(
+                "SELECT serial, user, version FROM zones WHERE name=?", (z,)
+            ).fetchone()
+            if row is None:
+                self._versions.pop(z, None)
+                return None
+            records = []
+            for n, t, rd, ttl, exp in db.execute(
+                "SELECT name, rdtype, rdata, ttl, expires FROM records WHERE zone=?", (z,)
+            ):
+                rdata = dns.rdata.from_wire(dns.rdataclass.IN, t, bytes(rd), 0, len(rd))
+                records.append(
+                    RecordRow(zone, dns.name.from_text(n), t, rdata, Entry(ttl, exp))
+                )
+            owners = tuple(
+                (dns.name.from_text(n), str(d))
+                for n, d in db.execute("SELECT name, device FROM owners WHERE zone=?", (z,))
+            )
+        finally:
+            if own:
+                db.execute("COMMIT")
+        self._versions[z] = int(row[2])
+        return ZoneState(ZoneRow(zone, int(row[0]), row[1]), tuple(records), owners)
+
     def load(self) -> Snapshot:
         db = self._db
-        zones = tuple(
-            ZoneRow(dns.name.from_text(n), s, u)
-            for n, s, u in db.execute("SELECT name, serial, user FROM zones")
-        )
+        own = not db.in_transaction
+        if own:
+            db.execute("BEGIN")  # one snapshot: the rows, the versions and the last change
+        try:
+            return self._load()
+        finally:
+            if own:
+                db.execute("COMMIT")
+
+    def _load(self) -> Snapshot:
+        db = self._db
+        rows = db.execute("SELECT name, serial, user, version FROM zones").fetchall()
+        self._versions = {str(n): int(v) for n, _, _, v in rows}
+        if self._shared:
+            self._last_seq = int(
+                db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+            )
+        zones = tuple(ZoneRow(dns.name.from_text(n), s, u) for n, s, u, _ in rows)
         keys = tuple(
             TsigKey(
                 dns.name.from_text(n),
@@ -399,24 +639,56 @@ class SqliteStorage(Storage):
         self.commit_group((change,))
 
     def commit_group(self, changes: Sequence[ChangeSet]) -> None:
-        """One transaction, hence one fsync of the WAL, for all of ``changes``."""
+        """One transaction, hence one fsync of the WAL, for all of ``changes``.
+
+        Shared by workers: in the transaction ``begin_group`` opened, or else in a new one
+        where a zone whose version moved since this process loaded it is ``StaleZone``
+        (nothing stored); each change that changed something goes into ``changes`` too, and
+        the other workers are poked after the commit."""
         db = self._db
         started = time.perf_counter()
-        db.execute("BEGIN IMMEDIATE")
+        if not self._in_group:
+            self._begin_write()
+        self._in_group = False
+        versions = dict(self._versions)
         try:
             for change in changes:
                 self._write(change)
             db.execute("COMMIT")
         except BaseException:
+            self._versions = versions
             db.execute("ROLLBACK")
             raise
+        finally:
+            self._end_write()
         if self.commit_observer is not None:
             self.commit_observer(time.perf_counter() - started)
+        if self._shared:
+            self._poke()
 
     def _write(self, change: ChangeSet) -> None:
         db = self._db
         z = _n(change.zone)
-        db.execute("UPDATE zones SET serial=? WHERE name=?", (change.serial, z))
+        changed = bool(change.upserts or change.deletes or change.claims)
+        if self._shared:
+            row = db.execute("SELECT version FROM zones WHERE name=?", (z,)).fetchone()
+            known = self._versions.get(z)
+            if row is None or int(row[0]) != known:
+                raise StaleZone(f"zone {change.zone} changed in another worker")
+            if changed:
+                self._versions[z] = known + 1
+                db.execute(
+                    "INSERT INTO changes (origin, zone, version, delta) VALUES (?,?,?,?)",
+                    (self.origin, z, known + 1, delta_text(change, known + 1)),
+                )
+                self._changes_written += 1
+                if self._changes_written % 512 == 0:
+                    # kept for workers that fall behind; one further behind reloads all
+                    db.execute("DELETE FROM changes WHERE seq < last_insert_rowid() - 20000")
+        db.execute(
+            "UPDATE zones SET serial=?, version=version+? WHERE name=?",
+            (change.serial, 1 if changed else 0, z),
+        )
         for d in change.deletes:
             db.execute(
                 "DELETE FROM records WHERE zone=? AND name=? AND rdtype=? AND rkey=?",
@@ -454,7 +726,9 @@ class SqliteStorage(Storage):
         self._db.execute("UPDATE meta SET v = v + 1 WHERE k='accounts_gen'")
 
     def ensure_zone(self, zone: dns.name.Name, user: str | None) -> None:
-        self._db.execute("INSERT OR IGNORE INTO zones VALUES (?, 1, ?)", (_n(zone), user))
+        self._db.execute(
+            "INSERT OR IGNORE INTO zones (name, serial, user) VALUES (?, 1, ?)", (_n(zone), user)
+        )
 
     def zone_rows(self) -> tuple[ZoneRow, ...]:
         rows = self._db.execute("SELECT name, serial, user FROM zones")
@@ -471,7 +745,10 @@ class SqliteStorage(Storage):
                 )
             if db.execute("SELECT 1 FROM zones WHERE name=?", (_n(account.zone),)).fetchone():
                 raise StorageError(f"zone {account.zone} already exists")
-            db.execute("INSERT INTO zones VALUES (?, 1, ?)", (_n(account.zone), account.user))
+            db.execute(
+                "INSERT INTO zones (name, serial, user) VALUES (?, 1, ?)",
+                (_n(account.zone), account.user),
+            )
             db.execute(
                 "INSERT INTO keys VALUES (?,?,?,?,?,?)",
                 (
@@ -674,7 +951,8 @@ class SqliteStorage(Storage):
             if gone or revoked is not None:
                 (serial,) = db.execute("SELECT serial FROM zones WHERE name=?", (z,)).fetchone()
                 db.execute(
-                    "UPDATE zones SET serial=? WHERE name=?", (_next_serial(int(serial)), z)
+                    "UPDATE zones SET serial=?, version=version+1 WHERE name=?",
+                    (_next_serial(int(serial)), z),
                 )
             db.execute("DELETE FROM owners WHERE zone=? AND device=?", (z, device))
             db.execute("DELETE FROM device_keys WHERE name=?", (_n(entry.key.name),))
@@ -845,3 +1123,71 @@ class MemoryStorage(Storage):
             (d for d in self._devices.values() if d.user == user),
             key=lambda d: (d.created, d.key.name.to_text()),
         )
+
+
+# ---- change notices: a committed change as text, for the other servers or workers --------
+
+#: What a PostgreSQL notice carries at most (its limit is 8000 bytes); a bigger change is
+#: announced without its rows, and the others reload the zone.
+MAX_NOTICE = 7000
+
+
+def delta_text(change: ChangeSet, version: int, max_len: int | None = None) -> str:
+    """A committed change as a notice: JSON with the rows (rdata in wire form, base64); over
+    ``max_len`` characters, only the zone and version (the receiver reloads the zone)."""
+    delta: dict[str, Any] = {"z": change.zone.to_text(), "v": version}
+    body = dict(
+        delta,
+        s=change.serial,
+        c=int(change.cause),
+        u=[
+            [u.name.to_text(), u.rdtype, u.entry.ttl, u.entry.expires,
+             _b64(u.rdata)]
+            for u in change.upserts
+        ],
+        d=[
+            [d.name.to_text(), d.rdtype, _b64(d.rdata)]
+            for d in change.deletes
+        ],
+        o=[[n.to_text(), device] for n, device in change.claims],
+    )
+    text = json.dumps(body, separators=(",", ":"))
+    if max_len is not None and len(text) > max_len:
+        return json.dumps(delta, separators=(",", ":"))
+    return text
+
+
+def _b64(rdata: dns.rdata.Rdata) -> str:
+    return base64.b64encode(rdata.to_wire() or b"").decode()
+
+
+def _rdata(rdtype: int, b64: str) -> dns.rdata.Rdata:
+    return rdata_wire(rdtype, base64.b64decode(b64))
+
+
+def rdata_wire(rdtype: int, wire: bytes) -> dns.rdata.Rdata:
+    return dns.rdata.from_wire(
+        dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype), wire, 0, len(wire)
+    )
+
+
+def parse_delta(text: str) -> tuple[dns.name.Name, int, ChangeSet | None]:
+    """A notice's zone, version and change (None: the others must reload the zone)."""
+    d = json.loads(text)
+    zone = dns.name.from_text(d["z"])
+    if "s" not in d:
+        return zone, int(d["v"]), None
+    change = ChangeSet(
+        zone,
+        int(d["s"]),
+        upserts=tuple(
+            RecordRow(zone, dns.name.from_text(n), t, _rdata(t, rd), Entry(ttl, exp))
+            for n, t, ttl, exp, rd in d["u"]
+        ),
+        deletes=tuple(
+            RecordKey(zone, dns.name.from_text(n), t, _rdata(t, rd)) for n, t, rd in d["d"]
+        ),
+        cause=Cause(d["c"]),
+        claims=tuple((dns.name.from_text(n), str(dev)) for n, dev in d["o"]),
+    )
+    return zone, int(d["v"]), change

@@ -44,7 +44,7 @@ from btmm_core.registry.model import (
     RRsetChange,
     SeenMac,
 )
-from btmm_core.registry.storage import StaleZone, Storage, ZoneBusy
+from btmm_core.registry.storage import Notices, StaleZone, Storage, ZoneBusy
 
 Observer = Callable[[RRsetChange], None]
 
@@ -428,7 +428,17 @@ class ZoneStore:
     def sync_external(self) -> int:
         """Apply what other servers committed to a shared database (``Storage.take_notices``);
         returns how many RRsets changed."""
-        notices = self.storage.take_notices()
+        return self._absorb(self.storage.take_notices())
+
+    def open_group(self) -> None:
+        """Before the first update of a group is planned: let the storage take its write
+        lock and apply what other processes committed before it (``Storage.begin_group``),
+        so that the group is planned on the latest state and its commit cannot be stale."""
+        notices = self.storage.begin_group()
+        if notices is not None:
+            self._absorb(notices)
+
+    def _absorb(self, notices: Notices) -> int:
         full = self._must_resync or notices.resync
         # Until this pass succeeds, what the notices said is known only here: should a reload
         # fail (the database went away), the next pass reloads everything instead.
@@ -530,6 +540,7 @@ class ZoneStore:
         changes, events = self._staged, self._staged_events
         self._staged, self._staged_events = [], []
         if not changes:
+            self.storage.end_group()
             return 0
         try:
             self.storage.commit_group(changes)
@@ -599,6 +610,8 @@ class ZoneStore:
 
     def expire(self, now: float) -> list[RRsetChange]:
         """Remove every RR whose lease ran out by ``now``; one commit (serial bump) per zone."""
+        # no group is open when this runs: one begun for nothing must not hold the lock
+        self.storage.end_group()
         if now < self._hold_expiry:
             return []
         due: dict[dns.name.Name, list[RecordKey]] = {}

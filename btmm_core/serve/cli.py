@@ -144,7 +144,8 @@ _domain_option = click.option(
     type=int,
     default=1,
     show_default=True,
-    help="Processes serving the same ports (SO_REUSEPORT) on one PostgreSQL --database.",
+    help="Processes serving the same ports (SO_REUSEPORT) on one --database (SQLite or "
+    "PostgreSQL).",
 )
 @click.option(
     "--max-connections-per-client",

@@ -16,6 +16,7 @@ import ctypes
 import os
 import random
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
@@ -31,8 +32,9 @@ from btmm_core.metrics.exporter import MetricsServer
 from btmm_core.push.server import PushServer
 from btmm_core.registry.accounts import check_user_free
 from btmm_core.registry.handler import RegistryCore
+from btmm_core.registry.replay import SharedReplayGuard
 from btmm_core.registry.server import Listen, RegistryServer
-from btmm_core.registry.storage import open_storage
+from btmm_core.registry.storage import SqliteStorage, open_storage
 from btmm_core.registry.tls import ensure_self_signed, server_context
 from btmm_core.registry.zones import ZoneStore
 from btmm_core.serve.config import ServeConfig
@@ -70,13 +72,37 @@ def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
     return server_context(cert, key)
 
 
-def compose(config: ServeConfig, tls: ssl.SSLContext | None, *, stun: bool = True) -> Registry:
+@dataclass(frozen=True)
+class Worker:
+    """One of ``--workers`` processes: its index, and the replay state they all share."""
+
+    index: int
+    count: int
+    replay: SharedReplayGuard
+    #: the socket pairs UDP UPDATEs go through to worker 0 (``registry/server.py``
+    #: ``Forwarding``), one per other worker: worker 0 reads the first end of each, worker n
+    #: writes the second end of pair n - 1
+    forward: tuple[tuple[socket.socket, socket.socket], ...] = ()
+
+
+def compose(
+    config: ServeConfig,
+    tls: ssl.SSLContext | None,
+    *,
+    stun: bool = True,
+    worker: Worker | None = None,
+) -> Registry:
     """Everything ``btmm serve`` runs; ``stun``: this process answers STUN (with several
-    workers only the first does: the zones still publish it, since all of them serve it)."""
+    workers only the first does: the zones still publish it, since all of them serve it);
+    ``worker``: this process is one of several (on SQLite they share the file through
+    ``SqliteStorage.share`` and the TSIG replay state through ``worker.replay``)."""
     storage = open_storage(config.storage.target, server=True)
+    if worker is not None and isinstance(storage, SqliteStorage):
+        storage.share(worker.index, worker.count)  # before the zones load: no change missed
     for account in storage.accounts():  # made before names were reserved (issue 11 item 7)
         check_user_free(account.user, config.zone.domain, config.ns)
-    core = RegistryCore(ZoneStore(storage, config.zone_config()), config.policy)
+    replay = worker.replay if worker is not None else None
+    core = RegistryCore(ZoneStore(storage, config.zone_config()), config.policy, replay)
     # updates that arrive together share one transaction (SQLite: one fsync)
     core.group_commit = config.group_commit and storage.groups_commits
     # A fresh secret per process: challenge ids and LLQ ids of an earlier run are void, so
@@ -101,6 +127,13 @@ def compose(config: ServeConfig, tls: ssl.SSLContext | None, *, stun: bool = Tru
             reuse_port=lst.workers > 1,
         ),
     )
+    if worker is not None and worker.forward and core.group_commit:
+        # UDP UPDATEs go to worker 0, where they share its group commits
+        server.forward_writer = worker.index == 0
+        if worker.index == 0:
+            server.forward_sockets = tuple(pair[0] for pair in worker.forward)
+        else:
+            server.forward_sockets = (worker.forward[worker.index - 1][1],)
     responder = None
     if config.stun.enabled and stun:
         responder = StunServer(StunResponder(software=SOFTWARE), lst.host, config.stun.ports)
@@ -121,9 +154,15 @@ def _size_udp_buffer(registry: Registry) -> None:
         )
 
 
-async def serve(config: ServeConfig, tls: ssl.SSLContext | None, *, stun: bool = True) -> None:
+async def serve(
+    config: ServeConfig,
+    tls: ssl.SSLContext | None,
+    *,
+    stun: bool = True,
+    worker: Worker | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT."""
-    registry = compose(config, tls, stun=stun)
+    registry = compose(config, tls, stun=stun, worker=worker)
     await registry.server.start()
     _size_udp_buffer(registry)
     if registry.stun is not None:
@@ -207,14 +246,22 @@ def run_workers(config: ServeConfig, tls: Callable[[], ssl.SSLContext | None]) -
     (PR_SET_PDEATHSIG), so none is left serving alone. The first also answers STUN.
     """
     tls()  # a self-signed certificate is made once, here, not by every worker at once
+    count = config.listen.workers
+    # made before the fork, so that every worker maps the same memory
+    replay = SharedReplayGuard.create(config.policy.fudge)
+    forward = tuple(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(1, count))
     children = []
-    for n in range(1, config.listen.workers):
+    for n in range(1, count):
         pid = os.fork()
         if pid == 0:  # a worker: serve, and never return into the parent's code
             code = 0
             try:
                 _die_with_parent()
-                run(lambda: serve(config, tls(), stun=False), config.event_loop)
+                me = Worker(n, count, replay, forward)
+                run(
+                    lambda me=me: serve(config, tls(), stun=False, worker=me),  # type: ignore[misc]
+                    config.event_loop,
+                )
             except BaseException:
                 log.exception("worker failed", worker=n)
                 code = 1
@@ -223,7 +270,8 @@ def run_workers(config: ServeConfig, tls: Callable[[], ssl.SSLContext | None]) -
         children.append(pid)
     log.info("workers started", workers=config.listen.workers, pids=[os.getpid(), *children])
     try:
-        run(lambda: serve(config, tls()), config.event_loop)
+        run(lambda: serve(config, tls(), worker=Worker(0, count, replay, forward)),
+            config.event_loop)
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):

@@ -151,12 +151,6 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.listen.workers < 1:
             raise ValueError(f"--workers {self.listen.workers}: at least 1")
-        shared = str(self.storage.target).startswith(("postgresql://", "postgres://"))
-        if self.listen.workers > 1 and not shared:
-            raise ValueError(
-                "--workers above 1 needs --database postgresql://...: SQLite keeps one "
-                "writer's state in memory, which other processes would not see"
-            )
 
     @property
     def ns(self) -> dns.name.Name:

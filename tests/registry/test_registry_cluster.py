@@ -33,6 +33,7 @@ from btmm_core.dns.keyfile import read_key
 from btmm_core.llq.client import Changes
 from btmm_core.llq.driver import Watcher
 from btmm_core.registry.pgstorage import MIGRATIONS
+from btmm_core.registry.storage import SQLITE_SCHEMA
 from btmm_core.serve.config import StorageConfig
 
 USERS = ("u0", "u1", "u2")
@@ -316,7 +317,7 @@ def test_database_restart_mid_storm_servfail_then_recovery(pg: PgCluster) -> Non
 def test_db_upgrade_reports_the_schema_version_on_both_backends(pg: PgCluster) -> None:
     with state_dir("btmm-dbup-") as state:
         for database, want in (
-            (None, "schema version 1"),
+            (None, f"schema version {SQLITE_SCHEMA}"),
             (pg.create_database(), f"schema version {MIGRATIONS[-1][0]}"),
         ):
             reg = LiveRegistry(state, 0, 0, (), database=database)
@@ -401,10 +402,11 @@ def test_workers_share_the_port_and_the_database(pg: PgCluster) -> None:
                 reg.proc.wait(timeout=5)
 
 
-def test_workers_need_a_shared_database() -> None:
+def test_workers_are_at_least_one() -> None:
+    # (SQLite takes --workers too now: tests/registry/test_registry_workers.py)
     with state_dir("btmm-workers-") as state:
-        r = LiveRegistry(state, free_port(), 0, ()).cli("--workers", "2")
-        assert r.returncode == 2 and "--workers above 1 needs --database" in r.stderr
+        r = LiveRegistry(state, free_port(), 0, ()).cli("--workers", "0")
+        assert r.returncode == 2 and "--workers 0: at least 1" in r.stderr
 
 
 def test_workers_end_when_their_first_process_is_killed(pg: PgCluster) -> None:

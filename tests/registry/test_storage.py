@@ -33,6 +33,7 @@ from btmm_core.registry.model import (
 )
 from btmm_core.registry.pgstorage import MIGRATIONS, PgStorage
 from btmm_core.registry.storage import (
+    SQLITE_SCHEMA,
     DatabaseUnavailable,
     Notices,
     Replayed,
@@ -140,7 +141,7 @@ def test_the_handler_commits_and_a_restarted_server_answers_the_same(open_db: Op
 
 def test_schema_version_is_the_newest(open_db: Open) -> None:
     s = open_db()
-    want = MIGRATIONS[-1][0] if isinstance(s, PgStorage) else 1
+    want = MIGRATIONS[-1][0] if isinstance(s, PgStorage) else SQLITE_SCHEMA
     assert s.schema_version() == want
 
 
