@@ -34,6 +34,7 @@ from btmm_core.registry.handler import RegistryCore
 from btmm_core.registry.server import Listen, RegistryServer
 from btmm_core.registry.storage import open_storage
 from btmm_core.registry.tls import ensure_self_signed, server_context
+from btmm_core.registry.turncreds import TurnCredentials
 from btmm_core.registry.zones import ZoneStore
 from btmm_core.serve.config import ServeConfig
 from btmm_core.serve.metrics import metrics_registry
@@ -55,6 +56,7 @@ class Registry:
     server: RegistryServer
     stun: StunServer | None = None
     push: PushServer | None = None
+    turn: TurnCredentials | None = None
 
 
 def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -104,7 +106,11 @@ def compose(config: ServeConfig, tls: ssl.SSLContext | None, *, stun: bool = Tru
     responder = None
     if config.stun.enabled and stun:
         responder = StunServer(StunResponder(software=SOFTWARE), lst.host, config.stun.ports)
-    return Registry(core, llq, server, responder, push)
+    turn = None
+    if config.turn is not None:  # TURN credentials for devices (registry/turncreds.py)
+        turn = TurnCredentials(config.turn)
+        core.plug(turn)
+    return Registry(core, llq, server, responder, push, turn)
 
 
 def _size_udp_buffer(registry: Registry) -> None:
