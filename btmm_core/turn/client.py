@@ -10,7 +10,8 @@ What it does, in the order it happens:
 2. A success carries XOR-RELAYED-ADDRESS, XOR-MAPPED-ADDRESS and LIFETIME: ``Allocated``.
    A Refresh is sent before the lifetime runs out (at half of it, or a minute before: the
    later); ``release`` sends one with LIFETIME 0.
-3. ``permit(peer)``: CreatePermission (permissions last 300 s, refreshed every 240 s).
+3. ``permit(peer)``: CreatePermission (permissions last 300 s, refreshed every 240 s; a
+   permission is for the peer's IP address, any port).
    ``bind(peer)``: ChannelBind (which installs the permission too), refreshed every 240 s;
    once the server confirmed it, ``send`` frames data to that peer as ChannelData (4 bytes of
    header) instead of a Send indication (36 or more).
@@ -260,6 +261,11 @@ class TurnClient:
         if p is not None and p.channel is not None:
             self._channels.pop(p.channel, None)
 
+    def permitted(self, host: str) -> bool:
+        """Whether the server has confirmed a permission for ``host`` (permissions are per IP
+        address, any port: RFC 8656 section 9), by CreatePermission or ChannelBind."""
+        return any(p.permitted and a.host == host for a, p in self._peers.items())
+
     def channel_of(self, peer: TransportAddress) -> int | None:
         """The channel bound (and confirmed) to ``peer``, or None."""
         p = self._peers.get(peer)
@@ -270,13 +276,13 @@ class TurnClient:
         a Send indication once a permission exists. False (counted in ``unsent``) when
         neither is possible yet."""
         p = self._peers.get(peer)
-        if self.state is not AllocationState.ALLOCATED or p is None:
+        if self.state is not AllocationState.ALLOCATED:
             self.unsent += 1
             return False
-        if p.bound and p.channel is not None:
+        if p is not None and p.bound and p.channel is not None:
             self._out.append(encode_channel_data(p.channel, data))
             return True
-        if not p.permitted:
+        if not self.permitted(peer.host):
             self.unsent += 1
             return False
         txid = self._txid()
@@ -406,8 +412,7 @@ class TurnClient:
         if not attrs.peers or attrs.data is None:
             self.drops["malformed"] += 1
             return
-        p = self._peers.get(attrs.peers[0])
-        if p is None or not (p.permitted or p.bound):
+        if not self.permitted(attrs.peers[0].host):
             self.drops["no permission"] += 1
             return
         self._events.append(PeerData(attrs.peers[0], attrs.data, False))
