@@ -274,3 +274,20 @@ def test_any_input_is_a_drop_or_an_answer_never_a_crash(data: bytes) -> None:
     client.receive(data, SERVER, 2.0)
     client.receive(b"\x01\x01" + struct.pack("!H", len(data) // 4 * 4) + data, SERVER, 2.0)
     assert client.state is AllocationState.ALLOCATED
+
+
+def test_a_permission_is_for_the_address_any_port() -> None:
+    # RFC 8656 section 9: permissions are per IP address; the peer's NAT picks the port.
+    client, server = allocated()
+    client.permit(TransportAddress(PEER.host, 0), 1.0)
+    exchange(client, server, 1.0)
+    other_port = TransportAddress(PEER.host, 61000)
+    txid = bytes(12)
+    data = Message(Method.DATA, MessageClass.INDICATION, txid, others=(
+        xor_address_attribute(TurnAttributeType.XOR_PEER_ADDRESS, other_port, txid),
+        data_attribute(b"in"))).to_bytes()
+    client.receive(data, SERVER, 2.0)
+    assert client.next_event() == PeerData(other_port, b"in", False)
+    assert client.send(other_port, b"out", 2.0)
+    assert not client.send(TransportAddress("192.0.2.1", 61000), b"out", 2.0)
+    assert client.unsent == 1

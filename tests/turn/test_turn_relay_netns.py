@@ -79,7 +79,10 @@ def _peer(world: World, host: str) -> dict[str, Any]:
     return dict(peers[0]) if peers else {}
 
 
-@pytest.mark.parametrize("planes", [("fast", "fast")], ids=lambda p: f"{p[0]}-{p[1]}")
+PAIRS = [("fast", "fast"), ("python", "fast")]
+
+
+@pytest.mark.parametrize("planes", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
 def test_two_symmetric_nats_get_a_relayed_tunnel(lab: Lab, tmp_path: Path,
                                                  planes: tuple[str, str]) -> None:
     secret_file = tmp_path / "turn.secret"
