@@ -194,6 +194,7 @@ class Daemon:
         self._browse: Watcher | None = None
         self._rng = random.SystemRandom()
         self.paths = PathSet(self.static, self.psk, os.urandom)
+        self.paths.peer_reflexive_kind = self._peer_reflexive_kind
         self._paths_wake = asyncio.Event()
         self._stun_wake = asyncio.Event()
         self._stun: BindingTransaction | None = None
@@ -959,11 +960,20 @@ class Daemon:
             for peer in self.peers.values():
                 self._relay_permit(peer.records)
             self._relay_changed()
-            # the allocation lives with the credentials it was made with
-            await asyncio.sleep(max(offer.expiry - time.time() - 60, 30))
+            # the allocation lives with the credentials it was made with: start over before
+            # they expire, or once it failed for good
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(relay.failed.wait(),
+                                       max(offer.expiry - time.time() - 60, 30))
             self.relay = None
             relay.close()
             self._relay_changed()
+
+    def _peer_reflexive_kind(self, endpoint: Endpoint) -> CandidateKind:
+        """A peer seen at one of our relay's loopback proxies is reached through the relay."""
+        if self.relay is not None and self.relay.is_proxy(endpoint):
+            return CandidateKind.RELAY
+        return CandidateKind.REFLEXIVE
 
     def _relay_changed(self) -> None:
         self._republish.set()

@@ -82,6 +82,9 @@ class Relay:
         self._by_endpoint: dict[Endpoint, _Proxy] = {}
         self._permitted: set[str] = set()
         self.drops: Counter[str] = Counter()
+        #: set when the allocation failed for good (refused or unanswered, also after a
+        #: loss): the daemon starts over with fresh credentials
+        self.failed = asyncio.Event()
 
     @property
     def client(self) -> TurnClient:
@@ -151,6 +154,7 @@ class Relay:
             self._on_change()
         elif isinstance(ev, AllocationFailed):
             log.warning("relay allocation failed", server=self.server, why=ev.reason)
+            self.failed.set()
             self._on_change()
 
     def _to_engine(self, peer: TransportAddress, data: bytes) -> None:

@@ -22,7 +22,13 @@ import pytest
 from coturn import Coturn
 
 from btmm_core.lab.netns import Lab, Netns
-from btmm_core.lab.world import World, build_world, finish_transfer, start_transfer
+from btmm_core.lab.world import (
+    World,
+    build_world,
+    finish_transfer,
+    first_ping,
+    start_transfer,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -82,9 +88,10 @@ def _peer(world: World, host: str) -> dict[str, Any]:
 PAIRS = [("fast", "fast"), ("python", "fast")]
 
 
-@pytest.mark.parametrize("planes", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
-def test_two_symmetric_nats_get_a_relayed_tunnel(lab: Lab, tmp_path: Path,
-                                                 planes: tuple[str, str]) -> None:
+def relay_world(lab: Lab, tmp_path: Path, planes: tuple[str, str], *,
+                per_destination: bool) -> tuple[World, Coturn]:
+    """The world with coturn on the internet and the registry offering it; with
+    ``per_destination`` both gateways map every destination to a new port (checked)."""
     secret_file = tmp_path / "turn.secret"
     secret_file.write_text(SECRET)
     world = build_world(lab, nat=True, dataplanes=planes, mapping=False,
@@ -93,14 +100,42 @@ def test_two_symmetric_nats_get_a_relayed_tunnel(lab: Lab, tmp_path: Path,
     world.inet.run(["ip", "addr", "add", f"{TURN}/24", "dev", "br0"])
     coturn = Coturn(tmp_path / "coturn", SECRET, host=TURN, port=3478, netns=world.inet.name)
     coturn.start()
-    try:
+    if per_destination:
         for home in world.homes.values():
             per_destination_nat(home.gw.ns)
-        for host in world.hosts.values():
-            a, b = mapped_ports(host.ns)
-            assert a != b, f"{host.name}: the NAT mapped two destinations to one port {a}"
-        for h in world.hosts.values():
-            world.start_host(h)
+    for host in world.hosts.values():
+        a, b = mapped_ports(host.ns)
+        assert (a != b) is per_destination, f"{host.name}: mapped ports {a}, {b}"
+    return world, coturn
+
+
+def start_and_measure(world: World) -> float:
+    """Start both daemons; seconds from ``btmm up`` to the laptop's first ping answer."""
+    t0 = time.monotonic()
+    for h in world.hosts.values():
+        world.start_host(h)
+    first_ping(world, world.hosts["laptop"], world.hosts["desktop"], 120)
+    return time.monotonic() - t0
+
+
+def transfer(world: World, size: int) -> float:
+    """A SHA-256-checked TCP transfer laptop -> desktop by name; Mbit/s."""
+    laptop, desktop = world.hosts["laptop"], world.hosts["desktop"]
+    ping = laptop.ns.run(["ping", "-6", "-c", "3", "-W", "5", desktop.fqdn], check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    src, sink = start_transfer(world, laptop, desktop, size)
+    sent, got = finish_transfer(src, sink)
+    assert sent["bytes"] == got["bytes"] == size
+    assert sent["sha256"] == got["sha256"]
+    return size * 8 / sent["seconds"] / 1e6
+
+
+@pytest.mark.parametrize("planes", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_two_symmetric_nats_get_a_relayed_tunnel(lab: Lab, tmp_path: Path,
+                                                 planes: tuple[str, str]) -> None:
+    world, coturn = relay_world(lab, tmp_path, planes, per_destination=True)
+    try:
+        first = start_and_measure(world)
         world.wait_tunnels(120)
         for name in ("desktop", "laptop"):
             st = world.hosts[name].status()
@@ -111,18 +146,36 @@ def test_two_symmetric_nats_get_a_relayed_tunnel(lab: Lab, tmp_path: Path,
             assert "relay" in [c["kind"] for c in st["host"]["candidates"]]
         peers = {name: _peer(world, name) for name in ("desktop", "laptop")}
         paths = {name: (p["path"], p["path_endpoint"]) for name, p in peers.items()}
-        print("paths:", paths)
         assert {p for p, _ in paths.values()} == {"relay"}, paths
         # each side's path ends at the peer's relayed address or at its own loopback proxy
         for name, (_, endpoint) in paths.items():
             assert endpoint.startswith((f"{TURN}:", "127.0.0.1:")), (name, endpoint)
         assert f"relay ({TURN}:3478)" in world.status_text(world.hosts["laptop"])
-        laptop, desktop = world.hosts["laptop"], world.hosts["desktop"]
-        ping = laptop.ns.run(["ping", "-6", "-c", "3", "-W", "5", desktop.fqdn], check=False)
-        assert ping.returncode == 0, ping.stdout + ping.stderr
-        src, sink = start_transfer(world, laptop, desktop, 1_000_000)
-        sent, got = finish_transfer(src, sink)
-        assert sent["bytes"] == got["bytes"] == 1_000_000
-        assert sent["sha256"] == got["sha256"]
+        mbps = transfer(world, 2_000_000)
+        print(f"\nrelay {planes}: paths {paths}; btmm up -> first ping {first:.2f} s; "
+              f"TCP {mbps:.1f} Mbit/s")
+    finally:
+        coturn.stop()
+
+
+def test_a_punchable_nat_keeps_the_direct_path_with_a_relay_offered(lab: Lab,
+                                                                    tmp_path: Path) -> None:
+    """The relay is the last choice: both hosts hold an allocation and publish it, and the
+    punched path wins."""
+    world, coturn = relay_world(lab, tmp_path, ("fast", "fast"), per_destination=False)
+    try:
+        first = start_and_measure(world)
+        world.wait_tunnels(120)
+
+        def punched() -> bool:
+            return all(_peer(world, n).get("path") == "punched" for n in world.hosts)
+
+        _wait(punched, 60, "punched paths", world)
+        for name in world.hosts:
+            st = world.hosts[name].status()
+            assert st is not None and st["host"]["relay"]["state"] == "allocated"
+        mbps = transfer(world, 2_000_000)
+        print(f"\ndirect (punched) fast-fast: btmm up -> first ping {first:.2f} s; "
+              f"TCP {mbps:.1f} Mbit/s")
     finally:
         coturn.stop()
