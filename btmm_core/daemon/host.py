@@ -117,6 +117,8 @@ log = structlog.get_logger("btmm.daemon")
 #: 11.5 s): the next network change or interval asks again anyway
 STUN_PORT = 3478
 STUN_INTERVAL = 300.0
+#: STUN rounds while a peer has no direct path (the relay, or none)
+RELAY_STUN_INTERVAL = 20.0
 STUN_RC = 5
 STUN_RM = 8
 #: how often the engine's per-peer counters feed the path managers' liveness
@@ -624,8 +626,26 @@ class Daemon:
                 # a failed STUN round costs the REFLEXIVE candidate, never the daemon
                 self.net.stun_error = str(err)
                 log.warning("STUN failed", error=str(err))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stun_wake.wait(), STUN_INTERVAL)
+            await self._stun_pause()
+
+    async def _stun_pause(self) -> None:
+        """Until the next STUN round: ``STUN_INTERVAL``, or ``RELAY_STUN_INTERVAL`` while a
+        peer has no direct path (the relay or none: a NAT that became punchable, or gave us
+        a new port, shows in a new reflexive endpoint, and the peers then find the direct
+        path), or a network change."""
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while True:
+            on_relay = any(_not_direct(self.paths.status(str(p.records.ula), 0.0))
+                           for p in self.peers.values())
+            left = since + (RELAY_STUN_INTERVAL if on_relay else STUN_INTERVAL) - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._stun_wake.wait(), min(left, RELAY_STUN_INTERVAL))
+                return
+            except TimeoutError:
+                continue
 
     async def _stun_server(self) -> Endpoint:
         """The SRV ``_stun._udp.<zone>`` the registry synthesizes (its target's address when
@@ -757,6 +777,7 @@ class Daemon:
             elif isinstance(out, PathStale):
                 log.warning("path stale", peer=peer, endpoint=_endpoint_text(out.endpoint),
                             why=out.reason)
+                self._relay_check()
             elif isinstance(out, PathDown):
                 log.warning("path down", peer=peer, endpoint=_endpoint_text(out.endpoint),
                             why=out.reason)
@@ -974,6 +995,12 @@ class Daemon:
         if self.relay is not None and self.relay.is_proxy(endpoint):
             return CandidateKind.RELAY
         return CandidateKind.REFLEXIVE
+
+    def _relay_check(self) -> None:
+        """A path went quiet: if our NAT gave the relay socket a new port, the server no
+        longer knows it as our allocation's; a Refresh finds out (437: allocate again)."""
+        if self.relay is not None:
+            self.relay.check(asyncio.get_running_loop().time())
 
     def _relay_changed(self) -> None:
         self._republish.set()
@@ -1277,6 +1304,11 @@ def _endpoint_text(ep: Endpoint) -> str:
 
 def _candidate_text(c: Candidate) -> str:
     return f"{c.kind.name.lower()} {_endpoint_text(c.endpoint)}"
+
+
+def _not_direct(path: dict[str, object]) -> bool:
+    """A peer reached only through the relay, or not at the moment."""
+    return path.get("path") in (None, "relay") or path.get("path_state") in ("stale", "down")
 
 
 def _split_endpoint(text: str) -> tuple[str, int]:

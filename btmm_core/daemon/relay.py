@@ -49,6 +49,8 @@ log = structlog.get_logger("btmm.relay")
 
 #: proxies (peer addresses seen through the relay) at most; more are dropped and counted
 MAX_PROXIES = 64
+#: seconds between two Refreshes asked for because a path went quiet
+CHECK_INTERVAL = 10.0
 
 
 class _Proxy:
@@ -85,6 +87,7 @@ class Relay:
         #: set when the allocation failed for good (refused or unanswered, also after a
         #: loss): the daemon starts over with fresh credentials
         self.failed = asyncio.Event()
+        self._checked = float("-inf")
 
     @property
     def client(self) -> TurnClient:
@@ -115,6 +118,13 @@ class Relay:
             if host not in self._permitted and ":" not in host:
                 self._permitted.add(host)
                 self.session.permit(TransportAddress(host, 0))
+
+    def check(self, now: float) -> None:
+        """Refresh now (at most every ``CHECK_INTERVAL`` seconds): the answer, or 437, tells
+        whether the server still holds our allocation for this socket."""
+        if now - self._checked >= CHECK_INTERVAL:
+            self._checked = now
+            self.session.refresh()
 
     def close(self) -> None:
         for p in self.proxies.values():

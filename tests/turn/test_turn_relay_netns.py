@@ -51,12 +51,13 @@ def _wait(pred: Any, timeout: float, what: str, world: World) -> None:
     raise AssertionError(f"{what} not within {timeout} s\n{world.tails(40)}")
 
 
-def per_destination_nat(gw: Netns) -> None:
-    """Replace the gateway's masquerade by one that picks a random port per mapping."""
+def per_destination_nat(gw: Netns, random: bool = True) -> None:
+    """Replace the gateway's masquerade by one that picks a random port per mapping (or,
+    ``random=False``, back to the plain one, which keeps the source port: punchable)."""
     gw.run(["nft", "flush", "chain", "inet", "nat", "postrouting"])
     gw.run(["nft", "add", "rule", "inet", "nat", "postrouting", "jump", "postrouting_miniupnpd"])
     gw.run(["nft", "add", "rule", "inet", "nat", "postrouting", "oifname", "wan0",
-            "masquerade", "random"])
+            "masquerade", *(["random"] if random else [])])
 
 
 MAPPED_PORTS = """
@@ -177,5 +178,40 @@ def test_a_punchable_nat_keeps_the_direct_path_with_a_relay_offered(lab: Lab,
         mbps = transfer(world, 2_000_000)
         print(f"\ndirect (punched) fast-fast: btmm up -> first ping {first:.2f} s; "
               f"TCP {mbps:.1f} Mbit/s")
+    finally:
+        coturn.stop()
+
+
+def test_relay_moves_to_a_punched_path_when_the_nat_allows_it(lab: Lab, tmp_path: Path) -> None:
+    """Relayed first; then both gateways switch to a punchable NAT (their connection tracking
+    flushed, as a rule change on a real router does): at the hosts' next STUN round (every
+    20 s while on the relay) the new reflexive endpoints are published, the peers punch, and
+    the path moves off the relay while a TCP transfer runs through, intact."""
+    world, coturn = relay_world(lab, tmp_path, ("fast", "fast"), per_destination=True)
+    try:
+        for h in world.hosts.values():
+            world.start_host(h)
+        world.wait_tunnels(120)
+        assert {_peer(world, n)["path"] for n in world.hosts} == {"relay"}
+        before = _peer(world, "desktop")["bytes_in"]
+        src, sink = start_transfer(world, world.hosts["laptop"], world.hosts["desktop"],
+                                   40_000_000, rate=1_000_000)
+        _wait(lambda: _peer(world, "desktop")["bytes_in"] > before + 500_000, 30,
+              "the transfer under way through the relay", world)
+        for home in world.homes.values():
+            per_destination_nat(home.gw.ns, random=False)
+            home.gw.ns.run(["conntrack", "-F"], check=False)
+        t0 = time.monotonic()
+
+        def punched() -> bool:
+            return all(_peer(world, n).get("path") == "punched" for n in world.hosts)
+
+        _wait(punched, 60, "punched paths after the NAT change", world)
+        upgraded = time.monotonic() - t0
+        assert src.poll() is None, "the transfer ended before the path moved"
+        sent, got = finish_transfer(src, sink, timeout=120)
+        assert sent["bytes"] == got["bytes"] == 40_000_000
+        assert sent["sha256"] == got["sha256"]
+        print(f"\nrelay -> punched {upgraded:.1f} s after the NAT change")
     finally:
         coturn.stop()
