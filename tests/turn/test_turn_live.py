@@ -48,7 +48,7 @@ def session(server: Coturn, name: str, *, secret: str = SECRET,
     return TurnSession(client, local=("127.0.0.1", 0))
 
 
-async def next_of(s: TurnSession, kind: type, timeout: float = 10.0) -> Event:
+async def next_of(s: TurnSession, kind: type, timeout: float = 30.0) -> Event:
     async def wait() -> Event:
         while True:
             ev = await s.events.get()
@@ -63,14 +63,14 @@ def test_allocate_and_refresh(coturn: Coturn) -> None:
         s = session(coturn, "laptop.alice")
         await s.open()
         try:
-            got = await s.allocated(10)
+            got = await s.allocated(30)
             assert got.relayed.host == "127.0.0.1" and 49152 <= got.relayed.port <= 49999
             assert got.mapped == TransportAddress(*s.sockname)
             assert got.lifetime == 600
             before = s.client.expires_at
             assert before is not None
             s.refresh()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while s.client.expires_at == before and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert s.client.expires_at is not None and s.client.expires_at > before
@@ -91,7 +91,7 @@ def test_data_relayed_between_two_allocations(coturn: Coturn) -> None:
         await a.open()
         await b.open()
         try:
-            ra, rb = (await a.allocated(10)).relayed, (await b.allocated(10)).relayed
+            ra, rb = (await a.allocated(30)).relayed, (await b.allocated(30)).relayed
             channel = a.bind(rb)
             assert await next_of(a, ChannelBound) == ChannelBound(rb, channel)
             b.permit(ra)
@@ -124,7 +124,7 @@ def test_bad_credentials_are_refused(coturn: Coturn, case: str) -> None:
         await s.open()
         try:
             with pytest.raises(TurnError, match="401"):
-                await s.allocated(10)
+                await s.allocated(30)
             assert s.client.state is AllocationState.FAILED
         finally:
             s.close(release=False)
@@ -137,7 +137,7 @@ def test_server_restart_is_survived_by_a_new_allocation(coturn: Coturn) -> None:
         s = session(coturn, "laptop.alice")
         await s.open()
         try:
-            await s.allocated(10)
+            await s.allocated(30)
             peer = TransportAddress("127.0.0.1", 9)
             channel = s.bind(peer)
             await next_of(s, ChannelBound)
