@@ -1155,10 +1155,6 @@ class Daemon:
             c = info.counters if info is not None else None
             ep = info.endpoint if info is not None else None
             path = self.paths.status(inner, mono)
-            relayed_ep = path.get("path_endpoint")
-            if self.relay is not None and isinstance(relayed_ep, str) and \
-                    self.relay.is_proxy(Endpoint(*_split_endpoint(relayed_ep))):
-                path["path"] = "relay"  # through our own allocation's loopback proxy
             if path.get("path") == "relay":
                 path["relay_server"] = None if self.relay is None else self.relay.server
             peers.append({
@@ -1309,11 +1305,6 @@ def _candidate_text(c: Candidate) -> str:
 def _not_direct(path: dict[str, object]) -> bool:
     """A peer reached only through the relay, or not at the moment."""
     return path.get("path") in (None, "relay") or path.get("path_state") in ("stale", "down")
-
-
-def _split_endpoint(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _candidate_json(c: Candidate) -> dict[str, object]:

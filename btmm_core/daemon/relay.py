@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from btmm_core.dataplane.api import Endpoint
-from btmm_core.errors import TurnError
 from btmm_core.stun.message import TransportAddress
 from btmm_core.stun.turn import TurnOffer
 from btmm_core.turn.client import (
@@ -176,7 +175,9 @@ class Relay:
             try:
                 proxy = _Proxy(self, peer)
             except OSError as err:
-                raise TurnError(f"cannot open a relay proxy socket: {err}") from err
+                self.drops["proxy socket"] += 1
+                log.warning("cannot open a relay proxy socket", error=str(err))
+                return
             self.proxies[peer] = proxy
             self._by_endpoint[proxy.endpoint] = proxy
             self.session.bind(peer)  # ChannelData from now on, both ways
