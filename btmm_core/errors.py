@@ -135,3 +135,8 @@ class ControlError(BtmmError):
     def __init__(self, what: str, *, hint: str | None = None, code: str = "failed") -> None:
         self.code = code
         super().__init__(what, hint=hint)
+
+
+class TurnError(BtmmError):
+    """A TURN relay (RFC 8656) could not be used: no credentials, the server refused them or
+    the allocation, or it did not answer."""

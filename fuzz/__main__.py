@@ -16,7 +16,7 @@ from pathlib import Path
 CORPUS = Path(__file__).resolve().parent / "corpus"
 # Names only, so that --list needs no import of the (instrumented) targets.
 NAMES = ("registry", "llq_server", "llq_client", "push_server", "push_client", "dso", "tsig",
-         "natpmp", "pcp", "handshake", "stun", "probe")
+         "natpmp", "pcp", "handshake", "stun", "probe", "turn_client")
 
 #: Modules whose bytecode atheris 2.3.0 rewrites wrongly on Python 3.11: the instrumented
 #: code raises where the original does not (a ``while True`` loop with an ``or`` of

@@ -188,6 +188,25 @@ def _probe() -> list[bytes]:
     return [req.to_bytes(), rep.to_bytes()]
 
 
+def _turn_client() -> list[bytes]:
+    from btmm_core.stun.turn import encode_channel_data
+
+    txid = bytes(range(12))
+    data = stun.Message(stun.Method.DATA, stun.MessageClass.INDICATION, txid, others=(
+        stun.xor_address_attribute(stun.TurnAttributeType.XOR_PEER_ADDRESS, t.TURN_PEER, txid),
+        stun.data_attribute(b"esp"))).to_bytes()
+    client = t.turn_allocated()
+    client.refresh(t.NOW)
+    [refresh] = client.datagrams_to_send()
+    key = stun.long_term_key(t.TURN_USER, t.TURN_REALM, t.TURN_PASSWORD)
+    stale = stun.Message(stun.Method.REFRESH, stun.MessageClass.ERROR,
+                         stun.parse(refresh).transaction_id,
+                         error=stun.ErrorAttribute(438, "Stale Nonce"),
+                         others=(stun.text_attribute(stun.AttributeType.NONCE, "n2"),)).to_bytes()
+    return [encode_channel_data(0x4000, b"esp"), encode_channel_data(0x4000, b"e", pad=True),
+            data, t._turn_answer(refresh, key), stale]
+
+
 def seeds() -> dict[str, list[bytes]]:
     update = _signed_update()
     queries = _queries()
@@ -206,6 +225,7 @@ def seeds() -> dict[str, list[bytes]]:
         "handshake": _handshake(),
         "stun": _stun(),
         "probe": _probe(),
+        "turn_client": _turn_client(),
     }
 
 

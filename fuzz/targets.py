@@ -46,6 +46,7 @@ from btmm_core.registry.model import Account
 from btmm_core.registry.storage import MemoryStorage
 from btmm_core.registry.zones import ZoneConfig, ZoneStore
 from btmm_core.stun import message as stun
+from btmm_core.turn.client import AllocationState, TurnClient
 
 #: The fixed clock of every stateful target (seconds since the epoch), and the zone.
 NOW = 1_800_000_000.0
@@ -341,6 +342,60 @@ def fuzz_probe(data: bytes) -> None:
         probe.parse_probe(data)
 
 
+# ---- the TURN client --------------------------------------------------------------------------
+
+TURN_SERVER = stun.TransportAddress("198.51.100.1", 3478)
+TURN_PEER = stun.TransportAddress("203.0.113.9", 4500)
+TURN_USER, TURN_PASSWORD, TURN_REALM = "1800000000:laptop", "pw", "btmm.test"
+
+
+def _turn_answer(request: bytes, key: bytes | None) -> bytes:
+    """What a TURN server answers to one of the client's requests: a 401 challenge to an
+    unauthenticated one, else a success (with XOR-RELAYED-ADDRESS for an Allocate)."""
+    msg = stun.parse(request)
+    txid = msg.transaction_id
+    if key is None:
+        return stun.Message(msg.method, stun.MessageClass.ERROR, txid,
+                            error=stun.ErrorAttribute(401, "Unauthorized"),
+                            others=(stun.text_attribute(stun.AttributeType.REALM, TURN_REALM),
+                                    stun.text_attribute(stun.AttributeType.NONCE, "n")),
+                            ).to_bytes()
+    others: tuple[stun.Attribute, ...] = ()
+    if msg.method == stun.Method.ALLOCATE:
+        others = (stun.xor_address_attribute(stun.TurnAttributeType.XOR_RELAYED_ADDRESS,
+                                             TURN_SERVER, txid), stun.lifetime_attribute(600))
+    reply = stun.Message(msg.method, stun.MessageClass.SUCCESS, txid, others=others)
+    return stun.add_integrity(reply.to_bytes(), key)
+
+
+def turn_allocated() -> TurnClient:
+    """A client with an allocation and a channel (0x4000) bound to ``TURN_PEER``, made by the
+    same exchange every time (deterministic transaction ids, fixed clock)."""
+    client = TurnClient(TURN_SERVER, TURN_USER, TURN_PASSWORD, _Counting(b"turn"))
+    key = stun.long_term_key(TURN_USER, TURN_REALM, TURN_PASSWORD)
+    client.start(NOW)
+    [first] = client.datagrams_to_send()
+    client.receive(_turn_answer(first, None), TURN_SERVER, NOW)
+    [second] = client.datagrams_to_send()
+    client.receive(_turn_answer(second, key), TURN_SERVER, NOW)
+    client.bind(TURN_PEER, NOW)
+    [bind] = client.datagrams_to_send()
+    client.receive(_turn_answer(bind, key), TURN_SERVER, NOW)
+    assert client.state is AllocationState.ALLOCATED and client.channel_of(TURN_PEER)
+    return client
+
+
+def fuzz_turn_client(data: bytes) -> None:
+    """TURN (``turn.client``): any datagram from the server is an event or a counted drop,
+    never an exception, and never loses the allocation or the channel."""
+    client = turn_allocated()
+    client.receive(data, TURN_SERVER, NOW)
+    while client.next_event() is not None:
+        pass
+    assert client.state is AllocationState.ALLOCATED
+    assert client.channel_of(TURN_PEER) == 0x4000
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -356,6 +411,8 @@ TARGETS: dict[str, Target] = {
         Target("handshake", fuzz_handshake, "Noise handshake messages into KeyExchange"),
         Target("stun", fuzz_stun, "STUN messages (stun/message.py)"),
         Target("probe", fuzz_probe, "path probes (reach/probe.py)"),
+        Target("turn_client", fuzz_turn_client, "TURN responses, indications and ChannelData "
+               "into TurnClient.receive (turn/client.py)"),
     )
 }
 

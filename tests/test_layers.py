@@ -28,6 +28,7 @@ RANKS: dict[str, int] = {
     "dataplane": 2,
     "keyex": 3,
     "portmap": 3,
+    "turn": 3,
     "registry": 3,
     "llq": 4,
     "push": 4,

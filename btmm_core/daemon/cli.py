@@ -243,6 +243,8 @@ def render_status(st: dict[str, Any]) -> str:
         # what peers check paths to; per peer only in --json (a wide table)
         *(["candidate " + ", ".join(f"{c['kind']} {c['endpoint']}" for c in h["candidates"])]
           if h.get("candidates") else []),
+        *([f"relay     {h['relay']['server']} {h['relay']['state']}, relayed "
+           f"{h['relay']['relayed'] or '-'}"] if h.get("relay") else []),
         f"engine    {h['dataplane']}  key {h['public_key']}",
         *([_ssh_line(h["ssh"])] if h.get("ssh") else []),
         *_names_lines(st.get("names")),
@@ -255,7 +257,10 @@ def render_status(st: dict[str, Any]) -> str:
     for p in st["peers"]:
         drops = sum(p["drops"].values())
         rtt = p.get("rtt_ms")
-        rows.append((p["name"].rstrip("."), p["ula"], p["endpoint"] or "-", p.get("path") or "-",
+        path = p.get("path") or "-"
+        if path == "relay" and p.get("relay_server"):
+            path = f"relay ({p['relay_server']})"
+        rows.append((p["name"].rstrip("."), p["ula"], p["endpoint"] or "-", path,
                      "-" if rtt is None else f"{rtt:.1f}ms", _age(p.get("last_answer")),
                      p["tunnel"], _age(p["handshake_age"]), _bytes(p["bytes_in"]),
                      _bytes(p["bytes_out"]), str(drops)))

@@ -69,8 +69,10 @@ from btmm_core.daemon.records import (
     verify_peer,
     withdraw_update,
 )
+from btmm_core.daemon.relay import Relay
 from btmm_core.daemon.services import ServicePublisher
 from btmm_core.daemon.sso import Sso
+from btmm_core.daemon.turncreds import fetch_offer
 from btmm_core.dataplane import open_engine
 from btmm_core.dataplane.api import ControlPacket, Endpoint, Engine, EngineConfig, StunPacket
 from btmm_core.dataplane.netconf import configure_tun
@@ -83,6 +85,7 @@ from btmm_core.errors import (
     CredentialsRejected,
     PeerRefused,
     RegistryError,
+    TurnError,
 )
 from btmm_core.keyex.driver import KeyExchangeDriver, Report
 from btmm_core.keyex.keys import derive_psk, load_or_create
@@ -115,6 +118,8 @@ log = structlog.get_logger("btmm.daemon")
 #: 11.5 s): the next network change or interval asks again anyway
 STUN_PORT = 3478
 STUN_INTERVAL = 300.0
+#: STUN rounds while a peer has no direct path (the relay, or none)
+RELAY_STUN_INTERVAL = 20.0
 STUN_RC = 5
 STUN_RM = 8
 #: how often the engine's per-peer counters feed the path managers' liveness
@@ -192,6 +197,7 @@ class Daemon:
         self._browse: Watcher | None = None
         self._rng = random.SystemRandom()
         self.paths = PathSet(self.static, self.psk, os.urandom)
+        self.paths.peer_reflexive_kind = self._peer_reflexive_kind
         self._paths_wake = asyncio.Event()
         self._stun_wake = asyncio.Event()
         self._stun: BindingTransaction | None = None
@@ -205,6 +211,9 @@ class Daemon:
         self.path_changes: Counter[str] = Counter()
         #: what the clean shutdown did, for a ``down`` request waiting on it
         self._stopped: asyncio.Future[dict[str, Any]] | None = None
+        #: the TURN relay (daemon/relay.py), when the registry offers one
+        self.relay: Relay | None = None
+        self.relay_error: str | None = None
 
     # -- set up ------------------------------------------------------------------------
 
@@ -321,6 +330,7 @@ class Daemon:
             self._spawn(self._resolver(), "resolver")
             self._spawn(self._stun_loop(), "stun")
             self._spawn(self._path_loop(), "paths")
+            self._spawn(self._relay_loop(), "relay")
             self._browse = Watcher(server, browse_name(self.zone), dns.rdatatype.PTR,
                                    key=self.key, config=ClientConfig(lease=self.cfg.llq_lease))
             await self._browse.start()
@@ -377,6 +387,8 @@ class Daemon:
                             error=str(err))
         if self._portmap is not None:
             await self._stop_portmap(delete=True)
+        if self.relay is not None:
+            self.relay.close()
         if self.driver is not None:
             self.driver.close()
         await self.names.close()
@@ -419,9 +431,11 @@ class Daemon:
         if self.engine is None:
             return ()
         ext = self.net.external
-        return gather(self.net.local, self.engine.local_port,
-                      mapped=None if ext is None else Endpoint(*ext),
-                      reflexive=self._reflexive(), tunnel=self.engine.tun_name)
+        found = gather(self.net.local, self.engine.local_port,
+                       mapped=None if ext is None else Endpoint(*ext),
+                       reflexive=self._reflexive(), tunnel=self.engine.tun_name)
+        relayed = None if self.relay is None else self.relay.relayed
+        return found if relayed is None else (*found, Candidate(CandidateKind.RELAY, relayed))
 
     def _reflexive(self) -> Endpoint | None:
         return self.net.reflexive or self.net.peer_reflexive
@@ -622,8 +636,26 @@ class Daemon:
                 # a failed STUN round costs the REFLEXIVE candidate, never the daemon
                 self.net.stun_error = str(err)
                 log.warning("STUN failed", error=str(err))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stun_wake.wait(), STUN_INTERVAL)
+            await self._stun_pause()
+
+    async def _stun_pause(self) -> None:
+        """Until the next STUN round: ``STUN_INTERVAL``, or ``RELAY_STUN_INTERVAL`` while a
+        peer has no direct path (the relay or none: a NAT that became punchable, or gave us
+        a new port, shows in a new reflexive endpoint, and the peers then find the direct
+        path), or a network change."""
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while True:
+            on_relay = any(_not_direct(self.paths.status(str(p.records.ula), 0.0))
+                           for p in self.peers.values())
+            left = since + (RELAY_STUN_INTERVAL if on_relay else STUN_INTERVAL) - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._stun_wake.wait(), min(left, RELAY_STUN_INTERVAL))
+                return
+            except TimeoutError:
+                continue
 
     async def _stun_server(self) -> Endpoint:
         """The SRV ``_stun._udp.<zone>`` the registry synthesizes (its target's address when
@@ -755,6 +787,7 @@ class Daemon:
             elif isinstance(out, PathStale):
                 log.warning("path stale", peer=peer, endpoint=_endpoint_text(out.endpoint),
                             why=out.reason)
+                self._relay_check()
             elif isinstance(out, PathDown):
                 log.warning("path down", peer=peer, endpoint=_endpoint_text(out.endpoint),
                             why=out.reason)
@@ -907,6 +940,7 @@ class Daemon:
             self._apply_paths(self.paths.set_local(self._candidates(), loop.time(), time.time()))
             self._apply_paths(self.paths.add(inner, public, _remote_candidates(rec),
                                              loop.time(), time.time()))
+            self._relay_permit(rec)
             self._paths_wake.set()
             return
         if rec.endpoint != peer.records.endpoint:
@@ -923,7 +957,68 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._apply_paths(self.paths.set_remote(inner, _remote_candidates(rec), loop.time(),
                                                 time.time()))
+        self._relay_permit(rec)
         self._paths_wake.set()
+
+    # -- relay: TURN through the registry's server (daemon/relay.py) ------------------------
+
+    async def _relay_loop(self) -> None:
+        """Hold an allocation on the registry's TURN server while it offers one: fetch
+        credentials, allocate, publish the RELAY candidate; again after a failure, with fresh
+        credentials (30 s apart), and before the credentials expire."""
+        assert self.registry is not None and self.engine is not None
+        while True:
+            try:
+                offer = await fetch_offer(self.registry)
+            except TurnError as err:
+                self.relay_error = err.what
+                log.info("no relay", why=err.what)
+                return
+            except RegistryError as err:
+                self.relay_error = err.what
+                await asyncio.sleep(30)
+                continue
+            relay = Relay(offer, self.engine.local_port, on_change=self._relay_changed)
+            try:
+                await relay.open(15)
+            except (TurnError, OSError) as err:
+                relay.close()
+                self.relay_error = str(err)
+                log.warning("relay not allocated", server=offer.server(), error=str(err))
+                await asyncio.sleep(30)
+                continue
+            self.relay, self.relay_error = relay, None
+            for peer in self.peers.values():
+                self._relay_permit(peer.records)
+            self._relay_changed()
+            # the allocation lives with the credentials it was made with: start over before
+            # they expire, or once it failed for good
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(relay.failed.wait(),
+                                       max(offer.expiry - time.time() - 60, 30))
+            self.relay = None
+            relay.close()
+            self._relay_changed()
+
+    def _peer_reflexive_kind(self, endpoint: Endpoint) -> CandidateKind:
+        """A peer seen at one of our relay's loopback proxies is reached through the relay."""
+        if self.relay is not None and self.relay.is_proxy(endpoint):
+            return CandidateKind.RELAY
+        return CandidateKind.REFLEXIVE
+
+    def _relay_check(self) -> None:
+        """A path went quiet: if our NAT gave the relay socket a new port, the server no
+        longer knows it as our allocation's; a Refresh finds out (437: allocate again)."""
+        if self.relay is not None:
+            self.relay.check(asyncio.get_running_loop().time())
+
+    def _relay_changed(self) -> None:
+        self._republish.set()
+        self._paths_wake.set()
+
+    def _relay_permit(self, rec: PeerRecords) -> None:
+        if self.relay is not None:
+            self.relay.permit(c.endpoint.host for c in _remote_candidates(rec))
 
     def _watch_peer(self, peer: Peer) -> None:
         """LLQs on the peer's SRV and A names and its candidate SRV: a new port, address or
@@ -1069,6 +1164,9 @@ class Daemon:
             session = None if self.kx is None else self.kx.by_inner.get(inner)
             c = info.counters if info is not None else None
             ep = info.endpoint if info is not None else None
+            path = self.paths.status(inner, mono)
+            if path.get("path") == "relay":
+                path["relay_server"] = None if self.relay is None else self.relay.server
             peers.append({
                 "name": peer.records.name.to_text(),
                 "ula": str(peer.records.ula),
@@ -1080,7 +1178,7 @@ class Daemon:
                 # up only while the path answers: keys alone are not a tunnel
                 "tunnel": tunnel_state(info is not None and info.tx_spi is not None,
                                        self.paths.state(inner)),
-                **self.paths.status(inner, mono),
+                **path,
                 "handshake_age": None if peer.established_at is None
                 else round(now - peer.established_at, 1),
                 "handshakes": peer.handshakes,
@@ -1128,6 +1226,8 @@ class Daemon:
                 "llq": self.llq_state,
                 "uptime": round(now - self.started),
                 **({"ssh": self.sso.status(now)} if self.sso is not None else {}),
+                "relay": None if self.relay is None else self.relay.status(),
+                "relay_error": self.relay_error,
             },
             "peers": peers,
             "names": self.names.status(),
@@ -1210,6 +1310,11 @@ def _endpoint_text(ep: Endpoint) -> str:
 
 def _candidate_text(c: Candidate) -> str:
     return f"{c.kind.name.lower()} {_endpoint_text(c.endpoint)}"
+
+
+def _not_direct(path: dict[str, object]) -> bool:
+    """A peer reached only through the relay, or not at the moment."""
+    return path.get("path") in (None, "relay") or path.get("path_state") in ("stale", "down")
 
 
 def _candidate_json(c: Candidate) -> dict[str, object]:

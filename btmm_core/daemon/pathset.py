@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from btmm_core.dataplane.api import Endpoint, PeerInfo
 from btmm_core.keyex.keys import StaticKey
-from btmm_core.reach.candidates import Candidate
+from btmm_core.reach.candidates import Candidate, CandidateKind
 from btmm_core.reach.paths import (
     PATH_NAMES,
     Output,
@@ -77,6 +77,8 @@ class PathSet:
         self._peers: dict[str, _Entry] = {}
         self._by_id: dict[bytes, str] = {}
         self.drops: Counter[str] = Counter()
+        #: the kind of a peer-reflexive endpoint (``PathManager.peer_reflexive_kind``)
+        self.peer_reflexive_kind: Callable[[Endpoint], CandidateKind] | None = None
 
     def __contains__(self, inner: str) -> bool:
         return inner in self._peers
@@ -91,6 +93,8 @@ class PathSet:
         """A verified peer: start checking its candidates at once."""
         self.remove(inner)
         manager = PathManager(self.static, public, self.psk, self.random, self.config)
+        if self.peer_reflexive_kind is not None:
+            manager.peer_reflexive_kind = self.peer_reflexive_kind
         entry = _Entry(manager, tuple(remote))
         self._peers[inner] = entry
         self._by_id[key_id(public)] = inner

@@ -189,7 +189,7 @@ class World:
                               capture_output=True, text=True, timeout=60, check=False)
 
     def start_registry(self, *, lease_min: int, lease_max: int,
-                       invites: tuple[str, ...] = ()) -> None:
+                       invites: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> None:
         env = self.registry_env()
         subprocess.run(self.btmm("serve", "user", "add", USER), check=True, env=env,
                        capture_output=True)
@@ -199,7 +199,8 @@ class World:
                            check=True, env=env, capture_output=True)
         self._registry_args = ["--listen", REGISTRY, "--port", "53", "--tls-port", "0",
                                "--ns-address", REGISTRY, "--lease-min", str(lease_min),
-                               "--lease-max", str(lease_max), "--event-loop", "asyncio"]
+                               "--lease-max", str(lease_max), "--event-loop", "asyncio",
+                               *extra]
         self._launch_registry()
 
     def _launch_registry(self) -> None:
@@ -472,13 +473,15 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
                 lease: int = 1800, lease_min: int = 1800, lease_max: int = 7200,
                 host_extra: dict[str, Any] | None = None, cafe: bool = False,
                 laptop_double_nat: bool = False, mapping: bool = True, same_home: bool = False,
-                workdir: Path | None = None, scenario: str = "default") -> World:
+                workdir: Path | None = None, scenario: str = "default",
+                registry_args: tuple[str, ...] = ()) -> World:
     """Build the namespaces, start the registry and join both hosts (daemons not started).
 
     ``scenario`` (a key of ``SCENARIOS``) picks the homes and where each host plugs in; ``cafe``
     adds the cafe network gw3 to any of them. Only the default scenario has ``nat=False`` and
     ``laptop_double_nat``. ``mapping=False``: no gateway runs miniupnpd; ``same_home``: the
-    laptop sits on the desktop's LAN (which does not hairpin)."""
+    laptop sits on the desktop's LAN (which does not hairpin); ``registry_args``: more options
+    of ``btmm serve`` (``--turn-server ...``)."""
     spec = SCENARIOS[scenario]
     if scenario != "default" and (not nat or laptop_double_nat):
         raise LabError(f"scenario {scenario} is always NATed, with no carrier-grade NAT")
@@ -497,7 +500,8 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                       stdin=subprocess.DEVNULL, env=_child_env())
     del stun
-    world.start_registry(lease_min=lease_min, lease_max=lease_max, invites=("laptop",))
+    world.start_registry(lease_min=lease_min, lease_max=lease_max, invites=("laptop",),
+                         extra=registry_args)
     extra = {"resolve_interval": 5.0, **(host_extra or {})}
     desktop = world.add_host("desktop", dataplanes[0], lease=lease, extra=extra)
     laptop = world.add_host("laptop", dataplanes[1], lease=lease, extra=extra)

@@ -233,6 +233,10 @@ def canonical(endpoint: Endpoint) -> Endpoint:
     return Endpoint(str(ipaddress.ip_address(endpoint.host)), endpoint.port)
 
 
+def _reflexive_kind(endpoint: Endpoint) -> CandidateKind:
+    return CandidateKind.REFLEXIVE
+
+
 def _family(endpoint: Endpoint) -> int:
     return ipaddress.ip_address(endpoint.host).version
 
@@ -266,6 +270,10 @@ class PathManager:
         config: PathConfig | None = None,
     ) -> None:
         self.config = config or PathConfig()
+        #: the kind a peer-reflexive endpoint takes: REFLEXIVE, unless the owner knows
+        #: better (the daemon says RELAY for the loopback proxies of its TURN relay, so that
+        #: a punched path still wins over them)
+        self.peer_reflexive_kind: Callable[[Endpoint], CandidateKind] = _reflexive_kind
         self.keys = ProbeKeys.derive(static, peer_public, psk)
         self.guard = RequestGuard(self.keys, self.config.guard)
         self.random = random
@@ -348,7 +356,7 @@ class PathManager:
         pair = self.pairs.get(ep)
         if pair is None:
             # a peer-reflexive endpoint, proven by ESP: the engine roams to it anyway
-            pair = self._add_pair(Candidate(CandidateKind.REFLEXIVE, ep))
+            pair = self._add_pair(Candidate(self.peer_reflexive_kind(ep), ep))
         if pair is None:
             return []
         out = self._on_evidence(pair, now)
@@ -436,7 +444,7 @@ class PathManager:
         7.3.1.4); it becomes usable only if it answers."""
         pair = self.pairs.get(source)
         if pair is None:
-            pair = self._add_pair(Candidate(CandidateKind.REFLEXIVE, source))
+            pair = self._add_pair(Candidate(self.peer_reflexive_kind(source), source))
         if pair is not None and not pair.probing and now - pair.heard > self.config.quiet_after:
             pair.probing, pair.sent, pair.next_probe = True, 0, now
 

@@ -40,6 +40,7 @@ from btmm_core.serve.config import (
     ZoneNames,
     name_server,
     parse_domain,
+    turn_config,
 )
 
 _state_option = click.option(
@@ -230,6 +231,26 @@ _domain_option = click.option(
     "--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True
 )
 @click.option(
+    "--turn-server",
+    metavar="HOST[:PORT]",
+    default=None,
+    help="A TURN server (coturn with use-auth-secret) whose time-limited credentials devices "
+    "may ask for (a TSIG-signed query with their own key); needs --turn-secret-file.",
+)
+@click.option(
+    "--turn-secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the TURN server's static-auth-secret (it never leaves this process).",
+)
+@click.option(
+    "--turn-credential-lifetime",
+    type=click.IntRange(60, 30 * 86400),
+    default=86400,
+    show_default=True,
+    help="Seconds a TURN credential handed to a device stays valid.",
+)
+@click.option(
     "--metrics",
     metavar="HOST:PORT",
     default=None,
@@ -333,6 +354,8 @@ def _config(o: dict[str, Any]) -> ServeConfig:
         event_loop=o["event_loop"],
         group_commit=not o.get("no_group_commit", False),
         metrics=None if o.get("metrics") is None else parse_listen(o["metrics"]),
+        turn=turn_config(o.get("turn_server"), o.get("turn_secret_file"),
+                         o.get("turn_credential_lifetime", 86400)),
     )
 
 

@@ -36,6 +36,7 @@ from btmm_core.registry.replay import SharedReplayGuard
 from btmm_core.registry.server import Listen, RegistryServer
 from btmm_core.registry.storage import SqliteStorage, open_storage
 from btmm_core.registry.tls import ensure_self_signed, server_context
+from btmm_core.registry.turncreds import TurnCredentials
 from btmm_core.registry.zones import ZoneStore
 from btmm_core.serve.config import ServeConfig
 from btmm_core.serve.metrics import metrics_registry
@@ -57,6 +58,7 @@ class Registry:
     server: RegistryServer
     stun: StunServer | None = None
     push: PushServer | None = None
+    turn: TurnCredentials | None = None
 
 
 def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -137,7 +139,11 @@ def compose(
     responder = None
     if config.stun.enabled and stun:
         responder = StunServer(StunResponder(software=SOFTWARE), lst.host, config.stun.ports)
-    return Registry(core, llq, server, responder, push)
+    turn = None
+    if config.turn is not None:  # TURN credentials for devices (registry/turncreds.py)
+        turn = TurnCredentials(config.turn)
+        core.plug(turn)
+    return Registry(core, llq, server, responder, push, turn)
 
 
 def _size_udp_buffer(registry: Registry) -> None:

@@ -17,7 +17,9 @@ from btmm_core.errors import ConfigError
 from btmm_core.llq.server import LLQConfig
 from btmm_core.push.server import PushConfig
 from btmm_core.registry.handler import Policy
+from btmm_core.registry.turncreds import TurnConfig
 from btmm_core.registry.zones import ZoneConfig
+from btmm_core.stun.turn import split_server
 
 DEFAULT_STATE = Path("/var/lib/btmm-registry")
 
@@ -147,6 +149,8 @@ class ServeConfig:
     group_commit: bool = True
     #: serve Prometheus metrics at this loopback (host, port); None: off
     metrics: tuple[str, int] | None = None
+    #: hand devices TURN credentials for this server (``--turn-server``); None: off
+    turn: TurnConfig | None = None
 
     def __post_init__(self) -> None:
         if self.listen.workers < 1:
@@ -179,3 +183,23 @@ class ServeConfig:
     @property
     def serves_push(self) -> bool:
         return self.push_enabled and bool(self.tls.port)
+
+
+def turn_config(server: str | None, secret_file: Path | None, lifetime: int) -> TurnConfig | None:
+    """``--turn-server HOST[:PORT] --turn-secret-file PATH``: both or neither. The file holds
+    the secret coturn has as ``static-auth-secret`` (surrounding white space is dropped)."""
+    if server is None and secret_file is None:
+        return None
+    if server is None or secret_file is None:
+        raise ConfigError("--turn-server and --turn-secret-file go together")
+    try:
+        host, port = split_server(server)
+    except ValueError as e:
+        raise ConfigError(f"--turn-server {server!r}: {e}") from None
+    try:
+        secret = secret_file.read_text().strip().encode()
+    except OSError as e:
+        raise ConfigError(f"--turn-secret-file {secret_file}: {e.strerror}") from None
+    if not secret:
+        raise ConfigError(f"--turn-secret-file {secret_file} is empty")
+    return TurnConfig(host, port, secret, lifetime)

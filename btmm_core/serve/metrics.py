@@ -85,6 +85,14 @@ class RegistryCollector(Collector):
             for outcome, n in sorted(stun.responder.stats.as_dict().items()):
                 st.add_metric([outcome], n)
             yield st
+        turn = self.registry.turn
+        if turn is not None:
+            creds = CounterMetricFamily("btmm_turn_credentials",
+                                        "TURN credential requests: offers issued, refusals by "
+                                        "reason", labels=["outcome"])
+            for outcome, n in sorted(turn.stats.items()):
+                creds.add_metric([outcome], n)
+            yield creds
 
 
 def metrics_registry(registry: Registry) -> CollectorRegistry:

@@ -14,13 +14,23 @@ faults and a wrong FINGERPRINT are dropped, a bad attribute of a request is answ
 Padding bytes are ignored, as section 14 requires of a receiver ("MUST be ignored"); padding
 that would run past the end cannot occur once the length is a multiple of 4 and matches.
 
+MESSAGE-INTEGRITY (14.5) with the long-term credential mechanism (9.2: key = MD5 of
+"username:realm:password"; the SASLprep of 9.2.2 is left out, so credentials must be ASCII,
+which TURN REST usernames and their base64 passwords are) is made by ``add_integrity`` and
+checked by ``check_integrity``. The TURN attributes of RFC 8656 section 18 are read from a
+message's ``others`` by ``turn_attributes`` into a ``TurnAttributes`` and made by the
+``*_attribute`` helpers; ``stun.turn`` builds on them.
+
 Used by ``stun.responder`` (the server core ``btmm serve`` runs), ``stun.client`` (a Binding
-transaction) and ``looks_like_stun`` by whoever shares a UDP port with STUN.
+transaction), ``turn.client`` (a TURN allocation) and ``looks_like_stun`` by whoever shares a
+UDP port with STUN.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import ipaddress
 import struct
 import zlib
@@ -41,6 +51,13 @@ _COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 
 class Method(enum.IntEnum):
     BINDING = 0x001
+    # TURN, RFC 8656 section 17
+    ALLOCATE = 0x003
+    REFRESH = 0x004
+    SEND = 0x006
+    DATA = 0x007
+    CREATE_PERMISSION = 0x008
+    CHANNEL_BIND = 0x009
 
 
 class MessageClass(enum.IntEnum):
@@ -82,9 +99,15 @@ class ErrorCode(enum.IntEnum):
     TRY_ALTERNATE = 300
     BAD_REQUEST = 400
     UNAUTHENTICATED = 401
+    FORBIDDEN = 403  #: RFC 8656
     UNKNOWN_ATTRIBUTE = 420
+    ALLOCATION_MISMATCH = 437  #: RFC 8656
     STALE_NONCE = 438
+    WRONG_CREDENTIALS = 441  #: RFC 8656
+    UNSUPPORTED_TRANSPORT = 442  #: RFC 8656
+    ALLOCATION_QUOTA_REACHED = 486  #: RFC 8656
     SERVER_ERROR = 500
+    INSUFFICIENT_CAPACITY = 508  #: RFC 8656
 
 
 class Family(enum.IntEnum):
@@ -418,3 +441,179 @@ def error_response(method: int, transaction_id: bytes, code: ErrorCode, reason: 
     return Message(method, MessageClass.ERROR, transaction_id,
                    error=ErrorAttribute(code, reason), unknown_attributes=unknown,
                    software=software, fingerprint=True).to_bytes()
+
+
+# ---- MESSAGE-INTEGRITY (RFC 8489 section 14.5) and the long-term credential (9.2) ----------
+
+INTEGRITY_LEN = 20  #: HMAC-SHA1
+_INTEGRITY_ATTR_LEN = 4 + INTEGRITY_LEN
+_FINGERPRINT_ATTR_LEN = 8
+
+
+def long_term_key(username: str, realm: str, password: str) -> bytes:
+    """The long-term credential key of section 9.2.2: MD5(username ":" realm ":" password).
+    (SASLprep is not applied: the callers' credentials are ASCII.)"""
+    return hashlib.md5(f"{username}:{realm}:{password}".encode(), usedforsecurity=False).digest()
+
+
+def add_integrity(message: bytes, key: bytes, *, fingerprint: bool = True) -> bytes:
+    """``message`` (encoded without FINGERPRINT) with MESSAGE-INTEGRITY appended, then
+    FINGERPRINT if asked. The HMAC covers the header, with the length already counting the
+    MESSAGE-INTEGRITY attribute, and every attribute before it (14.5)."""
+    parse_header(message)
+    length = len(message) - HEADER_LEN + _INTEGRITY_ATTR_LEN
+    head = message[:2] + struct.pack("!H", length) + message[4:]
+    mac = hmac.new(key, head, hashlib.sha1).digest()
+    out = bytearray(head + _attribute(AttributeType.MESSAGE_INTEGRITY, mac))
+    if fingerprint:
+        struct.pack_into("!H", out, 2, len(out) - HEADER_LEN + _FINGERPRINT_ATTR_LEN)
+        out += _attribute(AttributeType.FINGERPRINT, struct.pack("!I", _crc(out)))
+    return bytes(out)
+
+
+def _integrity_offset(data: bytes) -> int | None:
+    """Where the MESSAGE-INTEGRITY attribute starts, or None (the message is well formed:
+    ``parse`` passed)."""
+    pos = HEADER_LEN
+    while pos + 4 <= len(data):
+        t, n = struct.unpack_from("!HH", data, pos)
+        if t == AttributeType.MESSAGE_INTEGRITY:
+            return pos if n == INTEGRITY_LEN and pos + 4 + n <= len(data) else None
+        pos += 4 + n + (-n % 4)
+    return None
+
+
+def check_integrity(data: bytes, key: bytes) -> bool:
+    """Whether ``data`` carries a MESSAGE-INTEGRITY made with ``key`` (compared in constant
+    time). False for a message without one, or one that does not parse."""
+    try:
+        parse_header(data)
+    except MalformedMessage:
+        return False
+    pos = _integrity_offset(data)
+    if pos is None:
+        return False
+    length = pos - HEADER_LEN + _INTEGRITY_ATTR_LEN
+    head = data[:2] + struct.pack("!H", length) + data[4:pos]
+    want = hmac.new(key, head, hashlib.sha1).digest()
+    return hmac.compare_digest(want, data[pos + 4:pos + 4 + INTEGRITY_LEN])
+
+
+# ---- TURN attributes (RFC 8656 section 18) --------------------------------------------------
+
+
+class TurnAttributeType(enum.IntEnum):
+    """RFC 8656 section 18 (kept apart from ``AttributeType``: the Binding responder does not
+    understand them, and answers 420 to a request that requires one)."""
+
+    CHANNEL_NUMBER = 0x000C
+    LIFETIME = 0x000D
+    XOR_PEER_ADDRESS = 0x0012
+    DATA = 0x0013
+    XOR_RELAYED_ADDRESS = 0x0016
+    REQUESTED_ADDRESS_FAMILY = 0x0017
+    EVEN_PORT = 0x0018
+    REQUESTED_TRANSPORT = 0x0019
+    DONT_FRAGMENT = 0x001A
+    RESERVATION_TOKEN = 0x0022
+
+
+#: REQUESTED-TRANSPORT's protocol number for UDP (18.7), the one TURN allocation we make.
+TRANSPORT_UDP = 17
+
+
+@dataclass(frozen=True)
+class TurnAttributes:
+    """The TURN and authentication attributes of one message (the first of each type)."""
+
+    relayed: TransportAddress | None = None
+    peers: tuple[TransportAddress, ...] = ()
+    lifetime: int | None = None
+    channel: int | None = None
+    data: bytes | None = None
+    requested_transport: int | None = None
+    username: str | None = None
+    realm: str | None = None
+    nonce: str | None = None
+    integrity: bool = False
+
+
+def turn_attributes(msg: Message) -> TurnAttributes:
+    """The attributes of ``msg.others`` a TURN client or server reads; raises
+    ``MalformedMessage`` (``Fault.BAD_ATTRIBUTE``) on one that does not fit its format."""
+    first: dict[int, bytes] = {}
+    peers: list[TransportAddress] = []
+    for a in msg.others:
+        if a.type == TurnAttributeType.XOR_PEER_ADDRESS:
+            peers.append(_read_address(a.value, msg.transaction_id, "XOR-PEER-ADDRESS"))
+        else:
+            first.setdefault(a.type, a.value)
+    relayed = first.get(TurnAttributeType.XOR_RELAYED_ADDRESS)
+    lifetime = first.get(TurnAttributeType.LIFETIME)
+    channel = first.get(TurnAttributeType.CHANNEL_NUMBER)
+    transport = first.get(TurnAttributeType.REQUESTED_TRANSPORT)
+    user = first.get(AttributeType.USERNAME)
+    realm = first.get(AttributeType.REALM)
+    nonce = first.get(AttributeType.NONCE)
+    return TurnAttributes(
+        relayed=None if relayed is None else _read_address(relayed, msg.transaction_id,
+                                                           "XOR-RELAYED-ADDRESS"),
+        peers=tuple(peers),
+        lifetime=None if lifetime is None else _read_u32(lifetime, "LIFETIME"),
+        channel=None if channel is None else _read_channel(channel),
+        data=first.get(TurnAttributeType.DATA),
+        requested_transport=None if transport is None else _read_transport(transport),
+        username=None if user is None else _read_text(user, "USERNAME"),
+        realm=None if realm is None else _read_text(realm, "REALM"),
+        nonce=None if nonce is None else _read_text(nonce, "NONCE"),
+        integrity=AttributeType.MESSAGE_INTEGRITY in first,
+    )
+
+
+def _read_u32(value: bytes, name: str) -> int:
+    if len(value) != 4:
+        raise _malformed(Fault.BAD_ATTRIBUTE, f"{name} is {len(value)} bytes, not 4")
+    return int(struct.unpack("!I", value)[0])
+
+
+def _read_channel(value: bytes) -> int:
+    if len(value) != 4:
+        raise _malformed(Fault.BAD_ATTRIBUTE, f"CHANNEL-NUMBER is {len(value)} bytes, not 4")
+    return int(struct.unpack("!H", value[:2])[0])
+
+
+def _read_transport(value: bytes) -> int:
+    if len(value) != 4:
+        raise _malformed(Fault.BAD_ATTRIBUTE, f"REQUESTED-TRANSPORT is {len(value)} bytes, "
+                         "not 4")
+    return value[0]
+
+
+def xor_address_attribute(t: int, addr: TransportAddress, txid: bytes) -> Attribute:
+    """XOR-PEER-ADDRESS or XOR-RELAYED-ADDRESS (same format as XOR-MAPPED-ADDRESS)."""
+    return Attribute(t, _xor_address(addr, txid))
+
+
+def lifetime_attribute(seconds: int) -> Attribute:
+    return Attribute(TurnAttributeType.LIFETIME, struct.pack("!I", seconds))
+
+
+def channel_attribute(channel: int) -> Attribute:
+    return Attribute(TurnAttributeType.CHANNEL_NUMBER, struct.pack("!HH", channel, 0))
+
+
+def transport_attribute(protocol: int = TRANSPORT_UDP) -> Attribute:
+    return Attribute(TurnAttributeType.REQUESTED_TRANSPORT, struct.pack("!B3x", protocol))
+
+
+def data_attribute(data: bytes) -> Attribute:
+    return Attribute(TurnAttributeType.DATA, data)
+
+
+def text_attribute(t: int, text: str) -> Attribute:
+    """USERNAME (at most 513 bytes), REALM or NONCE (at most 763)."""
+    raw = text.encode()
+    limit = 513 if t == AttributeType.USERNAME else MAX_TEXT_BYTES
+    if len(raw) > limit:
+        raise ValueError(f"attribute {t:#06x} is {len(raw)} bytes, at most {limit}")
+    return Attribute(t, raw)

@@ -1,0 +1,1 @@
+"""TURN relay client (RFC 8656): the allocation core and its asyncio driver."""
