@@ -765,7 +765,10 @@ fn held_packets_overflow_are_rejected_with_icmp_and_reopen_after_clear() {
                 && e.counters().drop_count(DropReason::HoldOverflow) == 4
         });
         assert_eq!(e.drain(64), vec![Event::Wanted { inner: peer }]);
-        assert_eq!(e.peers()[0].counters.drop_count(DropReason::HoldOverflow), 4);
+        assert_eq!(
+            e.peers()[0].counters.drop_count(DropReason::HoldOverflow),
+            4
+        );
 
         // The handshake failed: each held packet is answered with ICMPv6 address
         // unreachable, which the kernel hands a socket that asks for errors

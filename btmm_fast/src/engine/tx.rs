@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    hold, inner_at, is_ipv6, lock, unpack, wait_readable, Event, Peer, Shared, Tally, BATCH, MAX_READ,
-    TX_SLOT,
+    hold, inner_at, is_ipv6, lock, unpack, wait_readable, Event, Peer, Shared, Tally, BATCH,
+    MAX_READ, TX_SLOT,
 };
 use crate::esp::{self, DropReason, HEADER_LEN};
 use crate::offload::{
