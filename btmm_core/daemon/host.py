@@ -334,6 +334,8 @@ class Daemon:
                     log.error("SSH single sign-on not set up", error=str(err),
                               hint="check [sso] paths and that btmm runs as root")
                 self._spawn(self._sso_loop(), "sso")
+            if on_demand:
+                self.names.on_lookup = self._on_name_lookup
             await self.names.start(self.engine.tun_name, self.registry.query)
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
@@ -777,6 +779,13 @@ class Daemon:
                 self._on_reflexive_seen(out.endpoint, peer)
 
     # -- tunnels on demand (daemon/ondemand.py) ------------------------------------------
+
+    def _on_name_lookup(self, address: ipaddress.IPv6Address) -> None:
+        """A program looked a peer's name up through the stub: it is about to send, so the
+        tunnel opens now (the issue's "first lookup ... starts the handshake")."""
+        inner = str(address)
+        if self.kx is not None and inner in self.kx.by_inner:
+            self._on_peer_wanted(inner)
 
     def _on_peer_wanted(self, inner: str) -> None:
         loop = asyncio.get_running_loop()

@@ -42,9 +42,9 @@ def _wait(pred: Callable[[], object], timeout: float, what: str, world: World) -
     raise AssertionError(f"{what} not within {timeout} s\n{world.tails()}")
 
 
-def _start(lab: Lab, planes: tuple[str, str]) -> tuple[World, Host, Host]:
+def _start(lab: Lab, planes: tuple[str, str], **extra: object) -> tuple[World, Host, Host]:
     world = build_world(lab, nat=True, dataplanes=planes,
-                        host_extra={"idle_timeout": IDLE, "connect_timeout": CONNECT})
+                        host_extra={"idle_timeout": IDLE, "connect_timeout": CONNECT, **extra})
     for h in world.hosts.values():
         world.start_host(h)
     desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
@@ -70,7 +70,8 @@ def _received(output: str) -> int:
 
 
 def test_first_packet_opens_idle_closes_both_sides_and_reopens(lab: Lab) -> None:
-    world, desktop, laptop = _start(lab, ("fast", "python"))
+    # no hosts block: names come from the stub resolver only (the last step looks one up)
+    world, desktop, laptop = _start(lab, ("fast", "python"), hosts_file="", upstream="none")
     ula = _peer(laptop)["ula"]
     # the first pings go out while the tunnel opens: held, then delivered, none lost
     code, out = _ping(laptop, ula, 3)
@@ -94,6 +95,14 @@ def test_first_packet_opens_idle_closes_both_sides_and_reopens(lab: Lab) -> None
           IDLE + 15, "both idle again", world)
     code, out = _ping(desktop, _peer(desktop)["ula"], 1)
     assert code == 0 and _received(out) == 1, out
+    # a program looking the peer's name up through the stub opens the tunnel before it sends
+    _wait(lambda: _peer(desktop)["tunnel"] == "idle" and _peer(laptop)["tunnel"] == "idle",
+          IDLE + 15, "both idle once more", world)
+    opens = _peer(laptop)["on_demand"]["opens"]
+    found = laptop.ns.run(["getent", "ahosts", desktop.fqdn], check=False).stdout
+    assert ula in found, found
+    _wait(lambda: _peer(laptop)["tunnel"] == "up"
+          and _peer(laptop)["on_demand"]["opens"] == opens + 1, 10, "opened by a lookup", world)
 
 
 def test_a_peer_that_never_answers_gets_icmpv6_unreachable(lab: Lab) -> None:
