@@ -182,6 +182,11 @@ class OnDemand:
             ]
         return min(times, default=None)
 
+    def counts(self, inner: str) -> tuple[int, int, int]:
+        """Openings, closes when idle, and openings given up, of the peer's tunnel."""
+        t = self._tunnels.get(inner) or _Tunnel()
+        return t.opens, t.closes, t.rejects
+
     def status(self, inner: str, now: float) -> dict[str, object]:
         """``state`` (idle, opening, up), how often the tunnel was opened, closed when idle
         and given up, and for how long it has been idle (UP) or opening."""

@@ -71,6 +71,7 @@ def test_an_opening_that_takes_too_long_is_rejected_and_may_be_tried_again() -> 
     assert od.tick(100.0) == []
     assert od.wanted(PEER, 101.0) == [Open(PEER)]
     assert od.status(PEER, 101.0)["rejects"] == 1
+    assert od.counts(PEER) == (2, 0, 1)
 
 
 def test_a_tunnel_the_peer_opened_is_up_and_closes_when_idle() -> None:
