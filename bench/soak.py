@@ -194,7 +194,8 @@ def build(lab: Lab) -> World:
     for spec in (GW1, GW2, CAFE):
         world.add_home(spec.name, spec.wan, spec.lan_prefix)
     for name, (engine, home, index) in HOSTS.items():
-        host = world.add_host(name, engine, lease=600, extra={"resolve_interval": 5.0})
+        host = world.add_host(name, engine, lease=600, extra={"resolve_interval": 5.0,
+                                                              "idle_timeout": 0})
         world.plug(host, world.homes[home], index)
     for name, host in world.hosts.items():
         world.join_host(host, world.account_key if name == "desktop" else world.invite(name))

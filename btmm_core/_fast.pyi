@@ -33,6 +33,8 @@ class _Peer(TypedDict):
     tx_spi: int | None
     rx_spis: list[int]
     counters: _Counters
+    #: packets held while the tunnel opens
+    held: int
 
 #: ("control", source host, source port, message without the non-ESP marker)
 _ControlEvent = tuple[Literal["control"], str, int, bytes]
@@ -42,7 +44,9 @@ _StunEvent = tuple[Literal["stun"], str, int, bytes]
 _RoamedEvent = tuple[Literal["roamed"], bytes, _Endpoint | None, _Endpoint]
 #: ("exhausted", inner, SPI of the transmit SA)
 _ExhaustedEvent = tuple[Literal["exhausted"], bytes, int]
-_Event = _ControlEvent | _StunEvent | _RoamedEvent | _ExhaustedEvent
+#: ("wanted", inner): a packet was held for a peer without a transmit SA
+_WantedEvent = tuple[Literal["wanted"], bytes]
+_Event = _ControlEvent | _StunEvent | _RoamedEvent | _ExhaustedEvent | _WantedEvent
 
 @final
 class TxSa:
@@ -97,6 +101,9 @@ class Engine:
     ) -> None: ...
     def install_rx_sa(self, inner: bytes, spi: int, keymat: bytes) -> None: ...
     def retire_rx_sa(self, inner: bytes, spi: int) -> None: ...
+    def reject_held(self, inner: bytes) -> int:
+        """Answer the held packets with ICMPv6 address unreachable; how many were."""
+    def clear_tx_sa(self, inner: bytes) -> None: ...
     def send_control(self, endpoint: _Endpoint, message: bytes) -> None: ...
     def send_stun(self, endpoint: _Endpoint, message: bytes) -> None:
         """Send one STUN message without the marker; ValueError for anything that is not

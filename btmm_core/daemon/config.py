@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from btmm_core.daemon.ondemand import OnDemandConfig
 from btmm_core.dns.keyfile import write_secret
 from btmm_core.errors import ConfigError
 from btmm_core.names.dnssd import ServiceSpec, parse_services
@@ -49,6 +50,12 @@ class Config:
     #: seconds between checks of addresses and routes when netlink reports nothing
     netcheck_interval: float = 5.0
     keepalive: float = 20.0
+    #: [tunnel] seconds without a packet after which a peer's tunnel closes; the next packet
+    #: opens it again (``daemon/ondemand.py``). 0: every tunnel is always on
+    idle_timeout: float = 300.0
+    #: [tunnel] seconds an on-demand opening may take before the held packets are answered
+    #: with ICMPv6 unreachable
+    connect_timeout: float = 15.0
     #: "auto": map a port when our address is private; "off": publish our own address
     portmap: str = "auto"
     #: override the port mapping gateway (default: the IPv4 default route)
@@ -119,7 +126,8 @@ class Config:
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "host": ("host", "state_dir", "interface_id", "hosts_file", "log_level", "control_socket"),
     "registry": ("server", "lease", "refresh_fraction", "llq_lease", "resolve_interval"),
-    "tunnel": ("dataplane", "tun", "port", "mtu", "keepalive"),
+    "tunnel": ("dataplane", "tun", "port", "mtu", "keepalive", "idle_timeout",
+               "connect_timeout"),
     "network": ("portmap", "gateway", "netcheck_interval"),
     "names": ("stub", "upstream", "resolv_conf"),
 }
@@ -209,6 +217,7 @@ def validate(cfg: Config) -> None:
                           hint="lower-case letters, digits and '-', at most 63")
     if cfg.portmap not in ("auto", "off"):
         raise ConfigError(f"portmap = {cfg.portmap!r}: use \"auto\" or \"off\"")
+    OnDemandConfig(float(cfg.idle_timeout), float(cfg.connect_timeout))  # raises ConfigError
     if not 0.1 <= cfg.refresh_fraction <= 0.95:
         raise ConfigError("refresh_fraction must be between 0.1 and 0.95")
     if cfg.stub:

@@ -8,6 +8,12 @@ STUN server for the tunnel port's reflexive address, run the path checks of ever
 (``daemon/pathset.py``) and point its session where they say, keep one key-exchange session per
 peer, watch addresses and routes, keep the hosts block, and answer ``btmm status``, ``btmm
 ping`` and ``btmm down`` on the control socket (``control_server.py``) with the state of now.
+
+With ``[tunnel] idle_timeout`` > 0 (the default) tunnels are on demand (``daemon/ondemand.py``):
+no handshake at peer discovery; the engine holds the first packets for a peer and reports
+``PeerWanted``, which opens the tunnel; one with no packet for ``idle_timeout`` is closed, and
+an opening that takes longer than ``connect_timeout`` answers the held packets with ICMPv6
+unreachable. ``idle_timeout = 0`` keeps every tunnel up, as before.
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ from btmm_core.daemon.netutil import (
     local_ipv4_towards,
     netlink_monitor,
     set_routes,
+)
+from btmm_core.daemon.ondemand import (
+    Close,
+    OnDemand,
+    OnDemandAction,
+    OnDemandConfig,
+    Open,
+    Reject,
 )
 from btmm_core.daemon.pathset import PathSet, Tagged, tunnel_state
 from btmm_core.daemon.records import (
@@ -124,6 +138,8 @@ STUN_RC = 5
 STUN_RM = 8
 #: how often the engine's per-peer counters feed the path managers' liveness
 PATH_POLL = 0.5
+#: seconds between reads of the engine's counters for the on-demand idle timers
+ONDEMAND_POLL = 1.0
 
 
 @dataclass
@@ -198,6 +214,9 @@ class Daemon:
         self._rng = random.SystemRandom()
         self.paths = PathSet(self.static, self.psk, os.urandom)
         self.paths.peer_reflexive_kind = self._peer_reflexive_kind
+        self.ondemand = OnDemand(OnDemandConfig(float(cfg.idle_timeout),
+                                                float(cfg.connect_timeout)))
+        self._ondemand_wake = asyncio.Event()
         self._paths_wake = asyncio.Event()
         self._stun_wake = asyncio.Event()
         self._stun: BindingTransaction | None = None
@@ -304,9 +323,12 @@ class Daemon:
         server = await self._find_registry()
         self.registry = RegistryClient(server, self.key)
         self.engine.start()
+        on_demand = self.ondemand.config.on_demand
         self.driver = KeyExchangeDriver(self.engine, self.kx, on_report=self._on_report,
                                         on_stun=self._on_stun,
-                                        on_path_message=self._on_path_message)
+                                        on_path_message=self._on_path_message,
+                                        on_peer_wanted=self._on_peer_wanted if on_demand
+                                        else None)
         self.driver.start()
         log.info("daemon starting", host=self.cfg.host, zone=self.zone.to_text(),
                  ula=str(self.identity.ula), registry=f"{server[0]}:{server[1]}",
@@ -322,6 +344,8 @@ class Daemon:
                     log.error("SSH single sign-on not set up", error=str(err),
                               hint="check [sso] paths and that btmm runs as root")
                 self._spawn(self._sso_loop(), "sso")
+            if on_demand:
+                self.names.on_lookup = self._on_name_lookup
             await self.names.start(self.engine.tun_name, self.registry.query)
             await self._check_network(first=True)
             self._spawn(self._publisher(), "publisher")
@@ -331,6 +355,7 @@ class Daemon:
             self._spawn(self._stun_loop(), "stun")
             self._spawn(self._path_loop(), "paths")
             self._spawn(self._relay_loop(), "relay")
+            self._spawn(self._ondemand_loop(), "ondemand")
             self._browse = Watcher(server, browse_name(self.zone), dns.rdatatype.PTR,
                                    key=self.key, config=ClientConfig(lease=self.cfg.llq_lease))
             await self._browse.start()
@@ -796,6 +821,66 @@ class Daemon:
             elif isinstance(out, ReflexiveSeen):
                 self._on_reflexive_seen(out.endpoint, peer)
 
+    # -- tunnels on demand (daemon/ondemand.py) ------------------------------------------
+
+    def _on_name_lookup(self, address: ipaddress.IPv6Address) -> None:
+        """A program looked a peer's name up through the stub: it is about to send, so the
+        tunnel opens now (the issue's "first lookup ... starts the handshake")."""
+        inner = str(address)
+        if self.kx is not None and inner in self.kx.by_inner:
+            self._on_peer_wanted(inner)
+
+    def _on_peer_wanted(self, inner: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._apply_ondemand(self.ondemand.wanted(inner, loop.time()))
+        self._ondemand_wake.set()
+
+    async def _ondemand_loop(self) -> None:
+        """The on-demand timers, and the engine's counters read every ``ONDEMAND_POLL``
+        seconds as each tunnel's evidence of use."""
+        assert self.engine is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            try:
+                infos = self.engine.peers()
+            except BtmmError as err:
+                log.warning("reading engine counters failed", error=str(err))
+                infos = []
+            for info in infos:
+                c = info.counters
+                self.ondemand.observe(info.inner, info.tx_spi is not None,
+                                      c.packets_in + c.packets_out, now)
+            self._apply_ondemand(self.ondemand.tick(now))
+            deadline = self.ondemand.next_deadline()
+            wake = now + ONDEMAND_POLL if deadline is None else min(deadline, now + ONDEMAND_POLL)
+            self._ondemand_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ondemand_wake.wait(), max(wake - loop.time(), 0.0))
+
+    def _apply_ondemand(self, actions: list[OnDemandAction]) -> None:
+        assert self.engine is not None and self.driver is not None and self.kx is not None
+        for act in actions:
+            if act.inner not in self.kx.by_inner:
+                continue
+            peer = self._peer_of(act.inner)
+            try:
+                if isinstance(act, Open):
+                    log.info("tunnel opening", peer=peer)
+                    self.driver.connect(act.inner)
+                elif isinstance(act, Reject):
+                    rejected = self.engine.reject_held(act.inner)
+                    self.driver.idle(act.inner)
+                    log.warning("tunnel did not open in time", peer=peer,
+                                seconds=self.ondemand.config.connect_timeout,
+                                packets_refused=rejected)
+                elif isinstance(act, Close):
+                    self.driver.idle(act.inner)
+                    log.info("tunnel closed when idle", peer=peer,
+                             seconds=self.ondemand.config.idle_timeout)
+            except BtmmError as err:
+                log.error("on-demand action failed", action=repr(act), error=str(err))
+
     def _on_reflexive_seen(self, endpoint: Endpoint, peer: str) -> None:
         """A peer saw our probes come from ``endpoint``: our REFLEXIVE candidate while STUN
         gave none (a LAN or mapped endpoint we already publish is no news)."""
@@ -925,6 +1010,7 @@ class Daemon:
             # no endpoint until a path answers an authenticated probe (or the peer's
             # handshake comes in): a published address alone never carries the tunnel
             self.driver.add_peer(public, inner, None)
+            self.ondemand.add(inner)
             peer = Peer(rec, time.time())
             self.peers[rec.name] = peer
             self._sso_peers()
@@ -1070,6 +1156,7 @@ class Daemon:
                 await asyncio.wait_for(w.close(), 2.0)
         inner = str(peer.records.ula)
         self.paths.remove(inner)
+        self.ondemand.remove(inner)
         if self.driver is not None and self.kx is not None and inner in self.kx.by_inner:
             with contextlib.suppress(BtmmError):
                 self.driver.remove_peer(inner)
@@ -1175,9 +1262,15 @@ class Daemon:
                 else "{}:{}".format(*peer.records.endpoint),
                 "candidates": [_candidate_json(c) for c in peer.records.candidates],
                 "candidates_refused": list(peer.records.candidates_refused),
-                # up only while the path answers: keys alone are not a tunnel
+                # up only while the path answers: keys alone are not a tunnel; on demand, a
+                # tunnel without keys is idle or opening (daemon/ondemand.py)
                 "tunnel": tunnel_state(info is not None and info.tx_spi is not None,
-                                       self.paths.state(inner)),
+                                       self.paths.state(inner))
+                if not self.ondemand.config.on_demand or (info is not None and info.tx_spi)
+                else self.ondemand.status(inner, mono)["state"],
+                **({"on_demand": self.ondemand.status(inner, mono)}
+                   if self.ondemand.config.on_demand else {}),
+                "held": info.held if info is not None else 0,
                 **path,
                 "handshake_age": None if peer.established_at is None
                 else round(now - peer.established_at, 1),

@@ -49,6 +49,14 @@ class DaemonCollector(Collector):
         up = GaugeMetricFamily("btmm_peer_tunnel_up",
                                "1 while the tunnel has keys and its path answers",
                                labels=["peer"])
+        opens = CounterMetricFamily("btmm_peer_tunnel_opens",
+                                    "On-demand tunnel openings (a packet or a name lookup "
+                                    "wanted the peer)", labels=["peer"])
+        closes = CounterMetricFamily("btmm_peer_tunnel_closes",
+                                     "On-demand tunnels closed when idle", labels=["peer"])
+        rejects = CounterMetricFamily("btmm_peer_tunnel_rejects",
+                                      "On-demand openings given up (held packets answered "
+                                      "ICMPv6 unreachable)", labels=["peer"])
         rtt = GaugeMetricFamily("btmm_peer_path_rtt_seconds",
                                 "Round trip of the path's last answered probe",
                                 labels=["peer"])
@@ -77,11 +85,15 @@ class DaemonCollector(Collector):
             state = tunnel_state(info is not None and info.tx_spi is not None,
                                  d.paths.state(inner))
             up.add_metric([name], 1.0 if state == "up" else 0.0)
+            n_opens, n_closes, n_rejects = d.ondemand.counts(inner)
+            opens.add_metric([name], n_opens)
+            closes.add_metric([name], n_closes)
+            rejects.add_metric([name], n_rejects)
             ms = d.paths.status(inner, mono).get("rtt_ms")
             if isinstance(ms, (int, float)):
                 rtt.add_metric([name], ms / 1000)
         yield from (packets, octets, drops, handshakes, rekeys, retries, failures, changes, up,
-                    rtt)
+                    opens, closes, rejects, rtt)
         peers = GaugeMetricFamily("btmm_peers", "Verified peers followed")
         peers.add_metric([], len(d.peers))
         yield peers

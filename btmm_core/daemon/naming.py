@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dns.name
@@ -37,6 +37,9 @@ class Names:
         self.upstreams: list[tuple[str, int]] = []
         self._link: str | None = None
         self._hosts: dict[dns.name.Name, ipaddress.IPv6Address] = {}
+        #: called with a host's address when a program looks its name up through the stub
+        #: (the daemon opens an on-demand tunnel to it)
+        self.on_lookup: Callable[[ipaddress.IPv6Address], None] | None = None
 
     async def start(self, link: str, registry: RegistryLookup | None = None) -> None:
         """Listen on the stub address and point the host's resolver at it where we can;
@@ -62,6 +65,7 @@ class Names:
                         error=self.error)
             return
         self.server = server
+        server.on_lookup = self._looked_up
         if resolved_present() and await self._resolvectl(
             resolvectl_commands(link, stub, self.zone)
         ):
@@ -84,6 +88,11 @@ class Names:
         self._hosts = dict(hosts)
         if self.server is not None:
             self.server.core.replace(host_records(self._hosts))
+
+    def _looked_up(self, name: dns.name.Name) -> None:
+        address = self._hosts.get(name)
+        if address is not None and self.on_lookup is not None:
+            self.on_lookup(address)
 
     async def close(self) -> None:
         if self._link is not None:

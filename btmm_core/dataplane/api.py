@@ -32,6 +32,14 @@ message is under 200 bytes, a STUN Binding answer under 100) is dropped as
 ``EngineConfig.control_queue_bytes`` payload bytes (besides ``event_queue`` events); past
 either bound a message is dropped as ``control_overflow``. Every control or STUN datagram
 counts in ``control_in``, dropped or not.
+
+On-demand tunnels: a packet to a peer that has no transmit SA is held, not dropped: each
+peer has a ring of ``HOLD_SLOTS`` packets (a full ring drops its oldest as ``hold_overflow``),
+and the first packet held since the peer was idle queues one ``PeerWanted`` event, which tells
+the control plane to open the tunnel. ``install_tx_sa`` sends the held packets, oldest first,
+before anything newer; ``reject_held`` answers each with an ICMPv6 Destination Unreachable,
+code 3 (RFC 4443 §3.1), written to the TUN; ``clear_tx_sa`` takes an idle tunnel back to
+holding. Both engines build the same bytes (``btmm_core.dataplane.hold``).
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ MAX_CONTROL_MESSAGE = 1024
 #: RFC 8489 §5: every STUN message carries this at bytes 4..8, after a 20-byte header
 #: default bound of the queued control messages, in payload bytes
 DEFAULT_CONTROL_QUEUE_BYTES = 4 << 20
+#: packets held per peer while its tunnel opens
+HOLD_SLOTS = 16
 
 
 class DropReason(enum.IntEnum):
@@ -87,6 +97,7 @@ class DropReason(enum.IntEnum):
     SA_EXHAUSTED = 8  #: transmit SA used up its sequence space
     CONTROL_OVERFLOW = 9  #: control/event queue to Python was full (events or bytes)
     CONTROL_OVERSIZE = 10  #: control or STUN message longer than MAX_CONTROL_MESSAGE
+    HOLD_OVERFLOW = 11  #: held packet pushed out of a full hold ring by a newer one
 
 
 DROP_NAMES: dict[DropReason, str] = {r: r.name.lower() for r in DropReason}
@@ -123,6 +134,7 @@ class PeerInfo:
     tx_spi: int | None
     rx_spis: tuple[int, ...]
     counters: Counters
+    held: int = 0  #: packets held while the tunnel opens
 
 
 @dataclass(frozen=True)
@@ -158,7 +170,15 @@ class TxSaExhausted:
     spi: int
 
 
-EngineEvent = ControlPacket | StunPacket | PeerRoamed | TxSaExhausted
+@dataclass(frozen=True)
+class PeerWanted:
+    """A packet was held for a peer without a transmit SA: open its tunnel. Queued once per
+    opening (again only after ``install_tx_sa``, ``reject_held`` or ``clear_tx_sa``)."""
+
+    inner: str
+
+
+EngineEvent = ControlPacket | StunPacket | PeerRoamed | TxSaExhausted | PeerWanted
 
 
 def parse_inner(inner: str) -> ipaddress.IPv6Address:
@@ -224,6 +244,14 @@ class Engine(Protocol):
         third retires the oldest."""
 
     def retire_rx_sa(self, inner: str, spi: int) -> None: ...
+
+    def reject_held(self, inner: str) -> int:
+        """Answer each packet held for the peer with ICMPv6 address unreachable (to its
+        sender, over the TUN) and empty the ring; returns how many answers were written."""
+
+    def clear_tx_sa(self, inner: str) -> None:
+        """Remove the peer's transmit SA (its tunnel went idle): its next packet is held and
+        asks for a new opening."""
 
     def send_control(self, destination: Endpoint, message: bytes) -> None:
         """Send ``CONTROL_MARKER + message`` from the engine's UDP socket."""

@@ -32,12 +32,15 @@ is ignored. Requests (``id``, if given, is echoed back)::
     {"cmd": "send_control", "endpoint": "h:p", "payload": "<hex>"}
     {"cmd": "send_stun", "endpoint": "h:p", "payload": "<hex>"}
     {"cmd": "send_keepalive", "inner": "..."}
+    {"cmd": "reject_held", "inner": "..."}  -> {"ok": true, "rejected": N}
     {"cmd": "quit"}
 
 Events (drained by ``events``, oldest first): ``{"type": "control", "source": "h:p",
 "payload": "<hex>"}``, ``{"type": "stun", "source": "h:p", "payload": "<hex>"}``,
 ``{"type": "roamed", "inner": ..., "old": "h:p" | null, "new": "h:p"}``,
-``{"type": "tx_sa_exhausted", "inner": ..., "spi": N}``. Failed requests answer
+``{"type": "tx_sa_exhausted", "inner": ..., "spi": N}``,
+``{"type": "peer_wanted", "inner": ...}`` (packets are held for a peer without a transmit SA;
+its ``held`` in ``peers`` counts them). Failed requests answer
 ``{"ok": false, "error": "..."}``. SIGTERM and SIGINT stop the engine cleanly.
 """
 
@@ -72,6 +75,7 @@ from btmm_core.dataplane.api import (
     EngineEvent,
     PeerInfo,
     PeerRoamed,
+    PeerWanted,
     StunPacket,
     TxSaExhausted,
 )
@@ -260,6 +264,8 @@ def event_to_json(event: EngineEvent) -> dict[str, Any]:
         }
     if isinstance(event, TxSaExhausted):
         return {"type": "tx_sa_exhausted", "inner": event.inner, "spi": event.spi}
+    if isinstance(event, PeerWanted):
+        return {"type": "peer_wanted", "inner": event.inner}
     return {"type": "unknown", "repr": repr(event)}
 
 
@@ -276,6 +282,7 @@ def peer_to_json(peer: PeerInfo) -> dict[str, Any]:
         "tx_spi": peer.tx_spi,
         "rx_spis": list(peer.rx_spis),
         "counters": counters_to_json(peer.counters),
+        "held": peer.held,
     }
 
 
@@ -360,6 +367,9 @@ class ControlSession:
         self.engine.send_keepalive(str(req["inner"]))
         return {}
 
+    def _reject_held(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        return {"rejected": self.engine.reject_held(str(req["inner"]))}
+
     def _quit(self, _: Mapping[str, Any]) -> dict[str, Any]:
         self.quit_requested = True
         return {}
@@ -374,6 +384,7 @@ class ControlSession:
         "send_control": _send_control,
         "send_stun": _send_stun,
         "send_keepalive": _send_keepalive,
+        "reject_held": _reject_held,
         "quit": _quit,
     }
 

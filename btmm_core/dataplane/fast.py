@@ -21,6 +21,7 @@ from btmm_core.dataplane.api import (
     EngineEvent,
     PeerInfo,
     PeerRoamed,
+    PeerWanted,
     StunPacket,
     TxSaExhausted,
     parse_inner,
@@ -69,6 +70,8 @@ def _event(raw: _Event) -> EngineEvent:
             return PeerRoamed(_inner_text(inner), _endpoint(old), Endpoint(new[0], new[1]))
         case ("exhausted", inner, spi):
             return TxSaExhausted(_inner_text(inner), spi)
+        case ("wanted", inner):
+            return PeerWanted(_inner_text(inner))
     raise DataPlaneError(
         f"the fast engine reported an unknown event {raw[0]!r}",
         hint="btmm_core._fast and btmm_core were built from different versions; reinstall",
@@ -124,6 +127,12 @@ class FastEngine:
     def retire_rx_sa(self, inner: str, spi: int) -> None:
         self._engine.retire_rx_sa(_inner_bytes(inner), spi)
 
+    def reject_held(self, inner: str) -> int:
+        return int(self._engine.reject_held(_inner_bytes(inner)))
+
+    def clear_tx_sa(self, inner: str) -> None:
+        self._engine.clear_tx_sa(_inner_bytes(inner))
+
     def send_control(self, destination: Endpoint, message: bytes) -> None:
         self._engine.send_control((destination.host, destination.port), message)
 
@@ -150,6 +159,7 @@ class FastEngine:
                 tx_spi=p["tx_spi"],
                 rx_spis=tuple(p["rx_spis"]),
                 counters=_counters(p["counters"]),
+                held=p["held"],
             )
             for p in self._engine.peers()
         ]

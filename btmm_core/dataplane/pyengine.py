@@ -55,11 +55,13 @@ from btmm_core.dataplane.api import (
     EngineEvent,
     PeerInfo,
     PeerRoamed,
+    PeerWanted,
     StunPacket,
     TxSaExhausted,
     parse_inner,
 )
 from btmm_core.dataplane.esp import MIN_PAYLOAD, EspRxSa, EspTxSa
+from btmm_core.dataplane.hold import Held, HoldRing, icmp6_unreachable
 from btmm_core.dataplane.tun import close_quietly, open_tun, set_mtu, set_up, tun_name_of
 from btmm_core.errors import (
     ConfigError,
@@ -238,6 +240,8 @@ class _Peer:
     tx_exhausted_reported: bool = False
     rx: list[EspRxSa] = field(default_factory=list)  # oldest first
     count: _Count = field(default_factory=_Count)
+    #: packets waiting for the transmit SA (on-demand tunnels, ``hold.py``)
+    hold: HoldRing = field(default_factory=HoldRing)
 
     @property
     def key(self) -> bytes:
@@ -413,6 +417,7 @@ class PythonEngine:
             peer = self._peer(inner)
             peer.tx = sa
             peer.tx_exhausted_reported = False
+            self._send_held(peer)
 
     def install_rx_sa(self, inner: str, spi: int, keymat: bytes) -> None:
         sa = EspRxSa(spi, keymat)
@@ -442,6 +447,57 @@ class PythonEngine:
                 f"peer {peer.inner} has no receive SA with SPI {spi:#010x}",
                 hint="see peers() for the SPIs it has",
             )
+
+    # -- on-demand tunnels (api.py; the rules of hold.py) ----------------------------------
+
+    def _hold(self, peer: _Peer, packet: bytes) -> None:
+        """Hold an outbound packet for a peer without a transmit SA (``_lock`` held)."""
+        held = peer.hold.push(packet, self._config.mtu)
+        if held is Held.FIRST:
+            if not self._queue_event(PeerWanted(str(peer.inner))):
+                peer.hold.wanted = False  # lost: the next packet asks again
+        elif held is Held.OVERFLOW:
+            self._drop(DropReason.HOLD_OVERFLOW, peer)
+        elif held is Held.TOO_LONG:
+            self._drop(DropReason.MALFORMED, peer)
+
+    def _send_held(self, peer: _Peer) -> None:
+        """Seal and send the packets held for a peer that just got its transmit SA, oldest
+        first, before anything newer can be sealed (``_lock`` held)."""
+        for packet in peer.hold.take():
+            if peer.endpoint is None or peer.tx is None:
+                self._drop(DropReason.NO_SA, peer)
+                continue
+            try:
+                payload = peer.tx.seal(packet)
+            except SaExhausted:
+                self._drop(DropReason.SA_EXHAUSTED, peer)
+                continue
+            with contextlib.suppress(OSError):
+                self._sender.send_one(payload, peer.endpoint)
+                self.sent(peer, len(packet))
+
+    def reject_held(self, inner: str) -> int:
+        if self._closed:
+            raise DataPlaneError(
+                "the engine is stopped and its TUN device and socket are closed",
+                hint="open a new engine",
+            )
+        written = 0
+        with self._lock:
+            for packet in self._peer(inner).hold.take():
+                answer = icmp6_unreachable(packet)
+                if answer is not None:
+                    with contextlib.suppress(OSError):
+                        os.write(self._tun_fd, answer)
+                        written += 1
+        return written
+
+    def clear_tx_sa(self, inner: str) -> None:
+        with self._lock:
+            peer = self._peer(inner)
+            peer.tx = None
+            peer.hold.reset()
 
     # -- control traffic -------------------------------------------------------------------
 
@@ -542,6 +598,7 @@ class PythonEngine:
                     tx_spi=p.tx.spi if p.tx else None,
                     rx_spis=tuple(sa.spi for sa in p.rx),
                     counters=p.count.snapshot(),
+                    held=len(p.hold),
                 )
                 for p in self._peers.values()
             ]
@@ -564,7 +621,10 @@ class PythonEngine:
         if peer is None:
             self._drop(DropReason.NO_ROUTE, None)
             return None
-        if peer.tx is None or peer.endpoint is None:
+        if peer.tx is None:
+            self._hold(peer, packet)
+            return None
+        if peer.endpoint is None:
             self._drop(DropReason.NO_SA, peer)
             return None
         try:

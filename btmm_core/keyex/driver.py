@@ -17,6 +17,12 @@ ignores them, so the driver hands each to ``on_path_message`` when one is set (t
 it to the sending peer's path manager). A session with no endpoint yet is not started on
 demand (outbound packets dropped for want of an SA): there is nowhere to send the initiation,
 and whoever learns a path (``move_peer``) starts it then.
+
+On-demand tunnels (issue 16): the engine holds packets for a peer without a transmit SA and
+reports ``PeerWanted``. With ``on_peer_wanted`` set, the driver hands it over and starts no
+session by itself (not on a new path either): the owner opens one with ``connect`` and closes
+it with ``idle`` (``daemon/ondemand.py`` decides when). Without it, tunnels are always on and
+``PeerWanted`` brings a given-up session back, as the ``no_sa`` drops did before.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from btmm_core.dataplane.api import (
     Endpoint,
     Engine,
     PeerRoamed,
+    PeerWanted,
     StunPacket,
     TxSaExhausted,
 )
@@ -40,6 +47,7 @@ from btmm_core.errors import BtmmError
 from btmm_core.keyex.noise import is_path_message
 from btmm_core.keyex.session import (
     Action,
+    ClearTx,
     Established,
     HandshakeFailed,
     InstallRx,
@@ -72,6 +80,7 @@ class KeyExchangeDriver:
         on_report: Callable[[Report], None] | None = None,
         on_stun: Callable[[StunPacket], None] | None = None,
         on_path_message: Callable[[ControlPacket], None] | None = None,
+        on_peer_wanted: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
         self.kx = kx
@@ -82,6 +91,8 @@ class KeyExchangeDriver:
         self.on_stun = on_stun
         #: gets each path probe message (see the module docstring)
         self.on_path_message = on_path_message
+        #: on-demand tunnels: gets the inner address of each ``PeerWanted`` (module docstring)
+        self.on_peer_wanted = on_peer_wanted
         self.errors = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -123,6 +134,10 @@ class KeyExchangeDriver:
         """Bring up (and keep up) the session with this peer."""
         self._apply(self.kx.connect(inner, self._now(), self.wall()))
 
+    def idle(self, inner: str) -> None:
+        """Close the tunnel to this peer (on-demand): its transmit SA leaves the engine."""
+        self._apply(self.kx.idle(inner))
+
     def move_peer(self, inner: str, endpoint: Endpoint) -> None:
         """Send the peer's traffic (and handshakes) to ``endpoint`` from now on, and bring the
         session up if it is not. The caller vouches for the endpoint: it answered an
@@ -135,7 +150,7 @@ class KeyExchangeDriver:
             except BtmmError as err:
                 self.errors += 1
                 log.error("engine refused an endpoint", inner=inner, error=str(err))
-        if s.tx is None and not s.busy():
+        if s.tx is None and not s.busy() and (self.on_peer_wanted is None or s.want):
             self.connect(inner)
 
     # -- plumbing --------------------------------------------------------------------
@@ -165,6 +180,11 @@ class KeyExchangeDriver:
                 s = self.kx.by_inner.get(event.inner)
                 if s is not None:
                     s.endpoint = event.new
+            elif isinstance(event, PeerWanted):
+                if self.on_peer_wanted is not None:
+                    self.on_peer_wanted(event.inner)
+                else:
+                    self._want_again(event.inner)
             elif isinstance(event, TxSaExhausted):
                 # the packet budget should have rekeyed long before; rekey now
                 log.warning("tx SA exhausted before rekey", inner=event.inner, spi=event.spi)
@@ -189,12 +209,15 @@ class KeyExchangeDriver:
                 # outbound packets dropped for want of an SA: traffic wants this peer, so a
                 # session that was given up (or never asked for) is brought up on demand
                 no_sa = info.counters.drop(DropReason.NO_SA)
-                if no_sa > self._no_sa.get(info.inner, 0):
-                    s = self.kx.by_inner[info.inner]
-                    if s.tx is None and not s.busy() and s.endpoint is not None:
-                        self._apply(self.kx.connect(info.inner, self._now(), self.wall()))
+                if no_sa > self._no_sa.get(info.inner, 0) and self.on_peer_wanted is None:
+                    self._want_again(info.inner)
                 self._no_sa[info.inner] = no_sa
             self._tick()
+
+    def _want_again(self, inner: str) -> None:
+        s = self.kx.by_inner.get(inner)
+        if s is not None and s.tx is None and not s.busy() and s.endpoint is not None:
+            self._apply(self.kx.connect(inner, self._now(), self.wall()))
 
     def _tick(self) -> None:
         if self._loop is None:
@@ -236,6 +259,8 @@ class KeyExchangeDriver:
             e.add_peer(act.inner, act.endpoint)
         elif isinstance(act, RemovePeer):
             e.remove_peer(act.inner)
+        elif isinstance(act, ClearTx):
+            e.clear_tx_sa(act.inner)
         elif isinstance(act, SetEndpoint):
             e.update_peer(act.inner, act.endpoint)
         elif isinstance(act, SendKeepalive):

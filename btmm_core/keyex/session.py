@@ -158,6 +158,13 @@ class RemovePeer:
 
 
 @dataclass(frozen=True)
+class ClearTx:
+    """The session went idle (on-demand tunnels): remove the peer's transmit SA only."""
+
+    inner: str
+
+
+@dataclass(frozen=True)
 class SetEndpoint:
     inner: str
     endpoint: Endpoint
@@ -191,6 +198,7 @@ Action = (
     | RetireRx
     | ResetPeer
     | RemovePeer
+    | ClearTx
     | SetEndpoint
     | SendKeepalive
     | Established
@@ -611,6 +619,23 @@ class KeyExchange:
         if s.tx is None and not s.busy():
             return s.start(now, wall)
         return []
+
+    def idle(self, inner: str) -> list[Action]:
+        """Stop keeping the session up (on-demand tunnels, ``daemon/ondemand.py``): give up
+        any handshake of ours and forget the transmit SA, so the engine holds the next packet
+        and asks again. Receive SAs stay until they expire: a packet the peer still sends
+        arrives, and a handshake it starts is answered as usual."""
+        s = self.by_inner[inner]
+        s.want = False
+        if s.pending is not None:
+            self.handshaker.cancel(s.pending)
+            s.pending = None
+            s.attempt_started = None
+            s.next_retry = float("inf")
+        s._drop_unacked()
+        s.tx = None
+        s.next_keepalive = float("inf")
+        return [ClearTx(inner)]
 
     def receive(self, payload: bytes, source: Endpoint, now: float, wall: float) -> list[Action]:
         if is_path_message(payload):

@@ -502,7 +502,9 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
     del stun
     world.start_registry(lease_min=lease_min, lease_max=lease_max, invites=("laptop",),
                          extra=registry_args)
-    extra = {"resolve_interval": 5.0, **(host_extra or {})}
+    # always-on tunnels unless a test asks for on-demand ones (``host_extra``): the lab's
+    # scenarios wait for tunnels that nobody sends a packet through
+    extra = {"resolve_interval": 5.0, "idle_timeout": 0, **(host_extra or {})}
     desktop = world.add_host("desktop", dataplanes[0], lease=lease, extra=extra)
     laptop = world.add_host("laptop", dataplanes[1], lease=lease, extra=extra)
     if nat:

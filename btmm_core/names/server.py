@@ -73,6 +73,8 @@ class StubServer:
         self._tcp_clients = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        #: called with each zone name whose addresses a program asked (``Reply.looked_up``)
+        self.on_lookup: Callable[[dns.name.Name], None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,10 +124,15 @@ class StubServer:
         out = self.core.receive(data, Transport.UDP, asyncio.get_running_loop().time())
         if isinstance(out, Reply):
             self._send_udp(out.wire, addr)
+            self._looked_up(out)
         elif isinstance(out, Forward):
             self._spawn(self._forward_udp(out, addr))
         elif isinstance(out, AskRegistry):
             self._spawn(self._registry_udp(out, addr))
+
+    def _looked_up(self, reply: Reply) -> None:
+        if reply.looked_up is not None and self.on_lookup is not None:
+            self.on_lookup(reply.looked_up)
 
     def _send_udp(self, wire: bytes, addr: tuple[str, int]) -> None:
         if self._udp is not None and self._udp.transport is not None:
@@ -173,6 +180,7 @@ class StubServer:
                     return
                 if isinstance(out, Reply):
                     wire = out.wire
+                    self._looked_up(out)
                 elif isinstance(out, AskRegistry):
                     wire = await self._ask_registry(out, Transport.TCP)
                 else:

@@ -71,6 +71,9 @@ class Reply:
     """Send ``wire`` back to the client."""
 
     wire: bytes
+    #: the zone name whose addresses were asked (AAAA or ANY) and answered from the local
+    #: records: a program is about to reach that host (the daemon opens an on-demand tunnel)
+    looked_up: dns.name.Name | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,13 @@ class StubCore:
             self.stats["registry"] += 1
             return AskRegistry(data, q.name, q.rdtype)
         self.stats["answered"] += 1
-        return Reply(self._render(self._answer(query), limit))
+        looked_up = (
+            q.name
+            if q.rdtype in (dns.rdatatype.AAAA, dns.rdatatype.ANY)
+            and q.name.is_subdomain(self.zone)
+            else None
+        )
+        return Reply(self._render(self._answer(query), limit), looked_up)
 
     def registry_answer(
         self, query: bytes, rrset: dns.rrset.RRset | None, transport: Transport

@@ -49,10 +49,11 @@ pub enum DropReason {
     SaExhausted = 8,
     ControlOverflow = 9,
     ControlOversize = 10,
+    HoldOverflow = 11,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Replay,
         DropReason::Auth,
         DropReason::UnknownSpi,
@@ -63,6 +64,7 @@ impl DropReason {
         DropReason::SaExhausted,
         DropReason::ControlOverflow,
         DropReason::ControlOversize,
+        DropReason::HoldOverflow,
     ];
 
     /// The counter name, the lowercase Python enum name.
@@ -78,6 +80,7 @@ impl DropReason {
             DropReason::SaExhausted => "sa_exhausted",
             DropReason::ControlOverflow => "control_overflow",
             DropReason::ControlOversize => "control_oversize",
+            DropReason::HoldOverflow => "hold_overflow",
         }
     }
 
@@ -93,6 +96,7 @@ impl DropReason {
             DropReason::SaExhausted => "transmit SA used up its sequence space",
             DropReason::ControlOverflow => "event queue to the control plane is full",
             DropReason::ControlOversize => "control message larger than any handshake message",
+            DropReason::HoldOverflow => "hold queue of a peer without a transmit SA was full",
         }
     }
 }

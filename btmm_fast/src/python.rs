@@ -439,6 +439,20 @@ impl PyEngine {
             .map_err(|e| engine_err(py, e))
     }
 
+    /// Answers the packets held for the peer with ICMPv6 address unreachable (on-demand).
+    fn reject_held(&self, py: Python<'_>, inner: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let inner = inner_arg(inner)?;
+        py.allow_threads(|| self.engine.reject_held(inner))
+            .map_err(|e| engine_err(py, e))
+    }
+
+    /// Removes the peer's transmit SA: the tunnel is idle, its next packet is held.
+    fn clear_tx_sa(&self, py: Python<'_>, inner: &Bound<'_, PyAny>) -> PyResult<()> {
+        let inner = inner_arg(inner)?;
+        py.allow_threads(|| self.engine.clear_tx_sa(inner))
+            .map_err(|e| engine_err(py, e))
+    }
+
     fn send_control(
         &self,
         py: Python<'_>,
@@ -526,6 +540,13 @@ impl PyEngine {
                         spi.into_pyobject(py)?.into_any(),
                     ],
                 )?,
+                Event::Wanted { inner } => PyTuple::new(
+                    py,
+                    [
+                        "wanted".into_pyobject(py)?.into_any(),
+                        PyBytes::new(py, &inner).into_any(),
+                    ],
+                )?,
             };
             out.append(t)?;
         }
@@ -546,6 +567,7 @@ impl PyEngine {
             d.set_item("tx_spi", p.tx_spi)?;
             d.set_item("rx_spis", PyList::new(py, &p.rx_spis)?)?;
             d.set_item("counters", counters_dict(py, &p.counters)?)?;
+            d.set_item("held", p.held)?;
             out.append(d)?;
         }
         Ok(out)

@@ -114,6 +114,8 @@ def test_status_ping_and_down_over_the_control_socket(lab: Lab) -> None:
     assert m['btmm_peer_rekeys_total{peer="desktop"}'] >= 0
     assert m['btmm_peer_path_changes_total{peer="desktop"}'] >= 1
     assert m['btmm_peer_tunnel_up{peer="desktop"}'] == 1
+    # the lab's tunnels are always on: never opened on demand
+    assert m['btmm_peer_tunnel_opens_total{peer="desktop"}'] == 0
     assert m["btmm_peers"] == 1
     assert m['btmm_control_requests_total{result="ok"}'] >= 3
     assert m['btmm_control_requests_total{result="failed"}'] == 1  # the unknown peer

@@ -165,6 +165,8 @@ def test_join_stores_secrets_0600_and_config_loads(tmp_path: Path) -> None:
     ('[host]\nhost = "ok"\ncolour = 1\n', "unknown key"),
     ('[host]\nhost = "ok"\n[registry]\nserver = "nope"\n', "HOST:PORT"),
     ('[host]\nhost = "ok"\n[network]\nportmap = "maybe"\n', "portmap"),
+    ('[host]\nhost = "ok"\n[tunnel]\nidle_timeout = -1\n', "idle_timeout"),
+    ('[host]\nhost = "ok"\n[tunnel]\nconnect_timeout = 0\n', "connect_timeout"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, what: str) -> None:
     (tmp_path / "c.toml").write_text(text)
@@ -215,3 +217,4 @@ def test_shipped_example_config_loads() -> None:
     cfg = load_config(example)
     assert (cfg.host, cfg.port, cfg.portmap, cfg.dataplane) == ("laptop", 4500, "auto", "auto")
     assert cfg.control_path == Path("/var/lib/btmm/control.sock")
+    assert (cfg.idle_timeout, cfg.connect_timeout) == (300.0, 15.0)

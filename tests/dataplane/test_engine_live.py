@@ -287,14 +287,22 @@ def test_no_route(live: Live) -> None:
     live.expect(before, {"drops.no_route": 2}, at_least=frozenset({"drops.no_route"}))
 
 
-def test_no_sa(live: Live) -> None:
+def test_no_sa_holds(live: Live) -> None:
+    """Packets to a peer without a transmit SA are held (on-demand tunnels), not dropped:
+    one peer_wanted event, and reject_held answers both with ICMPv6 unreachable."""
+    live.ta.events()
     before = live.before()
     result = ping6(live.a, D_INNER, count=2)
     assert result.returncode != 0
-    live.expect(before, {"drops.no_sa": 2})
-    d = live.ta.peers()[D_INNER]
+    d = wait_for(
+        lambda: (p := live.ta.peers()[D_INNER])["held"] == 2 and p, 30, "two held packets"
+    )
     assert d["tx_spi"] is None and d["endpoint"] is None, d
-    assert d["counters"]["drops"].get("no_sa", 0) >= 2, d
+    live.expect(before, {})
+    wanted = [e for e in live.ta.events() if e["type"] == "peer_wanted"]
+    assert wanted == [{"type": "peer_wanted", "inner": D_INNER}], wanted
+    assert live.ta.ok("reject_held", inner=D_INNER)["rejected"] == 2
+    assert live.ta.peers()[D_INNER]["held"] == 0
 
 
 def test_tunnel_still_works(live: Live) -> None:

@@ -240,3 +240,21 @@ def test_dnssd_names_are_asked_of_the_registry_and_nothing_else_of_the_zone() ->
 ])
 def test_dnssd_names(rel: str, yes: bool) -> None:
     assert is_dnssd_name(dns.name.from_text(rel, origin=ZONE), ZONE) is yes
+
+
+def test_an_address_lookup_of_a_zone_name_is_reported_for_on_demand_tunnels() -> None:
+    """``Reply.looked_up`` names the host a program is about to reach (the daemon opens its
+    tunnel, daemon/ondemand.py); other questions report nothing."""
+    c = core()
+
+    def looked_up(name: str | dns.name.Name, rdtype: str) -> dns.name.Name | None:
+        out = c.receive(dns.message.make_query(name, rdtype).to_wire(), Transport.UDP, 0.0)
+        assert isinstance(out, Reply), out
+        return out.looked_up
+
+    assert looked_up(DESKTOP, "AAAA") == DESKTOP
+    assert looked_up(DESKTOP, "ANY") == DESKTOP
+    assert looked_up(DESKTOP, "TXT") is None
+    assert looked_up(dns.reversename.from_address(str(ULA)), "PTR") is None
+    # an unknown name of the zone is reported too (NXDOMAIN): the daemon ignores it
+    assert looked_up(dns.name.from_text("nobody", origin=ZONE), "AAAA") is not None

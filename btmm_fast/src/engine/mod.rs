@@ -32,11 +32,13 @@ use crate::stun;
 use crate::tun::Tun;
 use crate::udp::{Udp, MAX_UDP_PAYLOAD};
 
+mod hold;
 mod rx;
 #[cfg(test)]
 mod tests;
 mod tx;
 
+pub use hold::{icmp6_unreachable, HOLD_SLOTS};
 use rx::rx_loop;
 use tx::tx_loop;
 
@@ -91,6 +93,10 @@ pub enum Event {
     Exhausted {
         inner: Inner,
         spi: u32,
+    },
+    /// A packet was held for a peer without a transmit SA: open its tunnel (hold.rs).
+    Wanted {
+        inner: Inner,
     },
 }
 
@@ -208,6 +214,8 @@ struct PeerEntry {
     tx: Option<Arc<TxSlot>>,
     /// Receive SPIs, oldest first (bookkeeping for the control plane; the SAs are in `rx`).
     rx_spis: VecDeque<u32>,
+    /// Packets waiting for the transmit SA (hold.rs).
+    hold: hold::HoldRing,
 }
 
 struct RxEntry {
@@ -230,6 +238,8 @@ struct Shared {
     events: Mutex<EventQueue>,
     event_cap: usize,
     control_cap: usize,
+    /// The TUN MTU: the largest packet held for a peer (hold.rs).
+    mtu: usize,
     counters: Counters,
     running: AtomicBool,
     fds: RwLock<Option<Fds>>,
@@ -307,6 +317,8 @@ pub struct PeerSnapshot {
     pub tx_spi: Option<u32>,
     pub rx_spis: Vec<u32>,
     pub counters: CounterSnapshot,
+    /// Packets held while the tunnel opens.
+    pub held: usize,
 }
 
 pub struct Engine {
@@ -387,6 +399,7 @@ impl Engine {
             events: Mutex::new(EventQueue::default()),
             event_cap: cfg.event_queue,
             control_cap: cfg.control_queue_bytes,
+            mtu: cfg.mtu as usize,
             counters: Counters::default(),
             running: AtomicBool::new(false),
             fds: RwLock::new(Some(Fds {
@@ -514,6 +527,7 @@ impl Engine {
                 peer,
                 tx: None,
                 rx_spis: VecDeque::new(),
+                hold: hold::HoldRing::default(),
             },
         );
         Ok(())
@@ -558,6 +572,7 @@ impl Engine {
             sa,
             reported: AtomicBool::new(false),
         }));
+        self.send_held(e);
         Ok(())
     }
 
@@ -686,6 +701,7 @@ impl Engine {
                 tx_spi: e.tx.as_ref().map(|t| t.sa.spi()),
                 rx_spis: e.rx_spis.iter().copied().collect(),
                 counters: e.peer.counters.snapshot(),
+                held: e.hold.len(),
             })
             .collect();
         out.sort_by_key(|p| p.inner);

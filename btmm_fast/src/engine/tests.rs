@@ -160,27 +160,31 @@ fn engine_end_to_end_in_a_namespace() {
         e.start().unwrap();
         e.start().unwrap();
 
-        // Outbound without a transmit SA: NO_SA.
+        // Outbound without a transmit SA: held (hold.rs), and the control plane asked once.
         let app = UdpSocket::bind("[fd00::1]:0").unwrap();
         app.send_to(b"early", "[fd00::2]:7777").unwrap();
-        wait_for("no_sa drop", || {
-            e.counters().drop_count(DropReason::NoSa) == 1
-        });
+        wait_for("held packet", || e.held(peer).unwrap() == 1);
+        assert_eq!(e.drain(16), vec![Event::Wanted { inner: peer }]);
+        assert_eq!(e.counters().drop_count(DropReason::NoSa), 0);
         e.install_tx_sa(peer, 0x100, &K1, 1).unwrap();
+        assert_eq!(e.held(peer).unwrap(), 0);
+        // The held packet left as the SA went in, first.
+        let mut rx = RxSa::new(0x100, &K1).unwrap();
+        let (payload, _) = recv(&remote);
+        assert!(rx.open(&payload).unwrap().ends_with(b"early"));
 
         // Outbound: the remote end opens what the engine sealed.
         app.send_to(b"hello", "[fd00::2]:7777").unwrap();
         let (payload, from) = recv(&remote);
         assert_eq!(from, std::net::SocketAddr::V4(me));
-        let mut rx = RxSa::new(0x100, &K1).unwrap();
         let pkt = rx.open(&payload).unwrap();
         assert_eq!(&pkt[8..24], &inner("fd00::1"));
         assert_eq!(&pkt[24..40], &peer);
         assert!(pkt.ends_with(b"hello"));
         // With TUN checksum offload the kernel leaves the UDP checksum to the engine.
         assert!(upper_checksum_ok(&pkt, 17), "outbound UDP checksum");
-        wait_for("packets_out", || e.counters().packets_out == 1);
-        assert_eq!(e.counters().bytes_out, pkt.len() as u64);
+        wait_for("packets_out", || e.counters().packets_out == 2);
+        assert_eq!(e.counters().bytes_out, 2 * pkt.len() as u64);
 
         // Inbound: the engine delivers an authenticated packet to the TUN.
         let listener = UdpSocket::bind("[fd00::1]:5555").unwrap();
@@ -730,4 +734,80 @@ fn endpoint_packing() {
     ] {
         assert_eq!(unpack(pack(ep)), ep);
     }
+}
+
+#[test]
+fn held_packets_overflow_are_rejected_with_icmp_and_reopen_after_clear() {
+    in_private_netns(|| {
+        let e = Engine::new(Config {
+            tun_name: Some("btmmh0".into()),
+            tun_fd: None,
+            listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            mtu: 1400,
+            event_queue: 4096,
+            control_queue_bytes: DEFAULT_CONTROL_QUEUE_BYTES,
+        })
+        .expect("engine");
+        ip("-6 addr add fd00::1/64 dev btmmh0 nodad");
+        let remote = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer = inner("fd00::2");
+        e.add_peer(peer, Some(v4(&remote))).unwrap();
+        e.start().unwrap();
+
+        // 20 packets to a peer without an SA: 16 held, the 4 oldest pushed out, one event.
+        let app = UdpSocket::bind("[fd00::1]:0").unwrap();
+        app.connect("[fd00::2]:7777").unwrap();
+        for i in 0..20u8 {
+            app.send(&[i; 8]).unwrap();
+        }
+        wait_for("16 held, 4 pushed out", || {
+            e.held(peer).unwrap() == HOLD_SLOTS
+                && e.counters().drop_count(DropReason::HoldOverflow) == 4
+        });
+        assert_eq!(e.drain(64), vec![Event::Wanted { inner: peer }]);
+        assert_eq!(
+            e.peers()[0].counters.drop_count(DropReason::HoldOverflow),
+            4
+        );
+
+        // The handshake failed: each held packet is answered with ICMPv6 address
+        // unreachable, which the kernel hands a socket that asks for errors
+        // (IPV6_RECVERR, as ping does) as EHOSTUNREACH.
+        let on: libc::c_int = 1;
+        // SAFETY: sets an int option on an open socket from a local int.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&app),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVERR,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        assert_eq!(e.reject_held(peer).unwrap(), HOLD_SLOTS);
+        assert_eq!(e.held(peer).unwrap(), 0);
+        app.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let err = app.recv(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH), "{err}");
+
+        // The next packet asks again; the SA sends it; clear_tx_sa makes the peer idle.
+        app.send(b"again").unwrap();
+        wait_for("held again", || e.held(peer).unwrap() == 1);
+        assert_eq!(e.drain(64), vec![Event::Wanted { inner: peer }]);
+        e.install_tx_sa(peer, 0x300, &K1, 1).unwrap();
+        let mut rx = RxSa::new(0x300, &K1).unwrap();
+        let (payload, _) = recv(&remote);
+        assert!(rx.open(&payload).unwrap().ends_with(b"again"));
+        e.clear_tx_sa(peer).unwrap();
+        assert_eq!(e.peers()[0].tx_spi, None);
+        app.send(b"idle").unwrap();
+        wait_for("held after clear", || e.held(peer).unwrap() == 1);
+        assert_eq!(e.drain(64), vec![Event::Wanted { inner: peer }]);
+        assert!(matches!(
+            e.reject_held(inner("fd00::9")),
+            Err(EngineError::UnknownPeer(_))
+        ));
+        e.stop();
+    });
 }

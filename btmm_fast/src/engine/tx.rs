@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    inner_at, is_ipv6, lock, unpack, wait_readable, Event, Peer, Shared, Tally, BATCH, MAX_READ,
-    TX_SLOT,
+    hold, inner_at, is_ipv6, lock, unpack, wait_readable, Event, Peer, Shared, Tally, BATCH,
+    MAX_READ, TX_SLOT,
 };
 use crate::esp::{self, DropReason, HEADER_LEN};
 use crate::offload::{
@@ -46,7 +46,7 @@ impl TxBatch {
         self.owners.clear();
         self.inner_lens.clear();
         {
-            let peers = lock(&shared.peers);
+            let mut peers = lock(&shared.peers);
             for (slot, &len) in slots.iter_mut().zip(lens) {
                 let pkt = &slot[HEADER_LEN..HEADER_LEN + len];
                 // Oversize: the sealed packet would not fit one UDP datagram (the TUN MTU
@@ -55,11 +55,15 @@ impl TxBatch {
                     self.tally.drops[DropReason::Malformed as usize] += 1;
                     continue;
                 }
-                let Some(e) = peers.get(&inner_at(pkt, 24)) else {
+                let Some(e) = peers.get_mut(&inner_at(pkt, 24)) else {
                     self.tally.drops[DropReason::NoRoute as usize] += 1;
                     continue;
                 };
                 let ep = unpack(e.peer.endpoint.load(Ordering::Relaxed));
+                if e.tx.is_none() {
+                    hold::hold(e, pkt, shared.mtu, &mut self.tally, &mut self.events);
+                    continue;
+                }
                 let (Some(tx), Some(dst)) = (e.tx.as_ref(), ep) else {
                     self.tally.drops[DropReason::NoSa as usize] += 1;
                     e.peer.counters.drop(DropReason::NoSa);
@@ -106,7 +110,15 @@ impl TxBatch {
         }
         self.tally.flush(&shared.counters);
         for (ev, peer) in self.events.drain(..) {
-            shared.push_event(ev, event_fd, peer.as_deref());
+            let wanted = match ev {
+                Event::Wanted { inner } => Some(inner),
+                _ => None,
+            };
+            if !shared.push_event(ev, event_fd, peer.as_deref()) {
+                if let Some(inner) = wanted {
+                    hold::wanted_lost(shared, &inner);
+                }
+            }
         }
     }
 }

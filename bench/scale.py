@@ -1,0 +1,140 @@
+"""One account with many hosts in one lab (issue 16, "Scale"): every host learns every other,
+but only the pairs that talk hold tunnels (on-demand tunnels); how the daemons' memory and idle
+CPU grow with the number of hosts. Needs root.
+
+For each size: a lab world with the registry and N hosts on the lab internet (no NAT), two
+with the fast engine and the rest with the Python one, every tunnel on demand
+(``idle_timeout`` 300 s); all hosts join with the account's key (quicker than N invites; the
+daemons warn about it). Measured: seconds from starting the first daemon until every host
+lists every other as a peer; then, after ``--settle`` seconds, each daemon's RSS (median and
+max) and CPU over ``--window`` idle seconds (median and max, percent of one core); then one
+ping between two hosts, and how many tunnels are up in the whole account (expected: that
+pair's, on both sides).
+
+    python3 -m bench.scale --hosts 10 50 100 [--json /tmp/scale.json]
+
+The lab's cost grows with N squared (every host follows every other's records by LLQ and
+checks a path to each): on a small shared machine, start with 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from btmm_core.lab.netns import Lab
+from btmm_core.lab.world import Host, World, build_world
+
+EXTRA = {"idle_timeout": 300, "hosts_file": "", "upstream": "none", "resolve_interval": 30.0}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _peers(host: Host) -> list[dict[str, Any]]:
+    peers: list[dict[str, Any]] = (host.status() or {}).get("peers", [])
+    return peers
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def _pids(world: World) -> list[int]:
+    pids = []
+    for h in world.hosts.values():
+        assert h.proc is not None
+        if h.proc.poll() is not None:
+            raise RuntimeError(f"the daemon of {h.name} exited:\n{world.tails()}")
+        pids.append(h.proc.pid)
+    return pids
+
+
+def build(lab: Lab, n: int) -> World:
+    world = build_world(lab, nat=False, dataplanes=("fast", "fast"), host_extra=EXTRA)
+    extra = [world.add_host(f"h{i}", "python", lease=1800, extra=EXTRA) for i in range(3, n + 1)]
+    for i, host in enumerate(extra, start=3):
+        world.plug(host, None, i)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda h: world.join_host(h, world.account_key, timeout=120), extra))
+    return world
+
+
+def measure(n: int, settle: float, window: float, timeout: float) -> dict[str, Any]:
+    with Lab("btmmx") as lab:
+        world = build(lab, n)
+        hosts = list(world.hosts.values())
+        t0 = time.monotonic()
+        for h in hosts:
+            world.start_host(h)
+        pending = set(world.hosts)
+        while pending:
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"{len(pending)} hosts still do not know all {n - 1} peers "
+                                   f"after {timeout} s")
+            for name in sorted(pending):
+                if len(_peers(world.hosts[name])) == n - 1:
+                    pending.discard(name)
+            _pids(world)
+            time.sleep(0.5)
+        know_all = time.monotonic() - t0
+        print(f"{n} hosts: every host knows every other after {know_all:.1f} s", flush=True)
+        time.sleep(settle)
+        pids = _pids(world)
+        before = {p: _cpu_ticks(p) for p in pids}
+        time.sleep(window)
+        cpu = [100.0 * (_cpu_ticks(p) - before[p]) / TICKS / window for p in _pids(world)]
+        rss = [_rss_kib(p) / 1024 for p in pids]
+        # one pair talks: only its tunnel opens
+        a = world.hosts["desktop"]
+        ula = next(p["ula"] for p in _peers(a) if p["name"].startswith("laptop."))
+        ping = a.ns.run(["ping", "-6", "-n", "-c", "1", "-W", "10", ula], check=False)
+        up = {h.name: sum(p["tunnel"] == "up" for p in _peers(h)) for h in hosts}
+        result = {
+            "hosts": n,
+            "know_all_s": round(know_all, 1),
+            "rss_mib_median": round(statistics.median(rss), 1),
+            "rss_mib_max": round(max(rss), 1),
+            "idle_cpu_pct_median": round(statistics.median(cpu), 2),
+            "idle_cpu_pct_max": round(max(cpu), 2),
+            "ping_answered": ping.returncode == 0,
+            "tunnels_up": {k: v for k, v in up.items() if v},
+        }
+        print(json.dumps(result), flush=True)
+        return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--hosts", type=int, nargs="+", default=[10])
+    ap.add_argument("--settle", type=float, default=20.0)
+    ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    results = [measure(n, args.settle, args.window, args.timeout) for n in args.hosts]
+    print("hosts  know-all  RSS MiB (median/max)  idle CPU % (median/max)  tunnels up")
+    for r in results:
+        print(f"{r['hosts']:5}  {r['know_all_s']:7.1f}s  {r['rss_mib_median']:8.1f} / "
+              f"{r['rss_mib_max']:<8.1f}  {r['idle_cpu_pct_median']:8.2f} / "
+              f"{r['idle_cpu_pct_max']:<8.2f}  {sum(r['tunnels_up'].values())}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
