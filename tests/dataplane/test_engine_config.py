@@ -206,7 +206,8 @@ def _config(**fields: Any) -> EngineConfig:
         (_config(control_queue_bytes=-1), ConfigError),
         (_config(tun_name=None, tun_fd=None), ConfigError),
         (_config(listen=Endpoint("not-an-address", 0)), ConfigError),
-        (_config(listen=Endpoint("::1", 0)), ConfigError),
+        # Either family is taken (one dual-stack socket), a zone index is not.
+        (_config(listen=Endpoint("fe80::1%lo", 0)), ConfigError),
         (_config(listen=Endpoint("127.0.0.1", 65536)), ConfigError),
         (_config(tun_name="x" * 20), TunError),
         (_config(tun_name=None, tun_fd=-1), TunError),

@@ -10,8 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    inner_at, is_ipv6, lock, unpack, wait_readable, Event, Peer, Shared, Tally, BATCH, MAX_READ,
-    TX_SLOT,
+    inner_at, is_ipv6, lock, wait_readable, Event, Peer, Shared, Tally, BATCH, MAX_READ, TX_SLOT,
 };
 use crate::esp::{self, DropReason, HEADER_LEN};
 use crate::offload::{
@@ -59,7 +58,7 @@ impl TxBatch {
                     self.tally.drops[DropReason::NoRoute as usize] += 1;
                     continue;
                 };
-                let ep = unpack(e.peer.endpoint.load(Ordering::Relaxed));
+                let ep = e.peer.endpoint.load();
                 let (Some(tx), Some(dst)) = (e.tx.as_ref(), ep) else {
                     self.tally.drops[DropReason::NoSa as usize] += 1;
                     e.peer.counters.drop(DropReason::NoSa);
