@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import errno
+import functools
 import ipaddress
 import os
 import select
