@@ -546,6 +546,45 @@ mod tests {
     }
 
     #[test]
+    fn roaming_across_families_on_authenticated_packets_only() {
+        let v4 = addr(1);
+        let v6 = crate::endpoint::from_ip("2001:db8::1".parse().unwrap(), 4500);
+        let mut sas = table(Some(v4));
+        let pkt = packet(inner(2));
+        // A forged packet from IPv6 moves nothing.
+        let mut forged = sealed(SPI, 2, &pkt);
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert_eq!(
+            see(&mut sas, &forged, v6, false),
+            Seen::Drop(DropReason::Auth, Some(inner(2)))
+        );
+        // The newest authenticated one from IPv6 moves the peer there...
+        let to_v6 = Roam {
+            old: Some(v4),
+            new: v6,
+        };
+        assert_eq!(
+            see(&mut sas, &sealed(SPI, 2, &pkt), v6, false),
+            Seen::Deliver(inner(2), pkt.clone(), Some(to_v6))
+        );
+        sas[&SPI].peer.endpoint.store(Some(v6));
+        // ...its replay from IPv4 does not move it back, a newer packet from IPv4 does.
+        assert_eq!(
+            see(&mut sas, &sealed(SPI, 2, &pkt), v4, false),
+            Seen::Drop(DropReason::Replay, Some(inner(2)))
+        );
+        let to_v4 = Roam {
+            old: Some(v6),
+            new: v4,
+        };
+        assert_eq!(
+            see(&mut sas, &sealed(SPI, 3, &pkt), v4, false),
+            Seen::Deliver(inner(2), pkt, Some(to_v4))
+        );
+    }
+
+    #[test]
     fn delivery_and_roaming() {
         let mut sas = table(Some(addr(1)));
         let pkt = packet(inner(2));
