@@ -5,7 +5,7 @@ Errors are the classes of ``btmm_core.errors`` (``ConfigError`` for a bad engine
 ``TunError``, ``PermissionNeeded``, ``UnknownPeer``, ``DataPlaneError``, ``PacketDropped``,
 ``SaExhausted``); a malformed argument of a call (an SPI or keying material out of range)
 raises ``ValueError``, as the Python codec does. Inner addresses are 16 raw bytes, endpoints
-``(IPv4 text, port)`` tuples.
+``(IPv4 or IPv6 text, port)`` tuples (v4-mapped IPv6 comes back as plain IPv4).
 """
 
 from typing import Literal, TypedDict, final

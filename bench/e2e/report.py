@@ -183,7 +183,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
         f"{report['date']}\nkernel {report['machine']['kernel']}, "
         f"{report['machine']['cpus']} CPUs\n"
         f"median of {report['settings']['repetitions']} interleaved repetitions,\n"
-        "whiskers: min-max\ninner MTU 1420, IPv6 inside every tunnel\n"
+        f"whiskers: min-max\ninner MTU {INNER_MTU}, IPv6 inside every tunnel\n"
         "*: in some runs the iperf3 sender, not the path,\n   set the UDP figure",
         fontsize=9, va="center",
     )  # fmt: skip

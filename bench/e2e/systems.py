@@ -1,18 +1,21 @@
 """How each system of the end-to-end bench is brought up between two namespaces.
 
-Two namespaces joined by a veth pair (outer 192.0.2.1/24 and 192.0.2.2/24); per system, a
-tunnel between them:
+Two namespaces joined by a veth pair (outer 192.0.2.1/24 and 192.0.2.2/24, and 2001:db8:e2e::1/64
+and ::2/64); per system, a tunnel between them:
 
 - ``veth``: no tunnel, iperf3 straight over the veth pair (the ceiling),
 - ``btmm-fast`` / ``btmm-python``: ``btmm tunnel`` with static SAs, ESP (RFC 4303) with
-  AES-256-GCM (RFC 4106) in UDP (RFC 3948), one engine on both ends,
+  AES-256-GCM (RFC 4106) in UDP (RFC 3948), one engine on both ends, over the IPv4 underlay,
+- ``btmm-fast-ipv6`` / ``btmm-python-ipv6``: the same over the IPv6 underlay (each end's
+  endpoint is the other's 2001:db8:e2e:: address; the same dual-stack socket),
 - ``wireguard-go``: Debian's userspace WireGuard, configured with ``wg set`` and ``ip``,
 - ``openvpn``: OpenVPN 2.6 in user space (``--disable-dco``), peer to peer over UDP, TLS with
   self-signed certificates checked by ``--peer-fingerprint``; the data channel negotiates
   AES-256-GCM. (Static-key ``--secret`` mode cannot use GCM, so it is not comparable.)
 
-Every tunnel carries IPv6 between ULA inner addresses with an inner MTU of 1420, so that the
-same iperf3 traffic crosses each; an iperf3 server listens in b.
+Every tunnel carries IPv6 between ULA inner addresses with an inner MTU of 1418 (btmm's default,
+the largest that fits a 1500-byte path over IPv6 with btmm's ESP), so that the same iperf3
+traffic crosses each; an iperf3 server listens in b.
 """
 
 from __future__ import annotations
@@ -35,16 +38,28 @@ from typing import Any
 
 from bench import REPO
 from bench.e2e import BenchError
+from btmm_core.dataplane.api import DEFAULT_MTU
 from btmm_core.lab.netns import Lab, Netns
 
-SYSTEMS = ("veth", "btmm-fast", "btmm-python", "wireguard-go", "openvpn")
+SYSTEMS = (
+    "veth",
+    "btmm-fast",
+    "btmm-fast-ipv6",
+    "btmm-python",
+    "btmm-python-ipv6",
+    "wireguard-go",
+    "openvpn",
+)
 A_OUTER, B_OUTER = "192.0.2.1", "192.0.2.2"
-INNER_MTU = 1420
+A_OUTER6, B_OUTER6 = "2001:db8:e2e::1", "2001:db8:e2e::2"
+INNER_MTU = DEFAULT_MTU
 #: inner /64 per system (ULA, RFC 4193); host a is ::1, host b is ::2
 INNER_PREFIX = {
     "veth": "fd00:b7:e2e0::",
     "btmm-fast": "fd00:b7:e2e1::",
     "btmm-python": "fd00:b7:e2e1::",
+    "btmm-fast-ipv6": "fd00:b7:e2e1::",
+    "btmm-python-ipv6": "fd00:b7:e2e1::",
     "wireguard-go": "fd00:b7:e2e2::",
     "openvpn": "fd00:b7:e2e3::",
 }
@@ -116,10 +131,13 @@ def _up_veth(hosts: Hosts, system: str) -> None:
 
 
 def _up_btmm(hosts: Hosts, system: str) -> None:
-    engine = system.removeprefix("btmm-")
+    engine = system.removeprefix("btmm-").removesuffix("-ipv6")
     keys = [secrets.token_hex(36), secrets.token_hex(36)]  # AES-256 key + 4-byte salt, each way
     spis = [0x1000 + secrets.randbelow(1 << 20), 0x2000000 + secrets.randbelow(1 << 20)]
-    ends = ((hosts.a, 1, B_OUTER, 0), (hosts.b, 2, A_OUTER, 1))
+    if system.endswith("-ipv6"):
+        ends = ((hosts.a, 1, f"[{B_OUTER6}]", 0), (hosts.b, 2, f"[{A_OUTER6}]", 1))
+    else:
+        ends = ((hosts.a, 1, B_OUTER, 0), (hosts.b, 2, A_OUTER, 1))
     procs = []
     for ns, host, far, tx in ends:
         config = {
@@ -274,6 +292,8 @@ BRING_UP: dict[str, Callable[[Hosts, str], None]] = {
     "veth": _up_veth,
     "btmm-fast": _up_btmm,
     "btmm-python": _up_btmm,
+    "btmm-fast-ipv6": _up_btmm,
+    "btmm-python-ipv6": _up_btmm,
     "wireguard-go": _up_wireguard,
     "openvpn": _up_openvpn,
 }
@@ -283,6 +303,8 @@ TOOLS = {
     "veth": ("ip", "iperf3", "ping"),
     "btmm-fast": ("ip", "iperf3", "ping"),
     "btmm-python": ("ip", "iperf3", "ping"),
+    "btmm-fast-ipv6": ("ip", "iperf3", "ping"),
+    "btmm-python-ipv6": ("ip", "iperf3", "ping"),
     "wireguard-go": ("ip", "iperf3", "ping", "wireguard-go", "wg"),
     "openvpn": ("ip", "iperf3", "ping", "openvpn"),
 }
@@ -313,7 +335,8 @@ def check_tools(systems: Sequence[str]) -> None:
 
         for s in systems:
             if s.startswith("btmm-"):
-                resolve_kind(s.removeprefix("btmm-"))  # EngineUnavailable says how to build it
+                # EngineUnavailable says how to build it
+                resolve_kind(s.removeprefix("btmm-").removesuffix("-ipv6"))
 
 
 @contextlib.contextmanager
@@ -324,6 +347,8 @@ def system_lab(system: str, workdir: Path) -> Iterator[Hosts]:
         lab.veth(a, "eth0", b, "eth0")
         a.run(["ip", "addr", "add", f"{A_OUTER}/24", "dev", "eth0"])
         b.run(["ip", "addr", "add", f"{B_OUTER}/24", "dev", "eth0"])
+        a.run(["ip", "-6", "addr", "add", f"{A_OUTER6}/64", "dev", "eth0", "nodad"])
+        b.run(["ip", "-6", "addr", "add", f"{B_OUTER6}/64", "dev", "eth0", "nodad"])
         hosts = Hosts(lab, a, b, workdir, target=_inner(system, 2))
         BRING_UP[system](hosts, system)
         _reachable(hosts)

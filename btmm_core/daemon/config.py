@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from btmm_core.daemon.ondemand import OnDemandConfig
+from btmm_core.dataplane.api import DEFAULT_MTU
 from btmm_core.dns.keyfile import write_secret
 from btmm_core.errors import ConfigError
 from btmm_core.names.dnssd import ServiceSpec, parse_services
@@ -39,7 +40,8 @@ class Config:
     dataplane: str = "auto"
     tun: str = "btmm0"
     port: int = 4500
-    mtu: int = 1420
+    #: the TUN MTU: fits a 1500-byte path over an IPv4 or an IPv6 underlay
+    mtu: int = DEFAULT_MTU
     #: update lease asked for (RFC 9664); the registry clamps it to its bounds
     lease: int = 5400
     #: fraction of the granted lease after which records are refreshed (plus jitter)

@@ -162,7 +162,7 @@ class NetState:
     mapping_error: str | None = None
     #: the mapping failed: publish identity records without an endpoint
     unreachable: bool = False
-    #: the interfaces' IPv4 addresses, where LAN candidates come from
+    #: the interfaces' addresses, where LAN and IPV6 candidates come from
     local: tuple[LocalAddress, ...] = ()
     #: the server-reflexive endpoint of the engine's port (STUN, RFC 8489); None until the
     #: registry's STUN server answered
@@ -255,7 +255,7 @@ class Daemon:
         synchronous IPRoute must not run inside it)."""
         cfg = self.cfg
         self.engine = open_engine(
-            EngineConfig(tun_name=cfg.tun, listen=Endpoint("0.0.0.0", cfg.port), mtu=cfg.mtu),
+            EngineConfig(tun_name=cfg.tun, listen=Endpoint("::", cfg.port), mtu=cfg.mtu),
             None if cfg.dataplane == "auto" else cfg.dataplane,
         )
         try:
@@ -450,15 +450,16 @@ class Daemon:
         )
 
     def _candidates(self) -> tuple[Candidate, ...]:
-        """Where peers could reach this host's engine: its LAN addresses, the mapping (or its
-        own public address) and the reflexive endpoint (STUN's, or else what a peer saw our
-        probes come from). Published for the peers' path checks, and our side of our own."""
+        """Where peers could reach this host's engine: its LAN addresses, its global IPv6
+        addresses (the engine's socket is dual-stack), the mapping (or its own public address)
+        and the reflexive endpoint (STUN's, or else what a peer saw our probes come from).
+        Published for the peers' path checks, and our side of our own."""
         if self.engine is None:
             return ()
         ext = self.net.external
         found = gather(self.net.local, self.engine.local_port,
                        mapped=None if ext is None else Endpoint(*ext),
-                       reflexive=self._reflexive(), tunnel=self.engine.tun_name)
+                       reflexive=self._reflexive(), tunnel=self.engine.tun_name, ipv6=True)
         relayed = None if self.relay is None else self.relay.relayed
         return found if relayed is None else (*found, Candidate(CandidateKind.RELAY, relayed))
 
@@ -1017,7 +1018,7 @@ class Daemon:
             await asyncio.to_thread(set_routes, self.engine.tun_name, [inner])
             self._write_hosts()
             log.info("peer added", peer=rec.host, ula=inner,
-                     endpoint=None if endpoint is None else f"{endpoint.host}:{endpoint.port}",
+                     endpoint=None if endpoint is None else str(endpoint),
                      candidates=[_candidate_text(c) for c in rec.candidates])
             self._watch_peer(peer)
             # the first handshake follows the first path that answers (``UsePath``), so
@@ -1257,7 +1258,7 @@ class Daemon:
             peers.append({
                 "name": peer.records.name.to_text(),
                 "ula": str(peer.records.ula),
-                "endpoint": None if ep is None else f"{ep.host}:{ep.port}",
+                "endpoint": None if ep is None else str(ep),
                 "published_endpoint": None if peer.records.endpoint is None
                 else "{}:{}".format(*peer.records.endpoint),
                 "candidates": [_candidate_json(c) for c in peer.records.candidates],
@@ -1398,7 +1399,7 @@ class Daemon:
 
 
 def _endpoint_text(ep: Endpoint) -> str:
-    return f"[{ep.host}]:{ep.port}" if ":" in ep.host else f"{ep.host}:{ep.port}"
+    return str(ep)
 
 
 def _candidate_text(c: Candidate) -> str:

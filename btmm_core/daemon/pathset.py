@@ -197,8 +197,7 @@ class PathSet:
         st = entry.manager.status()
         return {
             "path": None if st.kind is None else PATH_NAMES[st.kind],
-            "path_endpoint": None if st.endpoint is None
-            else f"{st.endpoint.host}:{st.endpoint.port}",
+            "path_endpoint": None if st.endpoint is None else str(st.endpoint),
             "rtt_ms": None if st.rtt is None else round(st.rtt * 1000, 1),
             "last_answer": None if st.last_heard is None else round(now - st.last_heard, 1),
             "path_state": st.state.name.lower(),

@@ -63,8 +63,13 @@ NEXT_HEADER_IPV6 = 41
 CONTROL_MARKER = b"\x00\x00\x00\x00"
 #: the NAT keepalive (RFC 3948 §2.3): a UDP payload of this one byte
 KEEPALIVE = b"\xff"
-#: the largest UDP payload of one IPv4 datagram (65535 - 20 - 8), so of one GSO send too
+#: the largest UDP payload of one IPv4 datagram (65535 - 20 - 8), so of one GSO send too (kept
+#: for IPv6 as well, whose limit is 20 bytes higher, so that both families batch alike)
 MAX_UDP_PAYLOAD = 65535 - 20 - 8
+#: outer header bytes around the padded plaintext: UDP 8 + SPI, sequence number and IV 16 + ICV 16
+ESP_UDP_OVERHEAD = 8 + ESP_HEADER_LEN + IV_LEN + ICV_LEN
+IPV4_HEADER = 20
+IPV6_HEADER = 40
 #: the largest MTU (inner packet) whose ESP-in-UDP payload still fits ``MAX_UDP_PAYLOAD``:
 #: header and IV 16 + inner + padding to 4 + pad length and next header 2 + ICV 16
 MAX_MTU = 65470
@@ -73,7 +78,20 @@ REPLAY_WINDOW = 4096
 #: the last sequence number an SA may send; beyond it, the SA refuses (rekey first)
 SEQ_MAX = 2**64 - 1
 DEFAULT_PORT = 4500
-DEFAULT_MTU = 1420
+
+
+def inner_mtu(link_mtu: int, ipv6: bool) -> int:
+    """The largest inner packet whose ESP-in-UDP datagram fits ``link_mtu`` unfragmented over
+    an outer IPv4 (20-byte header) or IPv6 (40-byte header) path: the plaintext (inner packet,
+    pad length and next header) is padded to a multiple of 4."""
+    room = link_mtu - (IPV6_HEADER if ipv6 else IPV4_HEADER) - ESP_UDP_OVERHEAD
+    return room // 4 * 4 - 2
+
+
+#: the TUN MTU: the largest inner packet that fits a 1500-byte path over either family (1418;
+#: 1438 would fit IPv4 only). An inner MTU of 1420 made every full-size packet 1504 bytes on an
+#: IPv6 underlay, fragmented by the sender (IPv6 TCP then ran at a fifth of IPv4's rate).
+DEFAULT_MTU = inner_mtu(1500, ipv6=True)
 #: the largest control message (after the marker), and the largest STUN message, handed to
 #: the control plane or sent for it
 MAX_CONTROL_MESSAGE = 1024
@@ -105,10 +123,35 @@ DROP_NAMES: dict[DropReason, str] = {r: r.name.lower() for r in DropReason}
 
 @dataclass(frozen=True)
 class Endpoint:
-    """An outer (underlay) UDP endpoint: IPv4 address and port."""
+    """An outer (underlay) UDP endpoint: an IPv4 or IPv6 address (text) and a port.
+
+    Both engines use one dual-stack socket, where an IPv4 peer is the v4-mapped address
+    ``::ffff:a.b.c.d``; engines always report such an address as plain IPv4 and take either
+    form (``canonical_endpoint``)."""
 
     host: str
     port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def canonical_endpoint(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` with its address in the form engines report: compressed IPv6 text, and
+    v4-mapped IPv6 as plain IPv4. ``ValueError`` for anything but an IP address (no host names,
+    no zone index) and a port in 0..65535."""
+    try:
+        ip = ipaddress.ip_address(endpoint.host)
+    except ValueError as exc:
+        raise ValueError(f"endpoint host {endpoint.host!r} is not an IPv4 or IPv6 address") from exc
+    if not isinstance(endpoint.port, int) or not 0 <= endpoint.port <= 65535:
+        raise ValueError(f"endpoint port must be in 0..65535, got {endpoint.port!r}")
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            raise ValueError(f"endpoint host {endpoint.host!r}: a zone index is not supported")
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+    return Endpoint(str(ip), endpoint.port)
 
 
 @dataclass(frozen=True)
@@ -198,14 +241,16 @@ class EngineConfig:
 
     ``tun_name``: create the TUN device with this name, or attach to an existing persistent
     one. ``tun_fd``: use an already open TUN file descriptor instead (the engine takes
-    ownership). ``listen``: the UDP socket's address; port 0 picks any free port.
+    ownership). ``listen``: the UDP socket's address; port 0 picks any free port. The socket
+    is always one dual-stack IPv6 socket: ``::`` (or ``0.0.0.0``, which means the same) takes
+    both families, an IPv4 address only that address, an IPv6 address only itself.
     ``event_queue``: most events queued for Python; ``control_queue_bytes``: most payload
     bytes of queued control messages (at least ``MAX_CONTROL_MESSAGE``).
     """
 
     tun_name: str | None = "btmm0"
     tun_fd: int | None = None
-    listen: Endpoint = Endpoint("0.0.0.0", DEFAULT_PORT)
+    listen: Endpoint = Endpoint("::", DEFAULT_PORT)
     mtu: int = DEFAULT_MTU
     event_queue: int = 4096
     control_queue_bytes: int = DEFAULT_CONTROL_QUEUE_BYTES

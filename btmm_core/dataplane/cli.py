@@ -9,8 +9,9 @@ Configuration (JSON)::
     {"dataplane": "fast" | "python" | "auto",   (optional, default auto)
      "tun": "btmm0", "mtu": 1420,
      "address": "fd00:b7:1::1/64",              (inner ULA, /64 or /128)
-     "listen_port": 4500, "listen_host": "0.0.0.0",   (listen_host optional)
-     "peers": [{"inner": "fd00:b7:1::2", "endpoint": "192.0.2.2:4500" | null,
+     "listen_port": 4500, "listen_host": "::",   (optional; "::" or "0.0.0.0": both families)
+     "peers": [{"inner": "fd00:b7:1::2",
+                "endpoint": "192.0.2.2:4500" | "[2001:db8::2]:4500" | null,
                 "tx_spi": 4097, "tx_key": "<72 hex digits>",
                 "rx_spi": 4098, "rx_key": "<72 hex digits>"}]}
 
@@ -117,24 +118,35 @@ class TunnelConfig:
 
 
 def parse_endpoint(text: str) -> Endpoint:
-    """Parse ``"host:port"`` (IPv4 host, as the underlay is IPv4) into an ``Endpoint``."""
+    """Parse ``"a.b.c.d:port"`` or ``"[IPv6]:port"`` (the underlay may be either family) into
+    an ``Endpoint`` (v4-mapped IPv6 becomes plain IPv4, as engines report it)."""
     host, sep, port = str(text).rpartition(":")
+    example = 'write e.g. "192.0.2.2:4500" or "[2001:db8::2]:4500"'
     if not sep or not host or not port.isdigit():
-        raise ConfigError(f"endpoint {text!r} is not host:port", hint='write e.g. "192.0.2.2:4500"')
+        raise ConfigError(f"endpoint {text!r} is not host:port", hint=example)
+    bracketed = host.startswith("[") and host.endswith("]")
     try:
-        addr = ipaddress.IPv4Address(host)
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = (
+            ipaddress.IPv6Address(host[1:-1]) if bracketed else ipaddress.IPv4Address(host)
+        )
+        if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+            raise ValueError("zone index")
     except ValueError as err:
         raise ConfigError(
-            f"endpoint host {host!r} is not an IPv4 address", hint="the outer network is IPv4"
+            f"endpoint host {host!r} is not an IPv4 address or a bracketed IPv6 address",
+            hint=example,
         ) from err
     number = int(port)
     if not 0 < number < 65536:
         raise ConfigError(f"endpoint port {number} is out of range", hint="use 1..65535")
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
     return Endpoint(str(addr), number)
 
 
 def format_endpoint(endpoint: Endpoint | None) -> str | None:
-    return None if endpoint is None else f"{endpoint.host}:{endpoint.port}"
+    """``a.b.c.d:port`` or ``[IPv6]:port``, what ``parse_endpoint`` reads."""
+    return None if endpoint is None else str(endpoint)
 
 
 def _spi(value: object, where: str) -> int:
@@ -199,11 +211,11 @@ def parse_config(raw: Mapping[str, Any]) -> TunnelConfig:
     port = raw.get("listen_port", DEFAULT_PORT)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
         raise ConfigError(f"listen_port {port!r} is invalid", hint="0..65535 (0: any free port)")
-    host = str(raw.get("listen_host", "0.0.0.0"))
+    host = str(raw.get("listen_host", "::"))
     try:
-        ipaddress.IPv4Address(host)
+        ipaddress.ip_address(host)
     except ValueError as err:
-        raise ConfigError(f"listen_host {host!r} is not an IPv4 address") from err
+        raise ConfigError(f"listen_host {host!r} is not an IPv4 or IPv6 address") from err
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError("peers must be a list")

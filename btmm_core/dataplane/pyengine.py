@@ -22,6 +22,11 @@ a path or kernel that refuses, the run is sent one datagram at a time), and the 
 ``UDP_GRO``, so that such a run sent by a peer (either engine) arrives in one ``recvmsg`` with
 its segment size. The datagrams on the wire, and what is counted, stay exactly the same.
 ``BTMM_UDP_GSO=0`` and ``BTMM_UDP_GRO=0`` in the environment turn either off.
+
+The socket is one dual-stack IPv6 socket (``IPV6_V6ONLY`` off, RFC 3493 §5.3), like the Rust
+engine's: an IPv4 peer is seen as its v4-mapped address (RFC 4291 §2.5.5.2) and reported as
+plain IPv4, so a peer moving between families is one more endpoint change (``_to_wire`` and
+``_from_wire`` convert, cached, so no parsing per packet).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import select
@@ -58,6 +64,7 @@ from btmm_core.dataplane.api import (
     PeerWanted,
     StunPacket,
     TxSaExhausted,
+    canonical_endpoint,
     parse_inner,
 )
 from btmm_core.dataplane.esp import MIN_PAYLOAD, EspRxSa, EspTxSa
@@ -129,6 +136,20 @@ def split_gro(data: bytes, segment: int) -> list[bytes]:
     return [data[k : k + segment] for k in range(0, len(data), segment)]
 
 
+@functools.lru_cache(maxsize=4096)
+def _to_wire(dest: Endpoint) -> tuple[str, int]:
+    """The AF_INET6 socket address of a canonical endpoint (IPv4 v4-mapped)."""
+    return (f"::ffff:{dest.host}" if ":" not in dest.host else dest.host, dest.port)
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_wire(host: str, port: int) -> Endpoint:
+    """The endpoint of a datagram's source as the kernel wrote it (v4-mapped shown as IPv4)."""
+    if host.startswith("::ffff:") and "." in host:
+        return Endpoint(host[7:], port)
+    return Endpoint(host, port)
+
+
 def _retry_once_when_full(send: Callable[[], object], sock: socket.socket) -> None:
     try:
         send()
@@ -177,7 +198,7 @@ class UdpBatchSender:
 
     def send_one(self, payload: bytes, dest: Endpoint) -> None:
         sock = self._sock
-        _retry_once_when_full(lambda: sock.sendto(payload, (dest.host, dest.port)), sock)
+        _retry_once_when_full(lambda: sock.sendto(payload, _to_wire(dest)), sock)
 
     def _send_run(self, run: Sequence[tuple[bytes, Endpoint]]) -> None:
         dest = run[0][1]
@@ -185,7 +206,7 @@ class UdpBatchSender:
         cmsg = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(run[0][0])))]
         buffers = [p for p, _ in run]
         sock = self._sock
-        _retry_once_when_full(lambda: sock.sendmsg(buffers, cmsg, 0, (dest.host, dest.port)), sock)
+        _retry_once_when_full(lambda: sock.sendmsg(buffers, cmsg, 0, _to_wire(dest)), sock)
 
 
 def receive_batch(sock: socket.socket, most: int) -> list[tuple[bytes, Endpoint]]:
@@ -195,7 +216,7 @@ def receive_batch(sock: socket.socket, most: int) -> list[tuple[bytes, Endpoint]
     with contextlib.suppress(OSError):
         for _ in range(most):
             data, anc, _flags, addr = sock.recvmsg(_UDP_MAX, _CMSG_INT)
-            source = Endpoint(addr[0], addr[1])
+            source = _from_wire(addr[0], addr[1])
             segment = 0
             for level, kind, value in anc:
                 if level == socket.SOL_UDP and kind == UDP_GRO:
@@ -248,21 +269,28 @@ class _Peer:
         return self.inner.packed
 
 
-def _check_listen(listen: Endpoint) -> None:
-    """The socket's address must be an IPv4 address and a port, as the Rust engine demands
-    (``socket.bind`` would take a host name, or raise OverflowError for the port)."""
+def _check_listen(listen: Endpoint) -> tuple[str, int]:
+    """The dual-stack socket's address for ``listen``, which must be an IP address of either
+    family and a port, as the Rust engine demands (``socket.bind`` would take a host name, or
+    raise OverflowError for the port). ``0.0.0.0`` means ``::``, both families."""
     try:
-        ipaddress.IPv4Address(listen.host)
+        ip = ipaddress.ip_address(listen.host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            raise ValueError("a zone index is not supported")
     except ValueError as exc:
         raise ConfigError(
-            f"listen host {listen.host!r} is not an IPv4 address",
-            hint="use an IPv4 address of this host, or 0.0.0.0 for all",
+            f"listen host {listen.host!r} is not an IPv4 or IPv6 address",
+            hint="use an address of this host, or :: (or 0.0.0.0) for every address of both "
+            "families",
         ) from exc
     if not 0 <= listen.port <= 65535:
         raise ConfigError(
             f"listen_port must be in 0..65535, got {listen.port}",
             hint="see EngineConfig for the meaning and defaults of each field",
         )
+    if ip.version == 4:
+        return ("::" if ip.is_unspecified else f"::ffff:{ip}", listen.port)
+    return (str(ip), listen.port)
 
 
 class PythonEngine:
@@ -287,7 +315,7 @@ class PythonEngine:
                 f"{MAX_CONTROL_MESSAGE} (one control message)",
                 hint=f"the default ({DEFAULT_CONTROL_QUEUE_BYTES}) suits every use",
             )
-        _check_listen(config.listen)
+        bind_to = _check_listen(config.listen)
         self._config = config
         if config.tun_fd is not None:
             self._tun_name = tun_name_of(config.tun_fd)  # refuses anything but a TUN fd
@@ -302,7 +330,7 @@ class PythonEngine:
         try:
             set_mtu(self._tun_name, config.mtu)
             set_up(self._tun_name)
-            self._sock = self._open_socket(config.listen)
+            self._sock = self._open_socket(bind_to)
             self._sender = UdpBatchSender(self._sock, gso=_enabled("BTMM_UDP_GSO"))
             self._port = int(self._sock.getsockname()[1])
         except BaseException:
@@ -322,14 +350,17 @@ class PythonEngine:
         self._closed = False
 
     @staticmethod
-    def _open_socket(listen: Endpoint) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def _open_socket(bind_to: tuple[str, int]) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
-            sock.bind((listen.host, listen.port))
+            # Dual stack whatever net.ipv6.bindv6only says: IPv4 peers arrive v4-mapped.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(bind_to)
         except OSError as exc:
             sock.close()
+            where = _from_wire(*bind_to)
             raise DataPlaneError(
-                f"cannot bind the tunnel UDP socket to {listen.host}:{listen.port}: {exc.strerror}",
+                f"cannot bind the tunnel UDP socket to {where}: {exc.strerror}",
                 hint="choose another port (0 picks a free one) or stop whatever holds it",
             ) from exc
         sock.setblocking(False)
@@ -393,6 +424,7 @@ class PythonEngine:
 
     def add_peer(self, inner: str, endpoint: Endpoint | None = None) -> None:
         addr = parse_inner(inner)
+        endpoint = None if endpoint is None else canonical_endpoint(endpoint)
         with self._lock:
             if addr.packed in self._peers:
                 raise DataPlaneError(
@@ -401,6 +433,7 @@ class PythonEngine:
             self._peers[addr.packed] = _Peer(addr, endpoint)
 
     def update_peer(self, inner: str, endpoint: Endpoint | None) -> None:
+        endpoint = None if endpoint is None else canonical_endpoint(endpoint)
         with self._lock:
             self._peer(inner).endpoint = endpoint
 
@@ -502,15 +535,14 @@ class PythonEngine:
     # -- control traffic -------------------------------------------------------------------
 
     def _send(self, payload: bytes, dest: Endpoint) -> None:
-        self._sender.send_one(payload, dest)
+        self._sender.send_one(payload, canonical_endpoint(dest))
 
     def send_control(self, destination: Endpoint, message: bytes) -> None:
         try:
             self._send(CONTROL_MARKER + message, destination)
         except OSError as exc:
             raise DataPlaneError(
-                f"sending a control message to {destination.host}:{destination.port} failed: "
-                f"{exc.strerror or exc}",
+                f"sending a control message to {destination} failed: {exc.strerror or exc}",
                 hint="check the address and that the network is up",
             ) from exc
 
@@ -529,8 +561,7 @@ class PythonEngine:
             self._send(message, destination)
         except OSError as exc:
             raise DataPlaneError(
-                f"sending a STUN message to {destination.host}:{destination.port} failed: "
-                f"{exc.strerror or exc}",
+                f"sending a STUN message to {destination} failed: {exc.strerror or exc}",
                 hint="check the address and that the network is up",
             ) from exc
 
@@ -547,8 +578,7 @@ class PythonEngine:
             self._send(KEEPALIVE, endpoint)
         except OSError as exc:
             raise DataPlaneError(
-                f"sending a keepalive to {endpoint.host}:{endpoint.port} failed: "
-                f"{exc.strerror or exc}",
+                f"sending a keepalive to {endpoint} failed: {exc.strerror or exc}",
                 hint="check the peer's endpoint and that the network is up",
             ) from exc
 

@@ -135,7 +135,7 @@ def _stats(engine: Engine, kx: KeyExchange, driver: KeyExchangeDriver) -> dict[s
         "peers": [
             {
                 "inner": p.inner,
-                "endpoint": None if p.endpoint is None else f"{p.endpoint.host}:{p.endpoint.port}",
+                "endpoint": None if p.endpoint is None else str(p.endpoint),
                 "tx_spi": p.tx_spi,
                 "rx_spis": list(p.rx_spis),
             }

@@ -12,9 +12,13 @@ punched, relay):
   interface that is up and running, with the engine's port. Loopback interfaces and
   addresses, the tunnel device (its traffic would loop into the tunnel), link-local
   169.254/16 and any public address are not LAN candidates.
-- ``IPV6``: a global IPv6 address with the engine's port, only when the engine's socket
-  listens on IPv6 (``ipv6=True``); today's engines bind IPv4 only, so the daemon passes
-  ``False`` and none is gathered (the IPv6-underlay issue turns it on).
+- ``IPV6``: a global unicast IPv6 address (2000::/3, RFC 4291 §2.4; never a ULA, link-local,
+  v4-mapped or other special address) of an interface that is up, with the engine's port,
+  when the engine's socket takes IPv6 (``ipv6=True``: the daemon's engine listens on ``::``,
+  dual-stack, issue 15). Temporary (RFC 8981 privacy) and deprecated addresses are left out
+  when the kernel says so (``LocalAddress.temporary``/``deprecated``): a peer would probe
+  an address that is about to go away. Such a path needs no NAT traversal, hence its rank
+  right after the LAN.
 - ``MAPPED``: an endpoint the host itself knows to be reachable from outside: the port
   mapping its gateway granted (PCP, NAT-PMP, UPnP IGD), *or* the host's own public address
   when it is not behind a NAT. Both are what the seed's ``_autotunnel._udp`` SRV carries, both
@@ -83,6 +87,20 @@ class LocalAddress:
     address: str
     up: bool = True
     loopback: bool = False
+    #: IPv6 only: a temporary (privacy) address, or a deprecated one (preferred lifetime over)
+    temporary: bool = False
+    deprecated: bool = False
+
+
+#: global unicast IPv6 (RFC 4291 §2.4, IANA's allocations all lie in it)
+GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+
+
+def is_global_v6(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast IPv6 address: in 2000::/3 (so never a ULA, link-local, multicast,
+    loopback or v4-mapped address). Documentation space (2001:db8::/32, the lab's internet)
+    counts: it is global unicast by format, and nothing routes it outside a lab."""
+    return isinstance(address, ipaddress.IPv6Address) and address in GLOBAL_UNICAST_V6
 
 
 def is_lan_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -124,7 +142,7 @@ def _local_candidates(
             continue
         if is_lan_address(addr):
             out.append(Candidate(CandidateKind.LAN, Endpoint(str(addr), port)))
-        elif ipv6 and isinstance(addr, ipaddress.IPv6Address) and addr.is_global:
+        elif ipv6 and is_global_v6(addr) and not (la.temporary or la.deprecated):
             out.append(Candidate(CandidateKind.IPV6, Endpoint(str(addr), port)))
     return out
 

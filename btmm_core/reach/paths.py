@@ -624,7 +624,7 @@ class PathManager:
         quiet = now - since
         out: list[Output] = []
         why = (
-            f"no authenticated packet from {active.endpoint.host}:{active.endpoint.port} for "
+            f"no authenticated packet from {active.endpoint} for "
             f"{quiet:.1f} s while an answer was due ({active.lost} probes lost)"
         )
         # compared as the deadlines are computed (since + limit), so that a tick at a

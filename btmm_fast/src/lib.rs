@@ -2,6 +2,7 @@
 //! between a TUN device and a UDP socket by two threads. Plain Rust, testable with `cargo test`;
 //! the Python bindings live only in `python.rs` behind the `python` feature.
 
+pub mod endpoint;
 pub mod engine;
 pub mod error;
 pub mod esp;

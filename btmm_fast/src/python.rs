@@ -2,7 +2,9 @@
 //! raised as the classes of `btmm_core.errors` (imported once, cached); the GIL is released in
 //! every call that can block, and the engine's threads never touch Python.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::IpAddr;
+
+use crate::endpoint::{self as ep, Endpoint};
 use std::time::Instant;
 
 use pyo3::exceptions::PyValueError;
@@ -136,22 +138,26 @@ fn inner_arg(v: &Bound<'_, PyAny>) -> PyResult<Inner> {
     })
 }
 
-fn endpoint_arg(v: &Bound<'_, PyAny>) -> PyResult<Option<SocketAddrV4>> {
+/// A `(host, port)` tuple of either family (IPv4 becomes v4-mapped, endpoint.rs).
+fn endpoint_arg(v: &Bound<'_, PyAny>) -> PyResult<Option<Endpoint>> {
     if v.is_none() {
         return Ok(None);
     }
     let (host, port): (String, Bound<'_, PyAny>) = v
         .extract()
         .map_err(|_| PyValueError::new_err("endpoint must be a (host, port) tuple or None"))?;
-    let ip: Ipv4Addr = host.parse().map_err(|_| {
-        PyValueError::new_err(format!("endpoint host {host:?} is not an IPv4 address"))
+    let ip: IpAddr = host.parse().map_err(|_| {
+        PyValueError::new_err(format!(
+            "endpoint host {host:?} is not an IPv4 or IPv6 address"
+        ))
     })?;
     let port = int_in(&port, "endpoint port", 0, 65535)? as u16;
-    Ok(Some(SocketAddrV4::new(ip, port)))
+    Ok(Some(ep::from_ip(ip, port)))
 }
 
-fn endpoint_obj<'py>(py: Python<'py>, ep: Option<SocketAddrV4>) -> PyResult<Bound<'py, PyAny>> {
-    match ep {
+/// `(host, port)` with a v4-mapped address shown as plain IPv4.
+fn endpoint_obj<'py>(py: Python<'py>, e: Option<Endpoint>) -> PyResult<Bound<'py, PyAny>> {
+    match e.map(ep::display) {
         None => Ok(py.None().into_bound(py)),
         Some(a) => Ok((a.ip().to_string(), a.port()).into_pyobject(py)?.into_any()),
     }
@@ -313,17 +319,18 @@ impl PyEngine {
                 }
                 _ => None,
             };
-            let ip: Ipv4Addr = listen_host.parse().map_err(|_| {
+            let ip: IpAddr = listen_host.parse().map_err(|_| {
                 EngineError::config(
-                    format!("listen host {listen_host:?} is not an IPv4 address"),
-                    "use an IPv4 address of this host, or 0.0.0.0 for all",
+                    format!("listen host {listen_host:?} is not an IPv4 or IPv6 address"),
+                    "use an address of this host, or :: (or 0.0.0.0) for every address of \
+                     both families",
                 )
             })?;
             let port = setting(listen_port, "listen_port", 0, 65535)? as u16;
             Ok(engine::Config {
                 tun_name,
                 tun_fd,
-                listen: SocketAddrV4::new(ip, port),
+                listen: ep::from_ip(ip, port),
                 mtu: setting(mtu, "mtu", 0, i128::from(u32::MAX))? as u32,
                 event_queue: setting(event_queue, "event_queue", 1, 1 << 24)? as usize,
                 control_queue_bytes: setting(
@@ -509,7 +516,11 @@ impl PyEngine {
                     py,
                     [
                         "control".into_pyobject(py)?.into_any(),
-                        source.ip().to_string().into_pyobject(py)?.into_any(),
+                        ep::display(source)
+                            .ip()
+                            .to_string()
+                            .into_pyobject(py)?
+                            .into_any(),
                         source.port().into_pyobject(py)?.into_any(),
                         PyBytes::new(py, &payload).into_any(),
                     ],
@@ -518,7 +529,11 @@ impl PyEngine {
                     py,
                     [
                         "stun".into_pyobject(py)?.into_any(),
-                        source.ip().to_string().into_pyobject(py)?.into_any(),
+                        ep::display(source)
+                            .ip()
+                            .to_string()
+                            .into_pyobject(py)?
+                            .into_any(),
                         source.port().into_pyobject(py)?.into_any(),
                         PyBytes::new(py, &payload).into_any(),
                     ],

@@ -1,36 +1,44 @@
-//! The engine's UDP socket (IPv4): batched receive with recvmmsg(2), batched send with
+//! The engine's UDP socket: one dual-stack IPv6 socket (IPV6_V6ONLY off, RFC 3493 §5.3) that
+//! carries IPv4 peers as v4-mapped addresses (::ffff:a.b.c.d, RFC 4291 §2.5.5.2) and IPv6 peers
+//! as themselves, so every address in the engine is one `SocketAddrV6`. Batched receive with recvmmsg(2), batched send with
 //! sendmmsg(2), and UDP generic segmentation offload (the UDP_SEGMENT control message, Linux
 //! 4.18+) for runs of equal-size datagrams to one destination, with a fallback to one datagram
 //! per message when the kernel or the route refuses it.
 
 use std::io;
 use std::mem;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The kernel's limit on segments per GSO send (UDP_MAX_SEGMENTS in older kernels).
 const GSO_MAX_SEGMENTS: usize = 64;
-/// Largest UDP payload of one datagram over IPv4 (65535 - 20 - 8), and so of one GSO send.
+/// Largest UDP payload of one datagram over IPv4 (65535 - 20 - 8), and so of one GSO send
+/// (also kept for IPv6, whose limit is 20 bytes higher, so that both families batch alike).
 pub const MAX_UDP_PAYLOAD: usize = 65507;
 /// Socket buffers large enough to absorb a few batches at line rate.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
-pub fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
+pub fn to_sockaddr(a: SocketAddrV6) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: a.port().to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: a.ip().octets(),
         },
-        sin_zero: [0; 8],
+        sin6_scope_id: a.scope_id(),
     }
 }
 
-pub fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
-        u16::from_be(s.sin_port),
+/// The source of a datagram. The socket is AF_INET6, so the kernel always fills a
+/// sockaddr_in6 (IPv4 sources v4-mapped). The scope id is kept only for link-local sources.
+pub fn from_sockaddr(s: &libc::sockaddr_in6) -> SocketAddrV6 {
+    SocketAddrV6::new(
+        Ipv6Addr::from(s.sin6_addr.s6_addr),
+        u16::from_be(s.sin6_port),
+        0,
+        s.sin6_scope_id,
     )
 }
 
@@ -63,11 +71,13 @@ pub struct Udp {
 }
 
 impl Udp {
-    pub fn bind(addr: SocketAddrV4) -> io::Result<Udp> {
+    /// Binds `addr`: `[::]` takes both families, a v4-mapped address only that IPv4 address,
+    /// any other IPv6 address only itself.
+    pub fn bind(addr: SocketAddrV6) -> io::Result<Udp> {
         // SAFETY: socket(2) with constant arguments.
         let raw = unsafe {
             libc::socket(
-                libc::AF_INET,
+                libc::AF_INET6,
                 libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 0,
             )
@@ -87,13 +97,15 @@ impl Udp {
                 let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
             }
         }
+        // Dual stack whatever net.ipv6.bindv6only says: IPv4 peers arrive v4-mapped.
+        setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
         let sa = to_sockaddr(addr);
-        // SAFETY: `sa` is a valid sockaddr_in of the size passed.
+        // SAFETY: `sa` is a valid sockaddr_in6 of the size passed.
         let r = unsafe {
             libc::bind(
                 raw,
-                (&sa as *const libc::sockaddr_in).cast(),
-                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                (&sa as *const libc::sockaddr_in6).cast(),
+                mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
             )
         };
         if r < 0 {
@@ -109,15 +121,15 @@ impl Udp {
         self.fd.as_raw_fd()
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddrV4> {
-        // SAFETY: zeroed sockaddr_in is a valid value; getsockname writes at most `len` bytes.
-        let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
-        let mut len = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    pub fn local_addr(&self) -> io::Result<SocketAddrV6> {
+        // SAFETY: zeroed sockaddr_in6 is a valid value; getsockname writes at most `len` bytes.
+        let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
         // SAFETY: pointers to `sa` and `len`, both alive for the call.
         if unsafe {
             libc::getsockname(
                 self.fd(),
-                (&mut sa as *mut libc::sockaddr_in).cast(),
+                (&mut sa as *mut libc::sockaddr_in6).cast(),
                 &mut len,
             )
         } < 0
@@ -136,7 +148,7 @@ impl Udp {
     }
 
     /// One datagram, waiting up to `timeout_ms` for buffer space (control-plane sends only).
-    pub fn send_to(&self, buf: &[u8], dst: SocketAddrV4, timeout_ms: i32) -> io::Result<()> {
+    pub fn send_to(&self, buf: &[u8], dst: SocketAddrV6, timeout_ms: i32) -> io::Result<()> {
         let sa = to_sockaddr(dst);
         loop {
             // SAFETY: `buf` and `sa` are valid for the lengths passed.
@@ -146,8 +158,8 @@ impl Udp {
                     buf.as_ptr().cast(),
                     buf.len(),
                     0,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
                 )
             };
             if r >= 0 {
@@ -183,7 +195,7 @@ pub struct RecvBatch {
     slot: usize,
     bufs: Vec<u8>,
     iovs: Vec<libc::iovec>,
-    addrs: Vec<libc::sockaddr_in>,
+    addrs: Vec<libc::sockaddr_in6>,
     msgs: Vec<libc::mmsghdr>,
 }
 
@@ -194,7 +206,7 @@ unsafe impl Send for RecvBatch {}
 impl RecvBatch {
     pub fn new(n: usize, slot: usize) -> RecvBatch {
         // SAFETY: all-zero is a valid value for these plain C structs.
-        let zero_addr: libc::sockaddr_in = unsafe { mem::zeroed() };
+        let zero_addr: libc::sockaddr_in6 = unsafe { mem::zeroed() };
         // SAFETY: as above.
         let zero_msg: libc::mmsghdr = unsafe { mem::zeroed() };
         let mut b = RecvBatch {
@@ -229,8 +241,8 @@ impl RecvBatch {
         let n = self.msgs.len();
         for i in 0..n {
             let h = &mut self.msgs[i].msg_hdr;
-            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in6).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
             h.msg_control = std::ptr::null_mut();
@@ -269,7 +281,7 @@ impl RecvBatch {
     }
 
     /// Datagram `i` of the last `recv`: (payload, source, truncated).
-    pub fn get_mut(&mut self, i: usize) -> (&mut [u8], SocketAddrV4, bool) {
+    pub fn get_mut(&mut self, i: usize) -> (&mut [u8], SocketAddrV6, bool) {
         let len = (self.msgs[i].msg_len as usize).min(self.slot);
         let trunc = self.msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         let src = from_sockaddr(&self.addrs[i]);
@@ -283,7 +295,7 @@ impl RecvBatch {
 pub struct Outgoing {
     pub ptr: *const u8,
     pub len: usize,
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddrV6,
 }
 
 /// Room for one UDP_SEGMENT control message (a u16), 8-byte aligned.
@@ -294,7 +306,7 @@ struct CmsgSpace([u8; 32]);
 /// Preallocated headers for sending up to `n` datagrams per call.
 pub struct SendBatch {
     iovs: Vec<libc::iovec>,
-    addrs: Vec<libc::sockaddr_in>,
+    addrs: Vec<libc::sockaddr_in6>,
     msgs: Vec<libc::mmsghdr>,
     cmsgs: Vec<CmsgSpace>,
     /// For message k: the range of datagrams [first, end) it carries.
@@ -308,7 +320,7 @@ unsafe impl Send for SendBatch {}
 impl SendBatch {
     pub fn new(n: usize) -> SendBatch {
         // SAFETY: all-zero is a valid value for these plain C structs.
-        let zero_addr: libc::sockaddr_in = unsafe { mem::zeroed() };
+        let zero_addr: libc::sockaddr_in6 = unsafe { mem::zeroed() };
         // SAFETY: as above.
         let zero_msg: libc::mmsghdr = unsafe { mem::zeroed() };
         SendBatch {
@@ -359,8 +371,8 @@ impl SendBatch {
             let h = &mut self.msgs[k].msg_hdr;
             // SAFETY: all-zero is a valid msghdr (null pointers, zero lengths).
             *h = unsafe { mem::zeroed() };
-            h.msg_name = (&mut self.addrs[k] as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_name = (&mut self.addrs[k] as *mut libc::sockaddr_in6).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = (j - i) as _;
             if j - i > 1 {
@@ -451,12 +463,13 @@ impl SendBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
-    fn lo(port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
+    fn lo(port: u16) -> SocketAddrV6 {
+        SocketAddrV6::new(Ipv4Addr::LOCALHOST.to_ipv6_mapped(), port, 0, 0)
     }
 
-    fn recv_all(rx: &Udp, batch: &mut RecvBatch, want: usize) -> Vec<(Vec<u8>, SocketAddrV4)> {
+    fn recv_all(rx: &Udp, batch: &mut RecvBatch, want: usize) -> Vec<(Vec<u8>, SocketAddrV6)> {
         let mut got = Vec::new();
         for _ in 0..200 {
             let mut p = libc::pollfd {
@@ -479,9 +492,17 @@ mod tests {
         got
     }
 
+    fn lo6(port: u16) -> SocketAddrV6 {
+        SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0)
+    }
+
     fn check_batch(gso: bool) {
-        let rx = Udp::bind(lo(0)).unwrap();
-        let tx = Udp::bind(lo(0)).unwrap();
+        check_batch_at(gso, lo(0));
+    }
+
+    fn check_batch_at(gso: bool, at: SocketAddrV6) {
+        let rx = Udp::bind(at).unwrap();
+        let tx = Udp::bind(at).unwrap();
         if !gso {
             tx.disable_gso();
         }
@@ -531,6 +552,42 @@ mod tests {
     #[test]
     fn batch_round_trip_without_gso() {
         check_batch(false);
+    }
+
+    #[test]
+    fn batch_round_trip_over_ipv6_with_and_without_gso() {
+        check_batch_at(true, lo6(0));
+        check_batch_at(false, lo6(0));
+    }
+
+    #[test]
+    fn one_dual_stack_socket_serves_both_families() {
+        // Bound to [::]: an IPv4 sender is seen v4-mapped, an IPv6 one as itself, and the
+        // socket answers both.
+        let rx = Udp::bind(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)).unwrap();
+        let port = rx.local_addr().unwrap().port();
+        let tx4 = Udp::bind(lo(0)).unwrap();
+        let tx6 = Udp::bind(lo6(0)).unwrap();
+        tx4.send_to(b"four", lo(port), 100).unwrap();
+        tx6.send_to(b"six", lo6(port), 100).unwrap();
+        let mut batch = RecvBatch::new(4, 2048);
+        let got = recv_all(&rx, &mut batch, 2);
+        assert_eq!(got.len(), 2);
+        for (payload, src) in got {
+            if payload == b"four" {
+                assert_eq!(src, tx4.local_addr().unwrap());
+                assert!(src.ip().to_ipv4_mapped().is_some());
+            } else {
+                assert_eq!(payload, b"six");
+                assert_eq!(src, tx6.local_addr().unwrap());
+            }
+        }
+        rx.send_to(b"back4", tx4.local_addr().unwrap(), 100)
+            .unwrap();
+        rx.send_to(b"back6", tx6.local_addr().unwrap(), 100)
+            .unwrap();
+        assert_eq!(recv_all(&tx4, &mut batch, 1)[0].0, b"back4");
+        assert_eq!(recv_all(&tx6, &mut batch, 1)[0].0, b"back6");
     }
 
     #[test]

@@ -33,13 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btmm_core.dataplane.api import DEFAULT_MTU
+
 REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).resolve()
 
-# Outer ("internet") addresses: documentation range; inner: ULA.
+# Outer ("internet") addresses: documentation ranges of both families; inner: ULA.
 A_OUTER, B_OUTER, A_ROAMED = "192.0.2.1", "192.0.2.2", "192.0.2.11"
+A_OUTER6, B_OUTER6, A_ROAMED6 = "2001:db8:b7::1", "2001:db8:b7::2", "2001:db8:b7::11"
 A_INNER, B_INNER = "fd00:b7:1::1", "fd00:b7:1::2"
 PORT = 4500
+#: the outer addresses (a, b, a's roamed one) of each underlay family
+OUTER = {4: (A_OUTER, B_OUTER, A_ROAMED), 6: (A_OUTER6, B_OUTER6, A_ROAMED6)}
+
+
+def endpoint(host: str, port: int = PORT) -> str:
+    """An endpoint as `btmm tunnel` writes it: ``a.b.c.d:port`` or ``[IPv6]:port``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 CHUNK = 64 * 1024
 
@@ -207,21 +218,28 @@ class Tunnel:
 
 
 def pair_configs(
-    a_kind: str, b_kind: str, *, a_extra_peers: list[dict[str, Any]] | None = None
+    a_kind: str,
+    b_kind: str,
+    *,
+    a_extra_peers: list[dict[str, Any]] | None = None,
+    family: int = 4,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Matching static configurations for hosts a and b (one SA each way)."""
+    """Matching static configurations for hosts a and b (one SA each way), each with the
+    other's outer address of ``family`` as its endpoint. The inner MTU is the default one,
+    which fits a 1500-byte path over either family."""
+    a_out, b_out, _ = OUTER[family]
     k_ab, k_ba = keymat(), keymat()
     spi_ab, spi_ba = 0x1000 + secrets.randbelow(1 << 20), 0x2000000 + secrets.randbelow(1 << 20)
     a = {
         "dataplane": a_kind,
         "tun": "btmm0",
-        "mtu": 1420,
+        "mtu": DEFAULT_MTU,
         "address": f"{A_INNER}/64",
         "listen_port": PORT,
         "peers": [
             {
                 "inner": B_INNER,
-                "endpoint": f"{B_OUTER}:{PORT}",
+                "endpoint": endpoint(b_out),
                 "tx_spi": spi_ab,
                 "tx_key": k_ab,
                 "rx_spi": spi_ba,
@@ -233,13 +251,13 @@ def pair_configs(
     b = {
         "dataplane": b_kind,
         "tun": "btmm0",
-        "mtu": 1420,
+        "mtu": DEFAULT_MTU,
         "address": f"{B_INNER}/64",
         "listen_port": PORT,
         "peers": [
             {
                 "inner": A_INNER,
-                "endpoint": f"{A_OUTER}:{PORT}",
+                "endpoint": endpoint(a_out),
                 "tx_spi": spi_ba,
                 "tx_key": k_ba,
                 "rx_spi": spi_ab,
@@ -251,13 +269,16 @@ def pair_configs(
 
 
 def two_hosts(lab: Any) -> tuple[Any, Any]:
-    """Namespaces a and b joined by a veth pair, outer addresses 192.0.2.1 and .2 /24."""
+    """Namespaces a and b joined by a veth pair, outer addresses 192.0.2.1 and .2 /24 and
+    2001:db8:b7::1 and ::2 /64 (both usable at once: the lab turns DAD off)."""
     a, b = lab.ns("a"), lab.ns("b")
     lab.veth(a, "eth0", b, "eth0")
     # Removing the primary address of a subnet must keep the roaming secondary one.
     a.run(["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])
     a.run(["ip", "addr", "add", f"{A_OUTER}/24", "dev", "eth0"])
     b.run(["ip", "addr", "add", f"{B_OUTER}/24", "dev", "eth0"])
+    a.run(["ip", "-6", "addr", "add", f"{A_OUTER6}/64", "dev", "eth0", "nodad"])
+    b.run(["ip", "-6", "addr", "add", f"{B_OUTER6}/64", "dev", "eth0", "nodad"])
     return a, b
 
 
@@ -291,9 +312,14 @@ def transfer(
     at_fraction: float | None = None,
     action: Callable[[], None] | None = None,
     timeout: float = 180.0,
+    actions: list[tuple[float, Callable[[], None]]] | None = None,
 ) -> TransferResult:
     """Send ``size`` bytes over TCP from namespace ``sender`` to ``dest`` (in ``receiver``);
-    when ``action`` is given, run it once the receiver has ``at_fraction`` of the data."""
+    when ``action`` is given, run it once the receiver has ``at_fraction`` of the data (and
+    each of ``actions``, ``(fraction, action)`` in order, likewise)."""
+    pending = sorted(actions or [], key=lambda fa: fa[0])
+    if action is not None:
+        pending.insert(0, (at_fraction or 0.0, action))
     recv = receiver.popen(
         helper_argv("recv", str(port)),
         stdout=subprocess.PIPE,
@@ -311,7 +337,6 @@ def transfer(
         env=env(),
     )
     deadline = time.monotonic() + timeout
-    acted = action is None
     received: dict[str, Any] = {}
     while not received:
         left = deadline - time.monotonic()
@@ -323,13 +348,11 @@ def transfer(
             raise AssertionError(
                 f"{err}; receiver stderr: {_stderr(recv)}; sender stderr: {_stderr(send)}"
             ) from None
-        if "progress" in msg and not acted and msg["progress"] >= size * (at_fraction or 0):
-            assert action is not None
-            acted = True
-            action()
+        while "progress" in msg and pending and msg["progress"] >= size * pending[0][0]:
+            pending.pop(0)[1]()
         if "sha256" in msg:
             received = msg
-    assert acted, "the transfer ended before the mid-transfer action ran"
+    assert not pending, "the transfer ended before every mid-transfer action ran"
     out, errors = send.communicate(timeout=max(5.0, deadline - time.monotonic()))
     assert send.returncode == 0, f"sender failed ({send.returncode}): {errors[-2000:]}"
     recv.wait(timeout=10)
@@ -432,7 +455,8 @@ def _udp(
     src_host: str, src_port: int, dst_host: str, dst_port: int, wait: float, most: int = 100
 ) -> None:
     payloads = [bytes.fromhex(h) for h in json.loads(sys.stdin.read())]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if ":" in src_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((src_host, src_port))
     for p in payloads[:10_000]:
@@ -449,7 +473,7 @@ def _udp(
             data, addr = sock.recvfrom(65535)
         except TimeoutError:
             break
-        replies.append({"source": f"{addr[0]}:{addr[1]}", "payload": data.hex()})
+        replies.append({"source": endpoint(addr[0], addr[1]), "payload": data.hex()})
     _emit({"replies": replies})
 
 

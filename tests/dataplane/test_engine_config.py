@@ -85,6 +85,14 @@ _SCRIPT = textwrap.dedent(
     obs["removed_spi_free"] = err(lambda: eng.install_rx_sa("fd00::3", 0x102, K))
     obs["rx_spis_c"] = spis("fd00::3")
     obs["keepalive_no_endpoint"] = err(lambda: eng.send_keepalive("fd00::3"))
+    # Endpoints of either family, reported in one form; the same errors in both engines.
+    for bad in (Endpoint("host.example", 1), Endpoint("192.0.2.1", 70000),
+                Endpoint("fe80::1%lo", 1)):
+        obs.setdefault("bad_endpoints", []).append(err(lambda: eng.update_peer("fd00::3", bad)))
+    for ep in (Endpoint("2001:DB8:0::7", 9), Endpoint("::ffff:192.0.2.7", 9)):
+        eng.update_peer("fd00::3", ep)
+        obs.setdefault("endpoints", []).extend(str(p.endpoint) for p in eng.peers())
+    eng.update_peer("fd00::3", None)
 
     eng.start()
     eng.start()  # idempotent
@@ -172,6 +180,8 @@ def test_engine_configuration_and_events(kind: str) -> None:
     assert obs["removed_spi_free"] is None
     assert obs["rx_spis_c"] == [[0x100, 0x102]]
     assert obs["keepalive_no_endpoint"] == "DataPlaneError"
+    assert obs["bad_endpoints"] == ["ValueError"] * 3
+    assert obs["endpoints"] == ["[2001:db8::7]:9", "192.0.2.7:9"]
     # Event queue of four: six control messages, four queued in order, two counted overflows.
     assert obs["readable_empty"] is False
     assert obs["readable_full"] is True
@@ -206,7 +216,8 @@ def _config(**fields: Any) -> EngineConfig:
         (_config(control_queue_bytes=-1), ConfigError),
         (_config(tun_name=None, tun_fd=None), ConfigError),
         (_config(listen=Endpoint("not-an-address", 0)), ConfigError),
-        (_config(listen=Endpoint("::1", 0)), ConfigError),
+        # Either family is taken (one dual-stack socket), a zone index is not.
+        (_config(listen=Endpoint("fe80::1%lo", 0)), ConfigError),
         (_config(listen=Endpoint("127.0.0.1", 65536)), ConfigError),
         (_config(tun_name="x" * 20), TunError),
         (_config(tun_name=None, tun_fd=-1), TunError),

@@ -44,7 +44,7 @@ def _with_peer(**changes: Any) -> dict[str, Any]:
 
 def test_parse_good_config() -> None:
     cfg = parse_config(GOOD)
-    assert cfg.tun == "btmm7" and cfg.mtu == 1420 and cfg.listen == Endpoint("0.0.0.0", 4500)
+    assert cfg.tun == "btmm7" and cfg.mtu == 1420 and cfg.listen == Endpoint("::", 4500)
     assert str(cfg.address) == "fd00:b7:1::1/64"
     (peer,) = cfg.peers
     assert peer.endpoint == Endpoint("192.0.2.2", 4500)
@@ -65,7 +65,8 @@ def test_peer_without_sas_or_endpoint() -> None:
         (_with_peer(tx_spi=0), "tx_spi 0 is out of range"),
         (_with_peer(rx_spi=None), "only one of rx_spi and rx_key"),
         (_with_peer(endpoint="192.0.2.2"), "is not host:port"),
-        (_with_peer(endpoint="[2001:db8::1]:4500"), "is not an IPv4 address"),
+        (_with_peer(endpoint="2001:db8::1:4500"), "is not an IPv4 address or a bracketed"),
+        (_with_peer(endpoint="[192.0.2.2]:4500"), "is not an IPv4 address or a bracketed"),
         (_with_peer(inner="fd00:b7:1::zz"), "is not an IPv6 address"),
         ({**GOOD, "mtu": 1000}, "mtu 1000 is invalid"),
         ({**GOOD, "address": "192.0.2.1/24"}, "is not an IPv6 address"),
@@ -82,6 +83,12 @@ def test_config_errors_name_the_field(raw: dict[str, Any], message: str) -> None
 
 def test_parse_endpoint() -> None:
     assert parse_endpoint("198.51.100.7:1") == Endpoint("198.51.100.7", 1)
+    assert parse_endpoint("[2001:DB8:0::7]:4500") == Endpoint("2001:db8::7", 4500)
+    # v4-mapped is the IPv4 endpoint, as engines report it
+    assert parse_endpoint("[::ffff:198.51.100.7]:9") == Endpoint("198.51.100.7", 9)
+    assert str(Endpoint("2001:db8::7", 4500)) == "[2001:db8::7]:4500"
+    with pytest.raises(ConfigError):
+        parse_endpoint("[fe80::1%eth0]:4500")
     with pytest.raises(ConfigError, match="out of range"):
         parse_endpoint("198.51.100.7:0")
 

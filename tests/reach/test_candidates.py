@@ -37,15 +37,35 @@ def test_preference_order_is_lan_ipv6_mapped_reflexive() -> None:
         mapped=Endpoint("203.0.113.3", 61000), reflexive=Endpoint("203.0.113.3", 4500),
         ipv6=True,
     )
-    # 2001:db8::/32 is documentation space, not global: no IPV6 candidate from it
-    assert kinds(got) == [(LAN, "192.168.2.10", 4500), (MAPPED, "203.0.113.3", 61000),
-                          (REFLEXIVE, "203.0.113.3", 4500)]
+    # 2001:db8::/32 (documentation space, the lab's internet) is global unicast by format
+    # (2000::/3): it is an IPV6 candidate, ranked right after the LAN
+    assert kinds(got) == [(LAN, "192.168.2.10", 4500), (IPV6, "2001:db8:1::10", 4500),
+                          (MAPPED, "203.0.113.3", 61000), (REFLEXIVE, "203.0.113.3", 4500)]
     got = gather([la("2a00:1450:4001:80b::200e", "eth1"), la("10.1.2.3")], 4500,
                  reflexive=Endpoint("198.51.100.9", 1234), ipv6=True)
     assert kinds(got) == [(LAN, "10.1.2.3", 4500), (IPV6, "2a00:1450:4001:80b::200e", 4500),
                           (REFLEXIVE, "198.51.100.9", 1234)]
-    # engines bind IPv4 only today: without ipv6=True no IPv6 address is a candidate
+    # an engine whose socket takes no IPv6 (ipv6=False) gets no IPv6 candidate
     assert kinds(gather([la("2a00:1450:4001:80b::200e")], 4500)) == []
+
+
+def test_which_local_addresses_are_ipv6_candidates() -> None:
+    local = [
+        la("fd12:3456:789a:1::10"),  # ULA
+        la("fe80::1%eth0"),  # link-local
+        la("::1", "lo", loopback=True),
+        la("::ffff:198.51.100.7"),  # v4-mapped
+        la("ff02::1"),  # multicast
+        la("64:ff9b::c000:221"),  # NAT64 well-known prefix: outside 2000::/3
+        la("2001:db8:7::1", "btmm0"),  # the tunnel device
+        la("2001:db8:7::2", up=False),  # an interface without carrier
+        la("2001:db8:7::3", temporary=True),  # RFC 8981 privacy address
+        la("2001:db8:7::4", deprecated=True),  # preferred lifetime over
+        la("2001:db8:7::5"),
+        la("2a00:1450:4001:80b::200e", "wlan0"),
+    ]
+    got = gather(local, 4500, tunnel="btmm0", ipv6=True)
+    assert kinds(got) == [(IPV6, "2001:db8:7::5", 4500), (IPV6, "2a00:1450:4001:80b::200e", 4500)]
 
 
 def test_which_local_addresses_are_lan_candidates() -> None:

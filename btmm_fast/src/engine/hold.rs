@@ -13,11 +13,10 @@
 //!
 //! The Python engine's twin is btmm_core/dataplane/hold.py; both build the same ICMPv6 bytes.
 
-use std::net::SocketAddrV4;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
-use super::{lock, unpack, Engine, Event, Inner, PeerEntry, Shared, Tally};
+use super::{lock, Engine, Event, Inner, PeerEntry, Shared, Tally};
 use crate::error::EngineError;
 use crate::esp::{self, DropReason, HEADER_LEN};
 use crate::offload::VNET_HDR_LEN;
@@ -221,11 +220,8 @@ impl Engine {
             return;
         }
         let fds = self.shared.fds.read().unwrap_or_else(|p| p.into_inner());
-        let (Some(f), Some(tx), Some(dst)) = (
-            fds.as_ref(),
-            e.tx.as_ref(),
-            unpack(e.peer.endpoint.load(Ordering::Relaxed)),
-        ) else {
+        let (Some(f), Some(tx), Some(dst)) = (fds.as_ref(), e.tx.as_ref(), e.peer.endpoint.load())
+        else {
             let n = e.hold.len() as u64;
             e.hold.reset();
             self.shared.counters.drops[DropReason::NoSa as usize].fetch_add(n, Ordering::Relaxed);
@@ -297,7 +293,7 @@ impl Engine {
     }
 }
 
-fn udp_send(udp: &crate::udp::Udp, buf: &[u8], dst: SocketAddrV4) -> bool {
+fn udp_send(udp: &crate::udp::Udp, buf: &[u8], dst: crate::endpoint::Endpoint) -> bool {
     udp.send_to(buf, dst, 1000).is_ok()
 }
 

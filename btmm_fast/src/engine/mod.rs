@@ -14,16 +14,16 @@
 //! Shared state is split so the two threads never wait for each other: the peer table (routes
 //! and transmit SAs) is locked by the TX thread once per batch, the SPI table (receive SAs and
 //! their replay windows) by the RX thread once per batch; the control plane takes both briefly.
-//! Endpoints and counters are atomics, so roaming (RX) is seen by TX without a lock.
+//! Endpoints (a sequence lock over atomics, endpoint.rs) and counters are atomics, so roaming (RX) is seen by TX without a lock.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 
+use crate::endpoint::{AtomicEndpoint, Endpoint};
 use crate::error::EngineError;
 use crate::esp::{
     self, DropReason, RxSa, TxSa, CONTROL_MARKER, HEADER_LEN, KEEPALIVE, MAX_TRAILER,
@@ -66,7 +66,7 @@ pub type Inner = [u8; 16];
 pub struct Config {
     pub tun_name: Option<String>,
     pub tun_fd: Option<RawFd>,
-    pub listen: SocketAddrV4,
+    pub listen: Endpoint,
     pub mtu: u32,
     pub event_queue: usize,
     /// Bound of the queued control and STUN messages' payload bytes (they are
@@ -77,18 +77,18 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Control {
-        source: SocketAddrV4,
+        source: Endpoint,
         payload: Vec<u8>,
     },
     /// A STUN message (RFC 8489), the whole datagram.
     Stun {
-        source: SocketAddrV4,
+        source: Endpoint,
         payload: Vec<u8>,
     },
     Roamed {
         inner: Inner,
-        old: Option<SocketAddrV4>,
-        new: SocketAddrV4,
+        old: Option<Endpoint>,
+        new: Endpoint,
     },
     Exhausted {
         inner: Inner,
@@ -184,22 +184,10 @@ impl Tally {
     }
 }
 
-/// An endpoint packed in one word so both threads read and write it without a lock:
-/// bit 48 = present, bits 16..48 = IPv4 address, bits 0..16 = port.
-fn pack(ep: Option<SocketAddrV4>) -> u64 {
-    match ep {
-        None => 0,
-        Some(a) => 1 << 48 | u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port()),
-    }
-}
-
-fn unpack(v: u64) -> Option<SocketAddrV4> {
-    (v >> 48 & 1 == 1).then(|| SocketAddrV4::new(Ipv4Addr::from((v >> 16) as u32), v as u16))
-}
-
 struct Peer {
     inner: Inner,
-    endpoint: AtomicU64,
+    /// Read by TX for every packet, moved by RX (roaming) and the control plane.
+    endpoint: AtomicEndpoint,
     counters: Counters,
 }
 
@@ -313,7 +301,7 @@ impl Shared {
 
 pub struct PeerSnapshot {
     pub inner: Inner,
-    pub endpoint: Option<SocketAddrV4>,
+    pub endpoint: Option<Endpoint>,
     pub tx_spi: Option<u32>,
     pub rx_spis: Vec<u32>,
     pub counters: CounterSnapshot,
@@ -326,7 +314,7 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     started: AtomicBool,
     tun_name: String,
-    local: SocketAddrV4,
+    local: Endpoint,
     vnet: bool,
 }
 
@@ -382,7 +370,10 @@ impl Engine {
                 _ => None,
             };
             EngineError::DataPlane {
-                what: format!("cannot bind UDP {}: {e}", cfg.listen),
+                what: format!(
+                    "cannot bind UDP {}: {e}",
+                    crate::endpoint::display(cfg.listen)
+                ),
                 hint,
             }
         })?;
@@ -423,7 +414,7 @@ impl Engine {
         &self.tun_name
     }
 
-    pub fn local_addr(&self) -> SocketAddrV4 {
+    pub fn local_addr(&self) -> Endpoint {
         self.local
     }
 
@@ -504,11 +495,7 @@ impl Engine {
             .take();
     }
 
-    pub fn add_peer(
-        &self,
-        inner: Inner,
-        endpoint: Option<SocketAddrV4>,
-    ) -> Result<(), EngineError> {
+    pub fn add_peer(&self, inner: Inner, endpoint: Option<Endpoint>) -> Result<(), EngineError> {
         let mut peers = lock(&self.shared.peers);
         if peers.contains_key(&inner) {
             return Err(EngineError::data_plane(format!(
@@ -518,7 +505,7 @@ impl Engine {
         }
         let peer = Arc::new(Peer {
             inner,
-            endpoint: AtomicU64::new(pack(endpoint)),
+            endpoint: AtomicEndpoint::new(endpoint),
             counters: Counters::default(),
         });
         peers.insert(
@@ -537,14 +524,10 @@ impl Engine {
         EngineError::UnknownPeer(format!("no peer with inner address {}", fmt_inner(inner)))
     }
 
-    pub fn update_peer(
-        &self,
-        inner: Inner,
-        endpoint: Option<SocketAddrV4>,
-    ) -> Result<(), EngineError> {
+    pub fn update_peer(&self, inner: Inner, endpoint: Option<Endpoint>) -> Result<(), EngineError> {
         let peers = lock(&self.shared.peers);
         let e = peers.get(&inner).ok_or_else(|| Self::unknown(&inner))?;
-        e.peer.endpoint.store(pack(endpoint), Ordering::Relaxed);
+        e.peer.endpoint.store(endpoint);
         Ok(())
     }
 
@@ -616,15 +599,16 @@ impl Engine {
         Ok(())
     }
 
-    fn send_raw(&self, buf: &[u8], dst: SocketAddrV4) -> Result<(), EngineError> {
+    fn send_raw(&self, buf: &[u8], dst: Endpoint) -> Result<(), EngineError> {
         let fds = self.shared.fds.read().unwrap_or_else(|e| e.into_inner());
         let f = fds.as_ref().ok_or_else(Self::stopped)?;
-        f.udp
-            .send_to(buf, dst, 1000)
-            .map_err(|e| EngineError::io(&format!("cannot send to {dst}"), &e))
+        f.udp.send_to(buf, dst, 1000).map_err(|e| {
+            let to = crate::endpoint::display(dst);
+            EngineError::io(&format!("cannot send to {to}"), &e)
+        })
     }
 
-    pub fn send_control(&self, dst: SocketAddrV4, message: &[u8]) -> Result<(), EngineError> {
+    pub fn send_control(&self, dst: Endpoint, message: &[u8]) -> Result<(), EngineError> {
         let mut buf = Vec::with_capacity(CONTROL_MARKER.len() + message.len());
         buf.extend_from_slice(&CONTROL_MARKER);
         buf.extend_from_slice(message);
@@ -635,7 +619,7 @@ impl Engine {
     /// reflexive address. Anything that does not have STUN's shape, or is longer than
     /// `MAX_CONTROL_MESSAGE`, is refused: the engine must not become a sender of arbitrary
     /// datagrams.
-    pub fn send_stun(&self, dst: SocketAddrV4, message: &[u8]) -> Result<(), EngineError> {
+    pub fn send_stun(&self, dst: Endpoint, message: &[u8]) -> Result<(), EngineError> {
         if !stun::looks_like_stun(message) {
             return Err(EngineError::Invalid(format!(
                 "send_stun refuses a {}-byte message that is not a STUN message (RFC 8489 \
@@ -656,7 +640,7 @@ impl Engine {
         let ep = {
             let peers = lock(&self.shared.peers);
             let e = peers.get(&inner).ok_or_else(|| Self::unknown(&inner))?;
-            unpack(e.peer.endpoint.load(Ordering::Relaxed))
+            e.peer.endpoint.load()
         };
         let dst = ep.ok_or_else(|| {
             EngineError::data_plane(format!(
@@ -697,7 +681,7 @@ impl Engine {
             .values()
             .map(|e| PeerSnapshot {
                 inner: e.peer.inner,
-                endpoint: unpack(e.peer.endpoint.load(Ordering::Relaxed)),
+                endpoint: e.peer.endpoint.load(),
                 tx_spi: e.tx.as_ref().map(|t| t.sa.spi()),
                 rx_spis: e.rx_spis.iter().copied().collect(),
                 counters: e.peer.counters.snapshot(),

@@ -6,16 +6,16 @@
 //! the inner packet is written to the TUN from there.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
 use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    is_ipv6, lock, pack, unpack, wait_readable, Event, Peer, RxEntry, Shared, Tally, BATCH,
-    MAX_CONTROL_MESSAGE, RX_SLOT,
+    is_ipv6, lock, wait_readable, Event, Peer, RxEntry, Shared, Tally, BATCH, MAX_CONTROL_MESSAGE,
+    RX_SLOT,
 };
+use crate::endpoint::Endpoint;
 use crate::esp::{self, DropReason, CONTROL_MARKER, KEEPALIVE};
 use crate::offload::{self, TcpSeg, VNET_HDR_LEN};
 use crate::stun;
@@ -127,8 +127,8 @@ pub(super) fn write_coalesced(
 /// An authenticated packet moved its peer to a new outer endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Roam {
-    pub old: Option<SocketAddrV4>,
-    pub new: SocketAddrV4,
+    pub old: Option<Endpoint>,
+    pub new: Endpoint,
 }
 
 /// What to do with one received datagram: the RX thread's per-packet decision, the twin of
@@ -161,7 +161,7 @@ pub(super) enum RxDecision<'t> {
 /// applies the counters, the endpoint move and the events.
 pub(super) fn rx_classify<'t>(
     payload: &mut [u8],
-    src: SocketAddrV4,
+    src: Endpoint,
     truncated: bool,
     sas: &'t mut HashMap<u32, RxEntry>,
 ) -> RxDecision<'t> {
@@ -225,11 +225,14 @@ pub(super) fn rx_classify<'t>(
     }
     // Only the newest authenticated packet moves the endpoint: an older (reordered) one from
     // where the peer was must not drag it back.
-    let old = peer.endpoint.load(Ordering::Relaxed);
-    let roam = (opened.advanced && old != pack(Some(src))).then(|| Roam {
-        old: unpack(old),
-        new: src,
-    });
+    // The TX thread may read it meanwhile: a sequence lock, no lock shared with TX. A peer
+    // that moves between families (IPv4 Wi-Fi to an IPv6-only network) moves the same way.
+    let roam = if opened.advanced {
+        let old = peer.endpoint.load();
+        (old != Some(src)).then_some(Roam { old, new: src })
+    } else {
+        None
+    };
     RxDecision::Deliver {
         inner: opened.inner,
         peer,
@@ -294,7 +297,7 @@ pub(super) fn rx_loop(
                         }
                         RxDecision::Deliver { inner, peer, roam } => {
                             if let Some(Roam { old, new }) = roam {
-                                peer.endpoint.store(pack(Some(new)), Ordering::Relaxed);
+                                peer.endpoint.store(Some(new));
                                 let ev = Event::Roamed {
                                     inner: peer.inner,
                                     old,
@@ -336,7 +339,7 @@ pub(super) fn rx_loop(
 mod tests {
     //! `rx_classify` on its own: every branch, with real SAs and no socket, TUN or root.
 
-    use std::sync::atomic::AtomicU64;
+    use crate::endpoint::AtomicEndpoint;
 
     use super::*;
     use crate::engine::{Counters, Inner};
@@ -353,16 +356,16 @@ mod tests {
         a
     }
 
-    fn addr(port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new([192, 0, 2, 1].into(), port)
+    fn addr(port: u16) -> Endpoint {
+        crate::endpoint::from_ip([192, 0, 2, 1].into(), port)
     }
 
     /// Peer fd00::<last> with the receive SA `spi`.
-    fn entry(spi: u32, last: u8, ep: Option<SocketAddrV4>) -> RxEntry {
+    fn entry(spi: u32, last: u8, ep: Option<Endpoint>) -> RxEntry {
         RxEntry {
             peer: Arc::new(Peer {
                 inner: inner(last),
-                endpoint: AtomicU64::new(pack(ep)),
+                endpoint: AtomicEndpoint::new(ep),
                 counters: Counters::default(),
             }),
             sa: RxSa::new(spi, &KEY).unwrap(),
@@ -370,7 +373,7 @@ mod tests {
     }
 
     /// Peer fd00::2 with receive SA `SPI`, and peer fd00::3 with `OTHER_SPI`.
-    fn table(endpoint: Option<SocketAddrV4>) -> HashMap<u32, RxEntry> {
+    fn table(endpoint: Option<Endpoint>) -> HashMap<u32, RxEntry> {
         HashMap::from([
             (SPI, entry(SPI, 2, endpoint)),
             (OTHER_SPI, entry(OTHER_SPI, 3, None)),
@@ -404,7 +407,7 @@ mod tests {
     fn see(
         sas: &mut HashMap<u32, RxEntry>,
         datagram: &[u8],
-        src: SocketAddrV4,
+        src: Endpoint,
         truncated: bool,
     ) -> Seen {
         let mut buf = datagram.to_vec();
@@ -543,6 +546,45 @@ mod tests {
     }
 
     #[test]
+    fn roaming_across_families_on_authenticated_packets_only() {
+        let v4 = addr(1);
+        let v6 = crate::endpoint::from_ip("2001:db8::1".parse().unwrap(), 4500);
+        let mut sas = table(Some(v4));
+        let pkt = packet(inner(2));
+        // A forged packet from IPv6 moves nothing.
+        let mut forged = sealed(SPI, 2, &pkt);
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert_eq!(
+            see(&mut sas, &forged, v6, false),
+            Seen::Drop(DropReason::Auth, Some(inner(2)))
+        );
+        // The newest authenticated one from IPv6 moves the peer there...
+        let to_v6 = Roam {
+            old: Some(v4),
+            new: v6,
+        };
+        assert_eq!(
+            see(&mut sas, &sealed(SPI, 2, &pkt), v6, false),
+            Seen::Deliver(inner(2), pkt.clone(), Some(to_v6))
+        );
+        sas[&SPI].peer.endpoint.store(Some(v6));
+        // ...its replay from IPv4 does not move it back, a newer packet from IPv4 does.
+        assert_eq!(
+            see(&mut sas, &sealed(SPI, 2, &pkt), v4, false),
+            Seen::Drop(DropReason::Replay, Some(inner(2)))
+        );
+        let to_v4 = Roam {
+            old: Some(v6),
+            new: v4,
+        };
+        assert_eq!(
+            see(&mut sas, &sealed(SPI, 3, &pkt), v4, false),
+            Seen::Deliver(inner(2), pkt, Some(to_v4))
+        );
+    }
+
+    #[test]
     fn delivery_and_roaming() {
         let mut sas = table(Some(addr(1)));
         let pkt = packet(inner(2));
@@ -561,10 +603,7 @@ mod tests {
             Seen::Deliver(inner(2), pkt.clone(), Some(moved))
         );
         // The caller applies the move, not rx_classify: the endpoint is unchanged.
-        assert_eq!(
-            unpack(sas[&SPI].peer.endpoint.load(Ordering::Relaxed)),
-            Some(addr(1))
-        );
+        assert_eq!(sas[&SPI].peer.endpoint.load(), Some(addr(1)));
         // An older (reordered) packet from elsewhere is delivered but moves nothing.
         assert_eq!(
             see(&mut sas, &sealed(SPI, 4, &pkt), addr(3), false),

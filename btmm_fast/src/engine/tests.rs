@@ -3,9 +3,10 @@
 
 use super::rx::write_coalesced;
 use super::*;
+use crate::endpoint::AtomicEndpoint;
 use crate::offload::VNET_HDR_LEN;
 use crate::udp::RecvBatch;
-use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -127,11 +128,14 @@ fn in_private_netns(f: impl FnOnce() + Send + 'static) {
     .unwrap();
 }
 
-fn v4(s: &UdpSocket) -> SocketAddrV4 {
-    match s.local_addr().unwrap() {
-        std::net::SocketAddr::V4(a) => a,
-        _ => unreachable!(),
-    }
+/// The engine's form of a std socket's address (IPv4 v4-mapped).
+fn v4(s: &UdpSocket) -> Endpoint {
+    let a = s.local_addr().unwrap();
+    crate::endpoint::from_ip(a.ip(), a.port())
+}
+
+fn localhost(port: u16) -> Endpoint {
+    crate::endpoint::from_ip(Ipv4Addr::LOCALHOST.into(), port)
 }
 
 #[test]
@@ -140,7 +144,7 @@ fn engine_end_to_end_in_a_namespace() {
         let cfg = Config {
             tun_name: Some("btmmt0".into()),
             tun_fd: None,
-            listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            listen: localhost(0),
             mtu: 1400,
             event_queue: 4,
             control_queue_bytes: DEFAULT_CONTROL_QUEUE_BYTES,
@@ -176,7 +180,7 @@ fn engine_end_to_end_in_a_namespace() {
         // Outbound: the remote end opens what the engine sealed.
         app.send_to(b"hello", "[fd00::2]:7777").unwrap();
         let (payload, from) = recv(&remote);
-        assert_eq!(from, std::net::SocketAddr::V4(me));
+        assert_eq!(from, crate::endpoint::display(me));
         let pkt = rx.open(&payload).unwrap();
         assert_eq!(&pkt[8..24], &inner("fd00::1"));
         assert_eq!(&pkt[24..40], &peer);
@@ -192,7 +196,7 @@ fn engine_end_to_end_in_a_namespace() {
         let inner_pkt = udp6("fd00::2", "fd00::1", 1234, 5555, b"world");
         let sealed = tx.seal(&inner_pkt).unwrap();
         remote
-            .send_to(&sealed, std::net::SocketAddr::V4(me))
+            .send_to(&sealed, crate::endpoint::display(me))
             .unwrap();
         let (data, src) = recv(&listener);
         assert_eq!(data, b"world");
@@ -206,27 +210,27 @@ fn engine_end_to_end_in_a_namespace() {
 
         // Replay, unknown SPI, source mismatch, bad ICV, too short, keepalive.
         remote
-            .send_to(&sealed, std::net::SocketAddr::V4(me))
+            .send_to(&sealed, crate::endpoint::display(me))
             .unwrap();
         let mut other = sealed.clone();
         other[..4].copy_from_slice(&0x999u32.to_be_bytes());
         remote
-            .send_to(&other, std::net::SocketAddr::V4(me))
+            .send_to(&other, crate::endpoint::display(me))
             .unwrap();
         let spoofed = tx.seal(&udp6("fd00::3", "fd00::1", 1, 5555, b"x")).unwrap();
         remote
-            .send_to(&spoofed, std::net::SocketAddr::V4(me))
+            .send_to(&spoofed, crate::endpoint::display(me))
             .unwrap();
         let mut forged = tx.seal(&inner_pkt).unwrap();
         forged[30] ^= 1;
         remote
-            .send_to(&forged, std::net::SocketAddr::V4(me))
+            .send_to(&forged, crate::endpoint::display(me))
             .unwrap();
         remote
-            .send_to(&[1, 2, 3], std::net::SocketAddr::V4(me))
+            .send_to(&[1, 2, 3], crate::endpoint::display(me))
             .unwrap();
         remote
-            .send_to(&KEEPALIVE, std::net::SocketAddr::V4(me))
+            .send_to(&KEEPALIVE, crate::endpoint::display(me))
             .unwrap();
         wait_for("drops", || {
             let c = e.counters();
@@ -248,7 +252,7 @@ fn engine_end_to_end_in_a_namespace() {
         // Control packets become events; the event fd follows the queue.
         assert!(!event_fd_readable(&e));
         remote
-            .send_to(&control(b"hi"), std::net::SocketAddr::V4(me))
+            .send_to(&control(b"hi"), crate::endpoint::display(me))
             .unwrap();
         wait_for("control event", || event_fd_readable(&e));
         assert_eq!(
@@ -264,7 +268,7 @@ fn engine_end_to_end_in_a_namespace() {
         // Roaming: the newest authenticated packet from a new address moves the endpoint.
         let roamed = UdpSocket::bind("127.0.0.1:0").unwrap();
         roamed
-            .send_to(&tx.seal(&inner_pkt).unwrap(), std::net::SocketAddr::V4(me))
+            .send_to(&tx.seal(&inner_pkt).unwrap(), crate::endpoint::display(me))
             .unwrap();
         recv(&listener);
         wait_for("roamed event", || event_fd_readable(&e));
@@ -283,7 +287,7 @@ fn engine_end_to_end_in_a_namespace() {
         // Seq 3 was only seen forged (ICV failed), so it is still fresh.
         let old_seq = TxSa::new(0x200, &K2, 3).unwrap().seal(&inner_pkt).unwrap();
         remote
-            .send_to(&old_seq, std::net::SocketAddr::V4(me))
+            .send_to(&old_seq, crate::endpoint::display(me))
             .unwrap();
         recv(&listener);
         assert_eq!(e.peers()[0].endpoint, Some(v4(&roamed)));
@@ -333,7 +337,7 @@ fn engine_end_to_end_in_a_namespace() {
         // A full event queue drops control packets and counts them.
         for i in 0..6u8 {
             remote
-                .send_to(&control(&[i]), std::net::SocketAddr::V4(me))
+                .send_to(&control(&[i]), crate::endpoint::display(me))
                 .unwrap();
         }
         wait_for("overflow", || e.counters().control_in == 7);
@@ -360,7 +364,7 @@ fn engine_end_to_end_in_a_namespace() {
         assert_eq!(e.peers()[0].rx_spis, vec![0x201, 0x202]);
         let unknown_before = e.counters().drop_count(DropReason::UnknownSpi);
         remote
-            .send_to(&tx.seal(&inner_pkt).unwrap(), std::net::SocketAddr::V4(me))
+            .send_to(&tx.seal(&inner_pkt).unwrap(), crate::endpoint::display(me))
             .unwrap();
         wait_for("retired SPI", || {
             e.counters().drop_count(DropReason::UnknownSpi) == unknown_before + 1
@@ -508,12 +512,12 @@ fn tcp_segments_of_a_batch_reach_the_stack_as_one_write() {
                 chunk,
             ));
         }
-        let rx = Udp::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let rx = Udp::bind(localhost(0)).unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         for p in &inners {
             tx.send_to(
                 &[&[0u8; 16][..], p].concat(),
-                std::net::SocketAddr::V4(rx.local_addr().unwrap()),
+                crate::endpoint::display(rx.local_addr().unwrap()),
             )
             .unwrap();
         }
@@ -525,7 +529,7 @@ fn tcp_segments_of_a_batch_reach_the_stack_as_one_write() {
         );
         let peer = Arc::new(Peer {
             inner: inner("fd00::2"),
-            endpoint: AtomicU64::new(0),
+            endpoint: AtomicEndpoint::new(None),
             counters: Counters::default(),
         });
         let deliver: Vec<_> = (0..inners.len())
@@ -554,7 +558,7 @@ fn bad_config_is_refused() {
     let base = || Config {
         tun_name: Some("btmmx0".into()),
         tun_fd: None,
-        listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+        listen: localhost(0),
         mtu: 1400,
         event_queue: 8,
         control_queue_bytes: DEFAULT_CONTROL_QUEUE_BYTES,
@@ -602,13 +606,13 @@ fn control_queue_is_bounded_in_bytes_and_oversize_messages_are_dropped() {
         let e = Engine::new(Config {
             tun_name: Some("btmmq0".into()),
             tun_fd: None,
-            listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            listen: localhost(0),
             mtu: 1400,
             event_queue: 4096,
             control_queue_bytes: 4 * MAX_CONTROL_MESSAGE,
         })
         .expect("engine");
-        let me = std::net::SocketAddr::V4(e.local_addr());
+        let me = crate::endpoint::display(e.local_addr());
         let remote = UdpSocket::bind("127.0.0.1:0").unwrap();
         e.start().unwrap();
         let msg = |fill: u8, len: usize| control(&vec![fill; len]);
@@ -666,13 +670,13 @@ fn stun_travels_raw_from_and_to_the_engine_socket() {
         let e = Engine::new(Config {
             tun_name: Some("btmms0".into()),
             tun_fd: None,
-            listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            listen: localhost(0),
             mtu: 1400,
             event_queue: 4096,
             control_queue_bytes: 2 * MAX_CONTROL_MESSAGE,
         })
         .expect("engine");
-        let me = std::net::SocketAddr::V4(e.local_addr());
+        let me = crate::endpoint::display(e.local_addr());
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
         e.start().unwrap();
 
@@ -726,23 +730,12 @@ fn stun_travels_raw_from_and_to_the_engine_socket() {
 }
 
 #[test]
-fn endpoint_packing() {
-    for ep in [
-        None,
-        Some(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
-        Some("203.0.113.7:4500".parse().unwrap()),
-    ] {
-        assert_eq!(unpack(pack(ep)), ep);
-    }
-}
-
-#[test]
 fn held_packets_overflow_are_rejected_with_icmp_and_reopen_after_clear() {
     in_private_netns(|| {
         let e = Engine::new(Config {
             tun_name: Some("btmmh0".into()),
             tun_fd: None,
-            listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            listen: localhost(0),
             mtu: 1400,
             event_queue: 4096,
             control_queue_bytes: DEFAULT_CONTROL_QUEUE_BYTES,

@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    hold, inner_at, is_ipv6, lock, unpack, wait_readable, Event, Peer, Shared, Tally, BATCH,
-    MAX_READ, TX_SLOT,
+    hold, inner_at, is_ipv6, lock, wait_readable, Event, Peer, Shared, Tally, BATCH, MAX_READ,
+    TX_SLOT,
 };
 use crate::esp::{self, DropReason, HEADER_LEN};
 use crate::offload::{
@@ -59,7 +59,7 @@ impl TxBatch {
                     self.tally.drops[DropReason::NoRoute as usize] += 1;
                     continue;
                 };
-                let ep = unpack(e.peer.endpoint.load(Ordering::Relaxed));
+                let ep = e.peer.endpoint.load();
                 if e.tx.is_none() {
                     hold::hold(e, pkt, shared.mtu, &mut self.tally, &mut self.events);
                     continue;
