@@ -24,6 +24,7 @@ from btmm_core.daemon.host import Daemon, NetState
 from btmm_core.daemon.hosts import replace_block
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.naming import Names
+from btmm_core.daemon.ondemand import OnDemand, OnDemandConfig
 from btmm_core.daemon.pathset import PathSet
 from btmm_core.daemon.records import PeerRecords, peer_host_label, verify_peer
 from btmm_core.dataplane.api import Endpoint
@@ -146,6 +147,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, lis
     d.net = NetState()
     d.paths = PathSet(ME, bytes(32), os.urandom)
     d._paths_wake = asyncio.Event()
+    d.ondemand = OnDemand(OnDemandConfig(idle_timeout=0.0, connect_timeout=15.0))  # always on
     d.kx = KeyExchange(Handshaker(ME, bytes(32), os.urandom))
     d.engine = ModelEngine()  # type: ignore[assignment]
     d.driver = KeyExchangeDriver(d.engine, d.kx)  # type: ignore[arg-type]
@@ -153,6 +155,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, lis
     d._watch_peer = lambda peer: None  # type: ignore[method-assign]
     d.names = Names(d.cfg, ZONE)  # not started: it only records the hosts it would answer
     d.sso = None  # [sso] is off
+    d.relay = None  # no TURN relay offered
     return d, routes
 
 
