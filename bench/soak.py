@@ -41,7 +41,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,7 +49,6 @@ from typing import Any
 
 import dns.name
 
-from btmm_core.lab.nat import _child_env
 from btmm_core.lab.netns import Lab, LabError
 from btmm_core.lab.world import (
     CAFE,
@@ -58,11 +56,10 @@ from btmm_core.lab.world import (
     GW1,
     GW2,
     REGISTRY,
-    SECRET,
-    STUN,
     USER,
     Host,
     World,
+    new_world,
     start_transfer,
 )
 from btmm_core.registry.storage import open_storage
@@ -176,19 +173,7 @@ def _zone_records(world: World) -> set[str]:
 
 def build(lab: Lab) -> World:
     """The four-host world, registry started, every host joined, no daemon running yet."""
-    work = Path(tempfile.mkdtemp(prefix="btmm-soak-"))
-    lab.on_close(lambda: shutil.rmtree(work, ignore_errors=True))
-    inet = lab.ns("inet")
-    inet.run(["ip", "link", "add", "br0", "type", "bridge"])
-    inet.run(["ip", "link", "set", "br0", "up"])
-    for addr in (REGISTRY, *STUN):
-        inet.run(["ip", "addr", "add", f"{addr}/24", "dev", "br0"])
-    world = World(lab, True, work, inet)
-    (work / "account.secret").write_bytes(SECRET)
-    os.chmod(work / "account.secret", 0o600)
-    inet.popen([sys.executable, "-m", "btmm_core.lab.nat", "stun", *STUN],
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-               env=_child_env())
+    world = new_world(lab, prefix="btmm-soak-")
     invited = tuple(n for n in HOSTS if n != "desktop")
     world.start_registry(lease_min=60, lease_max=7200, invites=invited)
     for spec in (GW1, GW2, CAFE):

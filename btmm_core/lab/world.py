@@ -469,6 +469,28 @@ def secrets_suffix() -> str:
     return os.urandom(2).hex()
 
 
+def new_world(lab: Lab, *, nat: bool = True, workdir: Path | None = None,
+              prefix: str = "btmm-world-") -> World:
+    """The internet (bridge br0 with the registry's and the STUN server's addresses), the
+    account secret and the STUN server: what every world starts with, no registry or host yet.
+    Without ``workdir`` a temporary one is made and removed with the lab."""
+    work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    if workdir is None:
+        lab.on_close(lambda: shutil.rmtree(work, ignore_errors=True))
+    inet = lab.ns("inet")
+    inet.run(["ip", "link", "add", "br0", "type", "bridge"])
+    inet.run(["ip", "link", "set", "br0", "up"])
+    for addr in (REGISTRY, *STUN):
+        inet.run(["ip", "addr", "add", f"{addr}/24", "dev", "br0"])
+    world = World(lab, nat, work, inet)
+    (work / "account.secret").write_bytes(SECRET)
+    os.chmod(work / "account.secret", 0o600)
+    inet.popen([sys.executable, "-m", "btmm_core.lab.nat", "stun", *STUN],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+               env=_child_env())
+    return world
+
+
 def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("auto", "auto"),
                 lease: int = 1800, lease_min: int = 1800, lease_max: int = 7200,
                 host_extra: dict[str, Any] | None = None, cafe: bool = False,
@@ -485,21 +507,7 @@ def build_world(lab: Lab, *, nat: bool = True, dataplanes: tuple[str, str] = ("a
     spec = SCENARIOS[scenario]
     if scenario != "default" and (not nat or laptop_double_nat):
         raise LabError(f"scenario {scenario} is always NATed, with no carrier-grade NAT")
-    work = workdir or Path(tempfile.mkdtemp(prefix="btmm-world-"))
-    if workdir is None:
-        lab.on_close(lambda: shutil.rmtree(work, ignore_errors=True))
-    inet = lab.ns("inet")
-    inet.run(["ip", "link", "add", "br0", "type", "bridge"])
-    inet.run(["ip", "link", "set", "br0", "up"])
-    for addr in (REGISTRY, *STUN):
-        inet.run(["ip", "addr", "add", f"{addr}/24", "dev", "br0"])
-    world = World(lab, nat, work, inet)
-    (work / "account.secret").write_bytes(SECRET)
-    os.chmod(work / "account.secret", 0o600)
-    stun = inet.popen([sys.executable, "-m", "btmm_core.lab.nat", "stun", *STUN],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                      stdin=subprocess.DEVNULL, env=_child_env())
-    del stun
+    world = new_world(lab, nat=nat, workdir=workdir)
     world.start_registry(lease_min=lease_min, lease_max=lease_max, invites=("laptop",),
                          extra=registry_args)
     # always-on tunnels unless a test asks for on-demand ones (``host_extra``): the lab's
