@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -145,6 +146,12 @@ class Host:
             return ask(self.control_socket, Op.STATUS)
         except BtmmError:
             return None
+
+    def first_peer(self) -> dict[str, Any]:
+        """The status of this host's first peer as of now; empty while it has none (or no
+        daemon answers). The lab's two-host worlds have one peer each."""
+        peers = (self.status() or {}).get("peers", [])
+        return dict(peers[0]) if peers else {}
 
 
 @dataclass
@@ -366,6 +373,17 @@ class World:
                 return time.monotonic() - t0
             time.sleep(0.2)
         raise LabError(f"tunnels not up after {timeout} s", hint=self.tails())
+
+    def wait_until(self, check: Callable[[], object], timeout: float, what: str,
+                   interval: float = 0.2) -> float:
+        """Seconds until ``check()`` is true, asked every ``interval``; LabError naming ``what``
+        with the tail of every host's log if it is not true within ``timeout``."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if check():
+                return time.monotonic() - t0
+            time.sleep(interval)
+        raise LabError(f"{what} not within {timeout} s", hint=self.tails())
 
     def check_alive(self, host: Host) -> None:
         if host.proc is not None and host.proc.poll() is not None:

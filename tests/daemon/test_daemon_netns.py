@@ -48,15 +48,6 @@ def _dig(world: World, name: str, rdtype: str) -> list[str]:
     return sorted(line for line in out.splitlines() if line)
 
 
-def _wait(pred: object, timeout: float, what: str, world: World) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout} s\n{world.tails()}")
-
-
 def _peers(world: World, host: str) -> list[str]:
     st = world.hosts[host].status() or {}
     return [p["name"] for p in st.get("peers", [])]
@@ -82,8 +73,8 @@ def test_cold_start_reach_by_name_within_15s(lab: Lab, planes: tuple[str, str]) 
     laptop_cands = [{"kind": "lan", "endpoint": "192.168.2.11:4500"},  # lab/world.py
                     {"kind": "mapped", "endpoint": "203.0.113.3:4500"}]
     assert st["host"]["candidates"] == laptop_cands
-    _wait(lambda: [p["candidates"] for p in world.hosts["desktop"].status()["peers"]]
-          == [laptop_cands], 5, "the laptop's candidates at the desktop", world)
+    world.wait_until(lambda: [p["candidates"] for p in world.hosts["desktop"].status()["peers"]]
+                     == [laptop_cands], 5, "the laptop's candidates at the desktop")
     hosts = (Path("/etc/netns") / world.hosts["laptop"].ns.name / "hosts").read_text()
     assert "desktop.bob.members.example" in hosts
 
@@ -104,8 +95,8 @@ def test_roaming_keeps_the_tcp_connection(lab: Lab) -> None:
     srv = _dig(world, "_autotunnel._udp.laptop.bob.members.example", "SRV")
     assert len(srv) == 1
     target = srv[0].split()[3]
-    _wait(lambda: _dig(world, target, "A") == ["203.0.113.4"], 10, "new address published",
-          world)
+    world.wait_until(lambda: _dig(world, target, "A") == ["203.0.113.4"], 10,
+                     "new address published")
     st = world.hosts["desktop"].status()
     assert st is not None and st["peers"][0]["endpoint"] == "203.0.113.4:4500"
 
@@ -121,11 +112,12 @@ def test_host_dies_records_expire_and_peer_drops(lab: Lab) -> None:
     # killed just after a refresh, so that its records have most of their 10 s left when the
     # dig below looks (killed at a random moment they could have had well under a second)
     laptop = world.hosts["laptop"]
-    _wait(lambda: ((laptop.status() or {}).get("host", {}).get("lease_left") or 0) >= 9, 15,
-          "a refresh of the laptop's records", world)
+    world.wait_until(
+        lambda: ((laptop.status() or {}).get("host", {}).get("lease_left") or 0) >= 9, 15,
+        "a refresh of the laptop's records")
     world.stop_host(laptop, kill=True)  # no goodbye
     assert _dig(world, "laptop.bob.members.example", "AAAA")  # still there until the lease ends
-    _wait(lambda: not _peers(world, "desktop"), 30, "desktop dropped the dead laptop", world)
+    world.wait_until(lambda: not _peers(world, "desktop"), 30, "desktop dropped the dead laptop")
     assert _dig(world, "laptop.bob.members.example", "AAAA") == []
     assert _dig(world, "_autotunnel._udp.bob.members.example", "PTR") == [
         "desktop.bob.members.example."]
@@ -142,7 +134,7 @@ def test_daemon_restart_withdraws_and_reconnects(lab: Lab) -> None:
     world.stop_host(laptop)  # SIGTERM: clean shutdown withdraws the records at once
     assert _dig(world, "laptop.bob.members.example", "AAAA") == []
     assert _dig(world, "_autotunnel._udp.laptop.bob.members.example", "SRV") == []
-    _wait(lambda: not _peers(world, "desktop"), 10, "desktop saw the withdrawal", world)
+    world.wait_until(lambda: not _peers(world, "desktop"), 10, "desktop saw the withdrawal")
     world.start_host(laptop)
     world.wait_tunnels(15)
     _transfer(world, 2_000_000)
@@ -167,10 +159,10 @@ def test_gateway_reboot_tunnel_recovers(lab: Lab) -> None:
     gw.ns.run(["conntrack", "-F"], check=False)
     # the laptop hears the new epoch and maps again (no single look at the emptied table:
     # the new mapping may already be back by then)
-    _wait(lambda: laptop.log.read_text().count("kind=recreated") > recreated_before
-          and "4500" in gw.ns.run(["nft", "list", "chain", "inet", "nat",
-                                   "prerouting_miniupnpd"]).stdout,
-          40, "the laptop re-created its mapping", world)
+    world.wait_until(lambda: laptop.log.read_text().count("kind=recreated") > recreated_before
+                     and "4500" in gw.ns.run(["nft", "list", "chain", "inet", "nat",
+                                              "prerouting_miniupnpd"]).stdout,
+                     40, "the laptop re-created its mapping")
     # inbound through the laptop's gateway again: the desktop sends to the laptop
     src, sink = start_transfer(world, world.hosts["desktop"], world.hosts["laptop"], 2_000_000)
     sent, got = finish_transfer(src, sink)
@@ -195,8 +187,8 @@ def test_no_nat_ping_by_name_and_status_json(lab: Lab) -> None:
 
     # asked on the control socket: the engine's counters as of now (bumped right after each
     # send call returns, so awaited with a deadline rather than looked at once)
-    _wait(lambda: status()["peers"][0]["packets_out"] >= 3, 5,  # type: ignore[index]
-          "the pings in the status", world)
+    world.wait_until(lambda: status()["peers"][0]["packets_out"] >= 3, 5,  # type: ignore[index]
+                     "the pings in the status")
     st: Any = status()
     assert st["host"]["external"] == "203.0.113.22:4500"  # its own address: nothing to map
     assert st["host"]["mapping"].startswith("not needed")
@@ -233,7 +225,7 @@ def test_a_revoked_laptop_is_cut_off_and_the_desktop_carries_on(lab: Lab) -> Non
     r = world.serve_cli("user", "revoke", USER, "laptop")
     assert r.returncode == 0, r.stderr
     # the registry deletes the laptop's records and tells the desktop's watches at once
-    _wait(lambda: not _peers(world, "desktop"), 10, "desktop dropped the revoked laptop", world)
+    world.wait_until(lambda: not _peers(world, "desktop"), 10, "desktop dropped the revoked laptop")
     assert _dig(world, "laptop.bob.members.example", "AAAA") == []
     assert _dig(world, "_autotunnel._udp.bob.members.example", "PTR") == [
         "desktop.bob.members.example."]
@@ -257,8 +249,8 @@ def test_double_nat_no_mapping_is_reported_and_the_tunnel_still_comes_up(lab: La
     for h in world.hosts.values():
         world.start_host(h)
     laptop = world.hosts["laptop"]
-    _wait(lambda: (laptop.status() or {}).get("host", {}).get("mapping") == "failed", 40,
-          "the laptop reports the failed mapping", world)
+    world.wait_until(lambda: (laptop.status() or {}).get("host", {}).get("mapping") == "failed", 40,
+                     "the laptop reports the failed mapping")
     st = laptop.status()
     assert st is not None and st["host"]["mapping_error"]
     text = world.status_text(laptop)
@@ -280,10 +272,10 @@ def test_link_down_and_up_remaps_and_the_tunnel_carries_on(lab: Lab) -> None:
         return dict((laptop.status() or {}).get("host", {}))
 
     laptop.ns.run(["ip", "link", "set", "eth0", "down"])
-    _wait(lambda: host().get("local_address") is None, 10, "the daemon saw the link go", world)
+    world.wait_until(lambda: host().get("local_address") is None, 10, "the daemon saw the link go")
     assert host()["mapping"] == "no route to the registry"
     laptop.ns.run(["ip", "link", "set", "eth0", "up"])
     laptop.ns.run(["ip", "route", "replace", "default", "via", "192.168.2.1"])
-    _wait(lambda: str(host().get("mapping", "")).startswith(("pcp", "natpmp"))
-          and host().get("external") == "203.0.113.3:4500", 15, "mapped again", world)
+    world.wait_until(lambda: str(host().get("mapping", "")).startswith(("pcp", "natpmp"))
+                     and host().get("external") == "203.0.113.3:4500", 15, "mapped again")
     _transfer(world, 1_000_000)

@@ -9,7 +9,6 @@ skips)."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,15 +26,6 @@ DESKTOP6, LAPTOP6 = "2001:db8:113::21", "2001:db8:113::22"
 def lab() -> Iterator[Lab]:
     with Lab("btmm6") as lab:
         yield lab
-
-
-def _wait(pred: Any, timeout: float, what: str, world: World) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout} s\n{world.tails()}")
 
 
 def _status(world: World, name: str) -> dict[str, Any]:
@@ -70,10 +60,11 @@ def test_global_ipv6_addresses_are_candidates_and_carry_the_tunnel(
         {"kind": "ipv6", "endpoint": f"[{DESKTOP6}]:4500"},
         {"kind": "mapped", "endpoint": "203.0.113.21:4500"},
     ]
-    _wait(lambda: _status(world, "laptop")["host"]["candidates"] == want_host, 20,
-          "the laptop's IPV6 and mapped candidates", world)
-    _wait(lambda: [p["candidates"] for p in _status(world, "laptop")["peers"]] == [want_peer],
-          20, "the desktop's candidates at the laptop", world)
+    world.wait_until(lambda: _status(world, "laptop")["host"]["candidates"] == want_host, 20,
+                     "the laptop's IPV6 and mapped candidates")
+    world.wait_until(
+        lambda: [p["candidates"] for p in _status(world, "laptop")["peers"]] == [want_peer],
+        20, "the desktop's candidates at the laptop")
 
     # The probes found the IPv6 pair and the path moved there: IPV6 ranks above mapped.
     def on_ipv6(name: str, other6: str) -> bool:
@@ -82,8 +73,8 @@ def test_global_ipv6_addresses_are_candidates_and_carry_the_tunnel(
             and peers[0]["path_endpoint"] == f"[{other6}]:4500" \
             and peers[0]["endpoint"] == f"[{other6}]:4500"
 
-    _wait(lambda: on_ipv6("laptop", DESKTOP6), 30, "the laptop's path on IPv6", world)
-    _wait(lambda: on_ipv6("desktop", LAPTOP6), 30, "the desktop's path on IPv6", world)
+    world.wait_until(lambda: on_ipv6("laptop", DESKTOP6), 30, "the laptop's path on IPv6")
+    world.wait_until(lambda: on_ipv6("desktop", LAPTOP6), 30, "the desktop's path on IPv6")
     out = laptop.ns.run(["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2",
                          "desktop.bob.members.example"], check=False).stdout
     assert "3 received" in out, out

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,19 +26,8 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def _peer(host: Host) -> dict[str, Any]:
-    st = host.status() or {}
-    peers: list[dict[str, Any]] = st.get("peers", [])
-    return peers[0] if peers else {}
-
-
-def _wait(pred: Callable[[], object], timeout: float, what: str, world: World) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout} s\n{world.tails()}")
+def _both_idle(*hosts: Host) -> bool:
+    return all(h.first_peer().get("tunnel") == "idle" for h in hosts)
 
 
 def _start(lab: Lab, planes: tuple[str, str], **extra: object) -> tuple[World, Host, Host]:
@@ -50,10 +38,11 @@ def _start(lab: Lab, planes: tuple[str, str], **extra: object) -> tuple[World, H
     desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
     # each knows the other and where it is (a path answered), and no tunnel is up
     for h in (desktop, laptop):
-        _wait(lambda h=h: _peer(h).get("endpoint") and _peer(h).get("tunnel") == "idle", 30,
-              f"{h.name} knows its peer, tunnel idle", world)
+        world.wait_until(
+            lambda h=h: h.first_peer().get("endpoint") and h.first_peer().get("tunnel") == "idle",
+            30, f"{h.name} knows its peer, tunnel idle")
     for h in (desktop, laptop):
-        p = _peer(h)
+        p = h.first_peer()
         assert p["packets_out"] == p["packets_in"] == 0 and p["on_demand"]["opens"] == 0, p
     return world, desktop, laptop
 
@@ -72,42 +61,41 @@ def _received(output: str) -> int:
 def test_first_packet_opens_idle_closes_both_sides_and_reopens(lab: Lab) -> None:
     # no hosts block: names come from the stub resolver only (the last step looks one up)
     world, desktop, laptop = _start(lab, ("fast", "python"), hosts_file="", upstream="none")
-    ula = _peer(laptop)["ula"]
+    ula = laptop.first_peer()["ula"]
     # the first pings go out while the tunnel opens: held, then delivered, none lost
     code, out = _ping(laptop, ula, 3)
     assert code == 0 and _received(out) == 3, out
     for h in (laptop, desktop):
-        _wait(lambda h=h: _peer(h)["tunnel"] == "up", 10, f"{h.name} up", world)
-    assert _peer(laptop)["on_demand"]["opens"] == 1
-    assert _peer(laptop)["drops"].get("hold_overflow", 0) == 0
+        world.wait_until(lambda h=h: h.first_peer()["tunnel"] == "up", 10, f"{h.name} up")
+    assert laptop.first_peer()["on_demand"]["opens"] == 1
+    assert laptop.first_peer()["drops"].get("hold_overflow", 0) == 0
     # no packet for IDLE seconds: both sides close (the laptop opened it, the desktop
     # answered: each runs its own idle timer)
     for h in (laptop, desktop):
-        _wait(lambda h=h: _peer(h)["tunnel"] == "idle", IDLE + 15, f"{h.name} idle again",
-              world)
-        assert _peer(h)["on_demand"]["closes"] >= 1, _peer(h)
+        world.wait_until(lambda h=h: h.first_peer()["tunnel"] == "idle", IDLE + 15,
+                         f"{h.name} idle again")
+        assert h.first_peer()["on_demand"]["closes"] >= 1, h.first_peer()
     # the next packet opens it again, and again the first ping is answered
     code, out = _ping(laptop, ula, 1)
     assert code == 0 and _received(out) == 1, out
-    _wait(lambda: _peer(laptop)["on_demand"]["opens"] == 2, 10, "second opening", world)
+    world.wait_until(lambda: laptop.first_peer()["on_demand"]["opens"] == 2, 10, "second opening")
     # and from the other side too, without a lost first packet
-    _wait(lambda: _peer(desktop)["tunnel"] == "idle" and _peer(laptop)["tunnel"] == "idle",
-          IDLE + 15, "both idle again", world)
-    code, out = _ping(desktop, _peer(desktop)["ula"], 1)
+    world.wait_until(lambda: _both_idle(desktop, laptop), IDLE + 15, "both idle again")
+    code, out = _ping(desktop, desktop.first_peer()["ula"], 1)
     assert code == 0 and _received(out) == 1, out
     # a program looking the peer's name up through the stub opens the tunnel before it sends
-    _wait(lambda: _peer(desktop)["tunnel"] == "idle" and _peer(laptop)["tunnel"] == "idle",
-          IDLE + 15, "both idle once more", world)
-    opens = _peer(laptop)["on_demand"]["opens"]
+    world.wait_until(lambda: _both_idle(desktop, laptop), IDLE + 15, "both idle once more")
+    opens = laptop.first_peer()["on_demand"]["opens"]
     found = laptop.ns.run(["getent", "ahosts", desktop.fqdn], check=False).stdout
     assert ula in found, found
-    _wait(lambda: _peer(laptop)["tunnel"] == "up"
-          and _peer(laptop)["on_demand"]["opens"] == opens + 1, 10, "opened by a lookup", world)
+    world.wait_until(lambda: laptop.first_peer()["tunnel"] == "up"
+                     and laptop.first_peer()["on_demand"]["opens"] == opens + 1, 10,
+                     "opened by a lookup")
 
 
 def test_a_peer_that_never_answers_gets_icmpv6_unreachable(lab: Lab) -> None:
     world, desktop, laptop = _start(lab, ("python", "fast"))
-    ula = _peer(laptop)["ula"]
+    ula = laptop.first_peer()["ula"]
     # the desktop dies without withdrawing its records: the laptop still routes to it
     world.stop_host(desktop, kill=True)
     t0 = time.monotonic()
@@ -116,6 +104,6 @@ def test_a_peer_that_never_answers_gets_icmpv6_unreachable(lab: Lab) -> None:
     assert code != 0 and _received(out) == 0, out
     assert "Address unreachable" in out, out
     assert CONNECT - 0.5 <= took < CONNECT + 15, (took, out)
-    p = _peer(laptop)
+    p = laptop.first_peer()
     assert p["tunnel"] == "idle" and p["held"] == 0, p
     assert p["on_demand"]["rejects"] == 1, p

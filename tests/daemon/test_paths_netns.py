@@ -42,25 +42,10 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def _wait(pred: Any, timeout: float, what: str, world: World) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout} s\n{world.tails()}")
-
-
-def _peer(world: World, host: str) -> dict[str, Any]:
-    st = world.hosts[host].status() or {}
-    peers = st.get("peers", [])
-    return dict(peers[0]) if peers else {}
-
-
 def _no_retry(world: World) -> None:
     """The cold-start rule: neither side's first handshake went unanswered."""
     for name in world.hosts:
-        peer = _peer(world, name)
+        peer = world.hosts[name].first_peer()
         assert peer["handshake_retries"] == 0, (name, peer)
 
 
@@ -88,7 +73,7 @@ def test_no_mapping_two_homes_get_a_punched_path(lab: Lab, planes: tuple[str, st
         assert st["host"]["reflexive"] is not None  # the registry's STUN responder did
         kinds = [c["kind"] for c in st["host"]["candidates"]]
         assert "reflexive" in kinds
-        peer = _peer(world, name)
+        peer = world.hosts[name].first_peer()
         assert peer["path"] == "punched" and peer["tunnel"] == "up"
         assert peer["rtt_ms"] is not None and peer["last_answer"] is not None
     _ping_and_transfer(world, 2_000_000)
@@ -104,7 +89,7 @@ def test_same_home_uses_the_lan_path(lab: Lab, planes: tuple[str, str]) -> None:
     world.wait_tunnels(40)
     _no_retry(world)
     for name, other_lan in (("desktop", "192.168.1.11:4500"), ("laptop", "192.168.1.10:4500")):
-        peer = _peer(world, name)
+        peer = world.hosts[name].first_peer()
         assert peer["path"] == "lan" and peer["tunnel"] == "up"
         assert peer["endpoint"] == other_lan
     _ping_and_transfer(world, 2_000_000)
@@ -138,9 +123,10 @@ def test_forged_probes_from_an_attacker_move_no_endpoint(lab: Lab) -> None:
               f"for m in {payloads!r} * 50:\n"
               "    s.sendto(m, ('192.168.1.10', 4500))\n")
     attacker.ns.run([sys.executable, "-c", script])
-    _wait(lambda: sum(_peer(world, "desktop").get("probe_drops", {}).values()) >= 100, 5,
-          "the desktop counted the forged probes", world)
-    peer = _peer(world, "desktop")
+    world.wait_until(
+        lambda: sum(world.hosts["desktop"].first_peer().get("probe_drops", {}).values()) >= 100,
+        5, "the desktop counted the forged probes")
+    peer = world.hosts["desktop"].first_peer()
     assert peer["endpoint"] == "192.168.1.11:4500" and peer["path"] == "lan"
     assert peer["probe_drops"].get("bad_mac", 0) >= 50
     _ping_and_transfer(world, 200_000)
@@ -192,14 +178,14 @@ def _paths(world: World) -> dict[str, tuple[str | None, str | None, str | None]]
     """host -> (path, endpoint, tunnel) of its one peer, from ``btmm status --json``."""
     out = {}
     for name in world.hosts:
-        peer = _peer(world, name)
+        peer = world.hosts[name].first_peer()
         out[name] = (peer.get("path"), peer.get("endpoint"), peer.get("tunnel"))
     return out
 
 
 def _chosen(world: World, host: str) -> tuple[str | None, str | None]:
     """(path, endpoint) the host's path manager chose for its one peer."""
-    peer = _peer(world, host)
+    peer = world.hosts[host].first_peer()
     return peer.get("path"), peer.get("path_endpoint")
 
 
@@ -238,15 +224,15 @@ def test_a_mapping_that_starts_late_upgrades_the_punched_path_without_loss(
     laptop, desktop = world.hosts["laptop"], world.hosts["desktop"]
     ping = PingSeries(world, laptop, desktop, world.workdir / "ping.txt")
     src, sink = start_transfer(world, laptop, desktop, 8_000_000, rate=1e6)
-    _wait(lambda: ping.replied_after(0, 10), 10, "the ping series", world)
+    world.wait_until(lambda: ping.replied_after(0, 10), 10, "the ping series")
     t0 = time.monotonic()
     for home in ("gw1", "gw2"):
         world.start_mapping(home, announce=announce)
-    _wait(lambda: {p for p, _, _ in _paths(world).values()} == {"mapped"}, 30,
-          "both paths mapped", world)
+    world.wait_until(lambda: {p for p, _, _ in _paths(world).values()} == {"mapped"}, 30,
+                     "both paths mapped")
     took = time.monotonic() - t0
     mapped_at = time.time()
-    _wait(lambda: ping.replied_after(mapped_at, 20), 10, "pings after the upgrade", world)
+    world.wait_until(lambda: ping.replied_after(mapped_at, 20), 10, "pings after the upgrade")
     lost, gap = ping.stop()
     sent, got = finish_transfer(src, sink)
     print(f"\nupgrade ({'announced' if announce else 'retried'}): mapped {took:.1f} s after "
@@ -274,16 +260,16 @@ def test_a_mapping_on_another_port_moves_the_path_without_loss(lab: Lab) -> None
     laptop, desktop = world.hosts["laptop"], world.hosts["desktop"]
     ping = PingSeries(world, laptop, desktop, world.workdir / "ping.txt")
     src, sink = start_transfer(world, laptop, desktop, 6_000_000, rate=1e6)
-    _wait(lambda: ping.replied_after(0, 10), 10, "the ping series", world)
+    world.wait_until(lambda: ping.replied_after(0, 10), 10, "the ping series")
     world.start_mapping("gw1", external_ports="4501-4600")
     # the path manager's choice, not the engine's endpoint: the desktop's gateway may send the
     # desktop's packets out through the older pinhole (4500) or the new mapping (4501), as its
     # connection tracking finds them, and the engine follows whichever authenticated source
     # spoke last ("peer roamed"); either carries the traffic
-    _wait(lambda: _chosen(world, "laptop") == ("mapped", "203.0.113.2:4501"), 30,
-          "the laptop's path moved to the mapping", world)
+    world.wait_until(lambda: _chosen(world, "laptop") == ("mapped", "203.0.113.2:4501"), 30,
+                     "the laptop's path moved to the mapping")
     moved_at = time.time()
-    _wait(lambda: ping.replied_after(moved_at, 20), 10, "pings after the move", world)
+    world.wait_until(lambda: ping.replied_after(moved_at, 20), 10, "pings after the move")
     lost, gap = ping.stop()
     sent, got = finish_transfer(src, sink)
     print(f"\nmove to the mapping: pings lost {len(lost)}, longest gap {gap * 1000:.0f} ms")
@@ -317,16 +303,16 @@ def test_a_dropped_pinhole_recovers_and_a_mapped_path_never_loses_it(
         if path == "mapped":
             for home in ("gw1", "gw2"):
                 world.start_mapping(home)
-            _wait(lambda: {p for p, _, _ in _paths(world).values()} == {"mapped"}, 30,
-                  "both paths mapped", world)
+            world.wait_until(lambda: {p for p, _, _ in _paths(world).values()} == {"mapped"}, 30,
+                             "both paths mapped")
         ping = PingSeries(world, laptop, desktop, world.workdir / f"ping{round_}.txt")
         src, sink = start_transfer(world, laptop, desktop, 4_000_000, rate=1e6,
                                    port=5001 + round_)
-        _wait(lambda: ping.replied_after(0, 20), 10, "the ping series", world)  # noqa: B023
+        world.wait_until(lambda: ping.replied_after(0, 20), 10, "the ping series")  # noqa: B023
         flushed = time.time()
         gw1.ns.run(["conntrack", "-F"])
-        _wait(lambda: ping.replied_after(flushed, 20), 10,  # noqa: B023
-              f"pings answered after the flush ({path})", world)
+        world.wait_until(lambda: ping.replied_after(flushed, 20), 10,  # noqa: B023
+                         f"pings answered after the flush ({path})")
         lost, gap = ping.stop()
         sent, got = finish_transfer(src, sink)
         assert sent["bytes"] == got["bytes"] and sent["sha256"] == got["sha256"]
@@ -363,7 +349,7 @@ def test_a_path_that_stops_answering_goes_stale_then_down_and_comes_back(lab: La
     seen: list[tuple[str, str | None]] = []
 
     def laptop_state(want: str) -> bool:
-        peer = _peer(world, "laptop")
+        peer = world.hosts["laptop"].first_peer()
         state = (peer.get("tunnel"), peer.get("why"))
         if not seen or seen[-1] != state:
             seen.append(state)
@@ -371,15 +357,15 @@ def test_a_path_that_stops_answering_goes_stale_then_down_and_comes_back(lab: La
 
     ping = PingSeries(world, laptop, desktop, world.workdir / "ping.txt", interval=0.2,
                       longest=60)
-    _wait(lambda: ping.replied_after(0, 3), 10, "the ping series", world)
+    world.wait_until(lambda: ping.replied_after(0, 3), 10, "the ping series")
     cut = time.monotonic()
     gw1.ns.run(["nft", "-f", "-"], input=_CUT)
-    _wait(lambda: laptop_state("down"), 20, "the laptop's tunnel down", world)
+    world.wait_until(lambda: laptop_state("down"), 20, "the laptop's tunnel down")
     down_after = time.monotonic() - cut
     gw1.ns.run(["nft", "delete", "table", "inet", "lab_cut"])
     healed, healed_wall = time.monotonic(), time.time()
-    _wait(lambda: laptop_state("up") and ping.replied_after(healed_wall, 3), 30,
-          "the laptop's tunnel up again", world)
+    world.wait_until(lambda: laptop_state("up") and ping.replied_after(healed_wall, 3), 30,
+                     "the laptop's tunnel up again")
     back_after = time.monotonic() - healed
     ping.stop()
     print(f"\ncut: the laptop said {[t for t, _ in seen]}, down {down_after:.1f} s after the "
@@ -413,7 +399,7 @@ def _capture(world: World, host: Host, bpf: str, out: Path) -> subprocess.Popen[
     with err.open("w") as f:
         proc = host.ns.popen(["tcpdump", "-i", "eth0", "-n", "-U", "-c", "1", "-w", str(out),
                               bpf], stdout=subprocess.DEVNULL, stderr=f)
-    _wait(lambda: "listening on" in err.read_text(), 10, "tcpdump listening", world)
+    world.wait_until(lambda: "listening on" in err.read_text(), 10, "tcpdump listening")
     return proc
 
 
@@ -460,13 +446,13 @@ def test_replayed_probes_from_an_attacker_or_the_genuine_address_move_nothing(
             pinged[0] = time.monotonic()
         return False
 
-    _wait(captured, 20, "a request and a reply of the laptop captured", world)
+    world.wait_until(captured, 20, "a request and a reply of the laptop captured")
     request, reply = _pcap_udp_payload(req_file), _pcap_udp_payload(rep_file)
     assert request[4] == 6 and reply[4] == 7
     # the messages are genuine: the laptop's sender id, and the desktop accepted them once
     sender = key_id(base64.b64decode((laptop.status() or {})["host"]["public_key"]))
     assert request[8:16] == reply[8:16] == sender
-    before = dict(_peer(world, "desktop").get("probe_drops", {}))
+    before = dict(world.hosts["desktop"].first_peer().get("probe_drops", {}))
     attacker = Host("attacker", lab.ns("attacker"), world.workdir,
                     world.workdir / "attacker.toml")
     world.plug(attacker, world.homes["gw1"], 5)
@@ -475,13 +461,14 @@ def test_replayed_probes_from_an_attacker_or_the_genuine_address_move_nothing(
     attacker.ns.run([sys.executable, "-c", _SPOOF, repr(sends)])
 
     def drops() -> dict[str, int]:
-        now = _peer(world, "desktop").get("probe_drops", {})
+        now = world.hosts["desktop"].first_peer().get("probe_drops", {})
         return {k: now.get(k, 0) - before.get(k, 0) for k in now}
 
-    _wait(lambda: drops().get("replay", 0) >= 10 and drops().get("unsolicited", 0) >= 10, 10,
-          "the desktop counted the replays", world)
+    world.wait_until(
+        lambda: drops().get("replay", 0) >= 10 and drops().get("unsolicited", 0) >= 10, 10,
+        "the desktop counted the replays")
     assert drops() == {"replay": 10, "unsolicited": 10}
-    peer = _peer(world, "desktop")
+    peer = world.hosts["desktop"].first_peer()
     assert peer["endpoint"] == "192.168.1.11:4500" and peer["path"] == "lan"
     assert peer["tunnel"] == "up"
     _ping_and_transfer(world, 200_000)

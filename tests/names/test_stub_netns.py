@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from btmm_core.lab.netns import Lab, Netns
-from btmm_core.lab.world import USER, World, build_world
+from btmm_core.lab.world import USER, build_world
 
 pytestmark = pytest.mark.netns
 
@@ -64,15 +63,6 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def _wait(pred: Callable[[], bool], timeout: float, what: str, world: World) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not within {timeout} s\n{world.tails()}")
-
-
 def _getent(ns: Netns, name: str) -> list[str]:
     out = ns.run(["getent", "ahosts", name], check=False).stdout
     return sorted({line.split()[0] for line in out.splitlines() if line.strip()})
@@ -102,7 +92,7 @@ def test_programs_resolve_peers_through_the_stub_and_nothing_private_leaves(
     world.wait_tunnels(30)
     fqdn = f"desktop.{ZONE}"
     ula = (world.hosts["desktop"].status() or {})["host"]["ula"]
-    _wait(lambda: _getent(laptop, fqdn) == [ula], 5, "getent through the stub", world)
+    world.wait_until(lambda: _getent(laptop, fqdn) == [ula], 5, "getent through the stub")
 
     dig = laptop.run(["dig", f"@{STUB}", "+short", fqdn, "AAAA"]).stdout.split()
     assert dig == [ula]
@@ -141,11 +131,13 @@ def test_programs_resolve_peers_through_the_stub_and_nothing_private_leaves(
 
     # the peer leaves (clean shutdown withdraws its records), then comes back
     world.stop_host(world.hosts["desktop"])
-    gone = _wait(lambda: _getent(laptop, fqdn) == [], 2, "peer gone for getent", world)
+    gone = world.wait_until(lambda: _getent(laptop, fqdn) == [], 2, "peer gone for getent",
+                            interval=0.05)
     world.start_host(world.hosts["desktop"])
-    _wait(lambda: (world.hosts["desktop"].status() or {}).get("host", {}).get("lease")
-          is not None, 20, "desktop published", world)
-    back = _wait(lambda: _getent(laptop, fqdn) == [ula], 2, "peer back for getent", world)
+    world.wait_until(lambda: (world.hosts["desktop"].status() or {}).get("host", {}).get("lease")
+                     is not None, 20, "desktop published")
+    back = world.wait_until(lambda: _getent(laptop, fqdn) == [ula], 2, "peer back for getent",
+                            interval=0.05)
     print(f"getent: peer gone after {gone:.2f} s, back {back:.2f} s after its publication")
     for p in (upstream, server):
         p.kill()

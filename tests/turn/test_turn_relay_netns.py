@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from coturn import Coturn
@@ -40,15 +39,6 @@ SECRET = "lab-relay-secret"
 def lab() -> Iterator[Lab]:
     with Lab("btmmr") as lab:
         yield lab
-
-
-def _wait(pred: Any, timeout: float, what: str, world: World) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{what} not within {timeout} s\n{world.tails(40)}")
 
 
 def per_destination_nat(gw: Netns, random: bool = True) -> None:
@@ -78,12 +68,6 @@ print(json.dumps(out))
 def mapped_ports(ns: Netns) -> list[int]:
     r = ns.run([sys.executable, "-c", MAPPED_PORTS], check=True)
     return list(json.loads(r.stdout))
-
-
-def _peer(world: World, host: str) -> dict[str, Any]:
-    st = world.hosts[host].status() or {}
-    peers = st.get("peers", [])
-    return dict(peers[0]) if peers else {}
 
 
 PAIRS = [("fast", "fast"), ("python", "fast")]
@@ -145,7 +129,7 @@ def test_two_symmetric_nats_get_a_relayed_tunnel(lab: Lab, tmp_path: Path,
             assert relay is not None and relay["state"] == "allocated", st["host"]
             assert relay["relayed"].startswith(f"{TURN}:")
             assert "relay" in [c["kind"] for c in st["host"]["candidates"]]
-        peers = {name: _peer(world, name) for name in ("desktop", "laptop")}
+        peers = {name: world.hosts[name].first_peer() for name in ("desktop", "laptop")}
         paths = {name: (p["path"], p["path_endpoint"]) for name, p in peers.items()}
         assert {p for p, _ in paths.values()} == {"relay"}, paths
         # each side's path ends at the peer's relayed address or at its own loopback proxy
@@ -169,9 +153,9 @@ def test_a_punchable_nat_keeps_the_direct_path_with_a_relay_offered(lab: Lab,
         world.wait_tunnels(120)
 
         def punched() -> bool:
-            return all(_peer(world, n).get("path") == "punched" for n in world.hosts)
+            return all(world.hosts[n].first_peer().get("path") == "punched" for n in world.hosts)
 
-        _wait(punched, 60, "punched paths", world)
+        world.wait_until(punched, 60, "punched paths")
         for name in world.hosts:
             st = world.hosts[name].status()
             assert st is not None and st["host"]["relay"]["state"] == "allocated"
@@ -192,21 +176,22 @@ def test_relay_moves_to_a_punched_path_when_the_nat_allows_it(lab: Lab, tmp_path
         for h in world.hosts.values():
             world.start_host(h)
         world.wait_tunnels(120)
-        assert {_peer(world, n)["path"] for n in world.hosts} == {"relay"}
-        before = _peer(world, "desktop")["bytes_in"]
+        assert {world.hosts[n].first_peer()["path"] for n in world.hosts} == {"relay"}
+        before = world.hosts["desktop"].first_peer()["bytes_in"]
         src, sink = start_transfer(world, world.hosts["laptop"], world.hosts["desktop"],
                                    40_000_000, rate=1_000_000)
-        _wait(lambda: _peer(world, "desktop")["bytes_in"] > before + 500_000, 30,
-              "the transfer under way through the relay", world)
+        world.wait_until(
+            lambda: world.hosts["desktop"].first_peer()["bytes_in"] > before + 500_000, 30,
+            "the transfer under way through the relay")
         for home in world.homes.values():
             per_destination_nat(home.gw.ns, random=False)
             home.gw.ns.run(["conntrack", "-F"], check=False)
         t0 = time.monotonic()
 
         def punched() -> bool:
-            return all(_peer(world, n).get("path") == "punched" for n in world.hosts)
+            return all(world.hosts[n].first_peer().get("path") == "punched" for n in world.hosts)
 
-        _wait(punched, 60, "punched paths after the NAT change", world)
+        world.wait_until(punched, 60, "punched paths after the NAT change")
         upgraded = time.monotonic() - t0
         assert src.poll() is None, "the transfer ended before the path moved"
         sent, got = finish_transfer(src, sink, timeout=120)
