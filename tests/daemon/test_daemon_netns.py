@@ -132,7 +132,8 @@ def test_daemon_restart_withdraws_and_reconnects(lab: Lab) -> None:
     world.wait_tunnels(15)
     laptop = world.hosts["laptop"]
     world.stop_host(laptop)  # SIGTERM: clean shutdown withdraws the records at once
-    assert _dig(world, "laptop.bob.members.example", "AAAA") == []
+    # (the logs say why if not: "could not withdraw", or no "daemon stopped" = killed after 15 s)
+    assert _dig(world, "laptop.bob.members.example", "AAAA") == [], world.tails(40)
     assert _dig(world, "_autotunnel._udp.laptop.bob.members.example", "SRV") == []
     world.wait_until(lambda: not _peers(world, "desktop"), 10, "desktop saw the withdrawal")
     world.start_host(laptop)
