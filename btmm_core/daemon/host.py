@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -233,6 +234,11 @@ class Daemon:
         #: the TURN relay (daemon/relay.py), when the registry offers one
         self.relay: Relay | None = None
         self.relay_error: str | None = None
+        #: the publication on the wire and its exchange: a stop in the middle of it waits for
+        #: the answer before withdrawing (the registry may apply it after a withdrawal sent at
+        #: once, e.g. a TCP publish it reads after the withdrawal's datagram, and then we would
+        #: not know what to withdraw: ``published`` is set only by the answer)
+        self._publishing: tuple[Publication, asyncio.Task[dns.message.Message]] | None = None
 
     # -- set up ------------------------------------------------------------------------
 
@@ -401,9 +407,11 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._browse.close(), 2.0)
         await self.services.withdraw(self.registry)
-        if self.published is not None and self.registry is not None:
+        held = await self._finish_publishing()
+        if held and self.registry is not None:
             try:
-                await self.registry.exchange(withdraw_update(self.zone, self.published))
+                for pub in held:
+                    await self.registry.exchange(withdraw_update(self.zone, pub))
                 log.info("records withdrawn")
                 withdrawn = True
             except BtmmError as err:
@@ -478,7 +486,15 @@ class Daemon:
             except BtmmError as err:
                 log.debug("could not read what an earlier run published", error=str(err))
         msg = publish_update(self.zone, pub, self.published, self.cfg.lease, left)
-        resp = await self.registry.exchange(msg)
+        exchange = asyncio.create_task(self.registry.exchange(msg))
+        self._publishing = (pub, exchange)
+        # shielded: cancelling the publisher (a stop) leaves the exchange to finish
+        try:
+            resp = await asyncio.shield(exchange)
+        except BtmmError:
+            self._publishing = None
+            raise
+        self._publishing = None
         changed = pub != self.published
         self.published = pub
         self.lease = granted_lease(resp) or self.cfg.lease
@@ -491,6 +507,23 @@ class Daemon:
                      candidates=[_candidate_text(c) for c in pub.candidates])
         else:
             log.debug("records refreshed", lease=self.lease)
+
+    async def _finish_publishing(self) -> tuple[Publication, ...]:
+        """Wait for the answer to a publish the stop interrupted (bounded by the registry
+        client's own tries), so that the withdrawal follows it; what to withdraw: what the
+        registry holds, or, with no answer, what it may hold (either publication)."""
+        if self._publishing is None:
+            return () if self.published is None else (self.published,)
+        pub, exchange = self._publishing
+        self._publishing = None
+        try:
+            await exchange
+        except BtmmError:
+            # refused, or applied without our hearing it: withdraw both (deleting what is
+            # not there is harmless)
+            return tuple(p for p in (self.published, pub) if p is not None)
+        self.published = pub
+        return (pub,)
 
     async def _publisher(self) -> None:
         backoff = 1.0

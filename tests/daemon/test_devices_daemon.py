@@ -18,6 +18,7 @@ from unittest import mock
 
 import dns.message
 import dns.name
+import dns.opcode
 import dns.query
 import dns.rdatatype
 import pytest
@@ -203,6 +204,46 @@ def test_badtime_never_stops_the_daemon(registry: Reg, tmp_path: Path) -> None:
         text = render_status({"host": h, "peers": []})
         assert "ERROR the registry refused our signing time (BADTIME)" in text
         assert re.search(r"\nclock     this host is 36\d\d s behind the registry", text), text
+
+    asyncio.run(main())
+
+
+def test_a_stop_while_a_publish_is_answered_withdraws_what_it_published(
+        registry: Reg, tmp_path: Path) -> None:
+    """The registry applied the publish, its answer is not yet read when the daemon stops:
+    the withdrawal waits for that answer and removes what the publish added (before, the
+    stop cancelled the exchange, ``published`` stayed None and the records stayed for their
+    lease; a TCP publish the registry read after the withdrawal did the same)."""
+    assert registry.join(tmp_path, "stopper", registry.account).returncode == 0
+    cfg = load_config(tmp_path / "stopper" / "btmm.toml")
+
+    async def main() -> None:
+        applied, release = asyncio.Event(), asyncio.Event()
+
+        class AnswerLate(RegistryClient):
+            async def exchange(self, msg: dns.message.Message) -> dns.message.Message:
+                resp = await super().exchange(msg)
+                if not applied.is_set() and msg.opcode() == dns.opcode.UPDATE:
+                    applied.set()  # the registry has it; we hold the answer back
+                    await release.wait()
+                return resp
+
+        daemon = Daemon(cfg)
+        daemon.registry = AnswerLate(("127.0.0.1", registry.port), daemon.key,
+                                     timeout=2.0, tries=2)
+        daemon.net.external = ("203.0.113.5", 4500)
+        daemon._stop = asyncio.Event()
+        name = dns.name.from_text("stopper", origin=daemon.zone)
+        daemon._spawn(daemon._publisher(), "publisher")
+        await asyncio.wait_for(applied.wait(), 20)
+        assert await daemon.registry.query(name, dns.rdatatype.AAAA) is not None
+        stopping = asyncio.create_task(daemon._shutdown())
+        await asyncio.sleep(0)  # the stop has cancelled the publisher
+        assert all(t.cancelling() for t in daemon._tasks)
+        release.set()
+        await asyncio.wait_for(stopping, 20)
+        assert daemon.published is not None
+        assert await daemon.registry.query(name, dns.rdatatype.AAAA) is None
 
     asyncio.run(main())
 
