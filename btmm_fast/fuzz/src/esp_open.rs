@@ -19,7 +19,7 @@
 //! the packet that was sealed; control and STUN go to the control plane only within their
 //! bounds.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::Ipv6Addr;
 
 use btmm_fast::endpoint::{self, Endpoint};
@@ -169,7 +169,7 @@ fn build(ctl: u8, body: &[u8]) -> Built {
 
 /// The state the target keeps beside the table: every sequence number each SA accepted.
 struct Model {
-    accepted: [HashSet<u64>; 2],
+    accepted: [BTreeSet<u64>; 2],
 }
 
 fn slot(spi: u32) -> Option<usize> {
@@ -196,7 +196,7 @@ pub fn run(data: &[u8]) {
 pub fn run_with(data: &[u8], seen: &mut dyn FnMut(&Decision)) {
     let mut table = RxTable::new(&[(SPI_A, PEER_A, &KEY_A), (SPI_B, PEER_B, &KEY_B)]).unwrap();
     let mut model = Model {
-        accepted: [HashSet::new(), HashSet::new()],
+        accepted: [BTreeSet::new(), BTreeSet::new()],
     };
     let mut r = Reader::new(data);
     while !r.is_empty() {
@@ -391,7 +391,7 @@ mod tests {
         let body = [&5u64.to_be_bytes()[..], b"hello"].concat();
         let mut table = RxTable::new(&[(SPI_A, PEER_A, &KEY_A), (SPI_B, PEER_B, &KEY_B)]).unwrap();
         let mut model = Model {
-            accepted: [HashSet::from([5]), HashSet::new()],
+            accepted: [BTreeSet::from([5]), BTreeSet::new()],
         };
         let built = build(MODE_SEAL_IPV6, &body);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

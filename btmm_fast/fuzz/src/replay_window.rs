@@ -13,7 +13,7 @@
 //! advance exactly when the number is above the top; `infer_seq` keeps the low half and lands
 //! in the window's 2^32 span or refuses only in the last epoch.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 
 use btmm_fast::replay::{infer_seq, ReplayWindow, WINDOW};
 
@@ -32,9 +32,11 @@ pub const OP_RING: u8 = 6;
 pub const OP_AGAIN: u8 = 7;
 pub const CHECK_ONLY: u8 = 8;
 
+/// Ordered sets, not hash sets: a hash set's random seed would make afl see different paths
+/// for the same input (lower stability).
 struct Model {
     top: u64,
-    seen: HashSet<u64>,
+    seen: BTreeSet<u64>,
 }
 
 impl Model {
@@ -60,7 +62,7 @@ pub fn run(data: &[u8]) {
     let mut w = ReplayWindow::new();
     let mut m = Model {
         top: 0,
-        seen: HashSet::new(),
+        seen: BTreeSet::new(),
     };
     let mut last = 0u64;
     let mut r = Reader::new(data);
@@ -131,7 +133,7 @@ mod tests {
     fn the_model_refuses_what_the_window_must_refuse() {
         let m = Model {
             top: 10_000,
-            seen: HashSet::from([9_999]),
+            seen: BTreeSet::from([9_999]),
         };
         assert!(!m.acceptable(0));
         assert!(!m.acceptable(10_000 - WINDOW));
