@@ -104,9 +104,14 @@ pub struct Tcp6Gso {
 
 impl Tcp6Gso {
     /// Checks a super packet (without its virtio header). Only plain IPv6 + TCP (no extension
-    /// headers) is segmented; the kernel does not build anything else for TSO6 on a TUN.
+    /// headers) is segmented; the kernel does not build anything else for TSO6 on a TUN. A
+    /// packet longer than a 16-bit payload length can say (no jumbograms here) is refused:
+    /// its segments' length fields would wrap.
     pub fn layout(pkt: &[u8], hdr: &VnetHdr) -> Result<Tcp6Gso, BadOffload> {
         if pkt.len() < IPV6_LEN + 20 || pkt[0] >> 4 != 6 || pkt[6] != PROTO_TCP {
+            return Err(BadOffload);
+        }
+        if pkt.len() > IPV6_LEN + usize::from(u16::MAX) {
             return Err(BadOffload);
         }
         if hdr.flags & F_NEEDS_CSUM != 0 && usize::from(hdr.csum_start) != IPV6_LEN {
@@ -391,6 +396,29 @@ mod tests {
         let mut short_th = pkt.clone();
         short_th[52] = 4 << 4;
         assert!(Tcp6Gso::layout(&short_th, &hdr).is_err());
+    }
+
+    #[test]
+    fn super_packet_beyond_a_16_bit_payload_length_is_refused() {
+        // Found while writing the gso fuzz target (btmm_fast/fuzz), whose segment checks fail
+        // on it: a TUN read has room for more than 40 + 65535 bytes, and one segment of such
+        // a packet (MSS 65535) got an IPv6 payload length field that wrapped (31, not 65567).
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6,
+            gso_size: 65535,
+            csum_start: 40,
+            csum_offset: 16,
+            hdr_len: 72,
+        };
+        let biggest = tcp6(&vec![0; 65535 - 32], 0x10, 12);
+        assert_eq!(biggest.len(), 40 + 65535);
+        let g = Tcp6Gso::layout(&biggest, &hdr).unwrap();
+        let mut out = vec![0u8; biggest.len()];
+        let n = g.write_segment(&biggest, 0, &mut out);
+        assert_eq!(usize::from(u16::from_be_bytes([out[4], out[5]])), n - 40);
+        let over = tcp6(&vec![0; 65535 - 31], 0x10, 12);
+        assert_eq!(Tcp6Gso::layout(&over, &hdr), Err(BadOffload));
     }
 
     #[test]

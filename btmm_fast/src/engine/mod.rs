@@ -32,6 +32,8 @@ use crate::stun;
 use crate::tun::Tun;
 use crate::udp::{Udp, MAX_UDP_PAYLOAD};
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod hold;
 mod rx;
 #[cfg(test)]

@@ -1,0 +1,5 @@
+//! afl.rs target: `btmm_fast_fuzz::gro::run` (see that module for the input format).
+
+fn main() {
+    afl::fuzz!(|data: &[u8]| btmm_fast_fuzz::gro::run(data));
+}
