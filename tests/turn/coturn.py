@@ -10,6 +10,7 @@ deadline, never a fixed sleep); ``stop`` ends it by its own pid.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,10 +25,22 @@ REALM = "btmm.test"
 TURNSERVER = shutil.which("turnserver") or "/usr/bin/turnserver"
 
 
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port_below_ephemeral(host: str = "127.0.0.1") -> int:
+    """A port free for UDP and TCP alike (turnserver listens on both), below the kernel's
+    ephemeral range: a port the kernel handed out for ``bind(0)`` can be taken by any
+    outgoing connection before turnserver binds it (seen in a loaded full run: errno 98)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(20000, low)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                u.bind((host, port))
+                t.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free port between 20000 and {low} on {host}")
 
 
 @dataclass
@@ -68,20 +81,29 @@ class Coturn:
 
     def start(self, timeout: float = 15.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        chosen = not self.port and self.netns is None
         if not self.port:
-            self.port = free_udp_port(self.host) if self.netns is None else 3478
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self.answers():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"turnserver exited with {self.proc.returncode}:\n"
-                                   f"{self.log[-3000:]}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"turnserver did not answer within {timeout} s:\n"
-                                   f"{self.log[-3000:]}")
+            self.port = free_port_below_ephemeral(self.host) if chosen else 3478
+        for attempt in range(3 if chosen else 1):
+            (self.workdir / "turn.log").unlink(missing_ok=True)
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while not self.answers():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"turnserver exited with {self.proc.returncode}:\n"
+                                       f"{self.log[-3000:]}")
+                if chosen and "errno=98" in self.log and attempt < 2:
+                    break  # the port we chose was taken meanwhile: another one
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"turnserver did not answer within {timeout} s:\n"
+                                       f"{self.log[-3000:]}")
+            else:
+                return
+            self.stop()
+            self.port = free_port_below_ephemeral(self.host)
 
     def answers(self) -> bool:
         """One Binding request with a short wait (called in a loop with a deadline)."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import coturn as coturn_module
 import pytest
 from coturn import Coturn
 
@@ -151,3 +153,22 @@ def test_server_restart_is_survived_by_a_new_allocation(coturn: Coturn) -> None:
             s.close()
 
     asyncio.run(main())
+
+
+def test_a_port_taken_before_turnserver_binds_it_is_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness's own retry: another process holds the TCP side of the port chosen."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        offered = iter([taken])
+        real = coturn_module.free_port_below_ephemeral
+        monkeypatch.setattr(coturn_module, "free_port_below_ephemeral",
+                            lambda host="127.0.0.1": next(offered, 0) or real(host))
+        server = Coturn(tmp_path / "coturn", SECRET)
+        try:
+            server.start()
+            assert server.port != taken and server.answers()
+        finally:
+            server.stop()
