@@ -4,6 +4,7 @@ benches; ``free_port`` is shared with the tests that start a live registry."""
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import subprocess
 import sys
@@ -18,19 +19,22 @@ import dns.query
 SERVE = (sys.executable, "-m", "btmm_core", "serve")
 
 
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (``btmm serve`` listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host`` (``btmm serve`` listens on both), below the
+    kernel's ephemeral range: a port ``bind(0)`` handed out is one that any outgoing
+    connection may take before the server binds it (a full run saw turnserver fail so)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(20000, low)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                u.bind((host, port))
+                t.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free for both UDP and TCP on {host} in 20000..{low}")
 
 
 def free_ports(n: int) -> list[int]:

@@ -10,7 +10,6 @@ deadline, never a fixed sleep); ``stop`` ends it by its own pid.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
@@ -19,28 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.serve import free_port
 from btmm_core.stun.message import TransportAddress, binding_request, parse
 
 REALM = "btmm.test"
 TURNSERVER = shutil.which("turnserver") or "/usr/bin/turnserver"
-
-
-def free_port_below_ephemeral(host: str = "127.0.0.1") -> int:
-    """A port free for UDP and TCP alike (turnserver listens on both), below the kernel's
-    ephemeral range: a port the kernel handed out for ``bind(0)`` can be taken by any
-    outgoing connection before turnserver binds it (seen in a loaded full run: errno 98)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(1000):
-        port = random.randrange(20000, low)
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
-                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                u.bind((host, port))
-                t.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no free port between 20000 and {low} on {host}")
 
 
 @dataclass
@@ -83,7 +65,7 @@ class Coturn:
         self.workdir.mkdir(parents=True, exist_ok=True)
         chosen = not self.port and self.netns is None
         if not self.port:
-            self.port = free_port_below_ephemeral(self.host) if chosen else 3478
+            self.port = free_port(self.host) if chosen else 3478
         for attempt in range(3 if chosen else 1):
             (self.workdir / "turn.log").unlink(missing_ok=True)
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
@@ -103,7 +85,7 @@ class Coturn:
             else:
                 return
             self.stop()
-            self.port = free_port_below_ephemeral(self.host)
+            self.port = free_port(self.host)
 
     def answers(self) -> bool:
         """One Binding request with a short wait (called in a loop with a deadline)."""

@@ -163,8 +163,8 @@ def test_a_port_taken_before_turnserver_binds_it_is_replaced(
         squatter.listen()
         taken = squatter.getsockname()[1]
         offered = iter([taken])
-        real = coturn_module.free_port_below_ephemeral
-        monkeypatch.setattr(coturn_module, "free_port_below_ephemeral",
+        real = coturn_module.free_port
+        monkeypatch.setattr(coturn_module, "free_port",
                             lambda host="127.0.0.1": next(offered, 0) or real(host))
         server = Coturn(tmp_path / "coturn", SECRET)
         try:
