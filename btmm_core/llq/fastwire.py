@@ -88,9 +88,9 @@ class KeyWire:
             raise ValueError(f"TSIG algorithm {key.algorithm} is not supported")
         self.key = key
         self.owner = key.name.to_wire() or b""
-        self.canonical = key.name.canonicalize().to_wire() or b""
+        self.canonical = self.owner.lower()
         self.algorithm = key.algorithm.to_wire() or b""
-        self.algorithm_canonical = key.algorithm.canonicalize().to_wire() or b""
+        self.algorithm_canonical = self.algorithm.lower()
         self.size = size
         self._hmac = hmac.new(key.secret, digestmod=_HASH_BY_SIZE[size])
         #: the TSIG variables up to Time Signed: key name, class ANY, TTL 0, algorithm
@@ -296,5 +296,7 @@ def parse_ack(wire: bytes) -> Ack | None:
 
 
 def canonical(name: dns.name.Name) -> bytes:
-    """A dnspython name in the form ``AckTsig`` holds names."""
-    return name.canonicalize().to_wire() or b""
+    """A dnspython name in the form ``AckTsig`` holds names: its wire form, lower-cased
+    (RFC 4034 6.2; ``bytes.lower`` changes only A-Z, never a label length, which is < 64),
+    the bytes of ``name.canonicalize().to_wire()`` without building another name."""
+    return (name.to_wire() or b"").lower()

@@ -242,3 +242,67 @@ def test_parse_ack_reads_as_dnspython_or_leaves_it_to_dnspython() -> None:
             assert got == LLQServer._ack_of(wire), name
     assert fast_read >= 8  # the usual shapes do take the fast path
     assert parse_ack(_client_ack(lab, c, ev)) is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["LapTop.Bob.Members.Example.", "a.b.", ".", "X\\065y.\\090z.example.", "\\@Q\\.r.EXAMPLE."],
+)
+def test_canonical_is_the_bytes_of_dnspython_canonical_form(text: str) -> None:
+    from btmm_core.llq.fastwire import canonical
+
+    name = dns.name.from_text(text)
+    assert canonical(name) == name.canonicalize().to_wire()
+
+
+def test_canonical_of_random_binary_labels() -> None:
+    from btmm_core.llq.fastwire import canonical
+
+    rng = random.Random(11)
+    for _ in range(300):
+        labels = [rng.randbytes(rng.randrange(1, 63)) for _ in range(rng.randrange(1, 4))]
+        name = dns.name.Name([*labels, b""])
+        assert canonical(name) == name.canonicalize().to_wire()
+
+
+def test_event_ids_are_the_generators_draws_in_batches() -> None:
+    """Ids come 512 at a time from the injected generator, in order, on both paths."""
+    fast, slow = twin_labs()
+    draws = random.Random(77)
+    expected = b"".join(draws.getrandbits(16 * 512).to_bytes(1024, "big") for _ in range(3))
+    for lab in (fast, slow):
+        lab.llq._rng = random.Random(77)
+        got = [lab.llq._msg_id() for _ in range(1536)]
+        assert got == [int.from_bytes(expected[i : i + 2], "big") for i in range(0, 3072, 2)]
+    assert len(set(got)) > 1400  # 1536 draws of 16 bits: a few repeats, no pattern
+
+
+def test_keys_are_prepared_at_setup_not_when_the_events_go_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fan-out to new LLQs prepares no key: setup did (each cost ~100 us of dnspython
+    names and an HMAC state while every other watcher waited)."""
+    import btmm_core.llq.server as server
+
+    lab = Lab.make(seed=5)
+    for i in range(1, 4):
+        lab.client(f"127.0.0.{i}#4000{i}", seed=10 + i)
+    key = lab.accounts["bob"].key
+    assert lab.llq._key_wires[canonical_of(key.name)][0].key is key
+    made: list[TsigKey] = []
+
+    class Counting(KeyWire):
+        def __init__(self, k: TsigKey) -> None:
+            made.append(k)
+            super().__init__(k)
+
+    monkeypatch.setattr(server, "KeyWire", Counting)
+    lab.signed_update(update("laptop", "AAAA", add=("fd00::9",)))
+    assert lab.llq.stats["events"] == 3
+    assert all(c.state.name == "ESTABLISHED" for c in lab.clients.values())
+    assert [ch.added for c in lab.changes.values() for ch in c][-1]  # delivered
+    assert made == []
+
+
+def canonical_of(name: dns.name.Name) -> bytes:
+    return name.canonicalize().to_wire()
