@@ -33,6 +33,9 @@ from btmm_core.registry.storage import DatabaseUnavailable
 
 log = structlog.get_logger("btmm.registry")
 
+#: Seconds between two looks at whether a plug-in still holds an idle connection.
+HELD_RECHECK = 60.0
+
 
 @dataclass(frozen=True)
 class Listen:
@@ -300,12 +303,17 @@ class RegistryServer:
 
     async def _next_prefix(self, reader: asyncio.StreamReader, kind: Transport, peer: str) -> bytes:
         # readexactly consumes nothing until all bytes are there, so a timeout loses no data.
+        timeout = self.listen.idle_timeout
         while True:
             try:
-                return await asyncio.wait_for(reader.readexactly(2), self.listen.idle_timeout)
+                return await asyncio.wait_for(reader.readexactly(2), timeout)
             except TimeoutError:
                 if not any(p.holds_connection(kind, peer) for p in self.core.plugins):
                     raise
+                # Held by a plug-in with timers of its own (a DNS Push session, LLQs over
+                # TCP): looked at again every HELD_RECHECK s, not every idle timeout (10,000
+                # idle sessions cost ~1,000 timed-out waits a second, issue 18).
+                timeout = max(timeout, HELD_RECHECK)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
