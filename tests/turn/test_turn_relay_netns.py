@@ -156,9 +156,15 @@ def test_a_punchable_nat_keeps_the_direct_path_with_a_relay_offered(lab: Lab,
             return all(world.hosts[n].first_peer().get("path") == "punched" for n in world.hosts)
 
         world.wait_until(punched, 60, "punched paths")
-        for name in world.hosts:
-            st = world.hosts[name].status()
-            assert st is not None and st["host"]["relay"]["state"] == "allocated"
+
+        def relay_state(name: str) -> str | None:
+            relay = ((world.hosts[name].status() or {}).get("host") or {}).get("relay")
+            return None if relay is None else str(relay["state"])
+
+        # the allocation runs beside the path probes and may come after the punched path
+        # (a single look here failed once in a full run: no relay yet)
+        world.wait_until(lambda: all(relay_state(n) == "allocated" for n in world.hosts), 30,
+                         "both relays allocated")
         mbps = transfer(world, 2_000_000)
         print(f"\ndirect (punched) fast-fast: btmm up -> first ping {first:.2f} s; "
               f"TCP {mbps:.1f} Mbit/s")
