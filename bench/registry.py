@@ -52,6 +52,7 @@ import dns.update
 from bench import REPO
 from bench.pgcluster import PgCluster, pg_bin, pg_cluster
 from bench.serve import free_ports, serving, stop, wait_answering
+from btmm_core.aio import within
 from btmm_core.dns.keyfile import read_key
 from btmm_core.llq.client import Changes
 from btmm_core.llq.driver import Watcher
@@ -382,7 +383,7 @@ def event_latency(
     async def main() -> list[tuple[float, float]]:
         async with Watcher(("127.0.0.1", watch_port), name, dns.rdatatype.AAAA, key=key,
                            transport="tcp") as w:
-            await asyncio.wait_for(w.events.get(), 10)  # the full set first
+            await within(w.events.get(), 10)  # the full set first
             sock = socket.create_connection(("127.0.0.1", update_port), timeout=5)
             if pids is not None:
                 mine = None
@@ -412,7 +413,7 @@ def event_latency(
                         raise RuntimeError(f"update refused: rcode {rc}")
                     t1 = time.monotonic()
                     while True:
-                        ev = await asyncio.wait_for(w.events.get(), 10)
+                        ev = await within(w.events.get(), 10)
                         if isinstance(ev, Changes) and any(
                             r.rdata.to_text() == addr for r in ev.added
                         ):

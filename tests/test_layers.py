@@ -20,6 +20,7 @@ PACKAGE = ROOT / "btmm_core"
 RANKS: dict[str, int] = {
     "errors": 0,
     "_fast": 0,
+    "aio": 0,
     "log": 1,
     "metrics": 1,
     "dns": 1,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import dns.name
 import dns.rdatatype
 
+from btmm_core.aio import within
 from btmm_core.daemon.config import Config
 from btmm_core.daemon.dnsclient import RegistryClient
 from btmm_core.dns.keyfile import read_key
@@ -140,4 +141,4 @@ class Browser:
                 t.cancel()
             for w in watchers:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(w.close(), 2.0)
+                    await within(w.close(), 2.0)

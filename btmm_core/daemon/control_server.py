@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from btmm_core.aio import within
 from btmm_core.daemon.control import (
     MAX_LINE,
     ErrorCode,
@@ -182,7 +183,7 @@ class ControlServer:
                 # the request is read (and not looked at) before the refusal goes out: a
                 # client still sending into a closed socket would lose the reply that says why
                 with contextlib.suppress(TimeoutError, ValueError):
-                    await asyncio.wait_for(reader.readline(), REFUSE_READ)
+                    await within(reader.readline(), REFUSE_READ)
                 await self._send(writer, refusal)
                 return
             self._connections[task] = False
@@ -199,7 +200,7 @@ class ControlServer:
                      writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                line = await within(reader.readline(), IDLE_TIMEOUT)
             except TimeoutError:
                 return
             except ValueError:  # over the reader's limit: the rest of the line is unframed

@@ -28,6 +28,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from btmm_core.aio import within
 from btmm_core.dns.tsig import MAX_FUDGE, TsigError, TsigKey, expected_mac, record_of, sign
 from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryError, RegistryUnreachable
 
@@ -239,7 +240,7 @@ class RegistryClient:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError("no answer")
-                data, addr = await asyncio.wait_for(proto.queue.get(), left)
+                data, addr = await within(proto.queue.get(), left)
                 if not self._matches(addr):
                     continue
                 resp = self._answer(data, msg, mac, sent)
@@ -252,15 +253,13 @@ class RegistryClient:
         self, wire: bytes, msg: dns.message.Message, mac: bytes, sent: int
     ) -> dns.message.Message:
         host, port = self.server
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                self.timeout)
+        reader, writer = await within(asyncio.open_connection(host, port), self.timeout)
         try:
             writer.write(struct.pack("!H", len(wire)) + wire)
-            await asyncio.wait_for(writer.drain(), self.timeout)
+            await within(writer.drain(), self.timeout)
             while True:
-                (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2),
-                                                                 self.timeout))
-                data = await asyncio.wait_for(reader.readexactly(n), self.timeout)
+                (n,) = struct.unpack("!H", await within(reader.readexactly(2), self.timeout))
+                data = await within(reader.readexactly(n), self.timeout)
                 resp = self._answer(data, msg, mac, sent)
                 if resp is not None:
                     return resp

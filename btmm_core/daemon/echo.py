@@ -19,6 +19,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from btmm_core.aio import within
+
 ECHO_REQUEST = 128
 ECHO_REPLY = 129
 #: Linux <netinet/icmp6.h>: the option (level IPPROTO_ICMPV6) and its 256-bit block mask
@@ -112,7 +114,7 @@ class EchoSocket:
                 if seq < count:
                     await asyncio.sleep(interval)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout)
+                await within(done.wait(), timeout)
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -39,6 +39,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from btmm_core import __version__
+from btmm_core.aio import within
 from btmm_core.daemon.config import Config
 from btmm_core.daemon.control import Op, PingArgs, Request
 from btmm_core.daemon.control_server import ControlServer
@@ -405,7 +406,7 @@ class Daemon:
             await self._drop_peer(name, "shutting down")
         if self._browse is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._browse.close(), 2.0)
+                await within(self._browse.close(), 2.0)
         await self.services.withdraw(self.registry)
         held = await self._finish_publishing()
         if held and self.registry is not None:
@@ -553,7 +554,7 @@ class Daemon:
                                 retry_in=backoff)
                     wait, backoff = backoff, min(backoff * 2, 30.0)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._republish.wait(), wait)
+                await within(self._republish.wait(), wait)
 
     # -- network -----------------------------------------------------------------------
 
@@ -612,7 +613,7 @@ class Daemon:
         if self._portmap is not None:
             pm, self._portmap = self._portmap, None
             with contextlib.suppress(BtmmError, OSError, TimeoutError):
-                await asyncio.wait_for(pm.stop(delete=delete), 5.0)
+                await within(pm.stop(delete=delete), 5.0)
 
     async def _portmap_events(self, renewal: MappingRenewal) -> None:
         while True:
@@ -657,7 +658,7 @@ class Daemon:
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self.cfg.netcheck_interval)
+                    await within(changed.wait(), self.cfg.netcheck_interval)
                 if changed.is_set():
                     changed.clear()
                     await asyncio.sleep(0.1)  # let a burst (link + address + route) settle
@@ -711,7 +712,7 @@ class Daemon:
             if left <= 0:
                 return
             try:
-                await asyncio.wait_for(self._stun_wake.wait(), min(left, RELAY_STUN_INTERVAL))
+                await within(self._stun_wake.wait(), min(left, RELAY_STUN_INTERVAL))
                 return
             except TimeoutError:
                 continue
@@ -761,7 +762,7 @@ class Daemon:
                 if deadline is None:
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), max(deadline - loop.time(), 0.0))
+                    await within(done.wait(), max(deadline - loop.time(), 0.0))
                 data = None if tx.finished else tx.tick(loop.time())
         finally:
             self._stun = None
@@ -823,7 +824,7 @@ class Daemon:
             wake = next_poll if deadline is None else min(deadline, next_poll)
             self._paths_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._paths_wake.wait(), max(wake - loop.time(), 0.0))
+                await within(self._paths_wake.wait(), max(wake - loop.time(), 0.0))
 
     def _apply_paths(self, tagged: list[Tagged]) -> None:
         assert self.engine is not None and self.driver is not None and self.kx is not None
@@ -890,7 +891,7 @@ class Daemon:
             wake = now + ONDEMAND_POLL if deadline is None else min(deadline, now + ONDEMAND_POLL)
             self._ondemand_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ondemand_wake.wait(), max(wake - loop.time(), 0.0))
+                await within(self._ondemand_wake.wait(), max(wake - loop.time(), 0.0))
 
     def _apply_ondemand(self, actions: list[OnDemandAction]) -> None:
         assert self.engine is not None and self.driver is not None and self.kx is not None
@@ -1114,8 +1115,7 @@ class Daemon:
             # the allocation lives with the credentials it was made with: start over before
             # they expire, or once it failed for good
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(relay.failed.wait(),
-                                       max(offer.expiry - time.time() - 60, 30))
+                await within(relay.failed.wait(), max(offer.expiry - time.time() - 60, 30))
             self.relay = None
             relay.close()
             self._relay_changed()
@@ -1187,7 +1187,7 @@ class Daemon:
             t.cancel()
         for w in peer.watchers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(w.close(), 2.0)
+                await within(w.close(), 2.0)
         inner = str(peer.records.ula)
         self.paths.remove(inner)
         self.ondemand.remove(inner)

@@ -12,6 +12,7 @@ from typing import Any
 import dns.name
 import structlog
 
+from btmm_core.aio import within
 from btmm_core.daemon.config import Config
 from btmm_core.names.server import RegistryLookup, StubServer
 from btmm_core.names.stub import StubCore, host_records
@@ -107,7 +108,7 @@ class Names:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-                _, err = await asyncio.wait_for(proc.communicate(), 10.0)
+                _, err = await within(proc.communicate(), 10.0)
             except (OSError, TimeoutError) as exc:
                 self.error = f"{' '.join(argv)}: {exc}"
                 log.warning("cannot configure systemd-resolved", error=self.error)

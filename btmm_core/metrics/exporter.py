@@ -24,6 +24,7 @@ import ipaddress
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
+from btmm_core.aio import within
 from btmm_core.errors import ConfigError
 
 log = structlog.get_logger("btmm.metrics")
@@ -89,7 +90,7 @@ class MetricsServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await within(self._server.wait_closed(), 2.0)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._open += 1
@@ -98,7 +99,7 @@ class MetricsServer:
                 await _respond(writer, 503, b"busy\n")
                 return
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+                head = await within(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
             except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                     ValueError):
                 await _respond(writer, 400, b"bad request\n")

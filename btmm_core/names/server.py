@@ -14,6 +14,7 @@ import dns.name
 import dns.rrset
 import structlog
 
+from btmm_core.aio import within
 from btmm_core.names.stub import AskRegistry, Dropped, Forward, Reply, StubCore, Transport
 
 #: How the stub asks the registry (the daemon's signed ``RegistryClient.query``).
@@ -149,7 +150,7 @@ class StubServer:
         if self.registry is None:
             return self.core.upstream_failed(ask.wire)
         try:
-            rrset = await asyncio.wait_for(self.registry(ask.qname, ask.qtype), UPSTREAM_TIMEOUT)
+            rrset = await within(self.registry(ask.qname, ask.qtype), UPSTREAM_TIMEOUT)
         except Exception as err:  # the registry's errors (BtmmError), timeouts, OSError
             log.debug("registry lookup failed", name=ask.qname.to_text(), error=str(err))
             return self.core.upstream_failed(ask.wire)
@@ -170,9 +171,9 @@ class StubServer:
         try:
             while True:
                 try:
-                    head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
+                    head = await within(reader.readexactly(2), TCP_IDLE)
                     (n,) = struct.unpack("!H", head)
-                    data = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE)
+                    data = await within(reader.readexactly(n), TCP_IDLE)
                 except (asyncio.IncompleteReadError, TimeoutError, OSError):
                     return
                 out = self.core.receive(data, Transport.TCP, asyncio.get_running_loop().time())
@@ -203,7 +204,7 @@ class StubServer:
             if upstream == self.address:
                 continue  # never ourselves
             try:
-                raw = await asyncio.wait_for(
+                raw = await within(
                     self._tcp_once(query, upstream) if tcp else self._udp_once(query, upstream),
                     UPSTREAM_TIMEOUT,
                 )

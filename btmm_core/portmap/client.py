@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from btmm_core.aio import within
 from btmm_core.errors import GatewayNotAnswering, MappingRefused, PortMapError
 from btmm_core.portmap import natpmp, pcp
 from btmm_core.portmap.diagnosis import Attempt, Outcome
@@ -128,7 +129,7 @@ async def run_exchange(exchange: Exchange[T], local_address: str | None = None) 
             delay = max(0.0, deadline - time.monotonic())
             proto.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proto.wake.wait(), delay)
+                await within(proto.wake.wait(), delay)
             if answer:
                 return answer[0]
             if proto.refused:

@@ -19,6 +19,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from btmm_core.aio import within
 from btmm_core.errors import PortMapError
 from btmm_core.portmap import natpmp, pcp
 from btmm_core.portmap.client import DEFAULT_LIFETIME, Mapping, MapResult, PortMapClient
@@ -117,7 +118,7 @@ class MappingRenewal:
         if delete and self.mapping is not None:
             mapping, self.mapping = self.mapping, None
             try:
-                await asyncio.wait_for(self.client.delete(mapping), 10.0)
+                await within(self.client.delete(mapping), 10.0)
                 self.events.put_nowait(MappingEvent(EventKind.DELETED, mapping))
             except (PortMapError, TimeoutError, OSError) as exc:
                 self.events.put_nowait(MappingEvent(
@@ -161,7 +162,7 @@ class MappingRenewal:
         if self._lost_reason is not None or self.client.state_lost:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(0.0, when - time.monotonic()))
+            await within(self._wake.wait(), max(0.0, when - time.monotonic()))
 
     async def _run(self) -> None:
         failures = 0

@@ -24,6 +24,7 @@ from typing import cast
 
 import structlog
 
+from btmm_core.aio import within
 from btmm_core.dns.dso import is_dso
 from btmm_core.registry.handler import RegistryCore, Transport
 from btmm_core.registry.limits import client_prefix
@@ -35,6 +36,8 @@ log = structlog.get_logger("btmm.registry")
 
 #: Seconds between two looks at whether a plug-in still holds an idle connection.
 HELD_RECHECK = 60.0
+#: Seconds a stopping server waits for its cancelled connection and timer tasks to end.
+CLOSE_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,7 @@ class RegistryServer:
         timeout = self.listen.idle_timeout
         while True:
             try:
-                return await asyncio.wait_for(reader.readexactly(2), timeout)
+                return await within(reader.readexactly(2), timeout)
             except TimeoutError:
                 if not any(p.holds_connection(kind, peer) for p in self.core.plugins):
                     raise
@@ -385,11 +388,11 @@ class RegistryServer:
                 (length,) = struct.unpack("!H", prefix)
                 if length < 12:
                     break
-                data = await asyncio.wait_for(reader.readexactly(length), self.listen.read_timeout)
+                data = await within(reader.readexactly(length), self.listen.read_timeout)
                 out = self.dispatch(data, kind, addr)
                 if out is not None:
                     writer.write(struct.pack("!H", len(out)) + out)
-                    await asyncio.wait_for(writer.drain(), self.listen.read_timeout)
+                    await within(writer.drain(), self.listen.read_timeout)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError):
             pass
         finally:
@@ -407,7 +410,7 @@ class RegistryServer:
                     log.exception("connection close handler failed", peer=peer)
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                await within(writer.wait_closed(), 1.0)
 
     def _over_connection_limit(self, client: str) -> str | None:
         """Which connection limit a new connection from ``client`` would pass, or None."""
@@ -505,12 +508,19 @@ class RegistryServer:
             u.close()
         for c in list(self._connections):
             c.cancel()
-        for t in [*self._tasks, *self._connections]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        ending = [*self._tasks, *self._connections]
+        if ending:
+            _, stuck = await asyncio.wait(ending, timeout=CLOSE_GRACE)
+            if stuck:
+                # Each await in them honours a cancellation (aio.within), so this is a bug;
+                # the process still exits, the log says where it stuck.
+                log.error(
+                    "tasks still running after cancel; stopping without them",
+                    tasks=[t.get_coro().__qualname__ for t in stuck],  # type: ignore[union-attr]
+                )
         for s in self._tcp:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.wait_closed(), 2.0)
+                await within(s.wait_closed(), 2.0)
         if self.forward_updates is not None and self.forward_updates.transport is not None:
             self.forward_updates.transport.close()
         self.core.store.storage.close()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import cast
 
+from btmm_core.aio import within
 from btmm_core.stun.client import RC, RM, BindingTransaction
 from btmm_core.stun.message import DEFAULT_PORT, TransportAddress
 
@@ -60,7 +61,7 @@ async def query(servers: Sequence[TransportAddress], *, local: tuple[str, int] |
             if not deadlines:
                 break
             try:
-                data, addr = await asyncio.wait_for(
+                data, addr = await within(
                     proto.queue.get(), max(0.0, min(deadlines) - time.monotonic()))
             except TimeoutError:
                 continue

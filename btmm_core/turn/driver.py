@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from btmm_core.aio import within
 from btmm_core.errors import TurnError
 from btmm_core.stun.message import TransportAddress
 from btmm_core.turn.client import (
@@ -78,7 +79,7 @@ class TurnSession:
                 await self._state_changed.wait()
 
         try:
-            await asyncio.wait_for(wait(), timeout)
+            await within(wait(), timeout)
         except TimeoutError:
             raise TurnError(f"no allocation from {self.client.server} within {timeout} s") from None
         c = self.client

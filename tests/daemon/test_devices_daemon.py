@@ -25,6 +25,7 @@ import pytest
 from live_registry import Reg as LiveReg
 from live_registry import live_registry
 
+from btmm_core.aio import within
 from btmm_core.daemon.cli import render_status
 from btmm_core.daemon.config import load_config
 from btmm_core.daemon.dnsclient import RegistryClient
@@ -235,13 +236,13 @@ def test_a_stop_while_a_publish_is_answered_withdraws_what_it_published(
         daemon._stop = asyncio.Event()
         name = dns.name.from_text("stopper", origin=daemon.zone)
         daemon._spawn(daemon._publisher(), "publisher")
-        await asyncio.wait_for(applied.wait(), 20)
+        await within(applied.wait(), 20)
         assert await daemon.registry.query(name, dns.rdatatype.AAAA) is not None
         stopping = asyncio.create_task(daemon._shutdown())
         await asyncio.sleep(0)  # the stop has cancelled the publisher
         assert all(t.cancelling() for t in daemon._tasks)
         release.set()
-        await asyncio.wait_for(stopping, 20)
+        await within(stopping, 20)
         assert daemon.published is not None
         assert await daemon.registry.query(name, dns.rdatatype.AAAA) is None
 

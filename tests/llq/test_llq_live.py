@@ -23,6 +23,7 @@ import dns.update
 import pytest
 from llq_helpers import LAPTOP, free_port, live_registry, state_dir, update
 
+from btmm_core.aio import within
 from btmm_core.dns.keyfile import read_key
 from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
 from btmm_core.dns.tsig import TsigKey
@@ -77,7 +78,7 @@ async def next_change(w: Watcher, timeout: float) -> Changes:
         left = end - time.monotonic()
         if left <= 0:
             raise TimeoutError("no change arrived")
-        ev = await asyncio.wait_for(w.events.get(), left)
+        ev = await within(w.events.get(), left)
         if isinstance(ev, Changes):
             return ev
 
@@ -89,7 +90,7 @@ async def until_state(w: Watcher, state: ClientState, timeout: float) -> StateCh
         left = end - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"watcher still {w.client.state}, wanted {state}")
-        ev = await asyncio.wait_for(w.events.get(), left)
+        ev = await within(w.events.get(), left)
         if isinstance(ev, StateChanged) and ev.state == state:
             return ev
 
@@ -337,7 +338,7 @@ def test_server_restart_clients_notice_and_recover_all_changes() -> None:
                 end = time.monotonic() + 20
                 while known(w) != {"fd00::2"} and time.monotonic() < end:
                     try:
-                        ev = await asyncio.wait_for(w.events.get(), 1)
+                        ev = await within(w.events.get(), 1)
                     except TimeoutError:
                         continue
                     if isinstance(ev, StateChanged):

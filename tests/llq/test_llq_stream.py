@@ -25,6 +25,7 @@ import dns.tsig
 import pytest
 from llq_helpers import BOB, LAPTOP, live_registry, state_dir, update
 
+from btmm_core.aio import within
 from btmm_core.dns.keyfile import read_key
 from btmm_core.dns.llq_option import LLQError, LLQOpcode, LLQOption, find_llq
 from btmm_core.dns.tsig import TsigKey
@@ -89,7 +90,7 @@ async def next_change(w: Watcher, timeout: float) -> Changes:
         left = end - time.monotonic()
         if left <= 0:
             raise TimeoutError("no change arrived")
-        ev = await asyncio.wait_for(w.events.get(), left)
+        ev = await within(w.events.get(), left)
         if isinstance(ev, Changes):
             return ev
 
@@ -100,7 +101,7 @@ async def until_state(w: Watcher, state: ClientState, timeout: float) -> StateCh
         left = end - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"watcher still {w.client.state}, wanted {state}")
-        ev = await asyncio.wait_for(w.events.get(), left)
+        ev = await within(w.events.get(), left)
         if isinstance(ev, StateChanged) and ev.state == state:
             return ev
 

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from btmm_core.aio import within
 from btmm_core.errors import ConfigError
 from btmm_core.metrics.exporter import MAX_HEAD, MetricsServer, parse_listen
 
@@ -58,7 +59,7 @@ async def _http(port: int, request: bytes) -> tuple[int, bytes, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request)
     await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 10)
+    data = await within(reader.read(), 10)
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), head, body

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from btmm_core.aio import within
 from btmm_core.portmap import natpmp, pcp
 from btmm_core.portmap.client import PortMapClient
 from btmm_core.portmap.diagnosis import Outcome, Verdict, diagnose_failure
@@ -215,7 +216,7 @@ def test_renewal_recreates_after_reboot_announcement() -> None:
         renewal = MappingRenewal(client, 4500, lifetime=600, reboot_delay_max=0.05,
                                  listen_announcements=False, rng=random.Random(2))
         await renewal.start()
-        first = await asyncio.wait_for(renewal.events.get(), 5)
+        first = await within(renewal.events.get(), 5)
         assert first.kind is EventKind.MAPPED
         gw.reboot()
         # An announcement from someone else is ignored; the gateway's own one is not.
@@ -223,18 +224,18 @@ def test_renewal_recreates_after_reboot_announcement() -> None:
         renewal._on_announcement(ann, "127.0.0.2")
         assert renewal.events.empty()
         renewal._on_announcement(ann, "127.0.0.1")
-        again = await asyncio.wait_for(renewal.events.get(), 5)
+        again = await within(renewal.events.get(), 5)
         assert again.kind is EventKind.RECREATED and "ANNOUNCE" in again.reason
         # A NAT-PMP announcement of a new external address (no reboot: the epoch is fine)
         # makes the renewal ask again; this time the gateway hands out another port.
         gw.external_port = 4700
         renewal._on_announcement(natpmp.encode_response(natpmp.PublicAddressResponse(
             0, gw.epoch(), ipaddress.IPv4Address("198.51.100.8"))), "127.0.0.1")
-        changed = await asyncio.wait_for(renewal.events.get(), 5)
+        changed = await within(renewal.events.get(), 5)
         assert changed.kind is EventKind.CHANGED and changed.mapping is not None
         assert changed.mapping.external_port == 4700
         await renewal.stop()
-        deleted = await asyncio.wait_for(renewal.events.get(), 5)
+        deleted = await within(renewal.events.get(), 5)
         assert deleted.kind is EventKind.DELETED
         last = pcp.decode_request(gw.received[-1])
         assert last.lifetime == 0  # delete on shutdown
@@ -252,11 +253,11 @@ def test_announce_after_a_quick_restart_recreates_even_when_the_epoch_looks_fine
         renewal = MappingRenewal(client, 4500, lifetime=600, reboot_delay_max=0.05,
                                  listen_announcements=False, rng=random.Random(3))
         await renewal.start()
-        first = await asyncio.wait_for(renewal.events.get(), 5)
+        first = await within(renewal.events.get(), 5)
         assert first.kind is EventKind.MAPPED
         ann = pcp.encode_response(pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, gw.epoch() + 1))
         renewal._on_announcement(ann, "127.0.0.1")
-        again = await asyncio.wait_for(renewal.events.get(), 5)
+        again = await within(renewal.events.get(), 5)
         assert again.kind is EventKind.RECREATED and "ANNOUNCE" in again.reason
         await renewal.stop()
         tr.close()
@@ -270,12 +271,12 @@ def test_renewal_renews_at_half_lifetime_and_sees_epoch_reset() -> None:
         renewal = MappingRenewal(client, 4500, lifetime=2, reboot_delay_max=0.0,
                                  listen_announcements=False)
         await renewal.start()
-        assert (await asyncio.wait_for(renewal.events.get(), 5)).kind is EventKind.MAPPED
-        renewed = await asyncio.wait_for(renewal.events.get(), 5)  # after ~1 s
+        assert (await within(renewal.events.get(), 5)).kind is EventKind.MAPPED
+        renewed = await within(renewal.events.get(), 5)  # after ~1 s
         assert renewed.kind is EventKind.RENEWED
         gw.reboot()  # silently: only the next renewal's epoch shows it
         gw.clock_offset = 0
-        lost = await asyncio.wait_for(renewal.events.get(), 5)
+        lost = await within(renewal.events.get(), 5)
         assert lost.kind is EventKind.RECREATED and "epoch" in lost.reason
         await renewal.stop()
         tr.close()

@@ -24,6 +24,8 @@ import dns.tsig
 import dns.update
 import pytest
 
+from btmm_core.aio import within
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
 
 from registry_helpers import LiveRegistry, live_registry, state_dir
@@ -95,7 +97,7 @@ async def next_change(w: PushWatcher, timeout: float) -> Changes:
         left = end - time.monotonic()
         if left <= 0:
             raise TimeoutError("no change arrived")
-        ev = await asyncio.wait_for(w.events.get(), left)
+        ev = await within(w.events.get(), left)
         if isinstance(ev, Changes):
             return ev
 
@@ -106,7 +108,7 @@ async def until_state(w: PushWatcher, state: PushState, timeout: float) -> State
         left = end - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"watcher still {w.client.state}, wanted {state}")
-        ev = await asyncio.wait_for(w.events.get(), left)
+        ev = await within(w.events.get(), left)
         if isinstance(ev, StateChanged) and ev.state == state:
             return ev
 

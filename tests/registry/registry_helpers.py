@@ -197,10 +197,12 @@ class LiveRegistry:
         self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
             self.proc.kill()
             self.proc.wait(timeout=5)
-            raise
+            raise RuntimeError(
+                f"btmm serve did not exit within 15 s of signal {sig}; its log:\n{self.log()}"
+            ) from e
         finally:
             self.proc = None
 

@@ -17,6 +17,7 @@ import dns.update
 import pytest
 from registry_helpers import make_core, parse, sign
 
+from btmm_core.aio import within
 from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.registry.handler import Transport
 from btmm_core.registry.model import RRsetChange
@@ -169,7 +170,7 @@ def test_concurrent_updates_to_a_live_server_share_commits(tmp_path: Path) -> No
         for w in wires:  # all sent before the server reads any: one bounded burst
             transport.sendto(w)
         try:
-            await asyncio.wait_for(done, 20)
+            await within(done, 20)
         finally:
             transport.close()
             await server.close()

@@ -28,6 +28,7 @@ from registry_helpers import LiveRegistry, dnskey, free_port, state_dir
 from test_registry_live import account, udp
 
 from bench.pgcluster import PgCluster
+from btmm_core.aio import within
 from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.dns.keyfile import read_key
 from btmm_core.llq.client import Changes
@@ -154,7 +155,7 @@ def test_llq_events_from_b_for_updates_at_a(pg: PgCluster) -> None:
                     assert rc == dns.rcode.NOERROR
                     t1 = time.monotonic()
                     while True:
-                        ev = await asyncio.wait_for(w.events.get(), 10)
+                        ev = await within(w.events.get(), 10)
                         if isinstance(ev, Changes) and any(
                             r.rdata.to_text() == f"fd00::{i + 1:x}" for r in ev.added
                         ):

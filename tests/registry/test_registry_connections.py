@@ -11,6 +11,7 @@ import dns.rcode
 import pytest
 from registry_helpers import PARENT, make_core
 
+from btmm_core.aio import within
 from btmm_core.registry.limits import client_prefix
 from btmm_core.registry.server import Listen, RegistryServer
 
@@ -34,14 +35,14 @@ def test_clients_are_addresses_and_ipv6_slash_64s(address: str, client: str) -> 
 async def _soa(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
     q = dns.message.make_query(PARENT, "SOA").to_wire()
     writer.write(struct.pack("!H", len(q)) + q)
-    (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 10))
-    return dns.message.from_wire(await asyncio.wait_for(reader.readexactly(n), 10)).rcode()
+    (n,) = struct.unpack("!H", await within(reader.readexactly(2), 10))
+    return dns.message.from_wire(await within(reader.readexactly(n), 10)).rcode()
 
 
 async def _closed_at_once(host: str, port: int, source: str) -> bool:
     reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
     try:
-        return await asyncio.wait_for(reader.read(1), 10) == b""
+        return await within(reader.read(1), 10) == b""
     finally:
         writer.close()
 

@@ -32,6 +32,7 @@ from registry_helpers import LiveRegistry, dnskey, free_port, state_dir
 from test_registry_cluster import _owner_of_connection
 from test_registry_live import account, udp
 
+from btmm_core.aio import within
 from btmm_core.dns.keyfile import read_key
 from btmm_core.llq.client import Changes
 from btmm_core.llq.driver import Watcher
@@ -146,7 +147,7 @@ def test_an_update_through_one_worker_is_seen_by_the_other_and_its_llq_watcher()
         async def watch() -> tuple[int, list[float]]:
             async with Watcher(("127.0.0.1", reg.port), name, dns.rdatatype.AAAA, key=tkey,
                                transport="tcp") as w:
-                await asyncio.wait_for(w.events.get(), 10)  # the full (empty) set first
+                await within(w.events.get(), 10)  # the full (empty) set first
                 port = w.local_address[1]
                 found: list[int | None] = []
                 for _ in range(100):
@@ -164,7 +165,7 @@ def test_an_update_through_one_worker_is_seen_by_the_other_and_its_llq_watcher()
                     assert r.rcode() == dns.rcode.NOERROR
                     t1 = time.monotonic()
                     while True:
-                        ev = await asyncio.wait_for(w.events.get(), 10)
+                        ev = await within(w.events.get(), 10)
                         if isinstance(ev, Changes) and any(
                             x.rdata.to_text() == addr for x in ev.added
                         ):

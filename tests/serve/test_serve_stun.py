@@ -11,6 +11,7 @@ import dns.name
 import dns.rdatatype
 import pytest
 
+from btmm_core.aio import within
 from btmm_core.registry.storage import SqliteStorage
 from btmm_core.registry.zones import Zone, ZoneConfig
 from btmm_core.serve import compose
@@ -117,7 +118,7 @@ def test_compose_starts_the_responder_on_the_listen_address(tmp_path: Path) -> N
             t, _ = await loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", 0))
             t.sendto(binding_request(b"\x05" * 12), ("127.0.0.1", port))
             try:
-                return await asyncio.wait_for(got, 10)
+                return await within(got, 10)
             finally:
                 t.close()
         finally:

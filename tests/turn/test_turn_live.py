@@ -15,6 +15,7 @@ import coturn as coturn_module
 import pytest
 from coturn import Coturn
 
+from btmm_core.aio import within
 from btmm_core.errors import TurnError
 from btmm_core.stun.message import TransportAddress
 from btmm_core.stun.turn import TurnOffer
@@ -57,7 +58,7 @@ async def next_of(s: TurnSession, kind: type, timeout: float = 30.0) -> Event:
             if isinstance(ev, kind):
                 return ev
 
-    return await asyncio.wait_for(wait(), timeout)
+    return await within(wait(), timeout)
 
 
 def test_allocate_and_refresh(coturn: Coturn) -> None:
