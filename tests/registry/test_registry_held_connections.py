@@ -29,18 +29,18 @@ class Holder:
 
 
 def _waits(monkeypatch: pytest.MonkeyPatch, timeouts_before_data: int) -> list[float]:
-    """asyncio.wait_for in the driver, timing out ``timeouts_before_data`` times, then the
+    """aio.within in the driver, timing out ``timeouts_before_data`` times, then the
     prefix; returns the timeouts it was given."""
     seen: list[float] = []
 
-    async def wait_for(aw: Any, timeout: float) -> bytes:
+    async def within(aw: Any, timeout: float) -> bytes:
         aw.close()  # the readexactly coroutine is not run
         seen.append(timeout)
         if len(seen) <= timeouts_before_data:
             raise TimeoutError
         return b"\x00\x0c"
 
-    monkeypatch.setattr(server_mod.asyncio, "wait_for", wait_for)
+    monkeypatch.setattr(server_mod, "within", within)
     return seen
 
 
