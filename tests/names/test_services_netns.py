@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from btmm_core.lab.netns import Lab
+from btmm_core.lab.netns import Lab, LabError
 from btmm_core.lab.world import REGISTRY, USER, World, build_world
 
 pytestmark = pytest.mark.netns
@@ -122,3 +122,89 @@ def test_services_published_changed_withdrawn_and_expired(lab: Lab) -> None:
     print(f"expired {took:.1f} s after the kill (lease {LEASE} s)")
     watch.kill()
     watch.wait()
+
+
+# A private system bus for avahi-daemon and avahi-browse: the machine's own bus (if any) is
+# never touched, and anyone on this bus may own and call anything (it lives in a temporary
+# directory for one test).
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+# Wide-area browsing only (RFC 6763 over unicast DNS): avahi asks the resolv.conf servers (the
+# daemon's stub in a lab namespace) and publishes nothing itself.
+AVAHI_CONFIG = """[server]
+use-ipv4=yes
+use-ipv6=yes
+enable-dbus=yes
+browse-domains={zone}
+[wide-area]
+enable-wide-area=yes
+[publish]
+disable-publishing=yes
+[reflector]
+enable-reflector=no
+"""
+
+
+def test_avahi_browses_the_zone_through_the_stub(lab: Lab) -> None:
+    """avahi's wide-area browsing (a standard DNS-SD client) on the laptop finds the desktop's
+    service through the laptop's stub resolver, which asks the registry with a signed query:
+    the name, the port, the TXT and the desktop's ULA."""
+    world = build_world(lab, nat=False)
+    _services(world, 22)
+    laptop = world.hosts["laptop"]
+    for h in world.hosts.values():
+        world.start_host(h)
+    world.wait_tunnels(30)
+    ula = (world.hosts["desktop"].status() or {})["host"]["ula"]
+
+    work = world.workdir / "avahi"
+    work.mkdir()
+    socket = work / "system_bus_socket"
+    (work / "bus.conf").write_text(BUS_CONFIG.format(socket=socket))
+    (work / "avahi-daemon.conf").write_text(AVAHI_CONFIG.format(zone=ZONE))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+           "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={socket}"}
+    out = open(work / "out.log", "w")  # noqa: SIM115 (owned by the processes)
+    laptop.ns.popen(["dbus-daemon", "--nofork", "--nopidfile", "--config-file",
+                     str(work / "bus.conf")], stdout=out, stderr=out, env=env)
+    world.wait_until(socket.exists, 10, "the private D-Bus socket")
+    # avahi-daemon writes its pid under /run/avahi-daemon: a private /run (its own mount
+    # namespace) keeps it off the machine's
+    laptop.ns.popen(["unshare", "--mount", "sh", "-c",
+                     "mount -t tmpfs tmpfs /run && exec avahi-daemon --no-chroot "
+                     f"--no-drop-root --no-rlimits -f {work / 'avahi-daemon.conf'}"],
+                    stdout=out, stderr=out, env=env)
+    want = ["desktop", "_ssh._tcp", ZONE, f"desktop.{ZONE}", ula, "22", '"u=alice"']
+    found: list[str] = []
+
+    def browsed() -> bool:
+        proc = subprocess.run(
+            laptop.ns.argv(["avahi-browse", "--parsable", "--resolve", "--terminate",
+                            "--no-db-lookup", "--domain", ZONE, "_ssh._tcp"]),
+            capture_output=True, text=True, timeout=30, check=False, env=env)
+        found[:] = proc.stdout.splitlines()
+        # '=;iface;proto;name;type;domain;host;address;port;txt' for a resolved service
+        return any(line.startswith("=;") and line.split(";")[3:] == want for line in found)
+
+    try:
+        world.wait_until(browsed, 30, "avahi-browse resolving desktop._ssh._tcp")
+    except LabError as err:
+        out.flush()
+        raise AssertionError(f"{err}\navahi-browse: {found}\nbus and avahi-daemon:\n"
+                             f"{(work / 'out.log').read_text()[-3000:]}") from None
+    finally:
+        out.close()
+    print("avahi-browse:", next(line for line in found if line.startswith("=;")))
