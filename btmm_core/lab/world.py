@@ -398,6 +398,17 @@ class World:
                 out.append(f"--- {h.name} ---\n" + "\n".join(lines))
         return "\n".join(out)
 
+    def publish_services(self, host: Host, services: dict[str, tuple[int, dict[str, str]]]
+                         ) -> None:
+        """``[services]`` in the host's configuration (any earlier section replaced): published
+        as wide-area DNS-SD at its next ``btmm up``. ``services``: type -> (port, TXT keys)."""
+        text = host.config.read_text().split("\n[services]")[0].rstrip("\n")
+        lines = ["", "[services]"]
+        for kind, (port, txt) in services.items():
+            keys = ", ".join(f"{k} = {json.dumps(v)}" for k, v in txt.items())
+            lines.append(f"{kind} = {{ port = {port}, txt = {{ {keys} }} }}")
+        host.config.write_text(text + "\n" + "\n".join(lines) + "\n")
+
     # -- SSH single sign-on (issue 20): a real sshd per host, in its namespace ----------------
 
     def ssh_dir(self, host: Host) -> Path:
@@ -702,6 +713,24 @@ def _roam(world: World, desktop: Host, laptop: Host, to: str) -> bool:
     return bool(ok)
 
 
+def _browse_step(world: World, src: Host, dst: Host) -> bool:
+    """``btmm browse`` on ``src``: the account's services, wide-area DNS-SD read from the
+    registry; True once ``dst``'s ssh service is listed."""
+    _say(f"\nservices: {dst.name} publishes ssh (port 22) in [services]; the {src.name} browses "
+         "the zone (DNS-SD over the registry, signed with its device key)")
+    _say("  $ btmm browse")
+    want = f"{dst.name}._ssh._tcp  {dst.fqdn}:22"
+    deadline = time.monotonic() + 15
+    while True:
+        proc = src.ns.run(world.btmm("browse", "--config", str(src.config)), check=False)
+        if want in proc.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for line in (proc.stdout.strip() or proc.stderr.strip() or "(nothing)").splitlines():
+        _say(f"  {line}")
+    return want in proc.stdout
+
+
 def _ssh_step(world: World, src: Host, dst: Host) -> bool:
     """``ssh DST hostname`` from ``src`` with btmm's certificates (issue 20); True when the
     destination's sshd answered with its name, asking nothing."""
@@ -737,6 +766,7 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "
         desktop, laptop = world.hosts["desktop"], world.hosts["laptop"]
         for h in (desktop, laptop):
             world.enable_sso(h)
+        world.publish_services(desktop, {"ssh": (22, {"u": "root"})})
         t0 = time.monotonic()
         for h in (desktop, laptop):
             world.start_host(h)
@@ -760,6 +790,8 @@ def run_lab(dataplane: str, keep: bool, roam: bool, size: int, scenario: str = "
             if not ok:
                 return 1
             if roam_to and not _roam(world, desktop, laptop, roam_to):
+                return 1
+            if not _browse_step(world, laptop, desktop):
                 return 1
             if not _ssh_step(world, laptop, desktop):
                 return 1

@@ -32,6 +32,9 @@ def test_btmm_lab_roam_runs_and_cleans_up() -> None:
     # the laptop walked into the desktop's home: the desktop now reaches it on the LAN
     assert "laptop now on 192.168.1.11 behind gw1" in out
     assert "path desktop -> laptop: lan 192.168.1.11:4500" in out
+    # the laptop lists the desktop's service (wide-area DNS-SD through the registry)
+    browsed = "  desktop._ssh._tcp  desktop.bob.members.example:22  u=root\n"
+    assert "$ btmm browse\n" + browsed in out, out
     # it ends with ssh by name, no password: the desktop's own sshd answers `hostname`
     assert re.search(r"ssh root@desktop\.bob\.members\.example hostname .*\n  desktop\n", out), out
     assert "user certs: root 9h" in out

@@ -55,10 +55,7 @@ def _expect(q: queue.Queue[str], want: str, timeout: float, world: World) -> flo
 
 
 def _services(world: World, port: int) -> None:
-    desktop = world.hosts["desktop"]
-    text = desktop.config.read_text().split("\n[services]")[0]
-    desktop.config.write_text(text + f'\n[services]\nssh = {{ port = {port}, txt = '
-                              '{ u = "alice" } }\n')
+    world.publish_services(world.hosts["desktop"], {"ssh": (port, {"u": "alice"})})
 
 
 def _dig(world: World, name: str, rdtype: str) -> list[str]:
