@@ -7,9 +7,9 @@ with the fast engine and the rest with the Python one, every tunnel on demand
 (``idle_timeout`` 300 s); all hosts join with the account's key (quicker than N invites; the
 daemons warn about it). Measured: seconds from starting the first daemon until every host
 lists every other as a peer; then, after ``--settle`` seconds, each daemon's RSS (median and
-max) and CPU over ``--window`` idle seconds (median and max, percent of one core); then one
-ping between two hosts, and how many tunnels are up in the whole account (expected: that
-pair's, on both sides).
+max) and CPU over ``--window`` idle seconds (median and max, percent of one core), and the
+registry's; then one ping between two hosts, and how many tunnels are up in the whole
+account (expected: that pair's, on both sides).
 
     python3 -m bench.scale --hosts 10 50 100 [--json /tmp/scale.json]
 
@@ -94,9 +94,12 @@ def measure(n: int, settle: float, window: float, timeout: float) -> dict[str, A
         print(f"{n} hosts: every host knows every other after {know_all:.1f} s", flush=True)
         time.sleep(settle)
         pids = _pids(world)
-        before = {p: _cpu_ticks(p) for p in pids}
+        assert world.registry is not None
+        registry = world.registry.pid
+        before = {p: _cpu_ticks(p) for p in [*pids, registry]}
         time.sleep(window)
         cpu = [100.0 * (_cpu_ticks(p) - before[p]) / TICKS / window for p in _pids(world)]
+        registry_cpu = 100.0 * (_cpu_ticks(registry) - before[registry]) / TICKS / window
         rss = [_rss_kib(p) / 1024 for p in pids]
         # one pair talks: only its tunnel opens
         a = world.hosts["desktop"]
@@ -110,6 +113,8 @@ def measure(n: int, settle: float, window: float, timeout: float) -> dict[str, A
             "rss_mib_max": round(max(rss), 1),
             "idle_cpu_pct_median": round(statistics.median(cpu), 2),
             "idle_cpu_pct_max": round(max(cpu), 2),
+            "registry_idle_cpu_pct": round(registry_cpu, 2),
+            "registry_rss_mib": round(_rss_kib(registry) / 1024, 1),
             "ping_answered": ping.returncode == 0,
             "tunnels_up": {k: v for k, v in up.items() if v},
         }
@@ -126,11 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     results = [measure(n, args.settle, args.window, args.timeout) for n in args.hosts]
-    print("hosts  know-all  RSS MiB (median/max)  idle CPU % (median/max)  tunnels up")
+    print("hosts  know-all  RSS MiB (median/max)  idle CPU % (median/max)  registry CPU % / "
+          "RSS MiB  tunnels up")
     for r in results:
         print(f"{r['hosts']:5}  {r['know_all_s']:7.1f}s  {r['rss_mib_median']:8.1f} / "
               f"{r['rss_mib_max']:<8.1f}  {r['idle_cpu_pct_median']:8.2f} / "
-              f"{r['idle_cpu_pct_max']:<8.2f}  {sum(r['tunnels_up'].values())}")
+              f"{r['idle_cpu_pct_max']:<8.2f}  {r['registry_idle_cpu_pct']:8.2f} / "
+              f"{r['registry_rss_mib']:<8.1f}  {sum(r['tunnels_up'].values())}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
