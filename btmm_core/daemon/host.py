@@ -107,7 +107,7 @@ from btmm_core.keyex.driver import KeyExchangeDriver, Report
 from btmm_core.keyex.keys import derive_psk, load_or_create
 from btmm_core.keyex.noise import Handshaker
 from btmm_core.keyex.session import Established, KeyExchange, SessionConfig
-from btmm_core.llq.client import Changes, ClientConfig, ClientState, StateChanged
+from btmm_core.llq.client import Changes, ClientConfig, StateChanged
 from btmm_core.llq.driver import Watcher
 from btmm_core.metrics.exporter import MetricsServer
 from btmm_core.portmap.addresses import is_behind_nat
@@ -153,19 +153,6 @@ class Peer:
     last_failure: str | None = None
     watchers: list[Watcher] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    #: event-loop time of the last complete read of its records
-    read_at: float = 0.0
-
-    def due_for_read(self, now: float, resolve_interval: float, reread_interval: float) -> bool:
-        """Whether the periodic round reads this peer again: always once ``reread_interval``
-        has passed, sooner (every ``resolve_interval``) while any of its LLQs is not
-        established, since then a change may come with no event."""
-        since = now - self.read_at
-        if since >= reread_interval:
-            return True
-        followed = bool(self.watchers) and all(
-            w.client.state == ClientState.ESTABLISHED for w in self.watchers)
-        return not followed and since >= resolve_interval * 0.9
 
 
 @dataclass
@@ -979,13 +966,14 @@ class Daemon:
             await self._resolve(target)
 
     async def _resolver(self) -> None:
-        loop = asyncio.get_running_loop()
+        # Every peer, every round, even when its LLQs say "established": over UDP through a
+        # NAT an LLQ's events stop arriving when the NAT drops or changes its mapping, and
+        # neither side learns it before the next refresh (half an hour). Skipping followed
+        # peers (tried in 7119f87) lost new candidates after a NAT change for good.
         while True:
             await asyncio.sleep(self.cfg.resolve_interval)
-            for name, peer in list(self.peers.items()):
-                if peer.due_for_read(loop.time(), self.cfg.resolve_interval,
-                                     self.cfg.reread_interval):
-                    await self._resolve(name)
+            for name in list(self.peers):
+                await self._resolve(name)
             await self._read_revocations()
 
     async def _resolve(self, name: dns.name.Name) -> None:
@@ -1017,8 +1005,6 @@ class Daemon:
                 await self._drop_peer(name, "its records are gone")
             return
         await self._apply_peer(rec)
-        if (peer := self.peers.get(name)) is not None:
-            peer.read_at = asyncio.get_running_loop().time()
 
     async def _read_candidates(self, name: dns.name.Name) -> CandidateRead:
         """The peer's candidates: its candidate SRV, then one address lookup per target

@@ -7,8 +7,6 @@ import ipaddress
 import os
 import stat
 from pathlib import Path
-from types import SimpleNamespace
-from typing import cast
 
 import dns.message
 import dns.name
@@ -20,11 +18,9 @@ import pytest
 
 from btmm_core.daemon.cli import render_status
 from btmm_core.daemon.config import join, load_config
-from btmm_core.daemon.host import Peer
 from btmm_core.daemon.hosts import BEGIN, END, replace_block
 from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
 from btmm_core.daemon.records import (
-    PeerRecords,
     Publication,
     browse_name,
     granted_lease,
@@ -36,8 +32,6 @@ from btmm_core.daemon.records import (
 from btmm_core.dns.edns import UpdateLeaseOption
 from btmm_core.errors import ConfigError
 from btmm_core.keyex.keys import ula_of
-from btmm_core.llq.client import ClientState
-from btmm_core.llq.driver import Watcher
 
 ZONE = dns.name.from_text("bob.members.example.")
 ULA = ipaddress.IPv6Address("fd12:3456:789a:1:5054:ff:fe12:3456")
@@ -173,8 +167,6 @@ def test_join_stores_secrets_0600_and_config_loads(tmp_path: Path) -> None:
     ('[host]\nhost = "ok"\n[network]\nportmap = "maybe"\n', "portmap"),
     ('[host]\nhost = "ok"\n[tunnel]\nidle_timeout = -1\n', "idle_timeout"),
     ('[host]\nhost = "ok"\n[tunnel]\nconnect_timeout = 0\n', "connect_timeout"),
-    ('[host]\nhost = "ok"\n[registry]\nresolve_interval = 0\n', "resolve_interval"),
-    ('[host]\nhost = "ok"\n[registry]\nreread_interval = 10\n', "the shorter"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, what: str) -> None:
     (tmp_path / "c.toml").write_text(text)
@@ -226,32 +218,3 @@ def test_shipped_example_config_loads() -> None:
     assert (cfg.host, cfg.port, cfg.portmap, cfg.dataplane) == ("laptop", 4500, "auto", "auto")
     assert cfg.control_path == Path("/var/lib/btmm/control.sock")
     assert (cfg.idle_timeout, cfg.connect_timeout) == (300.0, 15.0)
-
-
-def _peer_with_watches(*states: ClientState) -> Peer:
-    peer = Peer(cast(PeerRecords, None), added_at=0.0, read_at=1000.0)
-    peer.watchers = [cast(Watcher, SimpleNamespace(client=SimpleNamespace(state=s)))
-                     for s in states]
-    return peer
-
-
-def test_a_peer_followed_by_established_llqs_is_read_only_at_the_reread_interval() -> None:
-    est = ClientState.ESTABLISHED
-    followed = _peer_with_watches(est, est, est)
-    assert not followed.due_for_read(1000.0 + 30, 30, 600)
-    assert not followed.due_for_read(1000.0 + 599, 30, 600)
-    assert followed.due_for_read(1000.0 + 600, 30, 600)  # the safety net
-
-
-@pytest.mark.parametrize("states", [
-    (ClientState.ESTABLISHED, ClientState.POLLING, ClientState.ESTABLISHED),
-    (ClientState.SETUP,),
-    (ClientState.CLOSED, ClientState.ESTABLISHED),
-    (),  # no watch could be started
-])
-def test_a_peer_without_every_llq_established_is_read_every_resolve_interval(
-    states: tuple[ClientState, ...],
-) -> None:
-    peer = _peer_with_watches(*states)
-    assert not peer.due_for_read(1000.0 + 10, 30, 600)  # read just now (an event)
-    assert peer.due_for_read(1000.0 + 30, 30, 600)
