@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +57,8 @@ QUICK = Durations(tcp=1, udp_probe=1, udp_probes=3, repetitions=1)
 #: beyond its -t, an iperf3 client gets this long (connect, exchange results) before it is
 #: killed; iperf3 3.12 refuses a second end condition (-k, -n) beside -t
 IPERF_GRACE = 30
+#: runs of one iperf3 measurement whose control connection fails before it gives up
+CONTROL_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -281,18 +284,26 @@ def _iperf(hosts: Hosts, args: list[str], seconds: int) -> tuple[dict[str, Any],
         raise BenchError(f"an iperf3 run needs at least 1 s, not {seconds}")
     argv = ["iperf3", "-c", hosts.target, "-p", str(IPERF_PORT), "-J", "-t", str(seconds),
             "--connect-timeout", "5000", *args]  # fmt: skip
-    with CpuMeter(hosts.tunnel_pids) as cpu:
-        proc = hosts.a.run(argv, check=False, timeout=seconds + IPERF_GRACE)
-    try:
-        report: dict[str, Any] = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise BenchError(
-            f"iperf3 {' '.join(args)} gave no report (exit {proc.returncode}): "
-            f"{proc.stderr.strip()[-1000:]}\n{hosts.log_tails()}"
-        ) from None
-    if report.get("error"):
-        raise BenchError(f"iperf3 {' '.join(args)}: {report['error']}\n{hosts.log_tails()}")
-    return report, cpu.percent
+    for attempt in range(1, CONTROL_ATTEMPTS + 1):
+        with CpuMeter(hosts.tunnel_pids) as cpu:
+            proc = hosts.a.run(argv, check=False, timeout=seconds + IPERF_GRACE)
+        try:
+            report: dict[str, Any] = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            raise BenchError(
+                f"iperf3 {' '.join(args)} gave no report (exit {proc.returncode}): "
+                f"{proc.stderr.strip()[-1000:]}\n{hosts.log_tails()}"
+            ) from None
+        error = str(report.get("error") or "")
+        if not error:
+            return report, cpu.percent
+        if "control" not in error or attempt == CONTROL_ATTEMPTS:
+            raise BenchError(f"iperf3 {' '.join(args)}: {error}\n{hosts.log_tails()}")
+        # iperf3's control connection (TCP, through the tunnel being flooded) was reset
+        # before the results came: this run measured nothing, so it is run again, and said
+        print(f"iperf3 {' '.join(args)}: {error}; running it again ({attempt + 1} of "
+              f"{CONTROL_ATTEMPTS})", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def measure_tcp(hosts: Hosts, streams: int, seconds: int) -> TcpResult:

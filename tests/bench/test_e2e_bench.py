@@ -60,6 +60,46 @@ def test_parse_reports_errors() -> None:
         m.parse_udp(udp_report(10, 10, 0, seconds=0.0), 0.0, None)
 
 
+class _ScriptedIperf:
+    """Hosts whose iperf3 client prints the given reports, one per run."""
+
+    def __init__(self, reports: list[dict[str, Any]]) -> None:
+        self.reports = reports
+        self.runs = 0
+        self.a = self
+        self.target = "fd00::2"
+        self.tunnel_pids: list[int] = []
+
+    def run(self, argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        report = self.reports[self.runs]
+        self.runs += 1
+        return subprocess.CompletedProcess(argv, 1 if "error" in report else 0,
+                                           json.dumps(report), "")
+
+    def log_tails(self) -> str:
+        return "(logs)"
+
+
+RESET = {"error": "unable to receive control message: Connection reset by peer"}
+
+
+def test_a_reset_control_connection_runs_the_measurement_again() -> None:
+    hosts = _ScriptedIperf([RESET, TCP_REPORT])
+    report, _ = m._iperf(hosts, ["-P", "1"], 1)  # type: ignore[arg-type]
+    assert report == TCP_REPORT and hosts.runs == 2
+
+
+def test_other_iperf3_errors_and_repeated_resets_are_not_hidden() -> None:
+    hosts = _ScriptedIperf([{"error": "unable to connect to server"}])
+    with pytest.raises(BtmmError, match="unable to connect"):
+        m._iperf(hosts, [], 1)  # type: ignore[arg-type]
+    assert hosts.runs == 1
+    hosts = _ScriptedIperf([RESET] * m.CONTROL_ATTEMPTS)
+    with pytest.raises(BtmmError, match="control message"):
+        m._iperf(hosts, [], 1)  # type: ignore[arg-type]
+    assert hosts.runs == m.CONTROL_ATTEMPTS
+
+
 def _probe(received: float) -> m.UdpProbe:
     return m.UdpProbe(0.0, received * 2, received, 0.5, None)
 
