@@ -47,8 +47,13 @@ class Config:
     #: fraction of the granted lease after which records are refreshed (plus jitter)
     refresh_fraction: float = 0.8
     llq_lease: int = 3600
-    #: seconds between full re-reads of each peer's records (LLQ events come in between)
+    #: seconds between checks of each peer's candidate SRV (one signed query; a change, or no
+    #: candidate SRV, reads all its records). LLQ events come in between, but over UDP through
+    #: a NAT they stop silently when the NAT changes its mapping
     resolve_interval: float = 30.0
+    #: seconds between full reads of each peer's records (address, key, endpoint, candidates)
+    #: whatever the checks found: the safety net for a new key or ULA, which no LLQ follows
+    reread_interval: float = 300.0
     #: seconds between checks of addresses and routes when netlink reports nothing
     netcheck_interval: float = 5.0
     keepalive: float = 20.0
@@ -127,7 +132,8 @@ class Config:
 
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "host": ("host", "state_dir", "interface_id", "hosts_file", "log_level", "control_socket"),
-    "registry": ("server", "lease", "refresh_fraction", "llq_lease", "resolve_interval"),
+    "registry": ("server", "lease", "refresh_fraction", "llq_lease", "resolve_interval",
+                 "reread_interval"),
     "tunnel": ("dataplane", "tun", "port", "mtu", "keepalive", "idle_timeout",
                "connect_timeout"),
     "network": ("portmap", "gateway", "netcheck_interval"),
@@ -222,6 +228,11 @@ def validate(cfg: Config) -> None:
     OnDemandConfig(float(cfg.idle_timeout), float(cfg.connect_timeout))  # raises ConfigError
     if not 0.1 <= cfg.refresh_fraction <= 0.95:
         raise ConfigError("refresh_fraction must be between 0.1 and 0.95")
+    if not 0 < cfg.resolve_interval <= cfg.reread_interval:
+        raise ConfigError(
+            f"resolve_interval = {cfg.resolve_interval:g} and reread_interval = "
+            f"{cfg.reread_interval:g}: both must be positive, resolve_interval the shorter",
+            hint="defaults: resolve_interval = 30, reread_interval = 300")
     if cfg.stub:
         parse_stub(cfg.stub)
         if cfg.upstream.strip() != "none":

@@ -81,6 +81,7 @@ from btmm_core.daemon.records import (
     peer_host_label,
     publish_update,
     read_candidates,
+    srv_fingerprint,
     srv_name,
     verify_peer,
     withdraw_update,
@@ -153,6 +154,10 @@ class Peer:
     last_failure: str | None = None
     watchers: list[Watcher] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: event-loop time of the last full read of its records
+    read_at: float = 0.0
+    #: its candidate SRV at that read (``srv_fingerprint``); None: it published none
+    candidate_srv: frozenset[str] | None = None
 
 
 @dataclass
@@ -966,15 +971,45 @@ class Daemon:
             await self._resolve(target)
 
     async def _resolver(self) -> None:
-        # Every peer, every round, even when its LLQs say "established": over UDP through a
-        # NAT an LLQ's events stop arriving when the NAT drops or changes its mapping, and
-        # neither side learns it before the next refresh (half an hour). Skipping followed
-        # peers (tried in 7119f87) lost new candidates after a NAT change for good.
+        """Every ``resolve_interval``: each peer's candidate SRV, and all its records when
+        that changed (or it has none), or once ``reread_interval`` has passed.
+
+        Not only LLQ events: over UDP through a NAT they stop arriving when the NAT drops or
+        changes its mapping, and neither side learns it before the LLQ's refresh (half an
+        hour). Skipping the peers whose LLQs were established (tried in 7119f87) lost new
+        candidates after a NAT change for good. Every change of a peer's endpoints changes
+        its candidate SRV (the targets' names hash the endpoints), so one signed query per
+        peer finds what the events missed; reading everything of every peer each round cost
+        the registry about 8 signed queries per ordered pair of hosts every 30 s (2,600 a
+        second in an account of 100). A signed query each round also tells a revoked device
+        at once (BADKEY)."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.cfg.resolve_interval)
             for name in list(self.peers):
-                await self._resolve(name)
+                peer = self.peers.get(name)
+                if peer is None:
+                    continue
+                # 5 % early: a read that came in just after the last round is due now
+                full = loop.time() - peer.read_at >= 0.95 * self.cfg.reread_interval
+                if full or await self._candidates_moved(name, peer):
+                    await self._resolve(name)
             await self._read_revocations()
+
+    async def _candidates_moved(self, name: dns.name.Name, peer: Peer) -> bool:
+        """Whether the peer's candidate SRV differs from the one its last full read saw."""
+        assert self.registry is not None
+        if peer.candidate_srv is None:
+            return True  # an older publisher: only a full read sees its endpoint
+        try:
+            srv = await self.registry.query(
+                candidate_srv_name(peer.records.host, self.zone), dns.rdatatype.SRV)
+        except CredentialsRejected:
+            raise
+        except RegistryError as err:  # the next round asks again
+            log.warning("cannot check peer's candidates", peer=name.to_text(), error=err.what)
+            return False
+        return srv_fingerprint(srv) != peer.candidate_srv
 
     async def _resolve(self, name: dns.name.Name) -> None:
         assert self.registry is not None
@@ -993,7 +1028,7 @@ class Daemon:
                                 peer=name.to_text(), target=srv[0].target.to_text())
                 else:
                     a = await self.registry.query(srv[0].target, dns.rdatatype.A)
-            cands = await self._read_candidates(name)
+            cands, candidate_srv = await self._read_candidates(name)
         except CredentialsRejected:
             raise
         except RegistryError as err:  # ClockSkew too: the next resolve retries
@@ -1005,10 +1040,16 @@ class Daemon:
                 await self._drop_peer(name, "its records are gone")
             return
         await self._apply_peer(rec)
+        if (peer := self.peers.get(name)) is not None:
+            peer.read_at = asyncio.get_running_loop().time()
+            peer.candidate_srv = candidate_srv
 
-    async def _read_candidates(self, name: dns.name.Name) -> CandidateRead:
+    async def _read_candidates(
+        self, name: dns.name.Name
+    ) -> tuple[CandidateRead, frozenset[str] | None]:
         """The peer's candidates: its candidate SRV, then one address lookup per target
-        (two when the expected family is absent), at most ``MAX_CANDIDATES`` targets."""
+        (two when the expected family is absent), at most ``MAX_CANDIDATES`` targets; and
+        the SRV's ``srv_fingerprint``."""
         assert self.registry is not None
         host = name.relativize(self.zone).to_text()
         srv = await self.registry.query(candidate_srv_name(host, self.zone), dns.rdatatype.SRV)
@@ -1020,7 +1061,7 @@ class Daemon:
                 found.setdefault(ref.target, []).append(ans)
                 if ans is not None and len(ans):
                     break
-        return read_candidates(refs, found, refused)
+        return read_candidates(refs, found, refused), srv_fingerprint(srv)
 
     async def _apply_peer(self, rec: PeerRecords) -> None:
         assert self.driver is not None and self.kx is not None and self.engine is not None

@@ -339,6 +339,14 @@ class CandidateRead:
     refused: tuple[str, ...] = field(default=())
 
 
+def srv_fingerprint(srv: dns.rrset.RRset | None) -> frozenset[str] | None:
+    """What identifies a candidate SRV RRset's content (None: no such RRset), to tell whether
+    it changed since the last read: its records' texts; the TTL does not count."""
+    if srv is None or not len(srv):
+        return None
+    return frozenset(rd.to_text() for rd in srv)
+
+
 def candidate_refs(
     peer: dns.name.Name, srv: dns.rrset.RRset | None
 ) -> tuple[list[CandidateRef], list[str]]:

@@ -167,6 +167,8 @@ def test_join_stores_secrets_0600_and_config_loads(tmp_path: Path) -> None:
     ('[host]\nhost = "ok"\n[network]\nportmap = "maybe"\n', "portmap"),
     ('[host]\nhost = "ok"\n[tunnel]\nidle_timeout = -1\n', "idle_timeout"),
     ('[host]\nhost = "ok"\n[tunnel]\nconnect_timeout = 0\n', "connect_timeout"),
+    ('[host]\nhost = "ok"\n[registry]\nresolve_interval = 0\n', "resolve_interval"),
+    ('[host]\nhost = "ok"\n[registry]\nreread_interval = 10\n', "the shorter"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, what: str) -> None:
     (tmp_path / "c.toml").write_text(text)

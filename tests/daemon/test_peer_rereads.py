@@ -1,0 +1,139 @@
+"""The daemon's periodic round over its peers (``Daemon._resolver``): one signed query of each
+peer's candidate SRV, and a full read only when that changed, when the peer publishes none, or
+once ``reread_interval`` has passed; a refused key stops the round. Sans-I/O around a scripted
+registry: no sockets, only the event loop's timers (``resolve_interval`` of 10 ms)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import dns.name
+import dns.rdata
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from btmm_core.aio import within
+from btmm_core.daemon.config import Config
+from btmm_core.daemon.host import Daemon, Peer
+from btmm_core.daemon.records import PeerRecords, candidate_srv_name, srv_fingerprint
+from btmm_core.errors import CredentialsRejected
+
+ZONE = dns.name.from_text("bob.members.example")
+PEER = dns.name.from_text("laptop", origin=ZONE)
+CAND = candidate_srv_name("laptop", ZONE)
+
+
+def _srv(*ports: int) -> dns.rrset.RRset:
+    rrset = dns.rrset.RRset(CAND, 1, dns.rdatatype.SRV)
+    for i, port in enumerate(ports, 1):
+        rrset.add(dns.rdata.from_text("IN", "SRV", f"3 0 {port} c{i}-0000000{i}.laptop.{ZONE}"))
+    return rrset
+
+
+class ScriptedRegistry:
+    def __init__(self, answer: Callable[[], dns.rrset.RRset | None]) -> None:
+        self.answer = answer
+        self.asked: list[tuple[dns.name.Name, int]] = []
+
+    async def query(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+        self.asked.append((name, rdtype))
+        return self.answer()
+
+
+def _daemon(registry: ScriptedRegistry, peer: Peer, reread: float) -> tuple[Daemon, list[Any]]:
+    daemon = Daemon.__new__(Daemon)  # only what the round uses: no keys, sockets or engine
+    daemon.cfg = Config(path=Path("/nonexistent"), host="desktop", resolve_interval=0.01,
+                        reread_interval=reread)
+    daemon.zone = ZONE
+    daemon.registry = cast(Any, registry)
+    daemon.sso = None
+    daemon.peers = {PEER: peer}
+    full_reads: list[Any] = []
+
+    async def resolve(name: dns.name.Name) -> None:
+        full_reads.append(name)
+        loop = asyncio.get_running_loop()
+        peer.read_at, peer.candidate_srv = loop.time(), srv_fingerprint(registry.answer())
+
+    daemon._resolve = resolve  # type: ignore[method-assign]
+    return daemon, full_reads
+
+
+def _peer(srv: dns.rrset.RRset | None, read_at: float) -> Peer:
+    records = cast(PeerRecords, type("Records", (), {"host": "laptop"})())
+    return Peer(records, added_at=0.0, read_at=read_at, candidate_srv=srv_fingerprint(srv))
+
+
+async def _rounds(daemon: Daemon, until: Callable[[], bool]) -> None:
+    task = asyncio.create_task(daemon._resolver())
+    try:
+        for _ in range(500):  # 5 s at most
+            if until():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the round never got there")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_an_unchanged_candidate_srv_costs_one_query_a_round() -> None:
+    async def main() -> None:
+        registry = ScriptedRegistry(lambda: _srv(4500, 4501))
+        now = asyncio.get_running_loop().time()
+        daemon, full = _daemon(registry, _peer(_srv(4500, 4501), now), reread=3600)
+        await _rounds(daemon, lambda: len(registry.asked) >= 5)
+        assert set(registry.asked) == {(CAND, dns.rdatatype.SRV)} and full == []
+
+    asyncio.run(main())
+
+
+def test_a_changed_or_vanished_candidate_srv_reads_the_peer_again() -> None:
+    async def main() -> None:
+        answers: list[dns.rrset.RRset | None] = [_srv(4500)]
+        registry = ScriptedRegistry(lambda: answers[-1])
+        now = asyncio.get_running_loop().time()
+        daemon, full = _daemon(registry, _peer(_srv(4500), now), reread=3600)
+        answers.append(_srv(4500, 21454))  # the NAT gave a new reflexive port
+        await _rounds(daemon, lambda: len(full) == 1)
+        asked = len(registry.asked)
+        await _rounds(daemon, lambda: len(registry.asked) >= asked + 3)
+        assert len(full) == 1  # the same again: no more full reads
+        answers.append(None)  # the peer's records expired (the full read drops it)
+        await _rounds(daemon, lambda: len(full) == 2)
+
+    asyncio.run(main())
+
+
+def test_a_full_read_comes_at_the_reread_interval_and_for_a_peer_without_candidates() -> None:
+    async def main() -> None:
+        registry = ScriptedRegistry(lambda: _srv(4500))
+        loop = asyncio.get_running_loop()
+        daemon, full = _daemon(registry, _peer(_srv(4500), loop.time() - 10), reread=5)
+        await _rounds(daemon, lambda: len(full) == 1)  # 10 s since the last: due
+        legacy = ScriptedRegistry(lambda: None)
+        daemon, full = _daemon(legacy, _peer(None, loop.time()), reread=3600)
+        await _rounds(daemon, lambda: len(full) >= 2)
+        assert legacy.asked == []  # nothing to compare: every round reads it all
+
+    asyncio.run(main())
+
+
+def test_a_refused_key_stops_the_round() -> None:
+    def refused() -> dns.rrset.RRset | None:
+        raise CredentialsRejected("BADKEY", hint="run btmm join again")
+
+    async def main() -> None:
+        registry = ScriptedRegistry(refused)
+        daemon, _ = _daemon(registry, _peer(_srv(4500), asyncio.get_running_loop().time()),
+                            reread=3600)
+        with pytest.raises(CredentialsRejected):
+            await within(daemon._resolver(), 5)
+
+    asyncio.run(main())
