@@ -198,6 +198,10 @@ class Daemon:
         secret = cfg.secret_file.read_bytes().strip()
         self.psk = derive_psk(secret)
         self.sso: Sso | None = None
+        #: hosts of the browse list that are not peers (yet): when each was last read, and
+        #: those whose read failed (asked again every round, not only at ``reread_interval``)
+        self._unknown_read_at: dict[dns.name.Name, float] = {}
+        self._unknown_failed: set[dns.name.Name] = set()
         if cfg.sso_enabled:
             self.sso = Sso(cfg, self.zone, self.static.private, self.static.public, secret,
                            str(self.identity.ula))
@@ -986,6 +990,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.cfg.resolve_interval)
+            await self._read_unknown_hosts()
             for name in list(self.peers):
                 peer = self.peers.get(name)
                 if peer is None:
@@ -995,6 +1000,32 @@ class Daemon:
                 if full or await self._candidates_moved(name, peer):
                     await self._resolve(name)
             await self._read_revocations()
+
+    async def _read_unknown_hosts(self) -> None:
+        """The browse list once a round: a host on it that is not a peer is read now if its
+        last read failed (the registry was busy or unreachable) or if it was never read (an
+        LLQ event lost), else at most every ``reread_interval`` (a refused host stays
+        refused until its records change, and each read of it logs why)."""
+        assert self.registry is not None
+        try:
+            listed = await self.registry.query(browse_name(self.zone), dns.rdatatype.PTR)
+        except CredentialsRejected:
+            raise
+        except RegistryError as err:
+            log.warning("cannot read the browse list", error=err.what)
+            return
+        own = host_name(self.cfg.host, self.zone)
+        names = {rd.target for rd in listed or ()
+                 if rd.target != own and peer_host_label(rd.target, self.zone) is not None}
+        for gone in set(self._unknown_read_at) - names:
+            del self._unknown_read_at[gone]
+        self._unknown_failed &= names
+        now = asyncio.get_running_loop().time()
+        for name in sorted(names - set(self.peers)):
+            last = self._unknown_read_at.get(name)
+            if (last is None or name in self._unknown_failed
+                    or now - last >= 0.95 * self.cfg.reread_interval):
+                await self._resolve(name)
 
     async def _candidates_moved(self, name: dns.name.Name, peer: Peer) -> bool:
         """Whether the peer's candidate SRV differs from the one its last full read saw."""
@@ -1016,6 +1047,8 @@ class Daemon:
         if peer_host_label(name, self.zone) is None:
             log.warning("not following a name outside our zone", name=name.to_text())
             return
+        if name not in self.peers:
+            self._unknown_read_at[name] = asyncio.get_running_loop().time()
         try:
             aaaa = await self.registry.query(name, dns.rdatatype.AAAA)
             txt = await self.registry.query(name, dns.rdatatype.TXT)
@@ -1031,9 +1064,12 @@ class Daemon:
             cands, candidate_srv = await self._read_candidates(name)
         except CredentialsRejected:
             raise
-        except RegistryError as err:  # ClockSkew too: the next resolve retries
+        except RegistryError as err:  # ClockSkew too: the next round reads it again
             log.warning("cannot resolve peer", peer=name.to_text(), error=err.what)
+            if name not in self.peers:
+                self._unknown_failed.add(name)
             return
+        self._unknown_failed.discard(name)
         rec = peer_from_answers(name, self.zone, aaaa, txt, srv, a, cands)
         if rec is None:
             if name in self.peers:

@@ -20,8 +20,13 @@ import pytest
 from btmm_core.aio import within
 from btmm_core.daemon.config import Config
 from btmm_core.daemon.host import Daemon, Peer
-from btmm_core.daemon.records import PeerRecords, candidate_srv_name, srv_fingerprint
-from btmm_core.errors import CredentialsRejected
+from btmm_core.daemon.records import (
+    PeerRecords,
+    browse_name,
+    candidate_srv_name,
+    srv_fingerprint,
+)
+from btmm_core.errors import CredentialsRejected, RegistryError
 
 ZONE = dns.name.from_text("bob.members.example")
 PEER = dns.name.from_text("laptop", origin=ZONE)
@@ -35,14 +40,37 @@ def _srv(*ports: int) -> dns.rrset.RRset:
     return rrset
 
 
+BROWSE = browse_name(ZONE)
+
+
+def _browse(*hosts: str) -> dns.rrset.RRset:
+    rrset = dns.rrset.RRset(BROWSE, 1, dns.rdatatype.PTR)
+    for host in hosts:
+        rrset.add(dns.rdata.from_text("IN", "PTR", f"{host}.{ZONE}"))
+    return rrset
+
+
 class ScriptedRegistry:
-    def __init__(self, answer: Callable[[], dns.rrset.RRset | None]) -> None:
+    """Answers the candidate SRV with ``answer()``, the browse list with ``listed``; every
+    other name has no records, or ``failing`` names raise RegistryError."""
+
+    def __init__(self, answer: Callable[[], dns.rrset.RRset | None],
+                 listed: dns.rrset.RRset | None = None) -> None:
         self.answer = answer
+        self.listed = listed if listed is not None else _browse("desktop", "laptop")
+        self.failing: set[dns.name.Name] = set()
         self.asked: list[tuple[dns.name.Name, int]] = []
 
     async def query(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
         self.asked.append((name, rdtype))
-        return self.answer()
+        if name == BROWSE:
+            return self.listed
+        if name in self.failing:
+            raise RegistryError("no answer from the registry", hint="it is busy")
+        return self.answer() if name == CAND else None
+
+    def reads_of(self, name: dns.name.Name) -> int:
+        return self.asked.count((name, dns.rdatatype.AAAA))
 
 
 def _daemon(registry: ScriptedRegistry, peer: Peer, reread: float) -> tuple[Daemon, list[Any]]:
@@ -53,6 +81,8 @@ def _daemon(registry: ScriptedRegistry, peer: Peer, reread: float) -> tuple[Daem
     daemon.registry = cast(Any, registry)
     daemon.sso = None
     daemon.peers = {PEER: peer}
+    daemon._unknown_read_at = {}
+    daemon._unknown_failed = set()
     full_reads: list[Any] = []
 
     async def resolve(name: dns.name.Name) -> None:
@@ -88,8 +118,9 @@ def test_an_unchanged_candidate_srv_costs_one_query_a_round() -> None:
         registry = ScriptedRegistry(lambda: _srv(4500, 4501))
         now = asyncio.get_running_loop().time()
         daemon, full = _daemon(registry, _peer(_srv(4500, 4501), now), reread=3600)
-        await _rounds(daemon, lambda: len(registry.asked) >= 5)
-        assert set(registry.asked) == {(CAND, dns.rdatatype.SRV)} and full == []
+        await _rounds(daemon, lambda: len(registry.asked) >= 10)
+        assert set(registry.asked) == {(CAND, dns.rdatatype.SRV), (BROWSE, dns.rdatatype.PTR)}
+        assert full == []
 
     asyncio.run(main())
 
@@ -120,7 +151,8 @@ def test_a_full_read_comes_at_the_reread_interval_and_for_a_peer_without_candida
         legacy = ScriptedRegistry(lambda: None)
         daemon, full = _daemon(legacy, _peer(None, loop.time()), reread=3600)
         await _rounds(daemon, lambda: len(full) >= 2)
-        assert legacy.asked == []  # nothing to compare: every round reads it all
+        # nothing to compare: every round reads it all
+        assert (CAND, dns.rdatatype.SRV) not in legacy.asked
 
     asyncio.run(main())
 
@@ -135,5 +167,31 @@ def test_a_refused_key_stops_the_round() -> None:
                             reread=3600)
         with pytest.raises(CredentialsRejected):
             await within(daemon._resolver(), 5)
+
+    asyncio.run(main())
+
+
+def test_a_listed_host_that_is_no_peer_is_read_again_after_a_failed_read_only() -> None:
+    """A host on the browse list whose first read failed (the registry busy at start-up)
+    is read again the next round, whatever the LLQ said; one read and refused (here: no
+    records) waits for ``reread_interval``."""
+    nas = dns.name.from_text("nas", origin=ZONE)
+    phone = dns.name.from_text("phone", origin=ZONE)
+
+    async def main() -> None:
+        registry = ScriptedRegistry(lambda: _srv(4500), _browse("desktop", "laptop", "nas",
+                                                                 "phone"))
+        registry.failing.add(nas)
+        loop = asyncio.get_running_loop()
+        daemon, _ = _daemon(registry, _peer(_srv(4500), loop.time()), reread=3600)
+        daemon._resolve = Daemon._resolve.__get__(daemon)  # type: ignore[method-assign]
+        await _rounds(daemon, lambda: registry.reads_of(nas) >= 3)
+        assert registry.reads_of(phone) == 1  # read once, came to nothing: not every round
+        assert registry.reads_of(PEER) == 0  # a peer: its candidate SRV only
+        registry.failing.clear()
+        await _rounds(daemon, lambda: registry.reads_of(nas) >= 4)
+        asked = len(registry.asked)
+        await _rounds(daemon, lambda: len(registry.asked) >= asked + 6)
+        assert registry.reads_of(nas) == 4 and registry.reads_of(phone) == 1
 
     asyncio.run(main())
