@@ -63,6 +63,20 @@ def _pids(world: World) -> list[int]:
     return pids
 
 
+def _missing(world: World, pending: set[str]) -> str:
+    """Which peers each host lacks, and what its log says about them."""
+    out = []
+    for name in sorted(pending):
+        host = world.hosts[name]
+        known = {p["name"].split(".")[0] for p in _peers(host)}
+        lacking = sorted(set(world.hosts) - known - {name})
+        out.append(f"{name} lacks {', '.join(lacking)}")
+        log = host.log.read_text(errors="replace").splitlines() if host.log else []
+        out += [f"  {line}" for line in log
+                if any(f"peer={p}" in line or f"{p}." in line for p in lacking)][-8:]
+    return "\n".join(out)
+
+
 def build(lab: Lab, n: int) -> World:
     world = build_world(lab, nat=False, dataplanes=("fast", "fast"), host_extra=EXTRA)
     extra = [world.add_host(f"h{i}", "python", lease=1800, extra=EXTRA) for i in range(3, n + 1)]
@@ -84,7 +98,7 @@ def measure(n: int, settle: float, window: float, timeout: float) -> dict[str, A
         while pending:
             if time.monotonic() - t0 > timeout:
                 raise RuntimeError(f"{len(pending)} hosts still do not know all {n - 1} peers "
-                                   f"after {timeout} s")
+                                   f"after {timeout} s:\n{_missing(world, pending)}")
             for name in sorted(pending):
                 if len(_peers(world.hosts[name])) == n - 1:
                     pending.discard(name)
