@@ -32,6 +32,10 @@ from btmm_core.aio import within
 from btmm_core.dns.tsig import MAX_FUDGE, TsigError, TsigKey, expected_mac, record_of, sign
 from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryError, RegistryUnreachable
 
+#: seconds of clock difference from the registry (read from a BADTIME answer) within which a
+#: BADTIME is taken for our own requests crossing (see ``exchange_signed``)
+SAME_CLOCK = 2
+
 #: the largest request sent over UDP: the EDNS buffer size every resolver accepts without IP
 #: fragmentation (DNS flag day 2020); a larger one (an UPDATE with many candidates) goes by TCP
 UDP_REQUEST_MAX = 1232
@@ -102,7 +106,10 @@ class RegistryClient:
         host, port = self.server
         last: Exception | None = None
         rejected: CredentialsRejected | None = None
-        for _ in range(self.tries):
+        refused_time: ClockSkew | None = None
+        tries = self.tries
+        while tries > 0:
+            tries -= 1
             now = int(time.time())
             signed, mac = sign(_wire(msg), self.key, time_signed=now, fudge=MAX_FUDGE)
             try:
@@ -120,6 +127,18 @@ class RegistryClient:
                 # BADKEY/BADSIG answers are unsigned (RFC 8945 5.3.2): anyone who can spoof
                 # the registry's address could send one, so one alone is not believed
                 rejected = exc
+                continue
+            except ClockSkew as exc:
+                if exc.skew is None or abs(exc.skew) > SAME_CLOCK or refused_time is not None:
+                    raise
+                # Our clock agrees with the registry's, so the newer Time Signed it holds for
+                # our key is most likely our own: a request another task signed a second
+                # later got there first, and the replay rule refuses an older time. Signed
+                # again in the next second, once (a new ID: a new MAC)
+                refused_time = exc
+                tries += 1  # refused before it was looked at: not a try
+                msg.id = (msg.id + 1) & 0xFFFF
+                await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
                 continue
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 last = exc

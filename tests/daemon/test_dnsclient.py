@@ -1,6 +1,6 @@
 """The daemon's registry client against an in-process registry core on loopback: one forged
 (unsigned) BADKEY is not believed, a BADKEY on every try is; an UPDATE too big for UDP goes by
-TCP."""
+TCP; a BADTIME from our own requests crossing is signed again."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from btmm_core.daemon.dnsclient import UDP_REQUEST_MAX, RegistryClient
 from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import Publication, publish_update
 from btmm_core.dataplane.api import Endpoint
-from btmm_core.dns.tsig import TsigError, append_tsig
-from btmm_core.errors import CredentialsRejected
+from btmm_core.dns.tsig import TsigError, append_tsig, sign
+from btmm_core.errors import ClockSkew, CredentialsRejected
 from btmm_core.reach.candidates import Candidate, CandidateKind
 from btmm_core.registry.handler import RegistryCore, Transport
 
@@ -144,3 +144,33 @@ async def publish_big() -> tuple[int, int]:
 def test_an_update_too_big_for_udp_goes_by_tcp() -> None:
     datagrams, streams = asyncio.run(publish_big())
     assert (datagrams, streams) == (1, 1)
+
+
+async def query_after_a_later_stamp(ahead: int) -> dns.message.Message:
+    """Another task of ours signed a request ``ahead`` seconds later than now, and it reached
+    the registry first; then the client's own query, signed now."""
+    core, accounts = make_core()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: Server(core, 0), local_addr=("127.0.0.1", 0))
+    try:
+        key = accounts["bob"].key
+        later = dns.message.make_query(ZONE, "SOA")
+        wire, _ = sign(later.to_wire(), key, time_signed=int(time.time()) + ahead, fudge=300)
+        assert core.receive(wire, time.time(), Transport.UDP, "127.0.0.1") is not None
+        port = transport.get_extra_info("sockname")[1]
+        client = RegistryClient(("127.0.0.1", port), key, timeout=1.0, tries=1)
+        query = dns.message.make_query(ZONE, "SOA")
+        return await client.exchange(query)
+    finally:
+        transport.close()
+
+
+def test_a_badtime_from_our_own_later_request_is_signed_again_in_the_next_second() -> None:
+    resp = asyncio.run(query_after_a_later_stamp(1))
+    assert resp.rcode() == 0 and resp.answer
+
+
+def test_a_badtime_that_signing_again_cannot_cure_is_still_reported() -> None:
+    with pytest.raises(ClockSkew, match="BADTIME"):
+        asyncio.run(query_after_a_later_stamp(4))  # a clock ahead by 4 s shares our key
