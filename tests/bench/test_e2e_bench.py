@@ -206,7 +206,9 @@ def test_quick_run_every_system(tmp_path: Path) -> None:
          "--output", str(out), "--chart", str(png)],
         capture_output=True, text=True, timeout=600, env=env(), cwd=str(REPO),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the error's own line first: the logs the bench appends after it run to many kilobytes
+    said = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 0, "\n".join(said) + "\n...\n" + proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == report
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -247,7 +249,9 @@ def test_btmm_bench_e2e_option_prints_the_table() -> None:
          "--systems", "veth,btmm-fast"],
         capture_output=True, text=True, timeout=300, env=env(), cwd=str(REPO),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the error's own line first: the logs the bench appends after it run to many kilobytes
+    said = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 0, "\n".join(said) + "\n...\n" + proc.stderr[-3000:]
     assert "TCP, 1 stream" in proc.stdout and "btmm-fast" in proc.stdout
     assert "openvpn" not in proc.stdout
     assert _results_state() == before  # printed, nothing written into the repository

@@ -144,6 +144,8 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, lis
     d.static = ME
     d.identity = HostIdentity.of_key(ME.public)
     d.peers = {}
+    d._unknown_read_at = {}
+    d._unknown_failed = set()
     d.net = NetState()
     d.paths = PathSet(ME, bytes(32), os.urandom)
     d._paths_wake = asyncio.Event()
