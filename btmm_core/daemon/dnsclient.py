@@ -106,7 +106,7 @@ class RegistryClient:
         host, port = self.server
         last: Exception | None = None
         rejected: CredentialsRejected | None = None
-        refused_time: ClockSkew | None = None
+        signed_again = False
         tries = self.tries
         while tries > 0:
             tries -= 1
@@ -129,13 +129,13 @@ class RegistryClient:
                 rejected = exc
                 continue
             except ClockSkew as exc:
-                if exc.skew is None or abs(exc.skew) > SAME_CLOCK or refused_time is not None:
+                if exc.skew is None or abs(exc.skew) > SAME_CLOCK or signed_again:
                     raise
                 # Our clock agrees with the registry's, so the newer Time Signed it holds for
                 # our key is most likely our own: a request another task signed a second
                 # later got there first, and the replay rule refuses an older time. Signed
                 # again in the next second, once (a new ID: a new MAC)
-                refused_time = exc
+                signed_again = True
                 tries += 1  # refused before it was looked at: not a try
                 msg.id = (msg.id + 1) & 0xFFFF
                 await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
