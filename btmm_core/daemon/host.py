@@ -26,7 +26,7 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +91,14 @@ from btmm_core.daemon.services import ServicePublisher
 from btmm_core.daemon.sso import Sso
 from btmm_core.daemon.turncreds import fetch_offer
 from btmm_core.dataplane import open_engine
-from btmm_core.dataplane.api import ControlPacket, Endpoint, Engine, EngineConfig, StunPacket
+from btmm_core.dataplane.api import (
+    ControlPacket,
+    Endpoint,
+    Engine,
+    EngineConfig,
+    PeerInfo,
+    StunPacket,
+)
 from btmm_core.dataplane.netconf import configure_tun
 from btmm_core.dns.keyfile import read_key
 from btmm_core.dns.tsig import KeyRole
@@ -139,10 +146,13 @@ STUN_INTERVAL = 300.0
 RELAY_STUN_INTERVAL = 20.0
 STUN_RC = 5
 STUN_RM = 8
-#: how often the engine's per-peer counters feed the path managers' liveness
-PATH_POLL = 0.5
-#: seconds between reads of the engine's counters for the on-demand idle timers
-ONDEMAND_POLL = 1.0
+#: how often the engine's per-peer counters are read while a tunnel is up or opening: the
+#: path managers' liveness evidence, the on-demand idle timers' evidence of use and the key
+#: exchange's packet budget
+COUNTERS_POLL = 0.5
+#: how often while no tunnel is up or opening (no SA: no counter can move); opening one wakes
+#: the poll at once
+COUNTERS_IDLE_POLL = 5.0
 
 
 @dataclass
@@ -158,6 +168,15 @@ class Peer:
     read_at: float = 0.0
     #: its candidate SRV at that read (``srv_fingerprint``); None: it published none
     candidate_srv: frozenset[str] | None = None
+
+
+@dataclass
+class _Reading:
+    """A read of one host's records in progress (``Daemon._resolve``)."""
+
+    task: asyncio.Task[None] | None = None
+    #: someone asked while it ran: read once more when it ends
+    again: bool = False
 
 
 @dataclass
@@ -202,6 +221,8 @@ class Daemon:
         #: those whose read failed (asked again every round, not only at ``reread_interval``)
         self._unknown_read_at: dict[dns.name.Name, float] = {}
         self._unknown_failed: set[dns.name.Name] = set()
+        #: reads of hosts' records in progress, so that callers at the same time share them
+        self._reading: dict[dns.name.Name, _Reading] = {}
         if cfg.sso_enabled:
             self.sso = Sso(cfg, self.zone, self.static.private, self.static.public, secret,
                            str(self.identity.ula))
@@ -228,6 +249,7 @@ class Daemon:
         self.ondemand = OnDemand(OnDemandConfig(float(cfg.idle_timeout),
                                                 float(cfg.connect_timeout)))
         self._ondemand_wake = asyncio.Event()
+        self._counters_wake = asyncio.Event()
         self._paths_wake = asyncio.Event()
         self._stun_wake = asyncio.Event()
         self._stun: BindingTransaction | None = None
@@ -343,6 +365,7 @@ class Daemon:
         self.driver = KeyExchangeDriver(self.engine, self.kx, on_report=self._on_report,
                                         on_stun=self._on_stun,
                                         on_path_message=self._on_path_message,
+                                        poll_interval=None,  # _counters_loop reads them
                                         on_peer_wanted=self._on_peer_wanted if on_demand
                                         else None)
         self.driver.start()
@@ -369,6 +392,7 @@ class Daemon:
             self._spawn(self._netcheck(), "netcheck")
             self._spawn(self._resolver(), "resolver")
             self._spawn(self._stun_loop(), "stun")
+            self._spawn(self._counters_loop(), "counters")
             self._spawn(self._path_loop(), "paths")
             self._spawn(self._relay_loop(), "relay")
             self._spawn(self._ondemand_loop(), "ondemand")
@@ -406,9 +430,10 @@ class Daemon:
     async def _shutdown(self) -> None:
         withdrawn: bool | None = None
         dropped = len(self.peers)
-        for t in self._tasks:
+        reads = [r.task for r in self._reading.values() if r.task is not None]
+        for t in [*self._tasks, *reads]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *reads]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         for name in list(self.peers):
@@ -568,11 +593,17 @@ class Daemon:
     # -- network -----------------------------------------------------------------------
 
     async def _check_network(self, first: bool = False) -> None:
+        try:
+            await self._check_network_once(first)
+        finally:
+            self._paths_wake.set()  # the path managers see our candidates as they are now
+
+    async def _check_network_once(self, first: bool) -> None:
         assert self.registry is not None and self.engine is not None
         addresses = tuple(await asyncio.to_thread(local_addresses))
         if addresses != self.net.local:
             self.net.local = addresses
-            self._republish.set()  # the LAN candidates may have changed
+            self._candidates_changed()  # the LAN candidates may have changed
         local = local_ipv4_towards(self.registry.server[0])
         gateway = self.cfg.gateway or default_gateway()
         if not first and (local, gateway) == (self.net.local_address, self.net.gateway):
@@ -607,10 +638,16 @@ class Daemon:
         # nothing is published until the gateway answers: a private address helps no peer
         self.net.external = None
 
+    def _candidates_changed(self) -> None:
+        """Our addresses, mapping, reflexive or relayed endpoint may have changed: publish
+        again, and let the path managers see the new local candidates now."""
+        self._republish.set()
+        self._paths_wake.set()
+
     def _set_external(self, ext: tuple[str, int]) -> None:
         if ext != self.net.external:
             self.net.external = ext
-            self._republish.set()
+            self._candidates_changed()
             self._poke_peers()
 
     async def _stop_portmap(self, *, delete: bool) -> None:
@@ -637,7 +674,7 @@ class Daemon:
                     # and answer to where they come from (their NAT lets the answers in)
                     self.net.unreachable = True
                     self.net.external = None
-                    self._republish.set()
+                    self._candidates_changed()
                 continue
             if ev.mapping is None or ev.kind == EventKind.DELETED:
                 continue
@@ -781,7 +818,7 @@ class Daemon:
                         error=self.net.stun_error)
             if self.net.reflexive is not None:
                 self.net.reflexive = None
-                self._republish.set()
+                self._candidates_changed()
             return
         found = Endpoint(tx.mapped.host, tx.mapped.port)
         self.net.stun_error = None
@@ -790,7 +827,7 @@ class Daemon:
                      server=_endpoint_text(server), rtt=None if tx.rtt is None
                      else round(tx.rtt, 3))
             self.net.reflexive = found
-            self._republish.set()
+            self._candidates_changed()
             self._paths_wake.set()
 
     def _on_stun(self, packet: StunPacket) -> None:
@@ -812,28 +849,54 @@ class Daemon:
         self._paths_wake.set()
 
     async def _path_loop(self) -> None:
-        """One timer for every peer's path manager, and the engine's counters read every
-        ``PATH_POLL`` seconds as the managers' liveness evidence."""
-        assert self.engine is not None
+        """One timer for every peer's path manager (their evidence comes from
+        ``_counters_loop``)."""
         loop = asyncio.get_running_loop()
-        next_poll = loop.time()
         while True:
             now = loop.time()
             self._apply_paths(self.paths.set_local(self._candidates(), now, time.time()))
-            if now >= next_poll:
-                try:
-                    infos = self.engine.peers()
-                except BtmmError as err:
-                    log.warning("reading engine counters failed", error=str(err))
-                    infos = []
-                self._apply_paths(self.paths.observe(infos, now))
-                next_poll = now + PATH_POLL
             self._apply_paths(self.paths.tick(now, time.time()))
             deadline = self.paths.next_deadline()
-            wake = next_poll if deadline is None else min(deadline, next_poll)
             self._paths_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await within(self._paths_wake.wait(), max(wake - loop.time(), 0.0))
+                await within(self._paths_wake.wait(),
+                             None if deadline is None else max(deadline - loop.time(), 0.0))
+
+    async def _counters_loop(self) -> None:
+        """The engine's per-peer counters, read once for the path managers (liveness), the
+        on-demand timers (use) and the key exchange (packet budget): every
+        ``COUNTERS_POLL`` while any tunnel is up or opening, else every
+        ``COUNTERS_IDLE_POLL``. Each read costs a record per peer, and most of an account's
+        peers hold no tunnel: polling them all twice a second made a daemon's idle CPU grow
+        with the account."""
+        assert self.engine is not None and self.driver is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                infos = self.engine.peers()
+            except BtmmError as err:
+                log.warning("reading engine counters failed", error=str(err))
+                infos = []
+            now = loop.time()
+            self._apply_paths(self.paths.observe(infos, now))
+            self._paths_wake.set()
+            for info in infos:
+                c = info.counters
+                self.ondemand.observe(info.inner, info.tx_spi is not None,
+                                      c.packets_in + c.packets_out, now)
+            self._ondemand_wake.set()
+            self.driver.observe(infos)
+            busy = self._tunnels_busy(infos)
+            self._counters_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await within(self._counters_wake.wait(),
+                             COUNTERS_POLL if busy else COUNTERS_IDLE_POLL)
+
+    def _tunnels_busy(self, infos: Sequence[PeerInfo]) -> bool:
+        """Whether any tunnel is up, opening or holding packets (its counters may move)."""
+        assert self.kx is not None
+        return (any(i.tx_spi is not None or i.rx_spis or i.held for i in infos)
+                or any(s.want or s.busy() for s in self.kx.by_inner.values()))
 
     def _apply_paths(self, tagged: list[Tagged]) -> None:
         assert self.engine is not None and self.driver is not None and self.kx is not None
@@ -878,29 +941,19 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._apply_ondemand(self.ondemand.wanted(inner, loop.time()))
         self._ondemand_wake.set()
+        self._counters_wake.set()
 
     async def _ondemand_loop(self) -> None:
-        """The on-demand timers, and the engine's counters read every ``ONDEMAND_POLL``
-        seconds as each tunnel's evidence of use."""
-        assert self.engine is not None
+        """The on-demand timers (their evidence of use comes from ``_counters_loop``)."""
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            try:
-                infos = self.engine.peers()
-            except BtmmError as err:
-                log.warning("reading engine counters failed", error=str(err))
-                infos = []
-            for info in infos:
-                c = info.counters
-                self.ondemand.observe(info.inner, info.tx_spi is not None,
-                                      c.packets_in + c.packets_out, now)
             self._apply_ondemand(self.ondemand.tick(now))
             deadline = self.ondemand.next_deadline()
-            wake = now + ONDEMAND_POLL if deadline is None else min(deadline, now + ONDEMAND_POLL)
             self._ondemand_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await within(self._ondemand_wake.wait(), max(wake - loop.time(), 0.0))
+                await within(self._ondemand_wake.wait(),
+                             None if deadline is None else max(deadline - loop.time(), 0.0))
 
     def _apply_ondemand(self, actions: list[OnDemandAction]) -> None:
         assert self.engine is not None and self.driver is not None and self.kx is not None
@@ -934,7 +987,7 @@ class Daemon:
             return
         log.info("peer-reflexive address", reflexive=_endpoint_text(endpoint), seen_by=peer)
         self.net.peer_reflexive = endpoint
-        self._republish.set()
+        self._candidates_changed()
         self._paths_wake.set()
 
     def _peer_of(self, inner: str) -> str:
@@ -989,7 +1042,8 @@ class Daemon:
         at once (BADKEY)."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.cfg.resolve_interval)
+            # 10 % either way: hosts started together do not ask the registry together
+            await asyncio.sleep(self.cfg.resolve_interval * self._rng.uniform(0.9, 1.1))
             await self._read_unknown_hosts()
             for name in list(self.peers):
                 peer = self.peers.get(name)
@@ -1043,6 +1097,35 @@ class Daemon:
         return srv_fingerprint(srv) != peer.candidate_srv
 
     async def _resolve(self, name: dns.name.Name) -> None:
+        """Read the host's records, once for all who ask at the same time.
+
+        One update of a host changes several of its records and each followed one sends its
+        own event, while the browse list and the periodic round may ask too: a caller that
+        comes while a read of the same host runs waits for one more read after it (which
+        sees what the running one may have missed), shared by everyone who came meanwhile.
+        The reads run in a task of their own: a caller cancelled on the way (a watcher of a
+        peer the read drops) does not cancel the read the others wait for."""
+        reading = self._reading.get(name)
+        if reading is None:
+            reading = self._reading[name] = _Reading()
+            reading.task = asyncio.create_task(self._read_settled(name, reading),
+                                               name=f"read {name}")
+        else:
+            reading.again = True
+        assert reading.task is not None
+        await asyncio.shield(reading.task)
+
+    async def _read_settled(self, name: dns.name.Name, reading: _Reading) -> None:
+        try:
+            while True:
+                reading.again = False
+                await self._read_host(name)
+                if not reading.again:
+                    return
+        finally:
+            del self._reading[name]
+
+    async def _read_host(self, name: dns.name.Name) -> None:
         assert self.registry is not None
         if peer_host_label(name, self.zone) is None:
             log.warning("not following a name outside our zone", name=name.to_text())
@@ -1075,7 +1158,7 @@ class Daemon:
             if name in self.peers:
                 await self._drop_peer(name, "its records are gone")
             return
-        await self._apply_peer(rec)
+        await self._apply_peer(rec, candidate_srv)
         if (peer := self.peers.get(name)) is not None:
             peer.read_at = asyncio.get_running_loop().time()
             peer.candidate_srv = candidate_srv
@@ -1099,7 +1182,8 @@ class Daemon:
                     break
         return read_candidates(refs, found, refused), srv_fingerprint(srv)
 
-    async def _apply_peer(self, rec: PeerRecords) -> None:
+    async def _apply_peer(self, rec: PeerRecords,
+                          candidate_srv: frozenset[str] | None = None) -> None:
         assert self.driver is not None and self.kx is not None and self.engine is not None
         peer = self.peers.get(rec.name)
         endpoint = None if rec.endpoint is None else Endpoint(*rec.endpoint)
@@ -1127,7 +1211,7 @@ class Daemon:
             # handshake comes in): a published address alone never carries the tunnel
             self.driver.add_peer(public, inner, None)
             self.ondemand.add(inner)
-            peer = Peer(rec, time.time())
+            peer = Peer(rec, time.time(), candidate_srv=candidate_srv)
             self.peers[rec.name] = peer
             self._sso_peers()
             await asyncio.to_thread(set_routes, self.engine.tun_name, [inner])
@@ -1214,7 +1298,7 @@ class Daemon:
             self.relay.check(asyncio.get_running_loop().time())
 
     def _relay_changed(self) -> None:
-        self._republish.set()
+        self._candidates_changed()
         self._paths_wake.set()
 
     def _relay_permit(self, rec: PeerRecords) -> None:
@@ -1222,18 +1306,21 @@ class Daemon:
             self.relay.permit(c.endpoint.host for c in _remote_candidates(rec))
 
     def _watch_peer(self, peer: Peer) -> None:
-        """LLQs on the peer's SRV and A names and its candidate SRV: a new port, address or
-        candidate arrives as an event (a candidate's target name changes with its address, so
-        the candidate SRV alone covers them all)."""
+        """An LLQ on the peer's candidate SRV: a new port, address or candidate arrives as an
+        event (a candidate's target name changes with its endpoint, and the mapped endpoint
+        is one of the candidates, so that one RRset covers them all). A peer that published
+        no candidate SRV (an older btmm) is followed on its SRV and A names as well. One LLQ
+        instead of three per peer: an account of 100 hosts held 30,000 of them."""
         assert self.registry is not None
         rec = peer.records
-        srv = srv_name(rec.host, self.zone)
         questions: list[tuple[dns.name.Name, int]] = [
-            (srv, dns.rdatatype.SRV), (candidate_srv_name(rec.host, self.zone), dns.rdatatype.SRV),
+            (candidate_srv_name(rec.host, self.zone), dns.rdatatype.SRV),
         ]
         target = self._target_of(rec)
-        if target is not None:
-            questions.append((target, dns.rdatatype.A))
+        if peer.candidate_srv is None:
+            questions.append((srv_name(rec.host, self.zone), dns.rdatatype.SRV))
+            if target is not None:
+                questions.append((target, dns.rdatatype.A))
         for qname, qtype in questions:
             w = Watcher(self.registry.server, qname, qtype, key=self.key,
                         config=ClientConfig(lease=self.cfg.llq_lease))
@@ -1329,6 +1416,7 @@ class Daemon:
                 log.warning("cannot renew SSH certificates", error=str(err))
 
     def _on_report(self, report: Report) -> None:
+        self._counters_wake.set()  # a tunnel came up (or failed): its counters matter now
         for peer in self.peers.values():
             if str(peer.records.ula) == report.inner:
                 if isinstance(report, Established):

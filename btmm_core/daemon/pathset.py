@@ -62,6 +62,8 @@ class _Entry:
     packets_out: int = 0
     heard_at: float = float("-inf")  #: when the engine last counted a packet in
     repointed_at: float = float("-inf")
+    #: the manager's next deadline as of the last call into it (only calls move it)
+    deadline: float | None = None
 
 
 class PathSet:
@@ -151,6 +153,7 @@ class PathSet:
             sending = c.packets_out > entry.packets_out
             if sending:
                 entry.manager.note_outbound(now)
+                entry.deadline = entry.manager.next_deadline()
             if c.packets_in > entry.packets_in:
                 entry.heard_at = now
                 if info.endpoint is not None:
@@ -174,15 +177,15 @@ class PathSet:
         return out
 
     def next_deadline(self) -> float | None:
-        times = [t for e in self._peers.values()
-                 if (t := e.manager.next_deadline()) is not None]
-        return min(times, default=None)
+        # the cached deadlines: asking every manager on every wake made a daemon's idle
+        # CPU grow with the square of its peers (each peer's timers wake it)
+        return min((e.deadline for e in self._peers.values() if e.deadline is not None),
+                   default=None)
 
     def tick(self, now: float, wall: float) -> list[Tagged]:
         out: list[Tagged] = []
         for inner, entry in self._peers.items():
-            deadline = entry.manager.next_deadline()
-            if deadline is not None and deadline <= now:
+            if entry.deadline is not None and entry.deadline <= now:
                 out += self._tag(inner, entry.manager.tick(now, wall))
         return out
 
@@ -210,7 +213,9 @@ class PathSet:
         return None if entry is None else entry.manager.state
 
     def _tag(self, inner: str, outputs: list[Output]) -> list[Tagged]:
+        """Every call into a manager ends here: its outputs tagged, its deadline noted."""
         entry = self._peers[inner]
+        entry.deadline = entry.manager.next_deadline()
         for o in outputs:
             if isinstance(o, (PathStale, PathDown)):
                 entry.why = o.reason

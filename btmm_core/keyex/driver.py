@@ -4,8 +4,8 @@ It carries bytes between the engine's control channel (``send_control`` / ``drai
 engine adds and strips the 4-zero-byte non-ESP marker of RFC 3948 section 2.2) and the
 sans-I/O key exchange, turns the key exchange's actions into engine calls (``install_rx_sa``
 before ``install_tx_sa``, ``retire_rx_sa``), runs its timers on the event loop's clock, and
-polls the engine's per-peer packet counters for the rekey packet budget. No protocol logic
-lives here.
+polls the engine's per-peer packet counters for the rekey packet budget (or is given them by
+an owner that reads them anyway: ``observe``). No protocol logic lives here.
 
 The engine also hands over STUN messages (RFC 8489) that arrive on its socket, because the
 daemon runs STUN from that socket to learn the tunnel port's reflexive address. They are no
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -38,6 +38,7 @@ from btmm_core.dataplane.api import (
     DropReason,
     Endpoint,
     Engine,
+    PeerInfo,
     PeerRoamed,
     PeerWanted,
     StunPacket,
@@ -76,7 +77,7 @@ class KeyExchangeDriver:
         kx: KeyExchange,
         *,
         wall: Callable[[], float] = time.time,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = 1.0,
         on_report: Callable[[Report], None] | None = None,
         on_stun: Callable[[StunPacket], None] | None = None,
         on_path_message: Callable[[ControlPacket], None] | None = None,
@@ -109,7 +110,8 @@ class KeyExchangeDriver:
             if inner not in known:
                 self.engine.add_peer(inner, s.endpoint)
         self._loop.add_reader(self.engine.fileno(), self._on_readable)
-        self._poller = self._loop.create_task(self._poll())
+        if self.poll_interval is not None:
+            self._poller = self._loop.create_task(self._poll(self.poll_interval))
         self._reschedule()
 
     def close(self) -> None:
@@ -194,25 +196,31 @@ class KeyExchangeDriver:
                     s.note_packets_out(s.tx.packets_base + self.kx.config.rekey_after_messages)
         self._tick()
 
-    async def _poll(self) -> None:
+    async def _poll(self, interval: float) -> None:
         while True:
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(interval)
             try:
                 infos = self.engine.peers()
             except BtmmError as err:
                 log.warning("reading engine counters failed", error=str(err))
                 continue
-            for info in infos:
-                if info.inner not in self.kx.by_inner:
-                    continue
-                self.kx.note_packets_out(info.inner, info.counters.packets_out)
-                # outbound packets dropped for want of an SA: traffic wants this peer, so a
-                # session that was given up (or never asked for) is brought up on demand
-                no_sa = info.counters.drop(DropReason.NO_SA)
-                if no_sa > self._no_sa.get(info.inner, 0) and self.on_peer_wanted is None:
-                    self._want_again(info.inner)
-                self._no_sa[info.inner] = no_sa
-            self._tick()
+            self.observe(infos)
+
+    def observe(self, infos: Sequence[PeerInfo]) -> None:
+        """The engine's per-peer counters as read now: packets sent count against each
+        session's budget (a rekey when it runs low). Called by the driver's own poll, or,
+        with ``poll_interval`` None, by an owner that reads the counters for more than this."""
+        for info in infos:
+            if info.inner not in self.kx.by_inner:
+                continue
+            self.kx.note_packets_out(info.inner, info.counters.packets_out)
+            # outbound packets dropped for want of an SA: traffic wants this peer, so a
+            # session that was given up (or never asked for) is brought up on demand
+            no_sa = info.counters.drop(DropReason.NO_SA)
+            if no_sa > self._no_sa.get(info.inner, 0) and self.on_peer_wanted is None:
+                self._want_again(info.inner)
+            self._no_sa[info.inner] = no_sa
+        self._tick()
 
     def _want_again(self, inner: str) -> None:
         s = self.kx.by_inner.get(inner)

@@ -188,3 +188,42 @@ def test_tunnel_state_is_up_only_while_the_path_answers() -> None:
     assert tunnel_state(True, PathState.UP) == "up"
     assert tunnel_state(True, PathState.STALE) == "stale"
     assert tunnel_state(True, PathState.SEARCHING) == "searching"
+
+
+def test_the_set_deadline_is_always_its_managers_earliest() -> None:
+    """``next_deadline`` and ``tick`` go by deadlines the set notes after each call into a
+    manager (asking every manager on every wake cost idle CPU with the square of the
+    peers); through probes, answers, traffic, silence and candidate changes the noted one
+    stays the managers' own."""
+    a, b = pair()
+    a.add(C_INNER, C.public, [lan(C_EP)], 0.0, WALL0)
+    b.add(A_INNER, A.public, [lan(A_EP)], 0.0, WALL0)
+    pending = a.add(B_INNER, B.public, [lan(B_EP)], 0.0, WALL0)
+
+    def truth() -> float | None:
+        times = [t for inner in (B_INNER, C_INNER)
+                 if (t := a.manager(inner).next_deadline()) is not None]
+        return min(times, default=None)
+
+    now, packets_out, checked = 0.0, 0, 0
+    while now < 90.0:
+        now += 0.05
+        # B answers A's probes for the first 20 s, then falls silent
+        for _, probe in probes(pending):
+            if probe.destination == B_EP and now < 20.0:
+                for _, reply in probes(b.receive(probe.data, A_EP, now, WALL0 + now)):
+                    a.receive(reply.data, B_EP, now, WALL0 + now)
+        pending = []
+        if 10.0 < now < 40.0:  # traffic goes out (liveness expected)
+            packets_out += 1
+            pending += a.observe([info(B_INNER, B_EP, 5, packets_out)], now)
+        if abs(now - 50.0) < 0.01:
+            pending += a.set_remote(C_INNER, [lan(Endpoint("192.168.1.77", 4500))], now,
+                                    WALL0 + now)
+        assert a.next_deadline() == truth()
+        deadline = a.next_deadline()
+        if deadline is not None and deadline <= now:
+            pending += a.tick(now, WALL0 + now)
+            checked += 1
+        assert a.next_deadline() == truth()
+    assert checked > 50

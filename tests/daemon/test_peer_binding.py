@@ -146,6 +146,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, lis
     d.peers = {}
     d._unknown_read_at = {}
     d._unknown_failed = set()
+    d._reading = {}
     d.net = NetState()
     d.paths = PathSet(ME, bytes(32), os.urandom)
     d._paths_wake = asyncio.Event()
@@ -262,3 +263,63 @@ def test_a_peers_candidates_are_kept_and_foreign_targets_never_asked(
     rec = d.peers[name("nas")].records
     assert [c.endpoint.host for c in rec.candidates] == ["203.0.113.2"]
     assert rec.candidates_refused == ()
+
+
+class SlowRegistry(TableRegistry):
+    """A table whose answers take a turn of the event loop each, so reads overlap."""
+
+    async def query(self, qname: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+        await asyncio.sleep(0)
+        return await super().query(qname, rdtype)
+
+
+def test_reads_of_one_host_asked_together_are_shared(
+    daemon: tuple[Daemon, list[str]]
+) -> None:
+    """Three events of one update (and the round) asking at once: the running read, and one
+    more after it for all who came meanwhile; never one read each."""
+    d, _ = daemon
+    reg = SlowRegistry()
+    reg.publish(name("desktop"), DESKTOP, ula_of(DESKTOP.public))
+    d.registry = reg  # type: ignore[assignment]
+
+    async def main() -> None:
+        first = asyncio.create_task(d._resolve(name("desktop")))
+        for _ in range(100):  # until the read is under way (a few turns of the loop)
+            if reg.asked:
+                break
+            await asyncio.sleep(0)
+        assert reg.asked
+        await asyncio.gather(first, *(d._resolve(name("desktop")) for _ in range(3)))
+
+    asyncio.run(main())
+    aaaa = [q for q in reg.asked if q == name("desktop")]
+    assert len(aaaa) == 2 * 2  # AAAA and TXT of the host's own name, in each of two reads
+    assert list(d.peers) == [name("desktop")] and d._reading == {}
+    # alone, a read is one read
+    reg.asked.clear()
+    asyncio.run(d._resolve(name("desktop")))
+    assert [q for q in reg.asked if q == name("desktop")] == [name("desktop")] * 2
+
+
+def test_a_read_outlives_the_caller_that_started_it(
+    daemon: tuple[Daemon, list[str]]
+) -> None:
+    """A watcher task cancelled while its read runs (its peer was dropped) leaves the read
+    to those who still wait on it."""
+    d, _ = daemon
+    reg = SlowRegistry()
+    reg.publish(name("desktop"), DESKTOP, ula_of(DESKTOP.public))
+    d.registry = reg  # type: ignore[assignment]
+
+    async def main() -> None:
+        first = asyncio.create_task(d._resolve(name("desktop")))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(d._resolve(name("desktop")))
+        await asyncio.sleep(0)
+        first.cancel()
+        await second
+        assert first.cancelled()
+
+    asyncio.run(main())
+    assert list(d.peers) == [name("desktop")] and d._reading == {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -83,6 +84,8 @@ def _daemon(registry: ScriptedRegistry, peer: Peer, reread: float) -> tuple[Daem
     daemon.peers = {PEER: peer}
     daemon._unknown_read_at = {}
     daemon._unknown_failed = set()
+    daemon._rng = random.Random(0)
+    daemon._reading = {}
     full_reads: list[Any] = []
 
     async def resolve(name: dns.name.Name) -> None:
