@@ -544,6 +544,8 @@ class RegistryCore:
         if not found and q.rdtype != dns.rdatatype.CNAME:
             found = self._add(response, zone, q.name, dns.rdatatype.CNAME)
         if found:
+            if q.rdtype == dns.rdatatype.SRV:
+                self._add_target_addresses(response, zone, key)
             return response
         if not zone.name_exists(q.name):
             response.set_rcode(dns.rcode.NXDOMAIN)
@@ -558,7 +560,8 @@ class RegistryCore:
         return rrset
 
     @staticmethod
-    def _add(response: dns.message.Message, zone: Zone, name: dns.name.Name, rdtype: int) -> bool:
+    def _add(response: dns.message.Message, zone: Zone, name: dns.name.Name, rdtype: int,
+             section: str = "answer") -> bool:
         rrs = zone.get(name, rdtype)
         if not rrs:
             return False
@@ -566,8 +569,27 @@ class RegistryCore:
         ttl = min(t for _, t in rrs)
         for rd, _ in rrs:
             rrset.add(rd, ttl)
-        response.answer.append(rrset)
+        getattr(response, section).append(rrset)
         return True
+
+    def _add_target_addresses(self, response: dns.message.Message, zone: Zone,
+                              key: TsigKey | None) -> None:
+        """The addresses of the answer's SRV targets, in the additional section (RFC 2782
+        asks for them): one exchange where a reader of a host's candidates needed one more
+        per target. Only targets in this zone that the request may read; a response too big
+        for them drops them before it truncates (``_body``)."""
+        seen: set[dns.name.Name] = set()
+        for rrset in response.answer:
+            if rrset.rdtype != dns.rdatatype.SRV:
+                continue
+            for rd in rrset:
+                target = rd.target
+                if target in seen or not target.is_subdomain(zone.name):
+                    continue
+                seen.add(target)
+                for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                    if zone.may_read(target, rdtype, key):
+                        self._add(response, zone, target, rdtype, "additional")
 
     # ---- updates -----------------------------------------------------------------------------
 
@@ -773,9 +795,7 @@ class RegistryCore:
         if verdict is not None:
             reserve = rr_size(verdict.record.key_name, verdict.record.algorithm)
         try:
-            wire = response.to_wire(max_size=limit - reserve)
-            if len(wire) + reserve > limit:
-                raise dns.exception.TooBig
+            wire = self._wire_within(response, limit - reserve)
         except dns.exception.TooBig:
             # RFC 1035 4.2.1 / RFC 7766: tell the client to retry over TCP.
             response.answer.clear()
@@ -783,6 +803,24 @@ class RegistryCore:
             response.additional.clear()
             response.flags |= dns.flags.TC
             wire = response.to_wire()
+        return wire
+
+    @staticmethod
+    def _wire_within(response: dns.message.Message, size: int) -> bytes:
+        """The response within ``size`` bytes; additional records are a courtesy and go first
+        (RFC 2181 section 9: no TC for them), then TooBig."""
+        try:
+            wire = response.to_wire(max_size=size)
+            if len(wire) > size:
+                raise dns.exception.TooBig
+            return wire
+        except dns.exception.TooBig:
+            if not response.additional:
+                raise
+        response.additional.clear()
+        wire = response.to_wire(max_size=size)
+        if len(wire) > size:
+            raise dns.exception.TooBig
         return wire
 
     def _sign(self, wire: bytes, verdict: TsigVerdict | None, now: float) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import time
 
+import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
@@ -221,3 +222,46 @@ def test_a_device_may_not_put_candidates_in_another_hosts_subtree() -> None:
     # while its own candidates pass
     assert send(core, publish_update(BOB, pub("laptop", LAN1, MAPPED), None, 3600), laptop,
                 clock()) == 0
+
+
+def _raw_query(core: RegistryCore, key: TsigKey | None, now: float, name: dns.name.Name,
+               rdtype: int, payload: int | None = None) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype)
+    if payload is not None:
+        q.use_edns(0, 0, payload)
+    wire = q.to_wire() if key is None else sign(q, key, int(now))
+    return parse(core.receive(wire, now, Transport.UDP, "test"))
+
+
+def test_an_srv_answer_brings_its_targets_addresses() -> None:
+    """One signed query reads a host's candidates: the SRV's in-zone targets' addresses come
+    in the additional section (RFC 2782), the same the per-target queries read; an answer
+    too big for them leaves them out (no TC), and an unsigned reader gets none."""
+    core, accounts = make_core()
+    clock = Clock()
+    laptop = enrol(core, accounts["bob"].key, "laptop", clock())
+    desktop = enrol(core, accounts["bob"].key, "desktop", clock())
+    first = pub("laptop", LAN1, LAN2, V6, MAPPED, REFLEXIVE)
+    assert send(core, publish_update(BOB, first, None, 3600), laptop, clock()) == 0
+    srv_name_ = candidate_srv_name("laptop", BOB)
+    out = _raw_query(core, desktop, clock(), srv_name_, dns.rdatatype.SRV, payload=1232)
+    assert out.rcode() == dns.rcode.NOERROR and not out.flags & dns.flags.TC
+    (srv,) = [r for r in out.answer if r.rdtype == dns.rdatatype.SRV]
+    extra = {(r.name, r.rdtype): r for r in out.additional}
+    assert {t for t, _ in extra} == {rd.target for rd in srv}
+    for rd in srv:
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            alone = query(core, desktop, clock(), rd.target, rdtype)
+            assert extra.get((rd.target, rdtype)) == alone
+    # the legacy SRV's target (AutoTunnel-...) comes with its A as well
+    seed = dns.name.from_text("_autotunnel._udp.laptop", BOB)
+    out = _raw_query(core, desktop, clock(), seed, dns.rdatatype.SRV, payload=1232)
+    (target,) = [rd.target for r in out.answer for rd in r]
+    assert [(r.name, r.rdtype) for r in out.additional] == [(target, dns.rdatatype.A)]
+    # no EDNS: 512 bytes hold the SRV answer and its TSIG, not the addresses
+    out = _raw_query(core, desktop, clock(), srv_name_, dns.rdatatype.SRV)
+    assert out.rcode() == dns.rcode.NOERROR and not out.flags & dns.flags.TC
+    assert len(out.answer[0]) == len(srv) and out.additional == []
+    # unsigned: refused, nothing added
+    out = _raw_query(core, None, clock(), srv_name_, dns.rdatatype.SRV, payload=1232)
+    assert out.rcode() == dns.rcode.REFUSED and out.answer == [] and out.additional == []
