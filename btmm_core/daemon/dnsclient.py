@@ -42,6 +42,9 @@ UDP_REQUEST_MAX = 1232
 #: a DNS message over TCP (RFC 1035 section 4.2.2: a two-byte length)
 MAX_MESSAGE = 65535
 
+#: RRsets of a response by owner and type (``RegistryClient.query_sets``)
+RRsets = dict[tuple[dns.name.Name, int], dns.rrset.RRset]
+
 REJOIN = (
     "this device was revoked or its key is wrong: run `btmm join` again (with an invite from "
     "`btmm serve user invite` or the account key)"
@@ -286,6 +289,16 @@ class RegistryClient:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def query_sets(self, name: dns.name.Name, rdtype: int) -> RRsets:
+        """The answer's and the additional section's RRsets by owner and type: ANY reads
+        every type at ``name`` in one exchange, and the registry sends an SRV answer's
+        targets' addresses along (EDNS lets them fit, up to ``UDP_REQUEST_MAX``). Whether
+        an owner is one to trust is the caller's question."""
+        q = dns.message.make_query(name, dns.rdatatype.RdataType.make(rdtype), use_edns=0,
+                                   payload=UDP_REQUEST_MAX)
+        resp = await self.exchange(q)
+        return {(r.name, r.rdtype): r for r in (*resp.answer, *resp.additional)}
 
     async def query(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
         q = dns.message.make_query(name, dns.rdatatype.RdataType.make(rdtype))

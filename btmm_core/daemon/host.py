@@ -43,7 +43,7 @@ from btmm_core.aio import within
 from btmm_core.daemon.config import Config
 from btmm_core.daemon.control import Op, PingArgs, Request
 from btmm_core.daemon.control_server import ControlServer
-from btmm_core.daemon.dnsclient import RegistryClient
+from btmm_core.daemon.dnsclient import RegistryClient, RRsets
 from btmm_core.daemon.echo import EchoSocket
 from btmm_core.daemon.hosts import write_hosts
 from btmm_core.daemon.identity import HostIdentity, retire_legacy_identity
@@ -1133,17 +1133,21 @@ class Daemon:
         if name not in self.peers:
             self._unknown_read_at[name] = asyncio.get_running_loop().time()
         try:
-            aaaa = await self.registry.query(name, dns.rdatatype.AAAA)
-            txt = await self.registry.query(name, dns.rdatatype.TXT)
-            srv = await self.registry.query(srv_name(name.relativize(self.zone).to_text(),
-                                                     self.zone), dns.rdatatype.SRV)
+            # three exchanges, where there were five and one or two per candidate: ANY for
+            # the host's own records, each SRV with its targets' addresses (``_address``)
+            own = await self.registry.query_sets(name, dns.rdatatype.ANY)
+            aaaa = own.get((name, dns.rdatatype.AAAA))
+            txt = own.get((name, dns.rdatatype.TXT))
+            seed_name = srv_name(name.relativize(self.zone).to_text(), self.zone)
+            seed = await self.registry.query_sets(seed_name, dns.rdatatype.SRV)
+            srv = seed.get((seed_name, dns.rdatatype.SRV))
             a = None
             if srv is not None and len(srv):
                 if peer_host_label(srv[0].target, self.zone) is None:
                     log.warning("peer's SRV target is outside our zone; no endpoint from it",
                                 peer=name.to_text(), target=srv[0].target.to_text())
                 else:
-                    a = await self.registry.query(srv[0].target, dns.rdatatype.A)
+                    a = await self._address(seed, srv[0].target, dns.rdatatype.A)
             cands, candidate_srv = await self._read_candidates(name)
         except CredentialsRejected:
             raise
@@ -1171,16 +1175,27 @@ class Daemon:
         the SRV's ``srv_fingerprint``."""
         assert self.registry is not None
         host = name.relativize(self.zone).to_text()
-        srv = await self.registry.query(candidate_srv_name(host, self.zone), dns.rdatatype.SRV)
+        cand_name = candidate_srv_name(host, self.zone)
+        sets = await self.registry.query_sets(cand_name, dns.rdatatype.SRV)
+        srv = sets.get((cand_name, dns.rdatatype.SRV))
         refs, refused = candidate_refs(name, srv)
         found: dict[dns.name.Name, list[dns.rrset.RRset | None]] = {}
         for ref in refs:
             for rdtype in address_types(ref.kind):
-                ans = await self.registry.query(ref.target, rdtype)
+                ans = await self._address(sets, ref.target, rdtype)
                 found.setdefault(ref.target, []).append(ans)
                 if ans is not None and len(ans):
                     break
         return read_candidates(refs, found, refused), srv_fingerprint(srv)
+
+    async def _address(self, sets: RRsets, target: dns.name.Name,
+                       rdtype: int) -> dns.rrset.RRset | None:
+        """An SRV target's address (a name the caller checked is ours to follow): from the
+        SRV answer's additional section, else (it did not fit, or the target has none of
+        this family) asked."""
+        assert self.registry is not None
+        found = sets.get((target, rdtype))
+        return found if found is not None else await self.registry.query(target, rdtype)
 
     async def _apply_peer(self, rec: PeerRecords,
                           candidate_srv: frozenset[str] | None = None) -> None:

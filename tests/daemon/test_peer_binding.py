@@ -20,6 +20,7 @@ import structlog.testing
 
 from btmm_core.daemon import host as daemon_host
 from btmm_core.daemon.config import Config
+from btmm_core.daemon.dnsclient import RRsets
 from btmm_core.daemon.host import Daemon, NetState
 from btmm_core.daemon.hosts import replace_block
 from btmm_core.daemon.identity import HostIdentity
@@ -132,6 +133,24 @@ class TableRegistry:
     async def query(self, qname: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
         self.asked.append(qname)
         return self.table.get((qname, rdtype))
+
+    async def query_sets(self, qname: dns.name.Name, rdtype: int) -> RRsets:
+        """ANY: every type at the name; an SRV: with its targets' addresses, whatever names
+        they are (a dishonest registry's additional section is no more trusted than its
+        answers)."""
+        self.asked.append(qname)
+        if rdtype == dns.rdatatype.ANY:
+            return {k: v for k, v in self.table.items() if k[0] == qname}
+        answer = self.table.get((qname, rdtype))
+        if answer is None:
+            return {}
+        found = {(qname, rdtype): answer}
+        if rdtype == dns.rdatatype.SRV:
+            for rd in answer:
+                for t in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                    if (rr := self.table.get((rd.target, t))) is not None:
+                        found[(rd.target, t)] = rr
+        return found
 
 
 @pytest.fixture
@@ -255,6 +274,8 @@ def test_a_peers_candidates_are_kept_and_foreign_targets_never_asked(
         ("LAN", "192.168.1.10", 4500), ("MAPPED", "203.0.113.2", 61000)]
     assert len(rec.candidates_refused) == 1 and "outside" in rec.candidates_refused[0]
     assert name("c1-x.desktop") not in reg.asked
+    # three exchanges: the addresses came with the SRV (the foreign one too, unused)
+    assert reg.asked == [name("nas"), name("_autotunnel._udp.nas"), cand_srv]
     assert [e for e in logs if e["event"] == "peer's candidate records refused"]
     # a new set replaces the old one on the next read (an LLQ event or the periodic one)
     reg.table[(cand_srv, dns.rdatatype.SRV)] = dns.rrset.from_text(
@@ -271,6 +292,10 @@ class SlowRegistry(TableRegistry):
     async def query(self, qname: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
         await asyncio.sleep(0)
         return await super().query(qname, rdtype)
+
+    async def query_sets(self, qname: dns.name.Name, rdtype: int) -> RRsets:
+        await asyncio.sleep(0)
+        return await super().query_sets(qname, rdtype)
 
 
 def test_reads_of_one_host_asked_together_are_shared(
@@ -293,13 +318,13 @@ def test_reads_of_one_host_asked_together_are_shared(
         await asyncio.gather(first, *(d._resolve(name("desktop")) for _ in range(3)))
 
     asyncio.run(main())
-    aaaa = [q for q in reg.asked if q == name("desktop")]
-    assert len(aaaa) == 2 * 2  # AAAA and TXT of the host's own name, in each of two reads
+    own = [q for q in reg.asked if q == name("desktop")]
+    assert len(own) == 2  # ANY at the host's own name, once in each of two reads
     assert list(d.peers) == [name("desktop")] and d._reading == {}
     # alone, a read is one read
     reg.asked.clear()
     asyncio.run(d._resolve(name("desktop")))
-    assert [q for q in reg.asked if q == name("desktop")] == [name("desktop")] * 2
+    assert [q for q in reg.asked if q == name("desktop")] == [name("desktop")]
 
 
 def test_a_read_outlives_the_caller_that_started_it(
@@ -323,3 +348,30 @@ def test_a_read_outlives_the_caller_that_started_it(
 
     asyncio.run(main())
     assert list(d.peers) == [name("desktop")] and d._reading == {}
+
+
+class TerseRegistry(TableRegistry):
+    """Sends no additional records (a response too big for them, or another server)."""
+
+    async def query_sets(self, qname: dns.name.Name, rdtype: int) -> RRsets:
+        found = await super().query_sets(qname, rdtype)
+        return {k: v for k, v in found.items() if k[0] == qname}
+
+
+def test_without_the_addresses_in_the_answer_each_target_is_asked(
+    daemon: tuple[Daemon, list[str]]
+) -> None:
+    d, _ = daemon
+    reg = TerseRegistry()
+    d.registry = reg  # type: ignore[assignment]
+    reg.publish(name("nas"), NAS, ula_of(NAS.public))
+    cand_srv = name("_btmm-path._udp.nas")
+    reg.table[(cand_srv, dns.rdatatype.SRV)] = dns.rrset.from_text_list(
+        cand_srv, 60, "IN", "SRV", [f"1 0 4500 c1-a.nas.{ZONE}", f"3 0 61000 c2-b.nas.{ZONE}"])
+    for owner, addr in (("c1-a.nas", "192.168.1.10"), ("c2-b.nas", "203.0.113.2")):
+        reg.table[(name(owner), dns.rdatatype.A)] = dns.rrset.from_text(
+            name(owner), 60, "IN", "A", addr)
+    asyncio.run(d._resolve(name("nas")))
+    rec = d.peers[name("nas")].records
+    assert [c.endpoint.host for c in rec.candidates] == ["192.168.1.10", "203.0.113.2"]
+    assert reg.asked[3:] == [name("c1-a.nas"), name("c2-b.nas")]

@@ -20,6 +20,7 @@ import pytest
 
 from btmm_core.aio import within
 from btmm_core.daemon.config import Config
+from btmm_core.daemon.dnsclient import RRsets
 from btmm_core.daemon.host import Daemon, Peer
 from btmm_core.daemon.records import (
     PeerRecords,
@@ -70,8 +71,13 @@ class ScriptedRegistry:
             raise RegistryError("no answer from the registry", hint="it is busy")
         return self.answer() if name == CAND else None
 
+    async def query_sets(self, name: dns.name.Name, rdtype: int) -> RRsets:
+        found = await self.query(name, rdtype)
+        return {} if found is None else {(name, rdtype): found}
+
     def reads_of(self, name: dns.name.Name) -> int:
-        return self.asked.count((name, dns.rdatatype.AAAA))
+        """Full reads of the host: each begins with ANY at its name."""
+        return self.asked.count((name, dns.rdatatype.ANY))
 
 
 def _daemon(registry: ScriptedRegistry, peer: Peer, reread: float) -> tuple[Daemon, list[Any]]:
