@@ -5,16 +5,19 @@ CPU grow with the number of hosts. Needs root.
 For each size: a lab world with the registry and N hosts on the lab internet (no NAT), two
 with the fast engine and the rest with the Python one, every tunnel on demand
 (``idle_timeout`` 300 s); all hosts join with the account's key (quicker than N invites; the
-daemons warn about it). Measured: seconds from starting the first daemon until every host
-lists every other as a peer; then, after ``--settle`` seconds, each daemon's RSS (median and
-max) and CPU over ``--window`` idle seconds (median and max, percent of one core), and the
-registry's; then one ping between two hosts, and how many tunnels are up in the whole
-account (expected: that pair's, on both sides).
+daemons warn about it). Measured: seconds from starting N-1 daemons at once until every one
+lists every other as a peer (a cold start, and the registry's CPU meanwhile); then, after
+``--settle`` seconds, each daemon's RSS (median and max) and CPU over ``--window`` idle
+seconds (median and max, percent of one core), and the registry's; then seconds from
+starting the last host until all N know each other (a device coming online in a running
+account); then one ping between two hosts, and how many tunnels are up in the whole account
+(expected: that pair's, on both sides).
 
     python3 -m bench.scale --hosts 10 50 100 [--json /tmp/scale.json]
 
-The lab's cost grows with N squared (every host follows every other's records by LLQ and
-checks a path to each): on a small shared machine, start with 10.
+The lab's cost grows with N squared (every host reads and follows every other's records and
+checks a path to each), and a cold start on one small machine is also N Python start-ups at
+once: start with 10.
 """
 
 from __future__ import annotations
@@ -54,9 +57,12 @@ def _cpu_ticks(pid: int) -> int:
 
 
 def _pids(world: World) -> list[int]:
+    """The running daemons' pids (a host not started yet has none); RuntimeError if one
+    exited."""
     pids = []
     for h in world.hosts.values():
-        assert h.proc is not None
+        if h.proc is None:
+            continue
         if h.proc.poll() is not None:
             raise RuntimeError(f"the daemon of {h.name} exited:\n{world.tails()}")
         pids.append(h.proc.pid)
@@ -87,34 +93,56 @@ def build(lab: Lab, n: int) -> World:
     return world
 
 
+def _wait_known(world: World, names: list[str], timeout: float, t0: float) -> float:
+    """Seconds since ``t0`` until each of ``names`` lists all the others as peers."""
+    pending = set(names)
+    while pending:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{len(pending)} hosts still do not know all {len(names) - 1} "
+                               f"peers after {timeout} s:\n{_missing(world, pending)}")
+        for name in sorted(pending):
+            if len(_peers(world.hosts[name])) == len(names) - 1:
+                pending.discard(name)
+        _pids(world)
+        time.sleep(0.5)
+    return time.monotonic() - t0
+
+
+def _cpu_pct(pid: int, ticks_before: int, seconds: float) -> float:
+    return 100.0 * (_cpu_ticks(pid) - ticks_before) / TICKS / seconds
+
+
 def measure(n: int, settle: float, window: float, timeout: float) -> dict[str, Any]:
+    """All hosts but one start at once (cold start: on this shared machine mostly N Python
+    start-ups and the N^2 first reads); idle; then the last one joins the running account
+    (what a user sees when a device comes online)."""
     with Lab("btmmx") as lab:
         world = build(lab, n)
         hosts = list(world.hosts.values())
-        t0 = time.monotonic()
-        for h in hosts:
-            world.start_host(h)
-        pending = set(world.hosts)
-        while pending:
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"{len(pending)} hosts still do not know all {n - 1} peers "
-                                   f"after {timeout} s:\n{_missing(world, pending)}")
-            for name in sorted(pending):
-                if len(_peers(world.hosts[name])) == n - 1:
-                    pending.discard(name)
-            _pids(world)
-            time.sleep(0.5)
-        know_all = time.monotonic() - t0
-        print(f"{n} hosts: every host knows every other after {know_all:.1f} s", flush=True)
-        time.sleep(settle)
-        pids = _pids(world)
+        *first, late = hosts
         assert world.registry is not None
         registry = world.registry.pid
+        reg_before = _cpu_ticks(registry)
+        t0 = time.monotonic()
+        for h in first:
+            world.start_host(h)
+        cold = _wait_known(world, [h.name for h in first], timeout, t0)
+        registry_cold_cpu = _cpu_pct(registry, reg_before, cold)
+        print(f"{n - 1} hosts started at once: every host knows every other after "
+              f"{cold:.1f} s (registry {registry_cold_cpu:.0f} % of a core meanwhile)",
+              flush=True)
+        time.sleep(settle)
+        pids = _pids(world)
         before = {p: _cpu_ticks(p) for p in [*pids, registry]}
         time.sleep(window)
-        cpu = [100.0 * (_cpu_ticks(p) - before[p]) / TICKS / window for p in _pids(world)]
-        registry_cpu = 100.0 * (_cpu_ticks(registry) - before[registry]) / TICKS / window
+        cpu = [_cpu_pct(p, before[p], window) for p in _pids(world)]
+        registry_cpu = _cpu_pct(registry, before[registry], window)
         rss = [_rss_kib(p) / 1024 for p in pids]
+        t1 = time.monotonic()
+        world.start_host(late)
+        join = _wait_known(world, [h.name for h in hosts], timeout, t1)
+        print(f"{late.name} joins {n - 1} running hosts: all {n} know each other after "
+              f"{join:.1f} s", flush=True)
         # one pair talks: only its tunnel opens
         a = world.hosts["desktop"]
         ula = next(p["ula"] for p in _peers(a) if p["name"].startswith("laptop."))
@@ -122,7 +150,10 @@ def measure(n: int, settle: float, window: float, timeout: float) -> dict[str, A
         up = {h.name: sum(p["tunnel"] == "up" for p in _peers(h)) for h in hosts}
         result = {
             "hosts": n,
-            "know_all_s": round(know_all, 1),
+            "cold_start_hosts": n - 1,
+            "know_all_s": round(cold, 1),
+            "registry_cold_start_cpu_pct": round(registry_cold_cpu, 1),
+            "join_s": round(join, 1),
             "rss_mib_median": round(statistics.median(rss), 1),
             "rss_mib_max": round(max(rss), 1),
             "idle_cpu_pct_median": round(statistics.median(cpu), 2),
@@ -145,13 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     results = [measure(n, args.settle, args.window, args.timeout) for n in args.hosts]
-    print("hosts  know-all  RSS MiB (median/max)  idle CPU % (median/max)  registry CPU % / "
-          "RSS MiB  tunnels up")
+    print("hosts  cold start (N-1)  join  RSS MiB (median/max)  idle CPU % (median/max)  "
+          "registry idle CPU % / RSS MiB  tunnels up")
     for r in results:
-        print(f"{r['hosts']:5}  {r['know_all_s']:7.1f}s  {r['rss_mib_median']:8.1f} / "
-              f"{r['rss_mib_max']:<8.1f}  {r['idle_cpu_pct_median']:8.2f} / "
-              f"{r['idle_cpu_pct_max']:<8.2f}  {r['registry_idle_cpu_pct']:8.2f} / "
-              f"{r['registry_rss_mib']:<8.1f}  {sum(r['tunnels_up'].values())}")
+        print(f"{r['hosts']:5}  {r['know_all_s']:15.1f}s  {r['join_s']:4.1f}s  "
+              f"{r['rss_mib_median']:8.1f} / {r['rss_mib_max']:<8.1f}  "
+              f"{r['idle_cpu_pct_median']:8.2f} / {r['idle_cpu_pct_max']:<8.2f}  "
+              f"{r['registry_idle_cpu_pct']:8.2f} / {r['registry_rss_mib']:<8.1f}  "
+              f"{sum(r['tunnels_up'].values())}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.netns
 
 def test_four_hosts_know_each_other_and_only_the_pair_that_talks_holds_a_tunnel() -> None:
     result = measure(4, settle=2.0, window=3.0, timeout=120.0)
-    assert result["hosts"] == 4
+    assert result["hosts"] == 4 and result["cold_start_hosts"] == 3
+    assert result["know_all_s"] > 0 and result["join_s"] > 0
     assert result["ping_answered"]
     assert result["tunnels_up"] == {"desktop": 1, "laptop": 1}
     assert 0 < result["rss_mib_median"] <= result["rss_mib_max"]
