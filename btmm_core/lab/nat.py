@@ -385,12 +385,20 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root if not path else f"{root}:{path}"}
 
 
-def _wait_udp_listening(ns: Netns, port: int, wait: float = 10.0) -> None:
+def _wait_udp_listening(ns: Netns, port: int, wait: float = 60.0,
+                        proc: Popen[Any] | None = None) -> None:
+    """Until something listens on UDP ``port`` in ``ns``; LabError after ``wait`` seconds, or
+    at once when ``proc`` (the server expected there) exited. The deadline is generous: a
+    Python server starting beside dozens of others on a loaded 2-core machine took over 10
+    s (a full test run failed on it while a 30-host bench ran)."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         out = ns.run(["ss", "-Hlnu", f"sport = :{port}"], check=False).stdout
         if out.strip():
             return
+        if proc is not None and proc.poll() is not None:
+            raise LabError(f"the server meant to listen on UDP {port} in {ns.name} exited "
+                           f"with status {proc.returncode}")
         time.sleep(0.05)
     raise LabError(f"nothing listens on UDP {port} in {ns.name} after {wait} s")
 

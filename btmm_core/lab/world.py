@@ -216,7 +216,7 @@ class World:
                                         stderr=log, stdin=subprocess.DEVNULL,
                                         env=self.registry_env())
         log.close()
-        _wait_udp_listening(self.inet, 53)
+        _wait_udp_listening(self.inet, 53, proc=self.registry)
 
     def restart_registry(self, *, kill: bool = True) -> None:
         """Stop ``btmm serve`` (SIGKILL: a crash; else SIGTERM) and start it again on the same
