@@ -78,12 +78,25 @@ class Hosts:
     tunnel_pids: list[int] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
+    def iperf_listening(self) -> bool:
+        """Whether the iperf3 server in b has its control listener open. A persistent
+        iperf3 server closes it after each test and opens it again for the next (esnet/iperf
+        pull request 2066 describes the window), so a client that comes at once may be
+        refused, or reset while queued on the closing listener."""
+        out = self.b.run(["ss", "-Hltn", f"sport = :{IPERF_PORT}"], check=False).stdout
+        return bool(out.strip())
+
     def log_tails(self, n: int = 1500) -> str:
         out = []
         for path in self.logs:
             with contextlib.suppress(OSError):
                 out.append(f"--- {path.name}\n{path.read_text()[-n:]}")
         return "\n".join(out)
+
+
+def wait_iperf_server(hosts: Hosts, timeout: float = 10.0) -> None:
+    """Until the iperf3 server listens; BenchError after ``timeout`` seconds."""
+    _wait(hosts.iperf_listening, timeout, "the iperf3 server to listen", hosts)
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str, hosts: Hosts) -> None:
@@ -358,11 +371,7 @@ def system_lab(system: str, workdir: Path) -> Iterator[Hosts]:
             stderr=subprocess.STDOUT,
         )
 
-        def listening() -> bool:
-            out = b.run(["ss", "-Hltn", f"sport = :{IPERF_PORT}"], check=False).stdout
-            return bool(out.strip())
-
-        _wait(listening, 10.0, "the iperf3 server to listen", hosts)
+        wait_iperf_server(hosts)
         yield hosts
 
 

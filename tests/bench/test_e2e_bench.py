@@ -4,6 +4,7 @@ that each system moved traffic. Never a speed threshold: the machine is shared."
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -76,11 +77,17 @@ class _ScriptedIperf:
         return subprocess.CompletedProcess(argv, 1 if "error" in report else 0,
                                            json.dumps(report), "")
 
+    def iperf_listening(self) -> bool:
+        return self.listening
+
+    listening = True
+
     def log_tails(self) -> str:
         return "(logs)"
 
 
 RESET = {"error": "unable to receive control message: Connection reset by peer"}
+REFUSED = {"error": "unable to connect to server: Connection refused"}
 
 
 def test_a_reset_control_connection_runs_the_measurement_again() -> None:
@@ -89,11 +96,32 @@ def test_a_reset_control_connection_runs_the_measurement_again() -> None:
     assert report == TCP_REPORT and hosts.runs == 2
 
 
+def test_a_client_refused_while_the_server_reopens_its_listener_runs_again() -> None:
+    hosts = _ScriptedIperf([REFUSED, TCP_REPORT])
+    report, _ = m._iperf(hosts, ["-P", "1"], 1)  # type: ignore[arg-type]
+    assert report == TCP_REPORT and hosts.runs == 2
+
+
+def test_a_server_that_stopped_listening_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = _ScriptedIperf([REFUSED, TCP_REPORT])
+    hosts.listening = False
+    monkeypatch.setattr("bench.e2e.systems.time.sleep", lambda _: None)
+    clock = itertools.count()  # a second per look: the 10 s wait ends after ten looks
+    monkeypatch.setattr("bench.e2e.systems.time.monotonic", lambda: float(next(clock)))
+    with pytest.raises(BtmmError, match="the iperf3 server to listen"):
+        m._iperf(hosts, [], 1)  # type: ignore[arg-type]
+    assert hosts.runs == 0
+
+
 def test_other_iperf3_errors_and_repeated_resets_are_not_hidden() -> None:
-    hosts = _ScriptedIperf([{"error": "unable to connect to server"}])
+    hosts = _ScriptedIperf([{"error": "unable to connect to server: No route to host"}])
     with pytest.raises(BtmmError, match="unable to connect"):
         m._iperf(hosts, [], 1)  # type: ignore[arg-type]
     assert hosts.runs == 1
+    hosts = _ScriptedIperf([REFUSED] * m.CONTROL_ATTEMPTS)
+    with pytest.raises(BtmmError, match="Connection refused"):
+        m._iperf(hosts, [], 1)  # type: ignore[arg-type]
+    assert hosts.runs == m.CONTROL_ATTEMPTS
     hosts = _ScriptedIperf([RESET] * m.CONTROL_ATTEMPTS)
     with pytest.raises(BtmmError, match="control message"):
         m._iperf(hosts, [], 1)  # type: ignore[arg-type]
