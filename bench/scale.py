@@ -17,7 +17,9 @@ account); then one ping between two hosts, and how many tunnels are up in the wh
 
 The lab's cost grows with N squared (every host reads and follows every other's records and
 checks a path to each), and a cold start on one small machine is also N Python start-ups at
-once: start with 10.
+once: start with 10. The hosts' ARP entries are pinned (``World.pin_internet_neighbours``):
+the kernel's one ARP table for all namespaces overflows at about 30 hosts, which separate
+machines never share.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def build(lab: Lab, n: int) -> World:
     extra = [world.add_host(f"h{i}", "python", lease=1800, extra=EXTRA) for i in range(3, n + 1)]
     for i, host in enumerate(extra, start=3):
         world.plug(host, None, i)
+    # the namespaces share the kernel's ARP table, which would overflow past ~30 hosts
+    world.pin_internet_neighbours()
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda h: world.join_host(h, world.account_key, timeout=120), extra))
     return world

@@ -284,6 +284,30 @@ class World:
         host.ns.run(["ip", "route", "add", "default", "via", f"{home.lan_prefix}.1"])
         self.location[host.name] = home.name
 
+    def pin_internet_neighbours(self) -> int:
+        """Permanent ARP entries between everything on the lab internet (the registry's bridge
+        and every host plugged there), in each of their namespaces; returns how many.
+
+        The kernel keeps one ARP table for all namespaces, and past ``gc_thresh3`` entries
+        (1024 by default) it creates no more ("neighbor table overflow"): 50 lab hosts that
+        each probe every other need 2,500, and their packets were dropped (UDP send-buffer
+        errors, paths going stale, hosts cut off from the registry for minutes). Machines of
+        their own each have their own table; permanent entries do not count against the
+        limit, so the lab stays close to that at any size."""
+        found: list[tuple[Netns, str, list[tuple[str, str]]]] = []  # (ns, dev, [(ip, mac)])
+        for ns, dev in [(self.inet, "br0"), *((h.ns, "eth0") for h in self.hosts.values()
+                                              if self.location.get(h.name) == "internet")]:
+            info = json.loads(ns.run(["ip", "-j", "-4", "addr", "show", "dev", dev]).stdout)
+            mac = json.loads(ns.run(["ip", "-j", "link", "show", "dev", dev]).stdout)[0]["address"]
+            found.append((ns, dev, [(a["local"], mac) for a in info[0]["addr_info"]]))
+        pinned = 0
+        for ns, dev, _ in found:
+            lines = [f"neigh replace {ip} lladdr {mac} dev {dev} nud permanent"
+                     for other, _, addrs in found if other is not ns for ip, mac in addrs]
+            ns.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
+            pinned += len(lines)
+        return pinned
+
     def invite(self, device: str) -> Path:
         return self.workdir / f"{device}.invite"
 
