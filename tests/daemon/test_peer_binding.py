@@ -298,15 +298,21 @@ class SlowRegistry(TableRegistry):
         return await super().query_sets(qname, rdtype)
 
 
+def _with_slow_registry(daemon: tuple[Daemon, list[str]]) -> tuple[Daemon, SlowRegistry]:
+    """The daemon, reading from a slow table where the desktop published its records."""
+    d, _ = daemon
+    reg = SlowRegistry()
+    reg.publish(name("desktop"), DESKTOP, ula_of(DESKTOP.public))
+    d.registry = reg  # type: ignore[assignment]
+    return d, reg
+
+
 def test_reads_of_one_host_asked_together_are_shared(
     daemon: tuple[Daemon, list[str]]
 ) -> None:
     """Three events of one update (and the round) asking at once: the running read, and one
     more after it for all who came meanwhile; never one read each."""
-    d, _ = daemon
-    reg = SlowRegistry()
-    reg.publish(name("desktop"), DESKTOP, ula_of(DESKTOP.public))
-    d.registry = reg  # type: ignore[assignment]
+    d, reg = _with_slow_registry(daemon)
 
     async def main() -> None:
         first = asyncio.create_task(d._resolve(name("desktop")))
@@ -332,10 +338,7 @@ def test_a_read_outlives_the_caller_that_started_it(
 ) -> None:
     """A watcher task cancelled while its read runs (its peer was dropped) leaves the read
     to those who still wait on it."""
-    d, _ = daemon
-    reg = SlowRegistry()
-    reg.publish(name("desktop"), DESKTOP, ula_of(DESKTOP.public))
-    d.registry = reg  # type: ignore[assignment]
+    d, _ = _with_slow_registry(daemon)
 
     async def main() -> None:
         first = asyncio.create_task(d._resolve(name("desktop")))

@@ -101,13 +101,20 @@ REFLEXIVE = Candidate(CandidateKind.REFLEXIVE, Endpoint("203.0.113.3", 4500))
 V6 = Candidate(CandidateKind.IPV6, Endpoint("2a00:1450:4001:80b::200e", 4500))
 
 
-def test_candidates_round_trip_and_replace_the_previous_set() -> None:
+def _laptop_published() -> tuple[RegistryCore, Clock, TsigKey, TsigKey, Publication]:
+    """A registry where bob's laptop published every kind of candidate; its and the
+    desktop's device keys."""
     core, accounts = make_core()
     clock = Clock()
     laptop = enrol(core, accounts["bob"].key, "laptop", clock())
     desktop = enrol(core, accounts["bob"].key, "desktop", clock())
     first = pub("laptop", LAN1, LAN2, V6, MAPPED, REFLEXIVE)
     assert send(core, publish_update(BOB, first, None, 3600), laptop, clock()) == 0
+    return core, clock, laptop, desktop, first
+
+
+def test_candidates_round_trip_and_replace_the_previous_set() -> None:
+    core, clock, laptop, desktop, first = _laptop_published()
     cands, refused = read_back(core, desktop, clock, "laptop")
     assert cands == bound(first.candidates) and refused == ()
     # the seed's records are still there, as they were
@@ -237,12 +244,7 @@ def test_an_srv_answer_brings_its_targets_addresses() -> None:
     """One signed query reads a host's candidates: the SRV's in-zone targets' addresses come
     in the additional section (RFC 2782), the same the per-target queries read; an answer
     too big for them leaves them out (no TC), and an unsigned reader gets none."""
-    core, accounts = make_core()
-    clock = Clock()
-    laptop = enrol(core, accounts["bob"].key, "laptop", clock())
-    desktop = enrol(core, accounts["bob"].key, "desktop", clock())
-    first = pub("laptop", LAN1, LAN2, V6, MAPPED, REFLEXIVE)
-    assert send(core, publish_update(BOB, first, None, 3600), laptop, clock()) == 0
+    core, clock, _, desktop, _ = _laptop_published()
     srv_name_ = candidate_srv_name("laptop", BOB)
     out = _raw_query(core, desktop, clock(), srv_name_, dns.rdatatype.SRV, payload=1232)
     assert out.rcode() == dns.rcode.NOERROR and not out.flags & dns.flags.TC
