@@ -828,7 +828,6 @@ class Daemon:
                      else round(tx.rtt, 3))
             self.net.reflexive = found
             self._candidates_changed()
-            self._paths_wake.set()
 
     def _on_stun(self, packet: StunPacket) -> None:
         tx = self._stun
@@ -988,7 +987,6 @@ class Daemon:
         log.info("peer-reflexive address", reflexive=_endpoint_text(endpoint), seen_by=peer)
         self.net.peer_reflexive = endpoint
         self._candidates_changed()
-        self._paths_wake.set()
 
     def _peer_of(self, inner: str) -> str:
         for p in self.peers.values():
@@ -1314,7 +1312,6 @@ class Daemon:
 
     def _relay_changed(self) -> None:
         self._candidates_changed()
-        self._paths_wake.set()
 
     def _relay_permit(self, rec: PeerRecords) -> None:
         if self.relay is not None:

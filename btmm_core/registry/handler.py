@@ -540,9 +540,9 @@ class RegistryCore:
         types = zone.types_at(q.name) if q.rdtype == dns.rdatatype.ANY else [q.rdtype]
         found = False
         for t in types:
-            found |= self._add(response, zone, q.name, t)
+            found |= self._add(response.answer, zone, q.name, t)
         if not found and q.rdtype != dns.rdatatype.CNAME:
-            found = self._add(response, zone, q.name, dns.rdatatype.CNAME)
+            found = self._add(response.answer, zone, q.name, dns.rdatatype.CNAME)
         if found:
             if q.rdtype == dns.rdatatype.SRV:
                 self._add_target_addresses(response, zone, key)
@@ -560,8 +560,9 @@ class RegistryCore:
         return rrset
 
     @staticmethod
-    def _add(response: dns.message.Message, zone: Zone, name: dns.name.Name, rdtype: int,
-             section: str = "answer") -> bool:
+    def _add(section: list[dns.rrset.RRset], zone: Zone, name: dns.name.Name,
+             rdtype: int) -> bool:
+        """Append the zone's RRset at (name, rdtype) to a section of a response, if any."""
         rrs = zone.get(name, rdtype)
         if not rrs:
             return False
@@ -569,7 +570,7 @@ class RegistryCore:
         ttl = min(t for _, t in rrs)
         for rd, _ in rrs:
             rrset.add(rd, ttl)
-        getattr(response, section).append(rrset)
+        section.append(rrset)
         return True
 
     def _add_target_addresses(self, response: dns.message.Message, zone: Zone,
@@ -589,7 +590,7 @@ class RegistryCore:
                 seen.add(target)
                 for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                     if zone.may_read(target, rdtype, key):
-                        self._add(response, zone, target, rdtype, "additional")
+                        self._add(response.additional, zone, target, rdtype)
 
     # ---- updates -----------------------------------------------------------------------------
 
