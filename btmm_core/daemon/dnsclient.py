@@ -2,8 +2,9 @@
 
 A thin asyncio driver: builds nothing itself (see ``records``), signs each try afresh (a new
 Time Signed and MAC: a resent MAC would be refused as a replay), sends it over UDP with bounded
-retries (TCP when the answer is truncated, or at once when the request itself is larger than
-``UDP_REQUEST_MAX``), checks the answer's TSIG itself (dns/tsig.py)
+retries (the wait for an answer doubles with each try, as resolvers back off: a registry too
+busy to answer in time is not sent more; TCP when the answer is truncated, or at once when the
+request itself is larger than ``UDP_REQUEST_MAX``), checks the answer's TSIG itself (dns/tsig.py)
 and turns the common failures into errors that say what to do. Checking the TSIG here rather
 than in dnspython keeps the signed fields of an error answer: a BADTIME answer carries the
 registry's clock in its Other Data (RFC 8945 section 5.2.3), which ``ClockSkew.skew`` reports.
@@ -94,6 +95,8 @@ class RegistryClient:
         self.clock_skew: float | None = None
         #: answers dropped because their TSIG did not check (forged or mangled)
         self.bad_answers = 0
+        #: exchanges that ended in an error (unreachable, refused, an error rcode)
+        self.failures = 0
 
     async def exchange(self, msg: dns.message.Message) -> dns.message.Message:
         resp, _ = await self.exchange_signed(msg)
@@ -111,6 +114,7 @@ class RegistryClient:
         rejected: CredentialsRejected | None = None
         signed_again = False
         tries = self.tries
+        wait = self.timeout
         while tries > 0:
             tries -= 1
             now = int(time.time())
@@ -119,7 +123,7 @@ class RegistryClient:
                 if tcp or len(signed) > UDP_REQUEST_MAX:
                     resp = await self._tcp(signed, msg, mac, now)
                     break
-                resp = await self._udp(signed, msg, mac, now)
+                resp = await self._udp(signed, msg, mac, now, wait)
                 if resp.flags & dns.flags.TC:
                     msg.id = (msg.id + 1) & 0xFFFF  # a new MAC: the UDP one is spent
                     now = int(time.time())
@@ -145,6 +149,7 @@ class RegistryClient:
                 continue
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 last = exc
+                wait *= 2
                 continue
         else:
             if rejected is not None:
@@ -176,6 +181,7 @@ class RegistryClient:
 
     def _fail(self, err: RegistryError) -> RegistryError:
         self.last_error = str(err)
+        self.failures += 1
         return err
 
     # -- answers ------------------------------------------------------------------------
@@ -247,7 +253,7 @@ class RegistryClient:
             return addr[0] == host and addr[1] == port
 
     async def _udp(
-        self, wire: bytes, msg: dns.message.Message, mac: bytes, sent: int
+        self, wire: bytes, msg: dns.message.Message, mac: bytes, sent: int, wait: float
     ) -> dns.message.Message:
         loop = asyncio.get_running_loop()
         host, port = self.server
@@ -257,7 +263,7 @@ class RegistryClient:
             _Inbox, local_addr=local, family=family)
         try:
             transport.sendto(wire, (host, port))
-            deadline = loop.time() + self.timeout
+            deadline = loop.time() + wait
             while True:
                 left = deadline - loop.time()
                 if left <= 0:

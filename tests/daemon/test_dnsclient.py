@@ -24,7 +24,7 @@ from btmm_core.daemon.identity import HostIdentity
 from btmm_core.daemon.records import Publication, publish_update
 from btmm_core.dataplane.api import Endpoint
 from btmm_core.dns.tsig import TsigError, append_tsig, sign
-from btmm_core.errors import ClockSkew, CredentialsRejected
+from btmm_core.errors import ClockSkew, CredentialsRejected, RegistryUnreachable
 from btmm_core.reach.candidates import Candidate, CandidateKind
 from btmm_core.registry.handler import RegistryCore, Transport
 
@@ -84,6 +84,26 @@ async def publish(forge: int) -> None:
 
 def test_one_forged_badkey_is_not_believed() -> None:
     asyncio.run(publish(forge=1))
+
+
+def test_each_try_waits_twice_as_long_as_the_one_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry too busy to answer within the wait is not sent the next try sooner: the
+    waits double (1, 2, 4 s here); then the error says so."""
+    _, accounts = make_core()
+    waits: list[float] = []
+
+    async def silent(self: RegistryClient, wire: bytes, msg: dns.message.Message, mac: bytes,
+                     sent: int, wait: float) -> dns.message.Message:
+        waits.append(wait)
+        raise TimeoutError("no answer")
+
+    monkeypatch.setattr(RegistryClient, "_udp", silent)
+    client = RegistryClient(("127.0.0.1", 53), accounts["bob"].key, timeout=1.0, tries=3)
+    with pytest.raises(RegistryUnreachable, match="after 3 tries"):
+        asyncio.run(client.query(dns.name.from_text("laptop", origin=ZONE), 28))
+    assert waits == [1.0, 2.0, 4.0]
+    assert client.failures == 1
 
 
 def test_badkey_on_every_try_is_fatal_and_says_what_to_do() -> None:
