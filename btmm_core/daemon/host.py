@@ -221,6 +221,11 @@ class Daemon:
         #: those whose read failed (asked again every round, not only at ``reread_interval``)
         self._unknown_read_at: dict[dns.name.Name, float] = {}
         self._unknown_failed: set[dns.name.Name] = set()
+        #: the browse list as last read, and the zone's serial when a resolver round last
+        #: checked every peer without an error (``_resolver``): while the serial stays, nothing
+        #: in the zone changed and the round asks nothing per peer
+        self._listed: set[dns.name.Name] | None = None
+        self._checked_serial: int | None = None
         #: reads of hosts' records in progress, so that callers at the same time share them
         self._reading: dict[dns.name.Name, _Reading] = {}
         if cfg.sso_enabled:
@@ -1026,49 +1031,77 @@ class Daemon:
             await self._resolve(target)
 
     async def _resolver(self) -> None:
-        """Every ``resolve_interval``: each peer's candidate SRV, and all its records when
-        that changed (or it has none), or once ``reread_interval`` has passed.
+        """Every ``resolve_interval``: the zone's serial; when it moved since the last round
+        that checked everything, each peer's candidate SRV, and all its records when that
+        changed (or it has none); and each peer once ``reread_interval`` has passed.
 
         Not only LLQ events: over UDP through a NAT they stop arriving when the NAT drops or
         changes its mapping, and neither side learns it before the LLQ's refresh (half an
         hour). Skipping the peers whose LLQs were established (tried in 7119f87) lost new
         candidates after a NAT change for good. Every change of a peer's endpoints changes
         its candidate SRV (the targets' names hash the endpoints), so one signed query per
-        peer finds what the events missed; reading everything of every peer each round cost
-        the registry about 8 signed queries per ordered pair of hosts every 30 s (2,600 a
-        second in an account of 100). A signed query each round also tells a revoked device
-        at once (BADKEY)."""
+        peer finds what the events missed; and every change of the zone's data moves its
+        serial (a lease refresh that changes nothing does not), so while the serial stays
+        there is nothing to find. Checking each peer every round cost the registry one signed
+        query per ordered pair of hosts every 30 s (330 a second in an account of 100) and
+        made each daemon's idle CPU grow with the account. The serial is a signed query too,
+        so a revoked device still learns it at once (BADKEY)."""
+        assert self.registry is not None
         loop = asyncio.get_running_loop()
         while True:
             # 10 % either way: hosts started together do not ask the registry together
             await asyncio.sleep(self.cfg.resolve_interval * self._rng.uniform(0.9, 1.1))
-            await self._read_unknown_hosts()
+            failures = self.registry.failures
+            serial = await self._zone_serial()
+            moved = serial is None or serial != self._checked_serial
+            await self._read_unknown_hosts(listed_again=moved)
             for name in list(self.peers):
                 peer = self.peers.get(name)
                 if peer is None:
                     continue
                 # 5 % early: a read that came in just after the last round is due now
                 full = loop.time() - peer.read_at >= 0.95 * self.cfg.reread_interval
-                if full or await self._candidates_moved(name, peer):
+                if full or (moved and await self._candidates_moved(name, peer)):
                     await self._resolve(name)
-            await self._read_revocations()
+            if moved:
+                await self._read_revocations()
+            # a failed exchange (this round's or another task's) may have missed a change:
+            # the serial counts as checked only after a round without one
+            if self.registry.failures == failures:
+                self._checked_serial = serial
 
-    async def _read_unknown_hosts(self) -> None:
-        """The browse list once a round: a host on it that is not a peer is read now if its
-        last read failed (the registry was busy or unreachable) or if it was never read (an
-        LLQ event lost), else at most every ``reread_interval`` (a refused host stays
-        refused until its records change, and each read of it logs why)."""
+    async def _zone_serial(self) -> int | None:
+        """The zone's SOA serial as the registry has it now; None if it cannot say."""
         assert self.registry is not None
         try:
-            listed = await self.registry.query(browse_name(self.zone), dns.rdatatype.PTR)
+            soa = await self.registry.query(self.zone, dns.rdatatype.SOA)
         except CredentialsRejected:
             raise
         except RegistryError as err:
-            log.warning("cannot read the browse list", error=err.what)
-            return
-        own = host_name(self.cfg.host, self.zone)
-        names = {rd.target for rd in listed or ()
-                 if rd.target != own and peer_host_label(rd.target, self.zone) is not None}
+            log.warning("cannot read the zone's serial", error=err.what)
+            return None
+        return None if soa is None or not len(soa) else int(soa[0].serial)
+
+    async def _read_unknown_hosts(self, *, listed_again: bool = True) -> None:
+        """The browse list once a round (``listed_again``; else the last one read, when the
+        zone did not change): a host on it that is not a peer is read now if its last read
+        failed (the registry was busy or unreachable) or if it was never read (an LLQ event
+        lost), else at most every ``reread_interval`` (a refused host stays refused until
+        its records change, and each read of it logs why)."""
+        assert self.registry is not None
+        if listed_again or self._listed is None:
+            try:
+                listed = await self.registry.query(browse_name(self.zone), dns.rdatatype.PTR)
+            except CredentialsRejected:
+                raise
+            except RegistryError as err:
+                log.warning("cannot read the browse list", error=err.what)
+                return
+            own = host_name(self.cfg.host, self.zone)
+            self._listed = {rd.target for rd in listed or ()
+                            if rd.target != own
+                            and peer_host_label(rd.target, self.zone) is not None}
+        names = self._listed
         for gone in set(self._unknown_read_at) - names:
             del self._unknown_read_at[gone]
         self._unknown_failed &= names

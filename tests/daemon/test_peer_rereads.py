@@ -1,6 +1,7 @@
-"""The daemon's periodic round over its peers (``Daemon._resolver``): one signed query of each
-peer's candidate SRV, and a full read only when that changed, when the peer publishes none, or
-once ``reread_interval`` has passed; a refused key stops the round. Sans-I/O around a scripted
+"""The daemon's periodic round over its peers (``Daemon._resolver``): the zone's serial, and
+only when it moved since the last round that checked everything, one signed query of each
+peer's candidate SRV; a full read only when that changed, when the peer publishes none, or once
+``reread_interval`` has passed; a refused key stops the round. Sans-I/O around a scripted
 registry: no sockets, only the event loop's timers (``resolve_interval`` of 10 ms)."""
 
 from __future__ import annotations
@@ -53,23 +54,38 @@ def _browse(*hosts: str) -> dns.rrset.RRset:
 
 
 class ScriptedRegistry:
-    """Answers the candidate SRV with ``answer()``, the browse list with ``listed``; every
-    other name has no records, or ``failing`` names raise RegistryError."""
+    """Answers the zone's SOA with ``serial``, the candidate SRV with ``answer()``, the browse
+    list with ``listed``; every other name has no records, or ``failing`` names raise
+    RegistryError (counted in ``failures``, as the real client does)."""
 
     def __init__(self, answer: Callable[[], dns.rrset.RRset | None],
                  listed: dns.rrset.RRset | None = None) -> None:
         self.answer = answer
         self.listed = listed if listed is not None else _browse("desktop", "laptop")
+        self.serial = 1
         self.failing: set[dns.name.Name] = set()
+        self.failures = 0
         self.asked: list[tuple[dns.name.Name, int]] = []
 
     async def query(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
         self.asked.append((name, rdtype))
+        if name in self.failing:
+            self.failures += 1
+            raise RegistryError("no answer from the registry", hint="it is busy")
+        if name == ZONE and rdtype == dns.rdatatype.SOA:
+            return dns.rrset.from_text(ZONE, 1, "IN", "SOA",
+                                       f"ns.example. hostmaster.example. {self.serial} 1 1 1 1")
         if name == BROWSE:
             return self.listed
-        if name in self.failing:
-            raise RegistryError("no answer from the registry", hint="it is busy")
         return self.answer() if name == CAND else None
+
+    def changed(self) -> None:
+        """Something in the zone changed: its serial moves."""
+        self.serial += 1
+
+    def rounds(self) -> int:
+        """Rounds begun: each asks the serial first."""
+        return self.asked.count((ZONE, dns.rdatatype.SOA))
 
     async def query_sets(self, name: dns.name.Name, rdtype: int) -> RRsets:
         found = await self.query(name, rdtype)
@@ -90,6 +106,8 @@ def _daemon(registry: ScriptedRegistry, peer: Peer, reread: float) -> tuple[Daem
     daemon.peers = {PEER: peer}
     daemon._unknown_read_at = {}
     daemon._unknown_failed = set()
+    daemon._listed = None
+    daemon._checked_serial = None
     daemon._rng = random.Random(0)
     daemon._reading = {}
     full_reads: list[Any] = []
@@ -122,13 +140,18 @@ async def _rounds(daemon: Daemon, until: Callable[[], bool]) -> None:
             await task
 
 
-def test_an_unchanged_candidate_srv_costs_one_query_a_round() -> None:
+def test_an_unchanged_zone_costs_one_query_a_round() -> None:
+    """The first round checks each peer's candidate SRV and the browse list; while the
+    serial stays, the rounds after it ask the serial only, however many peers there are."""
     async def main() -> None:
         registry = ScriptedRegistry(lambda: _srv(4500, 4501))
         now = asyncio.get_running_loop().time()
         daemon, full = _daemon(registry, _peer(_srv(4500, 4501), now), reread=3600)
-        await _rounds(daemon, lambda: len(registry.asked) >= 10)
-        assert set(registry.asked) == {(CAND, dns.rdatatype.SRV), (BROWSE, dns.rdatatype.PTR)}
+        await _rounds(daemon, lambda: registry.rounds() >= 5)
+        first, rest = registry.asked[:3], registry.asked[3:]
+        assert first == [(ZONE, dns.rdatatype.SOA), (BROWSE, dns.rdatatype.PTR),
+                         (CAND, dns.rdatatype.SRV)]
+        assert set(rest) == {(ZONE, dns.rdatatype.SOA)}
         assert full == []
 
     asyncio.run(main())
@@ -141,12 +164,38 @@ def test_a_changed_or_vanished_candidate_srv_reads_the_peer_again() -> None:
         now = asyncio.get_running_loop().time()
         daemon, full = _daemon(registry, _peer(_srv(4500), now), reread=3600)
         answers.append(_srv(4500, 21454))  # the NAT gave a new reflexive port
+        registry.changed()
         await _rounds(daemon, lambda: len(full) == 1)
-        asked = len(registry.asked)
-        await _rounds(daemon, lambda: len(registry.asked) >= asked + 3)
+        checks = registry.asked.count((CAND, dns.rdatatype.SRV))
+        registry.changed()  # another host's change: the peer's SRV is the same
+        rounds = registry.rounds()
+        await _rounds(daemon, lambda: registry.rounds() >= rounds + 3)
+        assert registry.asked.count((CAND, dns.rdatatype.SRV)) == checks + 1
         assert len(full) == 1  # the same again: no more full reads
         answers.append(None)  # the peer's records expired (the full read drops it)
+        registry.changed()
         await _rounds(daemon, lambda: len(full) == 2)
+
+    asyncio.run(main())
+
+
+def test_a_round_with_a_failed_exchange_checks_again_at_the_same_serial() -> None:
+    """A check that got no answer may have missed a change: the next round checks every peer
+    again though the serial did not move, until one round gets through."""
+    async def main() -> None:
+        registry = ScriptedRegistry(lambda: _srv(4500))
+        registry.failing.add(CAND)
+        now = asyncio.get_running_loop().time()
+        daemon, full = _daemon(registry, _peer(_srv(4500), now), reread=3600)
+        await _rounds(daemon, lambda: registry.asked.count((CAND, dns.rdatatype.SRV)) >= 3)
+        assert registry.serial == 1 and daemon._checked_serial is None
+        registry.failing.clear()
+        await _rounds(daemon, lambda: daemon._checked_serial == 1)
+        checks = registry.asked.count((CAND, dns.rdatatype.SRV))
+        rounds = registry.rounds()
+        await _rounds(daemon, lambda: registry.rounds() >= rounds + 3)
+        assert registry.asked.count((CAND, dns.rdatatype.SRV)) == checks
+        assert full == []
 
     asyncio.run(main())
 
@@ -159,8 +208,10 @@ def test_a_full_read_comes_at_the_reread_interval_and_for_a_peer_without_candida
         await _rounds(daemon, lambda: len(full) == 1)  # 10 s since the last: due
         legacy = ScriptedRegistry(lambda: None)
         daemon, full = _daemon(legacy, _peer(None, loop.time()), reread=3600)
+        await _rounds(daemon, lambda: len(full) == 1)
+        legacy.changed()
         await _rounds(daemon, lambda: len(full) >= 2)
-        # nothing to compare: every round reads it all
+        # nothing to compare: a round after a change of the zone reads it all
         assert (CAND, dns.rdatatype.SRV) not in legacy.asked
 
     asyncio.run(main())
