@@ -15,7 +15,7 @@ import structlog
 from btmm_core.aio import within
 from btmm_core.daemon.config import Config
 from btmm_core.names.server import RegistryLookup, StubServer
-from btmm_core.names.stub import StubCore, host_records
+from btmm_core.names.stub import HostRecords, StubCore, host_records
 from btmm_core.names.system import (
     Wiring,
     choose_upstreams,
@@ -38,6 +38,8 @@ class Names:
         self.upstreams: list[tuple[str, int]] = []
         self._link: str | None = None
         self._hosts: dict[dns.name.Name, ipaddress.IPv6Address] = {}
+        #: each host's records as last built (``host_records``)
+        self._built: dict[tuple[dns.name.Name, ipaddress.IPv6Address], HostRecords] = {}
         #: called with a host's address when a program looks its name up through the stub
         #: (the daemon opens an on-demand tunnel to it)
         self.on_lookup: Callable[[ipaddress.IPv6Address], None] | None = None
@@ -55,7 +57,7 @@ class Names:
         self.upstreams = choose_upstreams(self.cfg.upstream, resolv, stub)
         core = StubCore(self.zone, forwarding=bool(self.upstreams),
                         registry=registry is not None)
-        core.replace(host_records(self._hosts))
+        core.replace(host_records(self._hosts, self._built))
         server = StubServer(core, stub, self.upstreams, registry)
         try:
             await server.start()
@@ -86,9 +88,12 @@ class Names:
 
     def update(self, hosts: Mapping[dns.name.Name, ipaddress.IPv6Address]) -> None:
         """The hosts (this one and each verified peer) the stub answers for, from now on."""
-        self._hosts = dict(hosts)
+        hosts = dict(hosts)
+        if hosts == self._hosts:
+            return  # a peer read again, the same as before
+        self._hosts = hosts
         if self.server is not None:
-            self.server.core.replace(host_records(self._hosts))
+            self.server.core.replace(host_records(self._hosts, self._built))
 
     def _looked_up(self, name: dns.name.Name) -> None:
         address = self._hosts.get(name)

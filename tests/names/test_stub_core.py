@@ -26,6 +26,7 @@ from btmm_core.names.stub import (
     AskRegistry,
     Dropped,
     Forward,
+    HostRecords,
     Reply,
     StubCore,
     StubDrop,
@@ -80,6 +81,34 @@ def test_a_removed_peer_is_gone_at_once() -> None:
     c = core()
     c.replace(host_records({}))
     assert ask(c, DESKTOP).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_records_built_again_for_a_growing_account_answer_as_if_built_afresh() -> None:
+    """The daemon replaces the stub's records for every peer it adds: an unchanged host's
+    records and names are reused (the same objects), a changed or removed one's are not."""
+    laptop = dns.name.from_text("laptop", origin=ZONE)
+    moved = ipaddress.IPv6Address("fd77:e649:7e31:e9bb::2")
+    built: dict[tuple[dns.name.Name, ipaddress.IPv6Address], HostRecords] = {}
+    c = StubCore(ZONE, forwarding=False)
+    c.replace(host_records({DESKTOP: ULA}, built))
+    first = built[(DESKTOP, ULA)]
+    c.replace(host_records({DESKTOP: ULA, laptop: ULA + 1}, built))
+    assert built[(DESKTOP, ULA)] is first and len(built) == 2
+    c.replace(host_records({laptop: moved}, built))  # desktop left, the laptop moved
+    assert set(built) == {(laptop, moved)}
+    fresh = StubCore(ZONE, forwarding=False)
+    fresh.replace(host_records({laptop: moved}))
+    for name, rdtype in [(laptop, "AAAA"), (DESKTOP, "AAAA"),
+                         (dns.reversename.from_address(str(moved)), "PTR"),
+                         (dns.reversename.from_address(str(ULA)), "PTR"),
+                         (dns.reversename.from_address(str(ULA)).parent(), "PTR"),
+                         (dns.reversename.from_address(str(moved)).parent(), "PTR")]:
+        a, b = ask(c, name, rdtype), ask(fresh, name, rdtype)
+        assert (a.rcode(), a.answer) == (b.rcode(), b.answer), name
+    assert ask(c, DESKTOP).rcode() == dns.rcode.NXDOMAIN
+    # an empty non-terminal above the laptop's reverse name: NODATA, not NXDOMAIN
+    ent = ask(c, dns.reversename.from_address(str(moved)).parent(), "PTR")
+    assert ent.rcode() == dns.rcode.NOERROR and not ent.answer
 
 
 def test_names_outside_are_forwarded_or_refused_never_answered_from_the_zone() -> None:
