@@ -185,7 +185,9 @@ def measure(n: int, settle: float, window: float, timeout: float) -> dict[str, A
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--hosts", type=int, nargs="+", default=[10])
-    ap.add_argument("--settle", type=float, default=20.0)
+    # longer than one resolver round (30 s, +10 %): each daemon's first round after the zone
+    # stopped changing checks every peer once, which is not idle
+    ap.add_argument("--settle", type=float, default=45.0)
     ap.add_argument("--window", type=float, default=30.0)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", default=None)
