@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import btmm_core
 from btmm_core.lab.netns import Lab
 from btmm_core.lab.world import Host, World, build_world
 
@@ -193,9 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     # the byte code, once: with PYTHONDONTWRITEBYTECODE set (as on the machine measured) each
-    # of N daemons would otherwise compile every module at start, half of its start-up CPU
-    compileall.compile_dir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) +
-                           "/btmm_core", quiet=1)
+    # of N daemons would otherwise compile every module at start (py-spy: a quarter of its
+    # start-up)
+    compileall.compile_dir(os.path.dirname(btmm_core.__file__), quiet=1)
     results = [measure(n, args.settle, args.window, args.timeout) for n in args.hosts]
     print("hosts  cold start (N-1)  join  RSS MiB (median/max)  idle CPU % (median/max)  "
           "registry idle CPU % / RSS MiB  tunnels up")

@@ -192,7 +192,7 @@ class StubCore:
         for owner, _ in kept:
             # every name at or above an owner, within its zone, exists (empty non-terminals);
             # a reverse name is 34 labels deep: walked once per owner, not once per call
-            above = self._up_to_apex.get(owner) or up_to_apex.get(owner)
+            above = up_to_apex.get(owner, self._up_to_apex.get(owner))
             if above is None:
                 n, found = owner, []
                 top = self.zone if n.is_subdomain(self.zone) else ULA_REVERSE
