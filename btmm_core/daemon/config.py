@@ -52,7 +52,8 @@ class Config:
     #: a NAT they stop silently when the NAT changes its mapping
     resolve_interval: float = 30.0
     #: seconds between full reads of each peer's records (address, key, endpoint, candidates)
-    #: whatever the checks found: the safety net for a new key or ULA, which no LLQ follows
+    #: whatever the checks found, in a round that saw the zone's serial move: the safety net
+    #: for a new key or ULA, which no LLQ follows
     reread_interval: float = 300.0
     #: seconds between checks of addresses and routes when netlink reports nothing
     netcheck_interval: float = 5.0

@@ -1,7 +1,8 @@
 """The daemon's periodic round over its peers (``Daemon._resolver``): the zone's serial, and
 only when it moved since the last round that checked everything, one signed query of each
 peer's candidate SRV; a full read only when that changed, when the peer publishes none, or once
-``reread_interval`` has passed; a refused key stops the round. Sans-I/O around a scripted
+``reread_interval`` has passed (in a round that saw the serial move); a refused key stops the
+round. Sans-I/O around a scripted
 registry: no sockets, only the event loop's timers (``resolve_interval`` of 10 ms)."""
 
 from __future__ import annotations
@@ -204,8 +205,15 @@ def test_a_full_read_comes_at_the_reread_interval_and_for_a_peer_without_candida
     async def main() -> None:
         registry = ScriptedRegistry(lambda: _srv(4500))
         loop = asyncio.get_running_loop()
-        daemon, full = _daemon(registry, _peer(_srv(4500), loop.time() - 10), reread=5)
+        peer = _peer(_srv(4500), loop.time() - 10)
+        daemon, full = _daemon(registry, peer, reread=5)
         await _rounds(daemon, lambda: len(full) == 1)  # 10 s since the last: due
+        # due again, but the zone did not change: nothing in it can be new
+        peer.read_at = loop.time() - 10
+        await _rounds(daemon, lambda: registry.rounds() >= 6)
+        assert len(full) == 1
+        registry.changed()
+        await _rounds(daemon, lambda: len(full) == 2)
         legacy = ScriptedRegistry(lambda: None)
         daemon, full = _daemon(legacy, _peer(None, loop.time()), reread=3600)
         await _rounds(daemon, lambda: len(full) == 1)
