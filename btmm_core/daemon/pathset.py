@@ -7,6 +7,8 @@ clock (tests/daemon/test_pathset.py):
 * routes each probe message to its peer's manager by the sender id in it
   (``reach.probe.peek_sender``): no MAC is tried per peer, and a message naming no peer of
   ours is counted and dropped;
+* tells each manager whether its peer has a tunnel (an SA, or packets held for one): an idle
+  peer's quiet path is re-checked less often (``PathManager.set_idle``);
 * turns the engine's per-peer counters into the managers' liveness evidence: packets sent
   since the last look are ``note_outbound``, packets received (authenticated ESP: the engine
   counts only what opened under one of our SAs) are ``note_authenticated_packet`` from the
@@ -153,6 +155,8 @@ class PathSet:
             sending = c.packets_out > entry.packets_out
             if sending:
                 entry.manager.note_outbound(now)
+            no_tunnel = info.tx_spi is None and not info.rx_spis and not info.held
+            if entry.manager.set_idle(no_tunnel, now) or sending:
                 entry.deadline = entry.manager.next_deadline()
             if c.packets_in > entry.packets_in:
                 entry.heard_at = now

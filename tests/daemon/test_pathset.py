@@ -227,3 +227,25 @@ def test_the_set_deadline_is_always_its_managers_earliest() -> None:
             checked += 1
         assert a.next_deadline() == truth()
     assert checked > 50
+
+
+def test_a_peer_without_a_tunnel_is_idle_and_its_next_check_moves_with_it() -> None:
+    """The engine's view says whether a peer has a tunnel (an SA, or packets held for one):
+    an idle peer's LAN path is re-checked after ``idle_recheck_interval``, and the set's
+    noted deadline follows when that changes."""
+    a, b = pair()
+    out = a.add(B_INNER, B.public, [lan(B_EP)], 0.0, WALL0)
+    b.add(A_INNER, A.public, [lan(A_EP)], 0.0, WALL0)
+    for _, probe in probes(out):
+        for _, reply in probes(b.receive(probe.data, A_EP, 0.01, WALL0)):
+            a.receive(reply.data, B_EP, 0.02, WALL0)
+    assert a.state(B_INNER) == PathState.UP
+    a.tick(1.5, WALL0 + 1.5)  # the round of checks ends
+    manager = a.manager(B_INNER)
+    assert a.next_deadline() == manager.next_deadline() == 31.5
+    no_tunnel = PeerInfo(B_INNER, None, None, (), Counters())
+    a.observe([no_tunnel], 2.0)
+    assert manager.idle and a.next_deadline() == 1.5 + manager.config.idle_recheck_interval
+    held = PeerInfo(B_INNER, None, None, (), Counters(), held=1)  # a packet waits for it
+    a.observe([held], 40.0)
+    assert not manager.idle and a.next_deadline() == 40.0  # checked 38.5 s ago: now

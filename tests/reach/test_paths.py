@@ -314,6 +314,68 @@ def test_upgrade_by_rtt_within_one_kind() -> None:
 # --- pacing ---------------------------------------------------------------------------------
 
 
+def checks(host: Host, after: float, until: float) -> list[float]:
+    """When ``host`` sent probe requests in (after, until]."""
+    return [t for t, s in host.sent
+            if after < t <= until and isinstance(parse_probe(s.data), ProbeRequest)]
+
+
+def test_a_check_on_the_path_in_use_triggers_none_back_while_ours_are_fresh() -> None:
+    net, a, b, _ = same_home()
+    introduce(a, b)
+    net.start(a)
+    net.run(10.0)  # b learns of a 10 s later: their re-checks never coincide
+    net.start(b)
+    net.run(320.0)
+    # one check each every re-check interval (30 s, plus the second the round waits for
+    # answers); each answered, and not doubled by a check back at every check of the other
+    for host in (a, b):
+        times = checks(host, 20.0, 320.0)
+        assert len(times) in (9, 10), times
+        assert all(u - t > PathConfig().recheck_interval for t, u in itertools.pairwise(times))
+        assert host.pm.status().state == PathState.UP and len(host.paths) == 1
+
+
+def test_an_idle_peer_on_a_quiet_path_is_checked_every_five_minutes_and_when_it_opens() -> None:
+    cfg = PathConfig()
+    net, a, b, _ = same_home()
+    introduce(a, b)
+    net.start(a, b)
+    net.run(5.0)
+    for host in (a, b):
+        assert host.pm.set_idle(True, net.now)
+        assert not host.pm.set_idle(True, net.now)  # no news
+    net.run(905.0)
+    for host in (a, b):
+        times = checks(host, 5.0, 905.0)
+        assert len(times) == 3, times  # not 29
+        assert all(u - t >= cfg.idle_recheck_interval for t, u in itertools.pairwise(times))
+        assert host.pm.status().state == PathState.UP and len(host.paths) == 1
+    net.run(1000.0)
+    assert checks(a, 905.0, 1000.0) == []
+    # a's tunnel opens: its path was checked 96 s ago, more than recheck_interval: now
+    assert a.pm.set_idle(False, net.now)
+    net.run(1000.5)
+    assert checks(a, 1000.0 - 1e-9, 1000.5) == [1000.0]
+    assert a.pm.status().last_heard == pytest.approx(1000.0 + 2 * 0.01)
+    net.run(1050.0)  # and from then on every recheck_interval
+    assert len(checks(a, 1000.5, 1050.0)) == 1 and checks(b, 1000.5, 1050.0) == []
+
+
+def test_an_idle_peer_on_a_punched_path_is_still_checked_every_30_s() -> None:
+    net, a, b, _, _ = two_homes()
+    introduce(a, b)
+    net.start(a, b)
+    net.run(5.0)
+    assert a.pm.status().kind == REFLEXIVE
+    for host in (a, b):
+        host.pm.set_idle(True, net.now)
+    net.run(130.0)  # the pinholes in both NATs must not time out
+    rounds = [u for t, u in itertools.pairwise([0.0, *checks(a, 5.0, 130.0)]) if u - t > 5.0]
+    assert len(rounds) == 4, rounds
+    assert a.pm.status().state == PathState.UP and b.pm.status().state == PathState.UP
+
+
 def test_probes_over_ten_minutes_with_nothing_answering_stay_bounded() -> None:
     cfg = PathConfig()
     net, a, b, _, _ = two_homes(cfg)
