@@ -22,6 +22,12 @@ Behaviour, with the reasons:
   The server sends an LLQ's events one at a time, the next only after the previous one was
   acknowledged, so an event signed earlier than the newest one applied for the LLQ is a replay
   (or a stale copy) and is dropped without an acknowledgement.
+- A setup acknowledgement or poll answer that did not fit a datagram (TC) is asked again as a
+  plain query over TCP (``Send.stream``; RFC 7766 section 5): the LLQ itself stays on UDP, but a
+  client that only took the events would not know the records that were there before it came
+  (a daemon joining an account of 100 hosts waited half a minute for its first peer). Events
+  applied while that query was out may be older or newer than its answer, so it is asked again
+  (``_STREAM_ASKS`` times at most) until no event came between question and answer.
 - With a TSIG key, requests are signed and every answer and event must carry a valid MAC with a
   time inside the fudge; anything else is dropped. An acknowledgement is signed as a TSIG
   response to its event (the event's MAC is the request MAC), so it acknowledges that event
@@ -86,6 +92,9 @@ class Record:
 @dataclass(frozen=True)
 class Send:
     wire: bytes
+    #: over TCP (a new connection) even when the LLQ runs over UDP: its answer did not fit a
+    #: datagram. A driver on a stream sends it like any other message.
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,9 @@ Output = Send | Changes | StateChanged
 #: replays apart; the server sends one event per round trip, so this is far above real use.
 #: (Without a key the oldest is forgotten instead: unsigned events prove nothing anyway.)
 _MAX_EVENTS_PER_SECOND = 4096
+
+#: asks over TCP for one truncated answer, while events keep coming between question and answer
+_STREAM_ASKS = 3
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,9 @@ class ClientConfig:
 class _Pending:
     kind: _Kind
     mac: bytes | None
+    stream: bool = False
+    #: ``LLQClient._events_applied`` when it was sent
+    events: int = 0
 
 
 _Key = tuple[dns.name.Name, int, dns.rdata.Rdata]
@@ -180,6 +195,9 @@ class LLQClient:
         self._events_of = 0
         self._newest_event = -1
         self._seen_events: dict[bytes, None] = {}
+        #: events that changed ``known``; and the asks over TCP for the current full answer
+        self._events_applied = 0
+        self._stream_asks = 0
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -267,7 +285,7 @@ class LLQClient:
             return out
         for mid in [m for m, p in self._pending.items() if p.kind == pending.kind]:
             del self._pending[mid]
-        self._answer(msg, pending.kind, options, now, out)
+        self._answer(msg, pending, options, now, out)
         return out
 
     # ---- building and sending -------------------------------------------------------------
@@ -293,13 +311,21 @@ class LLQClient:
             wire, self.key, time_signed=int(now), fudge=self.config.fudge, request_mac=request_mac
         )
 
-    def _send(self, kind: _Kind, msg: dns.message.Message, now: float, out: list[Output]) -> None:
+    def _send(
+        self,
+        kind: _Kind,
+        msg: dns.message.Message,
+        now: float,
+        out: list[Output],
+        *,
+        stream: bool = False,
+    ) -> None:
         wire, mac = self._sign(msg.to_wire(), now)
         # An answer to any transmission counts; the oldest are forgotten past a few.
         while len(self._pending) >= 16:
             del self._pending[next(iter(self._pending))]
-        self._pending[msg.id] = _Pending(kind, mac)
-        out.append(Send(wire))
+        self._pending[msg.id] = _Pending(kind, mac, stream, self._events_applied)
+        out.append(Send(wire, stream))
 
     def _send_setup(self, now: float, out: list[Output], *, arm_retry: bool = True) -> None:
         opt = LLQOption(LLQOpcode.SETUP, LLQError.NO_ERROR, 0, self.config.lease)
@@ -317,8 +343,13 @@ class LLQClient:
         self._send(_Kind.REFRESH, self._query(opt), now, out)
         self._arm_retry(now)
 
-    def _send_poll(self, now: float, out: list[Output]) -> None:
-        self._send(_Kind.POLL, self._query(None), now, out)
+    def _send_poll(self, now: float, out: list[Output], *, stream: bool = False) -> None:
+        self._send(_Kind.POLL, self._query(None), now, out, stream=stream)
+
+    def _ask_over_stream(self, now: float, out: list[Output], *, first: bool) -> None:
+        """The full answer over TCP (a truncated one came, or events crossed the last ask)."""
+        self._stream_asks = 1 if first else self._stream_asks + 1
+        self._send_poll(now, out, stream=True)
 
     def _arm_retry(self, now: float) -> None:
         self._retry_at = now + self.config.retry[min(self._attempt, len(self.config.retry) - 1)]
@@ -405,15 +436,25 @@ class LLQClient:
     def _answer(
         self,
         msg: dns.message.Message,
-        kind: _Kind,
+        pending: _Pending,
         options: list[LLQOption],
         now: float,
         out: list[Output],
     ) -> None:
         rcode = msg.rcode()
+        kind = pending.kind
         if kind == _Kind.POLL:
-            if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) and not msg.flags & dns.flags.TC:
-                self._full_answer(msg, out)
+            if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                return
+            if msg.flags & dns.flags.TC:
+                if not pending.stream:
+                    self._ask_over_stream(now, out, first=True)
+                return
+            if (pending.stream and pending.events != self._events_applied
+                    and self._stream_asks < _STREAM_ASKS):
+                self._ask_over_stream(now, out, first=False)
+                return
+            self._full_answer(msg, out)
             return
         if kind == _Kind.CANCEL:
             return
@@ -447,9 +488,11 @@ class LLQClient:
             self._schedule_refresh(now)
             self._set_state(ClientState.ESTABLISHED, f"lease {opt.lease} s", out)
             if msg.flags & dns.flags.TC:
-                # The full answer did not fit: a poll over the same path will not fit either.
-                # Keep the LLQ (events still arrive) and say so.
-                out.append(StateChanged(ClientState.ESTABLISHED, "initial answer truncated"))
+                # The full answer did not fit: keep the LLQ (events still arrive) and ask for
+                # the answer over TCP.
+                out.append(StateChanged(ClientState.ESTABLISHED,
+                                        "initial answer truncated: asking over TCP"))
+                self._ask_over_stream(now, out, first=True)
             else:
                 self._full_answer(msg, out)
         elif kind == _Kind.REFRESH and self.state == ClientState.ESTABLISHED:
@@ -570,5 +613,6 @@ class LLQClient:
                         added.append(Record(k[0], k[1], rd, rrset.ttl))
                     self.known[k] = rrset.ttl
         if added or removed:
+            self._events_applied += 1
             out.append(Changes(tuple(added), tuple(removed), False))
         return True

@@ -5,7 +5,9 @@ TLS (RFC 7858).
 with a two-byte length prefix, RFC 7766), feeds messages and timer expiries to ``LLQClient``
 and puts what the user should see (``Changes``, ``StateChanged``) on a queue. When the
 connection closes, the LLQ on it is gone: the driver reconnects when the state machine next
-sends, and the state machine sets up again.
+sends, and the state machine sets up again. Over UDP, a message the state machine wants sent
+over TCP (a full answer too large for a datagram) goes on a connection of its own, closed once
+its answer came; the answer joins the other messages.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class Watcher:
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
+        #: queries over TCP in flight for a UDP watcher (``Send.stream``)
+        self._asking: set[asyncio.Task[None]] = set()
         self._closing = False
 
     async def start(self) -> None:
@@ -157,10 +161,38 @@ class Watcher:
         assert self._writer is not None
         self._writer.write(struct.pack("!H", len(wire)) + wire)
 
+    async def _ask_over_tcp(self, wire: bytes) -> None:
+        """One request on a TCP connection of its own; its answer goes to the state machine
+        with the datagrams."""
+        host = None if self.local_addr is None else (self.local_addr[0], 0)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    self.server[0], self.server[1], local_addr=host)
+            try:
+                writer.write(struct.pack("!H", len(wire)) + wire)
+                async with asyncio.timeout(self._connect_timeout):
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    answer = await reader.readexactly(length)
+            finally:
+                writer.close()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            why = str(e) or type(e).__name__
+            self.events.put_nowait(
+                StateChanged(self.client.state, f"cannot read the full answer over TCP: {why}"))
+            return
+        if not self._closing:
+            self._inbox.put_nowait(answer)
+
     def _emit(self, outputs: list[Output]) -> None:
         for o in outputs:
             if isinstance(o, Send):
-                if self.transport != "udp":
+                if o.stream and self.transport == "udp":
+                    if not self._closing:
+                        task = asyncio.create_task(self._ask_over_tcp(o.wire))
+                        self._asking.add(task)
+                        task.add_done_callback(self._asking.discard)
+                elif self.transport != "udp":
                     if not self._closing or self.connected:
                         self._write(o.wire)
                 elif self._transport is not None:
@@ -206,6 +238,10 @@ class Watcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         self._emit(self.client.cancel(time.time()))
+        for task in list(self._asking):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._transport is not None:
             self._transport.close()
         if self._connecting is not None and not self._connecting.done():

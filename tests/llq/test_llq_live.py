@@ -154,6 +154,26 @@ def test_watcher_gets_the_current_records_first(reg) -> None:  # type: ignore[no
     assert ch.full and sorted(rdatas(ch)[0]) == ["fd00::a", "fd00::b"]
 
 
+def test_an_answer_too_large_for_udp_comes_over_tcp_and_events_follow(reg) -> None:  # type: ignore[no-untyped-def]
+    """80 AAAA do not fit the 1232-byte datagram: the watcher stays on UDP for the events
+    and reads the current answer over TCP (a daemon joining an account of 100 hosts saw no
+    peer for half a minute when it took the events only)."""
+    many = tuple(f"fd00::{i:x}" for i in range(1, 81))
+    send_update(reg, update("many", "AAAA", add=many))
+
+    async def main() -> tuple[Changes, Changes, int]:
+        name = dns.name.from_text("many.bob.members.example.")
+        async with Watcher((HOST, reg.port), name, dns.rdatatype.AAAA, key=key_of(reg)) as w:
+            first = await next_change(w, 5)
+            await asyncio.to_thread(send_update, reg, update("many", "AAAA", add=("fd00::aa",)))
+            return first, await next_change(w, 2), w.connections
+
+    first, event, connections = asyncio.run(main())
+    assert first.full and sorted(rdatas(first)[0]) == sorted(many)
+    assert not event.full and rdatas(event) == (["fd00::aa"], [])
+    assert connections == 0  # the LLQ itself never left UDP
+
+
 # ---- refusals -------------------------------------------------------------------------------
 
 

@@ -51,7 +51,8 @@ def change(lab: Lab, msg: dns.message.Message) -> None:
 class StreamClient:
     """An ``LLQClient`` on one simulated connection to the lab's core."""
 
-    def __init__(self, lab: Lab, transport: Transport, peer: str = CONN, seed: int = 5) -> None:
+    def __init__(self, lab: Lab, transport: Transport, peer: str = CONN, seed: int = 5,
+                 *, hold_streams: bool = False) -> None:
         self.lab = lab
         self.transport = transport
         self.peer = peer
@@ -59,6 +60,11 @@ class StreamClient:
             LAPTOP, dns.rdatatype.AAAA, random.Random(seed), key=lab.accounts["bob"].key
         )
         self.changes: list[Changes] = []
+        #: requests the client wanted sent over TCP (``Send.stream``), in order
+        self.streamed: list[bytes] = []
+        #: hold them instead of sending them (``send_held`` sends them)
+        self.hold_streams = hold_streams
+        self.held: list[bytes] = []
         self.deliver(self.client.start(lab.now))
 
     def deliver(self, outputs: list[Output]) -> None:
@@ -68,9 +74,28 @@ class StreamClient:
             if isinstance(o, Changes):
                 self.changes.append(o)
             elif isinstance(o, Send):
-                answer = self.lab.send(o.wire, self.lab.now, self.transport, self.peer)
+                if o.stream:
+                    self.streamed.append(o.wire)
+                    if self.hold_streams:
+                        self.held.append(o.wire)
+                        continue
+                    answer = self._over_tcp(o.wire)
+                else:
+                    answer = self.lab.send(o.wire, self.lab.now, self.transport, self.peer)
                 if answer is not None:
                     queue.extend(self.client.receive(answer, self.lab.now))
+
+    def _over_tcp(self, wire: bytes) -> bytes | None:
+        # a connection of its own, as the driver opens one
+        return self.lab.send(wire, self.lab.now, Transport.TCP,
+                             f"{self.peer}-tcp{len(self.streamed)}")
+
+    def send_held(self) -> None:
+        held, self.held = self.held, []
+        for wire in held:
+            answer = self._over_tcp(wire)
+            if answer is not None:
+                self.deliver(self.client.receive(answer, self.lab.now))
 
     def pump(self) -> None:
         """Run the server's timers; deliver what it pushes on this connection."""
@@ -159,10 +184,32 @@ def test_ack_over_a_stream_is_not_truncated_to_the_udp_payload() -> None:
     many = tuple(f"fd00::{i:x}" for i in range(1, 81))  # 80 AAAA: well over 1232 bytes
     lab.signed_update(update("laptop", "AAAA", add=many))
     udp = StreamClient(lab, Transport.UDP, "127.0.0.1#42000")
-    assert udp.client.state == ClientState.ESTABLISHED and not udp.changes  # TC: no answer
+    assert udp.client.state == ClientState.ESTABLISHED
+    # TC over UDP: the client asked again over TCP, once, and has the whole answer
+    assert len(udp.streamed) == 1
+    (full,) = udp.changes
+    assert full.full and len(full.added) == 80
     tcp = StreamClient(lab, Transport.TCP, seed=6)
     (full,) = tcp.changes
-    assert full.full and len(full.added) == 80
+    assert full.full and len(full.added) == 80 and not tcp.streamed
+
+
+def test_an_event_between_a_tcp_ask_and_its_answer_asks_again() -> None:
+    """The answer over TCP and the LLQ's events travel apart: an event applied while the
+    ask was out may be newer or older than the answer, so the client asks once more."""
+    lab = Lab.make()
+    many = tuple(f"fd00::{i:x}" for i in range(1, 81))
+    lab.signed_update(update("laptop", "AAAA", add=many))
+    udp = StreamClient(lab, Transport.UDP, "127.0.0.1#42000", hold_streams=True)
+    assert udp.client.state == ClientState.ESTABLISHED and len(udp.held) == 1
+    change(lab, update("laptop", "AAAA", add=("fd00::aaaa",)))
+    udp.pump()  # the event comes first: one record, applied
+    assert [len(c.added) for c in udp.changes] == [1] and not udp.changes[0].full
+    udp.hold_streams = False
+    udp.send_held()  # its answer came after an event: asked again, then taken
+    assert len(udp.streamed) == 2
+    assert [(c.full, len(c.added), len(c.removed)) for c in udp.changes[1:]] == [(True, 80, 0)]
+    assert len(udp.client.known) == 81
 
 
 def test_client_sets_up_again_after_the_connection_closed_and_sees_what_it_missed() -> None:
