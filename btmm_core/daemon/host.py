@@ -153,6 +153,10 @@ COUNTERS_POLL = 0.5
 #: how often while no tunnel is up or opening (no SA: no counter can move); opening one wakes
 #: the poll at once
 COUNTERS_IDLE_POLL = 5.0
+#: reads of hosts' records at once when many are new together (the browse list of a device
+#: joining an account): each read is three round trips to the registry, and one after another
+#: the 99 of an account of 100 took 11 s
+READS_AT_ONCE = 8
 
 
 @dataclass
@@ -1020,6 +1024,7 @@ class Daemon:
             target = r.rdata.target  # type: ignore[attr-defined]
             if target != own and target in self.peers:
                 await self._drop_peer(target, "removed from the zone")
+        new: list[dns.name.Name] = []
         for r in changes.added:
             target = r.rdata.target  # type: ignore[attr-defined]
             if target == own:
@@ -1028,7 +1033,18 @@ class Daemon:
                 log.warning("browse list names a host outside our zone; ignored",
                             target=target.to_text(), zone=self.zone.to_text())
                 continue
-            await self._resolve(target)
+            new.append(target)
+        await self._resolve_all(new)
+
+    async def _resolve_all(self, names: Sequence[dns.name.Name]) -> None:
+        """``_resolve`` each of ``names``, ``READS_AT_ONCE`` at a time."""
+        gate = asyncio.Semaphore(READS_AT_ONCE)
+
+        async def read(name: dns.name.Name) -> None:
+            async with gate:
+                await self._resolve(name)
+
+        await asyncio.gather(*(read(name) for name in names))
 
     async def _resolver(self) -> None:
         """Every ``resolve_interval``: the zone's serial; when it moved since the last round
@@ -1113,11 +1129,13 @@ class Daemon:
             del self._unknown_read_at[gone]
         self._unknown_failed &= names
         now = asyncio.get_running_loop().time()
+        due = []
         for name in sorted(names - set(self.peers)):
             last = self._unknown_read_at.get(name)
             if (last is None or name in self._unknown_failed
                     or (listed_again and now - last >= 0.95 * self.cfg.reread_interval)):
-                await self._resolve(name)
+                due.append(name)
+        await self._resolve_all(due)
 
     async def _candidates_moved(self, name: dns.name.Name, peer: Peer) -> bool:
         """Whether the peer's candidate SRV differs from the one its last full read saw."""

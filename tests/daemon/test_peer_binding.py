@@ -378,3 +378,38 @@ def test_without_the_addresses_in_the_answer_each_target_is_asked(
     rec = d.peers[name("nas")].records
     assert [c.endpoint.host for c in rec.candidates] == ["192.168.1.10", "203.0.113.2"]
     assert reg.asked[3:] == [name("c1-a.nas"), name("c2-b.nas")]
+
+
+class CountingRegistry(TableRegistry):
+    """Each answer takes a while, as over a network: counts the queries in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def query_sets(self, qname: dns.name.Name, rdtype: int) -> RRsets:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.005)
+            return await super().query_sets(qname, rdtype)
+        finally:
+            self.in_flight -= 1
+
+
+def test_a_long_browse_list_is_read_a_few_hosts_at_a_time(
+    daemon: tuple[Daemon, list[str]]
+) -> None:
+    """A device joining an account reads every host on the browse list: several at once
+    (one after another, 99 of them took 11 s), never more than ``READS_AT_ONCE``."""
+    d, routes = daemon
+    reg = CountingRegistry()
+    d.registry = reg  # type: ignore[assignment]
+    keys = {f"h{i}": StaticKey.generate() for i in range(20)}
+    for host, key in keys.items():
+        reg.publish(name(host), key, ula_of(key.public))
+    asyncio.run(d._on_browse(browse(*(f"{h}.bob.members.example." for h in keys))))
+    assert sorted(str(n) for n in d.peers) == sorted(f"{h}.bob.members.example." for h in keys)
+    assert sorted(routes) == sorted(str(ula_of(k.public)) for k in keys.values())
+    assert 1 < reg.most_in_flight <= daemon_host.READS_AT_ONCE
