@@ -80,16 +80,18 @@ def set_routes(ifname: str, inners: list[str]) -> None:
                 raise TunError(f"routing {inner}/128 via {ifname}: {err}") from err
 
 
-def del_route(ifname: str, inner: str) -> None:
+def del_routes(ifname: str, inners: list[str]) -> None:
+    """Remove the routes ``set_routes`` made (a route already gone is no error)."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             return
-        try:
-            ipr.route("del", dst=f"{inner}/128", oif=found[0])
-        except NetlinkError as err:
-            if err.code not in (errno.ESRCH, errno.ENOENT):
-                raise TunError(f"removing the route to {inner}/128: {err}") from err
+        for inner in inners:
+            try:
+                ipr.route("del", dst=f"{inner}/128", oif=found[0])
+            except NetlinkError as err:
+                if err.code not in (errno.ESRCH, errno.ENOENT):
+                    raise TunError(f"removing the route to {inner}/128: {err}") from err
 
 
 # rtnetlink multicast groups (linux/rtnetlink.h): links, IPv4 addresses, IPv4 routes, IPv6

@@ -128,9 +128,10 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        # every process asked at once, then waited for together: one after another, 100
+        # daemons whose registry had gone first each used up the grace (5 minutes in all)
+        _terminate_all([proc for ns in self.namespaces.values() for proc in ns.procs])
         for ns in self.namespaces.values():
-            for proc in ns.procs:
-                _terminate(proc)
             # Anything else still running inside (children that escaped the session).
             pids = _ip("netns", "pids", ns.name, check=False).stdout.split()
             for pid in pids:
@@ -145,18 +146,25 @@ class Lab:
 
 
 def _terminate(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if proc.poll() is None:
+    _terminate_all([proc], grace)
+
+
+def _terminate_all(procs: list[subprocess.Popen[Any]], grace: float = 3.0) -> None:
+    """SIGTERM to each process group, ``grace`` seconds for all of them, then SIGKILL."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        # A process stuck in the kernel may outlive SIGKILL for a while; the namespaces must be
-        # deleted all the same (the kernel frees each one when its last process is gone).
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for proc in running:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    for proc in running:
+        # A process stuck in the kernel may outlive SIGKILL for a while; the namespaces must
+        # be deleted all the same (the kernel frees each one when its last process is gone).
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
 
