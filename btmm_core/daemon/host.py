@@ -888,8 +888,13 @@ class Daemon:
                 log.warning("reading engine counters failed", error=str(err))
                 infos = []
             now = loop.time()
-            self._apply_paths(self.paths.observe(infos, now))
-            self._paths_wake.set()
+            deadline = self.paths.next_deadline()
+            observed = self.paths.observe(infos, now)
+            self._apply_paths(observed)
+            if observed or self.paths.next_deadline() != deadline:
+                # only then: waking the path loop on every poll re-gathered our candidates
+                # and walked every peer's manager for nothing
+                self._paths_wake.set()
             for info in infos:
                 c = info.counters
                 self.ondemand.observe(info.inner, info.tx_spi is not None,

@@ -170,10 +170,11 @@ class PathSet:
     def _repoint(self, info: PeerInfo, entry: _Entry, sending: bool,
                  now: float) -> list[Tagged]:
         quiet = entry.manager.config.quiet_after
-        st = entry.manager.status()
-        if (not sending or info.endpoint is None or st.endpoint is None
-                or canonical(info.endpoint) == st.endpoint
+        if (not sending or info.endpoint is None
                 or now - entry.heard_at < quiet or now - entry.repointed_at < quiet):
+            return []  # the common case, decided without the manager's status
+        st = entry.manager.status()
+        if st.endpoint is None or canonical(info.endpoint) == st.endpoint:
             return []
         out = self._tag(info.inner, entry.manager.repoint())
         if out:
