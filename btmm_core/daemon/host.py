@@ -1082,17 +1082,15 @@ class Daemon:
             serial = await self._zone_serial()
             moved = serial is None or serial != self._checked_serial
             await self._read_unknown_hosts(listed_again=moved)
-            for name in list(self.peers):
-                peer = self.peers.get(name)
-                if peer is None:
-                    continue
-                if not moved:
-                    continue
-                # 5 % early: a read that came in just after the last round is due now
-                full = loop.time() - peer.read_at >= 0.95 * self.cfg.reread_interval
-                if full or await self._candidates_moved(name, peer):
-                    await self._resolve(name)
             if moved:
+                for name in list(self.peers):
+                    peer = self.peers.get(name)
+                    if peer is None:
+                        continue
+                    # 5 % early: a read that came in just after the last round is due now
+                    full = loop.time() - peer.read_at >= 0.95 * self.cfg.reread_interval
+                    if full or await self._candidates_moved(name, peer):
+                        await self._resolve(name)
                 await self._read_revocations()
             # a failed exchange (this round's or another task's) may have missed a change:
             # the serial counts as checked only after a round without one
